@@ -1,0 +1,121 @@
+"""The `meter` command: serve, report, reprice, keys.
+
+Every command follows one rule for bad input: one line on stderr naming what is
+wrong, exit status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from .config import SettingError, load_settings
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A user error in a command; printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--upstream", help="upstream base URL, path prefix allowed (env METER_UPSTREAM; default https://api.openai.com)")
+    p.add_argument("--listen", help="proxy address HOST:PORT (env METER_LISTEN; default 127.0.0.1:8080)")
+    p.add_argument("--admin-listen", dest="admin_listen", help="admin address for /metrics, /healthz, /readyz, /api (env METER_ADMIN_LISTEN; default 127.0.0.1:9464)")
+    p.add_argument("--ledger", help="DuckDB file or postgresql:// URL (env METER_LEDGER; default meter.duckdb)")
+    p.add_argument("--config", help="TOML config file: prices, key names, limits (env METER_CONFIG)")
+    p.add_argument("--spool", help="overflow file for records while the ledger is down (env METER_SPOOL; default beside the ledger)")
+    p.add_argument("--upstream-timeout", dest="upstream_timeout", type=float, help="seconds of upstream silence before giving up (default 600)")
+    p.add_argument("--connect-timeout", dest="connect_timeout", type=float, help="seconds to connect to the upstream (default 10)")
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body accepted; larger gets 413 (default 64 MiB)")
+    p.add_argument("--flush-interval", dest="flush_interval", type=float, help="seconds between ledger batch writes, at most 1 (default 0.5)")
+    p.add_argument("--ledger-max-pending", dest="ledger_max_pending", type=int, help="records held in memory while the ledger is down before spooling (default 100000)")
+    p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
+    p.add_argument("--metrics-max-keys", dest="metrics_max_keys", type=int, help="distinct key label values before further keys count as 'other' (default 100)")
+    p.add_argument("--metrics-key-label", dest="metrics_key_label", choices=["on", "off"], help="label metrics by key (default on)")
+    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"], help="(default info)")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="meter", description="A metering reverse proxy for OpenAI-compatible APIs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    serve = sub.add_parser("serve", help="run the proxy", description="Forward every request to the upstream unchanged and meter it.")
+    _serve_args(serve)
+    keys = sub.add_parser("keys", help="key utilities")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
+    keys_sub.add_parser("id", help="print the key_id of a key read from standard input", description="Reads one API key from standard input and prints its key_id, for naming keys in the config.")
+    try:
+        from .report import add_report_commands
+    except ImportError:  # report arrives with its own module
+        pass
+    else:
+        add_report_commands(sub)
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from .server import Meter, StartupError
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command",)}
+    settings = load_settings(flags)
+    _setup_logging(settings.log_level)
+    try:
+        import uvloop  # faster event loop where available
+
+        uvloop.install()
+    except ImportError:
+        pass
+    meter = Meter(settings)
+    try:
+        asyncio.run(meter.run())
+    except StartupError as exc:
+        raise CommandError(str(exc)) from None
+    return 0
+
+
+def _run_keys_id() -> int:
+    from .identity import key_id
+
+    text = sys.stdin.readline().strip()
+    if not text:
+        raise CommandError("keys id: no key on standard input")
+    print(key_id(text))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _run_serve(args)
+        if args.command == "keys":
+            return _run_keys_id()
+        handler: Any = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(args) or 0)
+        parser.error(f"unknown command {args.command}")
+    except (CommandError, SettingError) as exc:
+        print(f"meter: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

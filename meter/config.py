@@ -1,0 +1,165 @@
+"""Settings: defaults, then the TOML file, then `METER_*` variables, then flags.
+
+`load_settings` merges the layers and validates once with pydantic; a bad value
+raises `SettingError` naming the setting, which the CLI prints as one line.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from yarl import URL
+
+from .prices import PriceOverride
+
+
+class SettingError(Exception):
+    """A setting that cannot be used; the message names it."""
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+def redact_url(url: str) -> str:
+    """A URL fit for logs and errors: the password replaced."""
+    try:
+        parsed = URL(url)
+    except (ValueError, TypeError):
+        return "<unparsable URL>"
+    if parsed.password is not None:
+        parsed = parsed.with_password("***")
+    return str(parsed)
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    upstream: str = "https://api.openai.com"
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:9464"
+    ledger: str = "meter.duckdb"
+    config: str | None = None
+    spool: str | None = None  # default: beside the ledger file
+    connect_timeout: float = Field(10.0, gt=0)
+    upstream_timeout: float = Field(600.0, gt=0)  # longest silence between upstream bytes
+    max_request_bytes: int = Field(64 << 20, gt=0)
+    flush_interval: float = Field(0.5, gt=0, le=1.0)
+    ledger_max_pending: int = Field(100_000, gt=0)
+    shutdown_grace: float = Field(30.0, ge=0)
+    metrics_max_keys: int = Field(100, ge=0)
+    metrics_key_label: Literal["on", "off"] = "on"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    keys: dict[str, str] = Field(default_factory=dict)  # key_id -> name
+    price_provider: str | None = None
+    price_overrides: dict[str, PriceOverride] = Field(default_factory=dict)
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        try:
+            url = URL(value)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"not a URL: {value!r}") from exc
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"expected an http(s) URL with a host, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        parse_host_port(value)
+        return value
+
+    @field_validator("ledger")
+    @classmethod
+    def _ledger(cls, value: str) -> str:
+        if not value:
+            raise ValueError("empty ledger")
+        if "://" in value and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"a ledger is a file path or a postgresql:// URL, got {redact_url(value)!r}")
+        return value
+
+    @property
+    def ledger_is_postgres(self) -> bool:
+        return self.ledger.startswith(("postgresql://", "postgres://"))
+
+    def spool_path(self) -> Path:
+        if self.spool:
+            return Path(self.spool)
+        if self.ledger_is_postgres or self.ledger == ":memory:":
+            return Path("meter-spool.jsonl")
+        return Path(self.ledger + ".spool.jsonl")
+
+
+ENV_PREFIX = "METER_"
+# Settings the file and environment may set; flags use the same names with dashes.
+_SCALAR_SETTINGS = [name for name in Settings.model_fields if name not in ("keys", "price_overrides", "price_provider")]
+
+
+def settings_from_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise SettingError(f"config: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingError(f"config: {path} is not valid TOML: {exc}") from exc
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        key = name.replace("-", "_")
+        if key == "keys":
+            if not isinstance(value, dict):
+                raise SettingError("config: [keys] must map key_id to name")
+            out["keys"] = {str(k): str(v) for k, v in value.items()}
+        elif key == "prices":
+            if not isinstance(value, dict):
+                raise SettingError("config: [prices] must be a table")
+            prices = dict(value)
+            provider = prices.pop("provider", None)
+            if provider is not None:
+                out["price_provider"] = provider
+            out["price_overrides"] = prices
+        elif key in _SCALAR_SETTINGS:
+            out[key] = value
+        else:
+            raise SettingError(f"config: unknown setting {name!r} in {path}")
+    return out
+
+
+def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in _SCALAR_SETTINGS:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            out[name] = value
+    return out
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Merge defaults < file < environment < flags; flags with value None are unset."""
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = os.environ if env is None else env
+    from_env = settings_from_env(env)
+    config_path = flags.get("config") or from_env.get("config")
+    merged: dict[str, Any] = {}
+    if config_path:
+        merged.update(settings_from_toml(config_path))
+        merged["config"] = config_path
+    merged.update(from_env)
+    merged.update(flags)
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        raise SettingError(f"{where.replace('_', '-')}: {message}") from None

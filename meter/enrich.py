@@ -1,0 +1,48 @@
+"""Addons that complete a record before the sinks see it: usage counted once, and its price.
+
+They run first in the addon list, so the ledger, metrics and traces all see the
+same, final record.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+from .record import Record
+
+
+class CountUsageOnce:
+    """Usage of a response id counts once, however often it is retrieved.
+
+    Background responses show their usage on every `GET /v1/responses/{id}` after
+    they end; only the first row that shows it keeps it.  This in-process memory
+    is a fast first line (it also keeps metrics honest); the ledger's
+    `usage_claims` table enforces the same rule across restarts and replicas.
+    """
+
+    def __init__(self, max_ids: int = 200_000) -> None:
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._max = max_ids
+
+    def done(self, flow: Any, record: Record) -> None:
+        rid = record.response_id
+        if rid is None or not record.has_usage:
+            return
+        seen = self._seen
+        if rid in seen:
+            record.clear_usage()
+            return
+        seen[rid] = None
+        if len(seen) > self._max:
+            seen.popitem(last=False)
+
+
+class Pricing:
+    """Sets `cost_usd` from the record's usage, model, served tier and date."""
+
+    def __init__(self, pricer: Any) -> None:
+        self.pricer = pricer
+
+    def done(self, flow: Any, record: Record) -> None:
+        self.pricer.price_record(record)

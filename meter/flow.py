@@ -1,0 +1,205 @@
+"""One request's journey through meter, and the hooks that observe it.
+
+A `Flow` carries what the proxy learns while forwarding (timings, status, the
+observation of the bytes).  Addons are small objects whose methods are named
+after the events they hear (`request`, `done`); `Addons` registers them in one
+ordered list and the proxy calls the hooks without knowing who listens — the
+mitmproxy pattern.  Order matters for `done`: enrichers (prices) run before
+sinks (ledger, metrics, traces).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .identity import KeyIdentities, key_from_headers
+from .observe import Observation, RequestFacts, request_facts, usage_anomalies
+from .record import Record
+
+log = logging.getLogger("meter")
+
+
+@dataclass(slots=True)
+class Flow:
+    method: str
+    path: str  # without the query: queries may carry credentials
+    endpoint: str
+    headers: Any  # the client's request headers (multidict)
+    transport: str = "http"
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started_at: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.perf_counter)
+    request_body: bytes = b""
+    request_bytes: int = 0
+    upstream_headers: Any = None  # what goes upstream; addons may add to it (traceparent)
+    status_code: int | None = None
+    response_headers: Any = None
+    ttfb_at: float | None = None
+    first_token_at: float | None = None  # set for WebSocket responses; HTTP reads it from the observation
+    finished_at: float | None = None
+    response_bytes: int = 0
+    observation: Observation | None = None
+    facts: RequestFacts | None = None  # parsed lazily: after the answer is relayed
+    outcome: str | None = None  # set by the proxy for failures it saw itself
+    error_type: str | None = None
+    error_code: str | None = None
+    trace_id: str | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # addons' private per-flow state
+
+    def request_facts(self) -> RequestFacts:
+        if self.facts is None:
+            self.facts = request_facts(self.request_body)
+        return self.facts
+
+
+class Addon(Protocol):  # documentation of the hooks; an addon implements any subset
+    def request(self, flow: Flow) -> None: ...
+    def done(self, flow: Flow, record: Record) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class Addons:
+    """The registry: resolves each hook to the bound methods that implement it, once."""
+
+    def __init__(self, addons: Iterable[object] = ()) -> None:
+        self.addons = list(addons)
+        self._request = [a.request for a in self.addons if hasattr(a, "request")]
+        self._done = [a.done for a in self.addons if hasattr(a, "done")]
+
+    def request(self, flow: Flow) -> None:
+        for hook in self._request:
+            try:
+                hook(flow)
+            except Exception:  # an observer must never break forwarding
+                log.exception("addon request hook failed")
+
+    def done(self, flow: Flow, record: Record) -> None:
+        for hook in self._done:
+            try:
+                hook(flow, record)
+            except Exception:
+                log.exception("addon done hook failed")
+
+    async def start(self) -> None:
+        for addon in self.addons:
+            if hasattr(addon, "start"):
+                await addon.start()
+
+    async def stop(self) -> None:
+        for addon in reversed(self.addons):
+            if hasattr(addon, "stop"):
+                try:
+                    await addon.stop()
+                except Exception:
+                    log.exception("addon stop failed")
+
+
+_STATUS_OUTCOME = {
+    "completed": "completed",
+    "incomplete": "incomplete",
+    "failed": "failed",
+    "queued": "in_progress",
+    "in_progress": "in_progress",
+    "cancelled": "completed",
+}
+
+
+def outcome_for(flow: Flow, obs: Observation | None, stream: bool) -> str:
+    if flow.outcome is not None:
+        return flow.outcome
+    status = flow.status_code or 0
+    if status >= 400:
+        return "error"
+    if obs is None:
+        return "completed"
+    if obs.error_code is not None and obs.status in (None, "failed") and obs.usage is None:
+        return "failed"
+    if obs.status is not None:
+        if stream and not obs.terminal and obs.status in ("queued", "in_progress"):
+            return "error"  # the stream ended before its terminal event
+        return _STATUS_OUTCOME.get(obs.status, "completed")
+    if stream and not obs.terminal:
+        return "error"
+    return "completed"
+
+
+def build_record(flow: Flow, identities: KeyIdentities) -> Record:
+    """Turn a finished flow into its ledger record (usage checked, not priced)."""
+    facts = flow.request_facts()
+    obs = flow.observation
+    finished = flow.finished_at or time.perf_counter()
+    record = Record(
+        id=flow.id,
+        started_at=flow.started_at,
+        finished_at=flow.started_at + (finished - flow.t0),
+        method=flow.method,
+        path=flow.path,
+        endpoint=flow.endpoint,
+        transport=flow.transport,
+        status_code=flow.status_code,
+        stream=facts.stream,
+        background=facts.background,
+        model_requested=facts.model,
+        service_tier_requested=facts.service_tier,
+        previous_response_id=facts.previous_response_id,
+        user_id=facts.user_id,
+        tags=facts.tags,
+        request_bytes=flow.request_bytes,
+        response_bytes=flow.response_bytes,
+        duration_ms=(finished - flow.t0) * 1000.0,
+        trace_id=flow.trace_id,
+        error_type=flow.error_type,
+        error_code=flow.error_code,
+    )
+    key = key_from_headers(flow.headers)
+    if key:
+        record.key_id, record.key_hint, record.key_name = identities.lookup(key)
+    headers = flow.headers
+    record.project = headers.get("OpenAI-Project")
+    if flow.ttfb_at is not None:
+        record.ttfb_ms = (flow.ttfb_at - flow.t0) * 1000.0
+    response_headers = flow.response_headers
+    if response_headers is not None:
+        record.upstream_request_id = response_headers.get("x-request-id")
+        processing = response_headers.get("openai-processing-ms")
+        if processing:
+            try:
+                record.upstream_processing_ms = float(processing)
+            except ValueError:
+                pass
+    first_token = flow.first_token_at
+    if obs is not None:
+        record.model = obs.model
+        record.response_id = obs.response_id
+        record.previous_response_id = obs.previous_response_id or record.previous_response_id
+        record.service_tier = obs.service_tier
+        if obs.error_type is not None or obs.error_code is not None:
+            record.error_type = record.error_type or obs.error_type
+            record.error_code = record.error_code or obs.error_code
+        if obs.unreadable and record.error_type is None and flow.endpoint != "other":
+            record.error_type = "meter_unreadable_response"
+        first_token = first_token or obs.first_token_at
+        usage = obs.usage
+        if usage is not None and flow.endpoint != "responses.input_tokens":
+            record.input_tokens = usage.input_tokens
+            record.cached_tokens = usage.cached_tokens
+            record.cache_write_tokens = usage.cache_write_tokens
+            record.output_tokens = usage.output_tokens
+            record.reasoning_tokens = usage.reasoning_tokens
+            record.total_tokens = usage.total_tokens
+            record.web_search_calls = usage.web_search_calls
+            record.cache_status = usage.cache_status
+            record.cache_missed_tokens = usage.cache_missed_tokens
+            record.anomalies = usage_anomalies(usage, has_output=flow.endpoint != "embeddings")
+    if record.model is None:
+        record.model = facts.model
+    if first_token is not None:
+        record.ttft_ms = (first_token - flow.t0) * 1000.0
+    record.outcome = outcome_for(flow, obs, facts.stream or (obs is not None and obs.first_token_at is not None))
+    return record

@@ -1,0 +1,53 @@
+"""Who made a request: a key's stable id and a hint, never the key itself.
+
+`key_id` is the first 16 hex digits of SHA-256 of the key, so names can be given
+to keys in the config without storing them; `key_hint` is `sk-...` plus the last
+four characters.  The raw key lives only in the request being forwarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+
+def key_from_headers(headers: Mapping[str, str]) -> str | None:
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return headers.get("x-api-key") or headers.get("api-key") or None
+
+
+def key_id(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def key_hint(key: str) -> str:
+    return "sk-..." + key[-4:] if len(key) > 8 else "sk-..."
+
+
+class KeyIdentities:
+    """Memoises key -> (key_id, key_hint, name); bounded so keys cannot grow it forever.
+
+    The cache is in memory only, like the request that carried the key.
+    """
+
+    __slots__ = ("_names", "_cache", "_max")
+
+    def __init__(self, names: Mapping[str, str] | None = None, max_entries: int = 10_000) -> None:
+        self._names = dict(names or {})
+        self._cache: dict[str, tuple[str, str, str | None]] = {}
+        self._max = max_entries
+
+    def lookup(self, key: str) -> tuple[str, str, str | None]:
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        kid = key_id(key)
+        found = (kid, key_hint(key), self._names.get(kid))
+        if len(self._cache) >= self._max:
+            self._cache.clear()
+        self._cache[key] = found
+        return found

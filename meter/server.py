@@ -1,0 +1,222 @@
+"""Assembly: settings in, a running meter out.
+
+Builds the shared upstream session, the addon list (enrichers first, then the
+sinks), the proxy port and the separate admin port, and owns the shutdown
+order: stop accepting, let in-flight requests finish within the grace period,
+then flush every record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .config import Settings, parse_host_port, redact_url
+from .enrich import CountUsageOnce, Pricing
+from .flow import Addons
+from .identity import KeyIdentities
+from .ledger import DuckDBStore, LedgerWriter, Store
+from .prices import Pricer
+from .proxy import Proxy
+
+log = logging.getLogger("meter")
+
+
+def _optional(module: str, name: str) -> Any:
+    """A concern's entry point if its module exists yet (real import errors still raise)."""
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        return None
+    return getattr(importlib.import_module(module), name)
+
+
+class StartupError(Exception):
+    """Start-up failed for a reason the user can fix; the message names the setting."""
+
+
+def make_store(settings: Settings) -> Store:
+    if settings.ledger_is_postgres:
+        from .ledger_pg import PostgresStore
+
+        return PostgresStore(settings.ledger)
+    return DuckDBStore(settings.ledger)
+
+
+def make_session(settings: Settings) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.upstream_timeout)
+    # auto_decompress=False: the client gets the upstream's bytes, compressed or not.
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+
+
+def _bind(address: str, setting: str) -> socket.socket:
+    host, port = parse_host_port(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"{setting}: cannot listen on {address}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Meter:
+    """A running meter: `await start()`, then `await stop()` (or `run()` until SIGTERM)."""
+
+    def __init__(self, settings: Settings, *, extra_addons: list[Any] | None = None, store: Store | None = None) -> None:
+        self.settings = settings
+        self.identities = KeyIdentities(settings.keys)
+        self.store = store or make_store(settings)
+        self.ledger = LedgerWriter(
+            self.store,
+            flush_interval=settings.flush_interval,
+            max_pending=settings.ledger_max_pending,
+            spool_path=settings.spool_path(),
+        )
+        self.pricer = Pricer(provider_id=settings.price_provider, upstream_url=settings.upstream, overrides=settings.price_overrides)
+        self.extra_addons = extra_addons or []
+        self.metrics: Any = None
+        self.tracing: Any = None
+        self.addons: Addons | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.proxy: Proxy | None = None
+        self._proxy_runner: web.BaseRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._proxy_site: web.SockSite | None = None
+        self.proxy_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.accepting = False
+        self.admin_app = web.Application()
+        self.admin_app.router.add_get("/healthz", self._healthz)
+        self.admin_app.router.add_get("/readyz", self._readyz)
+
+    def build_addons(self) -> list[Any]:
+        # Enrichers first: every sink must see the final record.
+        addons: list[Any] = [CountUsageOnce(), Pricing(self.pricer)]
+        metrics = _optional("meter.metrics", "Metrics")
+        if metrics is not None:
+            self.metrics = metrics(self.settings, self.ledger)
+            addons.append(self.metrics)
+        tracing = _optional("meter.tracing", "tracing_from_env")
+        if tracing is not None:
+            self.tracing = tracing(self.settings)
+            if self.tracing is not None:
+                addons.append(self.tracing)
+        report_api = _optional("meter.report", "ReportAPI")
+        if report_api is not None:
+            addons.append(report_api(self.settings, self.store, self.ledger))
+        return [*addons, *self.extra_addons, self.ledger]
+
+    def build_websocket_relay(self) -> Any:
+        relay = _optional("meter.websocket", "WebSocketRelay")
+        if relay is None:
+            return None
+        return relay(self.settings.upstream, self.session, self.addons, self.identities)
+
+    async def start(self) -> None:
+        proxy_sock = _bind(self.settings.listen, "listen")
+        try:
+            admin_sock = _bind(self.settings.admin_listen, "admin-listen")
+        except StartupError:
+            proxy_sock.close()
+            raise
+        self.session = make_session(self.settings)
+        self.addons = Addons(self.build_addons())
+        for addon in self.addons.addons:
+            if hasattr(addon, "admin_routes"):
+                addon.admin_routes(self.admin_app)
+        await self.addons.start()
+        relay = self.build_websocket_relay()
+        self.proxy = Proxy(
+            self.settings.upstream,
+            self.session,
+            self.addons,
+            self.identities,
+            max_request_bytes=self.settings.max_request_bytes,
+            websocket=relay.handle if relay is not None else None,
+        )
+        for addon in self.addons.addons:
+            if hasattr(addon, "attach"):
+                addon.attach(self)
+
+        def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
+            return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=self.settings.max_request_bytes)
+
+        server = web.Server(self.proxy.handle, request_factory=make_request, handler_cancellation=True, access_log=None)
+        self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.settings.shutdown_grace)
+        await self._proxy_runner.setup()
+        self._proxy_site = web.SockSite(self._proxy_runner, proxy_sock)
+        await self._proxy_site.start()
+        self._admin_runner = web.AppRunner(self.admin_app, handle_signals=False, access_log=None)
+        await self._admin_runner.setup()
+        await web.SockSite(self._admin_runner, admin_sock).start()
+        self.proxy_address = proxy_sock.getsockname()[:2]
+        self.admin_address = admin_sock.getsockname()[:2]
+        self.accepting = True
+        log.info(
+            "meter forwarding http://%s:%d -> %s; admin on http://%s:%d; ledger %s",
+            *self.proxy_address, self.settings.upstream, *self.admin_address, redact_url(self.settings.ledger),
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, drain in-flight requests within the grace period, flush records."""
+        self.accepting = False
+        if self._proxy_site is not None:
+            await self._proxy_site.stop()
+        if self.proxy is not None and self.proxy.in_flight:
+            log.info("draining %d in-flight requests (grace %.0fs)", self.proxy.in_flight, self.settings.shutdown_grace)
+            try:
+                await asyncio.wait_for(self.proxy.idle.wait(), self.settings.shutdown_grace)
+            except asyncio.TimeoutError:
+                log.warning("%d requests still in flight after the grace period; closing them", self.proxy.in_flight)
+        if self._proxy_runner is not None:
+            await self._proxy_runner.cleanup()
+        if self.session is not None:
+            await self.session.close()
+        if self.addons is not None:
+            await self.addons.stop()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+        log.info("meter stopped; %d records written", self.ledger.stats.written)
+
+    async def run(self) -> None:
+        """Serve until SIGTERM or SIGINT."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping")
+        await self.stop()
+
+    # admin -------------------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        # Ready means able to forward.  A failing ledger keeps its records (memory,
+        # then spool) and shows here and in metrics, but must not take the replica
+        # out of a load balancer.
+        stats = self.ledger.stats
+        ready = self.accepting and self.session is not None and not self.session.closed
+        body = {
+            "ready": ready,
+            "ledger": "ok" if stats.healthy else "failing",
+            "ledger_pending_records": self.ledger.pending,
+            "ledger_last_error": stats.last_error,
+        }
+        return web.json_response(body, status=200 if ready else 503)
