@@ -1,0 +1,213 @@
+"""The DuckDB ledger and its batch writer, on real files."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+
+from meter.ledger import COLUMN_TYPES, DuckDBStore, LedgerWriter, Spool
+from meter.record import COLUMNS, Record
+
+from .conftest import ledger_rows
+
+
+def make_record(**fields: object) -> Record:
+    base: dict[str, object] = {
+        "id": str(uuid.uuid4()),
+        "started_at": 1_780_000_000.25,
+        "finished_at": 1_780_000_001.5,
+        "method": "POST",
+        "path": "/v1/responses",
+        "endpoint": "responses",
+    }
+    base.update(fields)
+    return Record(**base)  # type: ignore[arg-type]
+
+
+def full_record() -> Record:
+    return make_record(
+        transport="websocket",
+        status_code=200,
+        outcome="completed",
+        stream=True,
+        background=False,
+        model_requested="gpt-5",
+        model="gpt-5-2025-08-07",
+        response_id="resp_abc",
+        previous_response_id="resp_prev",
+        upstream_request_id="req_1",
+        service_tier_requested="auto",
+        service_tier="flex",
+        input_tokens=1000,
+        cached_tokens=400,
+        cache_write_tokens=100,
+        output_tokens=300,
+        reasoning_tokens=200,
+        total_tokens=1300,
+        web_search_calls=2,
+        cache_status="miss:tools_changed",
+        cache_missed_tokens=250,
+        cost_usd=Decimal("0.001234567"),
+        key_id="0123456789abcdef",
+        key_hint="sk-...abcd",
+        key_name="team-a",
+        project="proj_1",
+        user_id="user-1",
+        tags='{"team":"search"}',
+        ttfb_ms=12.5,
+        ttft_ms=80.25,
+        duration_ms=1250.0,
+        upstream_processing_ms=40.0,
+        request_bytes=321,
+        response_bytes=6543,
+        error_type=None,
+        error_code=None,
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+    )
+
+
+def test_table_has_exactly_the_spec_columns(tmp_path: Path) -> None:
+    store = DuckDBStore(str(tmp_path / "l.duckdb"))
+    store.open()
+    cols = store.con.execute("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'requests' ORDER BY ordinal_position").fetchall()
+    store.close()
+    assert [c[0] for c in cols] == list(COLUMNS)
+    types = dict(cols)
+    assert types["id"] == "UUID" and types["started_at"] == "TIMESTAMP WITH TIME ZONE"
+    assert types["cost_usd"] == "DECIMAL(18,9)" and types["tags"] == "JSON" and types["status_code"] == "INTEGER"
+    assert len(COLUMN_TYPES) == 43
+
+
+def test_every_column_round_trips(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    store = DuckDBStore(str(path))
+    store.open()
+    record = full_record()
+    sparse = make_record(outcome="upstream_unreachable", status_code=502)
+    store.write([record, sparse])
+    store.close()
+    rows = ledger_rows(path)
+    assert len(rows) == 2
+    row = next(r for r in rows if str(r["id"]) == record.id)
+    for name in COLUMNS:
+        value = row[name]
+        if name == "id":
+            value = str(value)
+        elif name in ("started_at", "finished_at"):
+            value = value.timestamp()
+        assert value == getattr(record, name), name
+    empty = next(r for r in rows if str(r["id"]) == sparse.id)
+    assert empty["input_tokens"] is None and empty["cost_usd"] is None and empty["tags"] is None
+
+
+def test_batch_write_is_idempotent_by_id(tmp_path: Path) -> None:
+    store = DuckDBStore(str(tmp_path / "l.duckdb"))
+    store.open()
+    batch = [make_record(input_tokens=i, output_tokens=1, total_tokens=i + 1) for i in range(100)]
+    store.write(batch)
+    store.write(batch)  # a retried batch
+    count, total = store.con.execute("SELECT count(*), sum(input_tokens) FROM requests").fetchone()
+    store.close()
+    assert count == 100 and total == sum(range(100))
+
+
+def test_usage_claimed_once_per_response_id_across_restarts(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    store = DuckDBStore(str(path))
+    store.open()
+    usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cost_usd": Decimal("0.5")}
+    store.write([make_record(response_id="resp_bg", **usage), make_record(response_id="resp_bg", **usage)])
+    store.close()
+    again = DuckDBStore(str(path))
+    again.open()
+    again.write([make_record(response_id="resp_bg", **usage), make_record(response_id="resp_other", **usage)])
+    again.close()
+    rows = ledger_rows(path)
+    assert len(rows) == 4
+    bg = [r for r in rows if r["response_id"] == "resp_bg"]
+    assert sum(r["input_tokens"] or 0 for r in bg) == 10
+    assert sum(r["cost_usd"] or 0 for r in bg) == Decimal("0.5")
+    assert [r["input_tokens"] for r in rows if r["response_id"] == "resp_other"] == [10]
+
+
+def test_writer_batches_off_thread_and_flushes_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    writer = LedgerWriter(DuckDBStore(str(path)), flush_interval=0.05, batch_size=1000)
+    writer.start_thread()
+    t0 = time.perf_counter()
+    for i in range(20_000):
+        writer.done(None, make_record(input_tokens=1, output_tokens=1, total_tokens=2))
+    appended = time.perf_counter() - t0
+    writer.close()
+    assert appended < 1.0  # appending never waits on the database
+    assert writer.stats.written == 20_000
+    assert len(ledger_rows(path)) == 20_000
+
+
+class FailingStore:
+    """A real DuckDB store whose writes fail until `healthy` is set: an outage."""
+
+    def __init__(self, path: str) -> None:
+        self.inner = DuckDBStore(path)
+        self.healthy = False
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def write(self, records: list[Record]) -> None:
+        if not self.healthy:
+            raise duckdb.IOException("disk unavailable")
+        self.inner.write(records)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_outage_keeps_records_bounded_then_spools_and_replays(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    spool = tmp_path / "spool.jsonl"
+    store = FailingStore(str(path))
+    writer = LedgerWriter(store, flush_interval=0.02, batch_size=100, max_pending=500, spool_path=spool, retry_max_interval=0.05)
+    writer.start_thread()
+    records = [make_record(input_tokens=1, output_tokens=2, total_tokens=3) for _ in range(2000)]
+    for r in records:
+        writer.done(None, r)
+    deadline = time.monotonic() + 5
+    while writer.stats.spooled < 1500 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert writer.stats.write_errors > 0 and not writer.stats.healthy
+    assert writer.pending <= 500  # memory is bounded; the rest went to disk
+    assert len(Spool(spool).read()) == writer.stats.spooled >= 1500
+    writer.close()  # still failing at shutdown: everything left is spooled, nothing lost
+    assert len(Spool(spool).read()) == 2000
+    # Next start, the ledger works again: the spool is replayed and removed.
+    store2 = FailingStore(str(path))
+    store2.healthy = True
+    writer2 = LedgerWriter(store2, flush_interval=0.02, spool_path=spool)
+    writer2.start_thread()
+    writer2.close()
+    rows = ledger_rows(path)
+    assert sorted(str(r["id"]) for r in rows) == sorted(r.id for r in records)
+    assert not spool.exists()
+
+
+def test_recovery_without_spool_writes_everything_once(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    store = FailingStore(str(path))
+    writer = LedgerWriter(store, flush_interval=0.02, batch_size=50, spool_path=tmp_path / "s.jsonl", retry_max_interval=0.05)
+    writer.start_thread()
+    records = [make_record() for _ in range(300)]
+    for r in records:
+        writer.done(None, r)
+    time.sleep(0.3)
+    assert writer.pending == 300 and writer.stats.write_errors >= 1
+    store.healthy = True
+    assert writer.flush(5)
+    writer.close()
+    assert writer.stats.healthy
+    rows = ledger_rows(path)
+    assert len(rows) == 300 and len({r["id"] for r in rows}) == 300

@@ -1,0 +1,157 @@
+"""`meter serve` as users run it: a real process, real signals, a real DuckDB file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+
+from .conftest import ROOT, SECRET_KEY, free_port, ledger_rows
+
+
+def run_meter(*args: str, timeout: float = 30, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meter", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_help_lists_every_setting() -> None:
+    result = run_meter("serve", "--help")
+    assert result.returncode == 0
+    for flag in ("--upstream", "--listen", "--admin-listen", "--ledger", "--config", "--metrics-max-keys", "--metrics-key-label", "--max-request-bytes", "--shutdown-grace"):
+        assert flag in result.stdout
+    top = run_meter("--help")
+    assert top.returncode == 0 and "serve" in top.stdout
+
+
+def test_bad_settings_end_startup_with_one_line(tmp_path: Path) -> None:
+    assert_one_line_error(run_meter("serve", "--upstream", "not a url", "--ledger", str(tmp_path / "l.duckdb")), "upstream")
+    assert_one_line_error(run_meter("serve", "--listen", "127.0.0.1:notaport", "--ledger", str(tmp_path / "l.duckdb")), "listen")
+    assert_one_line_error(run_meter("serve", "--config", str(tmp_path / "missing.toml")), "config")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("upstream = [unterminated")
+    assert_one_line_error(run_meter("serve", "--config", str(bad)), "config")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(run_meter("serve", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{free_port()}", "--ledger", str(tmp_path / "l.duckdb")), "listen", str(port))
+    assert_one_line_error(run_meter("serve", "--no-such-flag"), "--no-such-flag")
+    assert_one_line_error(run_meter("bogus"))
+
+
+def test_precedence_flags_env_file(tmp_path: Path) -> None:
+    from meter.config import load_settings
+
+    config = tmp_path / "meter.toml"
+    config.write_text('upstream = "http://file.example"\nlisten = "127.0.0.1:1111"\nadmin_listen = "127.0.0.1:2222"\n[keys]\n"abcd" = "team-a"\n')
+    env = {"METER_CONFIG": str(config), "METER_LISTEN": "127.0.0.1:3333"}
+    s = load_settings({"admin_listen": None}, env=env)
+    assert (s.upstream, s.listen, s.admin_listen, s.keys) == ("http://file.example", "127.0.0.1:3333", "127.0.0.1:2222", {"abcd": "team-a"})
+    s = load_settings({"listen": "127.0.0.1:4444"}, env=env)
+    assert s.listen == "127.0.0.1:4444"
+    assert load_settings({}, env={}).upstream == "https://api.openai.com"
+
+
+def test_keys_id_reads_stdin() -> None:
+    import hashlib
+
+    result = run_meter("keys", "id", stdin=SECRET_KEY + "\n")
+    assert result.returncode == 0
+    assert result.stdout.strip() == hashlib.sha256(SECRET_KEY.encode()).hexdigest()[:16]
+    assert SECRET_KEY not in result.stdout + result.stderr
+    assert_one_line_error(run_meter("keys", "id", stdin=""), "key")
+
+
+async def _slow_stream(url: str, results: list[bytes]) -> None:
+    headers = {"x-fake-deltas": "10", "x-fake-chunk-delay-ms": "200", "Content-Type": "application/json", "Authorization": f"Bearer {SECRET_KEY}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/v1/responses", data=json.dumps({"model": "gpt-4o", "stream": True}), headers=headers) as r:
+            results.append(await r.read())
+
+
+async def test_sigterm_drains_in_flight_and_flushes_then_restart_appends(upstream, meter_process, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.duckdb"
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--flush-interval", "1")
+    client = openai.AsyncOpenAI(base_url=proc.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    for _ in range(5):
+        await client.responses.create(model="gpt-4o", input="hi")
+    results: list[bytes] = []
+    streaming = asyncio.create_task(_slow_stream(proc.url, results))
+    await asyncio.sleep(0.6)  # the stream is under way
+    proc.signal(signal.SIGTERM)
+    await streaming
+    assert b"response.completed" in results[0]  # the in-flight stream was allowed to finish
+    assert await asyncio.get_running_loop().run_in_executor(None, proc.wait) == 0
+    rows = ledger_rows(ledger)
+    assert len(rows) == 6  # every record flushed before exit
+    assert rows[-1]["stream"] is True and rows[-1]["outcome"] == "completed" and rows[-1]["output_tokens"] is not None
+
+    again = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    await openai.AsyncOpenAI(base_url=again.url + "/v1", api_key=SECRET_KEY, max_retries=0).responses.create(model="gpt-4o", input="after restart")
+    again.stop()
+    assert len(ledger_rows(ledger)) == 7
+
+
+async def test_raw_key_never_written_to_ledger_or_logs(upstream, meter_process, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.duckdb"
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--log-level", "debug")
+    client = openai.AsyncOpenAI(base_url=proc.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    await client.responses.create(model="gpt-4o", input="hi")
+    stream = await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}], stream=True)
+    _ = [c async for c in stream]
+    try:
+        await client.responses.create(model="gpt-4o", input="hi", extra_headers={"x-fake-scenario": "status:401"})
+    except openai.APIStatusError:
+        pass
+    proc.stop()
+    assert len(ledger_rows(ledger)) == 3
+    needle = SECRET_KEY.encode()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert needle not in path.read_bytes(), path
+            assert SECRET_KEY[:-4].encode() not in path.read_bytes(), path
+
+
+def test_serve_starts_with_defaults_in_a_fresh_directory(tmp_path: Path) -> None:
+    # The README's first command: no flags beyond addresses, embedded ledger in the cwd.
+    port, admin = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "meter", "serve", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}"],
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", admin), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "meter.duckdb").exists()
