@@ -1,0 +1,372 @@
+"""What a request cost, in USD, from its usage, model, served tier and date (SPEC §5).
+
+Prices come from the data snapshot that ships inside the `genai-prices` package
+(its auto-updater is never started, so pricing does no I/O).  A `Pricer` is made
+once per process: it fixes the provider whose prices apply (from the config's
+`[prices] provider`, else from the upstream URL, else per model by name across
+providers, where a `vendor/model` prefix names the provider) and the config's
+overrides.  `cost()` is on the hot path, once per request: the model/provider/
+tier lookup is cached per (model, tier) and the resolved rates per (model, served
+tier, UTC day), so a warm call is one dict lookup and a few integer
+multiplications, made an exact Decimal once at the end.  The arithmetic is
+the package's own (cached reads and cache writes are parts of the input, priced
+at their rates when the model has them and at the input rate when it does not;
+reasoning tokens are part of the output; a long-context tier applies to all
+tokens once the whole input passes its threshold); a test checks it against
+the package's calculation for every model in the snapshot.
+
+Rules meter adds on top of the package:
+
+- The served tier picks the price.  `None`, `""`, `auto` and `default` mean
+  standard; any other tier needs a price variant of that model for that tier,
+  in force on the request's date, or the request is unpriced (`None`), never
+  priced at the standard rate.  The package ignores tier variants for a model
+  it finds through another provider's list (Azure serving OpenAI's models), so
+  such a model is priced only on the standard tier.
+- A model without a price, an unknown model, a model whose price has no input
+  (or no output) rate while the usage has input (or output) tokens: `None`.
+- Hosted web searches are charged per call at the package's per-call price (or
+  the override's `web_search_per_call`); a model with no per-call price has
+  its searches left out (the tokens are still priced), since a missing per-call
+  price is not a missing model price.
+- Overrides (`[prices."my-model"]`) win over the package for that model.  The
+  name matches case-insensitively, first exactly, then with a trailing date
+  stamp removed (`my-model-2024-08-06` or `my-model-20240806` uses
+  `my-model`'s override), so one entry covers the snapshots a provider serves
+  under an alias.  An override is a standard-tier price: a request served on
+  another tier is unpriced.
+- The package's own model matching is used as is: a dated snapshot the package
+  lists (`gpt-4o-2024-08-06`) is priced; one it does not list is unpriced rather
+  than guessed from its alias (snapshots can cost differently, as
+  `gpt-4o-2024-05-13` does).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from bisect import bisect_left
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+import pydantic
+from genai_prices import data_snapshot
+from genai_prices.types import ModelInfo, ModelPrice, PriceContext, Provider, TieredPrices, TimeOfDateConstraint
+
+if TYPE_CHECKING:
+    from .record import Record
+
+__all__ = ["STANDARD_TIERS", "PriceOverride", "Pricer"]
+
+STANDARD_TIERS = frozenset({None, "", "auto", "default"})
+_NANO = Decimal("1e-9")
+_DAY = 86400
+_DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
+_TIER_KEY = "service_tier"
+_DAY_CACHE_MAX = 16384
+
+
+class PriceOverride(pydantic.BaseModel):
+    """A model's price from the config, USD per million tokens (web searches: USD per call)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    input_mtok: Decimal = pydantic.Field(ge=0)
+    cached_mtok: Decimal | None = pydantic.Field(None, ge=0)
+    cache_write_mtok: Decimal | None = pydantic.Field(None, ge=0)
+    output_mtok: Decimal = pydantic.Field(ge=0)
+    web_search_per_call: Decimal | None = pydantic.Field(None, ge=0)
+
+
+class _Rates:
+    """Flat rates of one model on one tier at one moment, ready for integer arithmetic.
+
+    Every rate is kept as an integer count of 10**-scale USD per million tokens
+    (a web search or a request as its price times a million), `scale` being the
+    most decimal places any rate has, so a cost is a sum of int products turned
+    into one exact Decimal at the end.  `bands[i]` holds (input, cache_read,
+    cache_write, output, reasoning) for total input tokens above
+    `starts[i - 1]` (band 0: up to `starts[0]`); `None` means the unit has no
+    price of its own.
+    """
+
+    __slots__ = ("bands", "exponent", "request", "starts", "web_call")
+
+    def __init__(
+        self,
+        bands: list[tuple[Decimal | None, ...]],
+        web_call: Decimal | None,
+        request: Decimal | None,
+        starts: tuple[int, ...] = (),
+    ) -> None:
+        per_mtok = [p for band in bands for p in band if p is not None]
+        per_mtok += [p.scaleb(6) for p in (web_call, request) if p is not None]
+        scale = max([0, *(-int(p.normalize().as_tuple().exponent) for p in per_mtok)])
+
+        def scaled(p: Decimal | None) -> int | None:
+            return None if p is None else int(p.scaleb(scale))
+
+        self.starts = starts
+        self.bands = tuple(tuple(scaled(p) for p in band) for band in bands)
+        self.web_call = scaled(None if web_call is None else web_call.scaleb(6))
+        self.request = scaled(None if request is None else request.scaleb(6))
+        self.exponent = -(scale + 6)
+
+    @classmethod
+    def from_model_price(cls, mp: ModelPrice) -> _Rates:
+        keys = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok", "output_reasoning_mtok")
+        raw = [getattr(mp, k) for k in keys]
+        starts = sorted({t.start for p in raw if isinstance(p, TieredPrices) for t in p.tiers})
+        # A tier applies when the total input exceeds its start.
+        bands = [tuple(_price_at(p, threshold) for p in raw) for threshold in [0, *(s + 1 for s in starts)]]
+        web = mp.web_searches_kcount
+        req = mp.requests_kcount
+        return cls(
+            bands,
+            None if web is None else _flat(web).scaleb(-3),
+            None if req is None else _flat(req).scaleb(-3),
+            tuple(starts),
+        )
+
+    @classmethod
+    def from_override(cls, o: PriceOverride) -> _Rates:
+        return cls([(o.input_mtok, o.cached_mtok, o.cache_write_mtok, o.output_mtok, None)], o.web_search_per_call, None)
+
+    def apply(self, inp: int, cached: int, cache_write: int, out: int, reasoning: int, searches: int) -> Decimal | None:
+        bands = self.bands
+        r_in, r_cr, r_cw, r_out, r_rs = bands[0] if len(bands) == 1 else bands[bisect_left(self.starts, inp)]
+        total = 0
+        if r_cr is not None and cached:
+            total += r_cr * cached
+            inp -= cached
+        if r_cw is not None and cache_write:
+            total += r_cw * cache_write
+            inp -= cache_write
+        if r_rs is not None and reasoning:
+            total += r_rs * reasoning
+            out -= reasoning
+        if inp:
+            if r_in is None or inp < 0:
+                return None
+            total += r_in * inp
+        if out:
+            if r_out is None or out < 0:
+                return None
+            total += r_out * out
+        if searches and self.web_call is not None:
+            total += self.web_call * searches
+        if self.request is not None:
+            total += self.request
+        return Decimal(total).scaleb(self.exponent).quantize(_NANO)
+
+
+_UNPRICED = _Rates([(None,) * 5], None, None)  # cached "no price" (compared by identity)
+
+
+def _flat(price: Decimal | TieredPrices) -> Decimal:
+    return price.base if isinstance(price, TieredPrices) else price
+
+
+def _price_at(price: Decimal | TieredPrices | None, input_tokens: int) -> Decimal | None:
+    """The package's rule: the highest tier whose start the total input exceeds, else the base."""
+    if price is None or not isinstance(price, TieredPrices):
+        return price
+    for tier in reversed(price.tiers):
+        if input_tokens > tier.start:
+            return tier.price
+    return price.base
+
+
+class _Source:
+    """Where a (model, tier) gets its price: an override, or a package model."""
+
+    __slots__ = ("context", "granularity", "model", "rates", "tier")
+
+    def __init__(
+        self,
+        rates: _Rates | None = None,
+        model: ModelInfo | None = None,
+        context: PriceContext | None = None,
+        tier: str | None = None,
+        granularity: int = _DAY,
+    ) -> None:
+        self.rates = rates  # set for overrides: date- and tier-independent
+        self.model = model
+        self.context = context  # price context given to the package (None: standard prices only)
+        self.tier = tier  # non-standard tier that must have a variant in force
+        self.granularity = granularity  # seconds within which the price cannot change
+
+    def rates_at(self, when: datetime) -> _Rates | None:
+        model = self.model
+        assert model is not None
+        if self.tier is not None and not any(
+            (v.constraint is None or v.constraint.active(when)) and all(self.context.get(k) == x for k, x in v.when.items())
+            for v in model.price_variants or ()
+        ):
+            return None
+        return _Rates.from_model_price(model.get_prices(when, self.context))
+
+
+class Pricer:
+    """Prices requests; one per process, shared by every request (read-only after start)."""
+
+    def __init__(
+        self,
+        provider_id: str | None = None,
+        upstream_url: str = "https://api.openai.com",
+        overrides: dict[str, PriceOverride] | None = None,
+    ) -> None:
+        self._providers: list[Provider] = data_snapshot.get_snapshot().providers
+        self.provider: Provider | None = None
+        if provider_id:
+            self.provider = data_snapshot.find_provider_by_id(self._providers, provider_id)
+            if self.provider is None:
+                raise ValueError(f"[prices] provider: genai-prices knows no provider {provider_id!r}")
+        elif upstream_url:
+            self.provider = next((p for p in self._providers if re.match(p.api_pattern, upstream_url)), None)
+        self._overrides = {name.lower(): _Rates.from_override(o) for name, o in (overrides or {}).items()}
+        # (model, served tier as reported, UTC day number) -> rates; the warm path is this one dict lookup.
+        self._by_day: dict[tuple[str, str | None, float], _Rates] = {}
+        self._source = functools.lru_cache(maxsize=2048)(self._find_source)
+        self._rates = functools.lru_cache(maxsize=4096)(self._find_rates)
+
+    # -- hot path ---------------------------------------------------------------
+
+    def cost(
+        self,
+        model: str | None,
+        service_tier: str | None,
+        started_at: float,
+        input_tokens: int | None = None,
+        cached_tokens: int | None = None,
+        cache_write_tokens: int | None = None,
+        output_tokens: int | None = None,
+        reasoning_tokens: int | None = None,
+        web_search_calls: int | None = None,
+    ) -> Decimal | None:
+        """USD for one request, to 9 decimal places; `None` when it cannot be priced honestly."""
+        if not model or (input_tokens is None and output_tokens is None):
+            return None
+        key = (model, service_tier, started_at // _DAY)
+        rates = self._by_day.get(key)
+        if rates is None:
+            rates = self._miss(key, started_at)
+        if rates is _UNPRICED:
+            return None
+        inp = input_tokens or 0
+        cached = cached_tokens or 0
+        cache_write = cache_write_tokens or 0
+        out = output_tokens or 0
+        reasoning = reasoning_tokens or 0
+        searches = web_search_calls or 0
+        if min(cached, cache_write, reasoning, searches) < 0 or cached + cache_write > inp or reasoning > out:
+            return None  # impossible usage (SPEC §3 invariants): not priced, whatever the rates
+        return rates.apply(inp, cached, cache_write, out, reasoning, searches)
+
+    def price_record(self, record: Record) -> None:
+        """Set `cost_usd` and `priced` on a finished record (skips rows without usage or with anomalies)."""
+        record.cost_usd = None
+        record.priced = False
+        if not record.has_usage or record.anomalies:
+            return
+        cost = self.cost(
+            record.model or record.model_requested,
+            record.service_tier,
+            record.started_at,
+            record.input_tokens,
+            record.cached_tokens,
+            record.cache_write_tokens,
+            record.output_tokens,
+            record.reasoning_tokens,
+            record.web_search_calls,
+        )
+        record.cost_usd = cost
+        record.priced = cost is not None
+
+    # -- cached resolution ------------------------------------------------------
+
+    def _miss(self, key: tuple[str, str | None, float], started_at: float) -> _Rates:
+        """Rates (or `_UNPRICED`) for a (model, served tier, UTC day) not in the day cache."""
+        model, service_tier, _ = key
+        tier = None if service_tier in STANDARD_TIERS else service_tier
+        source = self._source(model, tier)
+        if source is None:
+            rates: _Rates | None = None
+        elif source.rates is not None:
+            rates = source.rates
+        else:
+            rates = self._rates(model, tier, math.floor(started_at / source.granularity))
+            if source.granularity != _DAY:
+                return _UNPRICED if rates is None else rates  # time-of-day prices: not cached per day
+        if len(self._by_day) >= _DAY_CACHE_MAX:
+            self._by_day.clear()
+        self._by_day[key] = rates = _UNPRICED if rates is None else rates
+        return rates
+
+    def _find_rates(self, model: str, tier: str | None, bucket: int) -> _Rates | None:
+        source = self._source(model, tier)
+        assert source is not None
+        return source.rates_at(datetime.fromtimestamp(bucket * source.granularity, UTC))
+
+    def _find_source(self, model: str, tier: str | None) -> _Source | None:
+        override = self._override(model)
+        if override is not None:
+            return _Source(rates=override) if tier is None else None
+        found = self._find_model(model)
+        if found is None:
+            return None
+        provider, info = found
+        own = any(info is m for m in provider.models)
+        if tier is not None and not own:
+            return None  # the package ignores tier variants of a model borrowed from another provider
+        context: PriceContext | None = {_TIER_KEY: tier or "default"} if own else None
+        return _Source(model=info, context=context, tier=tier, granularity=_granularity(info))
+
+    def _override(self, model: str) -> _Rates | None:
+        name = model.lower()
+        rates = self._overrides.get(name)
+        if rates is None and self._overrides:
+            stripped = _DATE_SUFFIX.sub("", name)
+            if stripped != name:
+                rates = self._overrides.get(stripped)
+        return rates
+
+    def _find_model(self, model: str) -> tuple[Provider, ModelInfo] | None:
+        ref = model.lower()
+        if self.provider is not None:
+            info = self.provider.find_model(ref, all_providers=self._providers)
+            return None if info is None else (self.provider, info)
+        if "/" in ref:
+            vendor, rest = ref.split("/", 1)
+            provider = data_snapshot.find_provider_by_id(self._providers, vendor)
+            if provider is not None:
+                info = provider.find_model(rest, all_providers=self._providers)
+                return None if info is None else (provider, info)
+            return self._find_anywhere(ref) or self._find_anywhere(rest)
+        return self._find_anywhere(ref)
+
+    def _find_anywhere(self, ref: str) -> tuple[Provider, ModelInfo] | None:
+        """A model name alone: the provider whose names it follows, else the one provider listing it."""
+        for provider in self._providers:
+            if provider.model_match is not None and provider.model_match.is_match(ref):
+                info = provider.find_model(ref, all_providers=self._providers)
+                if info is not None:
+                    return provider, info
+                break
+        owners = [(p, m) for p in self._providers if (m := p.find_model(ref)) is not None]
+        # A provider that resells another's models (Azure -> OpenAI) yields to the one it resells.
+        ids = {p.id for p, _ in owners}
+        owners = [(p, m) for p, m in owners if not ids.intersection(p.fallback_model_providers or ())]
+        return owners[0] if len(owners) == 1 else None
+
+
+def _granularity(info: ModelInfo) -> int:
+    """Seconds for which a model's price is constant: a UTC day, unless it has time-of-day prices."""
+    constraints = [c.constraint for c in info.prices] if isinstance(info.prices, list) else []
+    constraints += [v.constraint for v in info.price_variants or ()]
+    times = [t for c in constraints if isinstance(c, TimeOfDateConstraint) for t in (c.start_time, c.end_time)]
+    if not times:
+        return _DAY
+    return 60 if all(t.second == 0 and t.microsecond == 0 for t in times) else 1
