@@ -79,8 +79,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    meter = Meter(settings)
     try:
+        meter = Meter(settings)
         asyncio.run(meter.run())
     except StartupError as exc:
         raise CommandError(str(exc)) from None

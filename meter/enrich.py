@@ -15,10 +15,13 @@ from .record import Record
 class CountUsageOnce:
     """Usage of a response id counts once, however often it is retrieved.
 
-    Background responses show their usage on every `GET /v1/responses/{id}` after
-    they end; only the first row that shows it keeps it.  This in-process memory
+    A foreground response's usage belongs to the request that created it (the
+    POST, or the response on a WebSocket): retrievals of it carry none.  A
+    background response shows its usage on every `GET /v1/responses/{id}` after
+    it ends; only the first row that shows it keeps it.  This in-process memory
     is a fast first line (it also keeps metrics honest); the ledger's
-    `usage_claims` table enforces the same rule across restarts and replicas.
+    `usage_claims` table of background response ids enforces the rule across
+    restarts and replicas.
     """
 
     def __init__(self, max_ids: int = 200_000) -> None:
@@ -28,6 +31,9 @@ class CountUsageOnce:
     def done(self, flow: Any, record: Record) -> None:
         rid = record.response_id
         if rid is None or not record.has_usage:
+            return
+        if record.endpoint == "responses.retrieve" and not record.background:
+            record.clear_usage()
             return
         seen = self._seen
         if rid in seen:

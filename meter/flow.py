@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,7 +30,7 @@ class Flow:
     endpoint: str
     headers: Any  # the client's request headers (multidict)
     transport: str = "http"
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str | None = None  # the ledger writer mints one when the record is written
     started_at: float = field(default_factory=time.time)
     t0: float = field(default_factory=time.perf_counter)
     request_body: bytes = b""
@@ -179,6 +178,8 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
         record.response_id = obs.response_id
         record.previous_response_id = obs.previous_response_id or record.previous_response_id
         record.service_tier = obs.service_tier
+        if obs.background is not None and flow.endpoint == "responses.retrieve":
+            record.background = obs.background  # a GET asks nothing; the response says
         if obs.error_type is not None or obs.error_code is not None:
             record.error_type = record.error_type or obs.error_type
             record.error_code = record.error_code or obs.error_code

@@ -46,6 +46,7 @@ class Observation:
     response_id: str | None = None
     previous_response_id: str | None = None
     status: str | None = None  # the response's own status: completed, incomplete, failed, queued, ...
+    background: bool | None = None  # the response object's own `background` flag
     service_tier: str | None = None
     usage: Usage | None = None
     error_type: str | None = None
@@ -184,6 +185,9 @@ def observe_response_object(obs: Observation, response: dict[str, Any], final: b
     obs.model = _str(response.get("model")) or obs.model
     obs.previous_response_id = _str(response.get("previous_response_id")) or obs.previous_response_id
     obs.status = _str(response.get("status")) or obs.status
+    background = response.get("background")
+    if isinstance(background, bool):
+        obs.background = background
     if not final:
         return
     obs.service_tier = _str(response.get("service_tier")) or obs.service_tier

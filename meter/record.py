@@ -9,7 +9,7 @@ happens where data enters (config, parsed JSON), not here.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -51,7 +51,7 @@ USAGE_FIELDS = (
 
 @dataclass(slots=True)
 class Record:
-    id: str
+    id: str | None  # minted by the ledger writer, off the event loop
     started_at: float  # epoch seconds; the ledger stores TIMESTAMPTZ
     finished_at: float
     method: str

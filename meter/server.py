@@ -85,7 +85,10 @@ class Meter:
             max_pending=settings.ledger_max_pending,
             spool_path=settings.spool_path(),
         )
-        self.pricer = Pricer(provider_id=settings.price_provider, upstream_url=settings.upstream, overrides=settings.price_overrides)
+        try:
+            self.pricer = Pricer(provider_id=settings.price_provider, upstream_url=settings.upstream, overrides=settings.price_overrides)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
         self.extra_addons = extra_addons or []
         self.metrics: Any = None
         self.tracing: Any = None

@@ -119,12 +119,12 @@ def test_usage_claimed_once_per_response_id_across_restarts(tmp_path: Path) -> N
     path = tmp_path / "l.duckdb"
     store = DuckDBStore(str(path))
     store.open()
-    usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cost_usd": Decimal("0.5")}
-    store.write([make_record(response_id="resp_bg", **usage), make_record(response_id="resp_bg", **usage)])
+    usage = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15, "cost_usd": Decimal("0.5"), "background": True}
+    store.write([make_record(response_id="resp_bg", **usage), make_record(response_id="resp_bg", endpoint="responses.retrieve", **usage)])
     store.close()
     again = DuckDBStore(str(path))
     again.open()
-    again.write([make_record(response_id="resp_bg", **usage), make_record(response_id="resp_other", **usage)])
+    again.write([make_record(response_id="resp_bg", endpoint="responses.retrieve", **usage), make_record(response_id="resp_other", **usage)])
     again.close()
     rows = ledger_rows(path)
     assert len(rows) == 4

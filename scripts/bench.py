@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Benchmark: meter against a bare pass-through and a direct connection, in one run.
+
+Starts three processes on loopback: a fast fake upstream, a bare pass-through
+(meter's own forwarding with no observers, no records), and `meter serve` with
+its DuckDB ledger; then drives each with wrk (Debian package `wrk`) for a
+non-streaming Responses call and a streaming one with 100 deltas.  Prints
+requests/s and p50/p99 latency per target, meter's share of the bare
+pass-through's throughput, the latency meter adds, ledger ingest in records/s,
+and meter's RSS growth over 100,000 requests.
+
+    python scripts/bench.py [--duration 10] [--connections 32]
+
+Everything stays on 127.0.0.1 and every phase is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+DELTAS = 100
+
+
+# --- the fake upstream and the bare pass-through (run as child processes) -------
+
+
+def response_json() -> bytes:
+    return json.dumps(
+        {
+            "id": "resp_bench",
+            "object": "response",
+            "status": "completed",
+            "model": "gpt-4o-2024-08-06",
+            "service_tier": "default",
+            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Hello there, this is a benchmark."}]}],
+            "usage": {"input_tokens": 25, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 34},
+        }
+    ).encode()
+
+
+def sse_events() -> list[bytes]:
+    def ev(kind: str, data: dict) -> bytes:
+        return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, separators=(',', ':'))}\n\n".encode()
+
+    head = {"id": "resp_bench", "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
+    events = [ev("response.created", {"response": head, "sequence_number": 0})]
+    for i in range(DELTAS):
+        events.append(ev("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "tok ", "sequence_number": i + 1}))
+    final = json.loads(response_json())
+    events.append(ev("response.completed", {"response": final, "sequence_number": DELTAS + 1}))
+    return events
+
+
+def run_upstream(port: int) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    body = response_json()
+    events = sse_events()
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        payload = await request.read()
+        if b'"stream": true' in payload or b'"stream":true' in payload:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for event in events:
+                await resp.write(event)
+            await resp.write_eof()
+            return resp
+        return web.Response(body=body, content_type="application/json", headers={"openai-processing-ms": "5", "x-request-id": "req_bench"})
+
+    async def main() -> None:
+        server = web.Server(handle, access_log=None)
+        runner = web.ServerRunner(server)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    _run(main())
+
+
+def run_bare(port: int, upstream: str) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    from meter.flow import Addons
+    from meter.identity import KeyIdentities
+    from meter.proxy import Proxy
+    from meter.server import make_session
+    from meter.config import load_settings
+
+    async def main() -> None:
+        settings = load_settings({"upstream": upstream}, env={})
+        proxy = Proxy(upstream, make_session(settings), Addons([]), KeyIdentities(), observe=False)
+        server = web.Server(proxy.handle, handler_cancellation=True, access_log=None)
+        runner = web.ServerRunner(server)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    _run(main())
+
+
+def _run(coro) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(coro)
+
+
+# --- the orchestrator ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '%s'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer sk-bench-%s"
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, latency.mean))
+end
+"""
+
+
+def wrk(url: str, stream: bool, duration: float, connections: int, workdir: Path) -> dict[str, float]:
+    body = json.dumps({"model": "gpt-4o", "input": "Say hello", "stream": stream})
+    script = workdir / f"wrk-{stream}.lua"
+    script.write_text(WRK_SCRIPT % (body, uuid.uuid4().hex[:8]))
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, int(duration))}s", "--timeout", "10s", "-s", str(script), url + "/v1/responses"],
+        capture_output=True,
+        text=True,
+        timeout=duration + 60,
+    ).stdout
+    m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+    if not m:
+        raise RuntimeError(f"wrk said:\n{out}")
+    requests, duration_us, p50, p99, errors = map(int, m.groups())
+    return {"rps": requests / (duration_us / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000, "requests": requests, "errors": errors}
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def ledger_ingest(n: int = 100_000) -> float:
+    from meter.ledger import DuckDBStore
+    from meter.record import Record
+
+    with tempfile.TemporaryDirectory() as d:
+        store = DuckDBStore(str(Path(d) / "ingest.duckdb"))
+        store.open()
+        records = [
+            Record(
+                id=str(uuid.uuid4()), started_at=time.time(), finished_at=time.time(), method="POST", path="/v1/responses", endpoint="responses",
+                status_code=200, model="gpt-4o", response_id=f"resp_{i}", input_tokens=100, output_tokens=20, total_tokens=120,
+                key_id="0123456789abcdef", key_hint="sk-...abcd", ttfb_ms=10.0, duration_ms=100.0,
+            )
+            for i in range(n)
+        ]
+        t0 = time.perf_counter()
+        for i in range(0, n, 5000):
+            store.write(records[i : i + 5000])
+        elapsed = time.perf_counter() - t0
+        store.close()
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=["upstream", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (default 10)")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent connections for throughput (default 32)")
+    parser.add_argument("--memory-requests", type=int, default=100_000, help="requests for the RSS check (default 100000)")
+    args = parser.parse_args()
+    if args.role == "upstream":
+        return run_upstream(args.port)
+    if args.role == "bare":
+        return run_bare(args.port, args.upstream)
+    if shutil.which("wrk") is None:
+        sys.exit("bench: wrk is missing (apt-get install wrk)")
+
+    procs: list[subprocess.Popen] = []
+    work = Path(tempfile.mkdtemp(prefix="meter-bench-"))
+    try:
+        up_port, bare_port, meter_port, admin_port = free_port(), free_port(), free_port(), free_port()
+        up = f"http://127.0.0.1:{up_port}"
+        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)]))
+        wait_port(up_port)
+        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream", up]))
+        meter = subprocess.Popen(
+            [sys.executable, "-m", "meter", "serve", "--upstream", up, "--listen", f"127.0.0.1:{meter_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+             "--ledger", str(work / "bench.duckdb"), "--log-level", "warning"],
+            cwd=ROOT,
+        )
+        procs.append(meter)
+        wait_port(bare_port)
+        wait_port(meter_port)
+        targets = {"direct": up, "bare": f"http://127.0.0.1:{bare_port}", "meter": f"http://127.0.0.1:{meter_port}"}
+        results: dict[tuple[str, str], dict[str, float]] = {}
+        for stream in (False, True):
+            kind = "stream (100 deltas)" if stream else "json"
+            for name, url in targets.items():
+                wrk(url, stream, 2, args.connections, work)  # warm-up
+                thr = wrk(url, stream, args.duration, args.connections, work)
+                lat = wrk(url, stream, max(3.0, args.duration / 2), 1, work)
+                results[(kind, name)] = {"rps": thr["rps"], "errors": thr["errors"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "p50_loaded_ms": thr["p50_ms"], "p99_loaded_ms": thr["p99_ms"]}
+                print(f"  {kind:20} {name:7} {thr['rps']:9.0f} req/s  p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms  (errors {thr['errors']})", flush=True)
+
+        # Memory: RSS before and after at least --memory-requests more requests through meter.
+        before = rss_kb(meter.pid)
+        sent = 0
+        deadline = time.monotonic() + 600
+        while sent < args.memory_requests and time.monotonic() < deadline:
+            sent += int(wrk(targets["meter"], False, 10, args.connections, work)["requests"])
+        time.sleep(1.5)
+        after = rss_kb(meter.pid)
+        ingest = ledger_ingest()
+
+        print()
+        print("| call | target | req/s | p50 ms (1 conn) | p99 ms (1 conn) | p50 ms (loaded) | p99 ms (loaded) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for (kind, name), r in results.items():
+            print(f"| {kind} | {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_loaded_ms']:.2f} | {r['p99_loaded_ms']:.2f} |")
+        print()
+        for kind in ("json", "stream (100 deltas)"):
+            bare, met = results[(kind, "bare")], results[(kind, "meter")]
+            print(f"{kind}: meter at {100 * met['rps'] / bare['rps']:.1f}% of the bare pass-through's req/s; "
+                  f"p50 added over bare {met['p50_ms'] - bare['p50_ms']:+.2f} ms")
+        print(f"ledger ingest: {ingest:,.0f} records/s")
+        print(f"meter RSS: {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB after {sent:,} more requests ({(after - before) / 1024:+.1f} MiB)")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
