@@ -343,6 +343,7 @@ class LedgerWriter:
         self.stats = LedgerStats()
         self._queue: deque[Record] = deque()
         self._retry: list[Record] = []  # a failed batch, written before anything newer
+        self._writing = 0  # size of the batch the thread is writing right now
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -368,7 +369,8 @@ class LedgerWriter:
 
     @property
     def pending(self) -> int:
-        return len(self._queue) + len(self._retry)
+        """Records not yet in the store: queued, waiting for a retry, or being written."""
+        return len(self._queue) + len(self._retry) + self._writing
 
     # thread ---------------------------------------------------------------------
 
@@ -424,14 +426,17 @@ class LedgerWriter:
         """Write what is pending. False when the store failed (records kept)."""
         while self._retry or self._queue:
             batch = self._take_batch()
+            self._writing = len(batch)
             try:
                 self.store.write(batch)
             except Exception as exc:
                 self._retry = batch + self._retry
+                self._writing = 0
                 self._note_error(exc)
                 self._spill_overflow()
                 return False
             self.stats.written += len(batch)
+            self._writing = 0
             if not self.stats.healthy:
                 log.info("ledger recovered; %d records waiting", self.pending)
             self.stats.healthy = True

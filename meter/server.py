@@ -50,11 +50,21 @@ def make_store(settings: Settings) -> Store:
     return DuckDBStore(settings.ledger)
 
 
+HEADER_LIMIT = 64 * 1024
+
+
 def make_session(settings: Settings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout, sock_read=settings.upstream_timeout)
     # auto_decompress=False: the client gets the upstream's bytes, compressed or not.
-    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        max_line_size=HEADER_LIMIT,
+        max_field_size=HEADER_LIMIT,
+    )
 
 
 def _bind(address: str, setting: str) -> socket.socket:
@@ -157,7 +167,16 @@ class Meter:
         def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
             return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=self.settings.max_request_bytes)
 
-        server = web.Server(self.proxy.handle, request_factory=make_request, handler_cancellation=True, access_log=None)
+        # Header limits well above aiohttp's 8 KiB default: the upstream, not meter,
+        # decides what is too large, and every request it sees gets a row.
+        server = web.Server(
+            self.proxy.handle,
+            request_factory=make_request,
+            handler_cancellation=True,
+            access_log=None,
+            max_line_size=HEADER_LIMIT,
+            max_field_size=HEADER_LIMIT,
+        )
         self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.settings.shutdown_grace)
         await self._proxy_runner.setup()
         self._proxy_site = web.SockSite(self._proxy_runner, proxy_sock)

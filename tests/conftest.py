@@ -27,6 +27,8 @@ import pytest
 from meter.config import load_settings
 from meter.server import Meter
 
+pytest_plugins = ["tests.pg"]
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures"
 if not FIXTURES.exists():  # CI clones the repo with shared/ beside it
@@ -77,6 +79,8 @@ class UpstreamProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +119,13 @@ class RunningMeter:
         return f"http://{host}:{port}"
 
     async def flush(self) -> None:
-        """Wait until every finished request is written to the ledger."""
+        """Wait until every finished request is written to the ledger.
+
+        The client may hold its last byte before the handler has made the record,
+        so first wait for the proxy to have nothing in flight.
+        """
+        if self.meter.proxy is not None:
+            await asyncio.wait_for(self.meter.proxy.idle.wait(), 30)
         ok = await asyncio.get_running_loop().run_in_executor(None, self.meter.ledger.flush)
         assert ok, "ledger did not flush"
 
@@ -174,6 +184,7 @@ class MeterProcess:
         self.env = {**os.environ, **(env or {})}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
         self.port = free_port()
         self.admin_port = free_port()
 
@@ -186,7 +197,7 @@ class MeterProcess:
         return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self, timeout: float = 20.0) -> "MeterProcess":
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        log = self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meter", "serve", "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}", *self.args],
             cwd=ROOT,
@@ -223,6 +234,8 @@ class MeterProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._log is not None and self._log is not subprocess.DEVNULL:
+            self._log.close()
 
 
 @pytest.fixture
