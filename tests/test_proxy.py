@@ -105,7 +105,8 @@ async def test_recorded_streams_relay_byte_for_byte(upstream, start_meter) -> No
             headers = {**fixture_header(case["file"], case["interaction"]), "x-fake-chunk-bytes": "7", "Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
             bodies = []
             for base in (meter.url, upstream.url):
-                async with http.post(base + inter["request"]["path"], data=inter["request"]["body"].encode(), headers=headers) as r:
+                method, body = inter["request"]["method"], inter["request"]["body"]
+                async with http.request(method, base + inter["request"]["path"], data=body.encode() if body else None, headers=headers) as r:
                     bodies.append((r.status, r.headers.get("Content-Type"), await r.read()))
             assert bodies[0] == bodies[1]
             assert bodies[0][2] == inter["response"]["body"].encode()
