@@ -1,0 +1,226 @@
+"""Ledger schema migrations: a ledger made by an older meter opens in a newer one.
+
+The "first schema" fixtures build a ledger the way a meter that knew only the
+first step (`m001_requests`) would have, with rows in it, through the stores'
+own migration functions; the current store then opens it, applies the rest,
+and every old row must still read back as written.
+"""
+
+# Fixtures imported by name come back as test parameters:
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from meter import ledger, ledger_pg
+from meter.ledger import COLUMN_TYPES, DuckDBStore
+from meter.ledger_pg import PG_TYPES, PostgresStore
+from meter.record import COLUMNS, Record
+from .pg import PostgresServer, assert_rows_match, bare_record, full_record, usage_record
+
+
+SHIPPED = ["m001_requests", "m002_usage_claims"]  # append-only: never renamed, reordered or removed
+
+
+def old_records() -> list[Record]:
+    return [full_record(i) for i in range(3)] + [bare_record(i) for i in range(2)]
+
+
+def test_migration_lists_are_append_only() -> None:
+    assert [name for name, _ in ledger.MIGRATIONS][: len(SHIPPED)] == SHIPPED
+    assert [name for name, _ in ledger_pg.MIGRATIONS] == [name for name, _ in ledger.MIGRATIONS]
+
+
+# --- DuckDB ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def duckdb_first_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, list[Record]]:
+    """A DuckDB ledger as a meter with only the first migration left it, with rows."""
+    path = tmp_path / "first.duckdb"
+    records = old_records()
+    con = duckdb.connect(str(path))
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(ledger, "MIGRATIONS", ledger.MIGRATIONS[:1])
+            assert ledger.migrate_duckdb(con) == ["m001_requests"]
+        con.register("batch", ledger.records_to_arrow(records))
+        con.execute(f"INSERT INTO requests SELECT {ledger._select_from_batch()} FROM batch")
+        con.unregister("batch")
+        assert {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()} >= {"requests", "_meter_migrations"}
+        assert "usage_claims" not in {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    finally:
+        con.close()
+    return path, copy.deepcopy(records)
+
+
+def duckdb_rows(con: Any) -> list[dict[str, Any]]:
+    res = con.execute("SELECT * FROM requests ORDER BY started_at")
+    names = [d[0] for d in res.description]
+    return [dict(zip(names, row)) for row in res.fetchall()]
+
+
+def test_duckdb_first_schema_upgrades_in_place(duckdb_first_schema: tuple[Path, list[Record]]) -> None:
+    path, records = duckdb_first_schema
+    store = DuckDBStore(str(path))
+    store.open()
+    try:
+        cur = store.cursor()
+        assert_rows_match(records, duckdb_rows(cur))
+        applied = [r[0] for r in cur.execute("SELECT name FROM _meter_migrations ORDER BY name").fetchall()]
+        assert applied == [name for name, _ in ledger.MIGRATIONS]
+        assert cur.execute("SELECT version, latest FROM schema_version").fetchall() == [(len(ledger.MIGRATIONS), ledger.MIGRATIONS[-1][0])]
+        new = [usage_record("resp_after_upgrade"), usage_record("resp_after_upgrade")]
+        store.write(copy.deepcopy(new))
+        after = {str(r["id"]): r for r in duckdb_rows(cur)}
+        assert len(after) == len(records) + 2
+        assert [after[r.id]["input_tokens"] for r in new] == [10, None]
+        cur.close()
+    finally:
+        store.close()
+    con = duckdb.connect(str(path))
+    try:
+        assert ledger.migrate_duckdb(con) == []  # each step once
+        assert con.execute("SELECT count(*) FROM _meter_migrations").fetchone() == (len(ledger.MIGRATIONS),)
+    finally:
+        con.close()
+
+
+# --- PostgreSQL ----------------------------------------------------------------------
+
+
+def _insert_sql() -> str:
+    values = []
+    for i, (name, kind) in enumerate(COLUMN_TYPES.items(), start=1):
+        values.append(f"to_timestamp(${i})" if kind == "TIMESTAMPTZ" else f"${i}::{PG_TYPES[kind]}")
+    return f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join(values)})"
+
+
+@pytest.fixture
+def pg_first_schema(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[Record]]:
+    """A PostgreSQL ledger as a meter with only the first migration left it, with rows."""
+    records = old_records()
+    with monkeypatch.context() as m:
+        m.setattr(ledger_pg, "MIGRATIONS", ledger_pg.MIGRATIONS[:1])
+        store = PostgresStore(pg_url)
+        store.open()
+    try:
+        store.execute_many(_insert_sql(), [[getattr(r, c) for c in COLUMNS] for r in records])
+        _, tables = store.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1")
+        assert [t[0] for t in tables] == ["_meter_migrations", "requests", "schema_version"]
+        assert store.query("SELECT version, latest FROM schema_version")[1] == [(1, "m001_requests")]
+    finally:
+        store.close()
+    return pg_url, copy.deepcopy(records)
+
+
+def pg_query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    store = PostgresStore(url, migrate=False)
+    try:
+        return store.query(sql)[1]
+    finally:
+        store.close()
+
+
+def test_postgres_first_schema_upgrades_in_place(pg_first_schema: tuple[str, list[Record]], caplog: pytest.LogCaptureFixture) -> None:
+    url, records = pg_first_schema
+    store = PostgresStore(url)
+    with caplog.at_level(logging.INFO, logger="meter.ledger"):
+        store.open()
+    try:
+        assert "applied m002_usage_claims" in caplog.text
+        names, rows = store.query("SELECT * FROM requests ORDER BY started_at")
+        assert_rows_match(records, [dict(zip(names, row)) for row in rows])
+        assert [r[0] for r in store.query("SELECT name FROM _meter_migrations ORDER BY name")[1]] == [name for name, _ in ledger_pg.MIGRATIONS]
+        assert store.query("SELECT version, latest FROM schema_version")[1] == [(len(ledger_pg.MIGRATIONS), ledger_pg.MIGRATIONS[-1][0])]
+        # Usage the old meter recorded is claimed by its row: polling that response
+        # again after the upgrade does not count it twice.
+        old_usage = records[0]
+        again = usage_record(old_usage.response_id, input_tokens=999)  # type: ignore[arg-type]
+        fresh = usage_record("resp_new", input_tokens=5)
+        store.write([again, fresh])
+        got = {str(r[0]): r[1] for r in store.query("SELECT id, input_tokens FROM requests")[1]}
+        assert got[again.id] is None and got[fresh.id] == 5 and got[old_usage.id] == old_usage.input_tokens
+    finally:
+        store.close()
+    reopened = PostgresStore(url)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="meter.ledger"):
+        reopened.open()
+    reopened.close()
+    assert "applied" not in caplog.text  # each step once
+    assert pg_query(url, "SELECT count(*) FROM _meter_migrations") == [(len(ledger_pg.MIGRATIONS),)]
+
+
+def test_postgres_replicas_starting_together_migrate_once(postgres: PostgresServer) -> None:
+    url = postgres.new_database()
+    n = 6
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+    stores = [PostgresStore(url) for _ in range(n)]
+
+    def start(store: PostgresStore) -> None:
+        try:
+            barrier.wait()
+            store.open()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors, errors
+        stores[0].write([full_record()])
+    finally:
+        for store in stores:
+            store.close()
+    assert pg_query(url, "SELECT name, count(*) FROM _meter_migrations GROUP BY name ORDER BY name") == [(name, 1) for name, _ in ledger_pg.MIGRATIONS]
+    assert pg_query(url, "SELECT count(*) FROM requests") == [(1,)]
+
+
+def test_postgres_ledger_from_a_newer_meter_still_opens(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = PostgresStore(pg_url)
+    store.open()
+    store.execute_many("INSERT INTO _meter_migrations (name) VALUES ($1)", [("m999_from_the_future",)])
+    store.close()
+    with caplog.at_level(logging.WARNING, logger="meter.ledger"):
+        store = PostgresStore(pg_url)
+        store.open()
+    try:
+        store.write([bare_record()])
+    finally:
+        store.close()
+    assert "m999_from_the_future" in caplog.text
+
+
+def test_postgres_migrated_ledger_runs_under_a_role_without_ddl_rights(postgres: PostgresServer) -> None:
+    """Migrations by the owner; replicas may then run as a role that can only read and insert."""
+    url = postgres.new_database()
+    owner = PostgresStore(url)
+    owner.open()
+    owner.close()
+    database = url.rsplit("/", 1)[1]
+    postgres.psql("DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'meter_writer') THEN CREATE ROLE meter_writer LOGIN PASSWORD 'writer-pw'; END IF; END $$")
+    postgres.psql(
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; "
+        "GRANT SELECT, INSERT ON requests, usage_claims, _meter_migrations TO meter_writer; GRANT SELECT ON schema_version TO meter_writer",
+        database,
+    )
+    writer_url = url.replace(f"meter:{postgres.password}@", "meter_writer:writer-pw@")
+    store = PostgresStore(writer_url)
+    try:
+        store.open()
+        store.write([usage_record("resp_writer"), usage_record("resp_writer")])
+        assert sorted(r[0] or 0 for r in store.query("SELECT input_tokens FROM requests")[1]) == [0, 10]
+    finally:
+        store.close()
