@@ -434,6 +434,7 @@ class LedgerWriter:
                 self._writing = 0
                 self._note_error(exc)
                 self._spill_overflow()
+                self._reopen_later()
                 return False
             self.stats.written += len(batch)
             self._writing = 0
@@ -442,6 +443,15 @@ class LedgerWriter:
             self.stats.healthy = True
             self.stats.last_error = None
         return True
+
+    def _reopen_later(self) -> None:
+        """After a failed write the connection may be unusable (DuckDB invalidates a
+        database after an I/O error): close it, and open afresh on the next try."""
+        try:
+            self.store.close()
+        except Exception:
+            pass
+        self._opened = False
 
     def _spill_overflow(self) -> None:
         """Bound memory while the store is down: the oldest records go to the spool."""
