@@ -99,6 +99,10 @@ class Addons:
                     log.exception("addon stop failed")
 
 
+# A token count (input_tokens) and the bookkeeping calls (cancel, delete) may show
+# usage, but it is not consumption by this request (SPEC §3).
+_NOT_CONSUMPTION = frozenset({"responses.input_tokens", "responses.cancel", "responses.delete"})
+
 _STATUS_OUTCOME = {
     "completed": "completed",
     "incomplete": "incomplete",
@@ -126,6 +130,27 @@ def outcome_for(flow: Flow, obs: Observation | None, stream: bool) -> str:
     if stream and not obs.terminal:
         return "error"
     return "completed"
+
+
+def minimal_record(flow: Flow) -> Record:
+    """The record of a flow whose details could not be read: still one row, no usage."""
+    finished = flow.finished_at or time.perf_counter()
+    return Record(
+        id=flow.id,
+        started_at=flow.started_at,
+        finished_at=flow.started_at + (finished - flow.t0),
+        method=flow.method,
+        path=flow.path,
+        endpoint=flow.endpoint,
+        transport=flow.transport,
+        status_code=flow.status_code,
+        outcome=flow.outcome or ("error" if (flow.status_code or 0) >= 400 else "completed"),
+        duration_ms=(finished - flow.t0) * 1000.0,
+        request_bytes=flow.request_bytes,
+        response_bytes=flow.response_bytes,
+        error_type=flow.error_type or "meter_record_error",
+        trace_id=flow.trace_id,
+    )
 
 
 def build_record(flow: Flow, identities: KeyIdentities) -> Record:
@@ -187,7 +212,7 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
             record.error_type = "meter_unreadable_response"
         first_token = first_token or obs.first_token_at
         usage = obs.usage
-        if usage is not None and flow.endpoint != "responses.input_tokens":
+        if usage is not None and flow.endpoint not in _NOT_CONSUMPTION:
             record.input_tokens = usage.input_tokens
             record.cached_tokens = usage.cached_tokens
             record.cache_write_tokens = usage.cache_write_tokens

@@ -21,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .flow import Addons, Flow, build_record
+from .flow import Addons, Flow, build_record, minimal_record
 from .identity import KeyIdentities
 from .observe import METERED_KIND, endpoint_for, observer_for
 
@@ -139,14 +139,14 @@ class Proxy:
         client_response: web.StreamResponse | None = None
         upstream = None
         try:
+            flow.upstream_headers = forwardable_request_headers(request.headers)
+            self.addons.request(flow)  # before anything can fail, so every done() has its request()
             body = await self._read_body(request, flow)
             if isinstance(body, web.Response):
                 client_response = body
                 return body
             flow.request_body = body
             flow.request_bytes = len(body)
-            flow.upstream_headers = forwardable_request_headers(request.headers)
-            self.addons.request(flow)
             skip = tuple(h for h in _AUTO_HEADERS if h not in request.headers)
             try:
                 upstream = await self.session.request(
@@ -239,6 +239,6 @@ class Proxy:
         try:
             record = build_record(flow, self.identities)
         except Exception:  # a record must never cost the client its answer
-            log.exception("could not build the record of %s %s", flow.method, flow.path)
-            return
+            log.exception("could not build the record of %s %s; recording what is certain", flow.method, flow.path)
+            record = minimal_record(flow)
         self.addons.done(flow, record)

@@ -1,0 +1,312 @@
+"""Prometheus metrics (SPEC §6): one update per finished request, served on the admin port.
+
+`Metrics` is an addon.  `request(flow)` raises the in-flight gauge of the flow's
+endpoint; `done(flow, record)` lowers it again and counts the record: requests,
+tokens by type, cost, web searches, cache misses, anomalies, unpriced rows and
+the latency histograms.  Nothing is counted per chunk.
+
+The metrics live in the addon's own `CollectorRegistry` (never the process-global
+one), so several meters in one process (tests) do not share counters, and
+`GET /metrics` on the admin port serves exactly the SPEC's families.
+
+Labels stay bounded:
+
+- `key` is the key's configured name, else its key_id, else `none`.  Past
+  `metrics_max_keys` distinct keys, further keys count as `other` (`none` and
+  `other` do not use up the budget).  `metrics_key_label = "off"` drops the
+  label from every metric that has it: the series carry no `key` at all, and
+  dashboard filters such as `key=~"$key"` with `$key = .*` still match them
+  (an absent label matches like the empty string).
+- `model` comes from the client when the upstream reports none (an error, say),
+  so a client could otherwise mint series at will: past `MAX_MODELS` distinct
+  values further models count as `other` too.  The ledger keeps the detail.
+- `endpoint` is from the fixed list of SPEC §4; a missing value is `""`.
+
+Hot path: `done` runs once per request on the event loop.  The labelled
+children of one label combination are resolved once and kept in a `_Series`
+bundle keyed by the combination's tuple, so a repeated combination costs one
+dict lookup, not a `.labels()` call per metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .record import Record
+
+log = logging.getLogger("meter")
+
+# From 10 ms (a cached embedding) to ten minutes (a long reasoning stream).
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+TOKEN_TYPES = ("input", "cached", "cache_write", "output", "reasoning")
+MAX_MODELS = 1000  # distinct `model` label values before further ones count as `other`
+MAX_CACHE_MISS_REASONS = 100
+_MAX_CACHED = 20_000  # resolved label combinations kept; past it the cache starts over
+OTHER = "other"
+NO_KEY = "none"
+
+# `_created` samples double every counter and histogram in Prometheus for no use here.
+prometheus_client.disable_created_metrics()
+
+
+class _Bounded:
+    """Maps raw label values to themselves until `limit` distinct ones were seen, then to `other`."""
+
+    __slots__ = ("_fixed", "_limit", "_seen")
+
+    def __init__(self, limit: int, fixed: Iterable[str] = ()) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+        self._fixed = frozenset(fixed)  # always themselves, outside the budget
+
+    def __call__(self, value: str) -> str:
+        seen = self._seen
+        if value in seen or value in self._fixed:
+            return value
+        if len(seen) >= self._limit:
+            return OTHER
+        seen.add(value)
+        return value
+
+
+class _Series:
+    """The children of one (endpoint, model, tier, status, outcome, key, stream) combination."""
+
+    __slots__ = ("_labels", "_m", "cost", "duration", "requests", "tokens", "ttfb", "ttft", "unpriced", "web_search")
+
+    def __init__(self, m: Metrics, endpoint: str, model: str, tier: str, status: str, outcome: str, key: str | None, stream: str) -> None:
+        self._m = m
+        self._labels = (endpoint, model, tier, key)
+        keyed = (key,) if key is not None else ()
+        self.requests = m.requests.labels(endpoint, model, tier, status, outcome, *keyed)
+        self.tokens: list[Any] = [None] * len(TOKEN_TYPES)  # created on first use
+        self.cost: Any = None
+        self.web_search: Any = None
+        self.unpriced: Any = None
+        self.duration = m.duration.labels(endpoint, model, stream)
+        self.ttft: Any = None
+        self.ttfb: Any = None
+
+    def token(self, index: int) -> Any:
+        child = self.tokens[index]
+        if child is None:
+            endpoint, model, tier, key = self._labels
+            keyed = (key,) if key is not None else ()
+            child = self.tokens[index] = self._m.tokens.labels(endpoint, model, tier, *keyed, TOKEN_TYPES[index])
+        return child
+
+    def cost_child(self) -> Any:
+        if self.cost is None:
+            _, model, tier, key = self._labels
+            self.cost = self._m.cost.labels(model, tier, *((key,) if key is not None else ()))
+        return self.cost
+
+    def web_search_child(self) -> Any:
+        if self.web_search is None:
+            _, model, _, key = self._labels
+            self.web_search = self._m.web_search.labels(model, *((key,) if key is not None else ()))
+        return self.web_search
+
+    def unpriced_child(self) -> Any:
+        if self.unpriced is None:
+            self.unpriced = self._m.unpriced.labels(self._labels[1])
+        return self.unpriced
+
+    def ttft_child(self) -> Any:
+        if self.ttft is None:
+            self.ttft = self._m.ttft.labels(self._labels[0], self._labels[1])
+        return self.ttft
+
+    def ttfb_child(self) -> Any:
+        if self.ttfb is None:
+            self.ttfb = self._m.ttfb.labels(self._labels[0], self._labels[1])
+        return self.ttfb
+
+
+class _LedgerCollector:
+    """The ledger's state, read at scrape time so it is always current."""
+
+    def __init__(self, ledger: Any) -> None:
+        self.ledger = ledger
+
+    def describe(self) -> list[Metric]:
+        return [
+            GaugeMetricFamily("meter_ledger_pending_records", "Records waiting to be written to the ledger."),
+            CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger."),
+            CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches)."),
+        ]
+
+    def collect(self) -> list[Metric]:
+        ledger = self.ledger
+        stats = getattr(ledger, "stats", None)
+        return [
+            GaugeMetricFamily("meter_ledger_pending_records", "Records waiting to be written to the ledger.", value=getattr(ledger, "pending", 0)),
+            CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger.", value=getattr(stats, "written", 0)),
+            CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches).", value=getattr(stats, "write_errors", 0)),
+        ]
+
+
+class Metrics:
+    """Addon: SPEC §6 metrics in an own registry, and `GET /metrics` on the admin app."""
+
+    def __init__(self, settings: Any, ledger_writer: Any, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.key_label = getattr(settings, "metrics_key_label", "on") != "off"
+        self._keys = _Bounded(getattr(settings, "metrics_max_keys", 100), fixed=(NO_KEY, OTHER))
+        self._models = _Bounded(MAX_MODELS, fixed=("", OTHER))
+        self._reasons = _Bounded(MAX_CACHE_MISS_REASONS, fixed=(OTHER,))
+        key = ["key"] if self.key_label else []
+        r = self.registry
+        # prometheus-client appends `_total` to counter names: the exposed names are SPEC §6's.
+        self.requests = Counter(
+            "meter_requests", "Proxied requests (and WebSocket responses).",
+            ["endpoint", "model", "service_tier", "status_code", "outcome", *key], registry=r,
+        )
+        self.tokens = Counter(
+            "meter_tokens", "Tokens by type, as reported by the upstream.",
+            ["endpoint", "model", "service_tier", *key, "type"], registry=r,
+        )
+        self.web_search = Counter("meter_web_search_calls", "Hosted web search calls.", ["model", *key], registry=r)
+        self.cache_misses = Counter(
+            "meter_prompt_cache_misses", "Requests whose prompt cache diagnostics report a miss, by reason.", ["model", "reason"], registry=r,
+        )
+        self.anomalies = Counter(
+            "meter_usage_anomalies", "Usage blocks that break an invariant (recorded as read, left unpriced).", ["endpoint", "kind"], registry=r,
+        )
+        self.websockets = Gauge("meter_websocket_connections", "Open client WebSocket connections.", registry=r)
+        self.cost = Counter("meter_cost_usd", "Cost in US dollars of priced requests.", ["model", "service_tier", *key], registry=r)
+        self.duration = Histogram(
+            "meter_request_duration_seconds", "From the request's arrival to the last byte relayed.",
+            ["endpoint", "model", "stream"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "meter_time_to_first_token_seconds", "From the request's arrival to the first output delta of a stream.",
+            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.ttfb = Histogram(
+            "meter_upstream_ttfb_seconds", "From the request's arrival to the upstream's response headers.",
+            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.in_flight = Gauge("meter_in_flight_requests", "Requests being forwarded now.", ["endpoint"], registry=r)
+        self.unpriced = Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"], registry=r)
+        self.ledger = ledger_writer
+        if ledger_writer is not None:
+            r.register(_LedgerCollector(ledger_writer))
+        self._series: dict[tuple[str, str, str, int | None, str, str, bool], _Series] = {}
+        self._in_flight: dict[str, Any] = {}
+        self._anomaly: dict[tuple[str, str], Any] = {}
+        self._miss: dict[tuple[str, str], Any] = {}
+
+    # hooks ----------------------------------------------------------------------
+
+    def request(self, flow: Any) -> None:
+        endpoint = flow.endpoint or ""
+        child = self._in_flight.get(endpoint)
+        if child is None:
+            child = self._in_flight[endpoint] = self.in_flight.labels(endpoint)
+        child.inc()
+        # done() lowers exactly what was raised: flows refused before the request hook
+        # (413) never raised it, and a second done() for one flow finds nothing.
+        flow.state["metrics.in_flight"] = child
+
+    def done(self, flow: Any, record: Record) -> None:
+        if flow is not None:
+            raised = flow.state.pop("metrics.in_flight", None)
+            if raised is not None:
+                raised.dec()
+        endpoint = record.endpoint or ""
+        model_raw = record.model or record.model_requested or ""
+        if self.key_label:
+            key_raw = record.key_name or record.key_id or NO_KEY
+        else:
+            key_raw = None
+        ident = (endpoint, model_raw, record.service_tier or "", record.status_code, record.outcome or "", key_raw, record.stream)
+        series = self._series.get(ident)
+        if series is None:
+            series = self._new_series(ident)
+        series.requests.inc()
+
+        if record.input_tokens is not None and record.input_tokens >= 0:
+            series.token(0).inc(record.input_tokens)
+        if record.cached_tokens is not None and record.cached_tokens >= 0:
+            series.token(1).inc(record.cached_tokens)
+        if record.cache_write_tokens is not None and record.cache_write_tokens >= 0:
+            series.token(2).inc(record.cache_write_tokens)
+        if record.output_tokens is not None and record.output_tokens >= 0:
+            series.token(3).inc(record.output_tokens)
+        if record.reasoning_tokens is not None and record.reasoning_tokens >= 0:
+            series.token(4).inc(record.reasoning_tokens)
+        if record.web_search_calls is not None and record.web_search_calls >= 0:
+            series.web_search_child().inc(record.web_search_calls)
+
+        cost = record.cost_usd
+        if cost is not None:
+            if cost >= 0:
+                series.cost_child().inc(float(cost))
+        elif record.has_usage:
+            series.unpriced_child().inc()
+
+        if record.anomalies:
+            for kind in record.anomalies:
+                self._anomaly_child(endpoint, kind).inc()
+        status = record.cache_status
+        if status is not None and status.startswith("miss:"):
+            self._miss_child(series._labels[1], status[5:]).inc()
+
+        if record.duration_ms is not None:
+            series.duration.observe(record.duration_ms / 1000.0)
+        if record.ttft_ms is not None:
+            series.ttft_child().observe(record.ttft_ms / 1000.0)
+        if record.ttfb_ms is not None:
+            series.ttfb_child().observe(record.ttfb_ms / 1000.0)
+
+    def _new_series(self, ident: tuple[Any, ...]) -> _Series:
+        endpoint, model_raw, tier, status, outcome, key_raw, stream = ident
+        if len(self._series) >= _MAX_CACHED:  # raw values past the label bounds must not grow memory
+            self._series.clear()
+        model = self._models(model_raw)
+        key = self._keys(key_raw) if key_raw is not None else None
+        series = _Series(self, endpoint, model, tier, "" if status is None else str(status), outcome, key, "true" if stream else "false")
+        self._series[ident] = series
+        return series
+
+    def _anomaly_child(self, endpoint: str, kind: str) -> Any:
+        child = self._anomaly.get((endpoint, kind))
+        if child is None:
+            child = self._anomaly[(endpoint, kind)] = self.anomalies.labels(endpoint, kind)
+        return child
+
+    def _miss_child(self, model: str, reason: str) -> Any:
+        child = self._miss.get((model, reason))
+        if child is None:
+            if len(self._miss) >= _MAX_CACHED:
+                self._miss.clear()
+            child = self._miss[(model, reason)] = self.cache_misses.labels(model, self._reasons(reason))
+        return child
+
+    # WebSocket relay -----------------------------------------------------------
+
+    def websocket_opened(self) -> None:
+        self.websockets.inc()
+
+    def websocket_closed(self) -> None:
+        self.websockets.dec()
+
+    # admin ------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def admin_routes(self, app: Any) -> None:
+        from aiohttp import web
+
+        async def metrics(request: web.Request) -> web.Response:
+            return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        app.router.add_get("/metrics", metrics)
