@@ -35,6 +35,7 @@ class Flow:
     t0: float = field(default_factory=time.perf_counter)
     request_body: bytes = b""
     request_bytes: int = 0
+    stream_query: bool = False  # `?stream=true`: how a GET (a resumed stream) asks for one
     upstream_headers: Any = None  # what goes upstream; addons may add to it (traceparent)
     status_code: int | None = None
     response_headers: Any = None
@@ -167,7 +168,7 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
         endpoint=flow.endpoint,
         transport=flow.transport,
         status_code=flow.status_code,
-        stream=facts.stream,
+        stream=facts.stream or flow.stream_query,
         background=facts.background,
         model_requested=facts.model,
         service_tier_requested=facts.service_tier,
@@ -227,5 +228,5 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
         record.model = facts.model
     if first_token is not None:
         record.ttft_ms = (first_token - flow.t0) * 1000.0
-    record.outcome = outcome_for(flow, obs, facts.stream or (obs is not None and obs.first_token_at is not None))
+    record.outcome = outcome_for(flow, obs, record.stream or (obs is not None and obs.first_token_at is not None))
     return record

@@ -103,6 +103,8 @@ class Proxy:
         path = raw_path.split("?", 1)[0]
         method = request.method
         flow = Flow(method=method, path=path, endpoint=endpoint_for(method, path), headers=request.headers)
+        if method == "GET" and "stream=true" in raw_path:
+            flow.stream_query = request.query.get("stream") == "true"
         self.in_flight += 1
         self.idle.clear()
         try:

@@ -102,6 +102,7 @@ class Meter:
         self.extra_addons = extra_addons or []
         self.metrics: Any = None
         self.tracing: Any = None
+        self.websocket_relay: Any = None
         self.addons: Addons | None = None
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
@@ -136,7 +137,7 @@ class Meter:
         relay = _optional("meter.websocket", "WebSocketRelay")
         if relay is None:
             return None
-        return relay(self.settings.upstream, self.session, self.addons, self.identities)
+        return relay(self.settings.upstream, self.session, self.addons, self.identities, max_message_bytes=self.settings.max_request_bytes)
 
     async def start(self) -> None:
         proxy_sock = _bind(self.settings.listen, "listen")
@@ -151,7 +152,7 @@ class Meter:
             if hasattr(addon, "admin_routes"):
                 addon.admin_routes(self.admin_app)
         await self.addons.start()
-        relay = self.build_websocket_relay()
+        relay = self.websocket_relay = self.build_websocket_relay()
         self.proxy = Proxy(
             self.settings.upstream,
             self.session,
@@ -197,6 +198,8 @@ class Meter:
         self.accepting = False
         if self._proxy_site is not None:
             await self._proxy_site.stop()
+        if self.websocket_relay is not None:
+            self.websocket_relay.shutdown()  # idle sockets close now (1001), busy ones after their response
         if self.proxy is not None and self.proxy.in_flight:
             log.info("draining %d in-flight requests (grace %.0fs)", self.proxy.in_flight, self.settings.shutdown_grace)
             try:

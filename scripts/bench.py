@@ -181,6 +181,12 @@ def wrk(url: str, stream: bool, duration: float, connections: int, workdir: Path
     return {"rps": requests / (duration_us / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000, "requests": requests, "errors": errors}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process: a per-request cost that other load does not skew."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -244,15 +250,18 @@ def main() -> None:
         wait_port(bare_port)
         wait_port(meter_port)
         targets = {"direct": up, "bare": f"http://127.0.0.1:{bare_port}", "meter": f"http://127.0.0.1:{meter_port}"}
+        pids = {"direct": procs[0].pid, "bare": procs[1].pid, "meter": meter.pid}
         results: dict[tuple[str, str], dict[str, float]] = {}
         for stream in (False, True):
             kind = "stream (100 deltas)" if stream else "json"
             for name, url in targets.items():
                 wrk(url, stream, 2, args.connections, work)  # warm-up
+                cpu0 = cpu_seconds(pids[name])
                 thr = wrk(url, stream, args.duration, args.connections, work)
+                cpu_us = (cpu_seconds(pids[name]) - cpu0) / max(thr["requests"], 1) * 1e6
                 lat = wrk(url, stream, max(3.0, args.duration / 2), 1, work)
-                results[(kind, name)] = {"rps": thr["rps"], "errors": thr["errors"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "p50_loaded_ms": thr["p50_ms"], "p99_loaded_ms": thr["p99_ms"]}
-                print(f"  {kind:20} {name:7} {thr['rps']:9.0f} req/s  p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms  (errors {thr['errors']})", flush=True)
+                results[(kind, name)] = {"cpu_us": cpu_us, "rps": thr["rps"], "errors": thr["errors"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "p50_loaded_ms": thr["p50_ms"], "p99_loaded_ms": thr["p99_ms"]}
+                print(f"  {kind:20} {name:7} {thr['rps']:9.0f} req/s  {cpu_us:7.0f} us CPU/req  p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms  (errors {thr['errors']})", flush=True)
 
         # Memory: RSS before and after at least --memory-requests more requests through meter.
         before = rss_kb(meter.pid)
@@ -265,14 +274,15 @@ def main() -> None:
         ingest = ledger_ingest()
 
         print()
-        print("| call | target | req/s | p50 ms (1 conn) | p99 ms (1 conn) | p50 ms (loaded) | p99 ms (loaded) |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        print("| call | target | req/s | CPU us/req (that process) | p50 ms (1 conn) | p99 ms (1 conn) | p50 ms (loaded) | p99 ms (loaded) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
         for (kind, name), r in results.items():
-            print(f"| {kind} | {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_loaded_ms']:.2f} | {r['p99_loaded_ms']:.2f} |")
+            print(f"| {kind} | {name} | {r['rps']:.0f} | {r['cpu_us']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_loaded_ms']:.2f} | {r['p99_loaded_ms']:.2f} |")
         print()
         for kind in ("json", "stream (100 deltas)"):
             bare, met = results[(kind, "bare")], results[(kind, "meter")]
-            print(f"{kind}: meter at {100 * met['rps'] / bare['rps']:.1f}% of the bare pass-through's req/s; "
+            print(f"{kind}: meter at {100 * met['rps'] / bare['rps']:.1f}% of the bare pass-through's req/s "
+                  f"(CPU per request: meter {met['cpu_us']:.0f} us, bare {bare['cpu_us']:.0f} us, ratio {100 * bare['cpu_us'] / met['cpu_us']:.1f}%); "
                   f"p50 added over bare {met['p50_ms'] - bare['p50_ms']:+.2f} ms")
         print(f"ledger ingest: {ingest:,.0f} records/s")
         print(f"meter RSS: {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB after {sent:,} more requests ({(after - before) / 1024:+.1f} MiB)")

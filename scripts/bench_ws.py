@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""Benchmark of WebSocket mode: meter against a bare relay and a direct connection, in one run.
+
+Starts three processes on loopback: a fast WebSocket upstream (each
+`response.create` is answered with `response.created`, N output text deltas
+and `response.completed` with usage), a bare relay (meter's own
+`WebSocketRelay` on a path it does not meter: no parsing, no records), and
+the same relay metering every response but with no sinks (`metered`), and
+`meter serve` with its DuckDB ledger, metrics and (unconfigured) traces.  Then, for each target:
+
+- throughput: C sockets each asking for responses of N deltas back to back;
+  messages relayed to the clients per second;
+- latency: one socket, responses with no delta (created + completed), one at a
+  time; round trip from `response.create` to `response.completed`, p50/p99.
+
+with the relay process's CPU time per relayed message (robust on a busy
+machine, where messages/s mostly measures the client), and prints what
+metering adds per message and per round trip over the bare relay and over the
+direct connection.
+
+    python scripts/bench_ws.py [--duration 3] [--rounds 3] [--sockets 16] [--deltas 200]
+
+Everything stays on 127.0.0.1 and every phase is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BARE_PATH = "/bare"  # the bare relay forwards /bare/v1/responses to /v1/responses without metering
+
+
+def _run(coro) -> None:  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(coro)
+
+
+# --- child processes -------------------------------------------------------------
+
+
+def run_upstream(port: int) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    def dumps(obj: dict) -> str:
+        return json.dumps(obj, separators=(",", ":"))
+
+    usage = {"input_tokens": 25, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 34}
+    counter = 0
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        nonlocal counter
+        ws = web.WebSocketResponse(max_msg_size=0, compress=False)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                continue
+            event = json.loads(msg.data)
+            if event.get("type") != "response.create":
+                continue
+            counter += 1
+            deltas = int((event.get("metadata") or {}).get("deltas", "0"))
+            head = {"id": f"resp_{counter}", "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
+            await ws.send_str(dumps({"type": "response.created", "sequence_number": 0, "response": head}))
+            for i in range(deltas):
+                await ws.send_str(dumps({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "tok ", "logprobs": []}))
+            await ws.send_str(dumps({"type": "response.completed", "sequence_number": deltas + 1, "response": {**head, "status": "completed", "service_tier": "default", "usage": usage}}))
+        return ws
+
+    async def main() -> None:
+        runner = web.ServerRunner(web.Server(handle, access_log=None))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    _run(main())
+
+
+def run_bare(port: int, upstream: str, metered: bool = False) -> None:
+    """meter's relay with metering off: the same code path on an unmetered endpoint.
+
+    With `metered`, the relay meters every response (records built) but hands the
+    records to no sink: the cost of WebSocket metering alone, without ledger,
+    metrics or traces."""
+    from aiohttp import web
+
+    from meter.config import load_settings
+    from meter.flow import Addons, Flow
+    from meter.identity import KeyIdentities
+    from meter.server import make_session
+    from meter.websocket import WebSocketRelay
+
+    async def main() -> None:
+        settings = load_settings({"upstream": upstream}, env={})
+        relay = WebSocketRelay(upstream, make_session(settings), Addons([]), KeyIdentities())
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            path = request.raw_path.removeprefix(BARE_PATH)
+            clone = request.clone(rel_url=path)
+            endpoint = "responses" if metered else "other"
+            return await relay.handle(clone, Flow(method="GET", path=path, endpoint=endpoint, headers=request.headers, transport="websocket"))
+
+        runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    _run(main())
+
+
+# --- the client ------------------------------------------------------------------
+
+
+async def throughput(url: str, sockets: int, deltas: int, duration: float) -> tuple[int, float]:
+    import aiohttp
+
+    create = json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "metadata": {"deltas": str(deltas)}})
+    received = 0
+    stop_at = time.perf_counter() + duration
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal received
+        async with session.ws_connect(url, max_msg_size=0, headers={"Authorization": "Bearer sk-bench-ws"}) as ws:
+            while time.perf_counter() < stop_at:
+                await ws.send_str(create)
+                while True:
+                    msg = await ws.receive()
+                    received += 1
+                    if msg.type is not aiohttp.WSMsgType.TEXT:
+                        raise RuntimeError(f"unexpected {msg.type}")
+                    if msg.data.startswith('{"type":"response.completed"'):
+                        break
+
+    t0 = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        await asyncio.wait_for(asyncio.gather(*(one(session) for _ in range(sockets))), duration + 30)
+    return received, time.perf_counter() - t0
+
+
+async def latency(url: str, duration: float) -> tuple[float, float]:
+    import aiohttp
+
+    create = json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "metadata": {"deltas": "0"}})
+    samples: list[float] = []
+    stop_at = time.perf_counter() + duration
+    async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0, headers={"Authorization": "Bearer sk-bench-ws"}) as ws:
+        while time.perf_counter() < stop_at:
+            t = time.perf_counter()
+            await ws.send_str(create)
+            while True:
+                msg = await asyncio.wait_for(ws.receive(), 10)
+                if msg.data.startswith('{"type":"response.completed"'):
+                    break
+            samples.append((time.perf_counter() - t) * 1000)
+    samples.sort()
+    return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
+
+
+# --- the orchestrator --------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=["upstream", "bare", "metered"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds of throughput per target and round (default 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the targets (default 3)")
+    parser.add_argument("--sockets", type=int, default=16, help="concurrent sockets for throughput (default 16)")
+    parser.add_argument("--deltas", type=int, default=200, help="output deltas per response for throughput (default 200)")
+    args = parser.parse_args()
+    if args.role == "upstream":
+        return run_upstream(args.port)
+    if args.role in ("bare", "metered"):
+        return run_bare(args.port, args.upstream, metered=args.role == "metered")
+
+    procs: list[subprocess.Popen] = []
+    work = Path(tempfile.mkdtemp(prefix="meter-bench-ws-"))
+    try:
+        up_port, bare_port, metered_port, meter_port, admin_port = free_port(), free_port(), free_port(), free_port(), free_port()
+        up = f"http://127.0.0.1:{up_port}"
+        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)], stdout=subprocess.DEVNULL))
+        wait_port(up_port)
+        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream", up], stdout=subprocess.DEVNULL))
+        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "metered", "--port", str(metered_port), "--upstream", up], stdout=subprocess.DEVNULL))
+        meter = subprocess.Popen(
+            [sys.executable, "-m", "meter", "serve", "--upstream", up, "--listen", f"127.0.0.1:{meter_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+             "--ledger", str(work / "bench.duckdb"), "--log-level", "warning"],
+            cwd=ROOT,
+        )
+        procs.append(meter)
+        for port in (bare_port, metered_port, meter_port):
+            wait_port(port)
+        targets = {
+            "direct": f"ws://127.0.0.1:{up_port}/v1/responses",
+            "bare": f"ws://127.0.0.1:{bare_port}{BARE_PATH}/v1/responses",
+            "metered": f"ws://127.0.0.1:{metered_port}{BARE_PATH}/v1/responses",
+            "meter": f"ws://127.0.0.1:{meter_port}/v1/responses",
+        }
+        pids = {"bare": procs[1].pid, "metered": procs[2].pid, "meter": meter.pid}
+        for url in targets.values():
+            asyncio.run(throughput(url, args.sockets, args.deltas, 1.0))  # warm-up
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for round_ in range(args.rounds):  # interleaved, so that drift in machine load hits every target alike
+            for name, url in targets.items():
+                pid = pids.get(name)
+                cpu0 = cpu_seconds(pid) if pid else 0.0
+                messages, elapsed = asyncio.run(throughput(url, args.sockets, args.deltas, args.duration))
+                cpu = (cpu_seconds(pid) - cpu0) if pid else float("nan")
+                p50, p99 = asyncio.run(latency(url, args.duration / 2))
+                r = {"mps": messages / elapsed, "cpu_us": 1e6 * cpu / messages, "p50": p50, "p99": p99}
+                runs[name].append(r)
+                print(f"  round {round_ + 1} {name:7} {r['mps']:10,.0f} msg/s  relay CPU {r['cpu_us']:6.2f} us/msg  round trip p50 {p50:.3f} ms  p99 {p99:.3f} ms", flush=True)
+        results = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+
+        print()
+        print(f"Medians of {args.rounds} rounds; {args.sockets} sockets, {args.deltas} deltas per response; relay CPU = the relay process's user+system time per message it relayed to the clients.")
+        print()
+        print("| target | messages/s | relay CPU us/msg | round trip p50 ms | round trip p99 ms |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for name, r in results.items():
+            cpu = "-" if name == "direct" else f"{r['cpu_us']:.2f}"
+            print(f"| {name} | {r['mps']:,.0f} | {cpu} | {r['p50']:.3f} | {r['p99']:.3f} |")
+        print()
+        bare, metered, met, direct = results["bare"], results["metered"], results["meter"], results["direct"]
+        print(f"CPU per relayed message over the bare relay: metering {metered['cpu_us'] - bare['cpu_us']:+.2f} us, meter serve (ledger, metrics) {met['cpu_us'] - bare['cpu_us']:+.2f} us")
+        print(f"messages/s: meter at {100 * met['mps'] / bare['mps']:.1f}% of the bare relay (metering without sinks {100 * metered['mps'] / bare['mps']:.1f}%)")
+        # A round trip is 3 messages (response.create up; created and completed down).
+        print(f"added round-trip latency (p50): {met['p50'] - bare['p50']:+.3f} ms over bare, {met['p50'] - direct['p50']:+.3f} ms over direct")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
