@@ -242,6 +242,18 @@ _RESPONSE_EVENTS_EARLY = frozenset({b"response.created", b"response.queued", b"r
 _ERROR_EVENT = b"error"
 
 
+def _holds_usage_object(payload: bytes) -> bool:
+    """Whether a Chat Completions chunk has `"usage": {...}` rather than `"usage": null`."""
+    i = payload.rfind(b'"usage"')
+    if i < 0:
+        return False
+    j = i + 7
+    n = len(payload)
+    while j < n and payload[j] in b" \t\r\n:":
+        j += 1
+    return payload[j : j + 1] == b"{"
+
+
 class SSEObserver:
     """Incremental observer of a Server-Sent Events body.
 
@@ -266,6 +278,12 @@ class SSEObserver:
     def feed(self, chunk: bytes) -> None:
         if self._done:
             return
+        if not self._tail and self._event is None and not self._data and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
+            # The common case: the chunk is exactly one whole event.  Decide from its
+            # name (or, for Chat Completions, whether it holds a usage object) with a
+            # few byte operations, and skip the line parser for events that carry nothing.
+            if self._skip_whole_event(chunk):
+                return
         data = self._tail + chunk if self._tail else chunk
         pos = 0
         find = data.find
@@ -289,6 +307,21 @@ class SSEObserver:
             self.obs.unreadable = "SSE line longer than 16 MiB"
             self._tail = b""
             self._done = True
+
+    def _skip_whole_event(self, chunk: bytes) -> bool:
+        if chunk.startswith(b"event: "):
+            name = chunk[7 : chunk.find(b"\n", 7)]
+            if name.endswith(b".delta"):
+                if self._ttft_pending:
+                    self._ttft_pending = False
+                    self.obs.first_token_at = self._clock()
+                return True
+            return self.kind == "responses" and name not in _RESPONSE_EVENTS_FINAL and name not in _RESPONSE_EVENTS_EARLY and name != _ERROR_EVENT
+        if chunk.startswith(b":"):
+            return chunk.find(b"\n") == len(chunk) - 2  # a lone comment line (keep-alive)
+        if self.kind == "chat" and not self._ttft_pending and self.obs.model is not None and chunk.startswith(b"data: {"):
+            return not _holds_usage_object(chunk)
+        return False
 
     def _on_event_name(self, name: bytes) -> None:
         self._event = name
@@ -355,16 +388,8 @@ class SSEObserver:
             self.obs.terminal = True
             self._done = True
             return
-        if not self._ttft_pending and self.obs.model is not None:
-            # After the first token only the usage chunk (and the tier on it) matters.
-            i = payload.rfind(b'"usage"')
-            if i < 0:
-                return
-            j = i + 7
-            while j < len(payload) and payload[j] in b" \t\r\n:":
-                j += 1
-            if payload[j : j + 1] != b"{":
-                return
+        if not self._ttft_pending and self.obs.model is not None and not _holds_usage_object(payload):
+            return  # after the first token only the usage chunk (and the tier on it) matters
         obj = self._decode(payload)
         if obj is None:
             return

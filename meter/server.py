@@ -21,7 +21,8 @@ from .config import Settings, parse_host_port, redact_url
 from .enrich import CountUsageOnce, Pricing
 from .flow import Addons
 from .identity import KeyIdentities
-from .ledger import DuckDBStore, LedgerWriter, Store
+from .ledger import LedgerWriter, Store
+from .ledger_child import ChildProcessStore
 from .prices import Pricer
 from .proxy import Proxy
 
@@ -47,7 +48,9 @@ def make_store(settings: Settings) -> Store:
         from .ledger_pg import PostgresStore
 
         return PostgresStore(settings.ledger)
-    return DuckDBStore(settings.ledger)
+    # DuckDB runs in a child process: in the proxy's process its GIL hand-offs
+    # cost the event loop several times the insert itself (see ledger_child).
+    return ChildProcessStore(settings.ledger)
 
 
 HEADER_LIMIT = 64 * 1024

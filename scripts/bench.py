@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (default 10)")
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections for throughput (default 32)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target; medians are reported (default 3)")
     parser.add_argument("--memory-requests", type=int, default=100_000, help="requests for the RSS check (default 100000)")
     args = parser.parse_args()
     if args.role == "upstream":
@@ -254,14 +256,23 @@ def main() -> None:
         results: dict[tuple[str, str], dict[str, float]] = {}
         for stream in (False, True):
             kind = "stream (100 deltas)" if stream else "json"
-            for name, url in targets.items():
+            for url in targets.values():
                 wrk(url, stream, 2, args.connections, work)  # warm-up
-                cpu0 = cpu_seconds(pids[name])
-                thr = wrk(url, stream, args.duration, args.connections, work)
-                cpu_us = (cpu_seconds(pids[name]) - cpu0) / max(thr["requests"], 1) * 1e6
-                lat = wrk(url, stream, max(3.0, args.duration / 2), 1, work)
-                results[(kind, name)] = {"cpu_us": cpu_us, "rps": thr["rps"], "errors": thr["errors"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "p50_loaded_ms": thr["p50_ms"], "p99_loaded_ms": thr["p99_ms"]}
-                print(f"  {kind:20} {name:7} {thr['rps']:9.0f} req/s  {cpu_us:7.0f} us CPU/req  p50 {lat['p50_ms']:.2f} ms  p99 {lat['p99_ms']:.2f} ms  (errors {thr['errors']})", flush=True)
+            # Interleaved rounds, medians: one run on a small machine is at the mercy of
+            # whatever else ran in that second; bare and meter see the same conditions.
+            runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+            for _ in range(args.rounds):
+                for name, url in targets.items():
+                    cpu0 = cpu_seconds(pids[name])
+                    thr = wrk(url, stream, args.duration, args.connections, work)
+                    cpu_us = (cpu_seconds(pids[name]) - cpu0) / max(thr["requests"], 1) * 1e6
+                    lat = wrk(url, stream, max(2.0, args.duration / 2), 1, work)
+                    runs[name].append({"cpu_us": cpu_us, "rps": thr["rps"], "errors": thr["errors"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
+                                       "p50_loaded_ms": thr["p50_ms"], "p99_loaded_ms": thr["p99_ms"]})
+            for name in targets:
+                r = {key: statistics.median(run[key] for run in runs[name]) for key in runs[name][0]}
+                results[(kind, name)] = r
+                print(f"  {kind:20} {name:7} {r['rps']:9.0f} req/s  {r['cpu_us']:7.0f} us CPU/req  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  (errors {r['errors']:.0f})", flush=True)
 
         # Memory: RSS before and after at least --memory-requests more requests through meter.
         before = rss_kb(meter.pid)

@@ -287,3 +287,19 @@ def test_request_facts() -> None:
     )
     assert (facts.model, facts.stream, facts.background, facts.service_tier, facts.user_id) == ("gpt-5", True, False, "flex", "u-1")
     assert json.loads(facts.tags or "") == {"team": "search"}
+
+
+@pytest.mark.parametrize("name,inter", STREAMS, ids=[n for n, _ in STREAMS])
+@pytest.mark.parametrize("crlf", [False, True])
+def test_stream_one_event_per_chunk(name: str, inter: dict, crlf: bool) -> None:
+    # How providers usually send: each chunk one whole event; this takes the fast path.
+    body = _with_comments_and_crlf(inter["response"]["body"], crlf, comments=True)
+    sep = b"\r\n\r\n" if crlf else b"\n\n"
+    ticks = iter(range(1, 10_000))
+    obs = SSEObserver(_kind(inter["request"]["path"]), clock=lambda: float(next(ticks)))
+    for event in body.split(sep):
+        if event:
+            obs.feed(event + sep)
+    result = obs.finish()
+    _check(result, inter["expected"])
+    assert result.first_token_at is not None
