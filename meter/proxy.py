@@ -33,7 +33,6 @@ HOP_BY_HOP = frozenset(
 )
 # Headers aiohttp's client would invent if the client did not send them.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length"}
 
 
 def error_body(message: str, code: str) -> bytes:
@@ -48,8 +47,10 @@ def _connection_tokens(headers: Any) -> set[str]:
     return tokens
 
 
-def forwardable_request_headers(headers: Any) -> CIMultiDict[str]:
-    drop = _NOT_FORWARDED_UP
+def end_to_end_headers(headers: Any, also_drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """Headers minus hop-by-hop ones (RFC 9110 §7.6.1, and any the Connection header
+    names) and `also_drop`; order and repeats kept."""
+    drop = HOP_BY_HOP | also_drop
     if "Connection" in headers:
         drop = drop | _connection_tokens(headers)
     out: CIMultiDict[str] = CIMultiDict()
@@ -57,17 +58,17 @@ def forwardable_request_headers(headers: Any) -> CIMultiDict[str]:
         if name.lower() not in drop:
             out.add(name, value)
     return out
+
+
+_HOST_AND_LENGTH = frozenset({"host", "content-length"})  # aiohttp sets both for the upstream
+
+
+def forwardable_request_headers(headers: Any) -> CIMultiDict[str]:
+    return end_to_end_headers(headers, _HOST_AND_LENGTH)
 
 
 def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP
-    if "Connection" in headers:
-        drop = drop | _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
+    return end_to_end_headers(headers)
 
 
 class Proxy:

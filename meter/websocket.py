@@ -46,7 +46,7 @@ from yarl import URL
 from .flow import Addons, Flow, build_record
 from .identity import KeyIdentities
 from .observe import Observation, RequestFacts, _DecodeError, _loads, observe_error, observe_response_object, observer_for, request_facts
-from .proxy import HOP_BY_HOP, _connection_tokens, error_body, forwardable_request_headers
+from .proxy import end_to_end_headers, error_body, forwardable_request_headers
 
 log = logging.getLogger("meter")
 
@@ -125,9 +125,6 @@ class _HandshakeResponse(aiohttp.ClientResponse):
         return resp
 
 
-_NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
-
-
 def _upstream_headers(headers: Any) -> CIMultiDict[str]:
     """The client's handshake headers minus hop-by-hop and `Sec-WebSocket-*`
     (aiohttp makes its own key, version and extensions; subprotocols go as `protocols`)."""
@@ -139,14 +136,9 @@ def _upstream_headers(headers: Any) -> CIMultiDict[str]:
 
 def _end_to_end_headers(headers: Any) -> CIMultiDict[str]:
     """The upstream's handshake answer headers that are end-to-end (request ids, rate limits, ...)."""
-    drop = _NOT_FORWARDED
-    if "Connection" in headers:
-        drop = drop | _connection_tokens(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low not in drop and not low.startswith("sec-websocket-"):
-            out.add(name, value)
+    out = end_to_end_headers(headers, frozenset({"host", "content-length"}))
+    for name in [n for n in out if n.lower().startswith("sec-websocket-")]:
+        out.popall(name, None)
     return out
 
 
