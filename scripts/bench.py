@@ -79,10 +79,13 @@ def run_upstream(port: int) -> None:
         payload = await request.read()
         if b'"stream": true' in payload or b'"stream":true' in payload:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            for event in events:
-                await resp.write(event)
-            await resp.write_eof()
+            try:
+                await resp.prepare(request)
+                for event in events:
+                    await resp.write(event)
+                await resp.write_eof()
+            except ConnectionResetError:  # wrk hangs up when a run ends
+                pass
             return resp
         return web.Response(body=body, content_type="application/json", headers={"openai-processing-ms": "5", "x-request-id": "req_bench"})
 
