@@ -340,6 +340,9 @@ class LedgerWriter:
         self.max_pending = max_pending
         self.spool = Spool(spool_path) if spool_path is not None else None
         self.retry_max_interval = retry_max_interval
+        # Wake the writer at a full batch, or sooner when memory is bounded tighter,
+        # so that an outage spills to the spool before the queue outgrows the bound.
+        self._wake_at = min(batch_size, max_pending)
         self.stats = LedgerStats()
         self._queue: deque[Record] = deque()
         self._retry: list[Record] = []  # a failed batch, written before anything newer
@@ -354,7 +357,7 @@ class LedgerWriter:
     def done(self, flow: object, record: Record) -> None:
         queue = self._queue
         queue.append(record)
-        if len(queue) >= self.batch_size:
+        if len(queue) >= self._wake_at:
             self._wake.set()
 
     async def start(self) -> None:
@@ -474,6 +477,7 @@ class LedgerWriter:
             stopping = self._stopping
             if not self._opened and not self._open():
                 ok = False
+                self._spill_overflow()  # the store cannot even be opened: memory stays bounded
             else:
                 ok = self._flush_once()
             if stopping:
