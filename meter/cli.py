@@ -53,12 +53,9 @@ def build_parser() -> Parser:
     keys = sub.add_parser("keys", help="key utilities")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
     keys_sub.add_parser("id", help="print the key_id of a key read from standard input", description="Reads one API key from standard input and prints its key_id, for naming keys in the config.")
-    try:
-        from .report import add_report_commands
-    except ImportError:  # report arrives with its own module
-        pass
-    else:
-        add_report_commands(sub)
+    from .report import add_report_commands
+
+    add_report_commands(sub)
     return parser
 
 

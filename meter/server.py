@@ -23,20 +23,14 @@ from .flow import Addons
 from .identity import KeyIdentities
 from .ledger import LedgerWriter, Store
 from .ledger_child import ChildProcessStore
+from .metrics import Metrics
 from .prices import Pricer
 from .proxy import Proxy
+from .report import ReportAPI
+from .tracing import tracing_from_env
+from .websocket import WebSocketRelay
 
 log = logging.getLogger("meter")
-
-
-def _optional(module: str, name: str) -> Any:
-    """A concern's entry point if its module exists yet (real import errors still raise)."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        return None
-    return getattr(importlib.import_module(module), name)
 
 
 class StartupError(Exception):
@@ -120,27 +114,19 @@ class Meter:
         self.admin_app.router.add_get("/readyz", self._readyz)
 
     def build_addons(self) -> list[Any]:
-        # Enrichers first: every sink must see the final record.
-        addons: list[Any] = [CountUsageOnce(), Pricing(self.pricer)]
-        metrics = _optional("meter.metrics", "Metrics")
-        if metrics is not None:
-            self.metrics = metrics(self.settings, self.ledger)
-            addons.append(self.metrics)
-        tracing = _optional("meter.tracing", "tracing_from_env")
-        if tracing is not None:
-            self.tracing = tracing(self.settings)
-            if self.tracing is not None:
-                addons.append(self.tracing)
-        report_api = _optional("meter.report", "ReportAPI")
-        if report_api is not None:
-            addons.append(report_api(self.settings, self.store, self.ledger))
+        # Enrichers first (usage once, prices), then the sinks; the ledger last, so a
+        # record is queued only when every other addon has seen (and completed) it.
+        self.metrics = Metrics(self.settings, self.ledger)
+        self.tracing = tracing_from_env(self.settings)
+        addons: list[Any] = [CountUsageOnce(), Pricing(self.pricer), self.metrics]
+        if self.tracing is not None:
+            addons.append(self.tracing)
+        addons.append(ReportAPI(self.settings, self.store, self.ledger))
         return [*addons, *self.extra_addons, self.ledger]
 
-    def build_websocket_relay(self) -> Any:
-        relay = _optional("meter.websocket", "WebSocketRelay")
-        if relay is None:
-            return None
-        return relay(self.settings.upstream, self.session, self.addons, self.identities, max_message_bytes=self.settings.max_request_bytes)
+    def build_websocket_relay(self) -> WebSocketRelay:
+        assert self.session is not None and self.addons is not None
+        return WebSocketRelay(self.settings.upstream, self.session, self.addons, self.identities, max_message_bytes=self.settings.max_request_bytes)
 
     async def start(self) -> None:
         proxy_sock = _bind(self.settings.listen, "listen")
@@ -155,14 +141,14 @@ class Meter:
             if hasattr(addon, "admin_routes"):
                 addon.admin_routes(self.admin_app)
         await self.addons.start()
-        relay = self.websocket_relay = self.build_websocket_relay()
+        self.websocket_relay = self.build_websocket_relay()
         self.proxy = Proxy(
             self.settings.upstream,
             self.session,
             self.addons,
             self.identities,
             max_request_bytes=self.settings.max_request_bytes,
-            websocket=relay.handle if relay is not None else None,
+            websocket=self.websocket_relay.handle,
         )
         for addon in self.addons.addons:
             if hasattr(addon, "attach"):
