@@ -27,7 +27,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .record import Record
+from .record import Record, record_row
 
 log = logging.getLogger("meter.ledger")
 
@@ -107,7 +107,7 @@ class ChildProcessStore:
 
     def write(self, records: list[Record]) -> None:
         try:
-            self._call(("write", records))
+            self._call(("write", [record_row(r) for r in records]))
         except LedgerChildError as exc:
             if "is gone" in str(exc) or "did not answer" in str(exc):
                 self._discard()  # a fresh child is started at the writer's next open()
@@ -160,7 +160,7 @@ def _serve(con: Connection, path: str) -> None:
                 con.send(("ok", None))
             elif op == "write":
                 assert store is not None
-                store.write(message[1])
+                store.write([Record(*row) for row in message[1]])
                 con.send(("ok", None))
             elif op == "query":
                 assert store is not None
