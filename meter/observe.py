@@ -278,12 +278,22 @@ class SSEObserver:
     def feed(self, chunk: bytes) -> None:
         if self._done:
             return
-        if not self._tail and self._event is None and not self._data and chunk.endswith(b"\n\n") and chunk.find(b"\n\n") == len(chunk) - 2:
-            # The common case: the chunk is exactly one whole event.  Decide from its
-            # name (or, for Chat Completions, whether it holds a usage object) with a
-            # few byte operations, and skip the line parser for events that carry nothing.
-            if self._skip_whole_event(chunk):
+        if not self._tail and self._event is None and not self._data:
+            # Between events, as usual: walk the chunk's whole events and judge each by
+            # its name (or, for Chat Completions, whether it holds a usage object) with
+            # a few byte operations; only from the first event that matters (or a
+            # partial one) does the line parser run.  Under load TCP coalesces many
+            # deltas into one chunk, so this covers more than one-event chunks.
+            pos, n = 0, len(chunk)
+            while pos < n:
+                end = chunk.find(b"\n\n", pos)
+                if end < 0 or not self._skip_whole_event(chunk, pos, end):
+                    break
+                pos = end + 2
+            if pos >= n:
                 return
+            if pos:
+                chunk = chunk[pos:]
         data = self._tail + chunk if self._tail else chunk
         pos = 0
         find = data.find
@@ -308,19 +318,21 @@ class SSEObserver:
             self._tail = b""
             self._done = True
 
-    def _skip_whole_event(self, chunk: bytes) -> bool:
-        if chunk.startswith(b"event: "):
-            name = chunk[7 : chunk.find(b"\n", 7)]
+    def _skip_whole_event(self, chunk: bytes, start: int, end: int) -> bool:
+        """Whether the event at chunk[start:end] (its blank line excluded) carries nothing we read."""
+        if chunk.startswith(b"event: ", start):
+            eol = chunk.find(b"\n", start + 7, end)
+            name = chunk[start + 7 : eol if eol >= 0 else end]
             if name.endswith(b".delta"):
                 if self._ttft_pending:
                     self._ttft_pending = False
                     self.obs.first_token_at = self._clock()
                 return True
             return self.kind == "responses" and name not in _RESPONSE_EVENTS_FINAL and name not in _RESPONSE_EVENTS_EARLY and name != _ERROR_EVENT
-        if chunk.startswith(b":"):
-            return chunk.find(b"\n") == len(chunk) - 2  # a lone comment line (keep-alive)
-        if self.kind == "chat" and not self._ttft_pending and self.obs.model is not None and chunk.startswith(b"data: {"):
-            return not _holds_usage_object(chunk)
+        if chunk.startswith(b":", start):
+            return chunk.find(b"\n", start, end) < 0  # a lone comment line (keep-alive)
+        if self.kind == "chat" and not self._ttft_pending and self.obs.model is not None and chunk.startswith(b"data: {", start):
+            return not _holds_usage_object(chunk[start:end])
         return False
 
     def _on_event_name(self, name: bytes) -> None:
