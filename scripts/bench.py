@@ -97,7 +97,7 @@ def run_upstream(port: int) -> None:
         print("READY", flush=True)
         await asyncio.Event().wait()
 
-    _run(main())
+    run_event_loop(main())
 
 
 def run_bare(port: int, upstream: str) -> None:
@@ -121,10 +121,11 @@ def run_bare(port: int, upstream: str) -> None:
         print("READY", flush=True)
         await asyncio.Event().wait()
 
-    _run(main())
+    run_event_loop(main())
 
 
-def _run(coro) -> None:  # type: ignore[no-untyped-def]
+def run_event_loop(coro) -> None:  # type: ignore[no-untyped-def]
+    """asyncio.run on uvloop where available, as `meter serve` runs."""
     import asyncio
 
     try:
@@ -183,6 +184,17 @@ def wrk(url: str, stream: bool, duration: float, connections: int, workdir: Path
         raise RuntimeError(f"wrk said:\n{out}")
     requests, duration_us, p50, p99, errors = map(int, m.groups())
     return {"rps": requests / (duration_us / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000, "requests": requests, "errors": errors}
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every child (meter flushes its ledger on it), then wait, killing stragglers."""
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def cpu_seconds(pid: int) -> float:
@@ -301,13 +313,7 @@ def main() -> None:
         print(f"ledger ingest: {ingest:,.0f} records/s")
         print(f"meter RSS: {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB after {sent:,} more requests ({(after - before) / 1024:+.1f} MiB)")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 

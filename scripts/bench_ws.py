@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,17 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import cpu_seconds, free_port, run_event_loop, stop_processes, wait_port  # noqa: E402  (scripts/ is on sys.path)
+
 BARE_PATH = "/bare"  # the bare relay forwards /bare/v1/responses to /v1/responses without metering
 
 
-def _run(coro) -> None:  # type: ignore[no-untyped-def]
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(coro)
 
 
 # --- child processes -------------------------------------------------------------
@@ -94,7 +85,7 @@ def run_upstream(port: int) -> None:
         print("READY", flush=True)
         await asyncio.Event().wait()
 
-    _run(main())
+    run_event_loop(main())
 
 
 def run_bare(port: int, upstream: str, metered: bool = False) -> None:
@@ -127,7 +118,7 @@ def run_bare(port: int, upstream: str, metered: bool = False) -> None:
         print("READY", flush=True)
         await asyncio.Event().wait()
 
-    _run(main())
+    run_event_loop(main())
 
 
 # --- the client ------------------------------------------------------------------
@@ -181,26 +172,10 @@ async def latency(url: str, duration: float) -> tuple[float, float]:
 # --- the orchestrator --------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
 
 
 def main() -> None:
@@ -272,13 +247,7 @@ def main() -> None:
         # A round trip is 3 messages (response.create up; created and completed down).
         print(f"added round-trip latency (p50): {met['p50'] - bare['p50']:+.3f} ms over bare, {met['p50'] - direct['p50']:+.3f} ms over direct")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_processes(procs)
         shutil.rmtree(work, ignore_errors=True)
 
 
