@@ -133,8 +133,8 @@ def outcome_for(flow: Flow, obs: Observation | None, stream: bool) -> str:
     return "completed"
 
 
-def minimal_record(flow: Flow) -> Record:
-    """The record of a flow whose details could not be read: still one row, no usage."""
+def _record_of_flow(flow: Flow) -> Record:
+    """What the flow itself knows: timing, status, sizes, trace, meter's own error."""
     finished = flow.finished_at or time.perf_counter()
     return Record(
         id=flow.id,
@@ -145,36 +145,7 @@ def minimal_record(flow: Flow) -> Record:
         endpoint=flow.endpoint,
         transport=flow.transport,
         status_code=flow.status_code,
-        outcome=flow.outcome or ("error" if (flow.status_code or 0) >= 400 else "completed"),
-        duration_ms=(finished - flow.t0) * 1000.0,
-        request_bytes=flow.request_bytes,
-        response_bytes=flow.response_bytes,
-        error_type=flow.error_type or "meter_record_error",
-        trace_id=flow.trace_id,
-    )
-
-
-def build_record(flow: Flow, identities: KeyIdentities) -> Record:
-    """Turn a finished flow into its ledger record (usage checked, not priced)."""
-    facts = flow.request_facts()
-    obs = flow.observation
-    finished = flow.finished_at or time.perf_counter()
-    record = Record(
-        id=flow.id,
-        started_at=flow.started_at,
-        finished_at=flow.started_at + (finished - flow.t0),
-        method=flow.method,
-        path=flow.path,
-        endpoint=flow.endpoint,
-        transport=flow.transport,
-        status_code=flow.status_code,
-        stream=facts.stream or flow.stream_query,
-        background=facts.background,
-        model_requested=facts.model,
-        service_tier_requested=facts.service_tier,
-        previous_response_id=facts.previous_response_id,
-        user_id=facts.user_id,
-        tags=facts.tags,
+        stream=flow.stream_query,
         request_bytes=flow.request_bytes,
         response_bytes=flow.response_bytes,
         duration_ms=(finished - flow.t0) * 1000.0,
@@ -182,6 +153,28 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
         error_type=flow.error_type,
         error_code=flow.error_code,
     )
+
+
+def minimal_record(flow: Flow) -> Record:
+    """The record of a flow whose details could not be read: still one row, no usage."""
+    record = _record_of_flow(flow)
+    record.outcome = flow.outcome or ("error" if (flow.status_code or 0) >= 400 else "completed")
+    record.error_type = record.error_type or "meter_record_error"
+    return record
+
+
+def build_record(flow: Flow, identities: KeyIdentities) -> Record:
+    """Turn a finished flow into its ledger record (usage checked, not priced)."""
+    facts = flow.request_facts()
+    obs = flow.observation
+    record = _record_of_flow(flow)
+    record.stream = facts.stream or flow.stream_query
+    record.background = facts.background
+    record.model_requested = facts.model
+    record.service_tier_requested = facts.service_tier
+    record.previous_response_id = facts.previous_response_id
+    record.user_id = facts.user_id
+    record.tags = facts.tags
     key = key_from_headers(flow.headers)
     if key:
         record.key_id, record.key_hint, record.key_name = identities.lookup(key)
