@@ -318,15 +318,18 @@ class SSEObserver:
             self._tail = b""
             self._done = True
 
+    def _first_token(self) -> None:
+        if self._ttft_pending:
+            self._ttft_pending = False
+            self.obs.first_token_at = self._clock()
+
     def _skip_whole_event(self, chunk: bytes, start: int, end: int) -> bool:
         """Whether the event at chunk[start:end] (its blank line excluded) carries nothing we read."""
         if chunk.startswith(b"event: ", start):
             eol = chunk.find(b"\n", start + 7, end)
             name = chunk[start + 7 : eol if eol >= 0 else end]
             if name.endswith(b".delta"):
-                if self._ttft_pending:
-                    self._ttft_pending = False
-                    self.obs.first_token_at = self._clock()
+                self._first_token()
                 return True
             return self.kind == "responses" and name not in _RESPONSE_EVENTS_FINAL and name not in _RESPONSE_EVENTS_EARLY and name != _ERROR_EVENT
         if chunk.startswith(b":", start):
@@ -338,9 +341,7 @@ class SSEObserver:
     def _on_event_name(self, name: bytes) -> None:
         self._event = name
         if name.endswith(b".delta"):
-            if self._ttft_pending:
-                self._ttft_pending = False
-                self.obs.first_token_at = self._clock()
+            self._first_token()
             self._skip = True  # deltas carry no usage
         elif self.kind == "responses" and name not in _RESPONSE_EVENTS_FINAL and name not in _RESPONSE_EVENTS_EARLY and name != _ERROR_EVENT:
             self._skip = True
@@ -371,9 +372,7 @@ class SSEObserver:
             # No `event:` line: peek at the type near the start before decoding.
             head = payload[:96]
             if b".delta" in head:
-                if self._ttft_pending:
-                    self._ttft_pending = False
-                    self.obs.first_token_at = self._clock()
+                self._first_token()
                 return
             if b'"response.' not in head and b'"error"' not in head:
                 return
@@ -413,8 +412,7 @@ class SSEObserver:
             for choice in obj.get("choices") or ():
                 delta = _dict(choice).get("delta") if isinstance(choice, dict) else None
                 if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("refusal")):
-                    self._ttft_pending = False
-                    self.obs.first_token_at = self._clock()
+                    self._first_token()
                     break
 
     def finish(self) -> Observation:
