@@ -38,6 +38,10 @@ class LedgerChildError(Exception):
     """The child reported a failure, or could not be reached."""
 
 
+class LedgerChildLost(LedgerChildError):
+    """The child is gone or stopped answering: a fresh one must be started."""
+
+
 class RemoteResult:
     def __init__(self, names: list[str], rows: list[tuple[Any, ...]]) -> None:
         self.description = [(name,) for name in names]
@@ -97,10 +101,10 @@ class ChildProcessStore:
             try:
                 con.send(message)
                 if not con.poll(timeout):
-                    raise LedgerChildError(f"the ledger process did not answer within {timeout:.0f}s")
+                    raise LedgerChildLost(f"the ledger process did not answer within {timeout:.0f}s")
                 status, payload = con.recv()
             except (EOFError, OSError) as exc:
-                raise LedgerChildError(f"the ledger process is gone ({type(exc).__name__})") from None
+                raise LedgerChildLost(f"the ledger process is gone ({type(exc).__name__})") from None
         if status != "ok":
             raise LedgerChildError(payload)
         return payload
@@ -108,9 +112,8 @@ class ChildProcessStore:
     def write(self, records: list[Record]) -> None:
         try:
             self._call(("write", [record_row(r) for r in records]))
-        except LedgerChildError as exc:
-            if "is gone" in str(exc) or "did not answer" in str(exc):
-                self._discard()  # a fresh child is started at the writer's next open()
+        except LedgerChildLost:
+            self._discard()  # a fresh child is started at the writer's next open()
             raise
 
     def query(self, sql: str, params: list[Any]) -> tuple[list[str], list[tuple[Any, ...]]]:

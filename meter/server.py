@@ -154,8 +154,11 @@ class Meter:
             if hasattr(addon, "attach"):
                 addon.attach(self)
 
+        loop = asyncio.get_running_loop()
+        max_body = self.settings.max_request_bytes
+
         def make_request(message: Any, payload: Any, protocol: Any, writer: Any, task: Any) -> web.BaseRequest:
-            return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(), client_max_size=self.settings.max_request_bytes)
+            return web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=max_body)
 
         # Header limits well above aiohttp's 8 KiB default: the upstream, not meter,
         # decides what is too large, and every request it sees gets a row.
