@@ -244,6 +244,13 @@ async def test_ledger_outage_loses_nothing(upstream, start_meter, flaky_mount, t
     await meter.flush()
     set_full(True)
     try:
+        # The first records after the fill may still fit in a page the WAL already
+        # holds; probe until the ledger has failed a write, so the outage is certain.
+        deadline = time.monotonic() + 20
+        while await metric_value(meter.admin_url, "meter_ledger_write_errors_total") < 1:
+            assert time.monotonic() < deadline, "the full disk never failed a ledger write"
+            ids.append((await client.responses.create(model="gpt-4o", input="probe")).id)
+            await asyncio.sleep(0.1)
         for _ in range(60):  # forwarding goes on while the ledger cannot be written
             ids.append((await client.responses.create(model="gpt-4o", input="during")).id)
         await asyncio.sleep(1.0)
