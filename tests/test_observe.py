@@ -291,9 +291,11 @@ def test_request_facts() -> None:
 
 @pytest.mark.parametrize("name,inter", STREAMS, ids=[n for n, _ in STREAMS])
 @pytest.mark.parametrize("crlf", [False, True])
-def test_stream_one_event_per_chunk(name: str, inter: dict, crlf: bool) -> None:
-    # How providers usually send: each chunk one whole event; this takes the fast path.
-    body = _with_comments_and_crlf(inter["response"]["body"], crlf, comments=True)
+@pytest.mark.parametrize("comments", [False, True])
+def test_stream_one_event_per_chunk(name: str, inter: dict, crlf: bool, comments: bool) -> None:
+    # How providers usually send: each chunk one whole event.  Without comments or
+    # CRLF every event is judged by the fast path, the terminal one included.
+    body = _with_comments_and_crlf(inter["response"]["body"], crlf, comments)
     sep = b"\r\n\r\n" if crlf else b"\n\n"
     ticks = iter(range(1, 10_000))
     obs = SSEObserver(_kind(inter["request"]["path"]), clock=lambda: float(next(ticks)))
