@@ -148,6 +148,36 @@ def test_writer_batches_off_thread_and_flushes_on_close(tmp_path: Path) -> None:
     assert len(ledger_rows(path)) == 20_000
 
 
+class CountingStore(DuckDBStore):
+    """A real DuckDB store that counts the batches it is given."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.batches: list[int] = []
+
+    def write(self, records: list[Record]) -> None:
+        self.batches.append(len(records))
+        super().write(records)
+
+
+def test_steady_traffic_is_written_once_per_interval_not_chased(tmp_path: Path) -> None:
+    """Records trickling in while a batch is written wait for the next interval:
+    writing them at once would mean back-to-back tiny transactions (a busy core)."""
+    store = CountingStore(str(tmp_path / "l.duckdb"))
+    writer = LedgerWriter(store, flush_interval=0.25, batch_size=5000)
+    writer.start_thread()
+    t0 = time.perf_counter()
+    sent = 0
+    while time.perf_counter() - t0 < 1.5:  # about 2,000 records a second
+        writer.done(None, make_record(input_tokens=1, output_tokens=1, total_tokens=2))
+        sent += 1
+        time.sleep(0.0005)
+    writer.close()
+    assert sum(store.batches) == sent == len(ledger_rows(tmp_path / "l.duckdb"))
+    # 1.5 s at one write per 0.25 s is 6 writes, plus the final drain.
+    assert len(store.batches) <= 9, store.batches
+
+
 class FailingStore:
     """A real DuckDB store whose writes fail until `healthy` is set: an outage."""
 
