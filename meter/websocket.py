@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import re
+import struct
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable
@@ -61,9 +62,18 @@ _EARLY = frozenset({b"response.created", b"response.queued", b"response.in_progr
 _FINAL = frozenset({b"response.completed", b"response.incomplete", b"response.failed", b"response.cancelled"})
 _ERROR = b"error"
 _DECODED = _EARLY | _FINAL | {_ERROR}
+# Output and reasoning events (`response.output_*`, `response.reasoning_*`): no type
+# that is decoded starts so.
+_COUNTED_ONLY = (b'{"type":"response.o', b'{"type":"response.r')
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
 _STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 _CREATE = b'"response.create"'
+
+# Headers of unmasked, unfragmented server frames: prebuilt for short payloads (most
+# events), packed for the others (RFC 6455 §5.2).
+_SHORT_HEADS = {op: [bytes((0x80 | op, n)) for n in range(126)] for op in (TEXT, BINARY)}
+_PACK_16 = struct.Struct("!BBH").pack
+_PACK_64 = struct.Struct("!BBQ").pack
 
 # Close codes that may not be sent in a close frame (RFC 6455 §7.4.1), or none at all.
 _UNSENDABLE = frozenset({0, 1004, 1005, 1006, 1015})
@@ -153,13 +163,72 @@ def _close_args(code: int | None, reason: Any) -> dict[str, Any]:
     return {"code": code, "message": message[:123]}
 
 
+class _ClientFrames:
+    """The messages meter sends its client, written together once per batch.
+
+    aiohttp's `send_frame` writes every frame with a system call of its own, and a
+    system call costs more than everything else relaying a small event does.  The
+    upstream's events arrive several to a read; the pump appends each one here and
+    `flush`es when aiohttp has no further message parsed, so one `writev` carries
+    the whole read and nothing waits for a later event.  Frames are the server's:
+    unmasked, uncompressed (meter negotiates no extension with its client).
+    """
+
+    __slots__ = ("parts", "protocol", "transport")
+
+    def __init__(self, request: web.BaseRequest) -> None:
+        self.transport = request.transport
+        self.protocol = request.protocol
+        self.parts: list[bytes] = []
+
+    def add(self, data: bytes, opcode: int) -> None:
+        n = len(data)
+        if n < 126:
+            head = _SHORT_HEADS[opcode][n]
+        elif n < 65536:
+            head = _PACK_16(0x80 | opcode, 126, n)
+        else:
+            head = _PACK_64(0x80 | opcode, 127, n)
+        parts = self.parts
+        parts.append(head)
+        parts.append(data)
+
+    def flush(self) -> None:
+        parts = self.parts
+        if not parts:
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            parts.clear()
+            raise ConnectionResetError("the client's connection is closed")
+        transport.writelines(parts)
+        parts.clear()
+
+    @property
+    def congested(self) -> bool:
+        """The client reads slower than the upstream sends (the transport paused its writer)."""
+        return bool(getattr(self.protocol, "_paused", False))
+
+    async def drain(self) -> None:
+        # aiohttp's own writer waits the same way (BaseProtocol._drain_helper).
+        await self.protocol._drain_helper()
+
+
+def _parsed_messages(ws: aiohttp.ClientWebSocketResponse) -> Any:
+    """aiohttp's queue of messages parsed and not yet received, or () if it is not where expected.
+
+    Only its emptiness is read: empty means the pump is about to wait, so it is time to
+    write what it gathered.  () is always empty, which degrades to a write per message."""
+    return getattr(getattr(ws, "_reader", None), "_buffer", ())
+
+
 # --- metering of one socket ------------------------------------------------------
 
 
 class _Meter:
     """Per-socket metering state: responses waiting, open, and the last one per lane."""
 
-    __slots__ = ("ended", "handshake_model", "last", "on_idle", "open", "orphans", "pending", "relay", "response_headers", "template")
+    __slots__ = ("ended", "handshake_model", "last", "on_idle", "only", "open", "orphans", "pending", "relay", "response_headers", "template")
 
     def __init__(self, relay: WebSocketRelay, template: Flow, handshake_model: str | None, response_headers: Any) -> None:
         self.relay = relay
@@ -169,6 +238,7 @@ class _Meter:
         self.pending: dict[str | None, deque[Flow]] = {}  # response.create sent, no response.created yet
         self.open: dict[str | None, Flow] = {}  # one running response per lane
         self.orphans: dict[str, Flow] = {}  # an open response displaced on its lane (should not happen)
+        self.only: Flow | None = None  # the running response, when it is the only one
         self.last: OrderedDict[str | None, tuple[float, float, RequestFacts, str | None]] = OrderedDict()
         self.ended: OrderedDict[str, None] = OrderedDict()  # ids of responses that ended lately
         self.on_idle: Any = None  # called once nothing is in flight (set while meter drains)
@@ -216,6 +286,20 @@ class _Meter:
     # upstream -> client
 
     def on_upstream(self, data: bytes) -> None:
+        # Nearly every message is an output or reasoning event of the one running
+        # response, past its first token: all it changes is the byte count.  One
+        # prefix test, no parsing.
+        flow = self.only
+        if flow is not None and flow.first_token_at is not None and data.startswith(_COUNTED_ONLY):
+            flow.response_bytes += len(data)
+            return
+        try:
+            self._on_event(data)
+        finally:
+            opened = self.open
+            self.only = next(iter(opened.values())) if len(opened) == 1 and not self.orphans else None
+
+    def _on_event(self, data: bytes) -> None:
         etype = _event_type(data)
         if etype is not None:
             if etype.endswith(b".delta"):
@@ -269,12 +353,10 @@ class _Meter:
 
     def _flow_of(self, data: bytes) -> Flow | None:
         """The open response a (non-decoded) event belongs to."""
-        opened = self.open
-        if len(opened) == 1 and not self.orphans:
-            for flow in opened.values():
-                return flow
+        if self.only is not None:
+            return self.only
         m = _STREAM_ID.search(data)
-        return opened.get(m.group(1).decode() if m else None)
+        return self.open.get(m.group(1).decode() if m else None)
 
     def _open_flow(self, lane: str | None, rid: str | None) -> Flow:
         """The running response `rid` on `lane`, starting it if this is its first event."""
@@ -368,6 +450,7 @@ class _Meter:
         self.open.clear()
         self.orphans.clear()
         self.pending.clear()
+        self.only = None
         for flow in sorted(flows, key=lambda f: f.t0):
             flow.outcome = outcome
             if error_type is not None:
@@ -583,7 +666,7 @@ class WebSocketRelay:
             self._drain(live)
         for gauge in self.gauges:
             gauge.websocket_opened()
-        pump = asyncio.create_task(self._upstream_to_client(upstream, client, meter, socket))
+        pump = asyncio.create_task(self._upstream_to_client(upstream, client, _ClientFrames(request), meter, socket))
         try:
             await self._client_to_upstream(client, upstream, meter, socket)
             try:
@@ -665,24 +748,31 @@ class WebSocketRelay:
             # The upstream went away under a send; its pump reports it.
             return
 
-    async def _upstream_to_client(self, upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse, meter: _Meter | None, socket: _Socket) -> None:
+    async def _upstream_to_client(
+        self, upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse, frames: _ClientFrames, meter: _Meter | None, socket: _Socket
+    ) -> None:
         on_upstream = meter.on_upstream if meter is not None else None
-        send = client.send_frame
+        add, flush = frames.add, frames.flush
         receive = upstream.receive
+        parsed = _parsed_messages(upstream)
         try:
             while True:
                 msg = await receive()
                 kind = msg.type
-                if kind is TEXT:
-                    await send(msg.data, TEXT)
-                    if on_upstream is not None:
+                if kind is TEXT or kind is BINARY:
+                    add(msg.data, kind)
+                    if not parsed:  # the pump waits next: write what it gathered first
+                        flush()
+                        if frames.congested:
+                            await frames.drain()
+                    if on_upstream is not None and kind is TEXT:
                         try:
                             on_upstream(msg.data)
                         except Exception:  # metering must never break the relay
                             log.exception("could not meter an upstream message")
-                elif kind is BINARY:
-                    await send(msg.data, BINARY)
-                elif kind is CLOSE:
+                    continue
+                flush()
+                if kind is CLOSE:
                     if socket.first("upstream", msg.data):
                         await socket.relay_close(client, **_close_args(msg.data, msg.extra))
                     return

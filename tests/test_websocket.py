@@ -103,7 +103,9 @@ async def test_sdk_connect_identical_and_metered(upstream, start_meter) -> None:
     rows = await meter.rows()
     assert len(rows) == 2
     completed = [e["response"] for e in parsed if e["type"] == "response.completed"]
-    for row, response, usage in zip(rows, completed, (USAGE_A, USAGE_B)):
+    ends = [i + 1 for i, e in enumerate(parsed) if e["type"] in TERMINAL]
+    sizes = [sum(map(len, through[a:b])) for a, b in zip([0, *ends], ends)]  # each response's messages, as received
+    for row, response, usage, size in zip(rows, completed, (USAGE_A, USAGE_B), sizes):
         assert row["transport"] == "websocket" and row["stream"] is True and row["endpoint"] == "responses"
         assert row["method"] == "GET" and row["path"] == "/v1/responses" and row["status_code"] == 101
         assert row["outcome"] == "completed"
@@ -120,7 +122,7 @@ async def test_sdk_connect_identical_and_metered(upstream, start_meter) -> None:
         assert row["service_tier_requested"] == "flex" and row["service_tier"] == "flex"
         assert row["key_hint"] == "sk-..." + SECRET_KEY[-4:] and row["key_id"]
         assert json.loads(row["tags"]) == {"fake_usage": usage}
-        assert row["request_bytes"] > 0 and row["response_bytes"] > 1000
+        assert row["request_bytes"] > 0 and row["response_bytes"] == size > 1000
         assert 0 < row["ttfb_ms"] <= row["ttft_ms"] <= row["duration_ms"]
     assert rows[0]["started_at"] < rows[1]["started_at"]
 
@@ -172,6 +174,43 @@ async def test_binary_messages_echo_unchanged(upstream, start_meter) -> None:
     # Binary messages are relayed, not metered: the one response is the one row.
     [row] = await meter.rows()
     assert row["response_id"] == events[-1]["response"]["id"]
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_a_client_that_stops_reading_holds_the_upstream_back(upstream, meter_process, tmp_path) -> None:
+    """meter writes its client's frames in batches of its own; a client that stops
+    reading must still stop the upstream (through meter) instead of filling meter's
+    memory, and everything arrives, in order, once it reads again."""
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"))
+    assert meter.proc is not None
+    block = random.randbytes(1 << 20)
+    count = 64  # 64 MiB echoed by the upstream towards a client that reads nothing
+    async with ws_connect(ws_url(meter.url), additional_headers=AUTH, max_size=None, max_queue=1) as ws:
+        await ws.send(b"warm-up")
+        assert await asyncio.wait_for(ws.recv(), 5) == b"warm-up"
+        before = rss_bytes(meter.proc.pid)
+
+        async def send_all() -> None:
+            for i in range(count):
+                await ws.send(i.to_bytes(4, "big") + block)
+
+        sender = asyncio.create_task(send_all())
+        peak = before
+        for _ in range(30):  # 3 s of not reading
+            await asyncio.sleep(0.1)
+            peak = max(peak, rss_bytes(meter.proc.pid))
+        assert peak - before < 24 << 20, f"meter grew by {(peak - before) >> 20} MiB for a client that does not read"
+        for i in range(count):
+            message = await asyncio.wait_for(ws.recv(), 30)
+            assert message[:4] == i.to_bytes(4, "big") and message[4:] == block
+        await asyncio.wait_for(sender, 30)
 
 
 # --- the Codex flow ----------------------------------------------------------------
@@ -486,14 +525,24 @@ def test_interleaved_lanes_are_attributed_by_stream_id() -> None:
     m, sink = socket_meter()
     m.on_client(create(stream_id="a", model="gpt-4o").encode())
     m.on_client(create(stream_id="b", model="gpt-5").encode())
-    m.on_upstream(event("response.created", "a", response=response("resp_a")))
-    m.on_upstream(event("response.created", "b", response=response("resp_b")))
-    m.on_upstream(event("response.output_text.delta", "b", delta="x" * 100))
-    m.on_upstream(event("response.output_text.delta", "a", delta="y"))
-    m.on_upstream(event("response.completed", "b", response=response("resp_b", "completed", {"input_tokens": 2, "output_tokens": 1})))
-    m.on_upstream(event("response.output_text.delta", "a", delta="z"))
-    m.on_upstream(event("response.completed", "a", response=response("resp_a", "completed", {"input_tokens": 5, "output_tokens": 4})))
+    sent: dict[str, int] = {"a": 0, "b": 0}
+    for lane, message in [
+        ("a", event("response.created", "a", response=response("resp_a"))),
+        ("b", event("response.created", "b", response=response("resp_b"))),
+        ("b", event("response.output_text.delta", "b", delta="x" * 100)),
+        ("a", event("response.output_text.delta", "a", delta="y")),
+        ("b", event("response.output_text.delta", "b", delta="x" * 7)),
+        ("b", event("response.completed", "b", response=response("resp_b", "completed", {"input_tokens": 2, "output_tokens": 1}))),
+        # "a" is now the only response on the socket: its deltas take the fast path.
+        ("a", event("response.output_text.delta", "a", delta="z")),
+        ("a", event("response.reasoning_summary_text.delta", "a", delta="zz")),
+        ("a", event("response.output_item.done", "a", item={"id": "msg_1"})),
+        ("a", event("response.completed", "a", response=response("resp_a", "completed", {"input_tokens": 5, "output_tokens": 4}))),
+    ]:
+        m.on_upstream(message)
+        sent[lane] += len(message)
     b, a = sink.records
+    assert (a.response_bytes, b.response_bytes) == (sent["a"], sent["b"])
     assert (a.response_id, a.model_requested, a.input_tokens, a.output_tokens) == ("resp_a", "gpt-4o", 5, 4)
     assert (b.response_id, b.model_requested, b.input_tokens, b.output_tokens) == ("resp_b", "gpt-5", 2, 1)
     assert a.ttft_ms is not None and b.ttft_ms is not None and b.response_bytes > 100
