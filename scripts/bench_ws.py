@@ -1,12 +1,18 @@
 #!/usr/bin/env python3
 """Benchmark of WebSocket mode: meter against a bare relay and a direct connection, in one run.
 
-Starts three processes on loopback: a fast WebSocket upstream (each
-`response.create` is answered with `response.created`, N output text deltas
-and `response.completed` with usage), a bare relay (meter's own
-`WebSocketRelay` on a path it does not meter: no parsing, no records), and
-the same relay metering every response but with no sinks (`metered`), and
-`meter serve` with its DuckDB ledger, metrics and (unconfigured) traces.  Then, for each target:
+Starts, on loopback, a fast WebSocket upstream (each `response.create` is
+answered with `response.created`, N output text deltas and `response.completed`
+with usage) and four ways to it besides the direct connection:
+
+- `bare`: a bare aiohttp relay, a message at a time, at its fastest (bytes as
+  received, `send_frame`);
+- `relay`: meter's own `WebSocketRelay` on a path it does not meter (no parsing,
+  no records): the relay alone;
+- `metered`: the same relay metering every response, with no sinks;
+- `meter`: `meter serve` with its DuckDB ledger, metrics and (unconfigured) traces.
+
+Then, for each target:
 
 - throughput: C sockets each asking for responses of N deltas back to back;
   messages relayed to the clients per second;
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -42,8 +49,6 @@ sys.path.insert(0, str(ROOT))
 from bench import cpu_seconds, free_port, run_event_loop, stop_processes, wait_port  # noqa: E402  (scripts/ is on sys.path)
 
 BARE_PATH = "/bare"  # the bare relay forwards /bare/v1/responses to /v1/responses without metering
-
-
 
 
 # --- child processes -------------------------------------------------------------
@@ -88,7 +93,43 @@ def run_upstream(port: int) -> None:
     run_event_loop(main())
 
 
-def run_bare(port: int, upstream: str, metered: bool = False) -> None:
+def run_bare(port: int, upstream: str) -> None:
+    """The bare relay: aiohttp's public API at its fastest, a message at a time.
+
+    Bytes are relayed as they were received (no UTF-8 decoding and re-encoding),
+    with `send_frame`; pings are answered per hop, and a close on either side
+    closes the other."""
+    import aiohttp
+    from aiohttp import web
+
+    async def main() -> None:
+        session = aiohttp.ClientSession(auto_decompress=False)
+        ws_upstream = upstream.replace("http://", "ws://", 1)
+
+        async def pump(src: Any, dst: Any) -> None:
+            async for msg in src:
+                if msg.type is aiohttp.WSMsgType.TEXT or msg.type is aiohttp.WSMsgType.BINARY:
+                    await dst.send_frame(msg.data, msg.type)
+            await dst.close()
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            path = request.raw_path.removeprefix(BARE_PATH)
+            async with session.ws_connect(ws_upstream + path, max_msg_size=0, decode_text=False, headers={"Authorization": request.headers.get("Authorization", "")}) as up:
+                ws = web.WebSocketResponse(max_msg_size=0, decode_text=False)
+                await ws.prepare(request)
+                await asyncio.gather(pump(ws, up), pump(up, ws))
+                return ws
+
+        runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    run_event_loop(main())
+
+
+def run_relay(port: int, upstream: str, metered: bool = False) -> None:
     """meter's relay with metering off: the same code path on an unmetered endpoint.
 
     With `metered`, the relay meters every response (records built) but hands the
@@ -172,15 +213,9 @@ async def latency(url: str, duration: float) -> tuple[float, float]:
 # --- the orchestrator --------------------------------------------------------------
 
 
-
-
-
-
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=["upstream", "bare", "metered"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["upstream", "bare", "relay", "metered"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, default=3.0, help="seconds of throughput per target and round (default 3)")
@@ -190,33 +225,36 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "upstream":
         return run_upstream(args.port)
-    if args.role in ("bare", "metered"):
-        return run_bare(args.port, args.upstream, metered=args.role == "metered")
+    if args.role == "bare":
+        return run_bare(args.port, args.upstream)
+    if args.role in ("relay", "metered"):
+        return run_relay(args.port, args.upstream, metered=args.role == "metered")
 
     procs: list[subprocess.Popen] = []
     work = Path(tempfile.mkdtemp(prefix="meter-bench-ws-"))
     try:
-        up_port, bare_port, metered_port, meter_port, admin_port = free_port(), free_port(), free_port(), free_port(), free_port()
+        up_port, meter_port, admin_port = free_port(), free_port(), free_port()
         up = f"http://127.0.0.1:{up_port}"
         procs.append(subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)], stdout=subprocess.DEVNULL))
         wait_port(up_port)
-        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream", up], stdout=subprocess.DEVNULL))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "metered", "--port", str(metered_port), "--upstream", up], stdout=subprocess.DEVNULL))
+        pids: dict[str, int] = {}
+        targets = {"direct": f"ws://127.0.0.1:{up_port}/v1/responses"}
+        for role in ("bare", "relay", "metered"):
+            port = free_port()
+            proc = subprocess.Popen([sys.executable, __file__, "--role", role, "--port", str(port), "--upstream", up], stdout=subprocess.DEVNULL)
+            procs.append(proc)
+            wait_port(port)
+            pids[role] = proc.pid
+            targets[role] = f"ws://127.0.0.1:{port}{BARE_PATH}/v1/responses"
         meter = subprocess.Popen(
             [sys.executable, "-m", "meter", "serve", "--upstream", up, "--listen", f"127.0.0.1:{meter_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
              "--ledger", str(work / "bench.duckdb"), "--log-level", "warning"],
             cwd=ROOT,
         )
         procs.append(meter)
-        for port in (bare_port, metered_port, meter_port):
-            wait_port(port)
-        targets = {
-            "direct": f"ws://127.0.0.1:{up_port}/v1/responses",
-            "bare": f"ws://127.0.0.1:{bare_port}{BARE_PATH}/v1/responses",
-            "metered": f"ws://127.0.0.1:{metered_port}{BARE_PATH}/v1/responses",
-            "meter": f"ws://127.0.0.1:{meter_port}/v1/responses",
-        }
-        pids = {"bare": procs[1].pid, "metered": procs[2].pid, "meter": meter.pid}
+        wait_port(meter_port)
+        pids["meter"] = meter.pid
+        targets["meter"] = f"ws://127.0.0.1:{meter_port}/v1/responses"
         for url in targets.values():
             asyncio.run(throughput(url, args.sockets, args.deltas, 1.0))  # warm-up
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
@@ -241,9 +279,10 @@ def main() -> None:
             cpu = "-" if name == "direct" else f"{r['cpu_us']:.2f}"
             print(f"| {name} | {r['mps']:,.0f} | {cpu} | {r['p50']:.3f} | {r['p99']:.3f} |")
         print()
-        bare, metered, met, direct = results["bare"], results["metered"], results["meter"], results["direct"]
-        print(f"CPU per relayed message over the bare relay: metering {metered['cpu_us'] - bare['cpu_us']:+.2f} us, meter serve (ledger, metrics) {met['cpu_us'] - bare['cpu_us']:+.2f} us")
-        print(f"messages/s: meter at {100 * met['mps'] / bare['mps']:.1f}% of the bare relay (metering without sinks {100 * metered['mps'] / bare['mps']:.1f}%)")
+        bare, relay, metered, met, direct = (results[k] for k in ("bare", "relay", "metered", "meter", "direct"))
+        print(f"messages/s: meter at {100 * met['mps'] / bare['mps']:.1f}% of the bare relay (meter's relay alone {100 * relay['mps'] / bare['mps']:.1f}%, with metering but no sinks {100 * metered['mps'] / bare['mps']:.1f}%)")
+        print(f"relay CPU per message: meter {met['cpu_us']:.2f} us against bare {bare['cpu_us']:.2f} us ({100 * bare['cpu_us'] / met['cpu_us']:.1f}%)")
+        print(f"  over meter's own relay: metering {metered['cpu_us'] - relay['cpu_us']:+.2f} us, meter serve (ledger, metrics) {met['cpu_us'] - relay['cpu_us']:+.2f} us")
         # A round trip is 3 messages (response.create up; created and completed down).
         print(f"added round-trip latency (p50): {met['p50'] - bare['p50']:+.3f} ms over bare, {met['p50'] - direct['p50']:+.3f} ms over direct")
     finally:
