@@ -485,10 +485,12 @@ class _Socket:
 class _Live:
     """An accepted socket, as `WebSocketRelay.shutdown` needs to see it."""
 
-    __slots__ = ("client", "closing", "meter", "socket", "upstream")
+    __slots__ = ("client", "closing", "frames", "meter", "socket", "upstream")
 
-    def __init__(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, meter: _Meter | None, socket: _Socket) -> None:
-        self.client, self.upstream, self.meter, self.socket = client, upstream, meter, socket
+    def __init__(
+        self, client: web.WebSocketResponse, frames: _ClientFrames, upstream: aiohttp.ClientWebSocketResponse, meter: _Meter | None, socket: _Socket
+    ) -> None:
+        self.client, self.frames, self.upstream, self.meter, self.socket = client, frames, upstream, meter, socket
         self.closing: asyncio.Task[None] | None = None
 
     def close_soon(self) -> None:
@@ -497,6 +499,8 @@ class _Live:
 
     async def _close(self) -> None:
         if self.socket.first("meter", 1001):
+            with contextlib.suppress(ConnectionError):
+                self.frames.flush()  # messages gathered go before the close frame
             with contextlib.suppress(Exception):  # the pumps see whatever went wrong
                 await self.client.close(code=1001, message=b"meter is shutting down")
                 await self.upstream.close(code=1001)
@@ -660,13 +664,14 @@ class WebSocketRelay:
             model = request.rel_url.query.get("model")
             meter = _Meter(self, flow, model, {"x-request-id": rid} if rid else None)
         socket = _Socket()
-        live = _Live(client, upstream, meter, socket)
+        frames = _ClientFrames(request)
+        live = _Live(client, frames, upstream, meter, socket)
         self._live.add(live)
         if self.draining:
             self._drain(live)
         for gauge in self.gauges:
             gauge.websocket_opened()
-        pump = asyncio.create_task(self._upstream_to_client(upstream, client, _ClientFrames(request), meter, socket))
+        pump = asyncio.create_task(self._upstream_to_client(upstream, client, frames, meter, socket))
         try:
             await self._client_to_upstream(client, upstream, meter, socket)
             try:
