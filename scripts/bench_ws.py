@@ -93,6 +93,16 @@ def run_upstream(port: int) -> None:
     run_event_loop(main())
 
 
+async def serve_forever(handle: Any, port: int) -> None:
+    from aiohttp import web
+
+    runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+
+
 def run_bare(port: int, upstream: str) -> None:
     """The bare relay: aiohttp's public API at its fastest, a message at a time.
 
@@ -120,11 +130,7 @@ def run_bare(port: int, upstream: str) -> None:
                 await asyncio.gather(pump(ws, up), pump(up, ws))
                 return ws
 
-        runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
+        await serve_forever(handle, port)
 
     run_event_loop(main())
 
@@ -153,11 +159,7 @@ def run_relay(port: int, upstream: str, metered: bool = False) -> None:
             endpoint = "responses" if metered else "other"
             return await relay.handle(clone, Flow(method="GET", path=path, endpoint=endpoint, headers=request.headers, transport="websocket"))
 
-        runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
+        await serve_forever(handle, port)
 
     run_event_loop(main())
 
