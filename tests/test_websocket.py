@@ -23,7 +23,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from meter.flow import Addons, Flow
 from meter.identity import KeyIdentities
-from meter.websocket import WebSocketRelay, _Meter
+from meter.websocket import WebSocketRelay, _Meter, _parsed_messages
 
 from .conftest import SECRET_KEY, ledger_rows
 
@@ -174,6 +174,20 @@ async def test_binary_messages_echo_unchanged(upstream, start_meter) -> None:
     # Binary messages are relayed, not metered: the one response is the one row.
     [row] = await meter.rows()
     assert row["response_id"] == events[-1]["response"]["id"]
+
+
+async def test_aiohttp_still_exposes_its_parsed_message_queue(upstream) -> None:
+    """The relay writes a batch when aiohttp has no further message parsed; should an
+    aiohttp upgrade move that queue, meter would fall back to a write per frame:
+    still correct, but slower than the bare relay.  This says so instead."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url(upstream.url), headers=AUTH) as ws:
+        parsed = _parsed_messages(ws)
+        assert parsed is not () and len(parsed) == 0
+        await ws.send_bytes(b"one")
+        await ws.send_bytes(b"two")
+        await asyncio.sleep(0.2)  # both echoes arrive and are parsed before anyone receives
+        assert len(parsed) == 2
+        assert (await ws.receive()).data == b"one" and len(parsed) == 1
 
 
 def rss_bytes(pid: int) -> int:
