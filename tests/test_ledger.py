@@ -9,7 +9,7 @@ from pathlib import Path
 
 import duckdb
 
-from meter.ledger import COLUMN_TYPES, DuckDBStore, LedgerWriter, Spool
+from meter.ledger import COLUMN_TYPES, DuckDBStore, LedgerWriter, Spool, random_uuids
 from meter.record import COLUMNS, Record
 
 from .conftest import ledger_rows
@@ -146,6 +146,14 @@ def test_writer_batches_off_thread_and_flushes_on_close(tmp_path: Path) -> None:
     assert appended < 1.0  # appending never waits on the database
     assert writer.stats.written == 20_000
     assert len(ledger_rows(path)) == 20_000
+
+
+def test_minted_ids_are_distinct_version_4_uuids() -> None:
+    ids = random_uuids(20_000)
+    assert len(set(ids)) == 20_000 and random_uuids(0) == []
+    for text in ids:
+        u = uuid.UUID(text)
+        assert str(u) == text and u.version == 4 and u.variant == uuid.RFC_4122
 
 
 class CountingStore(DuckDBStore):
