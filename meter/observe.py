@@ -281,19 +281,32 @@ class SSEObserver:
         if not self._tail and self._event is None and not self._data:
             # Between events, as usual: walk the chunk's whole events and judge each by
             # its name (or, for Chat Completions, whether it holds a usage object) with
-            # a few byte operations; only from the first event that matters (or a
-            # partial one) does the line parser run.  Under load TCP coalesces many
-            # deltas into one chunk, so this covers more than one-event chunks.
+            # a few byte operations.  Only an event that matters goes through the line
+            # parser, on its own; the walk then goes on.  Under load TCP coalesces a
+            # stream's events into large chunks, and the deltas after `response.created`
+            # in the same chunk must not all fall to the line parser.
             pos, n = 0, len(chunk)
+            find, startswith, endswith = chunk.find, chunk.startswith, chunk.endswith
             while pos < n:
-                end = chunk.find(b"\n\n", pos)
-                if end < 0 or not self._skip_whole_event(chunk, pos, end):
+                end = find(b"\n\n", pos)
+                if end < 0:
                     break
+                if startswith(b"event: ", pos) and endswith(b".delta", pos, find(b"\n", pos, end + 1)):
+                    # The usual event, inline: a delta, named on its first line.
+                    if self._ttft_pending:
+                        self._first_token()
+                elif not self._skip_whole_event(chunk, pos, end):
+                    self._parse_lines(chunk[pos : end + 2])  # one whole event: nothing stays pending
+                    if self._done:
+                        return
                 pos = end + 2
             if pos >= n:
                 return
             if pos:
                 chunk = chunk[pos:]
+        self._parse_lines(chunk)
+
+    def _parse_lines(self, chunk: bytes) -> None:
         data = self._tail + chunk if self._tail else chunk
         pos = 0
         find = data.find
