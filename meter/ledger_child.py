@@ -197,6 +197,11 @@ def main() -> None:
     # kill the ledger before the parent has flushed into it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Batch writes can wait; requests cannot: on a busy machine the proxy gets the CPU first.
+    try:
+        os.nice(10)
+    except OSError:
+        pass
     os.set_inheritable(args.fd, False)
     con = Connection(args.fd)
     try:
