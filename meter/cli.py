@@ -70,6 +70,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command",)}
     settings = load_settings(flags)
     _setup_logging(settings.log_level)
+    # The ledger writer thread hands batches over with the GIL held; at Python's
+    # default 5 ms switch interval a request could wait that long behind it.
+    sys.setswitchinterval(0.0005)
     try:
         import uvloop  # faster event loop where available
 
