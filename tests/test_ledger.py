@@ -249,3 +249,22 @@ def test_recovery_without_spool_writes_everything_once(tmp_path: Path) -> None:
     assert writer.stats.healthy
     rows = ledger_rows(path)
     assert len(rows) == 300 and len({r["id"] for r in rows}) == 300
+
+
+def test_the_ledger_process_yields_the_cpu_to_the_proxy(tmp_path: Path) -> None:
+    """The DuckDB ledger runs in a child process at a lower priority, and writes there."""
+    import os
+
+    from meter.ledger_child import ChildProcessStore
+
+    store = ChildProcessStore(str(tmp_path / "l.duckdb"))
+    store.open()
+    try:
+        assert store._proc is not None
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        assert os.getpriority(os.PRIO_PROCESS, store._proc.pid) == min(19, mine + 10)
+        store.write([make_record(input_tokens=3, output_tokens=1, total_tokens=4) for _ in range(250)])
+    finally:
+        store.close()
+    rows = ledger_rows(tmp_path / "l.duckdb")
+    assert len(rows) == 250 and {r["input_tokens"] for r in rows} == {3}
