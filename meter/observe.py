@@ -21,9 +21,14 @@ try:  # orjson is several times faster on large terminal events; json is the fal
     import orjson
 
     _loads: Callable[[bytes], Any] = orjson.loads
+    _dumps: Callable[[Any], bytes] = orjson.dumps
     _DecodeError: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
 except ImportError:  # pragma: no cover - exercised only without orjson
     _loads = json.loads
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
     _DecodeError = (ValueError, UnicodeDecodeError)
 
 
@@ -87,15 +92,20 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def request_facts(body: bytes) -> RequestFacts:
     """What meter records from a request body; anything unreadable is left unknown."""
-    facts = RequestFacts()
     if not body:
-        return facts
+        return RequestFacts()
     try:
         obj = _loads(body)
     except _DecodeError:
-        return facts
+        return RequestFacts()
     if not isinstance(obj, dict):
-        return facts
+        return RequestFacts()
+    return facts_from_request(obj)
+
+
+def facts_from_request(obj: dict[str, Any]) -> RequestFacts:
+    """`request_facts` of a request already decoded (a WebSocket `response.create`)."""
+    facts = RequestFacts()
     facts.model = _str(obj.get("model"))
     facts.stream = obj.get("stream") is True
     facts.background = obj.get("background") is True
@@ -106,8 +116,16 @@ def request_facts(body: bytes) -> RequestFacts:
     facts.generate = obj.get("generate") is not False
     metadata = obj.get("metadata")
     if isinstance(metadata, dict) and metadata:
-        facts.tags = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
+        facts.tags = tags_json(metadata)
     return facts
+
+
+def tags_json(metadata: dict[str, Any]) -> str:
+    """The request's `metadata` as compact JSON, non-ASCII kept as is."""
+    try:
+        return _dumps(metadata).decode()
+    except (TypeError, ValueError):  # what orjson will not write (integers past 64 bits, ...)
+        return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
 
 
 def usage_from_responses(usage: dict[str, Any]) -> Usage:

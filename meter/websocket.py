@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import json
 import logging
 import re
 import struct
@@ -46,7 +45,7 @@ from yarl import URL
 
 from .flow import Addons, Flow, build_record
 from .identity import KeyIdentities
-from .observe import Observation, RequestFacts, _DecodeError, _loads, observe_error, observe_response_object, observer_for, request_facts
+from .observe import Observation, RequestFacts, _DecodeError, _loads, facts_from_request, observe_error, observe_response_object, observer_for
 from .proxy import end_to_end_headers, error_body, forwardable_request_headers
 
 log = logging.getLogger("meter")
@@ -267,14 +266,14 @@ class _Meter:
         obj = _decode(data)
         if obj is None or obj.get("type") != "response.create":
             return
-        body = data
+        request = obj
         nested = obj.get("response")
         if isinstance(nested, dict):  # the nested form: {"type": "response.create", "response": {...}}
-            body = json.dumps({**{k: v for k, v in obj.items() if k != "response"}, **nested}).encode()
+            request = {**{k: v for k, v in obj.items() if k != "response"}, **nested}
         flow = self._new_flow()
-        flow.request_body = body
+        flow.request_body = data
         flow.request_bytes = len(data)
-        facts = request_facts(body)
+        facts = facts_from_request(request)  # decoded once: a Codex turn carries its whole input
         facts.stream = True  # stream is implicit over a WebSocket
         if facts.model is None:
             facts.model = self.handshake_model
