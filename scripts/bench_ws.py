@@ -212,6 +212,45 @@ async def latency(url: str, duration: float) -> tuple[float, float]:
     return samples[len(samples) // 2], samples[int(len(samples) * 0.99)]
 
 
+# --- metering alone, in-process ----------------------------------------------------
+
+
+def metering_cost(deltas: int, responses: int = 5000) -> tuple[float, float]:
+    """CPU of metering alone, free of the machine's drift: the same events the upstream
+    sends, fed to one socket's metering with no sinks.  (us per delta, us per response
+    besides its deltas)."""
+    from meter.flow import Addons, Flow
+    from meter.identity import KeyIdentities
+    from meter.websocket import WebSocketRelay, _Meter
+
+    def dumps(obj: dict) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    usage = {"input_tokens": 25, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 34}
+    create = json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "metadata": {"deltas": str(deltas)}}).encode()
+    head = {"id": "resp_{}", "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
+    created = dumps({"type": "response.created", "sequence_number": 0, "response": head})
+    delta = dumps({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "tok ", "logprobs": []})
+    completed = dumps({"type": "response.completed", "sequence_number": 2, "response": {**head, "status": "completed", "service_tier": "default", "usage": usage}})
+    relay = WebSocketRelay("http://upstream.invalid", None, Addons([]), KeyIdentities())  # type: ignore[arg-type]
+    meter = _Meter(relay, Flow(method="GET", path="/v1/responses", endpoint="responses", headers={}, transport="websocket"), None, None)
+
+    def run(n_deltas: int) -> float:
+        t0 = time.process_time()
+        for i in range(responses):
+            rid = b"resp_%d" % i
+            meter.on_client(create)
+            meter.on_upstream(created.replace(b"resp_{}", rid))
+            for _ in range(n_deltas):
+                meter.on_upstream(delta)
+            meter.on_upstream(completed.replace(b"resp_{}", rid))
+        return (time.process_time() - t0) / responses * 1e6
+
+    run(1)  # warm-up
+    few, many = run(1), run(deltas + 1)
+    return (many - few) / deltas, few - (many - few) / deltas
+
+
 # --- the orchestrator --------------------------------------------------------------
 
 
@@ -284,7 +323,14 @@ def main() -> None:
         bare, relay, metered, met, direct = (results[k] for k in ("bare", "relay", "metered", "meter", "direct"))
         print(f"messages/s: meter at {100 * met['mps'] / bare['mps']:.1f}% of the bare relay (meter's relay alone {100 * relay['mps'] / bare['mps']:.1f}%, with metering but no sinks {100 * metered['mps'] / bare['mps']:.1f}%)")
         print(f"relay CPU per message: meter {met['cpu_us']:.2f} us against bare {bare['cpu_us']:.2f} us ({100 * bare['cpu_us'] / met['cpu_us']:.1f}%)")
+        # The machine's speed drifts between minutes: a round's meter and bare runs are
+        # seconds apart, so the ratio within each round is the steadier figure.
+        paired = sorted(100 * m["mps"] / b["mps"] for m, b in zip(runs["meter"], runs["bare"]))
+        paired_cpu = sorted(100 * b["cpu_us"] / m["cpu_us"] for m, b in zip(runs["meter"], runs["bare"]))
+        print(f"per round, meter against bare: messages/s median {statistics.median(paired):.1f}% (range {paired[0]:.0f}-{paired[-1]:.0f}%), by CPU per message median {statistics.median(paired_cpu):.1f}% (range {paired_cpu[0]:.0f}-{paired_cpu[-1]:.0f}%)")
         print(f"  over meter's own relay: metering {metered['cpu_us'] - relay['cpu_us']:+.2f} us, meter serve (ledger, metrics) {met['cpu_us'] - relay['cpu_us']:+.2f} us")
+        per_delta, per_response = metering_cost(args.deltas)
+        print(f"metering alone, in-process: {per_delta:.2f} us per delta, {per_response:.1f} us per response besides its deltas ({per_delta + per_response / (args.deltas + 3):.2f} us per message at {args.deltas} deltas)")
         # A round trip is 3 messages (response.create up; created and completed down).
         print(f"added round-trip latency (p50): {met['p50'] - bare['p50']:+.3f} ms over bare, {met['p50'] - direct['p50']:+.3f} ms over direct")
     finally:
