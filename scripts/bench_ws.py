@@ -22,7 +22,9 @@ Then, for each target:
 with the relay process's CPU time per relayed message (robust on a busy
 machine, where messages/s mostly measures the client), and prints what
 metering adds per message and per round trip over the bare relay and over the
-direct connection.
+direct connection.  Besides medians it prints meter against bare within each
+round (seconds apart, so the machine's drift cancels out) with their range, and
+metering's own CPU measured in-process on the same events.
 
     python scripts/bench_ws.py [--duration 3] [--rounds 3] [--sockets 16] [--deltas 200]
 
