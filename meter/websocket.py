@@ -6,7 +6,9 @@ after the upstream's scheme), so that a refused upgrade reaches the client as
 the upstream's own status and body, and only then accepts the client.  Two
 pumps relay messages both ways, text and binary, unchanged and in order; the
 close code and reason of whichever side closed first go to the other side.
-Pings are answered per hop (autoping on both sockets).
+Pings are answered per hop (autoping on both sockets).  What goes to the
+client is written a batch at a time: every message of one upstream read in one
+`writev` (`_ClientFrames`), with the client's backpressure kept.
 
 Metering stays off the per-message hot path.  A message's type is read from
 its first bytes (`{"type":"..."` is how the API and the SDK write them) and
