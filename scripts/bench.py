@@ -68,8 +68,6 @@ def sse_events() -> list[bytes]:
 
 
 def run_upstream(port: int) -> None:
-    import asyncio
-
     from aiohttp import web
 
     body = response_json()
@@ -89,22 +87,10 @@ def run_upstream(port: int) -> None:
             return resp
         return web.Response(body=body, content_type="application/json", headers={"openai-processing-ms": "5", "x-request-id": "req_bench"})
 
-    async def main() -> None:
-        server = web.Server(handle, access_log=None)
-        runner = web.ServerRunner(server)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
-
-    run_event_loop(main())
+    run_event_loop(serve_forever(handle, port, handler_cancellation=False))
 
 
 def run_bare(port: int, upstream: str) -> None:
-    import asyncio
-
-    from aiohttp import web
-
     from meter.flow import Addons
     from meter.identity import KeyIdentities
     from meter.proxy import Proxy
@@ -114,14 +100,31 @@ def run_bare(port: int, upstream: str) -> None:
     async def main() -> None:
         settings = load_settings({"upstream": upstream}, env={})
         proxy = Proxy(upstream, make_session(settings), Addons([]), KeyIdentities(), observe=False)
-        server = web.Server(proxy.handle, handler_cancellation=True, access_log=None)
-        runner = web.ServerRunner(server)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
+        await serve_forever(proxy.handle, port)
 
     run_event_loop(main())
+
+
+async def serve_forever(handle, port: int, handler_cancellation: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """Serve `handle` on 127.0.0.1:`port`, say READY, and never return."""
+    import asyncio
+
+    from aiohttp import web
+
+    runner = web.ServerRunner(web.Server(handle, handler_cancellation=handler_cancellation, access_log=None))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+
+
+def start_meter_serve(upstream: str, port: int, admin_port: int, ledger: Path) -> subprocess.Popen:
+    """`meter serve` as it runs in production: DuckDB ledger, metrics, no traces."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "meter", "serve", "--upstream", upstream, "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin_port}",
+         "--ledger", str(ledger), "--log-level", "warning"],
+        cwd=ROOT,
+    )
 
 
 def run_event_loop(coro) -> None:  # type: ignore[no-untyped-def]
@@ -258,11 +261,7 @@ def main() -> None:
         procs.append(subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)]))
         wait_port(up_port)
         procs.append(subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream", up]))
-        meter = subprocess.Popen(
-            [sys.executable, "-m", "meter", "serve", "--upstream", up, "--listen", f"127.0.0.1:{meter_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
-             "--ledger", str(work / "bench.duckdb"), "--log-level", "warning"],
-            cwd=ROOT,
-        )
+        meter = start_meter_serve(up, meter_port, admin_port, work / "bench.duckdb")
         procs.append(meter)
         wait_port(bare_port)
         wait_port(meter_port)

@@ -48,9 +48,40 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import cpu_seconds, free_port, run_event_loop, stop_processes, wait_port  # noqa: E402  (scripts/ is on sys.path)
+from bench import cpu_seconds, free_port, run_event_loop, serve_forever, start_meter_serve, stop_processes, wait_port  # noqa: E402  (scripts/ is on sys.path)
 
 BARE_PATH = "/bare"  # the bare relay forwards /bare/v1/responses to /v1/responses without metering
+
+
+# --- the messages ----------------------------------------------------------------
+# What the client asks and the upstream answers, as the API writes them (compact JSON,
+# `type` first); the upstream and the in-process metering measure use the same ones.
+
+USAGE = {"input_tokens": 25, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 34}
+
+
+def create_message(deltas: int) -> str:
+    return json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "metadata": {"deltas": str(deltas)}})
+
+
+def _event(kind: str, seq: int, **fields: Any) -> str:
+    return json.dumps({"type": kind, "sequence_number": seq, **fields}, separators=(",", ":"))
+
+
+def _head(rid: str) -> dict[str, Any]:
+    return {"id": rid, "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
+
+
+def created_event(rid: str) -> str:
+    return _event("response.created", 0, response=_head(rid))
+
+
+def delta_event(seq: int) -> str:
+    return _event("response.output_text.delta", seq, item_id="msg_1", output_index=0, content_index=0, delta="tok ", logprobs=[])
+
+
+def completed_event(rid: str, seq: int) -> str:
+    return _event("response.completed", seq, response={**_head(rid), "status": "completed", "service_tier": "default", "usage": USAGE})
 
 
 # --- child processes -------------------------------------------------------------
@@ -60,10 +91,6 @@ def run_upstream(port: int) -> None:
     import aiohttp
     from aiohttp import web
 
-    def dumps(obj: dict) -> str:
-        return json.dumps(obj, separators=(",", ":"))
-
-    usage = {"input_tokens": 25, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 34}
     counter = 0
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -78,31 +105,14 @@ def run_upstream(port: int) -> None:
                 continue
             counter += 1
             deltas = int((event.get("metadata") or {}).get("deltas", "0"))
-            head = {"id": f"resp_{counter}", "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
-            await ws.send_str(dumps({"type": "response.created", "sequence_number": 0, "response": head}))
+            rid = f"resp_{counter}"
+            await ws.send_str(created_event(rid))
             for i in range(deltas):
-                await ws.send_str(dumps({"type": "response.output_text.delta", "sequence_number": i + 1, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "tok ", "logprobs": []}))
-            await ws.send_str(dumps({"type": "response.completed", "sequence_number": deltas + 1, "response": {**head, "status": "completed", "service_tier": "default", "usage": usage}}))
+                await ws.send_str(delta_event(i + 1))
+            await ws.send_str(completed_event(rid, deltas + 1))
         return ws
 
-    async def main() -> None:
-        runner = web.ServerRunner(web.Server(handle, access_log=None))
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-        print("READY", flush=True)
-        await asyncio.Event().wait()
-
-    run_event_loop(main())
-
-
-async def serve_forever(handle: Any, port: int) -> None:
-    from aiohttp import web
-
-    runner = web.ServerRunner(web.Server(handle, handler_cancellation=True, access_log=None))
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
-    print("READY", flush=True)
-    await asyncio.Event().wait()
+    run_event_loop(serve_forever(handle, port, handler_cancellation=False))
 
 
 def run_bare(port: int, upstream: str) -> None:
@@ -172,7 +182,7 @@ def run_relay(port: int, upstream: str, metered: bool = False) -> None:
 async def throughput(url: str, sockets: int, deltas: int, duration: float) -> tuple[int, float]:
     import aiohttp
 
-    create = json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "metadata": {"deltas": str(deltas)}})
+    create = create_message(deltas)
     received = 0
     stop_at = time.perf_counter() + duration
 
@@ -198,7 +208,7 @@ async def throughput(url: str, sockets: int, deltas: int, duration: float) -> tu
 async def latency(url: str, duration: float) -> tuple[float, float]:
     import aiohttp
 
-    create = json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "metadata": {"deltas": "0"}})
+    create = create_message(0)
     samples: list[float] = []
     stop_at = time.perf_counter() + duration
     async with aiohttp.ClientSession() as session, session.ws_connect(url, max_msg_size=0, headers={"Authorization": "Bearer sk-bench-ws"}) as ws:
@@ -225,15 +235,8 @@ def metering_cost(deltas: int, responses: int = 5000) -> tuple[float, float]:
     from meter.identity import KeyIdentities
     from meter.websocket import WebSocketRelay, _Meter
 
-    def dumps(obj: dict) -> bytes:
-        return json.dumps(obj, separators=(",", ":")).encode()
-
-    usage = {"input_tokens": 25, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 9, "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 34}
-    create = json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "metadata": {"deltas": str(deltas)}}).encode()
-    head = {"id": "resp_{}", "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
-    created = dumps({"type": "response.created", "sequence_number": 0, "response": head})
-    delta = dumps({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "tok ", "logprobs": []})
-    completed = dumps({"type": "response.completed", "sequence_number": 2, "response": {**head, "status": "completed", "service_tier": "default", "usage": usage}})
+    create = create_message(deltas).encode()
+    created, delta, completed = created_event("resp_{}").encode(), delta_event(1).encode(), completed_event("resp_{}", 2).encode()
     relay = WebSocketRelay("http://upstream.invalid", None, Addons([]), KeyIdentities())  # type: ignore[arg-type]
     meter = _Meter(relay, Flow(method="GET", path="/v1/responses", endpoint="responses", headers={}, transport="websocket"), None, None)
 
@@ -289,11 +292,7 @@ def main() -> None:
             wait_port(port)
             pids[role] = proc.pid
             targets[role] = f"ws://127.0.0.1:{port}{BARE_PATH}/v1/responses"
-        meter = subprocess.Popen(
-            [sys.executable, "-m", "meter", "serve", "--upstream", up, "--listen", f"127.0.0.1:{meter_port}", "--admin-listen", f"127.0.0.1:{admin_port}",
-             "--ledger", str(work / "bench.duckdb"), "--log-level", "warning"],
-            cwd=ROOT,
-        )
+        meter = start_meter_serve(up, meter_port, admin_port, work / "bench.duckdb")
         procs.append(meter)
         wait_port(meter_port)
         pids["meter"] = meter.pid
