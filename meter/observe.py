@@ -304,16 +304,12 @@ class SSEObserver:
             # stream's events into large chunks, and the deltas after `response.created`
             # in the same chunk must not all fall to the line parser.
             pos, n = 0, len(chunk)
-            find, startswith, endswith = chunk.find, chunk.startswith, chunk.endswith
+            find = chunk.find
             while pos < n:
                 end = find(b"\n\n", pos)
                 if end < 0:
                     break
-                if startswith(b"event: ", pos) and endswith(b".delta", pos, find(b"\n", pos, end + 1)):
-                    # The usual event, inline: a delta, named on its first line.
-                    if self._ttft_pending:
-                        self._first_token()
-                elif not self._skip_whole_event(chunk, pos, end):
+                if not self._skip_whole_event(chunk, pos, end):
                     self._parse_lines(chunk[pos : end + 2])  # one whole event: nothing stays pending
                     if self._done:
                         return
@@ -358,7 +354,11 @@ class SSEObserver:
         """Whether the event at chunk[start:end] (its blank line excluded) carries nothing we read."""
         if chunk.startswith(b"event: ", start):
             eol = chunk.find(b"\n", start + 7, end)
-            name = chunk[start + 7 : eol if eol >= 0 else end]
+            if eol < 0:
+                eol = end
+            if chunk[eol - 1] == 13:  # CRLF lines ended by a bare LF blank line
+                eol -= 1
+            name = chunk[start + 7 : eol]
             if name.endswith(b".delta"):
                 self._first_token()
                 return True

@@ -305,3 +305,18 @@ def test_stream_one_event_per_chunk(name: str, inter: dict, crlf: bool, comments
     result = obs.finish()
     _check(result, inter["expected"])
     assert result.first_token_at is not None
+
+
+@pytest.mark.parametrize("name,inter", STREAMS, ids=[n for n, _ in STREAMS])
+@pytest.mark.parametrize("whole", [False, True])
+def test_stream_with_crlf_lines_and_bare_lf_blank_lines(name: str, inter: dict, whole: bool) -> None:
+    # SSE allows any line end, mixed: here every field line ends in CRLF and each
+    # event's blank line is a bare LF, so the events still split on "\n\n" and
+    # their names carry a trailing CR into the fast path.
+    events = [e.replace("\n", "\r\n") + "\r\n\n" for e in inter["response"]["body"].split("\n\n") if e.strip()]
+    obs = SSEObserver(_kind(inter["request"]["path"]))
+    for chunk in ["".join(events)] if whole else events:
+        obs.feed(chunk.encode())
+    result = obs.finish()
+    _check(result, inter["expected"])
+    assert result.first_token_at is not None
