@@ -22,6 +22,11 @@ class SettingError(Exception):
     """A setting that cannot be used; the message names it."""
 
 
+class StartupError(Exception):
+    """Start-up failed for a reason the user can fix; the message names the setting
+    (or the file, or the process in the way).  The CLI prints it as one line, exit 2."""
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -52,6 +57,10 @@ class Settings(BaseModel):
     connect_timeout: float = Field(10.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0)  # longest silence between upstream bytes
     max_request_bytes: int = Field(64 << 20, gt=0)
+    client_timeout: float = Field(60.0, gt=0)  # longest silence while a client sends its body
+    max_metered_bytes: int = Field(64 << 20, gt=0)  # bytes meter holds to meter one answer or event
+    admin_token: str | None = None  # Bearer token for every admin path but /healthz and /readyz
+    admin_insecure: bool = False  # allow a non-loopback admin address without a token
     flush_interval: float = Field(0.5, gt=0, le=1.0)
     ledger_max_pending: int = Field(100_000, gt=0)
     shutdown_grace: float = Field(30.0, ge=0)

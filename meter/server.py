@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .config import Settings, parse_host_port, redact_url
+from .config import Settings, StartupError, parse_host_port, redact_url
 from .enrich import CountUsageOnce, Pricing
 from .flow import Addons
 from .identity import KeyIdentities
@@ -32,10 +32,6 @@ from .tracing import tracing_from_env
 from .websocket import WebSocketRelay
 
 log = logging.getLogger("meter")
-
-
-class StartupError(Exception):
-    """Start-up failed for a reason the user can fix; the message names the setting."""
 
 
 def make_store(settings: Settings) -> Store:
