@@ -395,7 +395,11 @@ class _Meter:
         return flow
 
     def _on_error(self, lane: str | None, obj: dict[str, Any], size: int) -> None:
-        flow = self.open.get(lane)
+        # Only an event that can be attributed ends a response (SPEC §2b).  An error
+        # that names no lane answers a client message: a `response.create` still
+        # waiting, or something else the client sent (a bogus message mid-response,
+        # which must not end the running response and so hide its billed usage).
+        flow = self.open.get(lane) if "stream_id" in obj else None
         if flow is None:
             queue = self.pending.get(lane)
             if not queue:

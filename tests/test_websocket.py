@@ -609,12 +609,26 @@ def test_error_before_created_ends_the_waiting_request() -> None:
 
 def test_error_mid_response_ends_it_once() -> None:
     m, sink = socket_meter()
-    m.on_client(create().encode())
-    m.on_upstream(event("response.created", response=response("resp_e")))
-    m.on_upstream(b'{"type":"error","sequence_number":3,"error":{"type":"server_error","code":"overloaded","message":"try again"}}')
-    m.on_upstream(event("response.failed", response=response("resp_e", "failed", {"input_tokens": 3, "output_tokens": 0})))
+    m.on_client(create(stream_id="l").encode())
+    m.on_upstream(event("response.created", "l", response=response("resp_e")))
+    m.on_upstream(b'{"type":"error","stream_id":"l","sequence_number":3,"error":{"type":"server_error","code":"overloaded","message":"try again"}}')
+    m.on_upstream(event("response.failed", "l", response=response("resp_e", "failed", {"input_tokens": 3, "output_tokens": 0})))
     [rec] = sink.records
     assert (rec.response_id, rec.outcome, rec.error_type, rec.error_code) == ("resp_e", "error", "server_error", "overloaded")
+    assert m.idle
+
+
+def test_an_unattributed_error_mid_response_ends_nothing() -> None:
+    # An error naming no lane answers something the client sent; the running
+    # response goes on, and its terminal event carries the usage (SPEC §2b).
+    m, sink = socket_meter()
+    m.on_client(create().encode())
+    m.on_upstream(event("response.created", response=response("resp_e")))
+    m.on_upstream(b'{"type":"error","error":{"type":"invalid_request_error","code":"unknown_event_type","message":"?"}}')
+    assert not sink.records
+    m.on_upstream(event("response.completed", response=response("resp_e", "completed", {"input_tokens": 3, "output_tokens": 2})))
+    [rec] = sink.records
+    assert (rec.response_id, rec.outcome, rec.input_tokens, rec.output_tokens) == ("resp_e", "completed", 3, 2)
     assert m.idle
 
 

@@ -1,0 +1,54 @@
+"""A hostile WebSocket client cannot make meter miss a response's usage (SPEC §2b).
+
+Only events that can be attributed end a response: an upstream `error` that
+names no `stream_id` (the answer to a bogus client message) must not end the
+response that is running, whose real terminal event carries the usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from websockets.asyncio.client import connect as ws_connect
+
+from .conftest import SECRET_KEY
+from .test_websocket import AUTH, create, until_terminal, ws_url
+
+USAGE = {"input_tokens": 40000, "cached_tokens": 0, "cache_write_tokens": 0, "output_tokens": 8000, "reasoning_tokens": 0}
+
+
+async def test_a_bogus_message_mid_response_does_not_dodge_metering(upstream, start_meter) -> None:
+    meter = await start_meter(upstream.url)
+    headers = {**AUTH, "x-fake-deltas": "20", "x-fake-chunk-delay-ms": "20"}
+    async with ws_connect(ws_url(meter.url), additional_headers=headers) as ws:
+        await ws.send(create(metadata={"fake_usage": USAGE}))
+        first = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert first["type"] == "response.created"
+        await ws.send(json.dumps({"type": "nonsense"}))  # the upstream answers with an unattributed `error`
+        events = []
+        while True:
+            event = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            events.append(event)
+            if event["type"] == "response.completed":
+                break
+        errors = [e for e in events if e["type"] == "error"]
+        assert errors and "stream_id" not in errors[0]  # the hole's precondition: an error naming no lane
+    rows = await meter.rows()
+    assert len(rows) == 1
+    [row] = rows
+    assert row["response_id"] == first["response"]["id"]
+    assert row["outcome"] == "completed"
+    assert (row["input_tokens"], row["output_tokens"]) == (40000, 8000)
+    assert row["cost_usd"] is not None and row["cost_usd"] > 0
+
+
+async def test_an_error_naming_its_lane_still_ends_that_response(upstream, start_meter) -> None:
+    meter = await start_meter(upstream.url)
+    async with ws_connect(ws_url(meter.url), additional_headers=AUTH) as ws:
+        await ws.send(create(metadata={"fake_action": "error"}, stream_id="lane-1"))
+        [error] = await until_terminal(ws)
+        assert error["type"] == "error" and error["stream_id"] == "lane-1"
+    [row] = await meter.rows()
+    assert (row["outcome"], row["error_code"]) == ("error", "bad_thing")
+    assert SECRET_KEY not in json.dumps(row, default=str)
