@@ -6,10 +6,15 @@ same, final record.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Any
 
 from .record import Record
+
+
+_LONGEST_ID = 256  # the ledger keeps ids up to this length (SPEC §2b)
+_ENTRY_OVERHEAD = 120  # an OrderedDict entry and a small str object, roughly
 
 
 class CountUsageOnce:
@@ -24,9 +29,11 @@ class CountUsageOnce:
     restarts and replicas.
     """
 
-    def __init__(self, max_ids: int = 200_000) -> None:
-        self._seen: OrderedDict[str, None] = OrderedDict()
+    def __init__(self, max_ids: int = 200_000, max_bytes: int = 16 << 20) -> None:
+        self._seen: OrderedDict[str, int] = OrderedDict()  # id -> the bytes it holds here
         self._max = max_ids
+        self._max_bytes = max_bytes
+        self.held_bytes = 0
 
     def done(self, flow: Any, record: Record) -> None:
         rid = record.response_id
@@ -35,13 +42,19 @@ class CountUsageOnce:
         if record.endpoint == "responses.retrieve" and not record.background:
             record.clear_usage()
             return
+        if len(rid) > _LONGEST_ID:
+            # Ids come from outside: a megabyte id is remembered by its digest, so the
+            # cache is bounded in bytes as well as in entries.
+            rid = hashlib.sha256(rid.encode("utf-8", "surrogatepass")).hexdigest()
         seen = self._seen
         if rid in seen:
             record.clear_usage()
             return
-        seen[rid] = None
-        if len(seen) > self._max:
-            seen.popitem(last=False)
+        size = _ENTRY_OVERHEAD + len(rid)
+        seen[rid] = size
+        self.held_bytes += size
+        while len(seen) > self._max or self.held_bytes > self._max_bytes:
+            self.held_bytes -= seen.popitem(last=False)[1]
 
 
 class Pricing:
