@@ -52,3 +52,20 @@ async def test_an_error_naming_its_lane_still_ends_that_response(upstream, start
     [row] = await meter.rows()
     assert (row["outcome"], row["error_code"]) == ("error", "bad_thing")
     assert SECRET_KEY not in json.dumps(row, default=str)
+
+
+def test_socket_memory_of_ended_responses_is_bounded_in_bytes() -> None:
+    import sys
+
+    from .test_websocket import event, response, socket_meter
+
+    m, sink = socket_meter()
+    big = "x" * (1 << 20)
+    for i in range(300):
+        lane = f"{i:04d}{big}"  # lanes and ids are whatever the peers say they are
+        m.on_client(create(stream_id=lane).encode())
+        m.on_upstream(event("response.created", lane, response=response(f"resp_{i:04d}{big}")))
+        m.on_upstream(event("response.completed", lane, response=response(f"resp_{i:04d}{big}", "completed", {"input_tokens": 1, "output_tokens": 1})))
+        sink.records.clear()  # the records leave with the ledger; what the socket keeps is the question
+    kept = sum(sys.getsizeof(k) + sys.getsizeof(v[3] or "") for k, v in m.last.items()) + sum(map(sys.getsizeof, m.ended))
+    assert kept < (1 << 20), f"the socket keeps {kept >> 20} MiB of lanes and ids"
