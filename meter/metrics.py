@@ -2,30 +2,45 @@
 
 `Metrics` is an addon.  `request(flow)` raises the in-flight gauge of the flow's
 endpoint; `done(flow, record)` lowers it again and counts the record: requests,
-tokens by type, cost, web searches, cache misses, anomalies, unpriced rows and
-the latency histograms.  Nothing is counted per chunk.
+tokens by type, cost, web searches, cache misses, anomalies, unpriced and
+unmetered requests, and the latency histograms.  Nothing is counted per chunk.
+What the ledger writer thread counts (pending, written, refused and truncated
+records, numbers past the ledger's types) is read at scrape time.
 
 The metrics live in the addon's own `CollectorRegistry` (never the process-global
 one), so several meters in one process (tests) do not share counters, and
 `GET /metrics` on the admin port serves exactly the SPEC's families.
 
-Labels stay bounded:
+Labels stay bounded whatever clients and the upstream send (SPEC §2b):
 
-- `key` is the key's configured name, else its key_id, else `none`.  Past
-  `metrics_max_keys` distinct keys, further keys count as `other` (`none` and
-  `other` do not use up the budget).  `metrics_key_label = "off"` drops the
-  label from every metric that has it: the series carry no `key` at all, and
-  dashboard filters such as `key=~"$key"` with `$key = .*` still match them
-  (an absent label matches like the empty string).
-- `model` comes from the client when the upstream reports none (an error, say),
-  so a client could otherwise mint series at will: past `MAX_MODELS` distinct
-  values further models count as `other` too.  The ledger keeps the detail.
+- A label value that comes from outside (`key`, `model`, `service_tier`, a cache
+  miss reason) longer than `MAX_LABEL_CHARS` counts as `other`.
+- Each such label has a budget of distinct values; past it, further values count
+  as `other`.  A new value is admitted into the budget only from a request the
+  upstream answered 2xx (on a WebSocket: a response the upstream created), so
+  a client without a valid key, whose requests the upstream refuses, can never
+  use it up.  A value once admitted counts as itself for any status; one not
+  admitted from a refused request counts as `other`.
+- `key` is the key's configured name, else its key_id, else `none`; its budget
+  is `metrics_max_keys` (`none` and `other` do not use it up).
+  `metrics_key_label = "off"` drops the label from every metric that has it:
+  the series carry no `key` at all, and dashboard filters such as `key=~"$key"`
+  with `$key = .*` still match them (an absent label matches like the empty string).
+- `model` comes from the client when the upstream reports none (an error, say):
+  budget `MAX_MODELS`.  `service_tier`: the tiers OpenAI defines always count as
+  themselves, plus `MAX_TIERS` others.  The ledger keeps the detail.
 - `endpoint` is from the fixed list of SPEC §4; a missing value is `""`.
+  Unmetered reasons and the field names of truncated values are meter's own
+  words, bounded all the same.
 
 Hot path: `done` runs once per request on the event loop.  The labelled
 children of one label combination are resolved once and kept in a `_Series`
-bundle keyed by the combination's tuple, so a repeated combination costs one
-dict lookup, not a `.labels()` call per metric.
+bundle keyed by the combination's tuple of label values, so a repeated
+combination costs one dict lookup, not a `.labels()` call per metric.  The raw
+values of a request are looked up in that same dict: they hit only when each
+of them already is its own label, so only requests carrying a value that is
+not (yet) a label take the slower path through the budgets, and the dict holds
+label values only, never a raw value a client sent.
 """
 
 from __future__ import annotations
@@ -45,8 +60,13 @@ log = logging.getLogger("meter")
 # From 10 ms (a cached embedding) to ten minutes (a long reasoning stream).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 TOKEN_TYPES = ("input", "cached", "cache_write", "output", "reasoning")
+MAX_LABEL_CHARS = 128  # a longer label value from outside counts as `other`
 MAX_MODELS = 1000  # distinct `model` label values before further ones count as `other`
+MAX_TIERS = 16  # distinct `service_tier` values besides the ones OpenAI defines
+KNOWN_TIERS = ("auto", "default", "flex", "scale", "priority")
 MAX_CACHE_MISS_REASONS = 100
+MAX_UNMETERED_REASONS = 16
+MAX_SCRAPED_LABELS = 64  # distinct `field` / `endpoint` values read from the ledger writer's counts
 _MAX_CACHED = 20_000  # resolved label combinations kept; past it the cache starts over
 OTHER = "other"
 NO_KEY = "none"
@@ -56,7 +76,12 @@ prometheus_client.disable_created_metrics()
 
 
 class _Bounded:
-    """Maps raw label values to themselves until `limit` distinct ones were seen, then to `other`."""
+    """Maps raw label values to themselves once admitted, else to `other`.
+
+    A value is admitted when `admit` is true (the upstream accepted the request
+    it came with), it is at most `MAX_LABEL_CHARS` long, and fewer than `limit`
+    values were admitted before.
+    """
 
     __slots__ = ("_fixed", "_limit", "_seen")
 
@@ -65,14 +90,47 @@ class _Bounded:
         self._limit = limit
         self._fixed = frozenset(fixed)  # always themselves, outside the budget
 
-    def __call__(self, value: str) -> str:
+    def __call__(self, value: str, admit: bool = True) -> str:
         seen = self._seen
         if value in seen or value in self._fixed:
             return value
-        if len(seen) >= self._limit:
+        if not admit or len(value) > MAX_LABEL_CHARS or len(seen) >= self._limit:
             return OTHER
         seen.add(value)
         return value
+
+
+def _accepted(record: Record) -> bool:
+    """Whether the upstream accepted the request, so that its label values may be admitted.
+
+    HTTP: a 2xx answer.  WebSocket: every response has the handshake's 101; the
+    upstream accepted it when it created the response (named its id).
+    """
+    status = record.status_code
+    if status is not None and 200 <= status < 300:
+        return True
+    return status == 101 and record.transport == "websocket" and record.response_id is not None
+
+
+def _bounded_counts(counts: Any, limit: int = MAX_SCRAPED_LABELS) -> dict[str, float]:
+    """Counts by name read from the ledger writer thread, at most `limit` names plus `other`.
+
+    The writer only ever adds names, and a dict keeps insertion order, so the
+    names kept are the same at every scrape and `other` never decreases.
+    """
+    if not counts:
+        return {}
+    out: dict[str, float] = {}
+    other = 0
+    # `dict(d)` copies in one step under the GIL: safe while the writer thread adds names.
+    for name, n in dict(counts).items():
+        if len(out) < limit and isinstance(name, str) and len(name) <= MAX_LABEL_CHARS and name != OTHER:
+            out[name] = n
+        else:
+            other += n
+    if other:
+        out[OTHER] = other
+    return out
 
 
 class _Series:
@@ -129,26 +187,60 @@ class _Series:
         return self.ttfb
 
 
-class _LedgerCollector:
-    """The ledger's state, read at scrape time so it is always current."""
+class _Tallies:
+    """Families counted as plain ints and exported at scrape time.
+
+    Usage anomalies are counted on the request path, but overflowed numbers are
+    found by the ledger writer thread: both are `meter_usage_anomalies_total`,
+    so that one family is assembled here from both sources at every scrape.  The
+    ledger's own counters are read the same way, so they are always current.
+    """
 
     def __init__(self, ledger: Any) -> None:
         self.ledger = ledger
+        self.anomalies: dict[tuple[str, str], int] = {}  # (endpoint, kind) -> requests
+        self.unmetered: dict[tuple[str, str], int] = {}  # (endpoint, reason label) -> requests
 
     def describe(self) -> list[Metric]:
-        return [
-            GaugeMetricFamily("meter_ledger_pending_records", "Records waiting to be written to the ledger."),
-            CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger."),
-            CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches)."),
-        ]
+        return self._families(with_values=False)
 
     def collect(self) -> list[Metric]:
+        return self._families(with_values=True)
+
+    def _families(self, with_values: bool) -> list[Metric]:
+        anomalies = CounterMetricFamily(
+            "meter_usage_anomalies", "Usage blocks that break an invariant, or numbers past the ledger's types (kind overflow).",
+            labels=["endpoint", "kind"],
+        )
+        unmetered = CounterMetricFamily(
+            "meter_unmetered_requests", "Model calls that completed without usage meter could read, by reason.", labels=["endpoint", "reason"],
+        )
+        families: list[Metric] = [anomalies, unmetered]
         ledger = self.ledger
-        stats = getattr(ledger, "stats", None)
+        stats = getattr(ledger, "stats", None) if with_values else None
+        if with_values:
+            for (endpoint, kind), n in list(self.anomalies.items()):
+                anomalies.add_metric([endpoint, kind], n)
+            for endpoint, n in _bounded_counts(getattr(stats, "overflows", None)).items():
+                anomalies.add_metric([endpoint, "overflow"], n)
+            for (endpoint, reason), n in list(self.unmetered.items()):
+                unmetered.add_metric([endpoint, reason], n)
+        if ledger is None:
+            return families
+        truncated = CounterMetricFamily("meter_values_truncated", "Values from outside cut to the size the ledger stores, by field.", labels=["field"])
+        if with_values:
+            for field, n in _bounded_counts(getattr(stats, "truncated", None)).items():
+                truncated.add_metric([field], n)
         return [
-            GaugeMetricFamily("meter_ledger_pending_records", "Records waiting to be written to the ledger.", value=getattr(ledger, "pending", 0)),
-            CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger.", value=getattr(stats, "written", 0)),
-            CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches).", value=getattr(stats, "write_errors", 0)),
+            *families,
+            GaugeMetricFamily("meter_ledger_pending_records", "Records waiting to be written to the ledger.", value=getattr(ledger, "pending", 0) if with_values else None),
+            CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger.", value=getattr(stats, "written", 0) if with_values else None),
+            CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches).", value=getattr(stats, "write_errors", 0) if with_values else None),
+            CounterMetricFamily(
+                "meter_ledger_rejected_records", "Records the store refused, appended to <ledger>.rejected.jsonl.",
+                value=getattr(stats, "rejected", 0) if with_values else None,
+            ),
+            truncated,
         ]
 
 
@@ -160,7 +252,9 @@ class Metrics:
         self.key_label = getattr(settings, "metrics_key_label", "on") != "off"
         self._keys = _Bounded(getattr(settings, "metrics_max_keys", 100), fixed=(NO_KEY, OTHER))
         self._models = _Bounded(MAX_MODELS, fixed=("", OTHER))
+        self._tiers = _Bounded(MAX_TIERS, fixed=("", OTHER, *KNOWN_TIERS))
         self._reasons = _Bounded(MAX_CACHE_MISS_REASONS, fixed=(OTHER,))
+        self._unmetered_reasons = _Bounded(MAX_UNMETERED_REASONS, fixed=(OTHER,))
         key = ["key"] if self.key_label else []
         r = self.registry
         # prometheus-client appends `_total` to counter names: the exposed names are SPEC §6's.
@@ -175,9 +269,6 @@ class Metrics:
         self.web_search = Counter("meter_web_search_calls", "Hosted web search calls.", ["model", *key], registry=r)
         self.cache_misses = Counter(
             "meter_prompt_cache_misses", "Requests whose prompt cache diagnostics report a miss, by reason.", ["model", "reason"], registry=r,
-        )
-        self.anomalies = Counter(
-            "meter_usage_anomalies", "Usage blocks that break an invariant (recorded as read, left unpriced).", ["endpoint", "kind"], registry=r,
         )
         self.websockets = Gauge("meter_websocket_connections", "Open client WebSocket connections.", registry=r)
         self.cost = Counter("meter_cost_usd", "Cost in US dollars of priced requests.", ["model", "service_tier", *key], registry=r)
@@ -196,11 +287,11 @@ class Metrics:
         self.in_flight = Gauge("meter_in_flight_requests", "Requests being forwarded now.", ["endpoint"], registry=r)
         self.unpriced = Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"], registry=r)
         self.ledger = ledger_writer
-        if ledger_writer is not None:
-            r.register(_LedgerCollector(ledger_writer))
-        self._series: dict[tuple[str, str, str, int | None, str, str, bool], _Series] = {}
+        self.tallies = _Tallies(ledger_writer)
+        r.register(self.tallies)
+        # Keyed by label values (see the module doc): (endpoint, model, tier, status, outcome, key, stream).
+        self._series: dict[tuple[str, str, str, int | None, str, str | None, bool], _Series] = {}
         self._in_flight: dict[str, Any] = {}
-        self._anomaly: dict[tuple[str, str], Any] = {}
         self._miss: dict[tuple[str, str], Any] = {}
 
     # hooks ----------------------------------------------------------------------
@@ -216,11 +307,14 @@ class Metrics:
         flow.state["metrics.in_flight"] = child
 
     def done(self, flow: Any, record: Record) -> None:
+        endpoint = record.endpoint or ""
         if flow is not None:
             raised = flow.state.pop("metrics.in_flight", None)
             if raised is not None:
                 raised.dec()
-        endpoint = record.endpoint or ""
+            reason = getattr(flow.observation, "unmetered", None)
+            if reason is not None:
+                self._count_unmetered(endpoint, reason)
         model_raw = record.model or record.model_requested or ""
         if self.key_label:
             key_raw = record.key_name or record.key_id or NO_KEY
@@ -229,7 +323,7 @@ class Metrics:
         ident = (endpoint, model_raw, record.service_tier or "", record.status_code, record.outcome or "", key_raw, record.stream)
         series = self._series.get(ident)
         if series is None:
-            series = self._new_series(ident)
+            series = self._new_series(ident, _accepted(record))
         series.requests.inc()
 
         if record.input_tokens is not None and record.input_tokens >= 0:
@@ -253,11 +347,12 @@ class Metrics:
             series.unpriced_child().inc()
 
         if record.anomalies:
-            for kind in record.anomalies:
-                self._anomaly_child(endpoint, kind).inc()
+            counts = self.tallies.anomalies
+            for kind in record.anomalies:  # meter's own words (observe.usage_anomalies): a fixed set
+                counts[(endpoint, kind)] = counts.get((endpoint, kind), 0) + 1
         status = record.cache_status
         if status is not None and status.startswith("miss:"):
-            self._miss_child(series._labels[1], status[5:]).inc()
+            self._miss_child(series._labels[1], self._reasons(status[5:], _accepted(record))).inc()
 
         if record.duration_ms is not None:
             series.duration.observe(record.duration_ms / 1000.0)
@@ -266,28 +361,30 @@ class Metrics:
         if record.ttfb_ms is not None:
             series.ttfb_child().observe(record.ttfb_ms / 1000.0)
 
-    def _new_series(self, ident: tuple[Any, ...]) -> _Series:
-        endpoint, model_raw, tier, status, outcome, key_raw, stream = ident
-        if len(self._series) >= _MAX_CACHED:  # raw values past the label bounds must not grow memory
-            self._series.clear()
-        model = self._models(model_raw)
-        key = self._keys(key_raw) if key_raw is not None else None
-        series = _Series(self, endpoint, model, tier, "" if status is None else str(status), outcome, key, "true" if stream else "false")
-        self._series[ident] = series
+    def _new_series(self, ident: tuple[Any, ...], admit: bool) -> _Series:
+        """The series of a request whose raw values are not all labels yet: through the budgets."""
+        endpoint, model_raw, tier_raw, status, outcome, key_raw, stream = ident
+        model = self._models(model_raw, admit)
+        tier = self._tiers(tier_raw, admit)
+        key = self._keys(key_raw, admit) if key_raw is not None else None
+        labels = (endpoint, model, tier, status, outcome, key, stream)
+        series = self._series.get(labels)
+        if series is None:
+            if len(self._series) >= _MAX_CACHED:  # a bound on resolved bundles, not on series: resolving again is cheap
+                self._series.clear()
+            series = _Series(self, endpoint, model, tier, "" if status is None else str(status), outcome, key, "true" if stream else "false")
+            self._series[labels] = series
         return series
 
-    def _anomaly_child(self, endpoint: str, kind: str) -> Any:
-        child = self._anomaly.get((endpoint, kind))
-        if child is None:
-            child = self._anomaly[(endpoint, kind)] = self.anomalies.labels(endpoint, kind)
-        return child
+    def _count_unmetered(self, endpoint: str, reason: Any) -> None:
+        label = self._unmetered_reasons(reason) if isinstance(reason, str) else OTHER
+        counts = self.tallies.unmetered
+        counts[(endpoint, label)] = counts.get((endpoint, label), 0) + 1
 
     def _miss_child(self, model: str, reason: str) -> Any:
         child = self._miss.get((model, reason))
         if child is None:
-            if len(self._miss) >= _MAX_CACHED:
-                self._miss.clear()
-            child = self._miss[(model, reason)] = self.cache_misses.labels(model, self._reasons(reason))
+            child = self._miss[(model, reason)] = self.cache_misses.labels(model, reason)
         return child
 
     # WebSocket relay -----------------------------------------------------------

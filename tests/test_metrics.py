@@ -38,6 +38,9 @@ SPEC_FAMILIES = {
     "meter_ledger_pending_records": ("gauge", set()),
     "meter_ledger_written_records": ("counter", set()),
     "meter_ledger_write_errors": ("counter", set()),
+    "meter_ledger_rejected_records": ("counter", set()),
+    "meter_unmetered_requests": ("counter", {"endpoint", "reason"}),
+    "meter_values_truncated": ("counter", {"field"}),
 }
 OTHER_KEY = "sk-test-second-key-Zq8Wm3Lp9Xr2Tb7N"
 # The fake provider answers with the dated snapshot of a model alias, as OpenAI does.
@@ -312,7 +315,8 @@ async def test_in_flight_balanced_on_refused_and_unreachable(upstream, start_met
     assert m413.value("meter_requests_total", status_code="413", outcome="error") == 1
     m502 = await scrape(dead.admin_url)
     assert m502.value("meter_in_flight_requests") == 0
-    assert m502.value("meter_requests_total", status_code="502", outcome="upstream_unreachable", model="gpt-4o") == 1
+    # A model no 2xx answer ever named is not admitted as a label (SPEC §2b): the upstream never saw it.
+    assert m502.value("meter_requests_total", status_code="502", outcome="upstream_unreachable", model="other") == 1
     assert m502.value("meter_upstream_ttfb_seconds_count") == 0
 
 
