@@ -122,25 +122,34 @@ def parse_when(value: str, *, name: str = "--since", end_of_day: bool = False, n
 
     A bare date is midnight UTC, or with `end_of_day` the next midnight (so
     `--until 2026-05-31` includes that day).  A time without an offset is UTC.
+    Anything that leaves 0001-01-01..9999-12-31 UTC (a huge span, an offset
+    across either end) is a `ReportError`, never an OverflowError.
     """
     text = value.strip()
     now = now or dt.datetime.now(UTC)
-    span = _SPAN.match(text)
-    if span:
-        return now - dt.timedelta(**{_SPAN_UNITS[span.group(2).lower()]: int(span.group(1))})
     try:
-        if _DATE.match(text):
-            day = dt.date.fromisoformat(text)
-            when = dt.datetime(day.year, day.month, day.day, tzinfo=UTC)
-            return when + dt.timedelta(days=1) if end_of_day else when
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise ReportError(
-            f"{name}: cannot read {value!r}; expected an ISO date or time (2026-05-01, 2026-05-01T12:00Z) or a span back from now (7d, 24h, 30m)"
-        ) from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.astimezone(UTC)
+        span = _SPAN.match(text)
+        if span:
+            return now - dt.timedelta(**{_SPAN_UNITS[span.group(2).lower()]: int(span.group(1))})
+        try:
+            if _DATE.match(text):
+                day = dt.date.fromisoformat(text)
+                when = dt.datetime(day.year, day.month, day.day, tzinfo=UTC)
+                return when + dt.timedelta(days=1) if end_of_day else when
+            when = dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise ReportError(
+                f"{name}: cannot read {value!r}; expected an ISO date or time (2026-05-01, 2026-05-01T12:00Z) or a span back from now (7d, 24h, 30m)"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(UTC)
+    except ReportError:
+        raise
+    except (OverflowError, ValueError):
+        # timedelta and datetime arithmetic past year 1 or 9999 (OverflowError; a few
+        # spans raise ValueError for a C int overflow).
+        raise ReportError(f"{name}: {value!r} is out of range; times run from 0001-01-01 to 9999-12-31 UTC") from None
 
 
 def parse_window(since: str | None, until: str | None, now: dt.datetime | None = None) -> tuple[dt.datetime | None, dt.datetime | None]:
@@ -529,8 +538,19 @@ def report_ledgers(ledgers: Sequence[str], by: Sequence[str], since: dt.datetime
     return report_duckdb_files(ledgers, by, since, until, key_names)
 
 
-def report_url(base: str, by: Sequence[str], since: dt.datetime | None, until: dt.datetime | None, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """Ask a running meter's admin API; returns the same rows as a ledger report."""
+ADMIN_TOKEN_ENV = "METER_ADMIN_TOKEN"
+PENDING_HEADER = "Meter-Report-Pending"
+
+
+def admin_headers(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Headers for a request to a meter's admin API: the bearer token from METER_ADMIN_TOKEN, if set."""
+    token = (os.environ if env is None else env).get(ADMIN_TOKEN_ENV, "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def report_url(base: str, by: Sequence[str], since: dt.datetime | None, until: dt.datetime | None, timeout: float = 60.0) -> tuple[list[dict[str, Any]], int | None]:
+    """Ask a running meter's admin API; returns the same rows as a ledger report, and the
+    number of records the meter says are not yet in its ledger (None when it says none)."""
     parsed = urllib.parse.urlsplit(base)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ReportError(f"--url: expected the admin address as http://HOST:PORT, got {base!r}")
@@ -542,25 +562,38 @@ def report_url(base: str, by: Sequence[str], since: dt.datetime | None, until: d
     if until is not None:
         query["until"] = until.isoformat()
     url = base.rstrip("/") + "/api/report" + ("?" + urllib.parse.urlencode(query) if query else "")
+    request = urllib.request.Request(url, headers=admin_headers())
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             body = resp.read().decode("utf-8")
+            pending_header = resp.headers.get(PENDING_HEADER)
     except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            given = "was refused" if admin_headers() else "is not set"
+            raise ReportError(f"--url: {base} answered 401: it needs its admin token, and {ADMIN_TOKEN_ENV} {given}") from None
         detail = ""
         try:
             detail = json.loads(exc.read().decode("utf-8")).get("error", "")
         except Exception:
             pass
+        if not isinstance(detail, str):
+            detail = ""
         if exc.code == 404 and not detail:
             raise ReportError(f"--url: {base} has no report API (HTTP 404); is it a meter admin address?") from None
-        raise ReportError(f"--url: {detail or f'HTTP {exc.code} from {base}'}") from None
+        raise ReportError(f"--url: {_one_line_text(detail) or f'HTTP {exc.code} from {base}'}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ReportError(f"--url: cannot reach {base}: {reason}") from None
     try:
-        return parse_json_rows(body)
+        rows = parse_json_rows(body)
     except ValueError:
         raise ReportError(f"--url: {base} did not answer with a report") from None
+    pending = int(pending_header) if pending_header is not None and pending_header.strip().isdigit() else None
+    return rows, pending
+
+
+def _one_line_text(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 # --- the admin API -----------------------------------------------------------------
@@ -603,14 +636,33 @@ class ReportAPI:
         loop = asyncio.get_running_loop()
         try:
             if self.ledger_writer is not None:
-                await loop.run_in_executor(None, self.ledger_writer.flush)
+                await loop.run_in_executor(None, self.ledger_writer.flush, self.FLUSH_WAIT)
             rows = await loop.run_in_executor(None, self._report, by, since, until)
         except _LedgerNotOpen:
             return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)
         except Exception as exc:
             log.exception("report failed")
-            return web.json_response({"error": f"report failed: {type(exc).__name__}: {exc}"}, status=500)
-        return web.Response(text=render_json(rows), content_type="application/json")
+            return web.json_response({"error": f"report failed: {type(exc).__name__}: {_one_line(exc)}"}, status=500)
+        headers = {}
+        pending = self.unwritten()
+        if pending is not None:
+            headers[PENDING_HEADER] = str(pending)
+        return web.Response(text=render_json(rows), content_type="application/json", headers=headers)
+
+    # How long a report waits for queued records to reach the ledger before it
+    # answers with what is there (and says what is not).
+    FLUSH_WAIT = 5.0
+
+    def unwritten(self) -> int | None:
+        """Records that finished but are not in the ledger (None when the report can see
+        every one): still queued after the flush, or the ledger failing."""
+        writer = self.ledger_writer
+        if writer is None:
+            return None
+        pending = int(writer.pending)
+        if pending > 0 or not writer.stats.healthy:
+            return pending
+        return None
 
     def _report(self, by: list[str], since: dt.datetime | None, until: dt.datetime | None) -> list[dict[str, Any]]:
         if getattr(self.store, "dialect", "duckdb") != "duckdb":
@@ -822,7 +874,13 @@ def run_report(args: argparse.Namespace) -> int:
         by = parse_by(args.by)
         since, until = parse_window(args.since, args.until)
         if args.url:
-            rows = report_url(args.url, by, since, until)
+            rows, pending = report_url(args.url, by, since, until)
+            if pending is not None:
+                # stdout keeps its shape for scripts; the caveat goes to stderr, once.
+                print(
+                    f"meter: warning: the report may be incomplete: the ledger is failing or behind, {pending} records not yet in it",
+                    file=sys.stderr,
+                )
         else:
             settings = _load_settings(args)
             ledgers = args.ledger or [settings.ledger]

@@ -9,6 +9,7 @@ then flush every record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .admin import bearer_auth, check_admin_exposure
 from .config import Settings, StartupError, parse_host_port, redact_url
 from .enrich import CountUsageOnce, Pricing
 from .flow import Addons
@@ -106,7 +108,8 @@ class Meter:
         self.proxy_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self.accepting = False
-        self.admin_app = web.Application()
+        # With a token, every admin path but the probes needs it (meter/admin.py).
+        self.admin_app = web.Application(middlewares=[bearer_auth(settings.admin_token)] if settings.admin_token else [])
         self.admin_app.router.add_get("/healthz", self._healthz)
         self.admin_app.router.add_get("/readyz", self._readyz)
 
@@ -126,12 +129,23 @@ class Meter:
         return WebSocketRelay(self.settings.upstream, self.session, self.addons, self.identities, max_message_bytes=self.settings.max_request_bytes)
 
     async def start(self) -> None:
+        # Before anything is bound or opened: an exposed admin port needs a token.
+        check_admin_exposure(self.settings.admin_listen, self.settings.admin_token, self.settings.admin_insecure)
         proxy_sock = _bind(self.settings.listen, "listen")
         try:
             admin_sock = _bind(self.settings.admin_listen, "admin-listen")
         except StartupError:
             proxy_sock.close()
             raise
+        try:
+            await self._start_on(proxy_sock, admin_sock)
+        except BaseException:
+            # An addon that cannot start (an unusable ledger) must not leave ports bound,
+            # a session open or a ledger process running behind the one-line error.
+            await self._abandon_start(proxy_sock, admin_sock)
+            raise
+
+    async def _start_on(self, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
         self.session = make_session(self.settings)
         self.addons = Addons(self.build_addons())
         for addon in self.addons.addons:
@@ -182,6 +196,22 @@ class Meter:
             *self.proxy_address, self.settings.upstream, *self.admin_address, redact_url(self.settings.ledger),
         )
 
+    async def _abandon_start(self, *socks: socket.socket) -> None:
+        """Undo a start() that failed part-way, quietly: the caller's error is the one line."""
+        self.accepting = False
+        for runner in (self._proxy_runner, self._admin_runner):
+            if runner is not None:
+                with contextlib.suppress(Exception):
+                    await runner.cleanup()
+        self._proxy_runner = self._admin_runner = self._proxy_site = None
+        for sock in socks:
+            sock.close()  # a no-op for one a site already closed
+        if self.session is not None:
+            with contextlib.suppress(Exception):
+                await self.session.close()
+        if self.addons is not None:
+            await self.addons.stop()  # the ledger writer closes its store; each failure is logged, none raised
+
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests within the grace period, flush records."""
         self.accepting = False
@@ -227,13 +257,13 @@ class Meter:
     async def _readyz(self, request: web.Request) -> web.Response:
         # Ready means able to forward.  A failing ledger keeps its records (memory,
         # then spool) and shows here and in metrics, but must not take the replica
-        # out of a load balancer.
+        # out of a load balancer.  States only: this path needs no token, and a
+        # store's error text names hosts, users and files (it is in the log).
         stats = self.ledger.stats
         ready = self.accepting and self.session is not None and not self.session.closed
         body = {
             "ready": ready,
             "ledger": "ok" if stats.healthy else "failing",
             "ledger_pending_records": self.ledger.pending,
-            "ledger_last_error": stats.last_error,
         }
         return web.json_response(body, status=200 if ready else 503)

@@ -1,0 +1,113 @@
+"""The admin port's guard (SPEC §2b): a bearer token, and no open port off loopback.
+
+The admin port serves per-key spend, key names and users (`/api/...`), and
+every report forces a ledger flush and a full aggregate, so it is not for
+whoever can reach the pod:
+
+- `bearer_auth(token)` is an aiohttp middleware for the admin app: every
+  request needs `Authorization: Bearer <token>`, except the probes
+  (`/healthz`, `/readyz`), which carry no secret and are asked by callers
+  that have none (the kubelet, Docker's HEALTHCHECK).  The exemption is
+  decided on the route aiohttp matched, not on the raw path, so no spelling
+  of a guarded path (`/%6detrics`, `/healthz/../metrics`) slips past it.
+  Tokens are compared with `hmac.compare_digest`; a wrong token is a `401`
+  whose body never echoes what was sent.  Nothing here logs.
+- `check_admin_exposure(settings)` runs before anything is bound: an admin
+  address that is not loopback needs a token, or an explicit
+  `--admin-insecure` (then one warning line).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .config import StartupError, parse_host_port
+
+log = logging.getLogger("meter")
+
+# Paths anyone who reaches the admin port may ask: liveness and readiness only.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+_UNAUTHORIZED_BODY = json.dumps(
+    {
+        "error": {
+            "message": "the admin API needs Authorization: Bearer <token> (the token meter was started with, METER_ADMIN_TOKEN)",
+            "type": "meter_admin_error",
+            "code": "unauthorized",
+            "param": None,
+        }
+    }
+).encode()
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and the name localhost; any other name or address is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_admin_exposure(admin_listen: str, token: str | None, insecure: bool) -> None:
+    """Refuse a non-loopback admin address without a token (StartupError), warn when allowed insecurely."""
+    host, _ = parse_host_port(admin_listen)
+    if token or is_loopback_host(host):
+        return
+    if insecure:
+        log.warning("admin port %s is not loopback and has no token (--admin-insecure): anyone who can reach it reads reports and metrics", admin_listen)
+        return
+    raise StartupError(
+        f"admin-listen: {admin_listen} is not a loopback address; set admin-token (METER_ADMIN_TOKEN or --admin-token) "
+        "or pass --admin-insecure to serve it without one"
+    )
+
+
+def _presented_token(header: str) -> bytes | None:
+    """The credentials of an `Authorization: Bearer <token>` header (the scheme is case-insensitive)."""
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    # aiohttp keeps undecodable header bytes as surrogates; surrogateescape gives the bytes back.
+    return credentials.strip().encode("utf-8", "surrogateescape")
+
+
+def _is_open(request: web.Request) -> bool:
+    resource = request.match_info.route.resource
+    return resource is not None and resource.canonical in OPEN_PATHS
+
+
+def unauthorized() -> web.Response:
+    return web.Response(
+        status=401,
+        body=_UNAUTHORIZED_BODY,
+        content_type="application/json",
+        headers={"WWW-Authenticate": 'Bearer realm="meter admin"'},
+    )
+
+
+def bearer_auth(token: str) -> Any:
+    """Middleware: `Authorization: Bearer <token>` on every admin path but the probes."""
+    expected = token.encode("utf-8")
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _is_open(request):
+            return await handler(request)
+        presented = _presented_token(request.headers.get("Authorization", ""))
+        # compare_digest even for a missing token, so timing says nothing about which check failed.
+        if not hmac.compare_digest(presented or b"", expected) or presented is None:
+            return unauthorized()
+        return await handler(request)
+
+    return guard

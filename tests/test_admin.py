@@ -1,0 +1,403 @@
+"""The admin port as an attacker and an operator meet it (SPEC §2b, the admin items).
+
+Every test drives a real `meter serve` (or, for the start-up clean-up, a real
+`Meter` in this process) over raw sockets or meter's own CLI:
+
+- with a token, every admin path but `/healthz` and `/readyz` answers 401 with
+  `WWW-Authenticate: Bearer` unless the request carries `Authorization: Bearer
+  <token>`, however the path is spelled; the token is never logged;
+- a non-loopback admin address without a token refuses to start, before
+  anything is bound, unless `--admin-insecure` (then a warning);
+- `/readyz` reports states, never the store's error text;
+- `meter report --url` sends `METER_ADMIN_TOKEN`, and a 401 is one line;
+- out-of-range report windows are a 400 and one CLI line; a report that
+  cannot see every record says so (`Meter-Report-Pending`, one stderr line);
+- a start-up that fails after binding releases its ports and stops what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from meter.config import StartupError, load_settings
+from meter.server import Meter
+
+from .conftest import ROOT, SECRET_KEY, MeterProcess, free_port
+
+TOKEN = "adm-0c5e1d9a7b3f4e2d8c6a-TOKEN"  # distinctive, so a leak check means something
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without any admin token of its own, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k != "METER_ADMIN_TOKEN"}
+    env.update(extra)
+    return env
+
+
+def raw_request(port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 exchange over a plain socket: the target is sent exactly as given."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    if parsed.get("transfer-encoding") == "chunked":
+        body = _dechunk(body)
+    return int(status_line.split()[1]), parsed, body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return out
+
+
+async def araw(port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
+    return await asyncio.get_running_loop().run_in_executor(None, raw_request, port, target, headers, method)
+
+
+def run_meter(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "meter", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or clean_env())
+
+
+async def arun_meter(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "meter", *args, cwd=ROOT, env=env or clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+async def send_requests(proxy_url: str, n: int) -> None:
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {SECRET_KEY}", "x-fake-usage": json.dumps({"input_tokens": 7, "output_tokens": 3})}
+    async with aiohttp.ClientSession() as http:
+        for _ in range(n):
+            async with http.post(proxy_url + "/v1/responses", data=b'{"model": "gpt-4o", "input": "x"}', headers=headers) as r:
+                assert r.status == 200
+                await r.read()
+
+
+def assert_unauthorized(status: int, headers: dict[str, str], body: bytes, what: str) -> None:
+    assert status == 401, (what, status, body[:200])
+    assert headers.get("www-authenticate", "").startswith("Bearer"), (what, headers)
+    error = json.loads(body)["error"]
+    assert isinstance(error, dict) and error["message"] and "\n" not in error["message"], (what, error)
+    assert TOKEN not in body.decode("utf-8", "replace")
+
+
+# --- 1. the token ---------------------------------------------------------------------
+
+
+async def test_token_guards_every_admin_path_but_health(upstream, meter_process, tmp_path: Path) -> None:
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), "--log-level", "debug", env=clean_env(METER_ADMIN_TOKEN=TOKEN))
+    await send_requests(proc.url, 2)
+    port = proc.admin_port
+    good = {"Authorization": f"Bearer {TOKEN}"}
+    wrong = [
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer "},
+        {"Authorization": f"Bearer {TOKEN[:-1]}"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"Authorization": "Bearer \u00e9t\u00e9".encode().decode("latin-1")},  # non-ASCII bytes must not crash the comparison
+        {"X-Admin-Token": TOKEN},
+    ]
+    # Spellings of the guarded paths that must not slip past the guard.
+    targets = ["/metrics", "/api/report", "/api/report?by=model", "/metrics?healthz", "/healthz/../metrics", "/%6detrics", "//metrics", "/no-such-path", "/readyz/x", "/healthz2"]
+    for target in targets:
+        for headers in wrong:
+            status, got, body = await araw(port, target, headers)
+            assert_unauthorized(status, got, body, f"{target} {headers}")
+        status, got, body = await araw(port, target, {}, method="HEAD")
+        assert status == 401, (target, "HEAD")
+    for method in ("POST", "PUT", "DELETE"):
+        status, got, body = await araw(port, "/api/report", {}, method=method)
+        assert status == 401, method
+
+    # The right token opens them; the scheme is case-insensitive (RFC 9110 §11.1).
+    status, _, body = await araw(port, "/metrics", good)
+    assert status == 200 and b"meter_requests_total" in body
+    status, _, body = await araw(port, "/api/report?by=model", {"Authorization": f"bearer {TOKEN}"})
+    assert status == 200 and json.loads(body)[0]["requests"] == 2
+    status, _, _ = await araw(port, "/no-such-path", good)
+    assert status == 404
+
+    # Probes need no token: the kubelet and Docker's HEALTHCHECK have none.
+    for target in ("/healthz", "/readyz"):
+        status, _, body = await araw(port, target)
+        assert status == 200, target
+        status, _, _ = await araw(port, target, {"Authorization": "Bearer wrong"})
+        assert status == 200, target
+
+    proc.stop()
+    log = (tmp_path / "meter0.log").read_bytes()
+    assert TOKEN.encode() not in log and TOKEN[:12].encode() not in log
+
+
+async def test_admin_token_flag_beats_the_environment(upstream, meter_process, tmp_path: Path) -> None:
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), "--admin-token", TOKEN, env=clean_env(METER_ADMIN_TOKEN="from-env"))
+    status, _, _ = await araw(proc.admin_port, "/metrics", {"Authorization": "Bearer from-env"})
+    assert status == 401
+    status, _, _ = await araw(proc.admin_port, "/metrics", {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200
+
+
+# --- 2. a non-loopback admin address ---------------------------------------------------
+
+
+def test_loopback_hosts() -> None:
+    from meter.admin import is_loopback_host
+
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "localhost", "LOCALHOST"):
+        assert is_loopback_host(host), host
+    for host in ("0.0.0.0", "::", "10.0.0.1", "192.168.1.5", "meter.internal", "", "localhost.evil.example", "::ffff:10.0.0.1"):
+        assert not is_loopback_host(host), host
+
+
+def test_non_loopback_admin_without_token_refuses_before_binding(tmp_path: Path) -> None:
+    ledger = tmp_path / "l.duckdb"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        busy_port = busy.getsockname()[1]
+        # The proxy port is taken: had meter bound anything first, the line would be about it.
+        for admin in (f"0.0.0.0:{free_port()}", f"[::]:{free_port()}", f":{free_port()}"):
+            result = run_meter("serve", "--listen", f"127.0.0.1:{busy_port}", "--admin-listen", admin, "--ledger", str(ledger))
+            line = assert_one_line_error(result, "admin-listen", "admin-token", "METER_ADMIN_TOKEN", "--admin-insecure")
+            assert str(busy_port) not in line
+        via_env = run_meter("serve", "--listen", f"127.0.0.1:{busy_port}", "--ledger", str(ledger), env=clean_env(METER_ADMIN_LISTEN=f"0.0.0.0:{free_port()}"))
+        assert_one_line_error(via_env, "admin-listen", "admin-token")
+    assert not ledger.exists(), "nothing was opened"
+
+
+async def test_non_loopback_admin_starts_with_a_token_or_insecure(upstream, tmp_path: Path) -> None:
+    for n, (extra, env) in enumerate([([], clean_env(METER_ADMIN_TOKEN=TOKEN)), (["--admin-insecure"], clean_env())]):
+        proc = MeterProcess(["--upstream", upstream.url, "--ledger", str(tmp_path / f"l{n}.duckdb"), *extra], env=env, log_path=tmp_path / f"m{n}.log")
+        proc.args += ["--admin-listen", f"0.0.0.0:{proc.admin_port}"]  # the last flag wins
+        try:
+            proc.start()
+            status, _, _ = await araw(proc.admin_port, "/metrics")
+            assert status == (401 if not extra else 200)
+        finally:
+            proc.stop()
+        log = (tmp_path / f"m{n}.log").read_text()
+        warnings = [line for line in log.splitlines() if "WARNING" in line and "admin" in line]
+        if extra:
+            assert len(warnings) == 1 and "--admin-insecure" in warnings[0] and "0.0.0.0" in warnings[0], log
+        else:
+            assert not warnings, log
+
+
+# --- 3. /readyz -----------------------------------------------------------------------
+
+
+async def test_readyz_reports_states_never_the_store_error(upstream, postgres, meter_process, tmp_path: Path) -> None:
+    url = postgres.new_database()
+    proc = meter_process("--upstream", upstream.url, "--ledger", url, "--spool", str(tmp_path / "spool.jsonl"), "--flush-interval", "0.1")
+    status, _, body = await araw(proc.admin_port, "/readyz")
+    assert status == 200 and json.loads(body) == {"ready": True, "ledger": "ok", "ledger_pending_records": 0}
+    postgres.stop()
+    try:
+        await send_requests(proc.url, 3)
+        deadline = time.monotonic() + 20
+        state: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            status, _, body = await araw(proc.admin_port, "/readyz")
+            state = json.loads(body)
+            if state["ledger"] == "failing" and state["ledger_pending_records"] == 3:
+                break
+            await asyncio.sleep(0.1)
+        assert status == 200  # a ledger outage never takes the replica out of a load balancer
+        assert state == {"ready": True, "ledger": "failing", "ledger_pending_records": 3}, state
+        text = body.decode()
+        for leak in ("Error", "refused", "connect", str(postgres.port), postgres.password):
+            assert leak not in text, leak
+    finally:
+        postgres.start()
+
+
+# --- 4. meter report --url sends the token --------------------------------------------
+
+
+async def test_report_url_sends_the_admin_token(upstream, meter_process, tmp_path: Path) -> None:
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), env=clean_env(METER_ADMIN_TOKEN=TOKEN))
+    await send_requests(proc.url, 3)
+    missing = assert_one_line_error(await arun_meter("report", "--url", proc.admin_url, "--format", "json"), "--url", "401", "METER_ADMIN_TOKEN")
+    assert TOKEN not in missing
+    wrong = assert_one_line_error(await arun_meter("report", "--url", proc.admin_url, env=clean_env(METER_ADMIN_TOKEN="not-it")), "--url", "401", "METER_ADMIN_TOKEN")
+    assert "not-it" not in wrong
+    ok = await arun_meter("report", "--url", proc.admin_url, "--by", "model", "--format", "json", env=clean_env(METER_ADMIN_TOKEN=TOKEN))
+    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    [row] = json.loads(ok.stdout)
+    assert (row["model"].startswith("gpt-4o"), row["requests"], row["input_tokens"]) == (True, 3, 21)
+
+
+# --- 5. inputs out of range; a report that cannot see every record ---------------------
+
+
+OUT_OF_RANGE = [
+    {"since": "999999999d"},
+    {"since": "99999999999999999999d"},
+    {"since": "9999999999999999w"},
+    {"until": "9999-12-31"},
+    {"until": "9999-12-31T23:59:59-05:00"},
+    {"since": "0001-01-01T00:00:00+05:00"},
+    {"since": "0000-01-01"},
+    {"since": "10000-01-01"},
+]
+
+
+async def test_out_of_range_windows_are_a_400_and_one_cli_line(upstream, meter_process, tmp_path: Path) -> None:
+    ledger = tmp_path / "l.duckdb"
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    await send_requests(proc.url, 1)
+    for params in OUT_OF_RANGE:
+        query = "&".join(f"{k}={v.replace('+', '%2B')}" for k, v in params.items())
+        status, headers, body = await araw(proc.admin_port, "/api/report?" + query)
+        assert status == 400, (params, status, body[:300])
+        message = json.loads(body)["error"]
+        assert message and "\n" not in message and "Traceback" not in message, message
+        [(name, value)] = params.items()
+        assert f"--{name}" in message, message
+        result = await arun_meter("report", "--url", proc.admin_url, f"--{name}", value)
+        assert_one_line_error(result, f"--{name}")
+    # The widest window that fits still works, over the live proxy and over a file.
+    status, _, body = await araw(proc.admin_port, "/api/report?since=0001-01-01&until=9999-12-30")
+    assert status == 200 and json.loads(body)[0]["requests"] == 1
+    proc.stop()
+    for params in OUT_OF_RANGE:
+        [(name, value)] = params.items()
+        assert_one_line_error(await arun_meter("report", "--ledger", str(ledger), f"--{name}", value), f"--{name}")
+    wide = await arun_meter("report", "--ledger", str(ledger), "--since", "0001-01-01", "--until", "9999-12-30", "--format", "json")
+    assert wide.returncode == 0 and json.loads(wide.stdout)[0]["requests"] == 1, wide.stderr
+
+
+async def test_a_report_that_cannot_see_every_record_says_so(upstream, postgres, meter_process, tmp_path: Path) -> None:
+    import asyncpg
+
+    url = postgres.new_database()
+    proc = meter_process("--upstream", upstream.url, "--ledger", url, "--spool", str(tmp_path / "spool.jsonl"), "--flush-interval", "0.1")
+    await send_requests(proc.url, 2)
+    status, headers, body = await araw(proc.admin_port, "/api/report")
+    assert status == 200 and "meter-report-pending" not in headers and json.loads(body)[0]["requests"] == 2
+
+    # Hold the table: reads go on (EXCLUSIVE admits ACCESS SHARE), inserts wait.
+    holder = await asyncpg.connect(url)
+    tx = holder.transaction()
+    await tx.start()
+    try:
+        await holder.execute("LOCK TABLE requests IN EXCLUSIVE MODE")
+        await send_requests(proc.url, 3)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and json.loads((await araw(proc.admin_port, "/readyz"))[2])["ledger_pending_records"] != 3:
+            await asyncio.sleep(0.05)  # the last record is queued just after its answer
+        status, headers, body = await araw(proc.admin_port, "/api/report")
+        assert status == 200, body
+        assert headers.get("meter-report-pending") == "3", headers
+        assert json.loads(body)[0]["requests"] == 2  # what the ledger holds, in the usual shape
+        for fmt in ("json", "csv"):
+            result = await arun_meter("report", "--url", proc.admin_url, "--format", fmt)
+            assert result.returncode == 0, result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1 and "warning" in lines[0] and "3" in lines[0] and "Traceback" not in result.stderr, result.stderr
+            if fmt == "json":
+                assert json.loads(result.stdout)[0]["requests"] == 2
+            else:
+                assert result.stdout.splitlines()[0].startswith("requests,") and result.stdout.splitlines()[1].startswith("2,")
+    finally:
+        await tx.rollback()
+        await holder.close()
+    status, headers, body = await araw(proc.admin_port, "/api/report")
+    assert status == 200 and "meter-report-pending" not in headers and json.loads(body)[0]["requests"] == 5
+    clean = await arun_meter("report", "--url", proc.admin_url, "--format", "json")
+    assert clean.returncode == 0 and clean.stderr == ""
+
+
+# --- 8. a start-up that fails after binding --------------------------------------------
+
+
+class FailsToStart:
+    """An addon whose start() fails, as the ledger's does on an unusable file."""
+
+    async def start(self) -> None:
+        raise StartupError("ledger: test addon cannot start")
+
+
+class FailsToAttach:
+    """An addon that fails once every addon (the ledger's writer included) has started."""
+
+    def attach(self, meter: Any) -> None:
+        raise StartupError("test addon cannot attach")
+
+
+def can_bind(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("addon", [FailsToStart(), FailsToAttach()], ids=["start", "attach"])
+async def test_failed_start_releases_ports_and_stops_what_it_started(upstream, tmp_path: Path, addon: Any) -> None:
+    port, admin = free_port(), free_port()
+    ledger = tmp_path / "l.duckdb"
+    settings = load_settings({"upstream": upstream.url, "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}", "ledger": str(ledger)}, env={})
+    before = {t.ident for t in threading.enumerate()}
+    meter = Meter(settings, extra_addons=[addon])
+    with pytest.raises(StartupError, match="test addon"):
+        await meter.start()
+    assert can_bind(port) and can_bind(admin), "the ports were released"
+    assert meter.session is None or meter.session.closed
+    assert not meter.accepting
+    leftover = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+    assert "meter-ledger" not in leftover, leftover
+    assert getattr(meter.store, "con", None) is None, "the ledger is closed"
+    # The ledger file, if the writer got to open it, is free for the next meter.
+    again = Meter(load_settings({"upstream": upstream.url, "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}", "ledger": str(ledger)}, env={}))
+    await again.start()
+    await again.stop()
+
