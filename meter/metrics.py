@@ -187,60 +187,31 @@ class _Series:
         return self.ttfb
 
 
-class _Tallies:
-    """Families counted as plain ints and exported at scrape time.
-
-    Usage anomalies are counted on the request path, but overflowed numbers are
-    found by the ledger writer thread: both are `meter_usage_anomalies_total`,
-    so that one family is assembled here from both sources at every scrape.  The
-    ledger's own counters are read the same way, so they are always current.
-    """
+class _LedgerCollector:
+    """The ledger writer's own counters, read at scrape time so they are always current."""
 
     def __init__(self, ledger: Any) -> None:
         self.ledger = ledger
-        self.anomalies: dict[tuple[str, str], int] = {}  # (endpoint, kind) -> requests
-        self.unmetered: dict[tuple[str, str], int] = {}  # (endpoint, reason label) -> requests
 
     def describe(self) -> list[Metric]:
-        return self._families(with_values=False)
+        return self._families(None, None)
 
     def collect(self) -> list[Metric]:
-        return self._families(with_values=True)
-
-    def _families(self, with_values: bool) -> list[Metric]:
-        anomalies = CounterMetricFamily(
-            "meter_usage_anomalies", "Usage blocks that break an invariant, or numbers past the ledger's types (kind overflow).",
-            labels=["endpoint", "kind"],
-        )
-        unmetered = CounterMetricFamily(
-            "meter_unmetered_requests", "Model calls that completed without usage meter could read, by reason.", labels=["endpoint", "reason"],
-        )
-        families: list[Metric] = [anomalies, unmetered]
         ledger = self.ledger
-        stats = getattr(ledger, "stats", None) if with_values else None
-        if with_values:
-            for (endpoint, kind), n in list(self.anomalies.items()):
-                anomalies.add_metric([endpoint, kind], n)
-            for endpoint, n in _bounded_counts(getattr(stats, "overflows", None)).items():
-                anomalies.add_metric([endpoint, "overflow"], n)
-            for (endpoint, reason), n in list(self.unmetered.items()):
-                unmetered.add_metric([endpoint, reason], n)
-        if ledger is None:
-            return families
-        truncated = CounterMetricFamily("meter_values_truncated", "Values from outside cut to the size the ledger stores, by field.", labels=["field"])
-        if with_values:
-            for field, n in _bounded_counts(getattr(stats, "truncated", None)).items():
-                truncated.add_metric([field], n)
+        return self._families(ledger, getattr(ledger, "stats", None))
+
+    @staticmethod
+    def _families(ledger: Any, stats: Any) -> list[Metric]:
+        def value(obj: Any, name: str) -> float | None:
+            return getattr(obj, name, 0) if ledger is not None else None  # describe(): no value
+
         return [
-            *families,
-            GaugeMetricFamily("meter_ledger_pending_records", "Records waiting to be written to the ledger.", value=getattr(ledger, "pending", 0) if with_values else None),
-            CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger.", value=getattr(stats, "written", 0) if with_values else None),
-            CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches).", value=getattr(stats, "write_errors", 0) if with_values else None),
+            GaugeMetricFamily("meter_ledger_pending_records", "Records waiting to be written to the ledger.", value=value(ledger, "pending")),
+            CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger.", value=value(stats, "written")),
+            CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches).", value=value(stats, "write_errors")),
             CounterMetricFamily(
-                "meter_ledger_rejected_records", "Records the store refused, appended to <ledger>.rejected.jsonl.",
-                value=getattr(stats, "rejected", 0) if with_values else None,
+                "meter_ledger_rejected_records", "Records the store refused, appended to <ledger>.rejected.jsonl.", value=value(stats, "rejected"),
             ),
-            truncated,
         ]
 
 
@@ -270,6 +241,14 @@ class Metrics:
         self.cache_misses = Counter(
             "meter_prompt_cache_misses", "Requests whose prompt cache diagnostics report a miss, by reason.", ["model", "reason"], registry=r,
         )
+        self.anomalies = Counter(
+            "meter_usage_anomalies", "Usage blocks that break an invariant, or numbers past the ledger's types (kind overflow).",
+            ["endpoint", "kind"], registry=r,
+        )
+        self.unmetered = Counter(
+            "meter_unmetered_requests", "Model calls that completed without usage meter could read, by reason.", ["endpoint", "reason"], registry=r,
+        )
+        self.truncated = Counter("meter_values_truncated", "Values from outside cut to the size the ledger stores, by field.", ["field"], registry=r)
         self.websockets = Gauge("meter_websocket_connections", "Open client WebSocket connections.", registry=r)
         self.cost = Counter("meter_cost_usd", "Cost in US dollars of priced requests.", ["model", "service_tier", *key], registry=r)
         self.duration = Histogram(
@@ -287,12 +266,16 @@ class Metrics:
         self.in_flight = Gauge("meter_in_flight_requests", "Requests being forwarded now.", ["endpoint"], registry=r)
         self.unpriced = Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"], registry=r)
         self.ledger = ledger_writer
-        self.tallies = _Tallies(ledger_writer)
-        r.register(self.tallies)
+        if ledger_writer is not None:
+            r.register(_LedgerCollector(ledger_writer))
+        # What the ledger writer thread counted and was already added to a counter: (family, label) -> count.
+        self._from_ledger: dict[tuple[str, str], float] = {}
         # Keyed by label values (see the module doc): (endpoint, model, tier, status, outcome, key, stream).
         self._series: dict[tuple[str, str, str, int | None, str, str | None, bool], _Series] = {}
         self._in_flight: dict[str, Any] = {}
         self._miss: dict[tuple[str, str], Any] = {}
+        self._anomaly: dict[tuple[str, str], Any] = {}
+        self._unmetered: dict[tuple[str, str], Any] = {}
 
     # hooks ----------------------------------------------------------------------
 
@@ -347,9 +330,8 @@ class Metrics:
             series.unpriced_child().inc()
 
         if record.anomalies:
-            counts = self.tallies.anomalies
             for kind in record.anomalies:  # meter's own words (observe.usage_anomalies): a fixed set
-                counts[(endpoint, kind)] = counts.get((endpoint, kind), 0) + 1
+                self._anomaly_child(endpoint, kind).inc()
         status = record.cache_status
         if status is not None and status.startswith("miss:"):
             self._miss_child(series._labels[1], self._reasons(status[5:], _accepted(record))).inc()
@@ -378,8 +360,16 @@ class Metrics:
 
     def _count_unmetered(self, endpoint: str, reason: Any) -> None:
         label = self._unmetered_reasons(reason) if isinstance(reason, str) else OTHER
-        counts = self.tallies.unmetered
-        counts[(endpoint, label)] = counts.get((endpoint, label), 0) + 1
+        child = self._unmetered.get((endpoint, label))
+        if child is None:
+            child = self._unmetered[(endpoint, label)] = self.unmetered.labels(endpoint, label)
+        child.inc()
+
+    def _anomaly_child(self, endpoint: str, kind: str) -> Any:
+        child = self._anomaly.get((endpoint, kind))
+        if child is None:
+            child = self._anomaly[(endpoint, kind)] = self.anomalies.labels(endpoint, kind)
+        return child
 
     def _miss_child(self, model: str, reason: str) -> Any:
         child = self._miss.get((model, reason))
@@ -398,7 +388,30 @@ class Metrics:
     # admin ------------------------------------------------------------------------
 
     def render(self) -> bytes:
+        self._add_ledger_counts()
         return generate_latest(self.registry)
+
+    def _add_ledger_counts(self) -> None:
+        """Bring the counters fed by the ledger writer thread up to its counts, at scrape time.
+
+        Overflowed numbers belong to `meter_usage_anomalies_total` (kind
+        `overflow`), a family also counted on the request path, so the writer's
+        counts are added to the counters as increments rather than exported by a
+        second collector under the same name.
+        """
+        stats = getattr(self.ledger, "stats", None)
+        if stats is None:
+            return
+        for endpoint, total in _bounded_counts(getattr(stats, "overflows", None)).items():
+            self._add_up("overflow", endpoint, total, lambda e: self._anomaly_child(e, "overflow"))
+        for field, total in _bounded_counts(getattr(stats, "truncated", None)).items():
+            self._add_up("truncated", field, total, self.truncated.labels)
+
+    def _add_up(self, family: str, label: str, total: float, child: Any) -> None:
+        done = self._from_ledger.get((family, label), 0)
+        if total > done:  # the writer only counts up
+            child(label).inc(total - done)
+            self._from_ledger[(family, label)] = total
 
     def admin_routes(self, app: Any) -> None:
         from aiohttp import web

@@ -178,13 +178,21 @@ async def test_ledger_and_unmetered_families_exported(upstream, start_meter) -> 
     assert m.value("meter_ledger_rejected_records_total") == 3
     assert m.by("meter_values_truncated_total", "field") == {"model": 2, "tags": 5}
     assert m.by("meter_usage_anomalies_total", "kind", endpoint="responses") == {"total_mismatch": 1, "overflow": 4}
-    assert m.text.count("# TYPE meter_usage_anomalies_total counter") + m.text.count("# TYPE meter_usage_anomalies counter") == 1
-
-    # Field names past the bounds still cannot grow the scrape.
-    stats.truncated = {f"field-{i}": 1 for i in range(500)} | {"f" * 4000: 1}
+    assert m.text.count("# TYPE meter_usage_anomalies") == 1
+    # Read again: what the writer counted is added once, not at every scrape.
+    stats.overflows["responses"] += 1
     m = await scrape(meter.admin_url)
-    assert len(m.label_values("meter_values_truncated_total", "field")) == MAX_SCRAPED_LABELS + 1
-    assert m.value("meter_values_truncated_total") == 501
+    assert m.by("meter_usage_anomalies_total", "kind", endpoint="responses") == {"total_mismatch": 1, "overflow": 5}
+
+    # Field names past the bounds still cannot grow the scrape; nothing counted is lost.
+    stats.truncated.update({f"field-{i}": 1 for i in range(500)} | {"f" * 4000: 1})
+    stats.truncated["model"] += 1
+    m = await scrape(meter.admin_url)
+    fields = m.by("meter_values_truncated_total", "field")
+    assert len(fields) == MAX_SCRAPED_LABELS + 1
+    assert fields["model"] == 3 and fields["tags"] == 5 and fields["field-0"] == 1 and "field-499" not in fields
+    assert fields["other"] == 501 - (MAX_SCRAPED_LABELS - 2)
+    assert sum(fields.values()) == 2 + 1 + 5 + 501
     assert longest_label_value(m) <= MAX_LABEL_CHARS
 
 
