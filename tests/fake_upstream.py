@@ -5,7 +5,7 @@ background mode with retrieve / resumed streams / cancel / delete, compact,
 input_tokens, Chat Completions with and without streams, Embeddings, models),
 replays recorded real traffic from `shared/fixtures` byte for byte, and
 misbehaves on request (resets, stalls, truncated or undecodable bodies, streams
-without an end, 10 MB bodies, gzip, any error status).  Every answer is
+without an end, 10 MB bodies, gzip, br, zstd, any error status).  Every answer is
 deterministic given the request, apart from minted ids (`resp_`/`msg_` + 32 hex
 digits) and `x-request-id`, so that a call made through meter and the same call
 made directly can be compared.  Tests steer it with request headers (on
@@ -26,6 +26,11 @@ WebSocket, the handshake's headers and per-response `metadata`):
     x-fake-stall-s: S              length of the `stall*` scenarios (default 3600)
     x-fake-error: {json}           fields of the error body of `status:<code>`
     x-fake-ws-refuse: <status>     refuse a WebSocket upgrade with that status and an error body
+    x-fake-encoding: gzip|deflate|br|zstd|accept
+                                   compress the answer with that content coding (a stream chunk by chunk,
+                                   flushed after each); `accept`: the first of them that the request's
+                                   Accept-Encoding lists, in its order (Codex asks for `zstd,gzip`);
+                                   identity when it lists none
     x-fake-scenario: reset-mid-stream | stall | stall-before-headers | truncated-json | non-utf8 |
                      no-terminal | big-body | gzip | slow-stream | status:<code>
 
@@ -44,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import gzip
 import json
 import os
 import re
@@ -540,7 +544,7 @@ class Delivery:
 
     chunk_delay: float = 0.0
     chunk_bytes: int = 0
-    gzip: bool = False
+    encoding: str | None = None  # content coding of the answer (gzip, deflate, br, zstd)
     cut: str | None = None  # "reset": abort after a few chunks; "truncate": half a body, then abort
     stall: float = 0.0  # pause after the first chunk (or after the headers of a body)
     drop_terminal: bool = False
@@ -580,6 +584,52 @@ def non_utf8_answer() -> Answer:
     return Answer(200, api_headers("application/json", 0), body)
 
 
+ENCODINGS = ("gzip", "deflate", "br", "zstd")
+
+
+class Packer:
+    """One content coding, streamed: each chunk is flushed so that a client can decode it as it arrives."""
+
+    def __init__(self, coding: str) -> None:
+        self._flush: Any = None
+        if coding in ("gzip", "deflate"):  # HTTP's deflate is the zlib format
+            self._coder: Any = zlib.compressobj(wbits=zlib.MAX_WBITS + (16 if coding == "gzip" else 0))
+            self._flush = zlib.Z_SYNC_FLUSH
+        elif coding == "br":
+            import brotli
+
+            self._coder = brotli.Compressor()
+        elif coding == "zstd":
+            import zstandard
+
+            self._coder = zstandard.ZstdCompressor().compressobj()
+            self._flush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        else:
+            raise FakeInputError(f"x-fake-encoding {coding!r}: not one of {', '.join(ENCODINGS)} or accept")
+        self.coding = coding
+
+    def pack(self, chunk: bytes) -> bytes:
+        if self.coding == "br":
+            return self._coder.process(chunk) + self._coder.flush()
+        return self._coder.compress(chunk) + self._coder.flush(self._flush)
+
+    def finish(self) -> bytes:
+        return self._coder.finish() if self.coding == "br" else self._coder.flush()
+
+
+def answer_encoding(headers: Mapping[str, str]) -> str | None:
+    """The coding `x-fake-encoding` asks for; `accept` picks from the request's Accept-Encoding, in its order."""
+    asked = headers.get("x-fake-encoding")
+    if asked != "accept":
+        return asked or None
+    for item in headers.get("Accept-Encoding", "").split(","):
+        name, _, params = item.partition(";")
+        refused = params.replace(" ", "").lower() in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+        if name.strip().lower() in ENCODINGS and not refused:
+            return name.strip().lower()
+    return None
+
+
 async def deliver(request: web.BaseRequest, answer: Answer, how: Delivery) -> web.StreamResponse:
     """Send an answer whole or chunk by chunk, with the delays, compression and faults asked for."""
     if answer.chunks is None:
@@ -591,9 +641,9 @@ async def deliver(request: web.BaseRequest, answer: Answer, how: Delivery) -> we
         chunks = cut_every(b"".join(chunks), how.chunk_bytes)
     headers = dict(answer.headers)
     packer = None
-    if how.gzip:
-        headers["Content-Encoding"] = "gzip"
-        packer = zlib.compressobj(wbits=16 + zlib.MAX_WBITS)
+    if how.encoding:
+        headers["Content-Encoding"] = how.encoding
+        packer = Packer(how.encoding)
     resp = web.StreamResponse(status=answer.status, headers=headers)
     await resp.prepare(request)
     for i, chunk in enumerate(chunks):
@@ -605,18 +655,19 @@ async def deliver(request: web.BaseRequest, answer: Answer, how: Delivery) -> we
         if i and how.chunk_delay:
             await asyncio.sleep(how.chunk_delay)
         if packer is not None:
-            chunk = packer.compress(chunk) + packer.flush(zlib.Z_SYNC_FLUSH)
+            chunk = packer.pack(chunk)
         await resp.write(chunk)
     if packer is not None:
-        await resp.write(packer.flush())
+        await resp.write(packer.finish())
     await resp.write_eof()
     return resp
 
 
 async def deliver_body(request: web.BaseRequest, answer: Answer, how: Delivery) -> web.StreamResponse:
     body, headers = answer.body, answer.headers
-    if how.gzip:
-        body, headers = gzip.compress(body), {**headers, "Content-Encoding": "gzip"}
+    if how.encoding:
+        packer = Packer(how.encoding)
+        body, headers = packer.pack(body) + packer.finish(), {**headers, "Content-Encoding": how.encoding}
     if not (how.cut or how.stall):
         return web.Response(status=answer.status, body=body, headers=headers)
     resp = web.StreamResponse(status=answer.status, headers=headers)
@@ -695,7 +746,7 @@ class FakeOpenAI:
         return Delivery(
             chunk_delay=header_seconds(headers, "x-fake-chunk-delay-ms", delay_default, 0.001),
             chunk_bytes=header_int(headers, "x-fake-chunk-bytes", 0),
-            gzip=scenario == "gzip",
+            encoding="gzip" if scenario == "gzip" else answer_encoding(headers),
             cut="reset" if scenario == "reset-mid-stream" else "truncate" if scenario == "truncated-json" else None,
             stall=header_seconds(headers, "x-fake-stall-s", 3600.0) if scenario == "stall" else 0.0,
             drop_terminal=scenario == "no-terminal",
