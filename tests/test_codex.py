@@ -20,10 +20,12 @@ import subprocess
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import brotli
 import pytest
 import zstandard
 
@@ -338,10 +340,6 @@ def test_fake_answers_in_the_coding_asked_for(upstream: UpstreamProcess, coding:
 
 
 def decode(coding: str, raw: bytes) -> bytes:
-    import zlib
-
-    import brotli
-
     if coding == "zstd":
         return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
     if coding == "br":
