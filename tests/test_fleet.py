@@ -1,9 +1,10 @@
 """The fleet, run for real on one machine: PostgreSQL, two replicas, Prometheus, an OTLP receiver.
 
 No container engine here, so the compose topology runs as processes: a real
-PostgreSQL 15, two `meter serve` replicas writing to it, a real Prometheus using
-the scrape job from `deploy/prometheus/prometheus.yml`, and an OTLP/HTTP
-receiver.  10,000 requests split between the replicas must show up identically
+PostgreSQL 15, two `meter serve` replicas writing to it (with an admin token,
+as deploy/ runs them), a real Prometheus using the scrape job from
+`deploy/prometheus/prometheus.yml` (its bearer token file pointed at one
+written here), and an OTLP/HTTP receiver.  10,000 requests split between the replicas must show up identically
 in Prometheus, the ledger, `meter report`, and the traces.
 """
 
@@ -29,10 +30,18 @@ MODEL = "fleet-model"
 INPUT_MTOK, OUTPUT_MTOK = Decimal("2.5"), Decimal("10")  # the config's price, USD per million tokens
 
 
-def fleet_scrape_config(targets: list[str]) -> str:
-    """deploy/'s Prometheus config, pointed at this machine's replicas and scraped every second."""
+ADMIN_TOKEN = "fleet-admin-token-4b1e7c9d"
+
+
+def fleet_scrape_config(targets: list[str], token_file: Path) -> str:
+    """deploy/'s Prometheus config, pointed at this machine's replicas and scraped every second.
+
+    Its token comes from deploy's own `authorization` block: only the file it
+    names (compose's secret mount) is moved to one that exists here."""
     config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "meter"]
+    assert job["authorization"]["credentials_file"], "deploy's scrape job sends meter's admin token"
+    job["authorization"]["credentials_file"] = str(token_file)
     job["static_configs"] = [{"targets": targets}]
     job["scrape_interval"] = "1s"
     job["scrape_timeout"] = "900ms"
@@ -50,13 +59,16 @@ async def test_two_replicas_on_one_postgres_agree_everywhere(upstream, pg_url, m
             "OTEL_BSP_SCHEDULE_DELAY": "100",
             "OTEL_BSP_MAX_QUEUE_SIZE": str(4 * REQUESTS),
             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "2048",
+            "METER_ADMIN_TOKEN": ADMIN_TOKEN,
         }
+        token_file = tmp_path / "admin-token"
+        token_file.write_text(ADMIN_TOKEN + "\n")  # as a secret file often ends; Prometheus trims it
         replicas = [
             meter_process("--upstream", upstream.url, "--ledger", pg_url, "--config", str(config), "--spool", str(tmp_path / f"spool{i}.jsonl"), env=env)
             for i in range(2)
         ]
         prom = Prometheus(prometheus_binary(), "unused:0", tmp_path)
-        prom.config.write_text(fleet_scrape_config([r.admin_url.split("//", 1)[1] for r in replicas]))
+        prom.config.write_text(fleet_scrape_config([r.admin_url.split("//", 1)[1] for r in replicas], token_file))
         await prom.start()
         try:
             sent_input = sent_output = 0
@@ -88,6 +100,9 @@ async def test_two_replicas_on_one_postgres_agree_everywhere(upstream, pg_url, m
                 assert total == REQUESTS
                 scraped = await prom.query(http, "count(up{job=\"meter\"} == 1)")
                 assert scraped["data"]["result"][0]["value"][1] == "2"
+                # What Prometheus read, nobody else can: the replicas want the token.
+                async with http.get(replicas[0].admin_url + "/metrics") as r:
+                    assert r.status == 401
         finally:
             for replica in replicas:
                 replica.stop()
