@@ -8,7 +8,11 @@ project, user, day and hour, over a window, from
   UNION ALL, so the replicas of a fleet report as one),
 - a PostgreSQL ledger (`--ledger postgresql://...`), or
 - a running meter's admin API (`--url http://ADMIN`, `GET /api/report`), since
-  a running meter holds its DuckDB file open.
+  a running meter holds its DuckDB file open.  The request carries
+  `Authorization: Bearer $METER_ADMIN_TOKEN` when that variable is set; a 401
+  is one line naming it.  When the meter answers `Meter-Report-Pending: N`
+  (records it has not yet written: the ledger is failing or behind), the CLI
+  prints one warning line on stderr; stdout keeps its shape.
 
 One query builder, `report_sql(dialect, by, since, until)`, serves every path;
 the dialect switch covers the few places DuckDB and PostgreSQL differ
@@ -33,6 +37,8 @@ Output decisions:
   same digits, in the table trimmed to at most 9 places.
 - `--since` is inclusive and `--until` exclusive; a bare date given to
   `--until` means the end of that day.  Times without an offset are UTC.
+  A window reaching past 0001-01-01 or 9999-12-31 UTC is an argument error
+  (the admin API's 400), not an overflow.
 
 `meter reprice` recomputes `cost_usd` from the stored usage with today's
 prices and config (the proxy's own `Pricer` and usage invariants: a row that
@@ -603,9 +609,11 @@ class ReportAPI:
     """Addon: `GET /api/report?by=...&since=...&until=...` on the admin port.
 
     Answers with the JSON that `meter report --format json` prints.  Records
-    still queued in the ledger writer are written first, so the report covers
-    every request that has finished.  The query runs on its own DuckDB cursor
-    in a worker thread; the event loop never waits on it.
+    still queued in the ledger writer are written first (waiting at most
+    `FLUSH_WAIT`), so the report covers every request that has finished; when
+    some are still not in the ledger (it is failing or slow), the answer says
+    how many in `Meter-Report-Pending`.  The query runs on its own DuckDB
+    cursor in a worker thread; the event loop never waits on it.
     """
 
     def __init__(self, settings: Any, store: Any, ledger_writer: Any) -> None:
@@ -934,7 +942,11 @@ def add_report_commands(subparsers: Any) -> None:
         metavar="PATH_OR_URL",
         help="DuckDB file or postgresql:// URL; repeat to report over several replicas' files as one (default: the configured ledger)",
     )
-    source.add_argument("--url", metavar="http://ADMIN", help="ask a running meter's admin address (its DuckDB file is held open)")
+    source.add_argument(
+        "--url",
+        metavar="http://ADMIN",
+        help="ask a running meter's admin address (its DuckDB file is held open); sends METER_ADMIN_TOKEN as a bearer token when set",
+    )
     report.add_argument("--since", metavar="WHEN", help="from this time on (inclusive)")
     report.add_argument("--until", metavar="WHEN", help="up to this time (exclusive)")
     report.add_argument("--by", action="append", metavar="FIELDS", help=f"group by a comma-separated list of: {','.join(GROUP_FIELDS)}")
