@@ -226,6 +226,12 @@ def test_wheels_are_built_in_the_builder_and_installed_without_an_index() -> Non
     builder = dockerfile_stages()[0]
     runs = " ".join(rest for w, rest in builder["instructions"] if w == "RUN")
     assert "pip wheel" in runs and "--wheel-dir /wheels" in runs
+    # The dependencies are the locked ones, checked by hash; meter's own wheel brings none of its own.
+    assert "--require-hashes" in runs and "-r requirements.lock" in runs, runs
+    for command in re.split(r"&&|;", runs):
+        if "pip wheel" in command and "requirements.lock" not in command:
+            assert "--no-deps" in command, f"an unlocked pip wheel resolves dependencies: {command.strip()}"
+    assert (ROOT / "requirements.lock").is_file() and in_build_context("requirements.lock")
     installs = [r for r in final("RUN") if "pip install" in r]
     assert installs, "the final stage installs meter"
     for run in installs:
@@ -356,7 +362,7 @@ def in_build_context(relpath: str) -> bool:
 
 
 def test_build_context_holds_the_sources_and_nothing_else() -> None:
-    for path in ["pyproject.toml", "README.md", "meter/__init__.py", "meter/cli.py"]:
+    for path in ["pyproject.toml", "README.md", "requirements.lock", "meter/__init__.py", "meter/cli.py"]:
         assert in_build_context(path), path
     for path in [
         ".git/config",
