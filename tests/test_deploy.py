@@ -464,17 +464,54 @@ def test_compose_builds_meter_from_the_repository() -> None:
     assert (context / build["dockerfile"]).resolve() == DOCKERFILE
 
 
+# What compose's own variables would be on an operator's machine (all required ones set).
+OPERATOR_ENV = {"METER_ADMIN_TOKEN": "t0ken-hex", "POSTGRES_PASSWORD": "0123abcd", "GRAFANA_ADMIN_PASSWORD": "9876fedc"}
+
+
+class MissingVariable(Exception):
+    pass
+
+
+_INTERPOLATION = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's variable interpolation: $$, $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}."""
+
+    def one(m: re.Match[str]) -> str:
+        if m.group(1):
+            return "$"
+        name = m.group(2) or m.group(5)
+        op, arg = m.group(3), m.group(4) or ""
+        present = name in env
+        empty = not env.get(name)
+        if op in (":-", "-"):
+            return arg if (empty if op == ":-" else not present) else env[name]
+        if op in (":?", "?"):
+            if empty if op == ":?" else not present:
+                raise MissingVariable(f"{name}: {arg}")
+            return env[name]
+        return env.get(name, "")
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def interpolated_env(svc: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    return {k: interpolate(v, env) for k, v in env_of(svc).items()}
+
+
 def test_compose_meter_settings() -> None:
     meter = service("meter")
     env = env_of(meter)
     assert env["METER_UPSTREAM"] == "${METER_UPSTREAM:-https://api.openai.com}"
-    assert env["METER_LEDGER"] == "postgresql://meter:meter@postgres:5432/meter"
+    assert interpolate(env["METER_LEDGER"], OPERATOR_ENV) == f"postgresql://meter:{OPERATOR_ENV['POSTGRES_PASSWORD']}@postgres:5432/meter"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
     assert env["OTEL_SERVICE_NAME"] == "meter"
     unknown = {k for k in env if k.startswith("METER_")} - known_meter_env()
     assert not unknown, f"meter reads no such variables: {unknown}"
     flags = parse_serve_args(meter.get("command", []))
-    settings = _meter_config().load_settings(flags, env={**env, "METER_UPSTREAM": "https://api.openai.com"})
+    settings = _meter_config().load_settings(flags, env=interpolated_env(meter, OPERATOR_ENV))
+    assert settings.upstream == "https://api.openai.com"
     assert settings.ledger_is_postgres
     assert port_of(settings.listen) == 8080 and port_of(settings.admin_listen) == 9464
     assert str(settings.spool_path()).startswith("/data/"), "the spool lives in the meter-data volume"
@@ -490,10 +527,35 @@ def test_compose_meter_requires_an_admin_token() -> None:
     assert re.fullmatch(r"\$\{METER_ADMIN_TOKEN:\?[^}$]+\}", token), f"required from the environment, no default: {token!r}"
     flags = parse_serve_args(meter.get("command", []))
     assert not flags.get("admin_insecure")
-    base = {**env, "METER_UPSTREAM": "https://api.openai.com", "METER_LEDGER": "postgresql://meter:pw@postgres:5432/meter"}
-    without = _meter_config().load_settings(flags, env={k: v for k, v in base.items() if k != "METER_ADMIN_TOKEN"})
-    assert admin_exposure_error(without) is not None
-    assert admin_exposure_error(_meter_config().load_settings(flags, env={**base, "METER_ADMIN_TOKEN": "t0ken"})) is None
+    settings = _meter_config().load_settings(flags, env=interpolated_env(meter, OPERATOR_ENV))
+    assert settings.admin_token == OPERATOR_ENV["METER_ADMIN_TOKEN"] and admin_exposure_error(settings) is None
+    without = {k: v for k, v in interpolated_env(meter, OPERATOR_ENV).items() if k != "METER_ADMIN_TOKEN"}
+    assert admin_exposure_error(_meter_config().load_settings(flags, env=without)) is not None
+
+
+def test_interpolate_follows_compose() -> None:
+    env = {"A": "x", "E": ""}
+    assert interpolate("$$A ${A} $A ${B:-d} ${E:-d} ${E-d} ${B-d}", env) == "$A x x d d  d"
+    with pytest.raises(MissingVariable):
+        interpolate("${E:?need E}", env)
+    assert interpolate("${E?need E}", env) == ""
+
+
+@pytest.mark.parametrize("variable", sorted(OPERATOR_ENV))
+def test_compose_ships_no_default_secret(variable: str) -> None:
+    """Each secret is required from the operator's environment: without it compose refuses to start the stack."""
+    partial = {k: v for k, v in OPERATOR_ENV.items() if k != variable}
+    raised = []
+    for name, svc in compose()["services"].items():
+        try:
+            interpolated_env(svc, partial)
+        except MissingVariable as exc:
+            raised.append(name)
+            assert variable in str(exc)
+    assert raised, f"no service requires {variable}: a default would ship"
+    text = COMPOSE.read_text()
+    for weak in ("meter:meter@", "POSTGRES_PASSWORD: meter", ":-admin}"):
+        assert weak not in text, weak
 
 
 def compose_secret_path(svc: dict[str, Any], secret: str) -> str:
@@ -562,8 +624,8 @@ def _duration(text: str) -> float:
 def test_compose_ledger_url_matches_postgres() -> None:
     pg = service("postgres")
     assert re.match(r"postgres:15(\D|$)", pg["image"]), pg["image"]
-    env = env_of(pg)
-    url = urlsplit(env_of(service("meter"))["METER_LEDGER"])
+    env = interpolated_env(pg, OPERATOR_ENV)
+    url = urlsplit(interpolated_env(service("meter"), OPERATOR_ENV)["METER_LEDGER"])
     assert (url.username, url.password, url.path.lstrip("/")) == (env["POSTGRES_USER"], env["POSTGRES_PASSWORD"], env["POSTGRES_DB"])
     assert url.hostname == "postgres" and url.port == 5432
     assert "pg_isready" in " ".join(pg["healthcheck"]["test"])
@@ -624,9 +686,9 @@ def test_prometheus_scrapes_meter_admin_port() -> None:
 
 def test_grafana_provisions_prometheus_and_every_dashboard() -> None:
     grafana = service("grafana")
-    env = env_of(grafana)
-    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
-    assert env["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    env = interpolated_env(grafana, OPERATOR_ENV)
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false", "the dashboards show per-key spend and users: no anonymous viewers"
+    assert env["GF_SECURITY_ADMIN_PASSWORD"] == OPERATOR_ENV["GRAFANA_ADMIN_PASSWORD"]
     dashboards = mount_source(grafana, "/var/lib/grafana/dashboards")
     provisioning = mount_source(grafana, "/etc/grafana/provisioning")
     assert dashboards == ROOT / "dashboards"
