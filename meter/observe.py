@@ -11,11 +11,15 @@ recognised by their event name and skipped, which keeps per-chunk work small.
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import brotli
+import zstandard
 
 try:  # orjson is several times faster on large terminal events; json is the fallback
     import orjson
@@ -59,6 +63,10 @@ class Observation:
     first_token_at: float | None = None  # clock() reading at the first output delta
     terminal: bool = False  # a terminal event (or whole JSON body) was read
     unreadable: str | None = None  # why (part of) the body could not be read
+    # Why a model call that ended without an error has no usage meter could read:
+    # metered_bytes_limit, oversized_event, unknown_encoding, no_include_usage,
+    # no_terminal_event.  Counted, so that nothing goes unmetered silently.
+    unmetered: str | None = None
 
 
 @dataclass(slots=True)
@@ -253,50 +261,281 @@ def observe_json_body(kind: str, body: bytes) -> Observation:
     return obs
 
 
+# --- bounded copies ------------------------------------------------------------
+
+# Past `max_bytes` an event or body keeps this much of its start and of its end:
+# enough for the members around a large `output` (id, model, status before it;
+# usage, the served tier after it), small beside the limit.
+_EDGE_MAX = 1 << 20
+
+
+class _Capped:
+    """Bytes held whole up to `limit`; past it only a head and a tail of them.
+
+    Whole, the first piece is held by reference (a body that comes in one chunk
+    costs no copy) and later pieces go into one bytearray, so the bytes held are
+    the bytes counted however small the pieces.  Past the limit the first `edge`
+    bytes stay, and the last `edge` (up to twice that between trims) roll on.
+    """
+
+    __slots__ = ("limit", "edge", "size", "_first", "_buf", "head", "tail")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.edge = max(1, min(limit // 2, _EDGE_MAX))
+        self.size = 0
+        self._first: bytes | None = None
+        self._buf: bytearray | None = None
+        self.head: bytes = b""
+        self.tail: bytearray | None = None  # set once past the limit
+
+    def add(self, piece: bytes) -> None:
+        n = len(piece)
+        size = self.size + n
+        self.size = size
+        tail = self.tail
+        if tail is not None:
+            edge = self.edge
+            if n >= edge:
+                tail[:] = piece[n - edge :]
+            else:
+                tail += piece
+                if len(tail) > 2 * edge:
+                    del tail[: len(tail) - edge]
+        elif size <= self.limit:
+            buf = self._buf
+            if buf is not None:
+                buf += piece
+            elif self._first is None:
+                self._first = piece
+            else:
+                self._buf = bytearray(self._first)
+                self._buf += piece
+                self._first = None
+        else:
+            self._spill(piece)
+
+    def _spill(self, piece: bytes) -> None:
+        """The limit is crossed: keep the head and the tail of what is held and `piece`."""
+        held: bytes | bytearray = self._buf if self._buf is not None else (self._first or b"")
+        edge, n, h = self.edge, len(piece), len(held)
+        self.head = bytes(held[:edge]) if h >= edge else bytes(held) + piece[: edge - h]
+        if n >= edge:
+            self.tail = bytearray(piece[n - edge :])
+        else:
+            self.tail = bytearray(held[h - (edge - n) :]) if h > edge - n else bytearray(held)
+            self.tail += piece
+        self._first = self._buf = None
+
+    def whole(self) -> bytes | bytearray:
+        if self._buf is not None:
+            return self._buf
+        return self._first or b""
+
+
+# --- reading an object that was cut in the middle --------------------------------
+
+_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]')  # a JSON string, or a bracket
+_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+_VALUE_WINDOW = 64 << 10  # members read from a head or tail are small (usage, ids)
+_NOTHING: Any = object()
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _value_at(buf: bytes | bytearray, pos: int) -> Any:
+    """The JSON value that starts at buf[pos], if it ends within the window."""
+    text = bytes(buf[pos : pos + _VALUE_WINDOW]).decode("utf-8", "replace")
+    try:
+        return _raw_decode(text)[0]
+    except ValueError:
+        return _NOTHING
+
+
+def _members(buf: bytes | bytearray, start: int, wanted: frozenset[str]) -> dict[str, int]:
+    """Where the values of the `wanted` members of the object opening at buf[start] begin.
+
+    Strings are tokens, so a key is told from text that looks like one, and only
+    members of the object itself (depth 1) count.  `buf` may end anywhere.
+    """
+    found: dict[str, int] = {}
+    depth = 0
+    for m in _TOKEN.finditer(buf, start):
+        c = buf[m.start()]
+        if c == 34:  # '"'
+            if depth == 1:
+                colon = _COLON.match(buf, m.end())
+                if colon is not None:
+                    key = bytes(buf[m.start() + 1 : m.end() - 1]).decode("utf-8", "replace")
+                    if key in wanted and key not in found:
+                        found[key] = colon.end()
+                        if len(found) == len(wanted):
+                            break
+        elif c == 123 or c == 91:  # { [
+            depth += 1
+        else:
+            depth -= 1
+            if depth <= 0:
+                break
+    return found
+
+
+def _last_member(buf: bytes | bytearray, key: str, check: Callable[[Any], bool]) -> Any:
+    """The value of the last member named `key` in `buf`, a tail of a JSON text.
+
+    A tail starts anywhere, even inside a string, so depth cannot be known; but
+    inside a string every quote is escaped, so `"key"` preceded by `{` or `,`
+    and followed by `:` is a member of some object.  The last one whose value
+    passes `check` is taken: in OpenAI's serialisation `usage` and
+    `service_tier` come after `output`, and nested values come before them.
+    """
+    needle = b'"' + key.encode() + b'"'
+    end = len(buf)
+    for _ in range(64):
+        i = buf.rfind(needle, 0, end)
+        if i < 0:
+            break
+        end = i + len(needle) - 1
+        j = i - 1
+        while j >= 0 and buf[j] in b" \t\r\n":
+            j -= 1
+        if j < 0 or buf[j] not in b"{,":
+            continue
+        colon = _COLON.match(buf, i + len(needle))
+        if colon is None:
+            continue
+        value = _value_at(buf, colon.end())
+        if value is not _NOTHING and check(value):
+            return value
+    return _NOTHING
+
+
+def _is_usage(value: Any) -> bool:
+    return isinstance(value, dict) and any(type(value.get(k)) is int for k in ("input_tokens", "prompt_tokens", "output_tokens", "total_tokens"))
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_dict(value: Any) -> bool:
+    return isinstance(value, dict)
+
+
+_RESPONSE_HEAD = frozenset({"id", "model", "status", "previous_response_id", "background", "service_tier", "error", "usage", "tool_usage", "prompt_cache_diagnostics"})
+_CHAT_HEAD = frozenset({"id", "object", "model", "service_tier", "error", "usage"})
+_RESPONSE_TAIL: dict[str, Callable[[Any], bool]] = {"usage": _is_usage, "service_tier": _is_str, "tool_usage": _is_dict, "prompt_cache_diagnostics": _is_dict}
+_CHAT_TAIL: dict[str, Callable[[Any], bool]] = {"usage": _is_usage, "service_tier": _is_str}
+
+
+def _partial_object(head: bytes, tail: bytes | bytearray, start: int, head_keys: frozenset[str], tail_keys: dict[str, Callable[[Any], bool]]) -> dict[str, Any]:
+    """What an object too large to hold still says: its members found whole in its
+    head (exactly, by depth), and those after a large `output` found in its tail."""
+    found: dict[str, Any] = {}
+    for key, pos in _members(head, start, head_keys).items():
+        value = _value_at(head, pos)
+        if value is not _NOTHING:
+            found[key] = value
+    for key, check in tail_keys.items():
+        if key not in found or not check(found[key]):
+            value = _last_member(tail, key, check)
+            if value is not _NOTHING:
+                found[key] = value
+    return found
+
+
+def _member_start(head: bytes, key: str) -> int | None:
+    """Where the value of a top-level member of the object at head[0] begins."""
+    return _members(head, 0, frozenset({key})).get(key)
+
+
+def _observe_cut_body(kind: str, head: bytes, tail: bytes | bytearray) -> Observation:
+    """Observe a JSON answer larger than max_bytes from its head and tail."""
+    obs = Observation(terminal=True)
+    if kind == "responses":
+        found = _partial_object(head, tail, 0, _RESPONSE_HEAD, _RESPONSE_TAIL)
+        if "id" not in found and isinstance(found.get("error"), dict):
+            observe_error(obs, found["error"])
+        else:
+            observe_response_object(obs, found)
+    else:
+        found = _partial_object(head, tail, 0, _CHAT_HEAD, _CHAT_TAIL)
+        if "id" not in found and isinstance(found.get("error"), dict):
+            observe_error(obs, found["error"])
+        else:
+            observe_chat_object(obs, found)
+    if obs.usage is None and obs.error_type is None and obs.error_code is None:
+        obs.unmetered = "metered_bytes_limit"
+    return obs
+
+
 # --- SSE ---------------------------------------------------------------------
 
 _RESPONSE_EVENTS_FINAL = frozenset({b"response.completed", b"response.incomplete", b"response.failed", b"response.cancelled"})
 _RESPONSE_EVENTS_EARLY = frozenset({b"response.created", b"response.queued", b"response.in_progress"})
 _ERROR_EVENT = b"error"
+_FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed", "response.cancelled"})
+_EARLY_TYPES = frozenset({"response.created", "response.queued", "response.in_progress"})
+
+# Where the observer is within a line that began in an earlier chunk.
+_AT_LINE_START, _IN_DATA, _IN_NAME, _IN_OTHER = 0, 1, 2, 3
+_NAME_MAX = 256  # an event name longer than this is no name meter knows
 
 
-def _holds_usage_object(payload: bytes) -> bool:
+def _holds_usage_object(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
     """Whether a Chat Completions chunk has `"usage": {...}` rather than `"usage": null`."""
-    i = payload.rfind(b'"usage"')
+    if end is None:
+        end = len(buf)
+    i = buf.rfind(b'"usage"', start, end)
     if i < 0:
         return False
     j = i + 7
-    n = len(payload)
-    while j < n and payload[j] in b" \t\r\n:":
+    while j < end and buf[j] in b" \t\r\n:":
         j += 1
-    return payload[j : j + 1] == b"{"
+    return buf[j : j + 1] == b"{"
+
+
+def _is_error_chunk(buf: bytes | bytearray, start: int = 0) -> bool:
+    """Whether a Chat Completions payload is `{"error": ...}` (a chunk starts `{"id":`)."""
+    return buf.find(b'"error"', start, start + 24) >= 0
 
 
 class SSEObserver:
     """Incremental observer of a Server-Sent Events body.
 
-    `feed` takes each chunk as relayed; `finish` returns the observation.  A
-    chunk is scanned for line ends once; a data line is kept only while the
-    event it belongs to may matter, and decoded only when it does.
+    `feed` takes each chunk as relayed; `finish` returns the observation.  Each
+    byte is scanned for line ends once, whatever the chunking: a line that spans
+    chunks is carried as state (which field it is), not as bytes to rescan.  A
+    data line is kept only while the event it belongs to may matter, decoded
+    only when it does, and an event's data is held whole only up to `max_bytes`;
+    past that its head and tail are enough to read identity and usage.
     """
 
-    __slots__ = ("kind", "obs", "_clock", "_tail", "_event", "_data", "_skip", "_ttft_pending", "_done")
+    __slots__ = ("kind", "obs", "_clock", "_max", "_event", "_data", "_skip", "_line", "_start", "_name", "_cr", "_ttft_pending", "_done", "_oversized")
 
-    def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20) -> None:
         self.kind = kind  # "responses" or "chat"
         self.obs = Observation()
         self._clock = clock
-        self._tail = b""
+        self._max = max_bytes
         self._event: bytes | None = None
-        self._data: list[bytes] = []
+        self._data: bytes | _Capped | None = None  # the current event's data: one line, or lines joined by LF
         self._skip = False
+        self._line = _AT_LINE_START
+        self._start = b""  # the first bytes of a line too short yet to say its field
+        self._name = bytearray()
+        self._cr = False  # a CR ended the data kept so far: dropped if LF follows
         self._ttft_pending = True
         self._done = False  # after the terminal event nothing more is needed
+        self._oversized = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     def feed(self, chunk: bytes) -> None:
         if self._done:
             return
-        if not self._tail and self._event is None and not self._data:
+        if self._line == _AT_LINE_START and self._event is None and self._data is None and not self._start:
             # Between events, as usual: walk the chunk's whole events and judge each by
             # its name (or, for Chat Completions, whether it holds a usage object) with
             # a few byte operations.  Only an event that matters goes through the line
@@ -321,29 +560,104 @@ class SSEObserver:
         self._parse_lines(chunk)
 
     def _parse_lines(self, chunk: bytes) -> None:
-        data = self._tail + chunk if self._tail else chunk
+        if self._start:
+            chunk = self._start + chunk  # at most 6 bytes before it: one copy per split field name
+            self._start = b""
         pos = 0
-        find = data.find
+        find = chunk.find
+        if self._line != _AT_LINE_START:  # a line begun in an earlier chunk goes on
+            nl = find(b"\n")
+            if nl < 0:
+                self._line_goes_on(chunk, 0, len(chunk))
+                return
+            self._line_goes_on(chunk, 0, nl)
+            self._line_ends()
+            pos = nl + 1
         while True:
             nl = find(b"\n", pos)
             if nl < 0:
                 break
-            end = nl - 1 if nl > pos and data[nl - 1] == 13 else nl
+            end = nl - 1 if nl > pos and chunk[nl - 1] == 13 else nl
             if end == pos:
                 self._dispatch()
+                if self._done:
+                    return
             elif not self._skip:
-                if data.startswith(b"data:", pos):
-                    start = pos + 6 if data[pos + 5 : pos + 6] == b" " else pos + 5
-                    self._data.append(data[start:end])
-                elif data.startswith(b"event:", pos):
-                    start = pos + 7 if data[pos + 6 : pos + 7] == b" " else pos + 6
-                    self._on_event_name(data[start:end])
+                if chunk.startswith(b"data:", pos):
+                    start = pos + 6 if chunk.startswith(b"data: ", pos) else pos + 5
+                    # A line past the limit is read through a view: only its head and tail are copied.
+                    self._data_line(chunk[start:end] if end - start <= self._max else memoryview(chunk)[start:end])
+                elif chunk.startswith(b"event:", pos):
+                    start = pos + 7 if chunk.startswith(b"event: ", pos) else pos + 6
+                    self._on_event_name(chunk[start : min(end, start + _NAME_MAX)])
             pos = nl + 1
-        self._tail = data[pos:] if pos < len(data) else b""
-        if len(self._tail) > 16 << 20:  # a "line" this long is not SSE; stop holding it
-            self.obs.unreadable = "SSE line longer than 16 MiB"
-            self._tail = b""
-            self._done = True
+        if pos < len(chunk):
+            self._line_begins(chunk, pos)
+
+    def _data_line(self, line: bytes | memoryview) -> None:
+        data = self._data
+        if data is None and type(line) is bytes and len(line) <= self._max:
+            self._data = line  # the usual event: one data line, held as it is
+            return
+        self._more_data().add(line)
+
+    def _more_data(self) -> _Capped:
+        """The current event's data, ready for one more line."""
+        data = self._data
+        if data is None:
+            data = self._data = _Capped(self._max)
+            return data
+        if type(data) is bytes:
+            first = data
+            data = self._data = _Capped(self._max)
+            data.add(first)
+        data.add(b"\n")  # type: ignore[union-attr]
+        return data  # type: ignore[return-value]
+
+    def _line_begins(self, chunk: bytes, pos: int) -> None:
+        """A line starts at chunk[pos] and does not end in this chunk."""
+        if self._skip:
+            self._line = _IN_OTHER
+            return
+        rest = len(chunk) - pos
+        if chunk.startswith(b"data:", pos) and rest > 5:
+            self._line = _IN_DATA
+            self._more_data()
+            self._line_goes_on(chunk, pos + 6 if chunk[pos + 5] == 32 else pos + 5, len(chunk))
+        elif chunk.startswith(b"event:", pos) and rest > 6:
+            self._line = _IN_NAME
+            self._name = bytearray()
+            self._line_goes_on(chunk, pos + 7 if chunk[pos + 6] == 32 else pos + 6, len(chunk))
+        elif rest < 7 and (b"data: ".startswith(chunk[pos:]) or b"event: ".startswith(chunk[pos:])):
+            self._start = chunk[pos:]
+        else:
+            self._line = _IN_OTHER  # a comment, `id:`, `retry:`: nothing meter reads
+
+    def _line_goes_on(self, chunk: bytes, start: int, end: int) -> None:
+        line = self._line
+        if line == _IN_DATA:
+            data = self._data
+            assert isinstance(data, _Capped)
+            if self._cr:
+                data.add(b"\r")
+                self._cr = False
+            if end > start and chunk[end - 1] == 13:  # perhaps the CR of a CRLF: hold it back
+                self._cr = True
+                end -= 1
+            if end > start:
+                data.add(chunk[start:end] if start or end < len(chunk) else chunk)
+        elif line == _IN_NAME:
+            room = _NAME_MAX - len(self._name)
+            if room > 0:
+                self._name += chunk[start : min(end, start + room)]
+
+    def _line_ends(self) -> None:
+        line, self._line = self._line, _AT_LINE_START
+        self._cr = False
+        if line == _IN_NAME:
+            name = bytes(self._name)
+            self._name = bytearray()
+            self._on_event_name(name[:-1] if name.endswith(b"\r") else name)
 
     def _first_token(self) -> None:
         if self._ttft_pending:
@@ -366,7 +680,17 @@ class SSEObserver:
         if chunk.startswith(b":", start):
             return chunk.find(b"\n", start, end) < 0  # a lone comment line (keep-alive)
         if self.kind == "chat" and not self._ttft_pending and self.obs.model is not None and chunk.startswith(b"data: {", start):
-            return not _holds_usage_object(chunk[start:end])
+            # After the first token only a usage object or an error matters (inlined
+            # `_holds_usage_object` and `_is_error_chunk`: this runs per chunk).
+            if chunk.find(b'"error"', start + 6, start + 30) >= 0:
+                return False
+            i = chunk.rfind(b'"usage"', start, end)
+            if i < 0:
+                return True
+            i += 7
+            while i < end and chunk[i] in b" \t\r\n:":
+                i += 1
+            return chunk[i] != 123  # "{"
         return False
 
     def _on_event_name(self, name: bytes) -> None:
@@ -378,19 +702,26 @@ class SSEObserver:
             self._skip = True
 
     def _dispatch(self) -> None:
-        event, lines = self._event, self._data
+        event, data = self._event, self._data
         self._event = None
         self._skip = False
-        if not lines:
+        if data is None:
             return
-        self._data = []
-        payload = lines[0] if len(lines) == 1 else b"\n".join(lines)
+        self._data = None
+        if type(data) is bytes:
+            payload: bytes | bytearray = data
+        elif data.tail is not None:  # type: ignore[union-attr]
+            self._oversized = True
+            self._oversized_event(event, data.head, data.tail)  # type: ignore[union-attr]
+            return
+        else:
+            payload = data.whole()  # type: ignore[union-attr]
         if self.kind == "chat":
             self._chat_payload(payload)
         else:
             self._responses_payload(event, payload)
 
-    def _decode(self, payload: bytes) -> dict[str, Any] | None:
+    def _decode(self, payload: bytes | bytearray) -> dict[str, Any] | None:
         try:
             obj = _loads(payload)
         except _DecodeError:
@@ -398,7 +729,7 @@ class SSEObserver:
             return None
         return obj if isinstance(obj, dict) else None
 
-    def _responses_payload(self, event: bytes | None, payload: bytes) -> None:
+    def _responses_payload(self, event: bytes | None, payload: bytes | bytearray) -> None:
         if event is None:
             # No `event:` line: peek at the type near the start before decoding.
             head = payload[:96]
@@ -412,7 +743,7 @@ class SSEObserver:
             return
         kind = obj.get("type")
         response = obj.get("response")
-        if kind in ("response.completed", "response.incomplete", "response.failed", "response.cancelled"):
+        if kind in _FINAL_TYPES:
             if isinstance(response, dict):
                 observe_response_object(self.obs, response, final=True)
             self.obs.terminal = True
@@ -425,13 +756,13 @@ class SSEObserver:
         elif isinstance(response, dict):
             observe_response_object(self.obs, response, final=False)
 
-    def _chat_payload(self, payload: bytes) -> None:
+    def _chat_payload(self, payload: bytes | bytearray) -> None:
         if payload == b"[DONE]":
             self.obs.terminal = True
             self._done = True
             return
-        if not self._ttft_pending and self.obs.model is not None and not _holds_usage_object(payload):
-            return  # after the first token only the usage chunk (and the tier on it) matters
+        if not self._ttft_pending and self.obs.model is not None and not _holds_usage_object(payload) and not _is_error_chunk(payload):
+            return  # after the first token only the usage chunk (and the tier on it), or an error, matters
         obj = self._decode(payload)
         if obj is None:
             return
@@ -446,103 +777,288 @@ class SSEObserver:
                     self._first_token()
                     break
 
+    def _oversized_event(self, event: bytes | None, head: bytes, tail: bytearray) -> None:
+        """An event past max_bytes, of which only the head and tail were kept."""
+        obs = self.obs
+        if self.kind == "chat":
+            found = _partial_object(head, tail, 0, _CHAT_HEAD, _CHAT_TAIL)
+            if isinstance(found.get("error"), dict):
+                observe_error(obs, found["error"])
+                return
+            observe_chat_object(obs, found)
+            if b'"choices"' in head:  # a chunk this large carries output
+                self._first_token()
+            return
+        if event is not None:
+            kind = event.decode("utf-8", "replace")
+        else:
+            start = _member_start(head, "type")
+            kind = _value_at(head, start) if start is not None else None
+        if not isinstance(kind, str):
+            return
+        if kind.endswith(".delta"):
+            self._first_token()
+        elif kind in _FINAL_TYPES or kind in _EARLY_TYPES:
+            start = _member_start(head, "response")
+            if start is None:
+                found: dict[str, Any] = {}
+            elif kind in _FINAL_TYPES:
+                found = _partial_object(head, tail, start, _RESPONSE_HEAD, _RESPONSE_TAIL)
+            else:
+                found = _partial_object(head, b"", start, _RESPONSE_HEAD, {})
+            observe_response_object(obs, found, final=kind in _FINAL_TYPES)
+            if kind in _FINAL_TYPES:
+                obs.status = obs.status or kind.partition(".")[2]
+                obs.terminal = True
+                self._done = True
+        elif kind == "error":
+            found = _partial_object(head, b"", 0, frozenset({"type", "code", "error"}), {})
+            observe_error(obs, found.get("error") if isinstance(found.get("error"), dict) else found)
+            obs.status = "failed"
+            obs.terminal = True
+            self._done = True
+
+    def cut(self) -> None:
+        """The stream will not be read further: an event begun is not one to decode."""
+        self._data = None
+        self._line = _AT_LINE_START
+        self._start = b""
+        self._done = True
+
     def finish(self) -> Observation:
-        if self._tail and not self._done:
+        if not self._done:
             # A stream may end without the final blank line; the spec says such an
             # event is dropped, but its data is all we have of the terminal event.
-            self.feed(b"\n\n")
-        elif self._data and not self._done:
-            self._dispatch()
-        return self.obs
+            if self._line != _AT_LINE_START or self._start:
+                self._parse_lines(b"\n")
+            if self._data is not None and not self._done:
+                self._dispatch()
+        obs = self.obs
+        if obs.usage is None and obs.unmetered is None and obs.error_type is None and obs.error_code is None:
+            if self._oversized:
+                obs.unmetered = "oversized_event"
+            elif not obs.terminal:
+                obs.unmetered = "no_terminal_event"
+            elif self.kind == "chat":
+                obs.unmetered = "no_include_usage"  # the SDK's default: no usage chunk was asked for
+        return obs
 
 
 # --- bodies that are not streamed -------------------------------------------
 
 
-class BodyCollector:
-    """Keeps a bounded copy of a non-stream body, to be decoded once it ends."""
+class BodyCollector(_Capped):
+    """Keeps a copy of a non-stream body, to be decoded once it ends: whole up to
+    max_bytes, past that its head and tail."""
 
-    __slots__ = ("kind", "_parts", "_size", "_limit", "overflow")
+    __slots__ = ("kind",)
+    done = False  # a body is read to its end
 
     def __init__(self, kind: str, limit: int = 64 << 20) -> None:
+        _Capped.__init__(self, limit)
         self.kind = kind
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._limit = limit
-        self.overflow = False
 
-    def feed(self, chunk: bytes) -> None:
-        if self.overflow:
-            return
-        self._size += len(chunk)
-        if self._size > self._limit:
-            self.overflow = True
-            self._parts = []
-            return
-        self._parts.append(chunk)
+    feed = _Capped.add
 
-    def body(self) -> bytes:
-        return self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+    def cut(self) -> None:
+        """The body will not be read to its end: read it as one cut in the middle."""
+        if self.tail is None:
+            self._spill(b"")
 
     def finish(self) -> Observation:
-        if self.overflow:
-            return Observation(unreadable=f"body larger than {self._limit} bytes was not metered")
-        return observe_json_body(self.kind, self.body())
+        if self.tail is not None:
+            return _observe_cut_body(self.kind, self.head, self.tail)
+        return observe_json_body(self.kind, self.whole())
+
+
+# --- content codings -----------------------------------------------------------
+
+# Past max_bytes, decoding stops once the answer has grown more than this many
+# times the bytes received: no real answer does (JSON compresses some ten times,
+# base64 images hardly at all), a decompression bomb does (gzip's limit is about
+# 1,000 times, brotli's and zstd's far more).  Below it, decoding work stays in
+# proportion to the bytes the upstream sent, and memory is bounded either way.
+_MAX_RATIO = 256
+_STEP = 256 << 10  # the largest piece a decoder hands on at once
+
+
+class _Stop(Exception):
+    """Decoding went past what metering may spend on one answer."""
+
+
+class _Zlib:
+    """gzip (members one after another, as RFC 1952 allows) or zlib-wrapped deflate."""
+
+    __slots__ = ("_d", "_wbits", "_step")
+
+    def __init__(self, wbits: int, step: int) -> None:
+        self._wbits = wbits
+        self._d = zlib.decompressobj(wbits)
+        self._step = step
+
+    def decode(self, data: bytes, emit: Callable[[bytes], None]) -> None:
+        d, step = self._d, self._step
+        while True:
+            out = d.decompress(data, step)
+            if out:
+                emit(out)
+            data = d.unconsumed_tail
+            if d.eof:
+                rest = d.unused_data
+                if self._wbits != _GZIP or not rest.startswith(b"\x1f"):
+                    return  # what follows the end is not ours to read
+                d = self._d = zlib.decompressobj(self._wbits)
+                data = rest
+            elif not data and len(out) < step:
+                return
+
+
+_GZIP = 16 + zlib.MAX_WBITS
+
+
+class _Deflate(_Zlib):
+    """`deflate`: RFC 9110 says zlib-wrapped; some servers send it raw.  The first
+    two bytes tell which (the test browsers and curl use)."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self, step: int) -> None:
+        self._pending = b""
+        self._wbits = zlib.MAX_WBITS
+        self._step = step
+        self._d = None  # type: ignore[assignment]
+
+    def decode(self, data: bytes, emit: Callable[[bytes], None]) -> None:
+        if self._d is None:
+            data = self._pending + data
+            if len(data) < 2:
+                self._pending = data
+                return
+            cmf, flg = data[0], data[1]
+            wrapped = cmf & 0x0F == 8 and cmf >> 4 <= 7 and ((cmf << 8) | flg) % 31 == 0
+            self._d = zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+            self._pending = b""
+        super().decode(data, emit)
+
+
+class _Brotli:
+    __slots__ = ("_d", "_step")
+
+    def __init__(self, step: int) -> None:
+        self._d = brotli.Decompressor()
+        self._step = step
+
+    def decode(self, data: bytes, emit: Callable[[bytes], None]) -> None:
+        d, step = self._d, self._step
+        out = d.process(data, output_buffer_limit=step)
+        # Output held back by the limit comes out of calls without input; the
+        # decoder may say it can take input while some is still held.
+        while out or not d.can_accept_more_data():
+            emit(out)
+            out = d.process(b"", output_buffer_limit=step)
+
+
+class _ZstdSink:
+    __slots__ = ("emit",)
+
+    def __init__(self) -> None:
+        self.emit: Callable[[bytes], None] = lambda piece: None
+
+    def write(self, piece: bytes) -> int:
+        self.emit(piece)
+        return len(piece)
+
+
+class _Zstd:
+    """zstd frames, one after another; the window is capped at 8 MiB as RFC 9659 says a
+    decoder should, so a frame cannot make meter hold a larger one."""
+
+    __slots__ = ("_sink", "_w")
+
+    def __init__(self, step: int) -> None:
+        self._sink = _ZstdSink()
+        self._w = zstandard.ZstdDecompressor(max_window_size=8 << 20).stream_writer(self._sink, write_size=step, write_return_read=True, closefd=False)
+
+    def decode(self, data: bytes, emit: Callable[[bytes], None]) -> None:
+        self._sink.emit = emit
+        self._w.write(data)
+
+
+_Decoder = _Zlib | _Brotli | _Zstd
+
+_DECODERS: dict[str, Callable[[int], _Decoder]] = {
+    "gzip": lambda step: _Zlib(_GZIP, step),
+    "x-gzip": lambda step: _Zlib(_GZIP, step),
+    "deflate": _Deflate,
+    "br": _Brotli,
+    "zstd": _Zstd,
+}
+_DECODE_ERRORS = (zlib.error, brotli.error, zstandard.ZstdError)
+
+
+def _chain(decoder: _Decoder, emit: Callable[[bytes], None]) -> Callable[[bytes], None]:
+    return lambda data: decoder.decode(data, emit)
 
 
 class Decompressing:
     """Wraps an observer so it sees the decoded form of a compressed body.
 
-    Only meter's copy is decoded; the client still receives the upstream's bytes.
+    Only meter's copy is decoded, in pieces of at most 256 KiB handed on as they
+    come, so no decoded copy is held here; the observer bounds what it keeps.
+    Codings are undone last first (`Content-Encoding: gzip, br` is gzip, then br).
+    The client still receives the upstream's bytes.
     """
 
-    __slots__ = ("inner", "_decoder", "_failed")
+    __slots__ = ("inner", "_first", "_then", "_limit", "_encoded", "_decoded", "_failed", "_stopped")
 
-    def __init__(self, inner: SSEObserver | BodyCollector, encoding: str) -> None:
+    def __init__(self, inner: SSEObserver | BodyCollector, codings: list[str], max_bytes: int = 64 << 20) -> None:
         self.inner = inner
-        wbits = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}[encoding]
-        self._decoder = zlib.decompressobj(wbits)
+        step = min(max_bytes, _STEP)
+        decoders = [_DECODERS[c](step) for c in reversed(codings)]
+        emit: Callable[[bytes], None] = self._emit
+        for decoder in reversed(decoders[1:]):
+            emit = _chain(decoder, emit)
+        self._first = decoders[0]
+        self._then = emit
+        self._limit = max_bytes
+        self._encoded = 0
+        self._decoded = 0
         self._failed = False
+        self._stopped = False
+
+    def _emit(self, piece: bytes) -> None:
+        decoded = self._decoded + len(piece)
+        self._decoded = decoded
+        if decoded > self._limit and decoded > _MAX_RATIO * self._encoded:
+            raise _Stop
+        self.inner.feed(piece)
 
     def feed(self, chunk: bytes) -> None:
-        if self._failed:
+        if self._failed or self._stopped or self.inner.done:
             return
+        self._encoded += len(chunk)
         try:
-            self.inner.feed(self._decoder.decompress(chunk))
-        except zlib.error:
+            self._first.decode(chunk, self._then)
+        except _Stop:
+            self._stopped = True
+            self.inner.cut()
+        except _DECODE_ERRORS:
             self._failed = True
 
     def finish(self) -> Observation:
         obs = self.inner.finish()
         if self._failed:
             obs.unreadable = "compressed body could not be decoded"
+        if self._stopped and obs.usage is None:
+            obs.unmetered = "metered_bytes_limit"
         return obs
 
 
-SUPPORTED_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate"})
+class _Unmetered:
+    """An answer meter cannot read (a content coding it does not know): relayed, not metered."""
 
-
-def observer_for(kind: str, content_type: str, content_encoding: str, clock: Callable[[], float] = time.perf_counter) -> SSEObserver | BodyCollector | Decompressing | None:
-    """The observer for an answer, or None when there is nothing to meter in it.
-
-    `kind` is `responses` or `chat` (Chat Completions and Embeddings share a shape).
-    """
-    if "text/event-stream" in content_type:
-        inner: SSEObserver | BodyCollector = SSEObserver(kind, clock)
-    elif "json" in content_type or not content_type:
-        inner = BodyCollector(kind)
-    else:
-        return None
-    encoding = content_encoding.strip().lower()
-    if not encoding or encoding == "identity":
-        return inner
-    if encoding in SUPPORTED_ENCODINGS:
-        return Decompressing(inner, encoding)
-    return _Unreadable(f"content-encoding {encoding!r} is not decoded for metering")
-
-
-class _Unreadable:
     __slots__ = ("reason",)
+    done = True
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
@@ -551,7 +1067,37 @@ class _Unreadable:
         pass
 
     def finish(self) -> Observation:
-        return Observation(unreadable=self.reason)
+        return Observation(unmetered=self.reason)
+
+
+def observer_for(
+    kind: str,
+    content_type: str,
+    content_encoding: str,
+    clock: Callable[[], float] = time.perf_counter,
+    max_bytes: int = 64 << 20,
+) -> SSEObserver | BodyCollector | Decompressing | _Unmetered | None:
+    """The observer for an answer, or None when there is nothing to meter in it.
+
+    `kind` is `responses` or `chat` (Chat Completions and Embeddings share a shape).
+    `max_bytes` bounds what is held of one body or event (`--max-metered-bytes`).
+    """
+    if "text/event-stream" in content_type:
+        inner: SSEObserver | BodyCollector = SSEObserver(kind, clock, max_bytes)
+    elif "json" in content_type or not content_type:
+        inner = BodyCollector(kind, max_bytes)
+    else:
+        return None
+    if not content_encoding:
+        return inner
+    if content_encoding in _DECODERS:  # the usual case: one coding, as registered
+        return Decompressing(inner, [content_encoding], max_bytes)
+    codings = [c for c in (part.strip().lower() for part in content_encoding.split(",")) if c and c != "identity"]
+    if not codings:
+        return inner
+    if any(c not in _DECODERS for c in codings):
+        return _Unmetered("unknown_encoding")
+    return Decompressing(inner, codings, max_bytes)
 
 
 # --- what a request is ---------------------------------------------------------
