@@ -401,3 +401,13 @@ async def test_failed_start_releases_ports_and_stops_what_it_started(upstream, t
     await again.start()
     await again.stop()
 
+
+
+def test_unusable_ledger_exits_promptly_with_one_line(tmp_path: Path) -> None:
+    """The ledger refuses to start (an unusable file) after the ports are bound: exit 2, one line, at once."""
+    ledger = tmp_path / "not-a-ledger.duckdb"
+    ledger.write_bytes(b"this is not a DuckDB file\n" * 100)
+    started = time.monotonic()
+    result = run_meter("serve", "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}", "--ledger", str(ledger), timeout=30)
+    assert time.monotonic() - started < 15
+    assert_one_line_error(result, "ledger")
