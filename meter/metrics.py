@@ -33,25 +33,30 @@ Labels stay bounded whatever clients and the upstream send (SPEC §2b):
   Unmetered reasons and the field names of truncated values are meter's own
   words, bounded all the same.
 
-Hot path: `done` runs once per request on the event loop.  The labelled
-children of one label combination are resolved once and kept in a `_Series`
-bundle keyed by the combination's tuple of label values, so a repeated
-combination costs one dict lookup, not a `.labels()` call per metric.  The raw
-values of a request are looked up in that same dict: they hit only when each
-of them already is its own label, so only requests carrying a value that is
-not (yet) a label take the slower path through the budgets, and the dict holds
-label values only, never a raw value a client sent.
+Hot path: `done` runs once per request on the event loop.  The counters and
+histograms are plain numbers (`_Counter`, `_Histogram`), exported at scrape
+time: prometheus-client's children take a lock per update, about 1 µs each and
+ten of them per request, and here both `done` and the scrape run on the event
+loop, so nothing needs a lock.  The cells of one label combination are resolved
+once and kept in a `_Series` bundle keyed by the combination's tuple of label
+values, so a repeated combination costs one dict lookup.  The raw values of a
+request are looked up in that same dict: they hit only when each of them
+already is its own label, so only requests carrying a value that is not (yet)
+a label take the slower path through the budgets, and the dict holds label
+values only, never a raw value a client sent.
 """
 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Iterable
 from typing import Any
 
 import prometheus_client
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from .record import Record
 
@@ -67,9 +72,11 @@ KNOWN_TIERS = ("auto", "default", "flex", "scale", "priority")
 MAX_CACHE_MISS_REASONS = 100
 MAX_UNMETERED_REASONS = 16
 MAX_SCRAPED_LABELS = 64  # distinct `field` / `endpoint` values read from the ledger writer's counts
-_MAX_CACHED = 20_000  # resolved label combinations kept; past it the cache starts over
 OTHER = "other"
 NO_KEY = "none"
+
+# `le` label values as prometheus-client writes them (`1.0`, `+Inf`): dashboards match on them.
+_LE = (*(floatToGoString(b) for b in LATENCY_BUCKETS), "+Inf")
 
 # `_created` samples double every counter and histogram in Prometheus for no use here.
 prometheus_client.disable_created_metrics()
@@ -116,16 +123,20 @@ def _bounded_counts(counts: Any, limit: int = MAX_SCRAPED_LABELS) -> dict[str, f
     """Counts by name read from the ledger writer thread, at most `limit` names plus `other`.
 
     The writer only ever adds names, and a dict keeps insertion order, so the
-    names kept are the same at every scrape and `other` never decreases.
+    names kept are the same at every scrape and `other` never decreases.  A name
+    still at zero is left out, as a labelled counter appears at its first count.
     """
     if not counts:
         return {}
     out: dict[str, float] = {}
+    kept = 0
     other = 0
     # `dict(d)` copies in one step under the GIL: safe while the writer thread adds names.
     for name, n in dict(counts).items():
-        if len(out) < limit and isinstance(name, str) and len(name) <= MAX_LABEL_CHARS and name != OTHER:
-            out[name] = n
+        if kept < limit and isinstance(name, str) and len(name) <= MAX_LABEL_CHARS and name != OTHER:
+            kept += 1  # a name counted at zero keeps its place, so the kept names never change
+            if n:
+                out[name] = n
         else:
             other += n
     if other:
@@ -133,58 +144,150 @@ def _bounded_counts(counts: Any, limit: int = MAX_SCRAPED_LABELS) -> dict[str, f
     return out
 
 
-class _Series:
-    """The children of one (endpoint, model, tier, status, outcome, key, stream) combination."""
+class _Counter:
+    """A counter family as plain numbers: label values -> a one-item list, added to in place.
 
-    __slots__ = ("_labels", "_m", "cost", "duration", "requests", "tokens", "ttfb", "ttft", "unpriced", "web_search")
+    The attribute names are prometheus-client's (`_name`, `_labelnames`), so a
+    tool that lists a registry's metric objects and their labels reads these alike.
+    """
+
+    __slots__ = ("_doc", "_labelnames", "_name", "cells")
+    kind = "counter"
+
+    def __init__(self, name: str, doc: str, labelnames: Iterable[str]) -> None:
+        self._name = name  # without `_total`: the exposition adds it
+        self._doc = doc
+        self._labelnames = tuple(labelnames)
+        self.cells: dict[tuple[str, ...], list[float]] = {}
+
+    def cell(self, labels: tuple[str, ...]) -> list[float]:
+        cell = self.cells.get(labels)
+        if cell is None:
+            cell = self.cells[labels] = [0]
+        return cell
+
+    def family(self, extra: dict[tuple[str, ...], float] | None = None) -> Metric:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        values = {labels: cell[0] for labels, cell in self.cells.items()}
+        for labels, n in (extra or {}).items():
+            values[labels] = values.get(labels, 0) + n
+        for labels, n in values.items():
+            family.add_metric(labels, n)
+        return family
+
+
+class _Gauge(_Counter):
+    """A gauge family as plain numbers (`in_flight`: raised by `request`, lowered by `done`)."""
+
+    __slots__ = ()
+    kind = "gauge"
+
+    def family(self, extra: dict[tuple[str, ...], float] | None = None) -> Metric:
+        family = GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, cell in self.cells.items():
+            family.add_metric(labels, cell[0])
+        return family
+
+
+class _Histogram(_Counter):
+    """A histogram family of `LATENCY_BUCKETS` as plain numbers.
+
+    A cell holds the count of each bucket alone (the last one `+Inf`) and then
+    the sum; the exposition makes the counts cumulative.
+    """
+
+    __slots__ = ()
+    kind = "histogram"
+
+    def cell(self, labels: tuple[str, ...]) -> list[float]:
+        cell = self.cells.get(labels)
+        if cell is None:
+            cell = self.cells[labels] = [0] * len(_LE) + [0.0]
+        return cell
+
+    def family(self, extra: dict[tuple[str, ...], float] | None = None) -> Metric:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for labels, cell in self.cells.items():
+            total = 0
+            buckets = []
+            for le, n in zip(_LE, cell):
+                total += n
+                buckets.append((le, total))
+            family.add_metric(labels, buckets, sum_value=cell[-1])
+        return family
+
+
+def _observe(cell: list[float], seconds: float) -> None:
+    # `le` is inclusive: a value equal to a bound belongs to that bound's bucket.
+    cell[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+    cell[-1] += seconds
+
+
+class _Series:
+    """The cells of one (endpoint, model, tier, status, outcome, key, stream) combination."""
+
+    __slots__ = ("_keyed", "_labels", "_m", "cost", "duration", "requests", "tokens", "ttfb", "ttft", "unpriced", "web_search")
 
     def __init__(self, m: Metrics, endpoint: str, model: str, tier: str, status: str, outcome: str, key: str | None, stream: str) -> None:
         self._m = m
-        self._labels = (endpoint, model, tier, key)
-        keyed = (key,) if key is not None else ()
-        self.requests = m.requests.labels(endpoint, model, tier, status, outcome, *keyed)
-        self.tokens: list[Any] = [None] * len(TOKEN_TYPES)  # created on first use
-        self.cost: Any = None
-        self.web_search: Any = None
-        self.unpriced: Any = None
-        self.duration = m.duration.labels(endpoint, model, stream)
-        self.ttft: Any = None
-        self.ttfb: Any = None
+        self._labels = (endpoint, model, tier)
+        self._keyed: tuple[str, ...] = (key,) if key is not None else ()
+        self.requests = m.requests.cell((endpoint, model, tier, status, outcome, *self._keyed))
+        # Created on first use, so a type never reported (no cache writes, say) has no series.
+        self.tokens: list[list[float] | None] = [None] * len(TOKEN_TYPES)
+        self.cost: list[float] | None = None
+        self.web_search: list[float] | None = None
+        self.unpriced: list[float] | None = None
+        self.duration = m.duration.cell((endpoint, model, stream))
+        self.ttft: list[float] | None = None
+        self.ttfb: list[float] | None = None
 
-    def token(self, index: int) -> Any:
-        child = self.tokens[index]
-        if child is None:
-            endpoint, model, tier, key = self._labels
-            keyed = (key,) if key is not None else ()
-            child = self.tokens[index] = self._m.tokens.labels(endpoint, model, tier, *keyed, TOKEN_TYPES[index])
-        return child
+    def token(self, index: int) -> list[float]:
+        cell = self.tokens[index] = self._m.tokens.cell((*self._labels, *self._keyed, TOKEN_TYPES[index]))
+        return cell
 
-    def cost_child(self) -> Any:
-        if self.cost is None:
-            _, model, tier, key = self._labels
-            self.cost = self._m.cost.labels(model, tier, *((key,) if key is not None else ()))
+    def cost_cell(self) -> list[float]:
+        self.cost = self._m.cost.cell((self._labels[1], self._labels[2], *self._keyed))
         return self.cost
 
-    def web_search_child(self) -> Any:
-        if self.web_search is None:
-            _, model, _, key = self._labels
-            self.web_search = self._m.web_search.labels(model, *((key,) if key is not None else ()))
+    def web_search_cell(self) -> list[float]:
+        self.web_search = self._m.web_search.cell((self._labels[1], *self._keyed))
         return self.web_search
 
-    def unpriced_child(self) -> Any:
-        if self.unpriced is None:
-            self.unpriced = self._m.unpriced.labels(self._labels[1])
+    def unpriced_cell(self) -> list[float]:
+        self.unpriced = self._m.unpriced.cell((self._labels[1],))
         return self.unpriced
 
-    def ttft_child(self) -> Any:
-        if self.ttft is None:
-            self.ttft = self._m.ttft.labels(self._labels[0], self._labels[1])
+    def ttft_cell(self) -> list[float]:
+        self.ttft = self._m.ttft.cell(self._labels[:2])
         return self.ttft
 
-    def ttfb_child(self) -> Any:
-        if self.ttfb is None:
-            self.ttfb = self._m.ttfb.labels(self._labels[0], self._labels[1])
+    def ttfb_cell(self) -> list[float]:
+        self.ttfb = self._m.ttfb.cell(self._labels[:2])
         return self.ttfb
+
+
+class _Families:
+    """The plain-number families, exported in one collector at scrape time."""
+
+    def __init__(self, m: Metrics) -> None:
+        self.m = m
+
+    def describe(self) -> list[Metric]:
+        return [f.family() for f in self.m.families()]
+
+    def collect(self) -> list[Metric]:
+        m = self.m
+        stats = getattr(m.ledger, "stats", None)
+        # Numbers past the ledger's types are found by the ledger writer thread; they are
+        # usage anomalies too, so they join that family here rather than as a second one.
+        overflows = {(endpoint, "overflow"): n for endpoint, n in _bounded_counts(getattr(stats, "overflows", None)).items()}
+        truncated = {(field,): n for field, n in _bounded_counts(getattr(stats, "truncated", None)).items()}
+        out = []
+        for f in m.families():
+            extra = overflows if f is m.anomalies else truncated if f is m.truncated else None
+            out.append(f.family(extra))
+        return out
 
 
 class _LedgerCollector:
@@ -220,6 +323,7 @@ class Metrics:
 
     def __init__(self, settings: Any, ledger_writer: Any, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.ledger = ledger_writer
         self.key_label = getattr(settings, "metrics_key_label", "on") != "off"
         self._keys = _Bounded(getattr(settings, "metrics_max_keys", 100), fixed=(NO_KEY, OTHER))
         self._models = _Bounded(MAX_MODELS, fixed=("", OTHER))
@@ -228,73 +332,60 @@ class Metrics:
         self._unmetered_reasons = _Bounded(MAX_UNMETERED_REASONS, fixed=(OTHER,))
         key = ["key"] if self.key_label else []
         r = self.registry
-        # prometheus-client appends `_total` to counter names: the exposed names are SPEC §6's.
-        self.requests = Counter(
-            "meter_requests", "Proxied requests (and WebSocket responses).",
-            ["endpoint", "model", "service_tier", "status_code", "outcome", *key], registry=r,
+        # Counter names without `_total`: the exposition adds it, so the exposed names are SPEC §6's.
+        self.requests = _Counter(
+            "meter_requests", "Proxied requests (and WebSocket responses).", ["endpoint", "model", "service_tier", "status_code", "outcome", *key],
         )
-        self.tokens = Counter(
-            "meter_tokens", "Tokens by type, as reported by the upstream.",
-            ["endpoint", "model", "service_tier", *key, "type"], registry=r,
+        self.tokens = _Counter("meter_tokens", "Tokens by type, as reported by the upstream.", ["endpoint", "model", "service_tier", *key, "type"])
+        self.web_search = _Counter("meter_web_search_calls", "Hosted web search calls.", ["model", *key])
+        self.cache_misses = _Counter(
+            "meter_prompt_cache_misses", "Requests whose prompt cache diagnostics report a miss, by reason.", ["model", "reason"],
         )
-        self.web_search = Counter("meter_web_search_calls", "Hosted web search calls.", ["model", *key], registry=r)
-        self.cache_misses = Counter(
-            "meter_prompt_cache_misses", "Requests whose prompt cache diagnostics report a miss, by reason.", ["model", "reason"], registry=r,
+        self.anomalies = _Counter(
+            "meter_usage_anomalies", "Usage blocks that break an invariant, or numbers past the ledger's types (kind overflow).", ["endpoint", "kind"],
         )
-        self.anomalies = Counter(
-            "meter_usage_anomalies", "Usage blocks that break an invariant, or numbers past the ledger's types (kind overflow).",
-            ["endpoint", "kind"], registry=r,
+        self.unmetered = _Counter(
+            "meter_unmetered_requests", "Model calls that completed without usage meter could read, by reason.", ["endpoint", "reason"],
         )
-        self.unmetered = Counter(
-            "meter_unmetered_requests", "Model calls that completed without usage meter could read, by reason.", ["endpoint", "reason"], registry=r,
+        self.truncated = _Counter("meter_values_truncated", "Values from outside cut to the size the ledger stores, by field.", ["field"])
+        self.cost = _Counter("meter_cost_usd", "Cost in US dollars of priced requests.", ["model", "service_tier", *key])
+        self.duration = _Histogram(
+            "meter_request_duration_seconds", "From the request's arrival to the last byte relayed.", ["endpoint", "model", "stream"],
         )
-        self.truncated = Counter("meter_values_truncated", "Values from outside cut to the size the ledger stores, by field.", ["field"], registry=r)
+        self.ttft = _Histogram(
+            "meter_time_to_first_token_seconds", "From the request's arrival to the first output delta of a stream.", ["endpoint", "model"],
+        )
+        self.ttfb = _Histogram("meter_upstream_ttfb_seconds", "From the request's arrival to the upstream's response headers.", ["endpoint", "model"])
+        self.in_flight = _Gauge("meter_in_flight_requests", "Requests being forwarded now.", ["endpoint"])
+        self.unpriced = _Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"])
+        r.register(_Families(self))
         self.websockets = Gauge("meter_websocket_connections", "Open client WebSocket connections.", registry=r)
-        self.cost = Counter("meter_cost_usd", "Cost in US dollars of priced requests.", ["model", "service_tier", *key], registry=r)
-        self.duration = Histogram(
-            "meter_request_duration_seconds", "From the request's arrival to the last byte relayed.",
-            ["endpoint", "model", "stream"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.ttft = Histogram(
-            "meter_time_to_first_token_seconds", "From the request's arrival to the first output delta of a stream.",
-            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.ttfb = Histogram(
-            "meter_upstream_ttfb_seconds", "From the request's arrival to the upstream's response headers.",
-            ["endpoint", "model"], buckets=LATENCY_BUCKETS, registry=r,
-        )
-        self.in_flight = Gauge("meter_in_flight_requests", "Requests being forwarded now.", ["endpoint"], registry=r)
-        self.unpriced = Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"], registry=r)
-        self.ledger = ledger_writer
         if ledger_writer is not None:
             r.register(_LedgerCollector(ledger_writer))
-        # What the ledger writer thread counted and was already added to a counter: (family, label) -> count.
-        self._from_ledger: dict[tuple[str, str], float] = {}
         # Keyed by label values (see the module doc): (endpoint, model, tier, status, outcome, key, stream).
         self._series: dict[tuple[str, str, str, int | None, str, str | None, bool], _Series] = {}
-        self._in_flight: dict[str, Any] = {}
-        self._miss: dict[tuple[str, str], Any] = {}
-        self._anomaly: dict[tuple[str, str], Any] = {}
-        self._unmetered: dict[tuple[str, str], Any] = {}
+
+    def families(self) -> tuple[_Counter, ...]:
+        return (
+            self.requests, self.tokens, self.web_search, self.cache_misses, self.anomalies, self.unmetered, self.truncated,
+            self.cost, self.duration, self.ttft, self.ttfb, self.in_flight, self.unpriced,
+        )
 
     # hooks ----------------------------------------------------------------------
 
     def request(self, flow: Any) -> None:
-        endpoint = flow.endpoint or ""
-        child = self._in_flight.get(endpoint)
-        if child is None:
-            child = self._in_flight[endpoint] = self.in_flight.labels(endpoint)
-        child.inc()
+        cell = self.in_flight.cell((flow.endpoint or "",))
+        cell[0] += 1
         # done() lowers exactly what was raised: flows refused before the request hook
         # (413) never raised it, and a second done() for one flow finds nothing.
-        flow.state["metrics.in_flight"] = child
+        flow.state["metrics.in_flight"] = cell
 
     def done(self, flow: Any, record: Record) -> None:
         endpoint = record.endpoint or ""
         if flow is not None:
             raised = flow.state.pop("metrics.in_flight", None)
             if raised is not None:
-                raised.dec()
+                raised[0] -= 1
             reason = getattr(flow.observation, "unmetered", None)
             if reason is not None:
                 self._count_unmetered(endpoint, reason)
@@ -307,41 +398,49 @@ class Metrics:
         series = self._series.get(ident)
         if series is None:
             series = self._new_series(ident, _accepted(record))
-        series.requests.inc()
+        series.requests[0] += 1
 
-        if record.input_tokens is not None and record.input_tokens >= 0:
-            series.token(0).inc(record.input_tokens)
-        if record.cached_tokens is not None and record.cached_tokens >= 0:
-            series.token(1).inc(record.cached_tokens)
-        if record.cache_write_tokens is not None and record.cache_write_tokens >= 0:
-            series.token(2).inc(record.cache_write_tokens)
-        if record.output_tokens is not None and record.output_tokens >= 0:
-            series.token(3).inc(record.output_tokens)
-        if record.reasoning_tokens is not None and record.reasoning_tokens >= 0:
-            series.token(4).inc(record.reasoning_tokens)
-        if record.web_search_calls is not None and record.web_search_calls >= 0:
-            series.web_search_child().inc(record.web_search_calls)
+        # A cell is a non-empty list, so `cell or create()` reads as "the cell, made on first use".
+        tokens = series.tokens
+        n = record.input_tokens
+        if n is not None and n >= 0:
+            (tokens[0] or series.token(0))[0] += n
+        n = record.cached_tokens
+        if n is not None and n >= 0:
+            (tokens[1] or series.token(1))[0] += n
+        n = record.cache_write_tokens
+        if n is not None and n >= 0:
+            (tokens[2] or series.token(2))[0] += n
+        n = record.output_tokens
+        if n is not None and n >= 0:
+            (tokens[3] or series.token(3))[0] += n
+        n = record.reasoning_tokens
+        if n is not None and n >= 0:
+            (tokens[4] or series.token(4))[0] += n
+        n = record.web_search_calls
+        if n is not None and n >= 0:
+            (series.web_search or series.web_search_cell())[0] += n
 
         cost = record.cost_usd
         if cost is not None:
             if cost >= 0:
-                series.cost_child().inc(float(cost))
+                (series.cost or series.cost_cell())[0] += float(cost)
         elif record.has_usage:
-            series.unpriced_child().inc()
+            (series.unpriced or series.unpriced_cell())[0] += 1
 
         if record.anomalies:
             for kind in record.anomalies:  # meter's own words (observe.usage_anomalies): a fixed set
-                self._anomaly_child(endpoint, kind).inc()
+                self.anomalies.cell((endpoint, kind))[0] += 1
         status = record.cache_status
         if status is not None and status.startswith("miss:"):
-            self._miss_child(series._labels[1], self._reasons(status[5:], _accepted(record))).inc()
+            self.cache_misses.cell((series._labels[1], self._reasons(status[5:], _accepted(record))))[0] += 1
 
         if record.duration_ms is not None:
-            series.duration.observe(record.duration_ms / 1000.0)
+            _observe(series.duration, record.duration_ms / 1000.0)
         if record.ttft_ms is not None:
-            series.ttft_child().observe(record.ttft_ms / 1000.0)
+            _observe(series.ttft or series.ttft_cell(), record.ttft_ms / 1000.0)
         if record.ttfb_ms is not None:
-            series.ttfb_child().observe(record.ttfb_ms / 1000.0)
+            _observe(series.ttfb or series.ttfb_cell(), record.ttfb_ms / 1000.0)
 
     def _new_series(self, ident: tuple[Any, ...], admit: bool) -> _Series:
         """The series of a request whose raw values are not all labels yet: through the budgets."""
@@ -352,30 +451,16 @@ class Metrics:
         labels = (endpoint, model, tier, status, outcome, key, stream)
         series = self._series.get(labels)
         if series is None:
-            if len(self._series) >= _MAX_CACHED:  # a bound on resolved bundles, not on series: resolving again is cheap
-                self._series.clear()
-            series = _Series(self, endpoint, model, tier, "" if status is None else str(status), outcome, key, "true" if stream else "false")
-            self._series[labels] = series
+            # Never dropped: the bundles hold the counts.  Their number is that of the
+            # label combinations, which the budgets bound.
+            series = self._series[labels] = _Series(
+                self, endpoint, model, tier, "" if status is None else str(status), outcome, key, "true" if stream else "false",
+            )
         return series
 
     def _count_unmetered(self, endpoint: str, reason: Any) -> None:
         label = self._unmetered_reasons(reason) if isinstance(reason, str) else OTHER
-        child = self._unmetered.get((endpoint, label))
-        if child is None:
-            child = self._unmetered[(endpoint, label)] = self.unmetered.labels(endpoint, label)
-        child.inc()
-
-    def _anomaly_child(self, endpoint: str, kind: str) -> Any:
-        child = self._anomaly.get((endpoint, kind))
-        if child is None:
-            child = self._anomaly[(endpoint, kind)] = self.anomalies.labels(endpoint, kind)
-        return child
-
-    def _miss_child(self, model: str, reason: str) -> Any:
-        child = self._miss.get((model, reason))
-        if child is None:
-            child = self._miss[(model, reason)] = self.cache_misses.labels(model, reason)
-        return child
+        self.unmetered.cell((endpoint, label))[0] += 1
 
     # WebSocket relay -----------------------------------------------------------
 
@@ -388,30 +473,7 @@ class Metrics:
     # admin ------------------------------------------------------------------------
 
     def render(self) -> bytes:
-        self._add_ledger_counts()
         return generate_latest(self.registry)
-
-    def _add_ledger_counts(self) -> None:
-        """Bring the counters fed by the ledger writer thread up to its counts, at scrape time.
-
-        Overflowed numbers belong to `meter_usage_anomalies_total` (kind
-        `overflow`), a family also counted on the request path, so the writer's
-        counts are added to the counters as increments rather than exported by a
-        second collector under the same name.
-        """
-        stats = getattr(self.ledger, "stats", None)
-        if stats is None:
-            return
-        for endpoint, total in _bounded_counts(getattr(stats, "overflows", None)).items():
-            self._add_up("overflow", endpoint, total, lambda e: self._anomaly_child(e, "overflow"))
-        for field, total in _bounded_counts(getattr(stats, "truncated", None)).items():
-            self._add_up("truncated", field, total, self.truncated.labels)
-
-    def _add_up(self, family: str, label: str, total: float, child: Any) -> None:
-        done = self._from_ledger.get((family, label), 0)
-        if total > done:  # the writer only counts up
-            child(label).inc(total - done)
-            self._from_ledger[(family, label)] = total
 
     def admin_routes(self, app: Any) -> None:
         from aiohttp import web
