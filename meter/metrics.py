@@ -168,11 +168,13 @@ class _Counter:
 
     def family(self, extra: dict[tuple[str, ...], float] | None = None) -> Metric:
         family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
-        values = {labels: cell[0] for labels, cell in self.cells.items()}
-        for labels, n in (extra or {}).items():
-            values[labels] = values.get(labels, 0) + n
-        for labels, n in values.items():
-            family.add_metric(labels, n)
+        cells = self.cells
+        for labels, cell in cells.items():
+            family.add_metric(labels, cell[0] + (extra.get(labels, 0) if extra else 0))
+        if extra:
+            for labels, n in extra.items():
+                if labels not in cells:
+                    family.add_metric(labels, n)
         return family
 
 
@@ -390,11 +392,18 @@ class Metrics:
             if reason is not None:
                 self._count_unmetered(endpoint, reason)
         model_raw = record.model or record.model_requested or ""
+        tier_raw = record.service_tier or ""
+        # A value too long to be a label is `other` before it is hashed for the lookup
+        # (a client's 4 MiB model name would otherwise cost milliseconds to hash).
+        if len(model_raw) > MAX_LABEL_CHARS:
+            model_raw = OTHER
+        if len(tier_raw) > MAX_LABEL_CHARS:
+            tier_raw = OTHER
         if self.key_label:
             key_raw = record.key_name or record.key_id or NO_KEY
         else:
             key_raw = None
-        ident = (endpoint, model_raw, record.service_tier or "", record.status_code, record.outcome or "", key_raw, record.stream)
+        ident = (endpoint, model_raw, tier_raw, record.status_code, record.outcome or "", key_raw, record.stream)
         series = self._series.get(ident)
         if series is None:
             series = self._new_series(ident, _accepted(record))
