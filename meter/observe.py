@@ -6,6 +6,12 @@ error, time of the first output token).  Streams are read incrementally: SSE
 events may be split at any byte, use `\\n` or `\\r\\n`, and carry comments.  Only
 events that carry identity or usage are JSON-decoded; output deltas are
 recognised by their event name and skipped, which keeps per-chunk work small.
+
+What is held is bounded whatever the upstream sends: a compressed answer is
+decoded in small pieces, an SSE event or a JSON body is held whole only up to
+`max_bytes` (past it, a head and a tail, from which identity and usage are
+still read), and each byte is scanned for line ends once.  When usage cannot be
+read, `Observation.unmetered` says why, so that it is counted, not lost.
 """
 
 from __future__ import annotations
@@ -282,12 +288,10 @@ class _Capped:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.edge = max(1, min(limit // 2, _EDGE_MAX))
         self.size = 0
         self._first: bytes | None = None
         self._buf: bytearray | None = None
-        self.head: bytes = b""
-        self.tail: bytearray | None = None  # set once past the limit
+        self.tail: bytearray | None = None  # set, with `head` and `edge`, once past the limit
 
     def add(self, piece: bytes) -> None:
         n = len(piece)
@@ -318,7 +322,8 @@ class _Capped:
     def _spill(self, piece: bytes) -> None:
         """The limit is crossed: keep the head and the tail of what is held and `piece`."""
         held: bytes | bytearray = self._buf if self._buf is not None else (self._first or b"")
-        edge, n, h = self.edge, len(piece), len(held)
+        edge = self.edge = max(1, min(self.limit // 2, _EDGE_MAX))
+        n, h = len(piece), len(held)
         self.head = bytes(held[:edge]) if h >= edge else bytes(held) + piece[: edge - h]
         if n >= edge:
             self.tail = bytearray(piece[n - edge :])
@@ -565,13 +570,19 @@ class SSEObserver:
             self._start = b""
         pos = 0
         find = chunk.find
-        if self._line != _AT_LINE_START:  # a line begun in an earlier chunk goes on
+        line = self._line
+        if line != _AT_LINE_START:  # a line begun in an earlier chunk goes on
             nl = find(b"\n")
-            if nl < 0:
+            if line == _IN_OTHER:  # nothing of it is kept
+                if nl < 0:
+                    return
+                self._line = _AT_LINE_START
+            elif nl < 0:
                 self._line_goes_on(chunk, 0, len(chunk))
                 return
-            self._line_goes_on(chunk, 0, nl)
-            self._line_ends()
+            else:
+                self._line_goes_on(chunk, 0, nl)
+                self._line_ends()
             pos = nl + 1
         while True:
             nl = find(b"\n", pos)
@@ -903,17 +914,23 @@ class _Zlib:
             if out:
                 emit(out)
             data = d.unconsumed_tail
-            if d.eof:
-                rest = d.unused_data
-                if self._wbits != _GZIP or not rest.startswith(b"\x1f"):
-                    return  # what follows the end is not ours to read
+            if not data and len(out) < step:
+                if not d.eof or self._wbits != _GZIP or not d.unused_data.startswith(b"\x1f"):
+                    return  # all input taken; or the end, and what follows is not another member
+                data = d.unused_data
                 d = self._d = zlib.decompressobj(self._wbits)
-                data = rest
-            elif not data and len(out) < step:
-                return
 
 
 _GZIP = 16 + zlib.MAX_WBITS
+
+
+class _Gzip(_Zlib):
+    __slots__ = ()
+
+    def __init__(self, step: int) -> None:
+        self._wbits = _GZIP
+        self._d = zlib.decompressobj(_GZIP)
+        self._step = step
 
 
 class _Deflate(_Zlib):
@@ -987,8 +1004,8 @@ class _Zstd:
 _Decoder = _Zlib | _Brotli | _Zstd
 
 _DECODERS: dict[str, Callable[[int], _Decoder]] = {
-    "gzip": lambda step: _Zlib(_GZIP, step),
-    "x-gzip": lambda step: _Zlib(_GZIP, step),
+    "gzip": _Gzip,
+    "x-gzip": _Gzip,
     "deflate": _Deflate,
     "br": _Brotli,
     "zstd": _Zstd,
@@ -1009,16 +1026,16 @@ class Decompressing:
     The client still receives the upstream's bytes.
     """
 
-    __slots__ = ("inner", "_first", "_then", "_limit", "_encoded", "_decoded", "_failed", "_stopped")
+    __slots__ = ("inner", "_feed", "_first", "_then", "_limit", "_encoded", "_decoded", "_failed", "_stopped")
 
     def __init__(self, inner: SSEObserver | BodyCollector, codings: list[str], max_bytes: int = 64 << 20) -> None:
         self.inner = inner
-        step = min(max_bytes, _STEP)
-        decoders = [_DECODERS[c](step) for c in reversed(codings)]
+        self._feed = inner.feed
+        step = max_bytes if max_bytes < _STEP else _STEP
         emit: Callable[[bytes], None] = self._emit
-        for decoder in reversed(decoders[1:]):
-            emit = _chain(decoder, emit)
-        self._first = decoders[0]
+        for coding in codings[:-1]:  # the first applied is undone last, just before the observer
+            emit = _chain(_DECODERS[coding](step), emit)
+        self._first = _DECODERS[codings[-1]](step)
         self._then = emit
         self._limit = max_bytes
         self._encoded = 0
@@ -1031,7 +1048,7 @@ class Decompressing:
         self._decoded = decoded
         if decoded > self._limit and decoded > _MAX_RATIO * self._encoded:
             raise _Stop
-        self.inner.feed(piece)
+        self._feed(piece)
 
     def feed(self, chunk: bytes) -> None:
         if self._failed or self._stopped or self.inner.done:

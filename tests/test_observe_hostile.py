@@ -27,6 +27,8 @@ from pathlib import Path
 import brotli
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meter.observe import SSEObserver, observer_for
 
@@ -370,6 +372,45 @@ def test_fixture_streams_read_the_same_past_a_tiny_limit() -> None:
     assert checked >= 10
 
 
+def _fixture_streams() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted((FIXTURES / "openai").glob("*.json")):
+        for inter in json.loads(path.read_text())["interactions"]:
+            if inter["response"]["stream"] and inter["response"]["status"] == 200 and inter["expected"]["usage"]:
+                out.append((path.name, inter))
+    return out
+
+
+FIXTURE_STREAMS = _fixture_streams()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    index=st.integers(min_value=0, max_value=10_000),
+    cuts=st.lists(st.integers(min_value=0, max_value=10**9), max_size=40),
+    crlf=st.booleans(),
+    limit=st.sampled_from([1024, 4096, 64 << 20]),
+)
+def test_any_split_past_any_limit_reads_the_same_usage(index: int, cuts: list[int], crlf: bool, limit: int) -> None:
+    # Lines and events cut anywhere, fields split inside `data:` and `event:`, CRs
+    # split from their LFs, events past the limit or not: the same usage.
+    name, inter = FIXTURE_STREAMS[index % len(FIXTURE_STREAMS)]
+    body = inter["response"]["body"].replace("\n", "\r\n") if crlf else inter["response"]["body"]
+    data = body.encode()
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    kind = "chat" if "chat" in inter["request"]["path"] else "responses"
+    observer = observer_for(kind, "text/event-stream", "", max_bytes=limit)
+    last = 0
+    for p in [*points, len(data)]:
+        observer.feed(data[last:p])  # type: ignore[union-attr]
+        last = p
+    obs = observer.finish()  # type: ignore[union-attr]
+    expected = inter["expected"]["usage"]
+    assert obs.usage is not None, name
+    assert (obs.usage.input_tokens, obs.usage.output_tokens, obs.usage.total_tokens) == (expected["input_tokens"], expected["output_tokens"], expected["total_tokens"]), name
+    assert obs.unreadable is None and obs.unmetered is None
+
+
 # --- Chat Completions -----------------------------------------------------------------
 
 
@@ -463,6 +504,7 @@ def test_gzip_bomb_through_meter_serve_holds_memory(bomb_upstream: UpstreamProce
     after = _peak_rss_kib(meter.proc.pid)
     assert status == 200 and got > 100_000  # the client received the compressed answer in full
     # The inflated body is 512 MiB; meter may hold max_bytes (64 MiB) of it, never all.
+    print(f"meter's peak RSS grew by {(after - before) // 1024} MiB")
     assert (after - before) * 1024 < 160 * MiB, f"peak RSS grew by {(after - before) // 1024} MiB"
     meter.stop()
     rows = ledger_rows(ledger)
