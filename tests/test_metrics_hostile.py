@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 
 from meter.flow import Flow
 from meter.identity import key_id
@@ -106,6 +107,20 @@ async def test_refused_requests_do_not_use_up_the_label_budget(upstream, start_m
     assert by_key == {key_id(k): (2 if k == real[0][0] else 1) for k, _ in real}, by_key
     assert m.by("meter_tokens_total", "model", type="input") == {"acme-real-0": 7, "acme-real-1": 7, "acme-real-2": 7, "acme-late": 1}
     assert m.value("meter_requests_total", status_code="429", model="acme-real-1", key=key_id(real[1][0])) == 1
+
+
+async def test_websocket_responses_admit_their_labels(upstream, start_meter) -> None:
+    """Every WebSocket response carries the handshake's 101: one the upstream created is accepted."""
+    meter = await start_meter(upstream.url, metrics_max_keys=2)
+    key = "sk-ws-aaaaaaaaaaaaaaaa"
+    url = "ws" + meter.url.removeprefix("http") + "/v1/responses"
+    async with ws_connect(url, additional_headers=bearer(key)) as ws:
+        for model in ("acme-ws-a", "acme-ws-b"):
+            await ws.send(json.dumps({"type": "response.create", "model": model, "input": "hi"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "response.completed":
+                pass
+    m = await scrape_until(meter.admin_url, 2)
+    assert m.by("meter_requests_total", "model", key=key_id(key), status_code="101") == {"acme-ws-a": 1, "acme-ws-b": 1}
 
 
 # --- length -------------------------------------------------------------------------------
