@@ -18,6 +18,9 @@ What meter relies on:
   messages parsed and not yet received.
 - `web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=)`
   called positionally from `web.Server`'s `request_factory` (server.py).
+- `ClientResponse.start(connection)` called by `ws_connect` before it judges the
+  handshake, with the body still readable (websocket.py `_HandshakeResponse`
+  keeps a refused upgrade's body that way).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import pytest
 from aiohttp import web
 from packaging.requirements import Requirement
 
-from meter.websocket import _ClientFrames, _parsed_messages
+from meter.websocket import _HANDSHAKE, _ClientFrames, _HandshakeResponse, _parsed_messages
 
 from .conftest import ROOT, SECRET_KEY
 
@@ -204,3 +207,25 @@ async def test_request_factory_limits_a_chunked_body(upstream, start_meter) -> N
         async with s.post(meter.url + "/v1/responses", data=chunks(64 * 1024), headers=headers) as r:
             assert r.status == 413
             assert (await r.json())["error"]["code"] == "request_too_large"
+
+
+async def test_handshake_response_keeps_a_refused_upgrade_body(serve) -> None:
+    """`ws_connect` drops a refused upgrade's body; meter's response class must see it first."""
+    refusal = b'{"error": {"message": "no", "type": "invalid_request_error", "code": "refused"}}'
+
+    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response(status=403, body=refusal, content_type="application/json", headers={"x-request-id": "req_1"})
+
+    url = await serve(handler)
+    sink: list[Any] = []
+    token = _HANDSHAKE.set(sink)
+    try:
+        async with aiohttp.ClientSession(response_class=_HandshakeResponse) as s:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await s.ws_connect(url)
+    finally:
+        _HANDSHAKE.reset(token)
+    assert refused.value.status == 403
+    assert len(sink) == 2, "ws_connect no longer calls ClientResponse.start: the refusal's body is lost"
+    headers, body = sink
+    assert body == refusal and headers["x-request-id"] == "req_1"
