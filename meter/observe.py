@@ -293,7 +293,7 @@ class _Capped:
         self._buf: bytearray | None = None
         self.tail: bytearray | None = None  # set, with `head` and `edge`, once past the limit
 
-    def add(self, piece: bytes) -> None:
+    def add(self, piece: bytes | memoryview) -> None:
         n = len(piece)
         size = self.size + n
         self.size = size
@@ -311,7 +311,7 @@ class _Capped:
             if buf is not None:
                 buf += piece
             elif self._first is None:
-                self._first = piece
+                self._first = piece if type(piece) is bytes else bytes(piece)  # not a view of a larger chunk
             else:
                 self._buf = bytearray(self._first)
                 self._buf += piece
@@ -319,7 +319,7 @@ class _Capped:
         else:
             self._spill(piece)
 
-    def _spill(self, piece: bytes) -> None:
+    def _spill(self, piece: bytes | memoryview) -> None:
         """The limit is crossed: keep the head and the tail of what is held and `piece`."""
         held: bytes | bytearray = self._buf if self._buf is not None else (self._first or b"")
         edge = self.edge = max(1, min(self.limit // 2, _EDGE_MAX))
@@ -527,7 +527,7 @@ class SSEObserver:
         self._skip = False
         self._line = _AT_LINE_START
         self._start = b""  # the first bytes of a line too short yet to say its field
-        self._name = bytearray()
+        self._name = b""  # an event name split across chunks, up to _NAME_MAX bytes
         self._cr = False  # a CR ended the data kept so far: dropped if LF follows
         self._ttft_pending = True
         self._done = False  # after the terminal event nothing more is needed
@@ -554,38 +554,39 @@ class SSEObserver:
                 if end < 0:
                     break
                 if not self._skip_whole_event(chunk, pos, end):
-                    self._parse_lines(chunk[pos : end + 2])  # one whole event: nothing stays pending
+                    self._parse_lines(chunk, pos, end + 2)  # one whole event: nothing stays pending
                     if self._done:
                         return
                 pos = end + 2
             if pos >= n:
                 return
-            if pos:
-                chunk = chunk[pos:]
-        self._parse_lines(chunk)
+            self._parse_lines(chunk, pos, n)
+            return
+        self._parse_lines(chunk, 0, len(chunk))
 
-    def _parse_lines(self, chunk: bytes) -> None:
+    def _parse_lines(self, chunk: bytes, pos: int, n: int) -> None:
+        """Read the lines of chunk[pos:n] (bounds, not a slice: an event may be large)."""
         if self._start:
-            chunk = self._start + chunk  # at most 6 bytes before it: one copy per split field name
+            chunk = self._start + chunk[pos:n]  # at most 6 bytes before it: one copy per split field name
             self._start = b""
-        pos = 0
+            pos, n = 0, len(chunk)
         find = chunk.find
         line = self._line
         if line != _AT_LINE_START:  # a line begun in an earlier chunk goes on
-            nl = find(b"\n")
+            nl = find(b"\n", pos, n)
             if line == _IN_OTHER:  # nothing of it is kept
                 if nl < 0:
                     return
                 self._line = _AT_LINE_START
             elif nl < 0:
-                self._line_goes_on(chunk, 0, len(chunk))
+                self._line_goes_on(chunk, pos, n)
                 return
             else:
-                self._line_goes_on(chunk, 0, nl)
+                self._line_goes_on(chunk, pos, nl)
                 self._line_ends()
             pos = nl + 1
         while True:
-            nl = find(b"\n", pos)
+            nl = find(b"\n", pos, n)
             if nl < 0:
                 break
             end = nl - 1 if nl > pos and chunk[nl - 1] == 13 else nl
@@ -600,10 +601,13 @@ class SSEObserver:
                     self._data_line(chunk[start:end] if end - start <= self._max else memoryview(chunk)[start:end])
                 elif chunk.startswith(b"event:", pos):
                     start = pos + 7 if chunk.startswith(b"event: ", pos) else pos + 6
-                    self._on_event_name(chunk[start : min(end, start + _NAME_MAX)])
+                    self._on_event_name(chunk[start:end] if end - start <= _NAME_MAX else chunk[start : start + _NAME_MAX])
             pos = nl + 1
-        if pos < len(chunk):
-            self._line_begins(chunk, pos)
+        if pos < n:
+            if self._skip:
+                self._line = _IN_OTHER  # a line of an event meter skips: nothing of it is kept
+            else:
+                self._line_begins(chunk, pos, n)
 
     def _data_line(self, line: bytes | memoryview) -> None:
         data = self._data
@@ -625,22 +629,19 @@ class SSEObserver:
         data.add(b"\n")  # type: ignore[union-attr]
         return data  # type: ignore[return-value]
 
-    def _line_begins(self, chunk: bytes, pos: int) -> None:
-        """A line starts at chunk[pos] and does not end in this chunk."""
-        if self._skip:
-            self._line = _IN_OTHER
-            return
-        rest = len(chunk) - pos
+    def _line_begins(self, chunk: bytes, pos: int, n: int) -> None:
+        """A line of an event meter reads starts at chunk[pos] and does not end before chunk[n]."""
+        rest = n - pos
         if chunk.startswith(b"data:", pos) and rest > 5:
             self._line = _IN_DATA
             self._more_data()
-            self._line_goes_on(chunk, pos + 6 if chunk[pos + 5] == 32 else pos + 5, len(chunk))
+            self._line_goes_on(chunk, pos + 6 if chunk[pos + 5] == 32 else pos + 5, n)
         elif chunk.startswith(b"event:", pos) and rest > 6:
             self._line = _IN_NAME
-            self._name = bytearray()
-            self._line_goes_on(chunk, pos + 7 if chunk[pos + 6] == 32 else pos + 6, len(chunk))
-        elif rest < 7 and (b"data: ".startswith(chunk[pos:]) or b"event: ".startswith(chunk[pos:])):
-            self._start = chunk[pos:]
+            start = pos + 7 if chunk[pos + 6] == 32 else pos + 6
+            self._name = chunk[start : min(n, start + _NAME_MAX)]
+        elif rest < 7 and (b"data: ".startswith(chunk[pos:n]) or b"event: ".startswith(chunk[pos:n])):
+            self._start = chunk[pos:n]
         else:
             self._line = _IN_OTHER  # a comment, `id:`, `retry:`: nothing meter reads
 
@@ -655,19 +656,21 @@ class SSEObserver:
             if end > start and chunk[end - 1] == 13:  # perhaps the CR of a CRLF: hold it back
                 self._cr = True
                 end -= 1
-            if end > start:
+            if end - start > _EDGE_MAX:  # a view: past the limit only its end is copied
+                data.add(memoryview(chunk)[start:end])
+            elif end > start:
                 data.add(chunk[start:end] if start or end < len(chunk) else chunk)
         elif line == _IN_NAME:
             room = _NAME_MAX - len(self._name)
             if room > 0:
-                self._name += chunk[start : min(end, start + room)]
+                self._name += chunk[start : min(end, start + room)]  # a few bytes: bounded by _NAME_MAX
 
     def _line_ends(self) -> None:
         line, self._line = self._line, _AT_LINE_START
         self._cr = False
         if line == _IN_NAME:
-            name = bytes(self._name)
-            self._name = bytearray()
+            name = self._name
+            self._name = b""
             self._on_event_name(name[:-1] if name.endswith(b"\r") else name)
 
     def _first_token(self) -> None:
@@ -841,7 +844,7 @@ class SSEObserver:
             # A stream may end without the final blank line; the spec says such an
             # event is dropped, but its data is all we have of the terminal event.
             if self._line != _AT_LINE_START or self._start:
-                self._parse_lines(b"\n")
+                self._parse_lines(b"\n", 0, 1)
             if self._data is not None and not self._done:
                 self._dispatch()
         obs = self.obs

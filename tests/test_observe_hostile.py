@@ -314,6 +314,22 @@ def test_terminal_event_past_a_small_limit(usage_first: bool, piece: int) -> Non
     assert peak < piece + 2 * MiB, peak
 
 
+@pytest.mark.parametrize("crlf", [False, True])
+def test_event_past_the_limit_in_one_chunk_is_not_copied(crlf: bool) -> None:
+    # A whole 32 MiB event in one chunk (TCP coalesces, a test client writes at
+    # once): read through a view, only its head and tail are copied.
+    chunk = b"".join(_terminal_event_parts(32 * MiB, crlf=crlf))
+
+    def run() -> object:
+        observer = observer_for("responses", "text/event-stream", "", max_bytes=MiB)
+        observer.feed(chunk)  # type: ignore[union-attr]
+        return observer.finish()  # type: ignore[union-attr]
+
+    obs, peak = _peak_while(run)
+    _check_usage(obs)
+    assert peak < 4 * MiB, peak
+
+
 def test_json_body_of_100_mib_default_limit() -> None:
     def run() -> object:
         observer = observer_for("responses", "application/json", "")
