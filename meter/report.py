@@ -649,8 +649,12 @@ class ReportAPI:
         except _LedgerNotOpen:
             return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)
         except Exception as exc:
-            log.exception("report failed")
-            return web.json_response({"error": f"report failed: {type(exc).__name__}: {_one_line(exc)}"}, status=500)
+            # One line, caller and log alike: the store's own text (host, database, never
+            # the password: the stores redact it) goes only behind the admin token.
+            unavailable = _store_unavailable(exc)
+            log.warning("report failed: %s: %s", type(exc).__name__, _one_line(exc), exc_info=log.isEnabledFor(logging.DEBUG))
+            what = "the ledger cannot be read now" if unavailable else "report failed"
+            return web.json_response({"error": f"{what}: {type(exc).__name__}: {_one_line(exc)}"}, status=503 if unavailable else 500)
         headers = {}
         pending = self.unwritten()
         if pending is not None:
@@ -692,6 +696,20 @@ class ReportAPI:
 
 class _LedgerNotOpen(Exception):
     pass
+
+
+def _store_unavailable(exc: BaseException) -> bool:
+    """A store that cannot answer now (an outage: 503), as opposed to a fault in the report (500)."""
+    from .ledger_child import LedgerChildError
+
+    outages: tuple[type[BaseException], ...] = (OSError, LedgerChildError)
+    try:
+        from .ledger_pg import PostgresLedgerError
+
+        outages += (PostgresLedgerError,)
+    except ImportError:  # an installation without the PostgreSQL ledger
+        pass
+    return isinstance(exc, outages)
 
 
 # --- reprice -----------------------------------------------------------------------

@@ -252,8 +252,17 @@ async def test_readyz_reports_states_never_the_store_error(upstream, postgres, m
         text = body.decode()
         for leak in ("Error", "refused", "connect", str(postgres.port), postgres.password):
             assert leak not in text, leak
+        # A report cannot be read now: one line to the caller, one line in the log.
+        status, _, body = await araw(proc.admin_port, "/api/report")
+        assert status == 503, (status, body)
+        assert "\n" not in json.loads(body)["error"]
+        assert postgres.password not in body.decode()
     finally:
         postgres.start()
+    proc.stop()
+    log = (tmp_path / "meter0.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert [line for line in log.splitlines() if "report failed" in line], log[-3000:]
 
 
 # --- 4. meter report --url sends the token --------------------------------------------
