@@ -152,7 +152,6 @@ class _Counter:
     """
 
     __slots__ = ("_doc", "_labelnames", "_name", "cells")
-    kind = "counter"
 
     def __init__(self, name: str, doc: str, labelnames: Iterable[str]) -> None:
         self._name = name  # without `_total`: the exposition adds it
@@ -182,7 +181,6 @@ class _Gauge(_Counter):
     """A gauge family as plain numbers (`in_flight`: raised by `request`, lowered by `done`)."""
 
     __slots__ = ()
-    kind = "gauge"
 
     def family(self, extra: dict[tuple[str, ...], float] | None = None) -> Metric:
         family = GaugeMetricFamily(self._name, self._doc, labels=self._labelnames)
@@ -199,7 +197,6 @@ class _Histogram(_Counter):
     """
 
     __slots__ = ()
-    kind = "histogram"
 
     def cell(self, labels: tuple[str, ...]) -> list[float]:
         cell = self.cells.get(labels)
@@ -311,11 +308,14 @@ class _LedgerCollector:
             return getattr(obj, name, 0) if ledger is not None else None  # describe(): no value
 
         return [
-            GaugeMetricFamily("meter_ledger_pending_records", "Records waiting to be written to the ledger.", value=value(ledger, "pending")),
+            GaugeMetricFamily(
+                "meter_ledger_pending_records", "Records waiting to be written to the ledger.", value=value(ledger, "pending"),
+            ),
             CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger.", value=value(stats, "written")),
             CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches).", value=value(stats, "write_errors")),
             CounterMetricFamily(
-                "meter_ledger_rejected_records", "Records the store refused, appended to <ledger>.rejected.jsonl.", value=value(stats, "rejected"),
+                "meter_ledger_rejected_records", "Records the store refused, appended to <ledger>.rejected.jsonl.",
+                value=value(stats, "rejected"),
             ),
         ]
 
@@ -336,15 +336,19 @@ class Metrics:
         r = self.registry
         # Counter names without `_total`: the exposition adds it, so the exposed names are SPEC §6's.
         self.requests = _Counter(
-            "meter_requests", "Proxied requests (and WebSocket responses).", ["endpoint", "model", "service_tier", "status_code", "outcome", *key],
+            "meter_requests", "Proxied requests (and WebSocket responses).",
+            ["endpoint", "model", "service_tier", "status_code", "outcome", *key],
         )
-        self.tokens = _Counter("meter_tokens", "Tokens by type, as reported by the upstream.", ["endpoint", "model", "service_tier", *key, "type"])
+        self.tokens = _Counter(
+            "meter_tokens", "Tokens by type, as reported by the upstream.", ["endpoint", "model", "service_tier", *key, "type"],
+        )
         self.web_search = _Counter("meter_web_search_calls", "Hosted web search calls.", ["model", *key])
         self.cache_misses = _Counter(
             "meter_prompt_cache_misses", "Requests whose prompt cache diagnostics report a miss, by reason.", ["model", "reason"],
         )
         self.anomalies = _Counter(
-            "meter_usage_anomalies", "Usage blocks that break an invariant, or numbers past the ledger's types (kind overflow).", ["endpoint", "kind"],
+            "meter_usage_anomalies", "Usage blocks that break an invariant, or numbers past the ledger's types (kind overflow).",
+            ["endpoint", "kind"],
         )
         self.unmetered = _Counter(
             "meter_unmetered_requests", "Model calls that completed without usage meter could read, by reason.", ["endpoint", "reason"],
@@ -357,7 +361,9 @@ class Metrics:
         self.ttft = _Histogram(
             "meter_time_to_first_token_seconds", "From the request's arrival to the first output delta of a stream.", ["endpoint", "model"],
         )
-        self.ttfb = _Histogram("meter_upstream_ttfb_seconds", "From the request's arrival to the upstream's response headers.", ["endpoint", "model"])
+        self.ttfb = _Histogram(
+            "meter_upstream_ttfb_seconds", "From the request's arrival to the upstream's response headers.", ["endpoint", "model"],
+        )
         self.in_flight = _Gauge("meter_in_flight_requests", "Requests being forwarded now.", ["endpoint"])
         self.unpriced = _Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"])
         r.register(_Families(self))

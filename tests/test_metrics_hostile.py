@@ -37,7 +37,8 @@ async def send(url: str, body: Any, headers: dict[str, str] | None = None, path:
     """POST `body` (JSON) over a raw socket; returns the status once the whole answer was read."""
     host, _, port = url.removeprefix("http://").partition(":")
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json", f"Content-Length: {len(data)}", "Connection: close"]
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Content-Type: application/json", f"Content-Length: {len(data)}"]
+    head.append("Connection: close")
     head += [f"{k}: {v}" for k, v in (headers or {}).items()]
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
@@ -88,7 +89,8 @@ async def test_refused_requests_do_not_use_up_the_label_budget(upstream, start_m
     real = [(f"sk-real-{j}-aaaaaaaaaaaaaaaa", f"acme-real-{j}") for j in range(max_keys)]
     for key, model in real:
         assert await send(meter.url, {"model": model, "input": "x"}, {**bearer(key), **usage(input_tokens=7, output_tokens=3)}) == 200
-    assert await send(meter.url, {"model": "acme-late", "input": "x"}, {**bearer(real[0][0]), **usage(input_tokens=1, output_tokens=1)}) == 200
+    late = {**bearer(real[0][0]), **usage(input_tokens=1, output_tokens=1)}
+    assert await send(meter.url, {"model": "acme-late", "input": "x"}, late) == 200
     # Once admitted, a value counts as itself whatever the status.
     assert await send(meter.url, {"model": "acme-real-1", "input": "x"}, {**bearer(real[1][0]), "x-fake-scenario": "status:429"}) == 429
     assert await send(meter.url, {"model": "acme-late", "input": "x"}, {**bearer(real[0][0]), **REFUSED}) == 401
@@ -136,7 +138,8 @@ async def test_long_label_values_count_as_other(upstream, meter_process, tmp_pat
     assert await send(meter.url, {"model": huge, "input": "x"}, bearer("sk-real-long-aaaaaaaaaaaaaaaa")) == 200
     assert await send(meter.url, {"model": past_limit, "input": "x"}, bearer("sk-real-long-aaaaaaaaaaaaaaaa")) == 200
     assert await send(meter.url, {"model": at_limit, "input": "x"}, bearer("sk-real-long-aaaaaaaaaaaaaaaa")) == 200
-    assert await send(meter.url, {"model": "gpt-4o", "input": "x", "service_tier": "t" * 200}, bearer("sk-real-long-aaaaaaaaaaaaaaaa")) == 200
+    long_tier = {"model": "gpt-4o", "input": "x", "service_tier": "t" * 200}
+    assert await send(meter.url, long_tier, bearer("sk-real-long-aaaaaaaaaaaaaaaa")) == 200
 
     m = await scrape_until(meter.admin_url, 5)
     assert m.value("meter_requests_total") == 5
@@ -188,7 +191,8 @@ async def test_ledger_and_unmetered_families_exported(upstream, start_meter) -> 
     stats.overflows = {"responses": 4}
     # And a usage anomaly counted on the request path, in the same family.
     body = {"model": "gpt-4o", "input": "x"}
-    assert await send(meter.url, body, {**bearer("sk-anomaly-aaaaaaaaaaaaaaaa"), **usage(input_tokens=10, output_tokens=5, total_tokens=99)}) == 200
+    anomaly = usage(input_tokens=10, output_tokens=5, total_tokens=99)
+    assert await send(meter.url, body, {**bearer("sk-anomaly-aaaaaaaaaaaaaaaa"), **anomaly}) == 200
     m = await scrape_until(meter.admin_url, 1)
     assert m.value("meter_ledger_rejected_records_total") == 3
     assert m.by("meter_values_truncated_total", "field") == {"model": 2, "tags": 5}
@@ -219,7 +223,8 @@ def test_unmetered_reasons_bounded() -> None:
         flow = Flow(method="POST", path="/v1/chat/completions", endpoint="chat.completions", headers={})
         flow.observation = SimpleNamespace(unmetered=reason)  # type: ignore[assignment]
         now = time.time()
-        metrics.done(flow, Record(id=None, started_at=now, finished_at=now, method="POST", path=flow.path, endpoint=flow.endpoint, status_code=200))
+        record = Record(id=None, started_at=now, finished_at=now, method="POST", path=flow.path, endpoint=flow.endpoint, status_code=200)
+        metrics.done(flow, record)
     m = parse(metrics.render().decode())
     counted = m.by("meter_unmetered_requests_total", "reason", endpoint="chat.completions")
     assert sum(counted.values()) == len(reasons)
