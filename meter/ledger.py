@@ -8,6 +8,13 @@ waits on the database.  If the store fails, records wait in memory up to
 into the store at the next start.  Usage is counted once per response id: the
 store keeps a `usage_claims` table, and a later row for a response already
 claimed keeps its place in the ledger but not the usage.
+
+Hostile input (SPEC §2b): every batch passes `meter.sanitise` in the writer's
+thread before any store sees it.  A batch the store still refuses is split until
+the refused records are isolated; those go, with the store's reason, to the
+rejected file (`<ledger>.rejected.jsonl`, or `<spool>.rejected.jsonl` when the
+ledger is not a file) and the rest is written.  An outage (the store cannot be
+reached or written at all) is not a refusal: records wait, then spool.
 """
 
 from __future__ import annotations
@@ -15,16 +22,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
+from .config import StartupError
 from .record import COLUMNS, Record
+from .sanitise import new_overflows, new_truncated, sanitise_batch
 
 log = logging.getLogger("meter.ledger")
 
@@ -78,16 +89,61 @@ assert tuple(COLUMN_TYPES) == COLUMNS, "ledger columns must follow the record"
 
 
 class Store(Protocol):
-    """A place records are written to: DuckDB here, PostgreSQL for fleets."""
+    """A place records are written to: DuckDB here, PostgreSQL for fleets.
+
+    `write` raises `LedgerRefused` when the store refuses the records for their
+    values, anything else when it cannot be written; a store may offer `probe()`,
+    a write that must succeed while the store works (see `LedgerWriter`).
+    """
 
     def open(self) -> None: ...
     def write(self, records: list[Record]) -> None: ...
     def close(self) -> None: ...
 
 
+class LedgerRefused(Exception):
+    """The store is working but will not take these records (a value it refuses)."""
+
+
+class LedgerUnusable(StartupError):
+    """The ledger cannot be used at all (not a ledger, held by another process, no
+    such directory): start-up fails with this one line."""
+
+
+# Exception classes that say "these values", whatever the store: Python's and
+# Arrow's conversion errors (ArrowInvalid is a ValueError) and DuckDB's data and
+# constraint errors.  OSError, memory and connection errors say "the store".
+_REFUSED_NAMES = {"ConversionException", "OutOfRangeException", "TypeMismatchException", "DataError", "ConstraintException", "IntegrityError", "InvalidInputException"}
+_OUTAGE_NAMES = {"IOException", "OperationalError", "OutOfMemoryException", "FatalException", "InternalException", "TransactionException", "PermissionException"}
+
+
+def failure_kind(exc: BaseException) -> str:
+    """`refused`, `outage` or `unknown` (the writer then asks the store with a probe)."""
+    if isinstance(exc, LedgerRefused):
+        return "refused"
+    if isinstance(exc, (OSError, MemoryError, EOFError, TimeoutError)):
+        return "outage"
+    if isinstance(exc, (ValueError, TypeError, OverflowError, UnicodeError)):
+        return "refused"
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if names & _OUTAGE_NAMES:
+        return "outage"
+    if names & _REFUSED_NAMES:
+        return "refused"
+    kind = getattr(exc, "kind", None)  # a store that already knows (the ledger child)
+    return kind if kind in ("refused", "outage") else "unknown"
+
+
 # --- migrations ----------------------------------------------------------------
 # An append-only list of small named steps, each applied once and recorded in
 # `_meter_migrations`.  Never edit a step that has shipped; add a new one.
+
+
+def _check_is_meter_ledger(con: Any, path: str) -> None:
+    """A DuckDB file with a `requests` table meter did not make is someone else's data."""
+    columns = {row[0] for row in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'requests'").fetchall()}
+    if columns and not {"id", "started_at", "finished_at", "endpoint"} <= columns:
+        raise LedgerUnusable(f"ledger {path} is not a meter ledger (it has a requests table meter did not make)")
 
 
 def _m001_requests(con: Any) -> None:
@@ -202,24 +258,45 @@ class DuckDBStore:
         # those started no earlier than the batch's first record, which DuckDB's
         # zone maps on started_at narrow to the newest row groups.
         self._insert = (
-            f"INSERT INTO requests SELECT {_select_from_batch()} FROM batch WHERE batch.id::UUID NOT IN "
-            "(SELECT id FROM requests WHERE started_at >= (SELECT to_timestamp(min(started_at)) FROM batch))"
+            # NOT EXISTS, not NOT IN: one NULL id in the table turns `NOT IN` into "insert nothing".
+            f"INSERT INTO requests SELECT {_select_from_batch()} FROM batch WHERE NOT EXISTS "
+            "(SELECT 1 FROM requests r WHERE r.id = batch.id::UUID AND r.started_at >= (SELECT to_timestamp(min(started_at)) FROM batch))"
         )
 
     def open(self) -> None:
         import duckdb
 
+        created = False
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            check_directory(self.path, "ledger")  # never created: a typo must not make a tree
+            created = not os.path.exists(self.path)
         # One DuckDB worker thread: batches are small and frequent, and on a small
         # machine more threads only compete with the event loop for cores.
-        self.con = duckdb.connect(self.path, config={"threads": 1})
-        migrate_duckdb(self.con)
+        try:
+            self.con = duckdb.connect(self.path, config={"threads": 1})
+        except duckdb.IOException as exc:
+            raise unusable_from_duckdb(self.path, exc) from None
+        if created:
+            # The ledger child sets a umask so DuckDB creates its files 0600; in any
+            # other process the new file is narrowed here.  An existing file keeps the
+            # mode its operator gave it.
+            os.chmod(self.path, 0o600)
+        try:
+            _check_is_meter_ledger(self.con, self.path)
+            migrate_duckdb(self.con)
+        except BaseException:
+            self.close()
+            raise
+
+    def probe(self) -> None:
+        """An empty batch through the whole write path: succeeds while the store works."""
+        self.write([])
 
     def write(self, records: list[Record]) -> None:
         con = self.con
         candidates = sorted({r.response_id for r in records if needs_claim(r)})  # type: ignore[misc]
         con.execute("BEGIN TRANSACTION")
+        registered = False
         try:
             already: set[str] = set()
             if candidates:
@@ -231,19 +308,22 @@ class DuckDBStore:
                     "INSERT INTO usage_claims (response_id, request_id) SELECT UNNEST(?::VARCHAR[]), UNNEST(?::UUID[]) ON CONFLICT DO NOTHING",
                     [[c[0] for c in claims], [c[1] for c in claims]],
                 )
-            batch = records_to_arrow(records)
-            con.register("batch", batch)
-            try:
-                con.execute(self._insert)
-            finally:
-                con.unregister("batch")
+            con.register("batch", records_to_arrow(records))
+            registered = True
+            con.execute(self._insert)
             con.execute("COMMIT")
         except Exception:
             try:
                 con.execute("ROLLBACK")
             except Exception:
                 pass
-            raise
+            raise  # the store's own reason: unregistering inside the failed transaction would replace it
+        finally:
+            if registered:
+                try:
+                    con.unregister("batch")
+                except Exception:
+                    pass
 
     def cursor(self) -> Any:
         """A separate connection to the same database, for readers in other threads."""
@@ -253,6 +333,49 @@ class DuckDBStore:
         if self.con is not None:
             self.con.close()
             self.con = None
+
+
+def check_directory(path: str | Path, what: str) -> None:
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise LedgerUnusable(f"{what} {path}: directory {parent} does not exist")
+
+
+_LOCK_PID = re.compile(r"Conflicting lock is held in .*?\(PID (\d+)\)")
+
+
+def lock_holder(pid: int) -> str:
+    """Who holds a ledger: DuckDB names the process with the file open, which for
+    meter is the ledger child of another `meter serve`; name that `meter serve`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"meter.ledger_child" in cmdline:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            return f"meter serve (pid {ppid})"
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        return f"{name} (pid {pid})"
+    except (OSError, ValueError, IndexError):
+        return f"process {pid}"
+
+
+def unusable_from_duckdb(path: str, exc: Exception) -> Exception:
+    """DuckDB's open error as start-up's one line, or as is if it is not about the file."""
+    text = str(exc)
+    held = _LOCK_PID.search(text)
+    if held:
+        return LedgerUnusable(f"ledger {path} is in use by {lock_holder(int(held.group(1)))}")
+    if "not a valid DuckDB database file" in text:
+        return LedgerUnusable(f"ledger {path} is not a DuckDB database (not a meter ledger)")
+    if "No such file or directory" in text or "Permission denied" in text or "Is a directory" in text:
+        return LedgerUnusable(f"ledger {path}: {text.removeprefix('IO Error: ')}")
+    return exc
+
+
+def open_private(path: Path) -> Any:
+    """Append to `path`, creating it readable and writable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return open(fd, "a", encoding="utf-8")
 
 
 # --- spool ---------------------------------------------------------------------
@@ -277,12 +400,12 @@ class Spool:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.Lock()  # the writer and the spiller both append
 
     def append(self, records: Sequence[Record]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            for record in records:
-                f.write(record_to_json(record) + "\n")
+        lines = "".join(record_to_json(record) + "\n" for record in records)
+        with self._lock, open_private(self.path) as f:
+            f.write(lines)
             f.flush()
             os.fsync(f.fileno())
 
@@ -306,6 +429,31 @@ class Spool:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+class RejectedFile:
+    """Records a store refused, one JSON line each with the store's reason: kept for a
+    person to look at (and replay by hand), never retried by meter."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: Record, reason: str) -> None:
+        line = json.dumps({"rejected_at": datetime.now(timezone.utc).isoformat(), "reason": reason, "record": json.loads(record_to_json(record))})
+        with open_private(self.path) as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def rejected_path_for(store: object, spool_path: Path | None) -> Path | None:
+    """`<ledger>.rejected.jsonl` beside a ledger file; else `<spool>.rejected.jsonl`."""
+    path = getattr(store, "path", None)
+    if isinstance(path, str) and path != ":memory:":
+        return Path(path + ".rejected.jsonl")
+    if spool_path is not None:
+        return Path(str(spool_path) + ".rejected.jsonl")
+    return None
 
 
 # --- the writer ----------------------------------------------------------------
@@ -335,6 +483,12 @@ class LedgerStats:
     spooled: int = 0
     healthy: bool = True
     last_error: str | None = None
+    rejected: int = 0  # records a store refused, set aside in the rejected file
+    # Per bounded text field, values cut to their bound; per endpoint, records with a
+    # number the ledger's types cannot hold (stored NULL).  Every key is there from the
+    # start, so a reader on another thread can iterate while the writer counts.
+    truncated: dict[str, int] = field(default_factory=new_truncated)
+    overflows: dict[str, int] = field(default_factory=new_overflows)
 
 
 class LedgerWriter:
@@ -349,12 +503,15 @@ class LedgerWriter:
         max_pending: int = 100_000,
         spool_path: Path | None = None,
         retry_max_interval: float = 5.0,
+        rejected_path: Path | None = None,
     ) -> None:
         self.store = store
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.max_pending = max_pending
         self.spool = Spool(spool_path) if spool_path is not None else None
+        rejected = rejected_path or rejected_path_for(store, spool_path)
+        self.rejected = RejectedFile(rejected) if rejected is not None else None
         self.retry_max_interval = retry_max_interval
         # Wake the writer at a full batch, or sooner when memory is bounded tighter,
         # so that an outage spills to the spool before the queue outgrows the bound.
@@ -364,8 +521,11 @@ class LedgerWriter:
         self._retry: list[Record] = []  # a failed batch, written before anything newer
         self._writing = 0  # size of the batch the thread is writing right now
         self._wake = threading.Event()
+        self._spill = threading.Event()  # set by `done` when the queue passes max_pending
+        self._spill_lock = threading.Lock()  # one spiller at a time: the writer or the spill thread
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._spill_thread: threading.Thread | None = None
         self._opened = False
 
     # hooks --------------------------------------------------------------------
@@ -375,8 +535,16 @@ class LedgerWriter:
         queue.append(record)
         if len(queue) >= self._wake_at:
             self._wake.set()
+            if len(queue) > self.max_pending:
+                self._spill.set()  # the store is slow or down: the spill thread bounds memory
 
     async def start(self) -> None:
+        """Open the store before serving, so that a ledger that cannot be used at all
+        fails start-up (`LedgerUnusable`); any other failure is an outage the thread
+        rides out (a PostgreSQL server not up yet), as after start."""
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.first_open)
         self.start_thread()
 
     async def stop(self) -> None:
@@ -393,31 +561,56 @@ class LedgerWriter:
 
     # thread ---------------------------------------------------------------------
 
+    def first_open(self) -> None:
+        """Open the store now; raise `LedgerUnusable` if it never can be."""
+        if self.spool is not None:
+            check_directory(self.spool.path, "spool")
+        if self.rejected is not None:
+            check_directory(self.rejected.path, "rejected file")
+        self._open(raise_unusable=True)
+
     def start_thread(self) -> None:
         self._thread = threading.Thread(target=self._run, name="meter-ledger", daemon=True)
         self._thread.start()
+
+    def _start_spiller(self) -> None:
+        """After the first open, which replays the spool: records spilled before it
+        would come straight back."""
+        if self.spool is not None and self._spill_thread is None and not self._stopping:
+            self._spill_thread = threading.Thread(target=self._run_spiller, name="meter-ledger-spill", daemon=True)
+            self._spill_thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
         """Flush everything (or spool what cannot be written) and close the store."""
         self._stopping = True
         self._wake.set()
+        self._spill.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        if self._spill_thread is not None:
+            self._spill_thread.join(timeout)
+            self._spill_thread = None
 
-    def _open(self) -> bool:
+    def _open(self, raise_unusable: bool = False) -> bool:
         try:
             self.store.open()
+        except LedgerUnusable as exc:
+            if raise_unusable:
+                raise
+            self._note_error(exc)
+            return False
         except Exception as exc:
             self._note_error(exc)
             return False
         self._opened = True
         if self.spool is not None:
-            spooled = self.spool.read()
-            if spooled:
-                log.info("replaying %d spooled records from %s", len(spooled), self.spool.path)
-                self._retry = spooled + self._retry
-                self.spool.clear()
+            with self._spill_lock:
+                spooled = self.spool.read()
+                if spooled:
+                    log.info("replaying %d spooled records from %s", len(spooled), self.spool.path)
+                    self._retry = spooled + self._retry
+                    self.spool.clear()
         return True
 
     def _note_error(self, exc: Exception) -> None:
@@ -433,12 +626,19 @@ class LedgerWriter:
             batch, self._retry = self._retry[: self.batch_size], self._retry[self.batch_size :]
         else:
             queue = self._queue
-            batch = [queue.popleft() for _ in range(min(len(queue), self.batch_size))]
+            batch = []
+            try:  # the spill thread may take from the queue's head meanwhile
+                for _ in range(min(len(queue), self.batch_size)):
+                    batch.append(queue.popleft())
+            except IndexError:
+                pass
         # Ids are minted here, off the event loop, before the first write attempt,
         # so a retried batch carries the same ids and stays idempotent.
         missing = [record for record in batch if record.id is None]
         for record, id_ in zip(missing, random_uuids(len(missing))):
             record.id = id_
+        # Off the event loop too, and idempotent: a retried batch is not counted twice.
+        sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
         return batch
 
     def _flush_once(self, drain: bool = False) -> bool:
@@ -455,22 +655,68 @@ class LedgerWriter:
             batch = self._take_batch()
             due -= len(batch)
             self._writing = len(batch)
-            try:
-                self.store.write(batch)
-            except Exception as exc:
-                self._retry = batch + self._retry
-                self._writing = 0
-                self._note_error(exc)
+            outage = self._write_isolating(batch)
+            self._writing = 0
+            if outage is not None:
+                self._note_error(outage)
                 self._spill_overflow()
                 self._reopen_later()
                 return False
-            self.stats.written += len(batch)
-            self._writing = 0
             if not self.stats.healthy:
                 log.info("ledger recovered; %d records waiting", self.pending)
             self.stats.healthy = True
             self.stats.last_error = None
+            self._spill_overflow()  # a slow store: what arrived meanwhile past the bound
         return True
+
+    def _write_isolating(self, batch: list[Record]) -> Exception | None:
+        """Write `batch`, splitting a refused part in halves until the refused records
+        are alone; those are set aside.  On an outage, what is not written goes back
+        to the head of the retry list and the outage is returned."""
+        parts = [batch]
+        while parts:
+            part = parts.pop()
+            try:
+                self.store.write(part)
+            except Exception as exc:
+                kind = failure_kind(exc)
+                if kind == "unknown" and len(part) == 1:
+                    kind = self._probe_kind()
+                if kind == "outage":
+                    self._retry = part + [r for p in reversed(parts) for r in p] + self._retry
+                    return exc
+                if len(part) == 1:
+                    self._reject(part[0], exc)
+                else:
+                    mid = len(part) // 2
+                    parts += [part[mid:], part[:mid]]  # the first half is written first
+                continue
+            self.stats.written += len(part)
+        return None
+
+    def _probe_kind(self) -> str:
+        """One record failed with an error that does not say whose fault it is: if the
+        store still takes a write that must succeed, the record is the problem."""
+        probe = getattr(self.store, "probe", None)
+        try:
+            if probe is not None:
+                probe()
+            else:
+                self.store.write([])
+        except Exception:
+            return "outage"
+        return "refused"
+
+    def _reject(self, record: Record, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.stats.rejected += 1
+        log.warning("ledger refused record %s (%s); set aside in %s", record.id, reason, self.rejected.path if self.rejected else "the log only")
+        if self.rejected is None:
+            return
+        try:
+            self.rejected.append(record, reason)
+        except OSError as exc2:
+            log.error("could not write the rejected record %s to %s: %s", record.id, self.rejected.path, exc2)
 
     def _reopen_later(self) -> None:
         """After a failed write the connection may be unusable (DuckDB invalidates a
@@ -482,25 +728,63 @@ class LedgerWriter:
         self._opened = False
 
     def _spill_overflow(self) -> None:
-        """Bound memory while the store is down: the oldest records go to the spool."""
-        excess = self.pending - self.max_pending
-        if excess <= 0 or self.spool is None:
+        """Bound memory while the store is down or slow: the oldest records go to the spool."""
+        if self.spool is None or self.pending <= self.max_pending:
             return
-        while self._queue and len(self._retry) < excess:
-            self._retry.append(self._queue.popleft())
-        spill, self._retry = self._retry[:excess], self._retry[excess:]
-        try:
-            self.spool.append(spill)
-            self.stats.spooled += len(spill)
-        except OSError as exc:
-            log.error("could not spool %d records: %s", len(spill), exc)
-            self._retry = spill + self._retry
+        with self._spill_lock:
+            excess = self.pending - self.max_pending
+            spill: list[Record] = []
+            take = min(excess, len(self._retry))
+            spill, self._retry = self._retry[:take], self._retry[take:]
+            try:
+                while len(spill) < excess:
+                    spill.append(self._queue.popleft())
+            except IndexError:
+                pass
+            if not spill:
+                return
+            try:
+                self.spool.append(spill)
+                self.stats.spooled += len(spill)
+            except OSError as exc:
+                log.error("could not spool %d records: %s", len(spill), exc)
+                self._retry = spill + self._retry
+
+    def _run_spiller(self) -> None:
+        """While the writer waits on a slow store, records keep arriving: this thread
+        spools the oldest queued ones past `max_pending`, so memory stays bounded even
+        when no write ever fails."""
+        while not self._stopping:
+            self._spill.wait()
+            self._spill.clear()
+            if self._stopping:
+                break
+            excess = self.pending - self.max_pending
+            if excess <= 0:
+                continue
+            with self._spill_lock:
+                spill: list[Record] = []
+                try:
+                    while len(spill) < excess:
+                        spill.append(self._queue.popleft())
+                except IndexError:
+                    pass
+                if not spill:
+                    continue
+                try:
+                    self.spool.append(spill)  # type: ignore[union-attr]
+                    self.stats.spooled += len(spill)
+                except OSError as exc:
+                    log.error("could not spool %d records: %s", len(spill), exc)
+                    self._queue.extendleft(reversed(spill))
 
     def _run(self) -> None:
         backoff = self.flush_interval
         while True:
             stopping = self._stopping
-            if not self._opened and not self._open():
+            opened = self._opened or self._open()
+            self._start_spiller()
+            if not opened:
                 ok = False
                 self._spill_overflow()  # the store cannot even be opened: memory stays bounded
             else:
@@ -530,12 +814,12 @@ class LedgerWriter:
             log.error("could not spool %d records at shutdown: %s", len(records), exc)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Block until everything appended so far is written (tests, admin)."""
+        """Block until everything appended so far is written, set aside or spooled (tests, admin)."""
         deadline = time.monotonic() + timeout
         target = self.stats.written + self.pending
         self._wake.set()
         while time.monotonic() < deadline:
-            if self.pending == 0 and self.stats.written >= target - self.stats.spooled:
+            if self.pending == 0 and self.stats.written >= target - self.stats.spooled - self.stats.rejected:
                 return True
             time.sleep(0.01)
             self._wake.set()

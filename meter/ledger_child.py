@@ -12,11 +12,18 @@ a batch over a socket pair and waits for the child's answer; `cursor` gives
 readers (the report API, tests) a DB-API-like cursor whose queries run in the
 child.  The child ignores SIGINT/SIGTERM (its parent drives shutdown) and exits
 when its parent's end of the socket closes, even after a SIGKILL.
+
+Every message carries a sequence number and its answer carries it back: after a
+call gave up waiting (a slow query), its late answer is recognised and dropped,
+so the next call never takes it for its own.  A failure comes back with its kind
+(`refused`: these records; `outage`: the store; `unusable`: the ledger file
+cannot be used at all), decided in the child where the exception's class is known.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import signal
@@ -24,6 +31,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -35,11 +43,21 @@ ANSWER_TIMEOUT = 120.0  # a write or query the child has not answered by then is
 
 
 class LedgerChildError(Exception):
-    """The child reported a failure, or could not be reached."""
+    """The child reported a failure, or could not be reached.  `kind` is what the
+    child made of it (see `meter.ledger.failure_kind`)."""
+
+    kind = "unknown"
+
+    def __init__(self, message: str, kind: str = "unknown") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class LedgerChildLost(LedgerChildError):
     """The child is gone or stopped answering: a fresh one must be started."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "outage")
 
 
 class RemoteResult:
@@ -75,6 +93,7 @@ class ChildProcessStore:
         self.con: Connection | None = None  # named like DuckDBStore's: None when closed
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()  # one request/answer exchange at a time
+        self._seq = itertools.count(1)
 
     def open(self) -> None:
         parent, child = socket.socketpair()
@@ -89,6 +108,13 @@ class ChildProcessStore:
         self.con = Connection(parent.detach())
         try:
             self._call(("open",), timeout=self.open_timeout)
+        except LedgerChildError as exc:
+            self._discard()
+            if exc.kind == "unusable":
+                from .ledger import LedgerUnusable
+
+                raise LedgerUnusable(str(exc)) from None
+            raise
         except Exception:
             self._discard()
             raise
@@ -98,15 +124,22 @@ class ChildProcessStore:
         if con is None:
             raise LedgerChildError("the ledger is not open")
         with self._lock:
+            seq = next(self._seq)
+            deadline = time.monotonic() + timeout
             try:
-                con.send(message)
-                if not con.poll(timeout):
-                    raise LedgerChildLost(f"the ledger process did not answer within {timeout:.0f}s")
-                status, payload = con.recv()
+                con.send((seq, *message))
+                while True:
+                    if not con.poll(max(0.0, deadline - time.monotonic())):
+                        raise LedgerChildLost(f"the ledger process did not answer within {timeout:.0f}s")
+                    answer = con.recv()
+                    if answer[0] == seq:
+                        break
+                    # The late answer of a call that gave up waiting: not ours.
             except (EOFError, OSError) as exc:
                 raise LedgerChildLost(f"the ledger process is gone ({type(exc).__name__})") from None
+        _, status, payload, *kind = answer
         if status != "ok":
-            raise LedgerChildError(payload)
+            raise LedgerChildError(payload, kind[0] if kind else "unknown")
         return payload
 
     def write(self, records: list[Record]) -> None:
@@ -116,8 +149,16 @@ class ChildProcessStore:
             self._discard()  # a fresh child is started at the writer's next open()
             raise
 
-    def query(self, sql: str, params: list[Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
-        return self._call(("query", sql, params))
+    def probe(self) -> None:
+        """An empty batch through the child's whole write path (see `LedgerWriter`)."""
+        try:
+            self._call(("write", []))
+        except LedgerChildLost:
+            self._discard()
+            raise
+
+    def query(self, sql: str, params: list[Any], timeout: float = ANSWER_TIMEOUT) -> tuple[list[str], list[tuple[Any, ...]]]:
+        return self._call(("query", sql, params), timeout=timeout)
 
     def cursor(self) -> RemoteCursor:
         if self.con is None:
@@ -147,7 +188,7 @@ class ChildProcessStore:
 
 
 def _serve(con: Connection, path: str) -> None:
-    from .ledger import DuckDBStore
+    from .ledger import DuckDBStore, LedgerUnusable, failure_kind
 
     store: DuckDBStore | None = None
     while True:
@@ -155,33 +196,36 @@ def _serve(con: Connection, path: str) -> None:
             message = con.recv()
         except (EOFError, OSError):
             break  # the parent is gone
-        op = message[0]
+        seq, op = message[0], message[1]
         try:
             if op == "open":
                 store = DuckDBStore(path)
                 store.open()
-                con.send(("ok", None))
+                con.send((seq, "ok", None))
             elif op == "write":
                 assert store is not None
-                store.write([Record(*row) for row in message[1]])
-                con.send(("ok", None))
+                store.write([Record(*row) for row in message[2]])
+                con.send((seq, "ok", None))
             elif op == "query":
                 assert store is not None
                 cur = store.cursor()
                 try:
-                    res = cur.execute(message[1], message[2])
+                    res = cur.execute(message[2], message[3])
                     names = [d[0] for d in res.description] if res.description else []
-                    con.send(("ok", (names, res.fetchall())))
+                    con.send((seq, "ok", (names, res.fetchall())))
                 finally:
                     cur.close()
             elif op == "close":
                 if store is not None:
                     store.close()
                     store = None
-                con.send(("ok", None))
+                con.send((seq, "ok", None))
                 break
+        except LedgerUnusable as exc:
+            con.send((seq, "error", str(exc), "unusable"))
+            break
         except Exception as exc:  # reported to the parent, which keeps the records and retries
-            con.send(("error", f"{type(exc).__name__}: {exc}"))
+            con.send((seq, "error", f"{type(exc).__name__}: {exc}", failure_kind(exc)))
             if op == "open":
                 break
     if store is not None:
@@ -202,6 +246,9 @@ def main() -> None:
         os.nice(10)
     except OSError:
         pass
+    # Files DuckDB creates (the ledger, its WAL) hold user ids, metadata and key
+    # names: readable and writable by their owner only.
+    os.umask(0o077)
     os.set_inheritable(args.fd, False)
     con = Connection(args.fd)
     try:

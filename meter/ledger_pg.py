@@ -15,10 +15,13 @@ coroutine to completion there), so the proxy's event loop never waits on it.
   by binary COPY into a temporary table, then `INSERT ... ON CONFLICT (id) DO
   NOTHING`: a batch retried after a timeout that had in fact committed adds
   nothing.
-- Any failure drops the connection and raises; the writer keeps the batch and
-  retries, and the next write connects afresh.  A batch PostgreSQL refuses for
-  its values (NUL in text, say) is rewritten once so it cannot block the ledger.
-  Messages never carry the password (`redact_url`).
+- Any failure drops the connection and raises; the next write connects afresh.
+  Values PostgreSQL cannot store (NUL in text, lone surrogates, numbers past the
+  column types) never get here: the writer passes every batch through
+  `meter.sanitise`, the one step every store shares.  A batch PostgreSQL still
+  refuses for its values raises `LedgerRefused` (the writer isolates the
+  refused records); anything else is an outage (the writer keeps the batch and
+  retries).  Messages never carry the password (`redact_url`).
 - Readers (`meter report`, `/api/report`, `meter reprice`) use `query()` and
   `execute_many()`, with `$1`-style parameters.
 """
@@ -27,17 +30,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import operator
 import re
 import threading
 from collections.abc import Awaitable, Callable, Sequence
-from decimal import Decimal
 from typing import Any
 
 from .config import redact_url
-from .ledger import COLUMN_TYPES, claim_usage
+from .ledger import COLUMN_TYPES, LedgerRefused, claim_usage
 from .record import COLUMNS, Record
 
 log = logging.getLogger("meter.ledger")
@@ -60,6 +61,11 @@ MIGRATION_LOCK = 0x6D65746572
 
 class PostgresLedgerError(RuntimeError):
     """A PostgreSQL ledger operation failed; the message is safe to log (no password)."""
+
+
+class PostgresRefused(PostgresLedgerError, LedgerRefused):
+    """PostgreSQL refused the batch for its values (SQLSTATE class 22 or 23, or a value
+    the driver cannot encode); the server itself is working."""
 
 
 # --- migrations ----------------------------------------------------------------
@@ -153,59 +159,19 @@ _CLAIM = (
 _row = operator.attrgetter(*COLUMNS)
 
 
-# --- values PostgreSQL cannot take -------------------------------------------------
-
-_INT_RANGE = {"BIGINT": (-(2**63), 2**63 - 1), "INTEGER": (-(2**31), 2**31 - 1)}
-_DECIMAL_LIMIT = Decimal(10) ** 9  # numeric(18,9)
-
-
-def _clean_text(value: str) -> str:
-    # PostgreSQL text cannot hold NUL; UTF-8 cannot hold lone surrogates.
-    return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
-
-
-def _strip_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return _clean_text(value)
-    if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
-    if isinstance(value, dict):
-        return {_clean_text(k): _strip_nul(v) for k, v in value.items()}
-    return value
-
-
-def make_storable(record: Record) -> bool:
-    """Rewrite what PostgreSQL would refuse (NUL in text, lone surrogates, out-of-range
-    numbers), so that one odd request cannot block the ledger.  True if anything changed."""
-    changed = False
-    for name, kind in COLUMN_TYPES.items():
-        value = getattr(record, name)
-        if value is None:
-            continue
-        new = value
-        if kind == "VARCHAR" and isinstance(value, str):
-            new = _clean_text(value)
-        elif kind == "JSON":
-            try:
-                new = json.dumps(_strip_nul(json.loads(value)), ensure_ascii=False, separators=(",", ":"))
-            except (TypeError, ValueError):
-                new = json.dumps(_clean_text(str(value)))
-        elif kind in _INT_RANGE and not isinstance(value, bool):
-            low, high = _INT_RANGE[kind]
-            if not isinstance(value, int) or not low <= value <= high:
-                new = None
-        elif kind == "DECIMAL(18,9)" and (not isinstance(value, Decimal) or not value.is_finite() or abs(value) >= _DECIMAL_LIMIT):
-            new = None
-        if new != value:
-            setattr(record, name, new)
-            changed = True
-    return changed
+# --- refusal or outage ------------------------------------------------------------
 
 
 def _is_data_error(exc: BaseException) -> bool:
+    """The batch's values, not the server: data exceptions (class 22), integrity
+    violations (class 23), or a value the driver could not encode."""
     import asyncpg
 
-    return isinstance(exc, (asyncpg.DataError, UnicodeError, OverflowError, ValueError))
+    if isinstance(exc, (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)):
+        return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return False
+    return isinstance(exc, (UnicodeError, OverflowError, ValueError, TypeError)) and not isinstance(exc, OSError)
 
 
 # --- the store -------------------------------------------------------------------
@@ -249,13 +215,15 @@ class PostgresStore:
             try:
                 self._call(lambda: self._write(records), "write")
             except PostgresLedgerError as exc:
-                if not _is_data_error(exc.__cause__ or exc):
-                    raise
-                changed = sum(make_storable(r) for r in records)
-                if not changed:
-                    raise
-                log.warning("PostgreSQL refused a batch; rewrote values it cannot store in %d of %d records", changed, len(records))
-                self._call(lambda: self._write(records), "write")
+                cause = exc.__cause__
+                if cause is not None and _is_data_error(cause):
+                    raise PostgresRefused(str(exc)) from cause
+                raise
+
+    def probe(self) -> None:
+        """A round trip that must succeed while the server works (see `LedgerWriter`)."""
+        with self._lock:
+            self._call(self._probe, "probe")
 
     def close(self) -> None:
         if _loop_running_here():
@@ -357,6 +325,10 @@ class PostgresStore:
                             record.clear_usage()
             await con.copy_records_to_table(_STAGE, records=[_row(r) for r in records], columns=COLUMNS, timeout=self.command_timeout)
             await con.execute(_INSERT)
+
+    async def _probe(self) -> None:
+        con = await self._connection()
+        await con.fetchval("SELECT 1")
 
     async def _query(self, sql: str, params: list[Any], readonly: bool) -> tuple[list[str], list[tuple[Any, ...]]]:
         con = await self._connection()

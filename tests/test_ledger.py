@@ -215,7 +215,7 @@ def test_outage_keeps_records_bounded_then_spools_and_replays(tmp_path: Path) ->
     for r in records:
         writer.done(None, r)
     deadline = time.monotonic() + 5
-    while writer.stats.spooled < 1500 and time.monotonic() < deadline:
+    while (writer.stats.spooled < 1500 or not writer.stats.write_errors) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert writer.stats.write_errors > 0 and not writer.stats.healthy
     assert writer.pending <= 500  # memory is bounded; the rest went to disk

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from meter.ledger import LedgerWriter
 from meter.ledger_pg import PostgresLedgerError, PostgresStore, qmark_to_numeric
 from meter.record import COLUMNS
 
@@ -206,14 +207,17 @@ def test_values_postgresql_refuses_do_not_block_the_ledger(pg_url: str) -> None:
         cost_usd=None,
     )
     fine = full_record(1)
-    store = opened(pg_url)
-    try:
-        store.write([odd, fine])
-    finally:
-        store.close()
+    # The writer's one sanitising step (meter.sanitise) makes them storable before the store sees them.
+    writer = LedgerWriter(PostgresStore(pg_url), flush_interval=0.02)
+    writer.start_thread()
+    writer.done(None, odd)
+    writer.done(None, fine)
+    assert writer.flush(10)
+    writer.close()
+    assert writer.stats.rejected == 0 and writer.stats.overflows["responses"] == 1
     rows = {str(r["id"]): r for r in read_rows(pg_url)}
     assert len(rows) == 2
-    assert rows[odd.id]["model"] == "gpt\ufffdevil" and rows[odd.id]["user_id"] == "lone ? surrogate"
+    assert rows[odd.id]["model"] == "gpt\ufffdevil" and rows[odd.id]["user_id"] == "lone \ufffd surrogate"
     assert rows[odd.id]["input_tokens"] is None and rows[odd.id]["output_tokens"] == 11
     assert json.loads(rows[odd.id]["tags"]) == {"k\ufffd": "v\ufffd"}
     assert rows[fine.id]["model"] == fine.model and rows[fine.id]["input_tokens"] == fine.input_tokens

@@ -1,0 +1,179 @@
+"""One step that makes a record storable by every store (SPEC §2b).
+
+Whatever a client or an upstream sent, a record leaves here with:
+
+- text that is valid UTF-8 without control characters: lone surrogates (which
+  is how aiohttp keeps an invalid header byte, and how `json` reads "\\ud800"),
+  C0/C1 control characters and DEL become U+FFFD; `tags` stays valid JSON;
+- `model`, `model_requested`, the ids, `user_id` and `project` cut to 256
+  characters, each cut counted per field;
+- numbers the ledger's column types cannot hold (BIGINT, INTEGER,
+  DECIMAL(18,9)) set to NULL, counted once per record by endpoint.
+
+It runs in the ledger writer's thread, once per batch, and is idempotent (a
+retried batch changes nothing and counts nothing again).  Nearly every record is
+clean, so each check starts with a test done in C over the record's text at once
+(`str.isprintable`), and only a record that fails it is looked at field by field.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from collections.abc import Iterable
+from decimal import Decimal
+
+from .record import ENDPOINTS, Record
+
+MAX_TEXT = 256
+BOUNDED_TEXT: tuple[str, ...] = ("model", "model_requested", "response_id", "previous_response_id", "upstream_request_id", "user_id", "project")
+# Every VARCHAR column of SPEC §4 but the bounded ones (meter mints or bounds these itself,
+# but a header or a JSON string can still put a bad character in them).
+OTHER_TEXT: tuple[str, ...] = (
+    "method", "path", "endpoint", "transport", "outcome", "service_tier_requested", "service_tier",
+    "cache_status", "key_id", "key_hint", "key_name", "error_type", "error_code", "trace_id",
+)  # fmt: skip
+TEXT = BOUNDED_TEXT + OTHER_TEXT
+BIGINT: tuple[str, ...] = (
+    "input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+    "total_tokens", "web_search_calls", "cache_missed_tokens", "request_bytes", "response_bytes",
+)  # fmt: skip
+INTEGER: tuple[str, ...] = ("status_code",)
+
+BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+COST_LIMIT = Decimal(10) ** 9  # DECIMAL(18,9): 9 digits before the point
+COST_QUANTUM = Decimal(1).scaleb(-9)
+
+_text_and_tags = operator.attrgetter(*TEXT, "tags")
+_bounded = operator.attrgetter(*BOUNDED_TEXT)
+_bigints = operator.attrgetter(*BIGINT)
+
+# Lone surrogates (a valid pair never reaches a Python str as two code points), C0, DEL, C1.
+_BAD_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+# In JSON text as `json.dumps(..., ensure_ascii=False)` writes it: an escaped backslash
+# (kept), or the escape of a control character, or a raw bad character.
+_BAD_JSON = re.compile(r'(\\\\)|\\[bfnrt]|\\u00[01][0-9a-f]|[\x7f-\x9f\ud800-\udfff]')
+
+
+def new_truncated() -> dict[str, int]:
+    """Counters with every key present from the start, so that readers on another
+    thread can iterate them while the writer counts (the dict never changes size)."""
+    return dict.fromkeys(BOUNDED_TEXT, 0)
+
+
+def new_overflows() -> dict[str, int]:
+    return dict.fromkeys(ENDPOINTS, 0)
+
+
+def clean_text(value: str) -> str:
+    """Bad characters to U+FFFD; `value` itself when there are none."""
+    if value.isprintable():
+        return value
+    return _BAD_CHAR.sub("\ufffd", value)
+
+
+def _json_escape_to_fffd(match: re.Match[str]) -> str:
+    return match.group(1) or "\ufffd"
+
+
+def clean_tags(text: str) -> str:
+    """JSON text with bad characters in its strings replaced; still JSON.  Text that is
+    not JSON is left for the store to refuse (and the writer to set aside)."""
+    if text.isprintable() and "\\" not in text:
+        return text  # nothing escaped, nothing raw: clean
+    try:
+        value = json.loads(text)
+        dumped = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    except RecursionError:
+        return json.dumps(clean_text(text), ensure_ascii=False)  # too deep to rebuild: keep it as one string
+    except ValueError:
+        return text
+    if not _BAD_JSON.search(dumped):
+        return text if dumped == text else dumped
+    return _BAD_JSON.sub(_json_escape_to_fffd, dumped)
+
+
+def _fits_bigint(value: object) -> bool:
+    return type(value) is int and BIGINT_MIN <= value <= BIGINT_MAX  # type: ignore[operator]
+
+
+def _clean_cost(value: object) -> Decimal | None:
+    if not isinstance(value, Decimal) or not value.is_finite() or not -COST_LIMIT < value < COST_LIMIT:
+        return None
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -9:  # finer than the column: round, do not refuse
+        return value.quantize(COST_QUANTUM)
+    return value
+
+
+def sanitise(record: Record, truncated: dict[str, int], overflows: dict[str, int]) -> None:
+    """Make one record storable in place (see the module doc)."""
+    texts = _text_and_tags(record)
+    tags = texts[-1]
+    try:
+        # All text at once: one join and one scan in C for the usual, clean record.
+        joined = "".join(filter(None, texts))
+        clean = joined.isprintable() and (tags is None or "\\" not in tags)
+        short = len(joined) - (len(tags) if tags else 0) <= MAX_TEXT  # no bounded field can be too long
+    except TypeError:  # a value that is not text at all
+        clean = short = False
+    if not clean:
+        _clean_fields(record, texts)
+    if not short:
+        _bound_fields(record, truncated)
+    if _numbers_overflow(record):
+        endpoint = record.endpoint if record.endpoint in overflows else "other"
+        overflows[endpoint] = overflows.get(endpoint, 0) + 1
+
+
+def _clean_fields(record: Record, texts: tuple[object, ...]) -> None:
+    for name, value in zip(TEXT, texts):
+        if value is None:
+            continue
+        text = value if isinstance(value, str) else str(value)
+        if text is not value or not text.isprintable():
+            setattr(record, name, _BAD_CHAR.sub("\ufffd", text))
+    tags = texts[-1]
+    if tags is not None:
+        record.tags = clean_tags(tags if isinstance(tags, str) else str(tags))
+
+
+def _bound_fields(record: Record, truncated: dict[str, int]) -> None:
+    for name, value in zip(BOUNDED_TEXT, _bounded(record)):
+        if value is not None and len(value) > MAX_TEXT:
+            setattr(record, name, value[:MAX_TEXT])
+            truncated[name] = truncated.get(name, 0) + 1
+
+
+def _numbers_overflow(record: Record) -> bool:
+    """Set to NULL the numbers the column types cannot hold; True if there were any."""
+    overflow = False
+    numbers = tuple(filter(None, _bigints(record)))  # None and 0 always fit
+    try:
+        # meter's parsers give these as int (never bool or float), so a range check in C suffices.
+        fits = not numbers or (BIGINT_MIN <= min(numbers) and max(numbers) <= BIGINT_MAX)
+    except TypeError:  # not comparable: not a number at all
+        fits = False
+    if not fits:
+        for name, value in zip(BIGINT, _bigints(record)):
+            if value is not None and not _fits_bigint(value):
+                setattr(record, name, None)
+                overflow = True
+    status = record.status_code
+    if status is not None and not (type(status) is int and INT_MIN <= status <= INT_MAX):
+        record.status_code = None
+        overflow = True
+    cost = record.cost_usd
+    if cost is not None:
+        fitted = _clean_cost(cost)
+        if fitted is not cost:
+            record.cost_usd = fitted
+            overflow = overflow or fitted is None
+    return overflow
+
+
+def sanitise_batch(records: Iterable[Record], truncated: dict[str, int], overflows: dict[str, int]) -> None:
+    for record in records:
+        sanitise(record, truncated, overflows)

@@ -1,0 +1,524 @@
+"""The ledger against hostile input (SPEC §2b): one bad record never stops it.
+
+- Bad bytes (invalid UTF-8 in headers, lone surrogates in JSON, control
+  characters) become U+FFFD in one step every store uses; long text is cut to
+  its bound and counted; numbers the column types cannot hold become NULL and
+  are counted.  Both DuckDB and PostgreSQL, in-process and through `meter serve`
+  driven with raw sockets.
+- A batch the store refuses is split until the refused records are isolated;
+  they go to the rejected file with the reason, everything else is written.
+  An outage is still an outage; a poisoned spool is not replayed forever.
+- Files meter creates are 0600.
+- An unusable ledger fails start-up: one line, exit 2.
+- The ledger child's answers are matched to their calls; the idempotent insert
+  survives a NULL id; the queue stays bounded while the store is slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from meter.ledger import DuckDBStore, LedgerWriter, Spool
+from meter.ledger_child import ChildProcessStore
+from meter.record import Record
+
+from .conftest import ROOT, SECRET_KEY, free_port, ledger_rows
+
+FFFD = "\ufffd"
+
+
+def make_record(**fields: Any) -> Record:
+    base: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "started_at": time.time(),
+        "finished_at": time.time() + 0.5,
+        "method": "POST",
+        "path": "/v1/responses",
+        "endpoint": "responses",
+        "status_code": 200,
+        "model": "gpt-4o",
+    }
+    base.update(fields)
+    return Record(**base)
+
+
+def hostile_record() -> Record:
+    return make_record(
+        project="p\udcff",  # aiohttp keeps an invalid header byte as a lone surrogate
+        key_hint="sk-...ab\udcfe\udcff",
+        user_id="\ud800",  # "\ud800" is valid JSON
+        model="gpt\x00-4o\x1b[31m",
+        model_requested="m" * 300,
+        response_id="resp_" + "x" * 400,
+        tags=json.dumps({"team\ud800": "a\u0007b", "ok": "fine"}),
+        input_tokens=2**63,
+        output_tokens=5,
+        total_tokens=2**70,
+        cost_usd=Decimal("12345678901.5"),
+    )
+
+
+def check_hostile_row(row: dict[str, Any]) -> None:
+    assert row["project"] == "p" + FFFD
+    assert row["key_hint"] == "sk-...ab" + FFFD + FFFD
+    assert row["user_id"] == FFFD
+    assert row["model"] == "gpt" + FFFD + "-4o" + FFFD + "[31m"
+    assert row["model_requested"] == "m" * 256
+    assert row["response_id"] == ("resp_" + "x" * 400)[:256]
+    tags = row["tags"] if isinstance(row["tags"], dict) else json.loads(row["tags"])
+    assert tags == {"team" + FFFD: "a" + FFFD + "b", "ok": "fine"}
+    assert row["input_tokens"] is None and row["total_tokens"] is None and row["output_tokens"] == 5
+    assert row["cost_usd"] is None
+
+
+def run_writer(store: Any, records: list[Record], tmp_path: Path, **kwargs: Any) -> LedgerWriter:
+    kwargs.setdefault("spool_path", tmp_path / "spool.jsonl")
+    writer = LedgerWriter(store, flush_interval=0.02, retry_max_interval=0.05, **kwargs)
+    writer.start_thread()
+    for record in records:
+        writer.done(None, record)
+    flushed = writer.flush(10)
+    writer.close()
+    assert flushed, f"the ledger did not take the records: {writer.stats}"
+    return writer
+
+
+# --- 1. one sanitising step, every store ------------------------------------------
+
+
+def test_bad_text_and_numbers_are_stored_not_refused_duckdb(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    bad, good = hostile_record(), make_record(model="gpt-4o-mini")
+    writer = run_writer(DuckDBStore(str(path)), [bad, good], tmp_path)
+    rows = {str(r["id"]): r for r in ledger_rows(path)}
+    assert set(rows) == {bad.id, good.id}
+    check_hostile_row(rows[bad.id])
+    assert rows[good.id]["model"] == "gpt-4o-mini"
+    assert writer.stats.truncated["model_requested"] == 1 and writer.stats.truncated["response_id"] == 1
+    assert writer.stats.truncated["model"] == 0
+    assert writer.stats.overflows["responses"] == 1  # one record, whatever the number of fields
+    assert writer.stats.rejected == 0
+
+
+def test_bad_text_and_numbers_are_stored_not_refused_postgres(tmp_path: Path, pg_url: str) -> None:
+    from meter.ledger_pg import PostgresStore
+
+    bad, good = hostile_record(), make_record(model="gpt-4o-mini")
+    writer = run_writer(PostgresStore(pg_url), [bad, good], tmp_path)
+    rows = {str(r["id"]): r for r in pg_rows(pg_url)}
+    assert set(rows) == {bad.id, good.id}
+    check_hostile_row(rows[bad.id])
+    assert writer.stats.truncated["response_id"] == 1 and writer.stats.overflows["responses"] == 1
+
+
+def test_sanitiser_leaves_clean_records_alone_and_is_idempotent() -> None:
+    from meter.sanitise import sanitise_batch
+
+    clean = make_record(project="proj_é", user_id="ユーザー", tags='{"a":"b"}', input_tokens=10, cost_usd=Decimal("0.000000001"))
+    before = clean.as_dict()
+    truncated: dict[str, int] = {}
+    overflows: dict[str, int] = {}
+    sanitise_batch([clean], truncated, overflows)
+    assert clean.as_dict() == before and not any(truncated.values()) and not any(overflows.values())
+    bad = hostile_record()
+    sanitise_batch([bad], truncated, overflows)
+    once = bad.as_dict()
+    sanitise_batch([bad], truncated, overflows)  # a retried batch is not counted twice
+    assert bad.as_dict() == once and truncated["model_requested"] == 1
+
+
+def pg_rows(url: str) -> list[dict[str, Any]]:
+    from meter.ledger_pg import PostgresStore
+
+    store = PostgresStore(url, migrate=False)
+    try:
+        names, rows = store.query("SELECT * FROM requests ORDER BY started_at, id")
+    finally:
+        store.close()
+    return [dict(zip(names, row)) for row in rows]
+
+
+# --- raw sockets against a real `meter serve` -------------------------------------
+
+
+def raw_request(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """One HTTP/1.1 exchange with `Connection: close`, bytes as given: no client library cleans them."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(head + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def send_hostile_requests(port: int) -> list[str]:
+    """Bad bytes from a client: the status lines meter answered, in order."""
+    post = b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    key = b"Authorization: Bearer " + SECRET_KEY.encode() + b"\r\n"
+    sent = [
+        (post + key + b"OpenAI-Project: p\xff\r\n", b'{"model":"gpt-4o","input":"hi"}'),
+        (post + b"Authorization: Bearer sk-test-bad-tail\xfe\xff\r\n", b'{"model":"gpt-4o","input":"hi"}'),
+        (post + key, b'{"model":"gpt-4o","user":"\\ud800","input":"hi","metadata":{"k\\ud800":"v\\u0000"}}'),
+        (post + key + b"x-fake-usage: " + json.dumps({"input_tokens": 2**63, "output_tokens": 7}).encode() + b"\r\n", b'{"model":"gpt-4o","input":"big"}'),
+        (post + key, b'{"model":"gpt-4o","user":"after","input":"hi"}'),
+    ]
+    return [raw_request(port, head, body).split(b"\r\n", 1)[0].decode() for head, body in sent]
+
+
+def check_hostile_serve_rows(rows: list[dict[str, Any]]) -> None:
+    assert len(rows) == 5, rows
+    by_user = {r["user_id"]: r for r in rows}
+    assert by_user["after"]["outcome"] == "completed" and by_user["after"]["input_tokens"] is not None
+    assert any(r["project"] == "p" + FFFD for r in rows)
+    assert any(r["key_hint"].endswith(FFFD + FFFD) for r in rows)
+    big = [r for r in rows if r["output_tokens"] == 7]
+    assert len(big) == 1 and big[0]["input_tokens"] is None
+    for row in rows:
+        for value in row.values():
+            if isinstance(value, str):
+                value.encode("utf-8")  # strict: valid UTF-8 everywhere
+
+
+def metrics_text(admin_port: int) -> str:
+    return raw_request(admin_port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n").decode("utf-8", "replace")
+
+
+def test_serve_duckdb_takes_bad_bytes(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    ledger = tmp_path / "l.duckdb"
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--flush-interval", "0.05")
+    statuses = send_hostile_requests(meter.port)
+    assert all(s.startswith("HTTP/1.1 ") for s in statuses), statuses
+    meter.stop()
+    assert meter.proc.returncode == 0
+    check_hostile_serve_rows(ledger_rows(ledger))
+    assert not Path(str(ledger) + ".spool.jsonl").exists()
+
+
+def test_serve_postgres_takes_bad_bytes(upstream: Any, meter_process: Any, pg_url: str, tmp_path: Path) -> None:
+    meter = meter_process("--upstream", upstream.url, "--ledger", pg_url, "--flush-interval", "0.05", "--spool", str(tmp_path / "spool.jsonl"))
+    send_hostile_requests(meter.port)
+    meter.stop()
+    assert meter.proc.returncode == 0
+    check_hostile_serve_rows(pg_rows(pg_url))
+    assert not (tmp_path / "spool.jsonl").exists()
+
+
+# --- 2. a refused record never holds back the others -------------------------------
+
+
+class Poison(Exception):
+    """An error class the writer has never heard of: it must find out what it means."""
+
+
+class RefusingStore(DuckDBStore):
+    """A real DuckDB store that refuses any batch holding a record whose user is "poison"."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.writes = 0
+
+    def write(self, records: list[Record]) -> None:
+        self.writes += 1
+        if any(r.user_id == "poison" for r in records):
+            raise Poison("user poison is not welcome here")
+        super().write(records)
+
+
+def read_rejected(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_refused_records_are_isolated_and_the_rest_written(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    records = [make_record(user_id="poison" if i in (3, 77, 78) else f"u{i}") for i in range(200)]
+    writer = run_writer(RefusingStore(str(path)), records, tmp_path, batch_size=100)
+    rows = ledger_rows(path)
+    assert len(rows) == 197 and "poison" not in {r["user_id"] for r in rows}
+    rejected = read_rejected(Path(str(path) + ".rejected.jsonl"))
+    assert sorted(r["record"]["id"] for r in rejected) == sorted(r.id for r in records if r.user_id == "poison")
+    assert all("user poison is not welcome" in r["reason"] for r in rejected)
+    assert writer.stats.rejected == 3 and writer.stats.healthy
+    assert stat.S_IMODE(os.stat(Path(str(path) + ".rejected.jsonl")).st_mode) == 0o600
+
+
+def test_a_value_only_duckdb_refuses_is_rejected_in_the_ledger_process(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    bad = make_record(tags="{not json")  # text the sanitiser leaves alone; the JSON cast refuses it
+    good = [make_record() for _ in range(50)]
+    writer = run_writer(ChildProcessStore(str(path)), [*good[:20], bad, *good[20:]], tmp_path)
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in good)
+    [rejected] = read_rejected(Path(str(path) + ".rejected.jsonl"))
+    assert rejected["record"]["id"] == bad.id and "json" in rejected["reason"].lower()
+    assert writer.stats.rejected == 1
+
+
+def test_a_value_only_postgres_refuses_is_rejected_beside_the_spool(tmp_path: Path, pg_url: str) -> None:
+    from meter.ledger_pg import PostgresStore
+
+    bad = make_record(tags="{not json")
+    good = [make_record() for _ in range(50)]
+    spool = tmp_path / "spool.jsonl"
+    writer = run_writer(PostgresStore(pg_url), [*good[:20], bad, *good[20:]], tmp_path, spool_path=spool)
+    assert sorted(str(r["id"]) for r in pg_rows(pg_url)) == sorted(r.id for r in good)
+    [rejected] = read_rejected(Path(str(spool) + ".rejected.jsonl"))
+    assert rejected["record"]["id"] == bad.id and "json" in rejected["reason"].lower()
+    assert writer.stats.rejected == 1
+
+
+def test_a_poisoned_spool_is_replayed_once(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    spool = tmp_path / "spool.jsonl"
+    records = [make_record(user_id="poison" if i == 5 else f"u{i}") for i in range(30)]
+    Spool(spool).append(records)
+    run_writer(RefusingStore(str(path)), [], tmp_path, spool_path=spool)
+    assert len(ledger_rows(path)) == 29
+    assert not spool.exists()
+    [rejected] = read_rejected(Path(str(path) + ".rejected.jsonl"))
+    assert rejected["record"]["id"] == records[5].id
+
+
+def test_an_outage_is_not_a_refusal(tmp_path: Path) -> None:
+    """Every write fails (the disk is gone): nothing is rejected, records wait, then spool."""
+
+    class DownStore(DuckDBStore):
+        def write(self, records: list[Record]) -> None:
+            raise duckdb.IOException("IO Error: No space left on device")
+
+    path = tmp_path / "l.duckdb"
+    spool = tmp_path / "spool.jsonl"
+    writer = LedgerWriter(DownStore(str(path)), flush_interval=0.02, retry_max_interval=0.05, spool_path=spool)
+    writer.start_thread()
+    for _ in range(10):
+        writer.done(None, make_record())
+    time.sleep(0.5)
+    assert writer.stats.write_errors >= 1 and writer.pending == 10 and writer.stats.rejected == 0
+    writer.close()
+    assert len(Spool(spool).read()) == 10
+    assert not Path(str(path) + ".rejected.jsonl").exists()
+
+
+async def test_in_process_meter_rejects_a_poison_request_and_writes_the_rest(upstream: Any, tmp_path: Path) -> None:
+    """A real Meter on a store that refuses one client's records, driven with raw sockets."""
+    from meter.config import load_settings
+    from meter.server import Meter
+
+    class RefusingChild(ChildProcessStore):
+        def write(self, records: list[Record]) -> None:
+            if any(r.user_id == "poison" for r in records):
+                raise Poison("refused: user poison")
+            super().write(records)
+
+    ledger = tmp_path / "l.duckdb"
+    settings = load_settings({"upstream": upstream.url, "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "ledger": str(ledger), "flush_interval": 0.05}, env={})
+    meter = Meter(settings, store=RefusingChild(str(ledger)))
+    await meter.start()
+    try:
+        port = meter.proxy_address[1]
+        post = b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer " + SECRET_KEY.encode() + b"\r\n"
+        loop = asyncio.get_running_loop()
+        for user in ["a", "poison", "b", "c"]:
+            body = json.dumps({"model": "gpt-4o", "input": "hi", "user": user}).encode()
+            reply = await loop.run_in_executor(None, raw_request, port, post, body)
+            assert reply.startswith(b"HTTP/1.1 200")
+        await asyncio.wait_for(meter.proxy.idle.wait(), 30)
+        assert await loop.run_in_executor(None, meter.ledger.flush)
+        assert meter.ledger.stats.rejected == 1
+    finally:
+        await meter.stop()
+    assert sorted(r["user_id"] for r in ledger_rows(ledger)) == ["a", "b", "c"]
+    [rejected] = read_rejected(Path(str(ledger) + ".rejected.jsonl"))
+    assert rejected["record"]["user_id"] == "poison"
+
+
+# --- 3. files are 0600 ---------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_serve_creates_ledger_and_wal_0600(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    ledger = tmp_path / "l.duckdb"
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--flush-interval", "0.05")
+    post = b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer " + SECRET_KEY.encode() + b"\r\n"
+    assert raw_request(meter.port, post, b'{"model":"gpt-4o","input":"hi"}').startswith(b"HTTP/1.1 200")
+    wal = Path(str(ledger) + ".wal")
+    deadline = time.monotonic() + 10
+    while not wal.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert wal.exists(), "no WAL while meter runs"
+    assert mode(ledger) == 0o600 and mode(wal) == 0o600
+    meter.stop()
+    assert mode(ledger) == 0o600
+
+
+def test_serve_creates_spool_0600(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    """PostgreSQL unreachable: records spool at shutdown, into a file only the owner can read."""
+    spool = tmp_path / "spool.jsonl"
+    down = f"postgresql://meter:pw@127.0.0.1:{free_port()}/meter"
+    meter = meter_process("--upstream", upstream.url, "--ledger", down, "--spool", str(spool), "--flush-interval", "0.05")
+    post = b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAuthorization: Bearer " + SECRET_KEY.encode() + b"\r\n"
+    assert raw_request(meter.port, post, b'{"model":"gpt-4o","input":"hi"}').startswith(b"HTTP/1.1 200")
+    meter.stop()
+    assert len(Spool(spool).read()) == 1
+    assert mode(spool) == 0o600
+
+
+def test_spool_and_rejected_files_are_0600(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.jsonl")
+    spool.append([make_record()])
+    assert mode(tmp_path / "s.jsonl") == 0o600
+
+
+# --- 4. an unusable ledger fails start-up ---------------------------------------------
+
+
+def serve_once(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meter", "serve", "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}", "--upstream", "http://127.0.0.1:9", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_exit_2(done: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_start_fails_on_a_file_that_is_not_duckdb(tmp_path: Path) -> None:
+    ledger = tmp_path / "notes.txt"
+    ledger.write_text("dear diary\n" * 200)
+    assert_one_line_exit_2(serve_once("--ledger", str(ledger)), str(ledger))
+    assert ledger.read_text() == "dear diary\n" * 200
+
+
+def test_start_fails_on_a_duckdb_file_that_is_not_a_meter_ledger(tmp_path: Path) -> None:
+    ledger = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(ledger))
+    con.execute("CREATE TABLE requests (url VARCHAR, hits INTEGER)")
+    con.close()
+    assert_one_line_exit_2(serve_once("--ledger", str(ledger)), str(ledger), "not a meter ledger")
+
+
+def test_start_fails_on_a_missing_directory_and_creates_none(tmp_path: Path) -> None:
+    ledger = tmp_path / "no" / "such" / "l.duckdb"
+    assert_one_line_exit_2(serve_once("--ledger", str(ledger)), str(tmp_path / "no" / "such"))
+    assert not (tmp_path / "no").exists()
+    spool = tmp_path / "gone" / "spool.jsonl"
+    assert_one_line_exit_2(serve_once("--ledger", str(tmp_path / "l.duckdb"), "--spool", str(spool)), str(spool.parent))
+    assert not (tmp_path / "gone").exists()
+
+
+def test_start_fails_on_a_ledger_another_meter_holds(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    ledger = tmp_path / "l.duckdb"
+    first = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    line = assert_one_line_exit_2(serve_once("--ledger", str(ledger)), str(ledger))
+    assert f"in use by meter serve (pid {first.proc.pid})" in line
+
+
+def test_postgres_down_at_start_is_not_a_start_up_failure(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    down = f"postgresql://meter:pw@127.0.0.1:{free_port()}/meter"
+    meter = meter_process("--upstream", upstream.url, "--ledger", down, "--spool", str(tmp_path / "s.jsonl"))
+    assert meter.proc.poll() is None
+
+
+# --- 5. the ledger child's answers belong to their calls -----------------------------
+
+
+def test_after_a_timed_out_query_a_write_gets_its_own_answer(tmp_path: Path) -> None:
+    store = ChildProcessStore(str(tmp_path / "l.duckdb"))
+    store.open()
+    try:
+        slow = "SELECT count(*) FROM range(3000000000) t(i) WHERE i % 7 = 3"
+        with pytest.raises(Exception):
+            store._call(("query", slow, []), timeout=0.2)
+        # The child is still busy with the query; this write fails on its own account.
+        with pytest.raises(Exception) as failed:
+            store.write([make_record(tags="{not json")])
+        assert "json" in str(failed.value).lower()
+        good = make_record()
+        store.write([good])
+    finally:
+        store.close()
+    assert [str(r["id"]) for r in ledger_rows(tmp_path / "l.duckdb")] == [good.id]
+
+
+# --- 6. one NULL id does not turn the insert into "insert nothing" ---------------------
+
+
+def test_a_null_id_in_the_ledger_does_not_stop_inserts(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    store = DuckDBStore(str(path))
+    store.open()
+    try:
+        store.con.execute("INSERT INTO requests (id, started_at, finished_at, method, path, endpoint) VALUES (NULL, now() + INTERVAL 1 DAY, now(), 'GET', '/', 'other')")
+        records = [make_record() for _ in range(5)]
+        store.write(records)
+    finally:
+        store.close()
+    ids = {str(r["id"]) for r in ledger_rows(path) if r["id"] is not None}
+    assert ids == {r.id for r in records}
+
+
+# --- 7. the queue is bounded while the store is slow ----------------------------------
+
+
+class SlowStore(DuckDBStore):
+    def write(self, records: list[Record]) -> None:
+        time.sleep(0.3)
+        super().write(records)
+
+
+def test_a_slow_store_keeps_pending_bounded_and_spools_the_excess(tmp_path: Path) -> None:
+    path = tmp_path / "l.duckdb"
+    spool = tmp_path / "spool.jsonl"
+    writer = LedgerWriter(SlowStore(str(path)), flush_interval=0.02, batch_size=50, max_pending=200, spool_path=spool)
+    writer.start_thread()
+    records = [make_record() for _ in range(3000)]
+    peak = 0
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)  # as `meter serve` runs
+    try:
+        for i, record in enumerate(records):
+            writer.done(None, record)
+            if i % 10 == 0:
+                time.sleep(0.001)  # ~ 5,000 records/s: far more than the slow store takes
+            peak = max(peak, writer.pending)
+    finally:
+        sys.setswitchinterval(interval)
+    time.sleep(0.1)
+    peak = max(peak, writer.pending)
+    # The bound, a batch in flight, and what arrives before the spill thread runs.
+    assert peak <= 200 + 50 + 50, peak
+    assert writer.stats.spooled > 0
+    writer.close()
+    stored = {str(r["id"]) for r in ledger_rows(path)}
+    spooled = {r.id for r in Spool(spool).read()}
+    assert not stored & spooled
+    assert stored | spooled == {r.id for r in records}
