@@ -453,6 +453,28 @@ def _member_start(head: bytes, key: str) -> int | None:
     return _members(head, 0, frozenset({key})).get(key)
 
 
+def event_from_ends(head: bytes, tail: bytes) -> dict[str, Any]:
+    """A Responses event too large to decode whole (a WebSocket message), as far as its
+    ends tell: its `type`, `stream_id` and `error`, and of its `response` the members
+    before a large `output` (from the head) and, for a terminal event, after it (from
+    the tail: usage, the served tier)."""
+    top = _members(head, 0, frozenset({"type", "stream_id", "response", "error"}))
+    event: dict[str, Any] = {}
+    for key in ("type", "stream_id", "error"):
+        if key in top:
+            value = _value_at(head, top[key])
+            if value is not _NOTHING:
+                event[key] = value
+    if "stream_id" not in event:
+        value = _last_member(tail, "stream_id", _is_str)
+        if value is not _NOTHING:
+            event["stream_id"] = value
+    if "response" in top:
+        final = event.get("type") in _FINAL_TYPES
+        event["response"] = _partial_object(head, tail if final else b"", top["response"], _RESPONSE_HEAD, _RESPONSE_TAIL if final else {})
+    return event
+
+
 def _observe_cut_body(kind: str, head: bytes, tail: bytes | bytearray) -> Observation:
     """Observe a JSON answer larger than max_bytes from its head and tail."""
     obs = Observation(terminal=True)

@@ -48,7 +48,17 @@ from yarl import URL
 
 from .flow import Addons, Flow, build_record
 from .identity import KeyIdentities
-from .observe import Observation, RequestFacts, _DecodeError, _loads, facts_from_request, observe_error, observe_response_object, observer_for
+from .observe import (
+    Observation,
+    RequestFacts,
+    _DecodeError,
+    _loads,
+    event_from_ends,
+    facts_from_request,
+    observe_error,
+    observe_response_object,
+    observer_for,
+)
 from .proxy import end_to_end_headers, error_body, forwardable_request_headers
 
 log = logging.getLogger("meter")
@@ -118,6 +128,16 @@ def _decode(data: bytes) -> dict[str, Any] | None:
     except _DecodeError:
         return None
     return obj if isinstance(obj, dict) else None
+
+
+_EDGE = 1 << 20  # of a message past the metering limit, this much of each end is read
+
+
+def _decode_ends(data: bytes, limit: int) -> dict[str, Any]:
+    """A message past the limit: relayed whole, but read from its ends only, so that
+    metering it never builds a second, decoded copy of (say) a generated image."""
+    edge = min(_EDGE, max(limit // 2, 1))
+    return event_from_ends(data[:edge], data[-edge:])
 
 
 def _lane(value: Any) -> str | None:
@@ -327,7 +347,7 @@ class _Meter:
                     if flow is not None:
                         flow.response_bytes += len(data)
                 return
-        obj = _decode(data)
+        obj = _decode(data) if len(data) <= self.relay.max_metered_bytes else _decode_ends(data, self.relay.max_metered_bytes)
         if obj is None:
             return
         kind = obj.get("type")
@@ -534,6 +554,7 @@ class WebSocketRelay:
         identities: KeyIdentities,
         *,
         max_message_bytes: int = 64 << 20,
+        max_metered_bytes: int = 64 << 20,
     ) -> None:
         base = URL(upstream.rstrip("/"))
         self.upstream = str(base.with_scheme({"https": "wss", "http": "ws"}.get(base.scheme, base.scheme)))
@@ -542,6 +563,7 @@ class WebSocketRelay:
         self.identities = identities
         self.gauges = [a for a in addons.addons if hasattr(a, "websocket_opened") and hasattr(a, "websocket_closed")]
         self.max_message_bytes = max_message_bytes  # of a client message, like the HTTP body limit
+        self.max_metered_bytes = max_metered_bytes  # a larger message is relayed, and metered from its ends
         self._handshakes: aiohttp.ClientSession | None = None
         self._live: set[_Live] = set()
         self.draining = False
@@ -636,7 +658,7 @@ class WebSocketRelay:
         flow.status_code = status
         flow.response_headers = headers
         flow.outcome = "error"
-        observer = observer_for("responses", headers.get("Content-Type", ""), headers.get("Content-Encoding", ""))
+        observer = observer_for("responses", headers.get("Content-Type", ""), headers.get("Content-Encoding", ""), max_bytes=self.max_metered_bytes)
         if observer is not None and body:
             observer.feed(body)
             flow.observation = observer.finish()

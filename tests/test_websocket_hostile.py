@@ -69,3 +69,37 @@ def test_socket_memory_of_ended_responses_is_bounded_in_bytes() -> None:
         sink.records.clear()  # the records leave with the ledger; what the socket keeps is the question
     kept = sum(sys.getsizeof(k) + sys.getsizeof(v[3] or "") for k, v in m.last.items()) + sum(map(sys.getsizeof, m.ended))
     assert kept < (1 << 20), f"the socket keeps {kept >> 20} MiB of lanes and ids"
+
+
+def test_a_terminal_message_past_the_limit_is_metered_from_its_ends() -> None:
+    # A response with generated images easily passes the limit: its usage is still
+    # read (from the message's tail), without decoding the whole message again.
+    import tracemalloc
+
+    from meter.flow import Addons
+    from meter.identity import KeyIdentities
+    from meter.websocket import WebSocketRelay, _Meter
+
+    from .test_websocket import Collect, event, response
+
+    sink = Collect()
+    relay = WebSocketRelay("http://upstream.invalid", None, Addons([sink]), KeyIdentities(), max_metered_bytes=1 << 20)  # type: ignore[arg-type]
+    from meter.flow import Flow
+
+    template = Flow(method="GET", path="/v1/responses", endpoint="responses", headers={}, transport="websocket")
+    m = _Meter(relay, template, None, None)
+    m.on_client(create(stream_id="img").encode())
+    m.on_upstream(event("response.created", "img", response=response("resp_img")))
+    image = {"type": "image_generation_call", "result": "A" * (24 << 20)}
+    done = event("response.completed", "img", response=response("resp_img", "completed", {"input_tokens": 900, "output_tokens": 4000}, output=[image]))
+    assert len(done) > 24 << 20
+    tracemalloc.start()
+    try:
+        m.on_upstream(done)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    [rec] = sink.records
+    assert (rec.response_id, rec.outcome, rec.input_tokens, rec.output_tokens) == ("resp_img", "completed", 900, 4000)
+    assert rec.response_bytes >= len(done)
+    assert peak < 8 << 20, f"metering a 24 MiB message took {peak >> 20} MiB"
