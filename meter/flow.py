@@ -28,7 +28,7 @@ class Flow:
     method: str
     path: str  # without the query: queries may carry credentials
     endpoint: str
-    headers: Any  # the client's request headers (multidict)
+    headers: Any  # the client's request headers (multidict); a WebSocket's are end-to-end only
     transport: str = "http"
     id: str | None = None  # the ledger writer mints one when the record is written
     started_at: float = field(default_factory=time.time)
@@ -37,6 +37,7 @@ class Flow:
     request_bytes: int = 0
     stream_query: bool = False  # `?stream=true`: how a GET (a resumed stream) asks for one
     upstream_headers: Any = None  # what goes upstream; addons may add to it (traceparent)
+    reserved: int = 0  # bytes of the proxy's request-body budget this flow holds
     status_code: int | None = None
     response_headers: Any = None
     ttfb_at: float | None = None
@@ -175,10 +176,12 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     record.previous_response_id = facts.previous_response_id
     record.user_id = facts.user_id
     record.tags = facts.tags
-    key = key_from_headers(flow.headers)
+    # Identity comes from what the upstream received: a header the client named in
+    # `Connection` was dropped on the way, so it cannot attribute the row either.
+    headers = flow.upstream_headers if flow.upstream_headers is not None else flow.headers
+    key = key_from_headers(headers)
     if key:
         record.key_id, record.key_hint, record.key_name = identities.lookup(key)
-    headers = flow.headers
     record.project = headers.get("OpenAI-Project")
     if flow.ttfb_at is not None:
         record.ttfb_ms = (flow.ttfb_at - flow.t0) * 1000.0

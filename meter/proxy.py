@@ -12,18 +12,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_writer import HttpVersion11
 from multidict import CIMultiDict
 from yarl import URL
 
 from .flow import Addons, Flow, build_record, minimal_record
 from .identity import KeyIdentities
 from .observe import METERED_KIND, endpoint_for, observer_for
+from .paths import normalised_path, origin_form, target_for_record
 
 log = logging.getLogger("meter")
 
@@ -60,15 +64,48 @@ def end_to_end_headers(headers: Any, also_drop: frozenset[str] = frozenset()) ->
     return out
 
 
-_HOST_AND_LENGTH = frozenset({"host", "content-length"})  # aiohttp sets both for the upstream
+# aiohttp sets Host and Content-Length for the upstream; meter answers Expect itself
+# (an upstream that honours `100-continue` would wait for a 100 meter never relays).
+_SET_BY_METER = frozenset({"host", "content-length", "expect"})
 
 
 def forwardable_request_headers(headers: Any) -> CIMultiDict[str]:
-    return end_to_end_headers(headers, _HOST_AND_LENGTH)
+    return end_to_end_headers(headers, _SET_BY_METER)
 
 
 def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
     return end_to_end_headers(headers)
+
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_QUOTE_OR_COLON = re.compile(r"[:'\"]")
+
+
+class MalformedRequestLog(logging.Filter):
+    """aiohttp's server logs each malformed request at ERROR with a traceback that
+    quotes the offending bytes (a key, if a bad byte sat in `Authorization`).  A
+    client's malformed request is not meter's error: this turns the record into one
+    WARNING line naming the client and what was wrong, never the bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and record.levelno > logging.WARNING:
+            first_line = (exc.message or "").strip().split("\n", 1)[0]
+            what = _QUOTE_OR_COLON.split(first_line, 1)[0].strip()[:120] or "unparsable"
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "malformed request from %s refused (%s %s): %s"
+            record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "?", exc.code, type(exc).__name__, what)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+MALFORMED_REQUEST_LOG = MalformedRequestLog()
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short log line: its type and the first line of its text."""
+    text = str(exc).strip().split("\n", 1)[0][:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class Proxy:
@@ -82,6 +119,9 @@ class Proxy:
         identities: KeyIdentities,
         *,
         max_request_bytes: int = 64 << 20,
+        client_timeout: float = 60.0,
+        max_metered_bytes: int = 64 << 20,
+        max_buffered_request_bytes: int = 256 << 20,
         observe: bool = True,
         websocket: Callable[[web.BaseRequest, Flow], Awaitable[web.StreamResponse]] | None = None,
     ) -> None:
@@ -90,20 +130,36 @@ class Proxy:
         self.addons = addons
         self.identities = identities
         self.max_request_bytes = max_request_bytes
+        self.client_timeout = client_timeout  # longest silence while a client sends its body
+        self.max_metered_bytes = max_metered_bytes  # for the observers: what one answer may hold
+        # One budget for all request bodies being read: memory is bounded by settings,
+        # not by how many clients upload at once.
+        self.max_buffered_request_bytes = max_buffered_request_bytes
+        self.buffered_request_bytes = 0
         self.observe = observe  # False only for the benchmark's bare pass-through
         self.websocket = websocket
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        # aiohttp's server (proxy and admin ports) logs a client's malformed request as one line.
+        logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUEST_LOG)
 
     def upstream_url(self, raw_path: str) -> URL:
         return URL(self.upstream + raw_path, encoded=True)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path = request.raw_path
-        path = raw_path.split("?", 1)[0]
         method = request.method
-        flow = Flow(method=method, path=path, endpoint=endpoint_for(method, path), headers=request.headers)
+        if method == "CONNECT" or raw_path[:1] != "/":
+            # Only the configured upstream is ever contacted: a target that is not a path
+            # on it is refused, an absolute URL is reduced to its path and query.
+            origin = origin_form(raw_path) if method != "CONNECT" else None
+            if origin is None:
+                return self._refuse_target(request, method, raw_path)
+            request = request.clone(rel_url=URL(origin, encoded=True))
+            raw_path = origin
+        path = raw_path.split("?", 1)[0]
+        flow = Flow(method=method, path=path, endpoint=endpoint_for(method, normalised_path(path)), headers=request.headers)
         if method == "GET" and "stream=true" in raw_path:
             flow.stream_query = request.query.get("stream") == "true"
         self.in_flight += 1
@@ -111,6 +167,8 @@ class Proxy:
         try:
             if self.websocket is not None and request.headers.get("Upgrade", "").lower() == "websocket":
                 flow.transport = "websocket"
+                # The relay's records read identity from these: what the upstream receives.
+                flow.headers = end_to_end_headers(request.headers)
                 return await self.websocket(request, flow)
             return await self._forward(request, flow, raw_path)
         finally:
@@ -118,17 +176,102 @@ class Proxy:
             if self.in_flight == 0:
                 self.idle.set()
 
+    def _refuse_target(self, request: web.BaseRequest, method: str, target: str) -> web.Response:
+        """CONNECT, authority form, `*` or garbage: never forwarded, answered and recorded."""
+        flow = Flow(method=method, path=target_for_record(target), endpoint="other", headers=request.headers)
+        flow.upstream_headers = forwardable_request_headers(request.headers)
+        self.addons.request(flow)
+        if method == "CONNECT":
+            response = self._fail(flow, 405, "method_not_allowed", "meter forwards requests to its upstream; it is not a tunnel.", outcome="error")
+            response.headers["Allow"] = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        else:
+            response = self._fail(flow, 400, "invalid_request_target", "The request target must be a path (or an http(s) URL).", outcome="error")
+        response.force_close()  # a CONNECT's "body" is the tunnel's bytes: never read them
+        flow.finished_at = time.perf_counter()
+        self._finish(flow)
+        return response
+
     async def _read_body(self, request: web.BaseRequest, flow: Flow) -> bytes | web.Response:
+        """The whole request body, or the answer that refuses it (413, 503, 408).
+
+        A declared length is reserved in the shared budget before a byte is read, a
+        chunked body as it grows; `flow.reserved` says how much to give back."""
         declared = request.content_length
         if declared is not None and declared > self.max_request_bytes:
             return self._refuse_too_large(flow)
         if not request.body_exists:
             return b""
+        if declared and not self._reserve(flow, declared):
+            return self._refuse_overloaded(flow)
+        content = request.content
+        if content.is_eof():
+            # The whole body arrived with the headers (the common case): no waiting, so no
+            # timer, and one chunk comes back as is.
+            body = content.read_nowait()
+            if declared is None and not self._reserve(flow, len(body)):
+                return self._refuse_overloaded(flow)
+            return body
+        if "Expect" in request.headers and request.version == HttpVersion11:
+            await self._continue(request)
+        return await self._read_slowly(request, flow, declared)
+
+    async def _continue(self, request: web.BaseRequest) -> None:
+        """Answer `Expect: 100-continue` here: the client may send its body now (meter
+        has accepted its size), and the upstream never sees the expectation."""
+        if request.headers["Expect"].strip().lower() == "100-continue":
+            await request.writer.write(_CONTINUE)
+            request.writer.output_size = 0  # the answer's own bytes are still to come
+
+    async def _read_slowly(self, request: web.BaseRequest, flow: Flow, declared: int | None) -> bytes | web.Response:
+        """Read a body that is still arriving, each silence bounded by client_timeout."""
+        content = request.content
+        chunks: list[bytes] = []
+        size = 0
+        timeout = self.client_timeout
+        loop = asyncio.get_running_loop()
         try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return self._refuse_too_large(flow)
-        return body
+            async with asyncio.timeout(timeout) as silence:
+                while chunk := await content.readany():
+                    size += len(chunk)
+                    if size > self.max_request_bytes:
+                        return self._refuse_too_large(flow)
+                    if declared is None and not self._reserve(flow, len(chunk)):
+                        return self._refuse_overloaded(flow)
+                    chunks.append(chunk)
+                    silence.reschedule(loop.time() + timeout)
+        except TimeoutError:
+            response = self._fail(flow, 408, "client_timeout", f"The request body stalled for {timeout:g} s.", outcome="error")
+            await self._send_and_close(request, response)
+            return response
+        return b"".join(chunks)
+
+    def _reserve(self, flow: Flow, size: int) -> bool:
+        if self.buffered_request_bytes + size > self.max_buffered_request_bytes:
+            return False
+        self.buffered_request_bytes += size
+        flow.reserved += size
+        return True
+
+    def _refuse_overloaded(self, flow: Flow) -> web.Response:
+        return self._close_with(
+            self._fail(flow, 503, "meter_overloaded", "meter is reading as many request bodies as it may hold; retry shortly.", outcome="error")
+        )
+
+    @staticmethod
+    def _close_with(response: web.Response) -> web.Response:
+        # The rest of the body is not read: the connection cannot carry another request
+        # (aiohttp reads and drops what still comes, for at most its lingering time).
+        response.force_close()
+        return response
+
+    @staticmethod
+    async def _send_and_close(request: web.BaseRequest, response: web.Response) -> None:
+        """Answer, then close at once: the client went silent mid-body, and lingering for
+        the rest of it (aiohttp's way) would hold the connection for nothing."""
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()  # the answer is flushed before the socket closes
 
     def _refuse_too_large(self, flow: Flow) -> web.Response:
         flow.status_code = 413
@@ -163,7 +306,8 @@ class Proxy:
             except (asyncio.TimeoutError, TimeoutError):
                 client_response = self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
                 return client_response
-            except aiohttp.ClientError as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets a 502, never a bare 500
+                log.warning("upstream request failed for %s %s: %s", flow.method, flow.path, _one_line(exc))
                 client_response = self._fail(flow, 502, "upstream_unreachable", f"The upstream could not be reached: {type(exc).__name__}.")
                 return client_response
             flow.ttfb_at = time.perf_counter()
@@ -192,6 +336,8 @@ class Proxy:
                 upstream.release()
             flow.finished_at = time.perf_counter()
             self._finish(flow)
+            if flow.reserved:
+                self.buffered_request_bytes -= flow.reserved
 
     async def _relay(self, upstream: aiohttp.ClientResponse, client: web.StreamResponse, observer: Any, flow: Flow) -> None:
         content = upstream.content
@@ -228,11 +374,11 @@ class Proxy:
         if transport is not None:
             transport.abort()
 
-    def _fail(self, flow: Flow, status: int, outcome: str, message: str) -> web.Response:
+    def _fail(self, flow: Flow, status: int, code: str, message: str, outcome: str | None = None) -> web.Response:
         flow.status_code = status
-        flow.outcome = outcome
-        flow.error_type, flow.error_code = "meter_proxy_error", outcome
-        body = error_body(message, outcome)
+        flow.outcome = outcome or code
+        flow.error_type, flow.error_code = "meter_proxy_error", code
+        body = error_body(message, code)
         flow.response_bytes = len(body)
         return web.Response(status=status, body=body, content_type="application/json")
 
@@ -241,7 +387,7 @@ class Proxy:
             return
         try:
             record = build_record(flow, self.identities)
-        except Exception:  # a record must never cost the client its answer
-            log.exception("could not build the record of %s %s; recording what is certain", flow.method, flow.path)
+        except Exception as exc:  # a record must never cost the client its answer
+            log.warning("could not build the record of %s %s (%s); recording what is certain", flow.method, flow.path, _one_line(exc))
             record = minimal_record(flow)
         self.addons.done(flow, record)
