@@ -54,6 +54,9 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "meter_ledger_pending_records": ("gauge", frozenset()),
     "meter_ledger_written_records_total": ("counter", frozenset()),
     "meter_ledger_write_errors_total": ("counter", frozenset()),
+    "meter_ledger_rejected_records_total": ("counter", frozenset()),
+    "meter_unmetered_requests_total": ("counter", frozenset({"endpoint", "reason"})),
+    "meter_values_truncated_total": ("counter", frozenset({"field"})),
 }
 
 # Label values the SPEC fixes (§3, §4, §6); a matcher on these labels must use them.
