@@ -154,9 +154,12 @@ class Proxy:
             # Only the configured upstream is ever contacted: a target that is not a path
             # on it is refused, an absolute URL is reduced to its path and query.
             origin = origin_form(raw_path) if method != "CONNECT" else None
+            try:
+                request = request.clone(rel_url=URL(origin, encoded=True)) if origin is not None else request
+            except ValueError:
+                origin = None  # a path yarl refuses cannot be forwarded either
             if origin is None:
                 return self._refuse_target(request, method, raw_path)
-            request = request.clone(rel_url=URL(origin, encoded=True))
             raw_path = origin
         path = raw_path.split("?", 1)[0]
         flow = Flow(method=method, path=path, endpoint=endpoint_for(method, normalised_path(path)), headers=request.headers)

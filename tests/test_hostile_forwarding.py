@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from meter.paths import normalised_path, origin_form, target_for_record
@@ -190,12 +191,19 @@ async def test_absolute_form_keeps_the_upstream_prefix(upstream, start_meter) ->
     assert row["path"] == "/v1/responses" and row["endpoint"] == "responses"
 
 
+async def fake_websocket_paths(upstream_url: str) -> list[str]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(upstream_url + "/__fake/ws") as r:
+            return [entry["path_qs"] for entry in await r.json()]
+
+
 async def test_websocket_in_absolute_form_goes_to_the_upstream(upstream, start_meter) -> None:
     meter = await start_meter(upstream.url)
+    before = len(await fake_websocket_paths(upstream.url))
     async with Listener() as other:
         key = base64.b64encode(os.urandom(16)).decode()
         handshake = (
-            f"GET http://127.0.0.1:{other.port}/v1/responses HTTP/1.1\r\nHost: meter.test\r\nUpgrade: websocket\r\n"
+            f"GET http://127.0.0.1:{other.port}/v1/responses?ws=abs HTTP/1.1\r\nHost: meter.test\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
         reader, writer = await asyncio.open_connection("127.0.0.1", meter_port(meter))
@@ -206,6 +214,7 @@ async def test_websocket_in_absolute_form_goes_to_the_upstream(upstream, start_m
             writer.close()
         assert other.connections == 0
     assert status_line.startswith(b"HTTP/1.1 101"), status_line
+    assert (await fake_websocket_paths(upstream.url))[before:] == ["/v1/responses?ws=abs"]
 
 
 class BadHeaderAddon:
@@ -410,6 +419,39 @@ async def test_connection_named_headers_do_not_attribute_the_row(upstream, start
     # What the upstream received: the x-api-key, no project.
     assert (rows[1]["key_hint"], rows[1]["project"]) == ("sk-...9999", None)
     assert (rows[2]["key_id"], rows[2]["project"]) == (None, "proj_spoofed")
+
+
+def masked_text_frame(payload: bytes) -> bytes:
+    """One client WebSocket text frame (RFC 6455 §5.2: client frames are masked)."""
+    mask = os.urandom(4)
+    size = len(payload)
+    header = bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big")
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_connection_named_headers_do_not_attribute_websocket_rows(upstream, start_meter) -> None:
+    meter = await start_meter(upstream.url)
+    key = base64.b64encode(os.urandom(16)).decode()
+    handshake = (
+        "GET /v1/responses HTTP/1.1\r\nHost: meter.test\r\nUpgrade: websocket\r\nConnection: Upgrade, Authorization, OpenAI-Project\r\n"
+        f"Authorization: Bearer {SECRET_KEY}\r\nOpenAI-Project: proj_spoofed\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", meter_port(meter))
+    try:
+        writer.write(handshake)
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 101")
+        writer.write(masked_text_frame(b'{"type":"response.create","model":"gpt-4o","input":"hi"}'))
+        seen = b""
+        while b"response.completed" not in seen:
+            seen += await asyncio.wait_for(reader.read(65536), 10)
+        writer.write(b"\x88\x80" + os.urandom(4))  # close, no payload
+        await writer.drain()
+    finally:
+        writer.close()
+    [row] = await meter.rows("transport = 'websocket'")
+    assert row["input_tokens"] is not None  # the response was metered ...
+    assert (row["key_id"], row["project"]) == (None, None)  # ... and attributed to what the upstream got
 
 
 # --- 7. malformed requests: one warning line, no traceback ---------------------
