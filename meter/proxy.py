@@ -108,6 +108,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _upstream_failure(exc: BaseException) -> str:
+    """Why the upstream request failed, for the log.  Only a socket error's text is
+    kept (it names the upstream's host and the OS error); other errors may quote the
+    request's URL, whose query can carry a key."""
+    return _one_line(exc) if isinstance(exc, OSError) else type(exc).__name__
+
+
 class Proxy:
     """The request handler. `handle` is given to `aiohttp.web.Server`."""
 
@@ -310,7 +317,7 @@ class Proxy:
                 client_response = self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
                 return client_response
             except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets a 502, never a bare 500
-                log.warning("upstream request failed for %s %s: %s", flow.method, flow.path, _one_line(exc))
+                log.warning("upstream request failed for %s %s: %s", flow.method, flow.path, _upstream_failure(exc))
                 client_response = self._fail(flow, 502, "upstream_unreachable", f"The upstream could not be reached: {type(exc).__name__}.")
                 return client_response
             flow.ttfb_at = time.perf_counter()
@@ -360,6 +367,7 @@ class Proxy:
             self._abort_midway(client, flow, "upstream_timeout", "upstream_timeout")
             return
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            log.warning("upstream answer to %s %s broke off after %d bytes: %s", flow.method, flow.path, sent, _upstream_failure(exc))
             flow.response_bytes = sent
             self._abort_midway(client, flow, "error", "upstream_disconnected", type(exc).__name__)
             return

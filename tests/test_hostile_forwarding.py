@@ -474,3 +474,39 @@ async def test_malformed_requests_log_one_warning_line(upstream, meter_process, 
     warnings = [line for line in text.splitlines() if " WARNING " in line and "malformed request" in line]
     assert len(warnings) == len(malformed), text[-3000:]
     assert SECRET_KEY not in text and SECRET_KEY[:-4] not in text
+
+
+class GarbageUpstream:
+    """An upstream that answers every request with bytes that are not HTTP."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> "GarbageUpstream":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = "http://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(self.answer)
+        await writer.drain()
+        writer.close()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_malformed_upstream_answer_is_502_and_one_warning_line(meter_process, tmp_path: Path) -> None:
+    async with GarbageUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n{}") as garbage:
+        proc = meter_process("--upstream", garbage.url, "--ledger", str(tmp_path / "g.duckdb"))
+        answer = await exchange(proc.port, request("GET", "/v1/models?key=sk-in-a-query"))
+        assert_meter_error(answer, 502, "upstream_unreachable")
+        proc.stop()
+    text = serve_log(proc)
+    assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
+    [line] = [line for line in text.splitlines() if " WARNING " in line]
+    assert "upstream request failed for GET /v1/models" in line and "sk-in-a-query" not in text
