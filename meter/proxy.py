@@ -19,8 +19,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.http_writer import HttpVersion11
+from aiohttp.http import HttpProcessingError, HttpVersion11
 from multidict import CIMultiDict
 from yarl import URL
 

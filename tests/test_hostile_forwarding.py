@@ -166,15 +166,17 @@ async def test_targets_never_reach_another_host(upstream, start_meter) -> None:
         assert status_of(answer) == 200 and b"not-you" not in answer
         answer = await exchange(port, request("GET", f"HTTP://user:pw@{elsewhere}?probe=bare"))
         assert b"not-you" not in answer
+        answer = await exchange(port, request("GET", f"//{elsewhere}/v1/models?probe=double-slash"))
+        assert b"not-you" not in answer
         assert other.connections == 0
     seen = [r["path_qs"] for r in await upstream_requests(upstream.url)]
-    assert seen == ["/v1/models?probe=abs", "/?probe=bare"]
+    assert seen == ["/v1/models?probe=abs", "/?probe=bare", f"//{elsewhere}/v1/models?probe=double-slash"]
     rows = await meter.rows()
     assert [(r["method"], r["status_code"], r["outcome"], r["error_code"]) for r in rows[:5]] == [
         (m, s, "error", c) for m, _, s, c in refused
     ]
     assert rows[1]["path"] == elsewhere  # no userinfo-like prefix kept
-    assert [r["path"] for r in rows[5:]] == ["/v1/models", "/"]
+    assert [r["path"] for r in rows[5:]] == ["/v1/models", "/", f"//{elsewhere}/v1/models"]
 
 
 async def test_absolute_form_keeps_the_upstream_prefix(upstream, start_meter) -> None:
