@@ -14,7 +14,6 @@ import json
 import os
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +295,7 @@ async def test_buffered_bodies_share_one_budget(upstream, start_meter) -> None:
     port = meter_port(meter)
     slow = [await slow_upload(port, 1000, b'{"model": "') for _ in range(3)]
     await asyncio.sleep(0.2)  # all three are reading their bodies
+    assert proxy.buffered_request_bytes == 3000  # each declared length, reserved up front
     assert_meter_error(await exchange(port, request("POST", "/v1/responses", {}, b"x" * 100)), 503, "meter_overloaded")
     answers = [await asyncio.wait_for(r.read(), 10) for r, _ in slow]
     for _, writer in slow:
