@@ -126,7 +126,14 @@ class Meter:
 
     def build_websocket_relay(self) -> WebSocketRelay:
         assert self.session is not None and self.addons is not None
-        return WebSocketRelay(self.settings.upstream, self.session, self.addons, self.identities, max_message_bytes=self.settings.max_request_bytes)
+        return WebSocketRelay(
+            self.settings.upstream,
+            self.session,
+            self.addons,
+            self.identities,
+            max_message_bytes=self.settings.max_request_bytes,
+            max_metered_bytes=self.settings.max_metered_bytes,
+        )
 
     async def start(self) -> None:
         # Before anything is bound or opened: an exposed admin port needs a token.
@@ -159,6 +166,8 @@ class Meter:
             self.addons,
             self.identities,
             max_request_bytes=self.settings.max_request_bytes,
+            client_timeout=self.settings.client_timeout,
+            max_metered_bytes=self.settings.max_metered_bytes,
             websocket=self.websocket_relay.handle,
         )
         for addon in self.addons.addons:

@@ -155,3 +155,11 @@ def test_serve_starts_with_defaults_in_a_fresh_directory(tmp_path: Path) -> None
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert (tmp_path / "meter.duckdb").exists()
+
+
+async def test_memory_settings_reach_the_proxy_and_the_websocket_relay(upstream, start_meter) -> None:
+    """--client-timeout and --max-metered-bytes are what the running handlers use, not their defaults."""
+    running = await start_meter(upstream.url, client_timeout=7.5, max_metered_bytes=12345)
+    proxy, relay = running.meter.proxy, running.meter.websocket_relay
+    assert (proxy.client_timeout, proxy.max_metered_bytes) == (7.5, 12345)
+    assert relay.max_metered_bytes == 12345
