@@ -165,7 +165,7 @@ class Proxy:
             except ValueError:
                 origin = None  # a path yarl refuses cannot be forwarded either
             if origin is None:
-                return self._refuse_target(request, method, raw_path)
+                return await self._refuse_target(request, method, raw_path)
             raw_path = origin
         path = raw_path.split("?", 1)[0]
         flow = Flow(method=method, path=path, endpoint=endpoint_for(method, normalised_path(path)), headers=request.headers)
@@ -185,8 +185,9 @@ class Proxy:
             if self.in_flight == 0:
                 self.idle.set()
 
-    def _refuse_target(self, request: web.BaseRequest, method: str, target: str) -> web.Response:
-        """CONNECT, authority form, `*` or garbage: never forwarded, answered and recorded."""
+    async def _refuse_target(self, request: web.BaseRequest, method: str, target: str) -> web.Response:
+        """CONNECT, authority form, `*` or garbage: never forwarded, answered, recorded, and
+        the connection closed (a CONNECT's "body" is the tunnel's bytes: never read them)."""
         flow = Flow(method=method, path=target_for_record(target), endpoint="other", headers=request.headers)
         flow.upstream_headers = forwardable_request_headers(request.headers)
         self.addons.request(flow)
@@ -195,9 +196,13 @@ class Proxy:
             response.headers["Allow"] = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
         else:
             response = self._fail(flow, 400, "invalid_request_target", "The request target must be a path (or an http(s) URL).", outcome="error")
-        response.force_close()  # a CONNECT's "body" is the tunnel's bytes: never read them
-        flow.finished_at = time.perf_counter()
-        self._finish(flow)
+        try:
+            await self._send_and_close(request, response)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            pass  # the client left first: the refusal is recorded all the same
+        finally:
+            flow.finished_at = time.perf_counter()
+            self._finish(flow)
         return response
 
     async def _read_body(self, request: web.BaseRequest, flow: Flow) -> bytes | web.Response:
