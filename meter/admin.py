@@ -11,7 +11,7 @@ whoever can reach the pod:
   decided on the route aiohttp matched, not on the raw path, so no spelling
   of a guarded path (`/%6detrics`, `/healthz/../metrics`) slips past it.
   Tokens are compared with `hmac.compare_digest`; a wrong token is a `401`
-  whose body never echoes what was sent.  Nothing here logs.
+  whose body never echoes what was sent, and no token is ever logged.
 - `check_admin_exposure(settings)` runs before anything is bound: an admin
   address that is not loopback needs a token, or an explicit
   `--admin-insecure` (then one warning line).

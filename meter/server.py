@@ -1,9 +1,12 @@
 """Assembly: settings in, a running meter out.
 
 Builds the shared upstream session, the addon list (enrichers first, then the
-sinks), the proxy port and the separate admin port, and owns the shutdown
-order: stop accepting, let in-flight requests finish within the grace period,
-then flush every record.
+sinks), the proxy port and the separate admin port (behind a bearer token when
+one is set, and never off loopback without one: meter/admin.py), and owns the
+shutdown order: stop accepting, let in-flight requests finish within the grace
+period, then flush every record.  A start-up that fails part-way (an addon
+that cannot start, such as an unusable ledger) releases what it had bound and
+stops what it had started before the error reaches the caller.
 """
 
 from __future__ import annotations
