@@ -33,7 +33,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str)
 def test_help_lists_every_setting() -> None:
     result = run_meter("serve", "--help")
     assert result.returncode == 0
-    for flag in ("--upstream", "--listen", "--admin-listen", "--ledger", "--config", "--metrics-max-keys", "--metrics-key-label", "--max-request-bytes", "--shutdown-grace"):
+    for flag in ("--upstream", "--listen", "--admin-listen", "--ledger", "--config", "--metrics-max-keys", "--metrics-key-label", "--max-request-bytes", "--shutdown-grace", "--client-timeout", "--max-metered-bytes", "--admin-token", "--admin-insecure"):
         assert flag in result.stdout
     top = run_meter("--help")
     assert top.returncode == 0 and "serve" in top.stdout
