@@ -115,6 +115,10 @@ _STATUS_OUTCOME = {
 }
 
 
+# Why meter could not read an answer to its end, though the client got all of it.
+_UNREAD_TO_THE_END = frozenset({"unknown_encoding", "metered_bytes_limit", "oversized_event"})
+
+
 def outcome_for(flow: Flow, obs: Observation | None, stream: bool) -> str:
     if flow.outcome is not None:
         return flow.outcome
@@ -123,6 +127,8 @@ def outcome_for(flow: Flow, obs: Observation | None, stream: bool) -> str:
         return "error"
     if obs is None:
         return "completed"
+    if obs.unmetered in _UNREAD_TO_THE_END and not obs.terminal:
+        return "completed"  # relayed whole; that meter could not read its end says nothing of the answer
     if obs.error_code is not None and obs.status in (None, "failed") and obs.usage is None:
         return "failed"
     if obs.status is not None:
@@ -205,6 +211,10 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
         if obs.error_type is not None or obs.error_code is not None:
             record.error_type = record.error_type or obs.error_type
             record.error_code = record.error_code or obs.error_code
+        if obs.unmetered is not None and record.error_type is None and (flow.status_code or 0) < 300 and flow.endpoint not in _NOT_CONSUMPTION:
+            # A model call whose usage meter could not read: the row says why, and the
+            # report counts it (`unmetered_requests`), so nothing goes unmetered silently.
+            record.error_type, record.error_code = "unmetered", obs.unmetered
         if obs.unreadable and record.error_type is None and flow.endpoint != "other":
             record.error_type = "meter_unreadable_response"
         first_token = first_token or obs.first_token_at

@@ -331,7 +331,9 @@ class Proxy:
             kind = METERED_KIND.get(flow.endpoint)
             observer = None
             if kind is not None and self.observe:
-                observer = observer_for(kind, upstream.headers.get("Content-Type", ""), upstream.headers.get("Content-Encoding", ""))
+                observer = observer_for(
+                    kind, upstream.headers.get("Content-Type", ""), upstream.headers.get("Content-Encoding", ""), max_bytes=self.max_metered_bytes
+                )
             await client_response.prepare(request)
             await self._relay(upstream, client_response, observer, flow)
             if observer is not None:

@@ -634,7 +634,8 @@ class WebSocketRelay:
             return await self._refused(request, flow, exc.status, sink[0], sink[1])
         except TimeoutError:
             return self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
-        except aiohttp.ClientError as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the upstream is a 502, never a bare 500
+            log.warning("upstream WebSocket handshake failed for %s: %s", flow.path, type(exc).__name__)
             return self._fail(flow, 502, "upstream_unreachable", f"The upstream could not be reached: {type(exc).__name__}.")
         finally:
             _HANDSHAKE.reset(token)

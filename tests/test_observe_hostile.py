@@ -529,6 +529,24 @@ def test_gzip_bomb_through_meter_serve_holds_memory(bomb_upstream: UpstreamProce
     assert rows[1]["status_code"] == 200 and rows[1]["total_tokens"] is None
 
 
+def test_max_metered_bytes_setting_reaches_the_observer(bomb_upstream: UpstreamProcess, meter_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ledger = tmp_path / "ledger.duckdb"
+    meter = meter_process("--upstream", bomb_upstream.url, "--ledger", str(ledger), "--max-metered-bytes", str(4 * MiB))
+    assert meter.proc is not None
+    body = json.dumps({"model": "gpt-image-x", "input": "draw"}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-bomb-0000", "Accept-Encoding": "gzip"}
+    assert _http_post(meter.port, "/v1/responses?small=1", body, headers)[0] == 200
+    before = _peak_rss_kib(meter.proc.pid)
+    assert _http_post(meter.port, "/v1/responses", body, headers)[0] == 200
+    grown = (_peak_rss_kib(meter.proc.pid) - before) * 1024
+    # At the default 64 MiB the same answer costs ~66 MiB; at 4 MiB, a few MiB.
+    assert grown < 24 * MiB, f"peak RSS grew by {grown // MiB} MiB with --max-metered-bytes 4 MiB"
+    meter.stop()
+    rows = ledger_rows(ledger)
+    assert rows[0]["total_tokens"] == 1801
+    assert (rows[1]["outcome"], rows[1]["error_type"], rows[1]["error_code"]) == ("completed", "unmetered", "metered_bytes_limit")
+
+
 def _bomb_body() -> bytes:
     return _gzip_repeat(BOMB_HEAD, b"a" * MiB, BOMB_INFLATED // MiB, BOMB_TAIL)
 
