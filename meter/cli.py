@@ -37,6 +37,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--upstream-timeout", dest="upstream_timeout", type=float, help="seconds of upstream silence before giving up (default 600)")
     p.add_argument("--connect-timeout", dest="connect_timeout", type=float, help="seconds to connect to the upstream (default 10)")
     p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body accepted; larger gets 413 (default 64 MiB)")
+    p.add_argument("--max-buffered-request-bytes", dest="max_buffered_request_bytes", type=int, help="request body bytes held at once across all requests; past it 503 (default 256 MiB)")
     p.add_argument("--client-timeout", dest="client_timeout", type=float, help="seconds of silence while a client sends its body before 408 (default 60)")
     p.add_argument("--max-metered-bytes", dest="max_metered_bytes", type=int, help="bytes meter holds to meter one answer, decompressed copy or event (default 64 MiB)")
     p.add_argument("--admin-token", dest="admin_token", help="Bearer token required on every admin path but /healthz and /readyz (env METER_ADMIN_TOKEN)")

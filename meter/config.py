@@ -57,6 +57,7 @@ class Settings(BaseModel):
     connect_timeout: float = Field(10.0, gt=0)
     upstream_timeout: float = Field(600.0, gt=0)  # longest silence between upstream bytes
     max_request_bytes: int = Field(64 << 20, gt=0)
+    max_buffered_request_bytes: int = Field(256 << 20, gt=0)  # all request bodies being held at once
     client_timeout: float = Field(60.0, gt=0)  # longest silence while a client sends its body
     max_metered_bytes: int = Field(64 << 20, gt=0)  # bytes meter holds to meter one answer or event
     admin_token: str | None = None  # Bearer token for every admin path but /healthz and /readyz
