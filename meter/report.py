@@ -12,7 +12,9 @@ project, user, day and hour, over a window, from
   `Authorization: Bearer $METER_ADMIN_TOKEN` when that variable is set; a 401
   is one line naming it.  When the meter answers `Meter-Report-Pending: N`
   (records it has not yet written: the ledger is failing or behind), the CLI
-  prints one warning line on stderr; stdout keeps its shape.
+  prints one warning line on stderr; stdout keeps its shape.  A `--ledger`
+  report warns the same way when the ledger's spool still holds records a
+  meter could not write (they are replayed at its next start).
 
 One query builder, `report_sql(dialect, by, since, until)`, serves every path;
 the dialect switch covers the few places DuckDB and PostgreSQL differ
@@ -69,6 +71,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("meter.report")
@@ -911,10 +914,47 @@ def run_report(args: argparse.Namespace) -> int:
             settings = _load_settings(args)
             ledgers = args.ledger or [settings.ledger]
             rows = report_ledgers(ledgers, by, since, until, settings.keys)
+            for warning in spool_warnings(ledgers, settings):
+                print(f"meter: warning: the report may be incomplete: {warning}", file=sys.stderr)
     except ReportError as exc:
         raise CommandError(str(exc)) from None
     sys.stdout.write(render(rows, by, args.format))
     return 0
+
+
+def count_lines(path: Path) -> int | None:
+    """Newlines in a file, read in 1 MiB blocks (a spool may hold millions of records); None if absent."""
+    try:
+        with open(path, "rb") as f:
+            return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return None
+
+
+def spool_warnings(ledgers: Sequence[str], settings: Any) -> list[str]:
+    """What a `--ledger` report cannot count: spool files that still hold records.
+
+    A meter whose ledger was down writes what it could not store to its spool and
+    replays it when it next opens the ledger; until then a `--ledger` report cannot
+    count those records.  The spool is where `meter serve` with these settings
+    puts it (beside a DuckDB file, or `--spool`); a PostgreSQL ledger's spool
+    lives with each replica, so only an explicit `--spool` setting is checked.
+    """
+    paths: dict[Path, None] = {}
+    for ledger in ledgers:
+        if is_postgres_url(ledger) and not settings.spool:
+            continue
+        paths[Path(settings.model_copy(update={"ledger": ledger}).spool_path())] = None
+    warnings = []
+    for path in paths:
+        try:
+            count = count_lines(path)
+        except OSError as exc:
+            warnings.append(f"cannot read the spool {path} ({exc.strerror}) to tell whether records wait there")
+            continue
+        if count:
+            warnings.append(f"{count} records in {path} are not in the ledger yet (the next meter serve on this ledger replays them)")
+    return warnings
 
 
 def run_reprice(args: argparse.Namespace) -> int:

@@ -366,6 +366,28 @@ async def test_a_report_that_cannot_see_every_record_says_so(upstream, postgres,
     assert clean.returncode == 0 and clean.stderr == ""
 
 
+async def test_a_ledger_report_names_records_still_in_the_spool(upstream, meter_process, tmp_path: Path) -> None:
+    """A stopped meter whose ledger was down left records in its spool: `--ledger` says they are not counted."""
+    from meter.ledger import Spool
+
+    from .test_report import make_record
+
+    ledger = tmp_path / "l.duckdb"
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    await send_requests(proc.url, 2)
+    proc.stop()
+    clean = await arun_meter("report", "--ledger", str(ledger), "--format", "json")
+    assert clean.returncode == 0 and clean.stderr == "" and json.loads(clean.stdout)[0]["requests"] == 2
+    Spool(Path(str(ledger) + ".spool.jsonl")).append([make_record(input_tokens=5, output_tokens=1) for _ in range(3)])
+    for fmt in ("json", "csv"):
+        result = await arun_meter("report", "--ledger", str(ledger), "--format", fmt)
+        assert result.returncode == 0, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "warning" in lines[0] and "3 records" in lines[0] and "spool" in lines[0], result.stderr
+        first = json.loads(result.stdout)[0]["requests"] if fmt == "json" else int(result.stdout.splitlines()[1].split(",")[0])
+        assert first == 2  # the ledger's rows, in the usual shape
+
+
 # --- 8. a start-up that fails after binding --------------------------------------------
 
 
