@@ -16,7 +16,11 @@ same time:
 - a normal client that keeps making requests, which must keep succeeding quickly.
 
 meter's memory is read from /proc (VmRSS sampled, VmHWM at the end) for
-`meter serve` and its ledger child.  Run as a script it is the upstream:
+`meter serve` and its ledger child.  A second test holds the ledger queue to its
+bound while the store (PostgreSQL) is down: records of clients that send 2 MiB
+`user` and metadata values wait with their text cut, not in full.
+
+Run as a script this module is the upstream:
 `python -m tests.test_hostile_load --port 0` prints `READY <url>`.
 """
 
@@ -98,7 +102,7 @@ def _bomb() -> bytes:
 
 
 async def _upstream_handle(request: web.BaseRequest) -> web.StreamResponse:
-    body = json.loads(await request.read() or b"{}")
+    body = json.loads(await request.content.read() or b"{}")  # any size: meter, not this fake, sets the limit
     model = str(body.get("model", "m"))
     if model == "hostile-bomb":
         return web.Response(body=_bomb(), headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
@@ -426,6 +430,51 @@ async def test_hostile_load_keeps_meter_responsive_and_bounded(streaming_upstrea
     refused = [r for r in rows if r["status_code"] in (408, 503)]
     assert len(refused) == SLOW_UPLOADS
     assert all(r["outcome"] == "error" for r in refused)
+
+
+# --- the ledger queue while the store is down --------------------------------------
+
+BIG_TEXT_REQUESTS = 50
+BIG_TEXT_CHARS = 2 << 20  # each request's `user`, and its one metadata value
+QUEUE_GROWTH_MIB = 48  # 50 records with every text at its cap are well under 10 MiB
+
+
+async def test_queued_records_hold_capped_text_while_the_store_is_down(streaming_upstream, postgres, meter_process) -> None:
+    """While the ledger is down, what waits in the queue is bounded by --ledger-max-pending
+    records of bounded size: a client's 2 MiB `user` or metadata value must not wait in
+    full.  (The upstream need not accept them: a refused request gets its row too.)"""
+    url = postgres.new_database()
+    meter = meter_process("--upstream", streaming_upstream.url, "--ledger", url)
+    assert meter.proc is not None
+    headers = {"Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http:
+        async def send(body: bytes) -> int:
+            async with http.post(meter.url + "/v1/responses", data=body, headers=headers) as r:
+                await r.read()
+                return r.status
+
+        assert [await send(b'{"model": "warm", "input": "x"}') for _ in range(20)] == [200] * 20
+        await asyncio.sleep(1.0)
+        before = _status_kib(meter.proc.pid, "VmRSS")
+        postgres.stop()
+        try:
+            big = "u" * BIG_TEXT_CHARS
+            statuses = []
+            for i in range(BIG_TEXT_REQUESTS):
+                # Each request's text is its own, as a client's would be.
+                body = json.dumps({"model": "m", "user": f"{i}{big}", "metadata": {"k": f"{i}{big}"}, "input": "x"}).encode()
+                statuses.append(await send(body))
+            await asyncio.sleep(1.5)  # past a flush interval: the writer has tried, and failed
+            async with http.get(meter.admin_url + "/metrics") as r:
+                pending = next(float(line.split()[-1]) for line in (await r.text()).splitlines() if line.startswith("meter_ledger_pending_records "))
+            after = _status_kib(meter.proc.pid, "VmRSS")
+        finally:
+            postgres.start()
+    growth_mib = (after - before) / 1024
+    print("QUEUE", json.dumps({"before_mib": _mib(before), "after_mib": _mib(after), "pending": pending}), file=sys.stderr)
+    assert statuses == [200] * BIG_TEXT_REQUESTS
+    assert pending >= BIG_TEXT_REQUESTS  # the records really are waiting
+    assert growth_mib <= QUEUE_GROWTH_MIB, f"{BIG_TEXT_REQUESTS} records waiting for the ledger grew meter by {growth_mib:.0f} MiB"
 
 
 def main() -> None:
