@@ -171,6 +171,7 @@ class Meter:
             max_request_bytes=self.settings.max_request_bytes,
             client_timeout=self.settings.client_timeout,
             max_metered_bytes=self.settings.max_metered_bytes,
+            max_buffered_request_bytes=self.settings.max_buffered_request_bytes,
             websocket=self.websocket_relay.handle,
         )
         for addon in self.addons.addons:
