@@ -101,9 +101,18 @@ def _bomb() -> bytes:
     return b"".join(parts)
 
 
+@functools.cache
+def _big_json() -> bytes:
+    """A plain JSON answer with usage, BIG_ANSWER bytes: just under --max-metered-bytes."""
+    answer = _response("hostile-big", "completed")
+    return json.dumps({**answer, "output_text": "a" * (BIG_ANSWER - 400)}).encode()
+
+
 async def _upstream_handle(request: web.BaseRequest) -> web.StreamResponse:
     body = json.loads(await request.content.read() or b"{}")  # any size: meter, not this fake, sets the limit
     model = str(body.get("model", "m"))
+    if model == "hostile-big":
+        return web.Response(body=_big_json(), headers={"Content-Type": "application/json"})
     if model == "hostile-bomb":
         return web.Response(body=_bomb(), headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
     if not body.get("stream"):
@@ -430,6 +439,38 @@ async def test_hostile_load_keeps_meter_responsive_and_bounded(streaming_upstrea
     refused = [r for r in rows if r["status_code"] in (408, 503)]
     assert len(refused) == SLOW_UPLOADS
     assert all(r["outcome"] == "error" for r in refused)
+
+
+# --- one metered answer just under the cap ------------------------------------------
+
+BIG_ANSWER = 60 << 20
+# Read whole and decoded for its usage: the chunks, their join, and the decoded text.
+METERED_ANSWER_FACTOR = 3
+METERED_ANSWER_SLACK_MIB = 24
+
+
+async def test_a_metered_answer_under_the_cap_costs_at_most_three_copies(streaming_upstream, meter_process) -> None:
+    """The README's per-answer term: an answer meter may meter in full (under
+    --max-metered-bytes) is held while it arrives and decoded once at its end."""
+    meter = meter_process("--upstream", streaming_upstream.url, "--ledger", ":memory:")
+    assert meter.proc is not None
+    headers = {"Authorization": f"Bearer {SECRET_KEY}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(meter.url + "/v1/responses", json={"model": "warm", "input": "x"}, headers=headers) as r:
+            assert r.status == 200
+        await asyncio.sleep(0.5)
+        before = _status_kib(meter.proc.pid, "VmRSS")
+        async with http.post(meter.url + "/v1/responses", json={"model": "hostile-big", "input": "x"}, headers=headers) as r:
+            body = await r.read()
+        await asyncio.sleep(0.5)
+        async with http.get(meter.admin_url + "/metrics") as m:
+            metrics = await m.text()
+    growth_mib = (_status_kib(meter.proc.pid, "VmHWM") - before) / 1024
+    print("BIG ANSWER", json.dumps({"answer_mib": BIG_ANSWER >> 20, "growth_mib": round(growth_mib, 1)}), file=sys.stderr)
+    assert r.status == 200 and len(body) == len(_big_json())
+    # It was metered: its usage reached the counters.
+    assert any(line.startswith("meter_tokens_total{") and 'model="hostile-big"' in line for line in metrics.splitlines()), "the big answer was not metered"
+    assert growth_mib <= METERED_ANSWER_FACTOR * (BIG_ANSWER >> 20) + METERED_ANSWER_SLACK_MIB
 
 
 # --- the ledger queue while the store is down --------------------------------------
