@@ -190,14 +190,18 @@ def test_base_request_takes_what_meters_request_factory_passes() -> None:
     assert "client_max_size" in params
 
 
-async def test_request_factory_limits_a_chunked_body(upstream, start_meter) -> None:
-    """The request factory really builds meter's requests: a body without Content-Length
-    past --max-request-bytes is refused while it is read, and a small one is forwarded."""
+@pytest.mark.parametrize("pause", [0.0, 0.05], ids=["with-the-headers", "trickling"])
+async def test_request_factory_limits_a_chunked_body(upstream, start_meter, pause: float) -> None:
+    """The request factory really builds meter's requests, and a body without
+    Content-Length past --max-request-bytes is refused with 413, whether it is all
+    there when the handler starts or still arriving; a small one is forwarded."""
     meter = await start_meter(upstream.url, max_request_bytes=4096)
 
     async def chunks(size: int) -> AsyncIterator[bytes]:
         body = b'{"model": "gpt-4o-mini", "input": "' + b"a" * size + b'"}'
         for i in range(0, len(body), 1024):
+            if pause:
+                await asyncio.sleep(pause)
             yield body[i : i + 1024]
 
     headers = {"Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
@@ -205,7 +209,7 @@ async def test_request_factory_limits_a_chunked_body(upstream, start_meter) -> N
         async with s.post(meter.url + "/v1/responses", data=chunks(100), headers=headers) as r:
             assert r.status == 200, await r.text()
         async with s.post(meter.url + "/v1/responses", data=chunks(64 * 1024), headers=headers) as r:
-            assert r.status == 413
+            assert r.status == 413, f"a chunked body of 64 KiB passed a 4 KiB --max-request-bytes ({r.status})"
             assert (await r.json())["error"]["code"] == "request_too_large"
 
 
