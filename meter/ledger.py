@@ -516,6 +516,9 @@ class LedgerWriter:
         # Wake the writer at a full batch, or sooner when memory is bounded tighter,
         # so that an outage spills to the spool before the queue outgrows the bound.
         self._wake_at = min(batch_size, max_pending)
+        # Queue length past which the spill thread runs: `max_pending` less what the
+        # writer holds (the batch in flight, a retry), kept current by the writer.
+        self._spill_at = max_pending
         self.stats = LedgerStats()
         self._queue: deque[Record] = deque()
         self._retry: list[Record] = []  # a failed batch, written before anything newer
@@ -533,10 +536,11 @@ class LedgerWriter:
     def done(self, flow: object, record: Record) -> None:
         queue = self._queue
         queue.append(record)
-        if len(queue) >= self._wake_at:
+        n = len(queue)
+        if n >= self._wake_at:
             self._wake.set()
-            if len(queue) > self.max_pending:
-                self._spill.set()  # the store is slow or down: the spill thread bounds memory
+        if n > self._spill_at:
+            self._spill.set()  # the store is slow or down: the spill thread bounds memory
 
     async def start(self) -> None:
         """Open the store before serving, so that a ledger that cannot be used at all
@@ -654,9 +658,9 @@ class LedgerWriter:
         while (self._retry or self._queue) and (drain or due > 0 or len(self._queue) >= self.batch_size):
             batch = self._take_batch()
             due -= len(batch)
-            self._writing = len(batch)
+            self._set_writing(len(batch))
             outage = self._write_isolating(batch)
-            self._writing = 0
+            self._set_writing(0)
             if outage is not None:
                 self._note_error(outage)
                 self._spill_overflow()
@@ -668,6 +672,12 @@ class LedgerWriter:
             self.stats.last_error = None
             self._spill_overflow()  # a slow store: what arrived meanwhile past the bound
         return True
+
+    def _set_writing(self, n: int) -> None:
+        self._writing = n
+        self._spill_at = self.max_pending - n - len(self._retry)
+        if self._spill_at < len(self._queue):
+            self._spill.set()
 
     def _write_isolating(self, batch: list[Record]) -> Exception | None:
         """Write `batch`, splitting a refused part in halves until the refused records
