@@ -222,8 +222,11 @@ class Proxy:
             # The whole body arrived with the headers (the common case): no waiting, so no
             # timer, and one chunk comes back as is.
             body = content.read_nowait()
-            if declared is None and not self._reserve(flow, len(body)):
-                return self._refuse_overloaded(flow)
+            if declared is None:
+                if len(body) > self.max_request_bytes:  # a chunked body has no declared length to refuse early
+                    return self._refuse_too_large(flow)
+                if not self._reserve(flow, len(body)):
+                    return self._refuse_overloaded(flow)
             return body
         if "Expect" in request.headers and request.version == HttpVersion11:
             await self._continue(request)

@@ -32,6 +32,10 @@ import zstandard
 from tests.conftest import ROOT, SECRET_KEY, MeterProcess, UpstreamProcess, ledger_rows
 from tests.fake_upstream import delta_words
 
+# The first test may install Codex from the npm registry (the session fixture),
+# which on a fresh machine can take longer than the suite's per-test bound.
+pytestmark = pytest.mark.timeout(900)
+
 INSTALL = ROOT / "scripts" / "install-codex.sh"
 CODEX = ROOT / ".tools" / "codex" / "node_modules" / ".bin" / "codex"
 ANSWER = "".join(delta_words(5))  # what the fake streams by default

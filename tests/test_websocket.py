@@ -121,7 +121,8 @@ async def test_sdk_connect_identical_and_metered(upstream, start_meter) -> None:
         assert row["model_requested"] == "gpt-4o" and row["model"] == "gpt-4o-2024-08-06"
         assert row["service_tier_requested"] == "flex" and row["service_tier"] == "flex"
         assert row["key_hint"] == "sk-..." + SECRET_KEY[-4:] and row["key_id"]
-        assert json.loads(row["tags"]) == {"fake_usage": usage}
+        # Tags keep metadata as OpenAI does: string values (others as their JSON text).
+        assert {k: json.loads(v) for k, v in json.loads(row["tags"]).items()} == {"fake_usage": usage}
         assert row["request_bytes"] > 0 and row["response_bytes"] == size > 1000
         assert 0 < row["ttfb_ms"] <= row["ttft_ms"] <= row["duration_ms"]
     assert rows[0]["started_at"] < rows[1]["started_at"]
