@@ -128,12 +128,11 @@ def test_bad_text_and_numbers_are_stored_not_refused_postgres(tmp_path: Path, pg
 
 
 def test_sanitiser_leaves_clean_records_alone_and_is_idempotent() -> None:
-    from meter.sanitise import sanitise_batch
+    from meter.sanitise import new_overflows, new_truncated, sanitise_batch
 
     clean = make_record(project="proj_é", user_id="ユーザー", tags='{"a":"b"}', input_tokens=10, cost_usd=Decimal("0.000000001"))
     before = clean.as_dict()
-    truncated: dict[str, int] = {}
-    overflows: dict[str, int] = {}
+    truncated, overflows = new_truncated(), new_overflows()
     sanitise_batch([clean], truncated, overflows)
     assert clean.as_dict() == before and not any(truncated.values()) and not any(overflows.values())
     bad = hostile_record()
@@ -141,6 +140,10 @@ def test_sanitiser_leaves_clean_records_alone_and_is_idempotent() -> None:
     once = bad.as_dict()
     sanitise_batch([bad], truncated, overflows)  # a retried batch is not counted twice
     assert bad.as_dict() == once and truncated["model_requested"] == 1
+    fine = make_record(cost_usd=Decimal("0.1234567891234"), input_tokens=2**62, output_tokens=2**62)
+    sanitise_batch([fine], truncated, overflows)  # finer than DECIMAL(18,9): rounded, not refused
+    assert fine.cost_usd == Decimal("0.123456789") and fine.input_tokens == fine.output_tokens == 2**62
+    assert overflows["responses"] == 1  # the hostile record's, once
 
 
 def pg_rows(url: str) -> list[dict[str, Any]]:
