@@ -193,6 +193,9 @@ class Meter:
             access_log=None,
             max_line_size=HEADER_LIMIT,
             max_field_size=HEADER_LIMIT,
+            # An idle connection, or one stalled mid-way through its request head, is
+            # closed after --client-timeout (aiohttp's own default is 75 s).
+            keepalive_timeout=self.settings.client_timeout,
         )
         self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.settings.shutdown_grace)
         await self._proxy_runner.setup()

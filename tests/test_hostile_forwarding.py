@@ -277,6 +277,22 @@ async def test_stalled_body_is_408_and_closed(upstream, meter_process, tmp_path:
     assert row["status_code"] == 408 and row["outcome"] == "error" and row["error_code"] == "client_timeout"
 
 
+async def test_a_stalled_request_head_is_closed_after_the_client_timeout(upstream, meter_process, tmp_path: Path) -> None:
+    # Half a request line, then silence: it holds a socket and a buffer until meter
+    # lets go, which should be --client-timeout, not aiohttp's 75 s keep-alive.
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), "--client-timeout", "1")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proc.port)
+    try:
+        writer.write(b"POST /v1/respo")
+        await writer.drain()
+        started = time.monotonic()
+        await asyncio.wait_for(reader.read(), 10)  # ends when meter closes the connection
+        waited = time.monotonic() - started
+    finally:
+        writer.close()
+    assert waited < 5, f"a stalled request head was held {waited:.1f} s"
+
+
 # --- 4. one budget for request bodies being buffered --------------------------
 
 
