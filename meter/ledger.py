@@ -608,14 +608,26 @@ class LedgerWriter:
             self._note_error(exc)
             return False
         self._opened = True
-        if self.spool is not None:
-            with self._spill_lock:
-                spooled = self.spool.read()
-                if spooled:
-                    log.info("replaying %d spooled records from %s", len(spooled), self.spool.path)
-                    self._retry = spooled + self._retry
-                    self.spool.clear()
+        self._replay_spool()
         return True
+
+    def _spool_waiting(self) -> bool:
+        try:
+            return self.spool is not None and self.spool.path.stat().st_size > 0
+        except OSError:
+            return False
+
+    def _replay_spool(self) -> None:
+        """Records spooled earlier (an outage, a slow store, a previous run) go back in
+        line, ahead of anything newer."""
+        if self.spool is None:
+            return
+        with self._spill_lock:
+            spooled = self.spool.read()
+            if spooled:
+                log.info("replaying %d spooled records from %s", len(spooled), self.spool.path)
+                self._retry = spooled + self._retry
+            self.spool.clear()
 
     def _note_error(self, exc: Exception) -> None:
         self.stats.write_errors += 1
@@ -646,6 +658,20 @@ class LedgerWriter:
         return batch
 
     def _flush_once(self, drain: bool = False) -> bool:
+        """Write what is due; once caught up, first take back what a slow store made
+        the spill thread spool (when draining, until the spool is empty).  False when
+        the store failed (records kept)."""
+        while True:
+            # Caught up (nothing retried, the queue well under the bound): under a store
+            # that stays slower than the traffic the spool grows on disk, not in memory.
+            caught_up = not self._retry and (drain or len(self._queue) < self.max_pending // 2)
+            if caught_up and self._spool_waiting():
+                self._replay_spool()
+            ok = self._write_due(drain)
+            if not ok or not drain or not self._spool_waiting():
+                return ok
+
+    def _write_due(self, drain: bool) -> bool:
         """Write what was pending when called, and more only as whole batches (all of
         it when draining).  False when the store failed (records kept).
 
@@ -670,7 +696,9 @@ class LedgerWriter:
                 log.info("ledger recovered; %d records waiting", self.pending)
             self.stats.healthy = True
             self.stats.last_error = None
-            self._spill_overflow()  # a slow store: what arrived meanwhile past the bound
+            # A slow store: new arrivals past the bound go to the spool; records being
+            # retried or replayed stay, they are the ones being written.
+            self._spill_overflow(from_retry=False)
         return True
 
     def _set_writing(self, n: int) -> None:
@@ -737,14 +765,13 @@ class LedgerWriter:
             pass
         self._opened = False
 
-    def _spill_overflow(self) -> None:
+    def _spill_overflow(self, from_retry: bool = True) -> None:
         """Bound memory while the store is down or slow: the oldest records go to the spool."""
         if self.spool is None or self.pending <= self.max_pending:
             return
         with self._spill_lock:
             excess = self.pending - self.max_pending
-            spill: list[Record] = []
-            take = min(excess, len(self._retry))
+            take = min(excess, len(self._retry)) if from_retry else 0
             spill, self._retry = self._retry[:take], self._retry[take:]
             try:
                 while len(spill) < excess:
