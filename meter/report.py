@@ -32,7 +32,9 @@ Output decisions:
   the metrics); `tier` is the tier that served it.
 - `day` is `YYYY-MM-DD` and `hour` `YYYY-MM-DDTHH:00:00Z`, both in UTC.
 - token columns are sums of the known values (0 when none is known);
-  `unpriced_requests` counts rows with usage but no cost; `errors` counts rows
+  `unpriced_requests` counts rows with usage but no cost; `unmetered_requests`
+  rows of model calls whose usage meter could not read (error_type
+  `unmetered`); `errors` counts rows
   whose outcome is neither `completed` nor `in_progress`.
 - `cost_usd` is exact: in JSON a number with exactly 9 decimals (the ledger's
   DECIMAL(18,9), written from the decimal, never through a float), in CSV the
@@ -90,6 +92,7 @@ METRIC_COLUMNS = (
     "web_search_calls",
     "cost_usd",
     "unpriced_requests",
+    "unmetered_requests",
     "errors",
 )
 TOKEN_COLUMNS = METRIC_COLUMNS[1:7]
@@ -112,6 +115,7 @@ REPORT_SOURCE_COLUMNS = (
     "key_name",
     "project",
     "user_id",
+    "error_type",
 )
 
 
@@ -261,6 +265,7 @@ def report_sql(
     select += [f"COALESCE(sum({col}), 0) AS {col}" for col in TOKEN_COLUMNS]
     select.append("COALESCE(sum(cost_usd), 0) AS cost_usd")
     select.append(f"count(*) FILTER (WHERE cost_usd IS NULL AND {has_usage}) AS unpriced_requests")
+    select.append("count(*) FILTER (WHERE error_type = 'unmetered') AS unmetered_requests")
     ok = ", ".join(f"'{o}'" for o in OK_OUTCOMES)
     select.append(f"count(*) FILTER (WHERE outcome IS NULL OR outcome NOT IN ({ok})) AS errors")
     where: list[str] = []

@@ -28,7 +28,7 @@ from meter.ledger import DuckDBStore
 from meter.record import Record
 from meter.report import GROUP_FIELDS, METRIC_COLUMNS, output_columns, parse_when, report_sql
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, free_port, ledger_rows
 
 UTC = dt.UTC
 D1 = dt.datetime(2026, 3, 1, tzinfo=UTC)
@@ -139,8 +139,9 @@ def seeded_records() -> list[Record]:
     ]
 
 
-def totals(requests: int, inp: int, cached: int, cw: int, out: int, reasoning: int, ws: int, cost: str, unpriced: int, errors: int) -> dict[str, Any]:
-    return dict(zip(METRIC_COLUMNS, (requests, inp, cached, cw, out, reasoning, ws, Decimal(cost), unpriced, errors)))
+def totals(requests: int, inp: int, cached: int, cw: int, out: int, reasoning: int, ws: int, cost: str, unpriced: int, errors: int, unmetered: int = 0) -> dict[str, Any]:
+    values = dict(zip(METRIC_COLUMNS, (requests, inp, cached, cw, out, reasoning, ws, Decimal(cost), unpriced)))
+    return {**values, "unmetered_requests": unmetered, "errors": errors}
 
 
 # Summed by hand from the ten rows above.
@@ -195,6 +196,7 @@ def reference(records: Sequence[Record], by: Sequence[str], key_names: dict[str,
             g[col] += getattr(r, col) or 0
         g["cost_usd"] += r.cost_usd or 0
         g["unpriced_requests"] += int(r.has_usage and r.cost_usd is None)
+        g["unmetered_requests"] += int(r.error_type == "unmetered")
         g["errors"] += int(r.outcome not in ("completed", "in_progress"))
     rows = list(groups.values())
     rows.sort(key=lambda row: [(row[c] is None, row[c] or "") for c in output_columns(by) if c not in METRIC_COLUMNS])
@@ -356,7 +358,7 @@ def test_table_ends_with_total(ledger: Path) -> None:
     assert lines[3].split()[:2] == ["-", "-"]  # requests without a key
     assert set(lines[-2].replace(" ", "")) == {"-"}
     total = lines[-1].split()
-    assert total == ["total", "10", "4700", "1200", "50", "870", "120", "3", "0.015881", "1", "3"]
+    assert total == ["total", "10", "4700", "1200", "50", "870", "120", "3", "0.015881", "1", "0", "3"]
     # without --by the one row is the total
     plain = run_meter("report", "--ledger", str(ledger)).stdout.rstrip("\n").splitlines()
     assert plain[0].split() == list(METRIC_COLUMNS)
@@ -554,3 +556,30 @@ async def test_running_meter_on_postgres_reports_by_url_and_ledger(upstream, sta
     # PostgreSQL is not held by the proxy: --ledger reads it while it runs, with the same answer
     direct = await arun_meter("report", "--ledger", pg_url, "--by", "key,model,hour", "--format", "json")
     assert direct.stdout == live.stdout
+
+
+async def test_unmetered_calls_are_a_column_of_their_own(upstream, meter_process, tmp_path: Path) -> None:
+    # A Chat Completions stream without `stream_options.include_usage` (the SDK's
+    # default) completes with no usage: the report says so instead of showing a
+    # clean "nothing unpriced, no errors" (SPEC §2b, §8).
+    import aiohttp
+
+    from .conftest import SECRET_KEY
+
+    path = tmp_path / "unmetered.duckdb"
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(path))
+    headers = {"Authorization": f"Bearer {SECRET_KEY}"}
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with aiohttp.ClientSession() as s:
+        for body in (chat, {**chat, "stream_options": {"include_usage": True}}):
+            async with s.post(meter.url + "/v1/chat/completions", json=body, headers=headers) as r:
+                assert r.status == 200
+                await r.read()
+    meter.stop()
+    rows = ledger_rows(path)
+    assert sorted(((r["outcome"], r["error_type"], r["error_code"]) for r in rows), key=str) == [
+        ("completed", "unmetered", "no_include_usage"),
+        ("completed", None, None),
+    ]
+    [row] = report_json("--ledger", str(path))
+    assert (row["requests"], row["unmetered_requests"], row["unpriced_requests"], row["errors"]) == (2, 1, 0, 0)
