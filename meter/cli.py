@@ -40,6 +40,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-buffered-request-bytes", dest="max_buffered_request_bytes", type=int, help="request body bytes held at once across all requests; past it 503 (default 256 MiB)")
     p.add_argument("--client-timeout", dest="client_timeout", type=float, help="seconds of silence while a client sends its body before 408 (default 60)")
     p.add_argument("--max-metered-bytes", dest="max_metered_bytes", type=int, help="bytes meter holds to meter one answer, decompressed copy or event (default 64 MiB)")
+    p.add_argument("--max-metered-bytes-total", dest="max_metered_bytes_total", type=int, help="bytes all answers being metered hold whole at once; past it an answer is metered from its ends (default 256 MiB)")
     p.add_argument("--admin-token", dest="admin_token", help="Bearer token required on every admin path but /healthz and /readyz (env METER_ADMIN_TOKEN)")
     p.add_argument("--admin-insecure", dest="admin_insecure", action="store_const", const=True, help="serve the admin port on a non-loopback address without a token")
     p.add_argument("--flush-interval", dest="flush_interval", type=float, help="seconds between ledger batch writes, at most 1 (default 0.5)")

@@ -60,6 +60,7 @@ class Settings(BaseModel):
     max_buffered_request_bytes: int = Field(256 << 20, gt=0)  # all request bodies being held at once
     client_timeout: float = Field(60.0, gt=0)  # longest silence while a client sends its body
     max_metered_bytes: int = Field(64 << 20, gt=0)  # bytes meter holds to meter one answer or event
+    max_metered_bytes_total: int = Field(256 << 20, gt=0)  # what all answers being metered hold whole at once
     admin_token: str | None = None  # Bearer token for every admin path but /healthz and /readyz
     admin_insecure: bool = False  # allow a non-loopback admin address without a token
     flush_interval: float = Field(0.5, gt=0, le=1.0)

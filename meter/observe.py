@@ -322,6 +322,21 @@ def observe_json_body(kind: str, body: bytes) -> Observation:
 _EDGE_MAX = 1 << 20
 
 
+class MeteringBudget:
+    """The bytes every answer being metered may hold whole at once (`--max-metered-bytes-total`).
+
+    Each answer may hold up to max_bytes whole; past what is left here it is read
+    from its head and tail instead, as an answer past max_bytes is, so memory is
+    bounded by settings however many large answers clients ask for at once.  The
+    event loop's alone: no lock.
+    """
+
+    __slots__ = ("free",)
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+
+
 class _Capped:
     """Bytes held whole up to `limit`; past it only a head and a tail of them.
 
@@ -331,10 +346,12 @@ class _Capped:
     bytes stay, and the last `edge` (up to twice that between trims) roll on.
     """
 
-    __slots__ = ("limit", "edge", "size", "_first", "_buf", "head", "tail")
+    __slots__ = ("limit", "edge", "size", "_first", "_buf", "head", "tail", "budget", "_held")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, budget: MeteringBudget | None = None) -> None:
         self.limit = limit
+        self.budget = budget
+        self._held = 0  # bytes of `budget` this copy holds
         self.size = 0
         self._first: bytes | None = None
         self._buf: bytearray | None = None
@@ -353,7 +370,7 @@ class _Capped:
                 tail += piece
                 if len(tail) > 2 * edge:
                     del tail[: len(tail) - edge]
-        elif size <= self.limit:
+        elif size <= self.limit and (self.budget is None or self._reserve(n)):
             buf = self._buf
             if buf is not None:
                 buf += piece
@@ -378,6 +395,21 @@ class _Capped:
             self.tail = bytearray(held[h - (edge - n) :]) if h > edge - n else bytearray(held)
             self.tail += piece
         self._first = self._buf = None
+        self.release()
+
+    def _reserve(self, n: int) -> bool:
+        budget = self.budget
+        if budget.free < n:  # type: ignore[union-attr]
+            return False
+        budget.free -= n  # type: ignore[union-attr]
+        self._held += n
+        return True
+
+    def release(self) -> None:
+        """Give back what this copy holds of the budget: it is read, cut, or abandoned."""
+        if self._held:
+            self.budget.free += self._held  # type: ignore[union-attr]
+            self._held = 0
 
     def whole(self) -> bytes | bytearray:
         if self._buf is not None:
@@ -584,13 +616,14 @@ class SSEObserver:
     past that its head and tail are enough to read identity and usage.
     """
 
-    __slots__ = ("kind", "obs", "_clock", "_max", "_event", "_data", "_skip", "_line", "_start", "_name", "_cr", "_ttft_pending", "_done", "_oversized")
+    __slots__ = ("kind", "obs", "_clock", "_max", "_event", "_data", "_skip", "_line", "_start", "_name", "_cr", "_ttft_pending", "_done", "_oversized", "_budget")
 
-    def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20) -> None:
+    def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
         self.kind = kind  # "responses" or "chat"
         self.obs = Observation()
         self._clock = clock
         self._max = max_bytes
+        self._budget = budget
         self._event: bytes | None = None
         self._data: bytes | _Capped | None = None  # the current event's data: one line, or lines joined by LF
         self._skip = False
@@ -689,11 +722,11 @@ class SSEObserver:
         """The current event's data, ready for one more line."""
         data = self._data
         if data is None:
-            data = self._data = _Capped(self._max)
+            data = self._data = _Capped(self._max, self._budget)
             return data
         if type(data) is bytes:
             first = data
-            data = self._data = _Capped(self._max)
+            data = self._data = _Capped(self._max, self._budget)
             data.add(first)
         data.add(b"\n")  # type: ignore[union-attr]
         return data  # type: ignore[return-value]
@@ -799,10 +832,17 @@ class SSEObserver:
             return
         else:
             payload = data.whole()  # type: ignore[union-attr]
+            data.release()  # type: ignore[union-attr]  # read below, then let go
         if self.kind == "chat":
             self._chat_payload(payload)
         else:
             self._responses_payload(event, payload)
+
+    def release(self) -> None:
+        """Give back the budget an unfinished event holds (the stream was cut or abandoned)."""
+        data = self._data
+        if data is not None and type(data) is not bytes:
+            data.release()  # type: ignore[union-attr]
 
     def _decode(self, payload: bytes | bytearray) -> dict[str, Any] | None:
         try:
@@ -903,6 +943,7 @@ class SSEObserver:
 
     def cut(self) -> None:
         """The stream will not be read further: an event begun is not one to decode."""
+        self.release()
         self._data = None
         self._line = _AT_LINE_START
         self._start = b""
@@ -916,6 +957,7 @@ class SSEObserver:
                 self._parse_lines(b"\n", 0, 1)
             if self._data is not None and not self._done:
                 self._dispatch()
+        self.release()
         obs = self.obs
         if obs.usage is None and obs.unmetered is None and obs.error_type is None and obs.error_code is None:
             if self._oversized:
@@ -937,8 +979,8 @@ class BodyCollector(_Capped):
     __slots__ = ("kind",)
     done = False  # a body is read to its end
 
-    def __init__(self, kind: str, limit: int = 64 << 20) -> None:
-        _Capped.__init__(self, limit)
+    def __init__(self, kind: str, limit: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
+        _Capped.__init__(self, limit, budget)
         self.kind = kind
 
     feed = _Capped.add
@@ -951,7 +993,10 @@ class BodyCollector(_Capped):
     def finish(self) -> Observation:
         if self.tail is not None:
             return _observe_cut_body(self.kind, self.head, self.tail)
-        return observe_json_body(self.kind, self.whole())
+        try:
+            return observe_json_body(self.kind, self.whole())
+        finally:
+            self.release()
 
 
 # --- content codings -----------------------------------------------------------
@@ -1134,6 +1179,9 @@ class Decompressing:
         except _DECODE_ERRORS:
             self._failed = True
 
+    def release(self) -> None:
+        self.inner.release()
+
     def finish(self) -> Observation:
         obs = self.inner.finish()
         if self._failed:
@@ -1155,6 +1203,9 @@ class _Unmetered:
     def feed(self, chunk: bytes) -> None:
         pass
 
+    def release(self) -> None:
+        pass
+
     def finish(self) -> Observation:
         return Observation(unmetered=self.reason)
 
@@ -1165,16 +1216,19 @@ def observer_for(
     content_encoding: str,
     clock: Callable[[], float] = time.perf_counter,
     max_bytes: int = 64 << 20,
+    budget: MeteringBudget | None = None,
 ) -> SSEObserver | BodyCollector | Decompressing | _Unmetered | None:
     """The observer for an answer, or None when there is nothing to meter in it.
 
     `kind` is `responses` or `chat` (Chat Completions and Embeddings share a shape).
-    `max_bytes` bounds what is held of one body or event (`--max-metered-bytes`).
+    `max_bytes` bounds what is held of one body or event (`--max-metered-bytes`),
+    `budget` what all answers hold at once (`--max-metered-bytes-total`).  Whoever
+    drops an observer without `finish()` calls its `release()`.
     """
     if "text/event-stream" in content_type:
-        inner: SSEObserver | BodyCollector = SSEObserver(kind, clock, max_bytes)
+        inner: SSEObserver | BodyCollector = SSEObserver(kind, clock, max_bytes, budget)
     elif "json" in content_type or not content_type:
-        inner = BodyCollector(kind, max_bytes)
+        inner = BodyCollector(kind, max_bytes, budget)
     else:
         return None
     if not content_encoding:

@@ -25,7 +25,7 @@ from yarl import URL
 
 from .flow import Addons, Flow, build_record, minimal_record
 from .identity import KeyIdentities
-from .observe import METERED_KIND, endpoint_for, observer_for
+from .observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for
 from .paths import normalised_path, origin_form, target_for_record
 
 log = logging.getLogger("meter")
@@ -128,6 +128,7 @@ class Proxy:
         client_timeout: float = 60.0,
         max_metered_bytes: int = 64 << 20,
         max_buffered_request_bytes: int = 256 << 20,
+        max_metered_bytes_total: int = 256 << 20,
         observe: bool = True,
         websocket: Callable[[web.BaseRequest, Flow], Awaitable[web.StreamResponse]] | None = None,
     ) -> None:
@@ -138,6 +139,7 @@ class Proxy:
         self.max_request_bytes = max_request_bytes
         self.client_timeout = client_timeout  # longest silence while a client sends its body
         self.max_metered_bytes = max_metered_bytes  # for the observers: what one answer may hold
+        self.metering_budget = MeteringBudget(max_metered_bytes_total)  # what all of them hold at once
         # One budget for all request bodies being read: memory is bounded by settings,
         # not by how many clients upload at once.
         self.max_buffered_request_bytes = max_buffered_request_bytes
@@ -301,6 +303,7 @@ class Proxy:
     async def _forward(self, request: web.BaseRequest, flow: Flow, raw_path: str) -> web.StreamResponse:
         client_response: web.StreamResponse | None = None
         upstream = None
+        observer: Any = None
         try:
             flow.upstream_headers = forwardable_request_headers(request.headers)
             self.addons.request(flow)  # before anything can fail, so every done() has its request()
@@ -332,10 +335,10 @@ class Proxy:
             flow.response_headers = upstream.headers
             client_response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=forwardable_response_headers(upstream.headers))
             kind = METERED_KIND.get(flow.endpoint)
-            observer = None
             if kind is not None and self.observe:
+                headers = upstream.headers
                 observer = observer_for(
-                    kind, upstream.headers.get("Content-Type", ""), upstream.headers.get("Content-Encoding", ""), max_bytes=self.max_metered_bytes
+                    kind, headers.get("Content-Type", ""), headers.get("Content-Encoding", ""), max_bytes=self.max_metered_bytes, budget=self.metering_budget
                 )
             await client_response.prepare(request)
             await self._relay(upstream, client_response, observer, flow)
@@ -353,6 +356,8 @@ class Proxy:
         finally:
             if upstream is not None:
                 upstream.release()
+            if observer is not None:
+                observer.release()  # finished or abandoned, its share of the metering budget is free
             flow.finished_at = time.perf_counter()
             self._finish(flow)
             if flow.reserved:

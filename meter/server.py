@@ -172,6 +172,7 @@ class Meter:
             client_timeout=self.settings.client_timeout,
             max_metered_bytes=self.settings.max_metered_bytes,
             max_buffered_request_bytes=self.settings.max_buffered_request_bytes,
+            max_metered_bytes_total=self.settings.max_metered_bytes_total,
             websocket=self.websocket_relay.handle,
         )
         for addon in self.addons.addons:

@@ -18,6 +18,7 @@ import json
 import socket
 import struct
 import sys
+import threading
 import time
 import tracemalloc
 import zlib
@@ -484,12 +485,15 @@ def _peak_rss_kib(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
-def _http_post(port: int, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, int]:
+def _http_post(port: int, path: str, body: bytes, headers: dict[str, str], before_reading: Callable[[], object] | None = None) -> tuple[int, int]:
     """A raw HTTP/1.1 POST; returns the status and the number of body bytes read."""
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
     head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
         s.sendall(head.encode() + body)
+        if before_reading is not None:
+            before_reading()
         data = b""
         while True:
             got = s.recv(1 << 16)
@@ -547,6 +551,37 @@ def test_max_metered_bytes_setting_reaches_the_observer(bomb_upstream: UpstreamP
     assert (rows[1]["outcome"], rows[1]["error_type"], rows[1]["error_code"]) == ("completed", "unmetered", "metered_bytes_limit")
 
 
+def test_concurrent_large_answers_share_the_metering_budget(bomb_upstream: UpstreamProcess, meter_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # 24 answers of ~6 MiB at once: each may be held whole (under --max-metered-bytes),
+    # not all of them (--max-metered-bytes-total); the rest are read from their ends.
+    from concurrent.futures import ThreadPoolExecutor
+
+    ledger = tmp_path / "ledger.duckdb"
+    meter = meter_process("--upstream", bomb_upstream.url, "--ledger", str(ledger), "--max-metered-bytes-total", str(4 * MiB))
+    assert meter.proc is not None
+    body = json.dumps({"model": "gpt-image-x", "input": "draw"}).encode()
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-test-budget-0000"}
+    assert _http_post(meter.port, "/v1/responses?big=1", body, headers)[0] == 200
+    before = _peak_rss_kib(meter.proc.pid)
+    # The clients read their answers only once all 24 are under way, so meter holds
+    # the copies of all of them at once (the answers outgrow the socket buffers).
+    start = threading.Barrier(24)
+
+    def slow_reader(_: int) -> tuple[int, int]:
+        return _http_post(meter.port, "/v1/responses?big=1", body, headers, before_reading=lambda: (start.wait(30), time.sleep(1.0)))
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(slow_reader, range(24)))
+    grown = (_peak_rss_kib(meter.proc.pid) - before) * 1024
+    print(f"peak RSS grew by {grown // MiB} MiB")
+    assert all(status == 200 and got > 5 * MiB for status, got in answers)
+    meter.stop()
+    rows = ledger_rows(ledger)
+    assert len(rows) == 25 and all(row["total_tokens"] == 1801 for row in rows)  # usage read whole or from the tail
+    # Held whole, 24 answers took ~190 MiB here; the budget keeps the copies to a few MiB (relaying takes the rest).
+    assert grown < 140 * MiB, f"peak RSS grew by {grown // MiB} MiB"
+
+
 def _bomb_body() -> bytes:
     return _gzip_repeat(BOMB_HEAD, b"a" * MiB, BOMB_INFLATED // MiB, BOMB_TAIL)
 
@@ -560,8 +595,14 @@ def serve(port: int) -> None:
     bomb = _bomb_body()
     small = gzip.compress(b"".join(_response_parts(1000)))
 
+    big = b"".join(_response_parts(6 * MiB))  # ~6 MiB of plain JSON, usage after the output
+    served = [0]
+
     async def answer(request: web.Request) -> web.Response:
         await request.read()
+        if request.query.get("big"):
+            served[0] += 1  # a response id of its own, or usage would rightly count once
+            return web.Response(body=big.replace(b"resp_big", b"resp_%03d" % served[0], 1), headers={"Content-Type": "application/json"})
         body = small if request.query.get("small") else bomb
         return web.Response(body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
 
@@ -584,3 +625,40 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=0)
     serve(parser.parse_args().port)
     sys.exit(0)
+
+
+# --- one budget for everything metered whole at once -------------------------------
+
+
+def test_answers_share_one_metering_budget() -> None:
+    # Each answer may hold max_bytes whole, but not all of them at once: past the
+    # shared budget an answer is metered from its ends, like one past max_bytes.
+    from meter.observe import MeteringBudget
+
+    budget = MeteringBudget(6 * MiB)
+    observers = [observer_for("responses", "application/json", "", max_bytes=4 * MiB, budget=budget) for _ in range(20)]
+    for observer in observers:
+        for part in _response_parts(3):  # ~3 MiB of output, usage after it
+            observer.feed(part)  # type: ignore[union-attr]
+    held = 6 * MiB - budget.free
+    assert 0 <= held <= 6 * MiB
+    whole = [o for o in observers if o.tail is None]  # type: ignore[union-attr]
+    assert 1 <= len(whole) <= 2  # 6 MiB holds two answers of ~3 MiB; the rest keep their ends
+    for observer in observers:
+        _check_usage(observer.finish())  # type: ignore[union-attr]
+    assert budget.free == 6 * MiB  # every answer gave its bytes back
+
+
+def test_an_abandoned_answer_gives_its_budget_back() -> None:
+    from meter.observe import MeteringBudget
+
+    budget = MeteringBudget(8 * MiB)
+    sse = observer_for("responses", "text/event-stream", "", max_bytes=4 * MiB, budget=budget)
+    body = observer_for("responses", "application/json", "gzip", max_bytes=4 * MiB, budget=budget)
+    parts = list(_terminal_event_parts(2))
+    sse.feed(b"".join(parts)[:-100])  # type: ignore[union-attr]  # the terminal event, unfinished
+    body.feed(gzip.compress(b"".join(_response_parts(2)))[:-20])  # type: ignore[union-attr]
+    assert budget.free < 8 * MiB
+    sse.release()  # type: ignore[union-attr]  # the client went away: the proxy lets go
+    body.release()  # type: ignore[union-attr]
+    assert budget.free == 8 * MiB

@@ -159,7 +159,8 @@ def test_serve_starts_with_defaults_in_a_fresh_directory(tmp_path: Path) -> None
 
 async def test_memory_settings_reach_the_proxy_and_the_websocket_relay(upstream, start_meter) -> None:
     """--client-timeout, --max-metered-bytes and --max-buffered-request-bytes are what the running handlers use, not their defaults."""
-    running = await start_meter(upstream.url, client_timeout=7.5, max_metered_bytes=12345, max_buffered_request_bytes=54321)
+    running = await start_meter(upstream.url, client_timeout=7.5, max_metered_bytes=12345, max_buffered_request_bytes=54321, max_metered_bytes_total=99999)
     proxy, relay = running.meter.proxy, running.meter.websocket_relay
     assert (proxy.client_timeout, proxy.max_metered_bytes, proxy.max_buffered_request_bytes) == (7.5, 12345, 54321)
+    assert proxy.metering_budget.free == 99999
     assert relay.max_metered_bytes == 12345
