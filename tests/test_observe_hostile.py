@@ -638,7 +638,7 @@ def test_answers_share_one_metering_budget() -> None:
     budget = MeteringBudget(6 * MiB)
     observers = [observer_for("responses", "application/json", "", max_bytes=4 * MiB, budget=budget) for _ in range(20)]
     for observer in observers:
-        for part in _response_parts(3):  # ~3 MiB of output, usage after it
+        for part in _response_parts(3 * MiB):  # ~3 MiB of output, usage after it
             observer.feed(part)  # type: ignore[union-attr]
     held = 6 * MiB - budget.free
     assert 0 <= held <= 6 * MiB
@@ -655,9 +655,9 @@ def test_an_abandoned_answer_gives_its_budget_back() -> None:
     budget = MeteringBudget(8 * MiB)
     sse = observer_for("responses", "text/event-stream", "", max_bytes=4 * MiB, budget=budget)
     body = observer_for("responses", "application/json", "gzip", max_bytes=4 * MiB, budget=budget)
-    parts = list(_terminal_event_parts(2))
+    parts = list(_terminal_event_parts(2 * MiB))
     sse.feed(b"".join(parts)[:-100])  # type: ignore[union-attr]  # the terminal event, unfinished
-    body.feed(gzip.compress(b"".join(_response_parts(2)))[:-20])  # type: ignore[union-attr]
+    body.feed(gzip.compress(b"".join(_response_parts(2 * MiB)))[:-20])  # type: ignore[union-attr]
     assert budget.free < 8 * MiB
     sse.release()  # type: ignore[union-attr]  # the client went away: the proxy lets go
     body.release()  # type: ignore[union-attr]
