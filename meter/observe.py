@@ -616,7 +616,7 @@ class SSEObserver:
     past that its head and tail are enough to read identity and usage.
     """
 
-    __slots__ = ("kind", "obs", "_clock", "_max", "_event", "_data", "_skip", "_line", "_start", "_name", "_cr", "_ttft_pending", "_done", "_oversized", "_budget")
+    __slots__ = ("kind", "obs", "_clock", "_max", "_event", "_data", "_skip", "_line", "_start", "_name", "_cr", "_ttft_pending", "_done", "_oversized", "_budget", "output_done")
 
     def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
         self.kind = kind  # "responses" or "chat"
@@ -633,6 +633,9 @@ class SSEObserver:
         self._cr = False  # a CR ended the data kept so far: dropped if LF follows
         self._ttft_pending = True
         self._done = False  # after the terminal event nothing more is needed
+        # The last named event was a `.done` one, no delta after it: the client has the
+        # whole output, and a hang-up now still leaves a terminal event to meter (SPEC §2).
+        self.output_done = False
         self._oversized = False
 
     @property
@@ -789,6 +792,7 @@ class SSEObserver:
             if chunk[eol - 1] == 13:  # CRLF lines ended by a bare LF blank line
                 eol -= 1
             name = chunk[start + 7 : eol]
+            self.output_done = name.endswith(b".done")
             if name.endswith(b".delta"):
                 self._first_token()
                 return True
@@ -811,6 +815,7 @@ class SSEObserver:
 
     def _on_event_name(self, name: bytes) -> None:
         self._event = name
+        self.output_done = name.endswith(b".done")
         if name.endswith(b".delta"):
             self._first_token()
             self._skip = True  # deltas carry no usage
@@ -978,6 +983,7 @@ class BodyCollector(_Capped):
 
     __slots__ = ("kind",)
     done = False  # a body is read to its end
+    output_done = False  # a body's output is done only when the body is
 
     def __init__(self, kind: str, limit: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
         _Capped.__init__(self, limit, budget)
@@ -1182,6 +1188,14 @@ class Decompressing:
     def release(self) -> None:
         self.inner.release()
 
+    @property
+    def done(self) -> bool:
+        return self.inner.done
+
+    @property
+    def output_done(self) -> bool:
+        return self.inner.output_done
+
     def finish(self) -> Observation:
         obs = self.inner.finish()
         if self._failed:
@@ -1199,6 +1213,8 @@ class _Unmetered:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+    output_done = False
 
     def feed(self, chunk: bytes) -> None:
         pass

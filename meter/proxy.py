@@ -34,6 +34,8 @@ log = logging.getLogger("meter")
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
+# How long meter reads on after a client hung up at the end of the output (SPEC §2).
+READ_ON_AFTER_HANGUP = 2.0
 # Headers aiohttp's client would invent if the client did not send them.
 _AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -385,8 +387,33 @@ class Proxy:
             flow.response_bytes = sent
             self._abort_midway(client, flow, "error", "upstream_disconnected", type(exc).__name__)
             return
+        except (ConnectionResetError, asyncio.CancelledError):
+            # The client went away.  Mid-output, the upstream is cancelled at once (the
+            # caller closes it); right after the output's last `.done` event the client
+            # has the whole answer, which the provider bills: read on, relaying nothing,
+            # to meter its terminal event.
+            flow.response_bytes = sent
+            if observer is not None and observer.output_done and not observer.done:
+                await self._read_to_the_end(content, observer, flow)
+            raise
         flow.response_bytes = sent
         await client.write_eof()
+
+    @staticmethod
+    async def _read_to_the_end(content: aiohttp.StreamReader, observer: Any, flow: Flow) -> None:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            task.uncancel()  # the handler was cancelled for the hang-up; these reads are ours
+        try:
+            async with asyncio.timeout(READ_ON_AFTER_HANGUP):
+                while not observer.done:
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    observer.feed(chunk)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+        flow.observation = observer.finish()
 
     def _abort_midway(self, client: web.StreamResponse, flow: Flow, outcome: str, error_type: str, code: str | None = None) -> None:
         """The upstream failed after headers were sent: end the client's connection the
