@@ -98,6 +98,7 @@ class Record:
     # Not ledger columns: facts the sinks need but the table does not keep.
     anomalies: tuple[str, ...] = ()
     priced: bool = False  # cost_usd was computed (False with usage = unpriced)
+    cut: tuple[str, ...] = ()  # values cut before the record was made ("tags", "request"), counted by the ledger
 
     @property
     def has_usage(self) -> bool:
@@ -119,5 +120,5 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record))
 # of the cost of pickling the dataclass, which matters when batches cross processes.
 record_row = operator.attrgetter(*FIELDS)
 
-_NOT_COLUMNS = {"anomalies", "priced"}
+_NOT_COLUMNS = {"anomalies", "priced", "cut"}
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record) if f.name not in _NOT_COLUMNS)

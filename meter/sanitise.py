@@ -59,10 +59,15 @@ _BAD_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _BAD_JSON = re.compile(r'(\\\\)|\\[bfnrt]|\\u00[01][0-9a-f]|[\x7f-\x9f\ud800-\udfff]')
 
 
+# Cut before the record was made (`Record.cut`): metadata past OpenAI's limits, a
+# request body too large in members to decode.
+CUT_EARLY: tuple[str, ...] = ("tags", "request")
+
+
 def new_truncated() -> dict[str, int]:
     """Counters with every key present from the start, so that readers on another
     thread can iterate them while the writer counts (the dict never changes size)."""
-    return dict.fromkeys(BOUNDED_TEXT, 0)
+    return dict.fromkeys(BOUNDED_TEXT + CUT_EARLY, 0)
 
 
 def new_overflows() -> dict[str, int]:
@@ -110,6 +115,10 @@ def _clean_cost(value: object) -> Decimal | None:
 
 def sanitise(record: Record, truncated: dict[str, int], overflows: dict[str, int]) -> None:
     """Make one record storable in place (see the module doc)."""
+    if record.cut:
+        for name in record.cut:
+            truncated[name] = truncated.get(name, 0) + 1
+        record.cut = ()  # counted once, however often the batch is retried
     texts = _text_and_tags(record)
     tags = texts[-1]
     try:

@@ -95,3 +95,21 @@ def test_deeply_nested_metadata_through_meter_serve_keeps_the_row(upstream, mete
     assert (row["model_requested"], row["user_id"]) == ("gpt-4o", "u-9")
     tags = json.loads(row["tags"])
     assert tags["team"] == "a" and isinstance(tags["deep"], str) and 0 < len(tags["deep"]) <= 512
+
+
+async def test_cut_metadata_and_long_user_ids_are_counted(upstream, start_meter) -> None:
+    import aiohttp
+
+    meter = await start_meter(upstream.url)
+    metadata = {f"k{i:02d}": "v" for i in range(40)}
+    headers = {"Authorization": f"Bearer {SECRET_KEY}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "hi", "metadata": metadata, "user": "u" * 5000}, headers=headers) as r:
+            assert r.status == 200
+            await r.read()
+    [row] = await meter.rows()
+    assert len(json.loads(row["tags"])) == 16 and row["user_id"] == "u" * 256
+    async with aiohttp.ClientSession() as s, s.get(meter.admin_url + "/metrics") as r:
+        text = await r.text()
+    assert 'meter_values_truncated_total{field="tags"} 1.0' in text
+    assert 'meter_values_truncated_total{field="user_id"} 1.0' in text
