@@ -35,6 +35,7 @@ from meter.config import StartupError, load_settings
 from meter.server import Meter
 
 from .conftest import ROOT, SECRET_KEY, MeterProcess, free_port
+from .test_report import assert_one_line_error
 
 TOKEN = "adm-0c5e1d9a7b3f4e2d8c6a-TOKEN"  # distinctive, so a leak check means something
 
@@ -93,17 +94,6 @@ async def arun_meter(*args: str, env: dict[str, str] | None = None, timeout: flo
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
     return subprocess.CompletedProcess(list(args), proc.returncode, out.decode(), err.decode())
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> str:
-    assert result.returncode == 2, result
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stdout == ""
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 async def send_requests(proxy_url: str, n: int) -> None:
@@ -435,7 +425,6 @@ async def test_failed_start_releases_ports_and_stops_what_it_started(upstream, t
     again = Meter(load_settings({"upstream": upstream.url, "listen": f"127.0.0.1:{port}", "admin_listen": f"127.0.0.1:{admin}", "ledger": str(ledger)}, env={}))
     await again.start()
     await again.stop()
-
 
 
 def test_unusable_ledger_exits_promptly_with_one_line(tmp_path: Path) -> None:
