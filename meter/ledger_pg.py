@@ -60,7 +60,14 @@ MIGRATION_LOCK = 0x6D65746572
 
 
 class PostgresLedgerError(RuntimeError):
-    """A PostgreSQL ledger operation failed; the message is safe to log (no password)."""
+    """A PostgreSQL ledger operation failed; the message is safe to log (no password).
+
+    An outage for the writer (`kind`): the server is gone, or refuses the session
+    (a lost schema, missing rights), whatever the records; `PostgresRefused` is the
+    case where the values are the problem.
+    """
+
+    kind = "outage"
 
 
 class PostgresRefused(PostgresLedgerError, LedgerRefused):

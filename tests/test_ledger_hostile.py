@@ -605,3 +605,36 @@ async def test_serve_on_a_slow_postgres_keeps_pending_bounded(upstream: Any, met
     stored = [r["user_id"] for r in pg_rows(pg_url)]
     spooled = [r.user_id for r in Spool(spool).read()] if spool.exists() else []
     assert sorted(stored + spooled) == sorted(f"u{i}" for i in range(80))  # every record once, in the ledger or the spool
+
+
+def test_a_lost_postgres_is_an_outage_at_once_not_bisected(postgres: Any, tmp_path: Path) -> None:
+    """A server that is gone fails every write: the writer must not split the batch
+    record by record (each attempt can cost a connect timeout) before calling it an outage."""
+    from meter.ledger_pg import PostgresStore
+
+    class Counting(PostgresStore):
+        writes = 0
+
+        def write(self, records: list[Record]) -> None:
+            Counting.writes += 1
+            super().write(records)
+
+    url = postgres.new_database()
+    store = Counting(url)
+    writer = LedgerWriter(store, flush_interval=0.05, retry_max_interval=10, spool_path=tmp_path / "s.jsonl")
+    writer.first_open()
+    postgres.stop()
+    try:
+        writer.start_thread()
+        for _ in range(64):
+            writer.done(None, make_record())
+        deadline = time.monotonic() + 10
+        while not writer.stats.write_errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert writer.stats.write_errors >= 1 and writer.stats.rejected == 0
+        assert Counting.writes == 1  # one failed write, then the retry back-off
+    finally:
+        postgres.start()
+    assert writer.flush(20)
+    writer.close()
+    assert len(pg_rows(url)) == 64
