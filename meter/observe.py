@@ -30,9 +30,21 @@ import zstandard
 try:  # orjson is several times faster on large terminal events; json is the fallback
     import orjson
 
-    _loads: Callable[[bytes], Any] = orjson.loads
+    _orjson_loads = orjson.loads
+
+    def _loads(data: bytes | bytearray | memoryview | str) -> Any:
+        try:
+            return _orjson_loads(data)
+        except orjson.JSONDecodeError:
+            # orjson refuses lone surrogates ("\ud800" is valid JSON): a client must
+            # not dodge metering with one.  The ledger makes them U+FFFD.
+            try:
+                return json.loads(data if not isinstance(data, memoryview) else bytes(data))
+            except RecursionError:  # nested past what orjson reads, too deep for json too
+                raise ValueError("JSON nested too deep") from None
+
     _dumps: Callable[[Any], bytes] = orjson.dumps
-    _DecodeError: tuple[type[Exception], ...] = (orjson.JSONDecodeError, UnicodeDecodeError)
+    _DecodeError: tuple[type[Exception], ...] = (ValueError, UnicodeDecodeError)  # orjson's error is a ValueError
 except ImportError:  # pragma: no cover - exercised only without orjson
     _loads = json.loads
 
@@ -747,6 +759,8 @@ class SSEObserver:
             self._name = chunk[start : min(n, start + _NAME_MAX)]
         elif rest < 7 and (b"data: ".startswith(chunk[pos:n]) or b"event: ".startswith(chunk[pos:n])):
             self._start = chunk[pos:n]
+        elif rest == 1 and chunk[pos] == 13:  # the CR of a CRLF blank line, its LF in the next chunk
+            self._start = b"\r"
         else:
             self._line = _IN_OTHER  # a comment, `id:`, `retry:`: nothing meter reads
 

@@ -662,3 +662,18 @@ def test_an_abandoned_answer_gives_its_budget_back() -> None:
     sse.release()  # type: ignore[union-attr]  # the client went away: the proxy lets go
     body.release()  # type: ignore[union-attr]
     assert budget.free == 8 * MiB
+
+
+def test_a_crlf_blank_line_split_between_its_cr_and_lf_ends_the_event() -> None:
+    # Found by the property test: the CR of the blank line ending one chunk, its LF
+    # opening the next, once glued two events' data into one undecodable payload.
+    created = b'event: response.created\r\ndata: {"type":"response.created","response":{"id":"resp_1","status":"in_progress","model":"m"}}\r\n\r'
+    rest = (
+        b'\nevent: response.completed\r\ndata: {"type":"response.completed","response":{"id":"resp_1","status":"completed","model":"m",'
+        b'"usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}}}\r\n\r\n'
+    )
+    observer = observer_for("responses", "text/event-stream", "")
+    observer.feed(created)  # type: ignore[union-attr]
+    observer.feed(rest)  # type: ignore[union-attr]
+    obs = observer.finish()  # type: ignore[union-attr]
+    assert obs.unreadable is None and obs.usage is not None and obs.usage.total_tokens == 5

@@ -113,3 +113,17 @@ async def test_cut_metadata_and_long_user_ids_are_counted(upstream, start_meter)
         text = await r.text()
     assert 'meter_values_truncated_total{field="tags"} 1.0' in text
     assert 'meter_values_truncated_total{field="user_id"} 1.0' in text
+
+
+def test_a_lone_surrogate_in_json_does_not_cost_the_facts_or_the_usage() -> None:
+    # "\ud800" is valid JSON that orjson refuses; the provider echoes `user` in its answer.
+    from meter.observe import observe_json_body
+
+    facts = request_facts(b'{"model":"gpt-4o","input":"hi","user":"\\ud800"}')
+    assert facts.model == "gpt-4o" and facts.user_id == "\ud800"  # the ledger makes it U+FFFD
+    obs = observe_json_body(
+        "responses",
+        b'{"id":"resp_1","object":"response","status":"completed","model":"gpt-4o","user":"\\ud800",'
+        b'"usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}}',
+    )
+    assert obs.usage is not None and obs.usage.total_tokens == 5 and obs.unreadable is None
