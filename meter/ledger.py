@@ -530,6 +530,7 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._spill_thread: threading.Thread | None = None
         self._opened = False
+        self._replayed_at_open = False  # the spool is read back at the first open, not at every reopen
 
     # hooks --------------------------------------------------------------------
 
@@ -608,7 +609,12 @@ class LedgerWriter:
             self._note_error(exc)
             return False
         self._opened = True
-        self._replay_spool()
+        if not self._replayed_at_open:
+            # Records a previous run (or an outage before this first open) spooled.  A
+            # reopen after a failed write must not read the spool back: during an outage
+            # that bounced every spooled record into memory at each retry, past the bound.
+            self._replayed_at_open = True
+            self._replay_spool()
         return True
 
     def _spool_waiting(self) -> bool:
@@ -665,7 +671,7 @@ class LedgerWriter:
             # Caught up (nothing retried, the queue well under the bound): under a store
             # that stays slower than the traffic the spool grows on disk, not in memory.
             caught_up = not self._retry and (drain or len(self._queue) < self.max_pending // 2)
-            if caught_up and self._spool_waiting():
+            if caught_up and self.stats.healthy and self._spool_waiting():
                 self._replay_spool()
             ok = self._write_due(drain)
             if not ok or not drain or not self._spool_waiting():
@@ -766,18 +772,27 @@ class LedgerWriter:
         self._opened = False
 
     def _spill_overflow(self, from_retry: bool = True) -> None:
-        """Bound memory while the store is down or slow: the oldest records go to the spool."""
+        """Bound memory while the store is down or slow: the oldest records go to the spool.
+
+        The writer thread calls it with `from_retry` (it owns `_retry`, the oldest
+        records); the spill thread without (it takes from the queue alone).  Records
+        the spool cannot take go back where they came from, in order.
+        """
         if self.spool is None or self.pending <= self.max_pending:
             return
         with self._spill_lock:
             excess = self.pending - self.max_pending
-            take = min(excess, len(self._retry)) if from_retry else 0
-            spill, self._retry = self._retry[:take], self._retry[take:]
+            old: list[Record] = []
+            if from_retry and excess > 0 and self._retry:
+                take = min(excess, len(self._retry))
+                old, self._retry = self._retry[:take], self._retry[take:]
+            queued: list[Record] = []
             try:
-                while len(spill) < excess:
-                    spill.append(self._queue.popleft())
+                while len(old) + len(queued) < excess:
+                    queued.append(self._queue.popleft())
             except IndexError:
                 pass
+            spill = old + queued
             if not spill:
                 return
             try:
@@ -785,7 +800,9 @@ class LedgerWriter:
                 self.stats.spooled += len(spill)
             except OSError as exc:
                 log.error("could not spool %d records: %s", len(spill), exc)
-                self._retry = spill + self._retry
+                self._queue.extendleft(reversed(queued))
+                if old:
+                    self._retry = old + self._retry
 
     def _run_spiller(self) -> None:
         """While the writer waits on a slow store, records keep arriving: this thread
@@ -796,24 +813,7 @@ class LedgerWriter:
             self._spill.clear()
             if self._stopping:
                 break
-            excess = self.pending - self.max_pending
-            if excess <= 0:
-                continue
-            with self._spill_lock:
-                spill: list[Record] = []
-                try:
-                    while len(spill) < excess:
-                        spill.append(self._queue.popleft())
-                except IndexError:
-                    pass
-                if not spill:
-                    continue
-                try:
-                    self.spool.append(spill)  # type: ignore[union-attr]
-                    self.stats.spooled += len(spill)
-                except OSError as exc:
-                    log.error("could not spool %d records: %s", len(spill), exc)
-                    self._queue.extendleft(reversed(spill))
+            self._spill_overflow(from_retry=False)
 
     def _run(self) -> None:
         backoff = self.flush_interval

@@ -268,3 +268,26 @@ def test_the_ledger_process_yields_the_cpu_to_the_proxy(tmp_path: Path) -> None:
         store.close()
     rows = ledger_rows(tmp_path / "l.duckdb")
     assert len(rows) == 250 and {r["input_tokens"] for r in rows} == {3}
+
+
+def test_an_outage_never_reads_the_spool_back_into_memory(tmp_path: Path) -> None:
+    # Each retry reopens the store; reading the spool back at every reopen bounced
+    # every spooled record into memory again, past --ledger-max-pending.
+    store = FailingStore(str(tmp_path / "l.duckdb"))
+    writer = LedgerWriter(store, flush_interval=0.01, batch_size=100, max_pending=500, spool_path=tmp_path / "s.jsonl", retry_max_interval=0.02)
+    writer.start_thread()
+    for _ in range(2000):
+        writer.done(None, make_record(input_tokens=1, output_tokens=1, total_tokens=2))
+    deadline = time.monotonic() + 5
+    while writer.stats.spooled < 1500 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    highest = 0
+    for _ in range(150):  # many retries' worth
+        highest = max(highest, writer.pending)
+        time.sleep(0.005)
+    assert writer.stats.write_errors > 3
+    assert highest <= 500 + 100, f"{highest} records in memory during the outage"
+    store.healthy = True
+    assert writer.flush(10)
+    writer.close()
+    assert len(ledger_rows(tmp_path / "l.duckdb")) == 2000

@@ -175,7 +175,10 @@ def test_gzip_body_past_max_bytes_is_read_without_holding_it() -> None:
     obs, peak = _peak_while(run)
     _check_usage(obs)
     assert (obs.response_id, obs.model, obs.status, obs.service_tier) == ("resp_big", "gpt-image-x", "completed", "priority")  # type: ignore[attr-defined]
-    assert peak < 4 * MiB, peak
+    # ~2-3 MiB alone; tracemalloc also sees other threads a long test run leaves
+    # behind (a ledger writer, a server), so the bound is set well under the 48 MiB
+    # the copy would take whole, not at the observer's own figure.
+    assert peak < 12 * MiB, peak
 
 
 def _gzip_repeat(prefix: bytes, block: bytes, count: int, suffix: bytes) -> bytes:
