@@ -6,14 +6,13 @@ same, final record.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from typing import Any
 
 from .record import Record
+from .sanitise import short_key
 
 
-_LONGEST_ID = 256  # the ledger keeps ids up to this length (SPEC §2b)
 _ENTRY_OVERHEAD = 120  # an OrderedDict entry and a small str object, roughly
 
 
@@ -42,10 +41,7 @@ class CountUsageOnce:
         if record.endpoint == "responses.retrieve" and not record.background:
             record.clear_usage()
             return
-        if len(rid) > _LONGEST_ID:
-            # Ids come from outside: a megabyte id is remembered by its digest, so the
-            # cache is bounded in bytes as well as in entries.
-            rid = hashlib.sha256(rid.encode("utf-8", "surrogatepass")).hexdigest()
+        rid = short_key(rid)  # ids come from outside: bounded in bytes as well as in entries
         seen = self._seen
         if rid in seen:
             record.clear_usage()

@@ -11,7 +11,6 @@ sinks (ledger, metrics, traces).
 from __future__ import annotations
 
 import logging
-import operator
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, Protocol
 from .identity import KeyIdentities, key_from_headers
 from .observe import Observation, RequestFacts, request_facts, usage_anomalies
 from .record import Record
-from .sanitise import BOUNDED_TEXT, MAX_TEXT
+from .sanitise import keep_text_short
 
 log = logging.getLogger("meter")
 
@@ -238,19 +237,5 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
         record.ttft_ms = (first_token - flow.t0) * 1000.0
     record.outcome = outcome_for(flow, obs, record.stream or (obs is not None and obs.first_token_at is not None))
     record.cut = facts.cut
-    if sum(map(len, filter(None, _bounded_text(record)))) > MAX_TEXT:
-        _keep_short(record)
+    keep_text_short(record)
     return record
-
-
-_bounded_text = operator.attrgetter(*BOUNDED_TEXT)
-
-
-def _keep_short(record: Record) -> None:
-    """Cut the text the ledger bounds to one character past its bound, here on the
-    request path: a record may wait long in the queue (the store is down), and must
-    not hold a client's megabytes meanwhile.  The ledger's sanitiser makes the final
-    cut, and counts it."""
-    for name, value in zip(BOUNDED_TEXT, _bounded_text(record)):
-        if value is not None and len(value) > MAX_TEXT + 1:
-            setattr(record, name, value[: MAX_TEXT + 1])

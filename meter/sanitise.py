@@ -18,6 +18,7 @@ clean, so each check starts with a test done in C over the record's text at once
 
 from __future__ import annotations
 
+import hashlib
 import json
 import operator
 import re
@@ -150,10 +151,42 @@ def _clean_fields(record: Record, texts: tuple[object, ...]) -> None:
 
 
 def _bound_fields(record: Record, truncated: dict[str, int]) -> None:
+    for name in _cut_bounded_text(record, MAX_TEXT):
+        truncated[name] = truncated.get(name, 0) + 1
+
+
+def _cut_bounded_text(record: Record, limit: int) -> list[str]:
+    """Cut each bounded text field longer than `limit`; the names of those cut."""
+    cut = []
     for name, value in zip(BOUNDED_TEXT, _bounded(record)):
-        if value is not None and len(value) > MAX_TEXT:
-            setattr(record, name, value[:MAX_TEXT])
-            truncated[name] = truncated.get(name, 0) + 1
+        if value is not None and len(value) > limit:
+            setattr(record, name, value[:limit])
+            cut.append(name)
+    return cut
+
+
+def keep_text_short(record: Record) -> None:
+    """On the request path: cut the bounded text to one character past its bound.
+
+    A record may wait long in the queue (the store is down) and must not hold a
+    client's megabytes meanwhile; `sanitise` makes the final cut, and counts it.
+    One sum in C tells the usual record, all of whose bounded text fits, at once.
+    """
+    try:
+        if sum(map(len, filter(None, _bounded(record)))) <= MAX_TEXT:
+            return
+    except TypeError:  # a value that is not text: sanitise deals with it
+        return
+    _cut_bounded_text(record, MAX_TEXT + 1)
+
+
+def short_key(value: str) -> str:
+    """What an in-memory cache keeps of a value from outside (a response id, a lane):
+    the value, or its digest when it is longer than the ledger keeps, so that a
+    cache of many entries stays small whatever the values."""
+    if len(value) <= MAX_TEXT:
+        return value
+    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _numbers_overflow(record: Record) -> bool:

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import hashlib
 import logging
 import re
 import struct
@@ -60,6 +59,7 @@ from .observe import (
     observer_for,
 )
 from .proxy import end_to_end_headers, error_body, forwardable_request_headers
+from .sanitise import MAX_TEXT, short_key
 
 log = logging.getLogger("meter")
 
@@ -90,15 +90,6 @@ _PACK_64 = struct.Struct("!BBQ").pack
 # Close codes that may not be sent in a close frame (RFC 6455 §7.4.1), or none at all.
 _UNSENDABLE = frozenset({0, 1004, 1005, 1006, 1015})
 _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
-_LONGEST_KEPT = 256  # a lane or id kept past its response is bounded like the ledger's ids
-
-
-def _kept(value: str) -> str:
-    """What a socket remembers of a lane or id after its response: the value, or its
-    digest when a peer made it long, so that 256 remembered ones stay small."""
-    if len(value) <= _LONGEST_KEPT:
-        return value
-    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _event_type(data: bytes) -> bytes | None:
@@ -369,7 +360,7 @@ class _Meter:
         if not isinstance(response, dict):
             return
         rid = response.get("id") if isinstance(response.get("id"), str) else None
-        if rid is not None and _kept(rid) in self.ended:
+        if rid is not None and short_key(rid) in self.ended:
             return  # a late event of a response already ended (by an `error` event): no second row
         flow = self._open_flow(lane, rid)
         flow.response_bytes += len(data)
@@ -412,7 +403,7 @@ class _Meter:
         else:
             # An automatic successor: the clock starts at its predecessor's end.
             flow = self._new_flow()
-            last = self.last.get(_kept(lane) if lane is not None else None)
+            last = self.last.get(short_key(lane) if lane is not None else None)
             if last is not None:
                 flow.t0, flow.started_at = last[0], last[1]
                 flow.facts = dataclasses.replace(last[2], previous_response_id=last[3], generate=True)
@@ -456,15 +447,15 @@ class _Meter:
         facts = flow.request_facts()
         rid = flow.observation.response_id if flow.observation is not None else None
         last = self.last
-        key = _kept(lane) if lane is not None else None
+        key = short_key(lane) if lane is not None else None
         # The id becomes a successor's previous_response_id, which the ledger keeps to 256 characters.
-        last[key] = (now, flow.started_at + (now - flow.t0), facts, rid[:_LONGEST_KEPT] if rid is not None else None)
+        last[key] = (now, flow.started_at + (now - flow.t0), facts, rid[:MAX_TEXT] if rid is not None else None)
         last.move_to_end(key)
         if len(last) > _LAST_LANES:
             last.popitem(last=False)
         if rid is not None:
             ended = self.ended
-            ended[_kept(rid)] = None
+            ended[short_key(rid)] = None
             if len(ended) > _LAST_LANES:
                 ended.popitem(last=False)
         self._finish(flow, now)
