@@ -334,6 +334,11 @@ def observe_json_body(kind: str, body: bytes) -> Observation:
 _EDGE_MAX = 1 << 20
 
 
+def _edge(limit: int) -> int:
+    """How much of each end is kept of something past `limit`: at most half of it."""
+    return max(1, min(limit // 2, _EDGE_MAX))
+
+
 class MeteringBudget:
     """The bytes every answer being metered may hold whole at once (`--max-metered-bytes-total`).
 
@@ -398,7 +403,7 @@ class _Capped:
     def _spill(self, piece: bytes | memoryview) -> None:
         """The limit is crossed: keep the head and the tail of what is held and `piece`."""
         held: bytes | bytearray = self._buf if self._buf is not None else (self._first or b"")
-        edge = self.edge = max(1, min(self.limit // 2, _EDGE_MAX))
+        edge = self.edge = _edge(self.limit)
         n, h = len(piece), len(held)
         self.head = bytes(held[:edge]) if h >= edge else bytes(held) + piece[: edge - h]
         if n >= edge:
@@ -544,11 +549,21 @@ def _member_start(head: bytes, key: str) -> int | None:
     return _members(head, 0, frozenset({key})).get(key)
 
 
-def event_from_ends(head: bytes, tail: bytes) -> dict[str, Any]:
-    """A Responses event too large to decode whole (a WebSocket message), as far as its
-    ends tell: its `type`, `stream_id` and `error`, and of its `response` the members
-    before a large `output` (from the head) and, for a terminal event, after it (from
-    the tail: usage, the served tier)."""
+def _partial_response(head: bytes, tail: bytes | bytearray, start: int, kind: str) -> dict[str, Any]:
+    """The `response` of an event too large to decode, opening at head[start]: the
+    members before a large `output`, and for a terminal event those after it (usage,
+    the served tier) from the tail."""
+    if kind in _FINAL_TYPES:
+        return _partial_object(head, tail, start, _RESPONSE_HEAD, _RESPONSE_TAIL)
+    return _partial_object(head, b"", start, _RESPONSE_HEAD, {})
+
+
+def event_from_ends(data: bytes, limit: int) -> dict[str, Any]:
+    """A Responses event past `limit` (a WebSocket message), read from its ends only,
+    so that metering it never builds a second, decoded copy of (say) a generated
+    image: its `type`, `stream_id` and `error`, and what its `response` says there."""
+    edge = _edge(limit)
+    head, tail = data[:edge], data[-edge:]
     top = _members(head, 0, frozenset({"type", "stream_id", "response", "error"}))
     event: dict[str, Any] = {}
     for key in ("type", "stream_id", "error"):
@@ -561,8 +576,7 @@ def event_from_ends(head: bytes, tail: bytes) -> dict[str, Any]:
         if value is not _NOTHING:
             event["stream_id"] = value
     if "response" in top:
-        final = event.get("type") in _FINAL_TYPES
-        event["response"] = _partial_object(head, tail if final else b"", top["response"], _RESPONSE_HEAD, _RESPONSE_TAIL if final else {})
+        event["response"] = _partial_response(head, tail, top["response"], event.get("type", ""))
     return event
 
 
@@ -942,12 +956,7 @@ class SSEObserver:
             self._first_token()
         elif kind in _FINAL_TYPES or kind in _EARLY_TYPES:
             start = _member_start(head, "response")
-            if start is None:
-                found: dict[str, Any] = {}
-            elif kind in _FINAL_TYPES:
-                found = _partial_object(head, tail, start, _RESPONSE_HEAD, _RESPONSE_TAIL)
-            else:
-                found = _partial_object(head, b"", start, _RESPONSE_HEAD, {})
+            found = {} if start is None else _partial_response(head, tail, start, kind)
             observe_response_object(obs, found, final=kind in _FINAL_TYPES)
             if kind in _FINAL_TYPES:
                 obs.status = obs.status or kind.partition(".")[2]
@@ -1065,9 +1074,7 @@ class _Gzip(_Zlib):
     __slots__ = ()
 
     def __init__(self, step: int) -> None:
-        self._wbits = _GZIP
-        self._d = zlib.decompressobj(_GZIP)
-        self._step = step
+        super().__init__(_GZIP, step)
 
 
 class _Deflate(_Zlib):
@@ -1224,11 +1231,10 @@ class _Unmetered:
 
     __slots__ = ("reason",)
     done = True
+    output_done = False
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
-
-    output_done = False
 
     def feed(self, chunk: bytes) -> None:
         pass

@@ -295,12 +295,8 @@ class Proxy:
         request.protocol.force_close()  # the answer is flushed before the socket closes
 
     def _refuse_too_large(self, flow: Flow) -> web.Response:
-        flow.status_code = 413
-        flow.outcome = "error"
-        flow.error_type, flow.error_code = "meter_proxy_error", "request_too_large"
-        body = error_body(f"Request body is larger than meter's limit of {self.max_request_bytes} bytes.", "request_too_large")
-        flow.response_bytes = len(body)
-        return web.Response(status=413, body=body, content_type="application/json", headers={"Connection": "close"})
+        message = f"Request body is larger than meter's limit of {self.max_request_bytes} bytes."
+        return self._close_with(self._fail(flow, 413, "request_too_large", message, outcome="error"))
 
     async def _forward(self, request: web.BaseRequest, flow: Flow, raw_path: str) -> web.StreamResponse:
         client_response: web.StreamResponse | None = None

@@ -121,16 +121,6 @@ def _decode(data: bytes) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-_EDGE = 1 << 20  # of a message past the metering limit, this much of each end is read
-
-
-def _decode_ends(data: bytes, limit: int) -> dict[str, Any]:
-    """A message past the limit: relayed whole, but read from its ends only, so that
-    metering it never builds a second, decoded copy of (say) a generated image."""
-    edge = min(_EDGE, max(limit // 2, 1))
-    return event_from_ends(data[:edge], data[-edge:])
-
-
 def _lane(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -338,7 +328,7 @@ class _Meter:
                     if flow is not None:
                         flow.response_bytes += len(data)
                 return
-        obj = _decode(data) if len(data) <= self.relay.max_metered_bytes else _decode_ends(data, self.relay.max_metered_bytes)
+        obj = _decode(data) if len(data) <= self.relay.max_metered_bytes else event_from_ends(data, self.relay.max_metered_bytes)
         if obj is None:
             return
         kind = obj.get("type")
