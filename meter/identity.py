@@ -28,6 +28,11 @@ def key_hint(key: str) -> str:
     return "sk-..." + key[-4:] if len(key) > 8 else "sk-..."
 
 
+# Keys come from outside, up to a header's size: the cache keeps real ones (under
+# 200 characters), so that it is bounded in bytes as well as in entries.
+_LONGEST_CACHED_KEY = 256
+
+
 class KeyIdentities:
     """Memoises key -> (key_id, key_hint, name); bounded so keys cannot grow it forever.
 
@@ -47,6 +52,8 @@ class KeyIdentities:
             return hit
         kid = key_id(key)
         found = (kid, key_hint(key), self._names.get(kid))
+        if len(key) > _LONGEST_CACHED_KEY:
+            return found  # no real key is this long: hashing it again costs less than keeping it
         if len(self._cache) >= self._max:
             self._cache.clear()
         self._cache[key] = found

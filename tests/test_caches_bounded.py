@@ -113,3 +113,17 @@ def test_count_usage_once_is_bounded_in_bytes() -> None:
     once.done(None, a)
     once.done(None, b)
     assert a.input_tokens == 1 and b.input_tokens is None
+
+
+def test_key_identities_do_not_keep_long_keys() -> None:
+    # A key header may be 64 KiB; 10,000 remembered ones would be 640 MiB.
+    from meter.identity import KeyIdentities, key_id
+
+    identities = KeyIdentities()
+    for i in range(2000):
+        key = f"sk-{i:05d}" + "k" * (32 << 10)
+        assert identities.lookup(key)[0] == key_id(key)
+    real = "sk-proj-" + "a" * 156
+    assert identities.lookup(real) == identities.lookup(real)
+    held = sum(len(k) for k in identities._cache)  # noqa: SLF001 - what the cache holds is the point
+    assert held < (1 << 20), f"the key cache holds {held >> 20} MiB of keys"
