@@ -17,7 +17,7 @@ import gzip
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
@@ -86,7 +86,7 @@ class OTLPReceiver:
             await self._runner.cleanup()
             self._runner = None
 
-    async def __aenter__(self) -> OTLPReceiver:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:

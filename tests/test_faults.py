@@ -224,11 +224,10 @@ def flaky_mount(tmp_path: Path):
 
 
 async def metric_value(admin_url: str, name: str) -> float:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(admin_url + "/metrics") as r:
-            text = await r.text()
+    async with aiohttp.ClientSession() as http, http.get(admin_url + "/metrics") as r:
+        text = await r.text()
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith((name + " ", name + "{")):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} not exposed")
 
@@ -256,10 +255,9 @@ async def test_ledger_outage_loses_nothing(upstream, start_meter, flaky_mount, t
         await asyncio.sleep(1.0)
         assert await metric_value(meter.admin_url, "meter_ledger_pending_records") >= 60
         assert await metric_value(meter.admin_url, "meter_ledger_write_errors_total") >= 1
-        async with aiohttp.ClientSession() as http:
-            async with http.get(meter.admin_url + "/readyz") as r:
-                ready = await r.json()
-                assert r.status == 200 and ready["ledger"] == "failing"
+        async with aiohttp.ClientSession() as http, http.get(meter.admin_url + "/readyz") as r:
+            ready = await r.json()
+            assert r.status == 200 and ready["ledger"] == "failing"
     finally:
         set_full(False)
     for _ in range(20):

@@ -250,7 +250,7 @@ async def slow_upload(port: int, deadline: float) -> Answer:
                 break
         try:
             status, body = await asyncio.wait_for(reading, max(0.1, deadline - time.monotonic()))
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, IndexError, ValueError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, IndexError, ValueError):
             return answer
         answer.status, answer.body, answer.after_last_byte = status, body, time.monotonic() - last
         return answer
@@ -266,7 +266,7 @@ async def stalled(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
 
 async def non_reader(port: int) -> asyncio.StreamWriter:
     """Asks for the large stream and reads none of it."""
-    reader, writer = await _connect(port, rcvbuf=16384)
+    _reader, writer = await _connect(port, rcvbuf=16384)
     writer.transport.pause_reading()
     body = json.dumps({"model": "hostile-stream", "input": "x", "stream": True}).encode()
     writer.write(_head("POST", len(body)) + body)
@@ -277,10 +277,12 @@ async def bomb(url: str) -> tuple[int, bool]:
     """Reads, whole and compressed, an answer that inflates past --max-metered-bytes:
     its status, and whether it arrived whole."""
     headers = {"Authorization": f"Bearer {SECRET_KEY}", "Accept-Encoding": "gzip"}
-    async with aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=60)) as s:
-        async with s.post(url + "/v1/responses", json={"model": "hostile-bomb", "input": "x"}, headers=headers) as r:
-            body = await r.read()
-            return r.status, r.headers.get("Content-Encoding") == "gzip" and len(body) == int(r.headers["Content-Length"])
+    async with (
+        aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=60)) as s,
+        s.post(url + "/v1/responses", json={"model": "hostile-bomb", "input": "x"}, headers=headers) as r,
+    ):
+        body = await r.read()
+        return r.status, r.headers.get("Content-Encoding") == "gzip" and len(body) == int(r.headers["Content-Length"])
 
 
 @dataclass
@@ -302,7 +304,7 @@ class NormalClient:
                             self.ok += 1
                         else:
                             self.failures.append(f"{r.status} {data}")
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     self.failures.append(repr(exc))
                 self.latencies.append(time.monotonic() - t)
                 await asyncio.sleep(0.02)
