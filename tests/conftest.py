@@ -30,9 +30,7 @@ from meter.server import Meter
 pytest_plugins = ["tests.pg"]
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-if not FIXTURES.exists():  # CI clones the repo with shared/ beside it
-    FIXTURES = Path(os.environ.get("METER_FIXTURES", "/work/shared/fixtures"))
+FIXTURES = ROOT / "tests" / "fixtures"  # recorded provider traffic: tests/fixtures/README.md
 
 SECRET_KEY = "sk-test-DO-NOT-LEAK-7f3a9c2e41d8b6a5"
 

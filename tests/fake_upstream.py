@@ -3,7 +3,7 @@
 It answers the way the real API does (Responses API as JSON, SSE and WebSocket,
 background mode with retrieve / resumed streams / cancel / delete, compact,
 input_tokens, Chat Completions with and without streams, Embeddings, models),
-replays recorded real traffic from `shared/fixtures` byte for byte, and
+replays recorded real traffic from `tests/fixtures` byte for byte, and
 misbehaves on request (resets, stalls, truncated or undecodable bodies, streams
 without an end, 10 MB bodies, gzip, br, zstd, any error status).  Every answer is
 deterministic given the request, apart from minted ids (`resp_`/`msg_` + 32 hex
@@ -11,7 +11,7 @@ digits) and `x-request-id`, so that a call made through meter and the same call
 made directly can be compared.  Tests steer it with request headers (on
 WebSocket, the handshake's headers and per-response `metadata`):
 
-    x-fake-fixture: <file>#<i>     replay interaction i of shared/fixtures/openai/<file>
+    x-fake-fixture: <file>#<i>     replay interaction i of tests/fixtures/openai/<file>
     x-fake-usage: {json}           usage to report: input_tokens, cached_tokens, cache_write_tokens,
                                    output_tokens, reasoning_tokens, total_tokens (default input+output),
                                    web_search_calls (-> tool_usage.web_search.num_requests); `null`: no usage
@@ -65,16 +65,7 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-
-def _fixtures_dir() -> Path:
-    beside_repo = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-    for candidate in (beside_repo, Path(os.environ.get("METER_FIXTURES", "/work/shared/fixtures"))):
-        if (candidate / "openai").is_dir():
-            return candidate / "openai"
-    return beside_repo / "openai"
-
-
-FIXTURES = _fixtures_dir()
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "openai"
 KEEP = 10_000  # recorded requests, WebSocket log entries and remembered responses
 CREATED_AT = 1_780_000_000  # fixed, so that two identical calls give identical answers
 OPENAI_VERSION = "2020-10-01"

@@ -1,7 +1,7 @@
 """The other Responses endpoints through a real meter (SPEC §2-3): compact,
 input_tokens, cancel, delete, resumed background streams, and prefixed layouts.
 
-Recorded real answers (`shared/fixtures`) are replayed by the fake provider
+Recorded real answers (`tests/fixtures`) are replayed by the fake provider
 where there are some (compact, input_tokens, Azure); the rest use its live routes.
 """
 

@@ -20,9 +20,7 @@ import pytest
 from yarl import URL
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "openai"
-if not FIXTURES.is_dir():
-    FIXTURES = Path("/work/shared/fixtures/openai")
+FIXTURES = ROOT / "tests" / "fixtures" / "openai"
 JSON = {"Content-Type": "application/json"}
 T = TypeVar("T")
 
