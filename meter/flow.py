@@ -2,10 +2,12 @@
 
 A `Flow` carries what the proxy learns while forwarding (timings, status, the
 observation of the bytes).  Addons are small objects whose methods are named
-after the events they hear (`request`, `done`); `Addons` registers them in one
-ordered list and the proxy calls the hooks without knowing who listens — the
-mitmproxy pattern.  Order matters for `done`: enrichers (prices) run before
-sinks (ledger, metrics, traces).
+after the events they hear (`HOOKS`); `Addons` is the one registry: it takes
+the ordered list (`meter.server.default_addons`), resolves each hook once to
+the bound methods that implement it, and the core (the proxy, the WebSocket
+relay, the server's start and stop) calls the hooks by name without knowing
+who listens, the mitmproxy pattern.  Order matters for `done`: enrichers
+(prices) run before sinks (ledger, metrics, traces).
 """
 
 from __future__ import annotations
@@ -59,20 +61,72 @@ class Flow:
         return self.facts
 
 
+# Every hook an addon may implement, in the order of a meter's life.  A public
+# method of an addon one letter away from one of these is a misspelled hook.
+HOOKS = ("start", "request", "done", "websocket_opened", "websocket_closed", "stop")
+
+
 class Addon(Protocol):  # documentation of the hooks; an addon implements any subset
-    def request(self, flow: Flow) -> None: ...
-    def done(self, flow: Flow, record: Record) -> None: ...
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
+    async def start(self) -> None: ...  # before the first request; an error stops start-up
+    def request(self, flow: Flow) -> None: ...  # a request arrived (a WebSocket: a response started)
+    def done(self, flow: Flow, record: Record) -> None: ...  # its record, once the client has the answer
+    def websocket_opened(self) -> None: ...  # a client WebSocket was accepted
+    def websocket_closed(self) -> None: ...  # and has ended
+    async def stop(self) -> None: ...  # meter is stopping; in the reverse order of start
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """One letter inserted, dropped, changed, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    swapped = a[i : i + 2] == b[i : i + 2][::-1] and a[i + 2 :] == b[i + 2 :]
+    return swapped or a[i + 1 :] == b[i + 1 :] or a[i + 1 :] == b[i:] or a[i:] == b[i + 1 :]
+
+
+def _check_hook_names(addon: object) -> None:
+    """Fail at start-up on a hook that would silently never be called."""
+    for name in dir(addon):
+        if name.startswith("_") or name in HOOKS:
+            continue
+        for hook in HOOKS:
+            # The name first: reading an attribute may run a property.
+            if _one_edit_apart(name, hook) and callable(getattr(addon, name, None)):
+                raise TypeError(f"{type(addon).__name__}.{name} looks like the hook {hook!r} misspelled (hooks: {', '.join(HOOKS)})")
 
 
 class Addons:
-    """The registry: resolves each hook to the bound methods that implement it, once."""
+    """The registry: resolves each hook to the bound methods that implement it, once.
+
+    `request`, `done` and the WebSocket hooks log a failing addon and go on (an
+    observer must never break forwarding); `start` lets the error through (a
+    ledger that cannot open stops start-up); `stop` logs and goes on, so every
+    addon gets its turn to flush.
+    """
+
+    __slots__ = ("_closed", "_done", "_opened", "_request", "_start", "_stop", "addons")
 
     def __init__(self, addons: Iterable[object] = ()) -> None:
-        self.addons = list(addons)
-        self._request = [a.request for a in self.addons if hasattr(a, "request")]
-        self._done = [a.done for a in self.addons if hasattr(a, "done")]
+        self.addons = tuple(addons)  # in hook order
+        hooks: dict[str, list[Any]] = {name: [] for name in HOOKS}
+        for addon in self.addons:
+            _check_hook_names(addon)
+            for name, methods in hooks.items():
+                method = getattr(addon, name, None)
+                if method is not None:
+                    methods.append(method)
+        self._start = hooks["start"]
+        self._request = hooks["request"]
+        self._done = hooks["done"]
+        self._opened = hooks["websocket_opened"]
+        self._closed = hooks["websocket_closed"]
+        self._stop = hooks["stop"][::-1]
+
+    async def start(self) -> None:
+        for hook in self._start:
+            await hook()
 
     def request(self, flow: Flow) -> None:
         for hook in self._request:
@@ -85,21 +139,29 @@ class Addons:
         for hook in self._done:
             try:
                 hook(flow, record)
-            except Exception:
+            except Exception:  # an observer must never cost a client its answer
                 log.exception("addon done hook failed")
 
-    async def start(self) -> None:
-        for addon in self.addons:
-            if hasattr(addon, "start"):
-                await addon.start()
+    def websocket_opened(self) -> None:
+        for hook in self._opened:
+            try:
+                hook()
+            except Exception:  # nor its socket
+                log.exception("addon websocket_opened hook failed")
+
+    def websocket_closed(self) -> None:
+        for hook in self._closed:
+            try:
+                hook()
+            except Exception:
+                log.exception("addon websocket_closed hook failed")
 
     async def stop(self) -> None:
-        for addon in reversed(self.addons):
-            if hasattr(addon, "stop"):
-                try:
-                    await addon.stop()
-                except Exception:
-                    log.exception("addon stop failed")
+        for hook in self._stop:
+            try:
+                await hook()
+            except Exception:  # the others still flush
+                log.exception("addon stop failed")
 
 
 # A token count (input_tokens) and the bookkeeping calls (cancel, delete) may show

@@ -1,15 +1,19 @@
-"""Prometheus metrics (SPEC §6): one update per finished request, served on the admin port.
+"""Prometheus metrics (SPEC §6): one update per finished request, rendered for the admin port.
 
 `Metrics` is an addon.  `request(flow)` raises the in-flight gauge of the flow's
 endpoint; `done(flow, record)` lowers it again and counts the record: requests,
 tokens by type, cost, web searches, cache misses, anomalies, unpriced and
 unmetered requests, and the latency histograms.  Nothing is counted per chunk.
+
 What the ledger writer thread counts (pending, written, refused and truncated
-records, numbers past the ledger's types) is read at scrape time.
+records, numbers past the ledger's types) is `LedgerMetrics`, a collector of its
+own that reads the writer at scrape time; the server registers it with
+`Metrics.register`, so the addon holds no other addon.
 
 The metrics live in the addon's own `CollectorRegistry` (never the process-global
 one), so several meters in one process (tests) do not share counters, and
-`GET /metrics` on the admin port serves exactly the SPEC's families.
+`GET /metrics` on the admin port (mounted by the server) serves exactly the
+SPEC's families.
 
 Labels stay bounded whatever clients and the upstream send (SPEC §2b):
 
@@ -51,7 +55,7 @@ from __future__ import annotations
 import logging
 from bisect import bisect_left
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
@@ -74,6 +78,9 @@ MAX_UNMETERED_REASONS = 16
 MAX_SCRAPED_LABELS = 64  # distinct `field` / `endpoint` values read from the ledger writer's counts
 OTHER = "other"
 NO_KEY = "none"
+
+# What `Metrics.render` writes: Prometheus' text format, for the `/metrics` answer.
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # `le` label values as prometheus-client writes them (`1.0`, `+Inf`): dashboards match on them.
 _LE = (*(floatToGoString(b) for b in LATENCY_BUCKETS), "+Inf")
@@ -266,6 +273,15 @@ class _Series:
         return self.ttfb
 
 
+class CountedElsewhere(Protocol):
+    """A collector whose counts join two of `Metrics`' families at scrape time."""
+
+    def describe(self) -> list[Metric]: ...
+    def collect(self) -> list[Metric]: ...
+    def anomalies(self) -> dict[tuple[str, ...], float]: ...  # by (endpoint, kind)
+    def truncated(self) -> dict[tuple[str, ...], float]: ...  # by (field,)
+
+
 class _Families:
     """The plain-number families, exported in one collector at scrape time."""
 
@@ -277,20 +293,28 @@ class _Families:
 
     def collect(self) -> list[Metric]:
         m = self.m
-        stats = getattr(m.ledger, "stats", None)
-        # Numbers past the ledger's types are found by the ledger writer thread; they are
-        # usage anomalies too, so they join that family here rather than as a second one.
-        overflows = {(endpoint, "overflow"): n for endpoint, n in _bounded_counts(getattr(stats, "overflows", None)).items()}
-        truncated = {(field,): n for field, n in _bounded_counts(getattr(stats, "truncated", None)).items()}
+        anomalies: dict[tuple[str, ...], float] = {}
+        truncated: dict[tuple[str, ...], float] = {}
+        for other in m.elsewhere:
+            for labels, n in other.anomalies().items():
+                anomalies[labels] = anomalies.get(labels, 0) + n
+            for labels, n in other.truncated().items():
+                truncated[labels] = truncated.get(labels, 0) + n
         out = []
         for f in m.families():
-            extra = overflows if f is m.anomalies else truncated if f is m.truncated else None
+            extra = anomalies if f is m.anomalies else truncated if f is m.truncated else None
             out.append(f.family(extra))
         return out
 
 
-class _LedgerCollector:
-    """The ledger writer's own counters, read at scrape time so they are always current."""
+class LedgerMetrics:
+    """The ledger writer's own counters, read at scrape time so they are always current.
+
+    Its own families (pending, written, failed and refused records), plus what joins
+    `Metrics`' families: numbers past the ledger's types are usage anomalies (kind
+    `overflow`) and values cut to the stored size are `meter_values_truncated`, one
+    family each rather than a second one.  Both are found by the writer thread.
+    """
 
     def __init__(self, ledger: Any) -> None:
         self.ledger = ledger
@@ -301,6 +325,14 @@ class _LedgerCollector:
     def collect(self) -> list[Metric]:
         ledger = self.ledger
         return self._families(ledger, getattr(ledger, "stats", None))
+
+    def anomalies(self) -> dict[tuple[str, ...], float]:
+        overflows = getattr(getattr(self.ledger, "stats", None), "overflows", None)
+        return {(endpoint, "overflow"): n for endpoint, n in _bounded_counts(overflows).items()}
+
+    def truncated(self) -> dict[tuple[str, ...], float]:
+        truncated = getattr(getattr(self.ledger, "stats", None), "truncated", None)
+        return {(field,): n for field, n in _bounded_counts(truncated).items()}
 
     @staticmethod
     def _families(ledger: Any, stats: Any) -> list[Metric]:
@@ -323,9 +355,9 @@ class _LedgerCollector:
 class Metrics:
     """Addon: SPEC §6 metrics in an own registry, and `GET /metrics` on the admin app."""
 
-    def __init__(self, settings: Any, ledger_writer: Any, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, settings: Any, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.ledger = ledger_writer
+        self.elsewhere: list[CountedElsewhere] = []  # read at scrape time (`register`)
         self.key_label = getattr(settings, "metrics_key_label", "on") != "off"
         self._keys = _Bounded(getattr(settings, "metrics_max_keys", 100), fixed=(NO_KEY, OTHER))
         self._models = _Bounded(MAX_MODELS, fixed=("", OTHER))
@@ -368,10 +400,13 @@ class Metrics:
         self.unpriced = _Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"])
         r.register(_Families(self))
         self.websockets = Gauge("meter_websocket_connections", "Open client WebSocket connections.", registry=r)
-        if ledger_writer is not None:
-            r.register(_LedgerCollector(ledger_writer))
         # Keyed by label values (see the module doc): (endpoint, model, tier, status, outcome, key, stream).
         self._series: dict[tuple[str, str, str, int | None, str, str | None, bool], _Series] = {}
+
+    def register(self, collector: CountedElsewhere) -> None:
+        """Export a collector of counts kept elsewhere (`LedgerMetrics`) with these metrics."""
+        self.registry.register(collector)
+        self.elsewhere.append(collector)
 
     def families(self) -> tuple[_Counter, ...]:
         return (
@@ -485,15 +520,8 @@ class Metrics:
     def websocket_closed(self) -> None:
         self.websockets.dec()
 
-    # admin ------------------------------------------------------------------------
+    # scrape ------------------------------------------------------------------------
 
     def render(self) -> bytes:
+        """The exposition `GET /metrics` answers, in the text format `CONTENT_TYPE` names."""
         return generate_latest(self.registry)
-
-    def admin_routes(self, app: Any) -> None:
-        from aiohttp import web
-
-        async def metrics(request: web.Request) -> web.Response:
-            return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-        app.router.add_get("/metrics", metrics)

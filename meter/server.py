@@ -1,12 +1,13 @@
 """Assembly: settings in, a running meter out.
 
-Builds the shared upstream session, the addon list (enrichers first, then the
-sinks), the proxy port and the separate admin port (behind a bearer token when
-one is set, and never off loopback without one: meter/admin.py), and owns the
-shutdown order: stop accepting, let in-flight requests finish within the grace
-period, then flush every record.  A start-up that fails part-way (an addon
-that cannot start, such as an unusable ledger) releases what it had bound and
-stops what it had started before the error reaches the caller.
+Builds the shared upstream session, the addon list (`default_addons`:
+enrichers first, then the sinks) and its registry, the proxy port and the
+separate admin app (probes, `/metrics`, `/api/report`; behind a bearer token
+when one is set, and never off loopback without one: meter/admin.py), and owns
+the shutdown order: stop accepting, let in-flight requests finish within the
+grace period, then flush every record.  A start-up that fails part-way (an
+addon that cannot start, such as an unusable ledger) releases what it had
+bound and stops what it had started before the error reaches the caller.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gc
 import logging
 import signal
 import socket
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
@@ -29,11 +31,11 @@ from .flow import Addons
 from .identity import KeyIdentities
 from .ledger import LedgerWriter, Store
 from .ledger_child import ChildProcessStore
-from .metrics import Metrics
+from .metrics import CONTENT_TYPE, LedgerMetrics, Metrics
 from .prices import Pricer
 from .proxy import Proxy
 from .report import ReportAPI
-from .tracing import tracing_from_env
+from .tracing import Tracing, tracing_from_env
 from .websocket import WebSocketRelay
 
 log = logging.getLogger("meter")
@@ -64,6 +66,20 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
         max_line_size=HEADER_LIMIT,
         max_field_size=HEADER_LIMIT,
     )
+
+
+def default_addons(
+    pricer: Pricer, metrics: Metrics, tracing: Tracing | None, ledger: LedgerWriter, extra: Iterable[object] = ()
+) -> list[object]:
+    """A meter's addons in the order their hooks run (`meter.flow.HOOKS`).
+
+    Enrichers first (usage once, prices), then the sinks; the ledger last, so a
+    record is queued only when every other addon has seen (and completed) it.
+    """
+    addons: list[object] = [CountUsageOnce(), Pricing(pricer), metrics]
+    if tracing is not None:
+        addons.append(tracing)
+    return [*addons, *extra, ledger]
 
 
 def _bind(address: str, setting: str) -> socket.socket:
@@ -99,9 +115,10 @@ class Meter:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.extra_addons = extra_addons or []
-        self.metrics: Any = None
-        self.tracing: Any = None
-        self.websocket_relay: Any = None
+        self.metrics: Metrics | None = None
+        self.tracing: Tracing | None = None
+        self.report_api: ReportAPI | None = None
+        self.websocket_relay: WebSocketRelay | None = None
         self.addons: Addons | None = None
         self.session: aiohttp.ClientSession | None = None
         self.proxy: Proxy | None = None
@@ -111,28 +128,23 @@ class Meter:
         self.proxy_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self.accepting = False
+
+    def build_admin_app(self, report_api: ReportAPI) -> web.Application:
         # With a token, every admin path but the probes needs it (meter/admin.py).
-        self.admin_app = web.Application(middlewares=[bearer_auth(settings.admin_token)] if settings.admin_token else [])
-        self.admin_app.router.add_get("/healthz", self._healthz)
-        self.admin_app.router.add_get("/readyz", self._readyz)
+        token = self.settings.admin_token
+        app = web.Application(middlewares=[bearer_auth(token)] if token else [])
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        report_api.admin_routes(app)
+        return app
 
-    def build_addons(self) -> list[Any]:
-        # Enrichers first (usage once, prices), then the sinks; the ledger last, so a
-        # record is queued only when every other addon has seen (and completed) it.
-        self.metrics = Metrics(self.settings, self.ledger)
-        self.tracing = tracing_from_env(self.settings)
-        addons: list[Any] = [CountUsageOnce(), Pricing(self.pricer), self.metrics]
-        if self.tracing is not None:
-            addons.append(self.tracing)
-        addons.append(ReportAPI(self.settings, self.store, self.ledger))
-        return [*addons, *self.extra_addons, self.ledger]
-
-    def build_websocket_relay(self) -> WebSocketRelay:
-        assert self.session is not None and self.addons is not None
+    def build_websocket_relay(self, addons: Addons) -> WebSocketRelay:
+        assert self.session is not None
         return WebSocketRelay(
             self.settings.upstream,
             self.session,
-            self.addons,
+            addons,
             self.identities,
             max_message_bytes=self.settings.max_request_bytes,
             max_metered_bytes=self.settings.max_metered_bytes,
@@ -157,16 +169,18 @@ class Meter:
 
     async def _start_on(self, proxy_sock: socket.socket, admin_sock: socket.socket) -> None:
         self.session = make_session(self.settings)
-        self.addons = Addons(self.build_addons())
-        for addon in self.addons.addons:
-            if hasattr(addon, "admin_routes"):
-                addon.admin_routes(self.admin_app)
-        await self.addons.start()
-        self.websocket_relay = self.build_websocket_relay()
+        self.metrics = Metrics(self.settings)
+        self.metrics.register(LedgerMetrics(self.ledger))
+        self.tracing = tracing_from_env(self.settings)
+        self.addons = addons = Addons(default_addons(self.pricer, self.metrics, self.tracing, self.ledger, self.extra_addons))
+        self.report_api = ReportAPI(self.settings, self.store, self.ledger)
+        admin_app = self.build_admin_app(self.report_api)
+        await addons.start()
+        self.websocket_relay = self.build_websocket_relay(addons)
         self.proxy = Proxy(
             self.settings.upstream,
             self.session,
-            self.addons,
+            addons,
             self.identities,
             max_request_bytes=self.settings.max_request_bytes,
             client_timeout=self.settings.client_timeout,
@@ -175,9 +189,6 @@ class Meter:
             max_metered_bytes_total=self.settings.max_metered_bytes_total,
             websocket=self.websocket_relay.handle,
         )
-        for addon in self.addons.addons:
-            if hasattr(addon, "attach"):
-                addon.attach(self)
 
         loop = asyncio.get_running_loop()
         max_body = self.settings.max_request_bytes
@@ -202,7 +213,7 @@ class Meter:
         await self._proxy_runner.setup()
         self._proxy_site = web.SockSite(self._proxy_runner, proxy_sock)
         await self._proxy_site.start()
-        self._admin_runner = web.AppRunner(self.admin_app, handle_signals=False, access_log=None)
+        self._admin_runner = web.AppRunner(admin_app, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
         await web.SockSite(self._admin_runner, admin_sock).start()
         self.proxy_address = proxy_sock.getsockname()[:2]
@@ -228,6 +239,7 @@ class Meter:
                 await self.session.close()
         if self.addons is not None:
             await self.addons.stop()  # the ledger writer closes its store; each failure is logged, none raised
+        await self._stop_report_api()
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests within the grace period, flush records."""
@@ -240,7 +252,7 @@ class Meter:
             log.info("draining %d in-flight requests (grace %.0fs)", self.proxy.in_flight, self.settings.shutdown_grace)
             try:
                 await asyncio.wait_for(self.proxy.idle.wait(), self.settings.shutdown_grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("%d requests still in flight after the grace period; closing them", self.proxy.in_flight)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
@@ -248,9 +260,17 @@ class Meter:
             await self.session.close()
         if self.addons is not None:
             await self.addons.stop()
+        await self._stop_report_api()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         log.info("meter stopped; %d records written", self.ledger.stats.written)
+
+    async def _stop_report_api(self) -> None:
+        if self.report_api is not None:
+            try:
+                await self.report_api.stop()
+            except Exception:  # like an addon's stop: logged, and shutting down goes on
+                log.exception("report API stop failed")
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT."""
@@ -267,6 +287,10 @@ class Meter:
         await self.stop()
 
     # admin -------------------------------------------------------------------
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        assert self.metrics is not None  # the admin app is served only once start-up built it
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
