@@ -10,20 +10,12 @@ Pings are answered per hop (autoping on both sockets).  What goes to the
 client is written a batch at a time: every message of one upstream read in one
 `writev` (`_ClientFrames`), with the client's backpressure kept.
 
-Metering stays off the per-message hot path.  A message's type is read from
-its first bytes (`{"type":"..."` is how the API and the SDK write them) and
-only a few kinds are JSON-decoded: the client's `response.create`, and the
-upstream's `response.created` / `queued` / `in_progress`, terminal events and
-`error`.  Output deltas are recognised by the `.delta` suffix of their type and
-only stamp the first-token time.  Each response gets its own `Flow`
-(transport `websocket`, stream true), so addons see one request per response:
-`addons.request` when it starts and `addons.done` with its record when it ends.
-
-Lanes: events of a response opened by a `response.create` with a `stream_id`
-echo that `stream_id`; responses on one lane run FIFO.  A `response.created`
-on a lane with no `response.create` waiting is an automatic successor (after
-`response.steer` or a completion): it inherits its predecessor's request facts
-and its clock starts at the predecessor's end.
+Metering is `meter.observe.socket.SocketMeter`'s, one per socket on the
+metered path, fed every text message both ways after it is relayed (a
+metering error never breaks the relay).  Each response on the socket gets its
+own `Flow`; the relay hands each finished one to the addons as its record
+(`record`), or, when the record cannot be built, the row of what is certain,
+as the HTTP proxy does.  A socket on another path is one request, one row.
 """
 
 from __future__ import annotations
@@ -31,37 +23,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import dataclasses
 import logging
-import re
 import struct
 import time
-from collections import OrderedDict, deque
 from collections.abc import Awaitable
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .flow import Addons, Flow, build_record
+from .flow import Addons, Flow, build_record, minimal_record
 from .identity import KeyIdentities
-from .observe import (
-    Observation,
-    RequestFacts,
-    _DecodeError,
-    _loads,
-    event_from_ends,
-    facts_from_request,
-    observe_error,
-    observe_response_object,
-    observer_for,
-)
+from .observe import observer_for
+from .observe.socket import SocketMeter
 from .proxy import end_to_end_headers, error_body, forwardable_request_headers
-from .sanitise import MAX_TEXT, short_key
 
 log = logging.getLogger("meter")
+
+# The upstream socket: text messages are relayed (and metered) as the bytes that came.
+_Upstream = aiohttp.ClientWebSocketResponse[Literal[False]]
 
 TEXT, BINARY, CLOSE, CLOSING = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE, WSMsgType.CLOSING
 
@@ -69,17 +51,6 @@ TEXT, BINARY, CLOSE, CLOSING = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CLOSE
 # connection: a socket whose other side is gone is closed within this time even when
 # the peer is busy streaming and does not read its close frame.
 CLOSE_TIMEOUT = 0.5
-
-_EARLY = frozenset({b"response.created", b"response.queued", b"response.in_progress"})
-_FINAL = frozenset({b"response.completed", b"response.incomplete", b"response.failed", b"response.cancelled"})
-_ERROR = b"error"
-_DECODED = _EARLY | _FINAL | {_ERROR}
-# Output and reasoning events (`response.output_*`, `response.reasoning_*`): no type
-# that is decoded starts so.
-_COUNTED_ONLY = (b'{"type":"response.o', b'{"type":"response.r')
-_TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
-_STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
-_CREATE = b'"response.create"'
 
 # Headers of unmasked, unfragmented server frames: prebuilt for short payloads (most
 # events), packed for the others (RFC 6455 §5.2).
@@ -89,40 +60,6 @@ _PACK_64 = struct.Struct("!BBQ").pack
 
 # Close codes that may not be sent in a close frame (RFC 6455 §7.4.1), or none at all.
 _UNSENDABLE = frozenset({0, 1004, 1005, 1006, 1015})
-_LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
-
-
-def _event_type(data: bytes) -> bytes | None:
-    """The top-level `type` of a message that states it near its start, else None.
-
-    The API writes `{"type":"...",...}`; scalar fields before it (a
-    `sequence_number`) are fine, a nested object before it is not trusted.
-    """
-    if data.startswith(b'{"type":"'):
-        end = data.find(b'"', 9, 200)
-        return data[9:end] if end > 0 else None
-    i = data.find(b'"type":"', 1, 200)
-    if i > 0:
-        if data.find(b"{", 1, i) >= 0:
-            return None
-        end = data.find(b'"', i + 8, i + 200)
-        return data[i + 8 : end] if end > 0 else None
-    m = _TYPE.search(data, 0, 200)  # `"type": "..."`, as Python's json.dumps writes it
-    if m is None or data.find(b"{", 1, m.start()) >= 0:
-        return None
-    return m.group(1)
-
-
-def _decode(data: bytes) -> dict[str, Any] | None:
-    try:
-        obj = _loads(data)
-    except _DecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _lane(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 # --- the handshake -------------------------------------------------------------
@@ -193,7 +130,7 @@ class _ClientFrames:
         self.protocol = request.protocol
         self.parts: list[bytes] = []
 
-    def add(self, data: bytes, opcode: int) -> None:
+    def add(self, data: bytes, opcode: WSMsgType) -> None:
         n = len(data)
         if n < 126:
             head = _SHORT_HEADS[opcode][n]
@@ -226,254 +163,12 @@ class _ClientFrames:
         await self.protocol._drain_helper()
 
 
-def _parsed_messages(ws: aiohttp.ClientWebSocketResponse) -> Any:
+def _parsed_messages(ws: _Upstream) -> Any:
     """aiohttp's queue of messages parsed and not yet received, or () if it is not where expected.
 
     Only its emptiness is read: empty means the pump is about to wait, so it is time to
     write what it gathered.  () is always empty, which degrades to a write per message."""
     return getattr(getattr(ws, "_reader", None), "_buffer", ())
-
-
-# --- metering of one socket ------------------------------------------------------
-
-
-class _Meter:
-    """Per-socket metering state: responses waiting, open, and the last one per lane."""
-
-    __slots__ = ("ended", "handshake_model", "last", "on_idle", "only", "open", "orphans", "pending", "relay", "response_headers", "template")
-
-    def __init__(self, relay: WebSocketRelay, template: Flow, handshake_model: str | None, response_headers: Any) -> None:
-        self.relay = relay
-        self.template = template
-        self.handshake_model = handshake_model
-        self.response_headers = response_headers
-        self.pending: dict[str | None, deque[Flow]] = {}  # response.create sent, no response.created yet
-        self.open: dict[str | None, Flow] = {}  # one running response per lane
-        self.orphans: dict[str, Flow] = {}  # an open response displaced on its lane (should not happen)
-        self.only: Flow | None = None  # the running response, when it is the only one
-        self.last: OrderedDict[str | None, tuple[float, float, RequestFacts, str | None]] = OrderedDict()
-        self.ended: OrderedDict[str, None] = OrderedDict()  # ids of responses that ended lately
-        self.on_idle: Any = None  # called once nothing is in flight (set while meter drains)
-
-    @property
-    def idle(self) -> bool:
-        return not self.open and not self.pending and not self.orphans
-
-    def _new_flow(self) -> Flow:
-        t = self.template
-        flow = Flow(method=t.method, path=t.path, endpoint="responses", headers=t.headers, transport="websocket")
-        flow.status_code = 101
-        flow.response_headers = self.response_headers
-        flow.observation = Observation()
-        return flow
-
-    # client -> upstream
-
-    def on_client(self, data: bytes) -> None:
-        etype = _event_type(data)
-        if etype is None:
-            if _CREATE not in data:
-                return
-        elif etype != b"response.create":
-            return
-        obj = _decode(data)
-        if obj is None or obj.get("type") != "response.create":
-            return
-        request = obj
-        nested = obj.get("response")
-        if isinstance(nested, dict):  # the nested form: {"type": "response.create", "response": {...}}
-            request = {**{k: v for k, v in obj.items() if k != "response"}, **nested}
-        flow = self._new_flow()
-        flow.request_body = data
-        flow.request_bytes = len(data)
-        facts = facts_from_request(request)  # decoded once: a Codex turn carries its whole input
-        facts.stream = True  # stream is implicit over a WebSocket
-        if facts.model is None:
-            facts.model = self.handshake_model
-        flow.facts = facts
-        lane = _lane(obj.get("stream_id"))
-        self.pending.setdefault(lane, deque()).append(flow)
-        self.relay.addons.request(flow)
-
-    # upstream -> client
-
-    def on_upstream(self, data: bytes) -> None:
-        # Nearly every message is an output or reasoning event of the one running
-        # response, past its first token: all it changes is the byte count.  One
-        # prefix test, no parsing.
-        flow = self.only
-        if flow is not None and flow.first_token_at is not None and data.startswith(_COUNTED_ONLY):
-            flow.response_bytes += len(data)
-            return
-        try:
-            self._on_event(data)
-        finally:
-            opened = self.open
-            self.only = next(iter(opened.values())) if len(opened) == 1 and not self.orphans else None
-
-    def _on_event(self, data: bytes) -> None:
-        etype = _event_type(data)
-        if etype is not None:
-            if etype.endswith(b".delta"):
-                if self.open:
-                    flow = self._flow_of(data)
-                    if flow is not None:
-                        flow.response_bytes += len(data)
-                        if flow.first_token_at is None:
-                            flow.first_token_at = time.perf_counter()
-                return
-            if etype not in _DECODED:
-                if self.open:
-                    flow = self._flow_of(data)
-                    if flow is not None:
-                        flow.response_bytes += len(data)
-                return
-        obj = _decode(data) if len(data) <= self.relay.max_metered_bytes else event_from_ends(data, self.relay.max_metered_bytes)
-        if obj is None:
-            return
-        kind = obj.get("type")
-        if not isinstance(kind, str):
-            return
-        if etype is None and (kind.endswith(".delta") or kind.encode() not in _DECODED):
-            # An unusual layout (the type was not near the start) of an event that only counts.
-            flow = self.open.get(_lane(obj.get("stream_id")))
-            if flow is not None:
-                flow.response_bytes += len(data)
-                if kind.endswith(".delta") and flow.first_token_at is None:
-                    flow.first_token_at = time.perf_counter()
-            return
-        lane = _lane(obj.get("stream_id"))
-        if kind == "error":
-            self._on_error(lane, obj, len(data))
-            return
-        response = obj.get("response")
-        if not isinstance(response, dict):
-            return
-        rid = response.get("id") if isinstance(response.get("id"), str) else None
-        if rid is not None and short_key(rid) in self.ended:
-            return  # a late event of a response already ended (by an `error` event): no second row
-        flow = self._open_flow(lane, rid)
-        flow.response_bytes += len(data)
-        if kind in ("response.created", "response.queued", "response.in_progress"):
-            observe_response_object(flow.observation, response, final=False)  # type: ignore[arg-type]
-            return
-        obs = flow.observation
-        assert obs is not None
-        observe_response_object(obs, response, final=True)
-        obs.terminal = True
-        self._close(lane, flow)
-
-    def _flow_of(self, data: bytes) -> Flow | None:
-        """The open response a (non-decoded) event belongs to."""
-        if self.only is not None:
-            return self.only
-        m = _STREAM_ID.search(data)
-        return self.open.get(m.group(1).decode() if m else None)
-
-    def _open_flow(self, lane: str | None, rid: str | None) -> Flow:
-        """The running response `rid` on `lane`, starting it if this is its first event."""
-        flow = self.open.get(lane)
-        if flow is not None:
-            current = flow.observation.response_id if flow.observation is not None else None
-            if rid is None or current is None or current == rid:
-                return flow
-            orphan = self.orphans.pop(rid, None)
-            if orphan is not None:
-                return orphan
-            # A new response while the lane's last one never ended: keep both.
-            self.orphans[current] = flow
-        elif rid is not None and rid in self.orphans:
-            return self.orphans.pop(rid)
-        now = time.perf_counter()
-        queue = self.pending.get(lane)
-        if queue:
-            flow = queue.popleft()
-            if not queue:
-                del self.pending[lane]
-        else:
-            # An automatic successor: the clock starts at its predecessor's end.
-            flow = self._new_flow()
-            last = self.last.get(short_key(lane) if lane is not None else None)
-            if last is not None:
-                flow.t0, flow.started_at = last[0], last[1]
-                flow.facts = dataclasses.replace(last[2], previous_response_id=last[3], generate=True)
-            else:
-                flow.t0, flow.started_at = now, time.time()
-                flow.facts = RequestFacts(stream=True, model=self.handshake_model)
-            self.relay.addons.request(flow)
-        flow.ttfb_at = now
-        self.open[lane] = flow
-        return flow
-
-    def _on_error(self, lane: str | None, obj: dict[str, Any], size: int) -> None:
-        # Only an event that can be attributed ends a response (SPEC §2b).  An error
-        # that names no lane answers a client message: a `response.create` still
-        # waiting, or something else the client sent (a bogus message mid-response,
-        # which must not end the running response and so hide its billed usage).
-        flow = self.open.get(lane) if "stream_id" in obj else None
-        if flow is None:
-            queue = self.pending.get(lane)
-            if not queue:
-                return  # an error about something other than a response
-            flow = queue.popleft()
-            if not queue:
-                del self.pending[lane]
-            flow.ttfb_at = time.perf_counter()
-            self.open[lane] = flow
-        obs = flow.observation
-        assert obs is not None
-        error = obj.get("error")
-        observe_error(obs, error if isinstance(error, dict) else obj)
-        obs.terminal = True
-        flow.response_bytes += size
-        flow.outcome = "error"
-        flow.error_type, flow.error_code = obs.error_type, obs.error_code
-        self._close(lane, flow)
-
-    def _close(self, lane: str | None, flow: Flow) -> None:
-        now = time.perf_counter()
-        if self.open.get(lane) is flow:
-            del self.open[lane]
-        facts = flow.request_facts()
-        rid = flow.observation.response_id if flow.observation is not None else None
-        last = self.last
-        key = short_key(lane) if lane is not None else None
-        # The id becomes a successor's previous_response_id, which the ledger keeps to 256 characters.
-        last[key] = (now, flow.started_at + (now - flow.t0), facts, rid[:MAX_TEXT] if rid is not None else None)
-        last.move_to_end(key)
-        if len(last) > _LAST_LANES:
-            last.popitem(last=False)
-        if rid is not None:
-            ended = self.ended
-            ended[short_key(rid)] = None
-            if len(ended) > _LAST_LANES:
-                ended.popitem(last=False)
-        self._finish(flow, now)
-        if self.on_idle is not None and self.idle:
-            self.on_idle()
-
-    def _finish(self, flow: Flow, now: float) -> None:
-        flow.finished_at = now
-        obs = flow.observation
-        if obs is not None and not flow.request_facts().generate:
-            obs.usage = None  # a warm-up (`generate: false`) carries no consumption
-        self.relay.record(flow)
-
-    def end(self, outcome: str, error_type: str | None = None, error_code: str | None = None) -> None:
-        """The socket closed: every response still running ends with `outcome`."""
-        now = time.perf_counter()
-        flows = [*self.open.values(), *self.orphans.values()]
-        for queue in self.pending.values():
-            flows.extend(queue)
-        self.open.clear()
-        self.orphans.clear()
-        self.pending.clear()
-        self.only = None
-        for flow in sorted(flows, key=lambda f: f.t0):
-            flow.outcome = outcome
-            if error_type is not None:
-                flow.error_type, flow.error_code = error_type, error_code
-            self._finish(flow, now)
 
 
 class _Socket:
@@ -506,7 +201,7 @@ class _Live:
     __slots__ = ("client", "closing", "frames", "meter", "socket", "upstream")
 
     def __init__(
-        self, client: web.WebSocketResponse, frames: _ClientFrames, upstream: aiohttp.ClientWebSocketResponse, meter: _Meter | None, socket: _Socket
+        self, client: web.WebSocketResponse, frames: _ClientFrames, upstream: _Upstream, meter: SocketMeter | None, socket: _Socket
     ) -> None:
         self.client, self.frames, self.upstream, self.meter, self.socket = client, frames, upstream, meter, socket
         self.closing: asyncio.Task[None] | None = None
@@ -542,7 +237,6 @@ class WebSocketRelay:
         self.session = session
         self.addons = addons
         self.identities = identities
-        self.gauges = [a for a in addons.addons if hasattr(a, "websocket_opened") and hasattr(a, "websocket_closed")]
         self.max_message_bytes = max_message_bytes  # of a client message, like the HTTP body limit
         self.max_metered_bytes = max_metered_bytes  # a larger message is relayed, and metered from its ends
         self._handshakes: aiohttp.ClientSession | None = None
@@ -582,12 +276,18 @@ class WebSocketRelay:
             )
         return s
 
+    def started(self, flow: Flow) -> None:
+        """A response began on a socket: the addons hear its request."""
+        self.addons.request(flow)
+
     def record(self, flow: Flow) -> None:
+        """A response ended: its record to the addons, or, as over HTTP, the row of what is
+        certain when the record cannot be built."""
         try:
             record = build_record(flow, self.identities)
-        except Exception:  # a record must never cost the client its socket
-            log.exception("could not build the record of a WebSocket response on %s", flow.path)
-            return
+        except Exception as exc:  # noqa: BLE001 - a record must never cost the client its socket, nor the ledger its row
+            log.warning("could not build the record of a WebSocket response on %s (%s); recording what is certain", flow.path, type(exc).__name__)
+            record = minimal_record(flow)
         self.addons.done(flow, record)
 
     async def handle(self, request: web.BaseRequest, flow: Flow) -> web.StreamResponse:
@@ -660,7 +360,7 @@ class WebSocketRelay:
             self.record(flow)
         return response
 
-    async def _relay(self, request: web.BaseRequest, flow: Flow, upstream: aiohttp.ClientWebSocketResponse, headers: Any) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, flow: Flow, upstream: _Upstream, headers: Any) -> web.StreamResponse:
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
             autoclose=True,
@@ -683,15 +383,14 @@ class WebSocketRelay:
         if metered:
             rid = headers.get("x-request-id")
             model = request.rel_url.query.get("model")
-            meter = _Meter(self, flow, model, {"x-request-id": rid} if rid else None)
+            meter = SocketMeter(self, flow, model, {"x-request-id": rid} if rid else None)
         socket = _Socket()
         frames = _ClientFrames(request)
         live = _Live(client, frames, upstream, meter, socket)
         self._live.add(live)
         if self.draining:
             self._drain(live)
-        for gauge in self.gauges:
-            gauge.websocket_opened()
+        self.addons.websocket_opened()
         pump = asyncio.create_task(self._upstream_to_client(upstream, client, frames, meter, socket))
         try:
             await self._client_to_upstream(client, upstream, meter, socket)
@@ -712,12 +411,11 @@ class WebSocketRelay:
             await self._settle(upstream, client, socket)
         finally:
             self._live.discard(live)
-            for gauge in self.gauges:
-                gauge.websocket_closed()
+            self.addons.websocket_closed()
             self._end(flow, meter, socket)
         return client
 
-    async def _settle(self, upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse, socket: _Socket) -> None:
+    async def _settle(self, upstream: _Upstream, client: web.WebSocketResponse, socket: _Socket) -> None:
         """Torn down mid-relay: let a close already on its way finish, then close what is open."""
         # Best effort, bounded, and deaf to a second cancellation: the caller re-raises the first.
         if socket.closing is not None:
@@ -728,7 +426,7 @@ class WebSocketRelay:
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(ws.close(code=1001), CLOSE_TIMEOUT)
 
-    def _end(self, flow: Flow, meter: _Meter | None, socket: _Socket) -> None:
+    def _end(self, flow: Flow, meter: SocketMeter | None, socket: _Socket) -> None:
         if socket.closed_by == "upstream":
             outcome, error_type, code = "error", "upstream_disconnected", str(socket.code) if socket.code is not None else None
         elif socket.closed_by == "meter":
@@ -743,7 +441,7 @@ class WebSocketRelay:
         flow.outcome = "error" if socket.closed_by == "upstream" and socket.dropped else "completed"
         self.record(flow)
 
-    async def _client_to_upstream(self, client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse, meter: _Meter | None, socket: _Socket) -> None:
+    async def _client_to_upstream(self, client: web.WebSocketResponse, upstream: _Upstream, meter: SocketMeter | None, socket: _Socket) -> None:
         on_client = meter.on_client if meter is not None else None
         send = upstream.send_frame
         receive = client.receive
@@ -775,7 +473,7 @@ class WebSocketRelay:
             return
 
     async def _upstream_to_client(
-        self, upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse, frames: _ClientFrames, meter: _Meter | None, socket: _Socket
+        self, upstream: _Upstream, client: web.WebSocketResponse, frames: _ClientFrames, meter: SocketMeter | None, socket: _Socket
     ) -> None:
         on_upstream = meter.on_upstream if meter is not None else None
         add, flush = frames.add, frames.flush

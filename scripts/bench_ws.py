@@ -233,12 +233,13 @@ def metering_cost(deltas: int, responses: int = 5000) -> tuple[float, float]:
     besides its deltas)."""
     from meter.flow import Addons, Flow
     from meter.identity import KeyIdentities
-    from meter.websocket import WebSocketRelay, _Meter
+    from meter.observe.socket import SocketMeter
+    from meter.websocket import WebSocketRelay
 
     create = create_message(deltas).encode()
     created, delta, completed = created_event("resp_{}").encode(), delta_event(1).encode(), completed_event("resp_{}", 2).encode()
     relay = WebSocketRelay("http://upstream.invalid", None, Addons([]), KeyIdentities())  # type: ignore[arg-type]
-    meter = _Meter(relay, Flow(method="GET", path="/v1/responses", endpoint="responses", headers={}, transport="websocket"), None, None)
+    meter = SocketMeter(relay, Flow(method="GET", path="/v1/responses", endpoint="responses", headers={}, transport="websocket"), None, None)
 
     def run(n_deltas: int) -> float:
         t0 = time.process_time()

@@ -21,9 +21,11 @@ import pytest
 import websockets
 from websockets.asyncio.client import connect as ws_connect
 
-from meter.flow import Addons, Flow
+from meter.flow import Addons, Flow, build_record
 from meter.identity import KeyIdentities
-from meter.websocket import WebSocketRelay, _Meter, _parsed_messages
+from meter.observe import SSEObserver
+from meter.observe.socket import SocketMeter
+from meter.websocket import WebSocketRelay, _parsed_messages
 
 from .conftest import SECRET_KEY, ledger_rows
 
@@ -343,7 +345,7 @@ async def test_error_event_recorded_and_socket_continues(upstream, start_meter) 
         await ws.send(create(metadata={"fake_usage": USAGE_B}))
         events = await until_terminal(ws)
     failed, ok = await meter.rows()
-    assert failed["outcome"] == "error" and failed["transport"] == "websocket"
+    assert failed["outcome"] == "failed" and failed["transport"] == "websocket"  # as an SSE `error` event (SPEC §2a)
     assert (failed["error_type"], failed["error_code"]) == ("invalid_request_error", "bad_thing")
     assert failed["response_id"] is None and failed["input_tokens"] is None
     assert ok["outcome"] == "completed" and ok["response_id"] == events[-1]["response"]["id"]
@@ -515,11 +517,11 @@ class Collect:
         self.records.append(record)
 
 
-def socket_meter() -> tuple[_Meter, Collect]:
+def socket_meter(identities: KeyIdentities | None = None) -> tuple[SocketMeter, Collect]:
     sink = Collect()
-    relay = WebSocketRelay("http://upstream.invalid", None, Addons([sink]), KeyIdentities())  # type: ignore[arg-type]
+    relay = WebSocketRelay("http://upstream.invalid", None, Addons([sink]), identities or KeyIdentities())  # type: ignore[arg-type]
     template = Flow(method="GET", path="/v1/responses", endpoint="responses", headers={"Authorization": f"Bearer {SECRET_KEY}"}, transport="websocket")
-    return _Meter(relay, template, None, None), sink
+    return SocketMeter(relay, template, None, None), sink
 
 
 def event(kind: str, lane: str | None = None, **fields: Any) -> bytes:
@@ -603,7 +605,7 @@ def test_error_before_created_ends_the_waiting_request() -> None:
     m.on_client(create().encode())
     m.on_upstream(b'{"type":"error","error":{"type":"invalid_request_error","code":"previous_response_not_found","message":"nope"}}')
     [rec] = sink.records
-    assert (rec.outcome, rec.error_type, rec.error_code) == ("error", "invalid_request_error", "previous_response_not_found")
+    assert (rec.outcome, rec.error_type, rec.error_code) == ("failed", "invalid_request_error", "previous_response_not_found")
     m.on_upstream(b'{"type":"error","error":{"type":"invalid_request_error","code":"invalid_json"}}')
     assert len(sink.records) == 1  # an error about no response is no row
 
@@ -615,7 +617,7 @@ def test_error_mid_response_ends_it_once() -> None:
     m.on_upstream(b'{"type":"error","stream_id":"l","sequence_number":3,"error":{"type":"server_error","code":"overloaded","message":"try again"}}')
     m.on_upstream(event("response.failed", "l", response=response("resp_e", "failed", {"input_tokens": 3, "output_tokens": 0})))
     [rec] = sink.records
-    assert (rec.response_id, rec.outcome, rec.error_type, rec.error_code) == ("resp_e", "error", "server_error", "overloaded")
+    assert (rec.response_id, rec.outcome, rec.error_type, rec.error_code) == ("resp_e", "failed", "server_error", "overloaded")
     assert m.idle
 
 
@@ -674,3 +676,46 @@ def test_state_stays_bounded_over_thousands_of_responses() -> None:
     assert len(sink.records) == 5000
     assert m.idle and not m.orphans
     assert len(m.last) <= 256 and len(m.ended) <= 256
+
+
+def test_an_error_event_fails_the_response_on_either_transport() -> None:
+    # One interpreter: the same `error` event ends a response the same way over SSE and a WebSocket.
+    error = b'{"type":"error","sequence_number":3,"error":{"type":"server_error","code":"overloaded","message":"try again"}}'
+    sse = SSEObserver("responses")
+    sse.feed(b"event: error\ndata: " + error + b"\n\n")
+    flow = Flow(method="POST", path="/v1/responses", endpoint="responses", headers={})
+    flow.status_code, flow.request_body, flow.observation = 200, b'{"stream":true}', sse.finish()
+    http = build_record(flow, KeyIdentities())
+    m, sink = socket_meter()
+    m.on_client(create().encode())
+    m.on_upstream(error)
+    [ws] = sink.records
+    assert (http.outcome, http.error_type, http.error_code) == (ws.outcome, ws.error_type, ws.error_code) == ("failed", "server_error", "overloaded")
+
+
+class _Unbuildable(KeyIdentities):
+    """Identities that fail: the record of a request that carries a key cannot be built."""
+
+    def lookup(self, key: str) -> tuple[str, str, str | None]:
+        raise RuntimeError("no record today")
+
+
+def test_a_record_that_cannot_be_built_still_gives_its_row() -> None:
+    # As over HTTP: the row of what is certain (timing, sizes, outcome), never none.
+    m, sink = socket_meter(_Unbuildable())
+    m.on_client(create(stream_id="l").encode())
+    m.on_upstream(event("response.created", "l", response=response("resp_u")))
+    m.on_upstream(event("response.completed", "l", response=response("resp_u", "completed", {"input_tokens": 1, "output_tokens": 1})))
+    [rec] = sink.records
+    assert (rec.transport, rec.outcome, rec.error_type, rec.input_tokens) == ("websocket", "completed", "meter_record_error", None)
+    assert rec.response_bytes > 0 and rec.duration_ms >= 0
+    assert m.idle
+
+
+def test_the_fast_path_never_skips_an_event_the_interpreter_decodes() -> None:
+    # The per-message fast path counts `{"type":"response.o…` and `…r…` without reading
+    # them: no event type the Responses interpreter decodes may start so.
+    from meter.observe.responses import DECODED
+    from meter.observe.socket import _COUNTED_ONLY
+
+    assert not [t for t in DECODED for prefix in _COUNTED_ONLY if (b'{"type":"' + t + b'"').startswith(prefix)]

@@ -50,7 +50,7 @@ async def test_an_error_naming_its_lane_still_ends_that_response(upstream, start
         [error] = await until_terminal(ws)
         assert error["type"] == "error" and error["stream_id"] == "lane-1"
     [row] = await meter.rows()
-    assert (row["outcome"], row["error_code"]) == ("error", "bad_thing")
+    assert (row["outcome"], row["error_code"]) == ("failed", "bad_thing")
     assert SECRET_KEY not in json.dumps(row, default=str)
 
 
@@ -78,7 +78,8 @@ def test_a_terminal_message_past_the_limit_is_metered_from_its_ends() -> None:
 
     from meter.flow import Addons
     from meter.identity import KeyIdentities
-    from meter.websocket import WebSocketRelay, _Meter
+    from meter.observe.socket import SocketMeter
+    from meter.websocket import WebSocketRelay
 
     from .test_websocket import Collect, event, response
 
@@ -87,7 +88,7 @@ def test_a_terminal_message_past_the_limit_is_metered_from_its_ends() -> None:
     from meter.flow import Flow
 
     template = Flow(method="GET", path="/v1/responses", endpoint="responses", headers={}, transport="websocket")
-    m = _Meter(relay, template, None, None)
+    m = SocketMeter(relay, template, None, None)
     m.on_client(create(stream_id="img").encode())
     m.on_upstream(event("response.created", "img", response=response("resp_img")))
     image = {"type": "image_generation_call", "result": "A" * (24 << 20)}

@@ -1,0 +1,108 @@
+"""The `Observation` of an answer, and reading the objects an answer is made of.
+
+A Responses API `response` object, a Chat Completions (or Embeddings) body or
+chunk, and an OpenAI error each add what they say to an `Observation`; a whole
+JSON answer is one of them.  Streams (`sse.py`, the WebSocket's `socket.py`)
+hand the same objects over as their events arrive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .jsonio import DecodeError, as_dict, as_int, as_str, loads
+from .usage import Usage, cache_status_from_diagnostics, usage_from_chat, usage_from_responses
+
+
+@dataclass(slots=True)
+class Observation:
+    model: str | None = None
+    response_id: str | None = None
+    previous_response_id: str | None = None
+    status: str | None = None  # the response's own status: completed, incomplete, failed, queued, ...
+    background: bool | None = None  # the response object's own `background` flag
+    service_tier: str | None = None
+    usage: Usage | None = None
+    error_type: str | None = None
+    error_code: str | None = None
+    first_token_at: float | None = None  # clock() reading at the first output delta
+    terminal: bool = False  # a terminal event (or whole JSON body) was read
+    unreadable: str | None = None  # why (part of) the body could not be read
+    # Why a model call that ended without an error has no usage meter could read:
+    # metered_bytes_limit, oversized_event, unknown_encoding, no_include_usage,
+    # no_terminal_event.  Counted, so that nothing goes unmetered silently.
+    unmetered: str | None = None
+
+
+def observe_error(obs: Observation, error: Any) -> None:
+    if isinstance(error, dict):
+        obs.error_type = as_str(error.get("type")) or obs.error_type
+        code = error.get("code")
+        obs.error_code = str(code) if code is not None else obs.error_code
+
+
+def observe_response_object(obs: Observation, response: dict[str, Any], final: bool = True) -> None:
+    """Read a Responses API `response` object (a JSON body or a stream event's payload).
+
+    `final` is False for early stream events, whose service_tier is the placeholder
+    `auto` rather than the tier that served the request.
+    """
+    obs.response_id = as_str(response.get("id")) or obs.response_id
+    obs.model = as_str(response.get("model")) or obs.model
+    obs.previous_response_id = as_str(response.get("previous_response_id")) or obs.previous_response_id
+    obs.status = as_str(response.get("status")) or obs.status
+    background = response.get("background")
+    if isinstance(background, bool):
+        obs.background = background
+    if not final:
+        return
+    obs.service_tier = as_str(response.get("service_tier")) or obs.service_tier
+    observe_error(obs, response.get("error"))
+    usage = response.get("usage")
+    if isinstance(usage, dict):
+        u = usage_from_responses(usage)
+        web_search = as_dict(as_dict(response.get("tool_usage")).get("web_search"))
+        u.web_search_calls = as_int(web_search.get("num_requests"))
+        u.cache_status, u.cache_missed_tokens = cache_status_from_diagnostics(as_dict(response.get("prompt_cache_diagnostics")))
+        obs.usage = u
+
+
+def observe_chat_object(obs: Observation, obj: dict[str, Any]) -> None:
+    """Read a Chat Completions / Embeddings body or stream chunk."""
+    obs.response_id = as_str(obj.get("id")) or obs.response_id
+    obs.model = as_str(obj.get("model")) or obs.model
+    obs.service_tier = as_str(obj.get("service_tier")) or obs.service_tier
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        obs.usage = usage_from_chat(usage)
+
+
+def observe_answer(obs: Observation, kind: str, obj: dict[str, Any]) -> None:
+    """Read a whole answer (or what was found of one cut in the middle): an error, or
+    the response (`kind` `responses`) or completion (`chat`) it is."""
+    if kind == "responses":
+        observe_response_object(obs, obj)
+    else:
+        observe_chat_object(obs, obj)
+
+
+def observe_json_body(kind: str, body: bytes | bytearray) -> Observation:
+    """Observe a complete (non-stream) JSON answer. `kind` is `responses` or `chat`."""
+    obs = Observation()
+    if not body:
+        return obs
+    try:
+        obj = loads(body)
+    except DecodeError as exc:
+        obs.unreadable = f"invalid JSON: {str(exc)[:120]}"
+        return obs
+    if not isinstance(obj, dict):
+        obs.unreadable = "JSON body is not an object"
+        return obs
+    obs.terminal = True
+    if "error" in obj and isinstance(obj["error"], dict) and "object" not in obj:
+        observe_error(obs, obj["error"])
+        return obs
+    observe_answer(obs, kind, obj)
+    return obs

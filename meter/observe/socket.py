@@ -1,0 +1,324 @@
+"""Metering one WebSocket of the Responses API (SPEC §2a): which response each message belongs to.
+
+`SocketMeter` is the pure per-socket state machine the relay (meter/websocket.py)
+feeds every text message to, both ways.  It makes one `Flow` per response
+(transport `websocket`, stream true), so addons see one request per response:
+`request` when it starts and a record when it ends.  What an event means for
+its response is the interpreter's (`responses.py`), as for SSE; what is
+decided here is whose event it is.
+
+Metering stays off the per-message hot path.  A message's type is read from
+its first bytes (`{"type":"..."` is how the API and the SDK write them) and
+only a few kinds are JSON-decoded: the client's `response.create`, and the
+upstream's early and terminal events and `error`.  Output deltas are
+recognised by the `.delta` suffix of their type and only stamp the
+first-token time.
+
+Lanes: events of a response opened by a `response.create` with a `stream_id`
+echo that `stream_id`; responses on one lane run FIFO.  A `response.created`
+on a lane with no `response.create` waiting is an automatic successor (after
+`response.steer` or a completion): it inherits its predecessor's request facts
+and its clock starts at the predecessor's end.  An `error` ends the response
+it can be attributed to, and no other (SPEC §2b).
+
+Not imported by the package's `__init__`: meter.flow imports meter.observe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..flow import Flow
+from ..sanitise import MAX_TEXT, short_key
+from .facts import RequestFacts, facts_from_request
+from .jsonio import DecodeError
+from .objects import Observation
+from .responses import DECODED, DECODED_TYPES, DELTA, DELTA_TYPE, decode_event, message_from_ends, observe_event
+
+# Output and reasoning events (`response.output_*`, `response.reasoning_*`): no type
+# the interpreter decodes starts so (a test keeps that true).
+_COUNTED_ONLY = (b'{"type":"response.o', b'{"type":"response.r')
+_TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
+_STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_CREATE = b'"response.create"'
+_LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
+
+
+class Relay(Protocol):
+    """What the socket meter needs of the relay it meters for."""
+
+    @property
+    def max_metered_bytes(self) -> int: ...  # a larger message is metered from its ends
+
+    def started(self, flow: Flow) -> None: ...  # a response began: the addons' `request`
+
+    def record(self, flow: Flow) -> None: ...  # a response ended: its record, to the addons
+
+
+def _event_type(data: bytes) -> bytes | None:
+    """The top-level `type` of a message that states it near its start, else None.
+
+    The API writes `{"type":"...",...}`; scalar fields before it (a
+    `sequence_number`) are fine, a nested object before it is not trusted.
+    """
+    if data.startswith(b'{"type":"'):
+        end = data.find(b'"', 9, 200)
+        return data[9:end] if end > 0 else None
+    i = data.find(b'"type":"', 1, 200)
+    if i > 0:
+        if data.find(b"{", 1, i) >= 0:
+            return None
+        end = data.find(b'"', i + 8, i + 200)
+        return data[i + 8 : end] if end > 0 else None
+    m = _TYPE.search(data, 0, 200)  # `"type": "..."`, as Python's json.dumps writes it
+    if m is None or data.find(b"{", 1, m.start()) >= 0:
+        return None
+    return m.group(1)
+
+
+def _decode(data: bytes) -> dict[str, Any] | None:
+    try:
+        return decode_event(data)
+    except DecodeError:
+        return None  # not JSON: relayed, and nothing to meter
+
+
+def _lane(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+class SocketMeter:
+    """Per-socket metering state: responses waiting, open, and the last one per lane."""
+
+    __slots__ = ("ended", "handshake_model", "last", "on_idle", "only", "open", "orphans", "pending", "relay", "response_headers", "template")
+
+    def __init__(self, relay: Relay, template: Flow, handshake_model: str | None, response_headers: Any) -> None:
+        self.relay = relay
+        self.template = template
+        self.handshake_model = handshake_model
+        self.response_headers = response_headers
+        self.pending: dict[str | None, deque[Flow]] = {}  # response.create sent, no response.created yet
+        self.open: dict[str | None, Flow] = {}  # one running response per lane
+        self.orphans: dict[str, Flow] = {}  # an open response displaced on its lane (should not happen)
+        self.only: Flow | None = None  # the running response, when it is the only one
+        self.last: OrderedDict[str | None, tuple[float, float, RequestFacts, str | None]] = OrderedDict()
+        self.ended: OrderedDict[str, None] = OrderedDict()  # ids of responses that ended lately
+        self.on_idle: Callable[[], None] | None = None  # called once nothing is in flight (set while meter drains)
+
+    @property
+    def idle(self) -> bool:
+        return not self.open and not self.pending and not self.orphans
+
+    def _new_flow(self) -> Flow:
+        t = self.template
+        flow = Flow(method=t.method, path=t.path, endpoint="responses", headers=t.headers, transport="websocket")
+        flow.status_code = 101
+        flow.response_headers = self.response_headers
+        flow.observation = Observation()
+        return flow
+
+    # client -> upstream
+
+    def on_client(self, data: bytes) -> None:
+        etype = _event_type(data)
+        if etype is None:
+            if _CREATE not in data:
+                return
+        elif etype != b"response.create":
+            return
+        obj = _decode(data)
+        if obj is None or obj.get("type") != "response.create":
+            return
+        request = obj
+        nested = obj.get("response")
+        if isinstance(nested, dict):  # the nested form: {"type": "response.create", "response": {...}}
+            request = {**{k: v for k, v in obj.items() if k != "response"}, **nested}
+        flow = self._new_flow()
+        flow.request_body = data
+        flow.request_bytes = len(data)
+        facts = facts_from_request(request)  # decoded once: a Codex turn carries its whole input
+        facts.stream = True  # stream is implicit over a WebSocket
+        if facts.model is None:
+            facts.model = self.handshake_model
+        flow.facts = facts
+        lane = _lane(obj.get("stream_id"))
+        self.pending.setdefault(lane, deque()).append(flow)
+        self.relay.started(flow)
+
+    # upstream -> client
+
+    def on_upstream(self, data: bytes) -> None:
+        # Nearly every message is an output or reasoning event of the one running
+        # response, past its first token: all it changes is the byte count.  One
+        # prefix test, no parsing.
+        flow = self.only
+        if flow is not None and flow.first_token_at is not None and data.startswith(_COUNTED_ONLY):
+            flow.response_bytes += len(data)
+            return
+        try:
+            self._on_event(data)
+        finally:
+            opened = self.open
+            self.only = next(iter(opened.values())) if len(opened) == 1 and not self.orphans else None
+
+    def _on_event(self, data: bytes) -> None:
+        etype = _event_type(data)
+        if etype is not None:
+            if etype.endswith(DELTA):
+                if self.open:
+                    flow = self._flow_of(data)
+                    if flow is not None:
+                        flow.response_bytes += len(data)
+                        if flow.first_token_at is None:
+                            flow.first_token_at = time.perf_counter()
+                return
+            if etype not in DECODED:
+                if self.open:
+                    flow = self._flow_of(data)
+                    if flow is not None:
+                        flow.response_bytes += len(data)
+                return
+        limit = self.relay.max_metered_bytes
+        obj = _decode(data) if len(data) <= limit else message_from_ends(data, limit)
+        if obj is None:
+            return
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            return
+        lane = _lane(obj.get("stream_id"))
+        if kind not in DECODED_TYPES:
+            # An unusual layout (the type was not near the start) of an event that only counts.
+            flow = self.open.get(lane)
+            if flow is not None:
+                flow.response_bytes += len(data)
+                if kind.endswith(DELTA_TYPE) and flow.first_token_at is None:
+                    flow.first_token_at = time.perf_counter()
+            return
+        if kind == "error":
+            self._on_error(lane, obj, len(data))
+            return
+        response = obj.get("response")
+        if not isinstance(response, dict):
+            return
+        rid = response.get("id") if isinstance(response.get("id"), str) else None
+        if rid is not None and short_key(rid) in self.ended:
+            return  # a late event of a response already ended (by an `error` event): no second row
+        flow = self._open_flow(lane, rid)
+        flow.response_bytes += len(data)
+        obs = flow.observation
+        assert obs is not None  # every flow of a socket is made with its observation
+        if observe_event(obs, kind, obj):
+            self._close(lane, flow)
+
+    def _flow_of(self, data: bytes) -> Flow | None:
+        """The open response a (non-decoded) event belongs to."""
+        if self.only is not None:
+            return self.only
+        m = _STREAM_ID.search(data)
+        return self.open.get(m.group(1).decode() if m else None)
+
+    def _open_flow(self, lane: str | None, rid: str | None) -> Flow:
+        """The running response `rid` on `lane`, starting it if this is its first event."""
+        flow = self.open.get(lane)
+        if flow is not None:
+            current = flow.observation.response_id if flow.observation is not None else None
+            if rid is None or current is None or current == rid:
+                return flow
+            orphan = self.orphans.pop(rid, None)
+            if orphan is not None:
+                return orphan
+            # A new response while the lane's last one never ended: keep both.
+            self.orphans[current] = flow
+        elif rid is not None and rid in self.orphans:
+            return self.orphans.pop(rid)
+        now = time.perf_counter()
+        queue = self.pending.get(lane)
+        if queue:
+            flow = queue.popleft()
+            if not queue:
+                del self.pending[lane]
+        else:
+            # An automatic successor: the clock starts at its predecessor's end.
+            flow = self._new_flow()
+            last = self.last.get(short_key(lane) if lane is not None else None)
+            if last is not None:
+                flow.t0, flow.started_at = last[0], last[1]
+                flow.facts = dataclasses.replace(last[2], previous_response_id=last[3], generate=True)
+            else:
+                flow.t0, flow.started_at = now, time.time()
+                flow.facts = RequestFacts(stream=True, model=self.handshake_model)
+            self.relay.started(flow)
+        flow.ttfb_at = now
+        self.open[lane] = flow
+        return flow
+
+    def _on_error(self, lane: str | None, obj: dict[str, Any], size: int) -> None:
+        # Only an event that can be attributed ends a response (SPEC §2b).  An error
+        # that names no lane answers a client message: a `response.create` still
+        # waiting, or something else the client sent (a bogus message mid-response,
+        # which must not end the running response and so hide its billed usage).
+        flow = self.open.get(lane) if "stream_id" in obj else None
+        if flow is None:
+            queue = self.pending.get(lane)
+            if not queue:
+                return  # an error about something other than a response
+            flow = queue.popleft()
+            if not queue:
+                del self.pending[lane]
+            flow.ttfb_at = time.perf_counter()
+            self.open[lane] = flow
+        obs = flow.observation
+        assert obs is not None
+        observe_event(obs, "error", obj)  # ends it `failed`, as over SSE
+        flow.response_bytes += size
+        self._close(lane, flow)
+
+    def _close(self, lane: str | None, flow: Flow) -> None:
+        now = time.perf_counter()
+        if self.open.get(lane) is flow:
+            del self.open[lane]
+        facts = flow.request_facts()
+        rid = flow.observation.response_id if flow.observation is not None else None
+        last = self.last
+        key = short_key(lane) if lane is not None else None
+        # The id becomes a successor's previous_response_id, which the ledger keeps to 256 characters.
+        last[key] = (now, flow.started_at + (now - flow.t0), facts, rid[:MAX_TEXT] if rid is not None else None)
+        last.move_to_end(key)
+        if len(last) > _LAST_LANES:
+            last.popitem(last=False)
+        if rid is not None:
+            ended = self.ended
+            ended[short_key(rid)] = None
+            if len(ended) > _LAST_LANES:
+                ended.popitem(last=False)
+        self._finish(flow, now)
+        if self.on_idle is not None and self.idle:
+            self.on_idle()
+
+    def _finish(self, flow: Flow, now: float) -> None:
+        flow.finished_at = now
+        obs = flow.observation
+        if obs is not None and not flow.request_facts().generate:
+            obs.usage = None  # a warm-up (`generate: false`) carries no consumption
+        self.relay.record(flow)
+
+    def end(self, outcome: str, error_type: str | None = None, error_code: str | None = None) -> None:
+        """The socket closed: every response still running ends with `outcome`."""
+        now = time.perf_counter()
+        flows = [*self.open.values(), *self.orphans.values()]
+        for queue in self.pending.values():
+            flows.extend(queue)
+        self.open.clear()
+        self.orphans.clear()
+        self.pending.clear()
+        self.only = None
+        for flow in sorted(flows, key=lambda f: f.t0):
+            flow.outcome = outcome
+            if error_type is not None:
+                flow.error_type, flow.error_code = error_type, error_code
+            self._finish(flow, now)

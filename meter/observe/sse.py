@@ -1,0 +1,382 @@
+"""The observer of a Server-Sent Events answer: Responses API or Chat Completions.
+
+Events may be split at any byte, use `\\n` or `\\r\\n`, and carry comments.  Only
+events that carry identity or usage are JSON-decoded: a Responses event is
+judged by its name against the interpreter's sets (`responses.py`), which
+also says what a decoded one means; a Chat Completions chunk by whether it
+holds a usage object.  Each byte is scanned for line ends once, and an event is
+held whole only up to `max_bytes` (past it, its head and tail).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .bodies import Capped, MeteringBudget
+from .ends import CHAT_HEAD, CHAT_TAIL, EDGE_MAX, partial_object
+from .jsonio import DecodeError
+from .objects import Observation, observe_chat_object, observe_error
+from .responses import DECODED, DELTA, DELTA_TYPE, decode_event, event_from_ends, observe_event
+
+# Where the observer is within a line that began in an earlier chunk.
+_AT_LINE_START, _IN_DATA, _IN_NAME, _IN_OTHER = 0, 1, 2, 3
+_NAME_MAX = 256  # an event name longer than this is no name meter knows
+
+
+def _holds_usage_object(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
+    """Whether a Chat Completions chunk has `"usage": {...}` rather than `"usage": null`."""
+    if end is None:
+        end = len(buf)
+    i = buf.rfind(b'"usage"', start, end)
+    if i < 0:
+        return False
+    j = i + 7
+    while j < end and buf[j] in b" \t\r\n:":
+        j += 1
+    return buf[j : j + 1] == b"{"
+
+
+def _is_error_chunk(buf: bytes | bytearray, start: int = 0) -> bool:
+    """Whether a Chat Completions payload is `{"error": ...}` (a chunk starts `{"id":`)."""
+    return buf.find(b'"error"', start, start + 24) >= 0
+
+
+class SSEObserver:
+    """Incremental observer of a Server-Sent Events body.
+
+    `feed` takes each chunk as relayed; `finish` returns the observation.  Each
+    byte is scanned for line ends once, whatever the chunking: a line that spans
+    chunks is carried as state (which field it is), not as bytes to rescan.  A
+    data line is kept only while the event it belongs to may matter, decoded
+    only when it does, and an event's data is held whole only up to `max_bytes`;
+    past that its head and tail are enough to read identity and usage.
+    """
+
+    __slots__ = ("_budget", "_clock", "_cr", "_data", "_done", "_event", "_line", "_max", "_name", "_oversized", "_skip", "_start", "_ttft_pending", "kind", "obs", "output_done")
+
+    def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
+        self.kind = kind  # "responses" or "chat"
+        self.obs = Observation()
+        self._clock = clock
+        self._max = max_bytes
+        self._budget = budget
+        self._event: bytes | None = None
+        self._data: bytes | Capped | None = None  # the current event's data: one line, or lines joined by LF
+        self._skip = False
+        self._line = _AT_LINE_START
+        self._start = b""  # the first bytes of a line too short yet to say its field
+        self._name = b""  # an event name split across chunks, up to _NAME_MAX bytes
+        self._cr = False  # a CR ended the data kept so far: dropped if LF follows
+        self._ttft_pending = True
+        self._done = False  # after the terminal event nothing more is needed
+        # The last named event was a `.done` one, no delta after it: the client has the
+        # whole output, and a hang-up now still leaves a terminal event to meter (SPEC §2).
+        self.output_done = False
+        self._oversized = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def feed(self, chunk: bytes) -> None:
+        if self._done:
+            return
+        if self._line == _AT_LINE_START and self._event is None and self._data is None and not self._start:
+            # Between events, as usual: walk the chunk's whole events and judge each by
+            # its name (or, for Chat Completions, whether it holds a usage object) with
+            # a few byte operations.  Only an event that matters goes through the line
+            # parser, on its own; the walk then goes on.  Under load TCP coalesces a
+            # stream's events into large chunks, and the deltas after `response.created`
+            # in the same chunk must not all fall to the line parser.
+            pos, n = 0, len(chunk)
+            find = chunk.find
+            while pos < n:
+                end = find(b"\n\n", pos)
+                if end < 0:
+                    break
+                if not self._skip_whole_event(chunk, pos, end):
+                    self._parse_lines(chunk, pos, end + 2)  # one whole event: nothing stays pending
+                    if self._done:
+                        return
+                pos = end + 2
+            if pos >= n:
+                return
+            self._parse_lines(chunk, pos, n)
+            return
+        self._parse_lines(chunk, 0, len(chunk))
+
+    def _parse_lines(self, chunk: bytes, pos: int, n: int) -> None:
+        """Read the lines of chunk[pos:n] (bounds, not a slice: an event may be large)."""
+        if self._start:
+            chunk = self._start + chunk[pos:n]  # at most 6 bytes before it: one copy per split field name
+            self._start = b""
+            pos, n = 0, len(chunk)
+        find = chunk.find
+        line = self._line
+        if line != _AT_LINE_START:  # a line begun in an earlier chunk goes on
+            nl = find(b"\n", pos, n)
+            if line == _IN_OTHER:  # nothing of it is kept
+                if nl < 0:
+                    return
+                self._line = _AT_LINE_START
+            elif nl < 0:
+                self._line_goes_on(chunk, pos, n)
+                return
+            else:
+                self._line_goes_on(chunk, pos, nl)
+                self._line_ends()
+            pos = nl + 1
+        while True:
+            nl = find(b"\n", pos, n)
+            if nl < 0:
+                break
+            end = nl - 1 if nl > pos and chunk[nl - 1] == 13 else nl
+            if end == pos:
+                self._dispatch()
+                if self._done:
+                    return
+            elif not self._skip:
+                if chunk.startswith(b"data:", pos):
+                    start = pos + 6 if chunk.startswith(b"data: ", pos) else pos + 5
+                    # A line past the limit is read through a view: only its head and tail are copied.
+                    self._data_line(chunk[start:end] if end - start <= self._max else memoryview(chunk)[start:end])
+                elif chunk.startswith(b"event:", pos):
+                    start = pos + 7 if chunk.startswith(b"event: ", pos) else pos + 6
+                    self._on_event_name(chunk[start:end] if end - start <= _NAME_MAX else chunk[start : start + _NAME_MAX])
+            pos = nl + 1
+        if pos < n:
+            if self._skip:
+                self._line = _IN_OTHER  # a line of an event meter skips: nothing of it is kept
+            else:
+                self._line_begins(chunk, pos, n)
+
+    def _data_line(self, line: bytes | memoryview) -> None:
+        data = self._data
+        if data is None and type(line) is bytes and len(line) <= self._max:
+            self._data = line  # the usual event: one data line, held as it is
+            return
+        self._more_data().add(line)
+
+    def _more_data(self) -> Capped:
+        """The current event's data, ready for one more line."""
+        data = self._data
+        if data is None:
+            data = self._data = Capped(self._max, self._budget)
+            return data
+        if type(data) is bytes:
+            first = data
+            data = self._data = Capped(self._max, self._budget)
+            data.add(first)
+        data.add(b"\n")  # type: ignore[union-attr]
+        return data  # type: ignore[return-value]
+
+    def _line_begins(self, chunk: bytes, pos: int, n: int) -> None:
+        """A line of an event meter reads starts at chunk[pos] and does not end before chunk[n]."""
+        rest = n - pos
+        if chunk.startswith(b"data:", pos) and rest > 5:
+            self._line = _IN_DATA
+            self._more_data()
+            self._line_goes_on(chunk, pos + 6 if chunk[pos + 5] == 32 else pos + 5, n)
+        elif chunk.startswith(b"event:", pos) and rest > 6:
+            self._line = _IN_NAME
+            start = pos + 7 if chunk[pos + 6] == 32 else pos + 6
+            self._name = chunk[start : min(n, start + _NAME_MAX)]
+        elif rest < 7 and (b"data: ".startswith(chunk[pos:n]) or b"event: ".startswith(chunk[pos:n])):
+            self._start = chunk[pos:n]
+        elif rest == 1 and chunk[pos] == 13:  # the CR of a CRLF blank line, its LF in the next chunk
+            self._start = b"\r"
+        else:
+            self._line = _IN_OTHER  # a comment, `id:`, `retry:`: nothing meter reads
+
+    def _line_goes_on(self, chunk: bytes, start: int, end: int) -> None:
+        line = self._line
+        if line == _IN_DATA:
+            data = self._data
+            assert isinstance(data, Capped)
+            if self._cr:
+                data.add(b"\r")
+                self._cr = False
+            if end > start and chunk[end - 1] == 13:  # perhaps the CR of a CRLF: hold it back
+                self._cr = True
+                end -= 1
+            if end - start > EDGE_MAX:  # a view: past the limit only its end is copied
+                data.add(memoryview(chunk)[start:end])
+            elif end > start:
+                data.add(chunk[start:end] if start or end < len(chunk) else chunk)
+        elif line == _IN_NAME:
+            room = _NAME_MAX - len(self._name)
+            if room > 0:
+                self._name += chunk[start : min(end, start + room)]  # a few bytes: bounded by _NAME_MAX
+
+    def _line_ends(self) -> None:
+        line, self._line = self._line, _AT_LINE_START
+        self._cr = False
+        if line == _IN_NAME:
+            name = self._name
+            self._name = b""
+            self._on_event_name(name[:-1] if name.endswith(b"\r") else name)
+
+    def _first_token(self) -> None:
+        if self._ttft_pending:
+            self._ttft_pending = False
+            self.obs.first_token_at = self._clock()
+
+    def _skip_whole_event(self, chunk: bytes, start: int, end: int) -> bool:
+        """Whether the event at chunk[start:end] (its blank line excluded) carries nothing we read."""
+        if chunk.startswith(b"event: ", start):
+            eol = chunk.find(b"\n", start + 7, end)
+            if eol < 0:
+                eol = end
+            if chunk[eol - 1] == 13:  # CRLF lines ended by a bare LF blank line
+                eol -= 1
+            name = chunk[start + 7 : eol]
+            self.output_done = name.endswith(b".done")
+            if name.endswith(DELTA):
+                self._first_token()
+                return True
+            return self.kind == "responses" and name not in DECODED
+        if chunk.startswith(b":", start):
+            return chunk.find(b"\n", start, end) < 0  # a lone comment line (keep-alive)
+        if self.kind == "chat" and not self._ttft_pending and self.obs.model is not None and chunk.startswith(b"data: {", start):
+            # After the first token only a usage object or an error matters (inlined
+            # `_holds_usage_object` and `_is_error_chunk`: this runs per chunk).
+            if chunk.find(b'"error"', start + 6, start + 30) >= 0:
+                return False
+            i = chunk.rfind(b'"usage"', start, end)
+            if i < 0:
+                return True
+            i += 7
+            while i < end and chunk[i] in b" \t\r\n:":
+                i += 1
+            return chunk[i] != 123  # "{"
+        return False
+
+    def _on_event_name(self, name: bytes) -> None:
+        self._event = name
+        self.output_done = name.endswith(b".done")
+        if name.endswith(DELTA):
+            self._first_token()
+            self._skip = True  # deltas carry no usage
+        elif self.kind == "responses" and name not in DECODED:
+            self._skip = True
+
+    def _dispatch(self) -> None:
+        event, data = self._event, self._data
+        self._event = None
+        self._skip = False
+        if data is None:
+            return
+        self._data = None
+        if type(data) is bytes:
+            payload: bytes | bytearray = data
+        elif data.tail is not None:  # type: ignore[union-attr]
+            self._oversized = True
+            self._oversized_event(event, data.head, data.tail)  # type: ignore[union-attr]
+            return
+        else:
+            payload = data.whole()  # type: ignore[union-attr]
+            data.release()  # type: ignore[union-attr]  # read below, then let go
+        if self.kind == "chat":
+            self._chat_payload(payload)
+        else:
+            self._responses_payload(event, payload)
+
+    def release(self) -> None:
+        """Give back the budget an unfinished event holds (the stream was cut or abandoned)."""
+        data = self._data
+        if data is not None and type(data) is not bytes:
+            data.release()  # type: ignore[union-attr]
+
+    def _decode(self, payload: bytes | bytearray) -> dict[str, Any] | None:
+        try:
+            return decode_event(payload)
+        except DecodeError:
+            self.obs.unreadable = "invalid JSON in an SSE event"
+            return None
+
+    def _responses_payload(self, event: bytes | None, payload: bytes | bytearray) -> None:
+        if event is None:
+            # No `event:` line: peek at the type near the start before decoding.
+            head = payload[:96]
+            if DELTA in head:
+                self._first_token()
+                return
+            if b'"response.' not in head and b'"error"' not in head:
+                return
+        obj = self._decode(payload)
+        if obj is None:
+            return
+        kind = obj.get("type")
+        if isinstance(kind, str) and observe_event(self.obs, kind, obj):
+            self._done = True
+
+    def _chat_payload(self, payload: bytes | bytearray) -> None:
+        if payload == b"[DONE]":
+            self.obs.terminal = True
+            self._done = True
+            return
+        if not self._ttft_pending and self.obs.model is not None and not _holds_usage_object(payload) and not _is_error_chunk(payload):
+            return  # after the first token only the usage chunk (and the tier on it), or an error, matters
+        obj = self._decode(payload)
+        if obj is None:
+            return
+        if "error" in obj and isinstance(obj["error"], dict):
+            observe_error(self.obs, obj["error"])
+            return
+        observe_chat_object(self.obs, obj)
+        if self._ttft_pending:
+            for choice in obj.get("choices") or ():
+                delta = choice.get("delta") if isinstance(choice, dict) else None
+                if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("refusal")):
+                    self._first_token()
+                    break
+
+    def _oversized_event(self, event: bytes | None, head: bytes, tail: bytearray) -> None:
+        """An event past max_bytes, of which only the head and tail were kept."""
+        obs = self.obs
+        if self.kind == "chat":
+            found = partial_object(head, tail, 0, CHAT_HEAD, CHAT_TAIL)
+            if isinstance(found.get("error"), dict):
+                observe_error(obs, found["error"])
+                return
+            observe_chat_object(obs, found)
+            if b'"choices"' in head:  # a chunk this large carries output
+                self._first_token()
+            return
+        found = event_from_ends(head, tail, event.decode("utf-8", "replace") if event is not None else None)
+        kind = found.get("type")
+        if not isinstance(kind, str):
+            return
+        if kind.endswith(DELTA_TYPE):
+            self._first_token()
+        elif observe_event(obs, kind, found):
+            self._done = True
+
+    def cut(self) -> None:
+        """The stream will not be read further: an event begun is not one to decode."""
+        self.release()
+        self._data = None
+        self._line = _AT_LINE_START
+        self._start = b""
+        self._done = True
+
+    def finish(self) -> Observation:
+        if not self._done:
+            # A stream may end without the final blank line; the spec says such an
+            # event is dropped, but its data is all we have of the terminal event.
+            if self._line != _AT_LINE_START or self._start:
+                self._parse_lines(b"\n", 0, 1)
+            if self._data is not None and not self._done:
+                self._dispatch()
+        self.release()
+        obs = self.obs
+        if obs.usage is None and obs.unmetered is None and obs.error_type is None and obs.error_code is None:
+            if self._oversized:
+                obs.unmetered = "oversized_event"
+            elif not obs.terminal:
+                obs.unmetered = "no_terminal_event"
+            elif self.kind == "chat":
+                obs.unmetered = "no_include_usage"  # the SDK's default: no usage chunk was asked for
+        return obs

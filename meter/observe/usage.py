@@ -1,0 +1,85 @@
+"""Usage, normalised from each endpoint's shape (SPEC §3), and its invariants.
+
+The Responses API and Chat Completions name the same counts differently; a
+`Usage` is the one shape the ledger keeps.  `usage_anomalies` says which of
+SPEC §3's invariants a usage block breaks: reported, never corrected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .jsonio import as_dict, as_int
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int | None = None
+    cached_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    output_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    total_tokens: int | None = None
+    web_search_calls: int | None = None
+    cache_status: str | None = None
+    cache_missed_tokens: int | None = None
+
+
+def usage_from_responses(usage: dict[str, Any]) -> Usage:
+    """Normalise a Responses API `usage` block (SPEC §3)."""
+    details_in = as_dict(usage.get("input_tokens_details"))
+    details_out = as_dict(usage.get("output_tokens_details"))
+    return Usage(
+        input_tokens=as_int(usage.get("input_tokens")),
+        cached_tokens=as_int(details_in.get("cached_tokens")),
+        cache_write_tokens=as_int(details_in.get("cache_write_tokens")),
+        output_tokens=as_int(usage.get("output_tokens")),
+        reasoning_tokens=as_int(details_out.get("reasoning_tokens")),
+        total_tokens=as_int(usage.get("total_tokens")),
+    )
+
+
+def usage_from_chat(usage: dict[str, Any]) -> Usage:
+    """Normalise a Chat Completions or Embeddings `usage` block (SPEC §3)."""
+    details_in = as_dict(usage.get("prompt_tokens_details"))
+    details_out = as_dict(usage.get("completion_tokens_details"))
+    return Usage(
+        input_tokens=as_int(usage.get("prompt_tokens")),
+        cached_tokens=as_int(details_in.get("cached_tokens")),
+        cache_write_tokens=as_int(details_in.get("cache_write_tokens")),
+        output_tokens=as_int(usage.get("completion_tokens")),
+        reasoning_tokens=as_int(details_out.get("reasoning_tokens")),
+        total_tokens=as_int(usage.get("total_tokens")),
+    )
+
+
+def cache_status_from_diagnostics(diagnostics: dict[str, Any]) -> tuple[str | None, int | None]:
+    """`cache_status` and `cache_missed_tokens` from a response's `prompt_cache_diagnostics`."""
+    kind = diagnostics.get("type")
+    if kind == "cache_hit":
+        return "hit", None
+    if kind == "cache_miss":
+        return f"miss:{diagnostics.get('reason') or 'unknown'}", as_int(diagnostics.get("cache_missed_tokens"))
+    if isinstance(kind, str):
+        return kind, None
+    return None, None
+
+
+def usage_anomalies(usage: Usage, has_output: bool = True) -> tuple[str, ...]:
+    """Invariants of SPEC §3; a violation is reported, never corrected."""
+    found: list[str] = []
+    u = usage
+    for value in (u.input_tokens, u.cached_tokens, u.cache_write_tokens, u.output_tokens, u.reasoning_tokens, u.total_tokens):
+        if value is not None and value < 0:
+            found.append("negative_count")
+            break
+    if u.total_tokens is not None and u.input_tokens is not None:
+        expected = u.input_tokens + (u.output_tokens or 0)
+        if (u.output_tokens is not None or not has_output) and u.total_tokens != expected:
+            found.append("total_mismatch")
+    if u.input_tokens is not None and (u.cached_tokens or 0) + (u.cache_write_tokens or 0) > u.input_tokens:
+        found.append("cache_exceeds_input")
+    if u.output_tokens is not None and u.reasoning_tokens is not None and u.reasoning_tokens > u.output_tokens:
+        found.append("reasoning_exceeds_output")
+    return tuple(found)
