@@ -9,13 +9,12 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from yarl import URL
-
-from .prices import PriceOverride
 
 
 class SettingError(Exception):
@@ -43,6 +42,19 @@ def redact_url(url: str) -> str:
     if parsed.password is not None:
         parsed = parsed.with_password("***")
     return str(parsed)
+
+
+class PriceOverride(BaseModel):
+    """A model's price from the config (`[prices."model"]`), USD per million tokens
+    (web searches: USD per call).  Its shape only: `meter.prices` applies it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input_mtok: Decimal = Field(ge=0)
+    cached_mtok: Decimal | None = Field(None, ge=0)
+    cache_write_mtok: Decimal | None = Field(None, ge=0)
+    output_mtok: Decimal = Field(ge=0)
+    web_search_per_call: Decimal | None = Field(None, ge=0)
 
 
 class Settings(BaseModel):

@@ -214,7 +214,7 @@ class _Histogram(_Counter):
     def family(self, extra: dict[tuple[str, ...], float] | None = None) -> Metric:
         family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
         for labels, cell in self.cells.items():
-            total = 0
+            total = 0.0
             buckets = []
             for le, n in zip(_LE, cell):
                 total += n

@@ -51,14 +51,15 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-import pydantic
 from genai_prices import data_snapshot
 from genai_prices.types import ModelInfo, ModelPrice, PriceContext, Provider, TieredPrices, TimeOfDateConstraint
+
+from .config import PriceOverride
 
 if TYPE_CHECKING:
     from .record import Record
 
-__all__ = ["STANDARD_TIERS", "PriceOverride", "Pricer"]
+__all__ = ["STANDARD_TIERS", "Pricer"]
 
 STANDARD_TIERS = frozenset({None, "", "auto", "default"})
 _NANO = Decimal("1e-9")
@@ -66,18 +67,6 @@ _DAY = 86400
 _DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 _TIER_KEY = "service_tier"
 _DAY_CACHE_MAX = 16384
-
-
-class PriceOverride(pydantic.BaseModel):
-    """A model's price from the config, USD per million tokens (web searches: USD per call)."""
-
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-    input_mtok: Decimal = pydantic.Field(ge=0)
-    cached_mtok: Decimal | None = pydantic.Field(None, ge=0)
-    cache_write_mtok: Decimal | None = pydantic.Field(None, ge=0)
-    output_mtok: Decimal = pydantic.Field(ge=0)
-    web_search_per_call: Decimal | None = pydantic.Field(None, ge=0)
 
 
 class _Rates:
@@ -199,14 +188,16 @@ class _Source:
         self.granularity = granularity  # seconds within which the price cannot change
 
     def rates_at(self, when: datetime) -> _Rates | None:
-        model = self.model
+        model, context = self.model, self.context
         assert model is not None
-        if self.tier is not None and not any(
-            (v.constraint is None or v.constraint.active(when)) and all(self.context.get(k) == x for k, x in v.when.items())
-            for v in model.price_variants or ()
-        ):
-            return None
-        return _Rates.from_model_price(model.get_prices(when, self.context))
+        if self.tier is not None:
+            assert context is not None  # a tier is priced only on the provider's own models, which have one
+            if not any(
+                (v.constraint is None or v.constraint.active(when)) and all(context.get(k) == x for k, x in v.when.items())
+                for v in model.price_variants or ()
+            ):
+                return None
+        return _Rates.from_model_price(model.get_prices(when, context))
 
 
 class Pricer:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+# Every value of `endpoint` (SPEC §4): what `meter.observe.endpoint_for` answers.
 ENDPOINTS = (
     "responses",
     "responses.retrieve",
@@ -24,17 +25,6 @@ ENDPOINTS = (
     "chat.completions",
     "embeddings",
     "other",
-)
-
-OUTCOMES = (
-    "completed",
-    "in_progress",
-    "incomplete",
-    "failed",
-    "error",
-    "upstream_unreachable",
-    "upstream_timeout",
-    "client_disconnected",
 )
 
 USAGE_FIELDS = (

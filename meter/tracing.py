@@ -163,9 +163,6 @@ class Tracing:
         # shutdown() flushes the batch processor and joins its thread: off the event loop.
         await asyncio.get_running_loop().run_in_executor(None, self.provider.shutdown)
 
-    def force_flush(self, timeout_ms: int = 5000) -> bool:
-        return self.provider.force_flush(timeout_ms)
-
     # internals ----------------------------------------------------------------------
 
     def _start(self, flow: Any, started_at: float) -> Any:

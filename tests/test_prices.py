@@ -28,7 +28,8 @@ from genai_prices import calc_price as package_calc_price
 from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import ModelInfo, ModelPrice, Provider
 
-from meter.prices import PriceOverride, Pricer
+from meter.config import PriceOverride
+from meter.prices import Pricer
 from meter.record import Record
 
 OPENAI = "https://api.openai.com"

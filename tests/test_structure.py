@@ -6,6 +6,8 @@
   `if TYPE_CHECKING:` blocks are left out, since they never run.
 - The observe layer (the pure reading of bytes) never reaches aiohttp, however
   indirectly: it is fed bytes and events, never sockets.
+- Settings (`meter.config`) do not load the price tables: `meter report` and
+  every other reader of settings start without them.
 - Addon hooks are discovered in one place, the registry (`meter.flow.Addons`):
   no other module asks an object with `hasattr` whether it implements something,
   nor looks up a hook by its name.
@@ -134,6 +136,18 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def reached_from(graph: dict[str, set[str]], start: list[str]) -> set[str]:
+    """The modules importing `start` runs, `start` included."""
+    reached: set[str] = set()
+    todo = list(start)
+    while todo:
+        name = todo.pop()
+        if name not in reached:
+            reached.add(name)
+            todo.extend(graph[name])
+    return reached
+
+
 def external_imports(tree: ast.Module) -> set[str]:
     """Top-level names of the non-meter packages a module imports at run time."""
     out: set[str] = set()
@@ -163,15 +177,12 @@ def test_observe_never_reaches_aiohttp() -> None:
     modules = sources()
     observe = [name for name in graph if name == "meter.observe" or name.startswith("meter.observe.")]
     assert observe, "the observe layer exists"
-    reached: set[str] = set()
-    todo = list(observe)
-    while todo:
-        name = todo.pop()
-        if name not in reached:
-            reached.add(name)
-            todo.extend(graph[name])
-    offenders = sorted(name for name in reached if "aiohttp" in external_imports(modules[name][1]))
+    offenders = sorted(name for name in reached_from(graph, observe) if "aiohttp" in external_imports(modules[name][1]))
     assert not offenders, f"the observe layer imports aiohttp through {offenders}"
+
+
+def test_settings_do_not_load_the_price_tables() -> None:
+    assert "meter.prices" not in reached_from(import_graph(), ["meter.config"])
 
 
 def test_hooks_are_discovered_only_by_the_registry() -> None:
