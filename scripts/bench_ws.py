@@ -48,7 +48,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench import cpu_seconds, free_port, run_event_loop, serve_forever, start_meter_serve, stop_processes, wait_port  # noqa: E402  (scripts/ is on sys.path)
+# scripts/ is on sys.path
+from bench import cpu_seconds, free_port, run_event_loop, serve_forever, start_meter_serve, stop_processes, wait_port
 
 BARE_PATH = "/bare"  # the bare relay forwards /bare/v1/responses to /v1/responses without metering
 

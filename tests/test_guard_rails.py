@@ -64,7 +64,7 @@ async def serve() -> AsyncIterator[Callable[[Handler], Awaitable[str]]]:
         sock.bind(("127.0.0.1", 0))
         await web.SockSite(runner, sock).start()
         runners.append(runner)
-        return "http://127.0.0.1:%d" % sock.getsockname()[1]
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
     yield start
     for runner in runners:
@@ -97,10 +97,9 @@ async def test_stream_response_req_gives_the_transport_to_abort(serve) -> None:
         return resp
 
     url = await serve(handler)
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url) as r:
-            with pytest.raises(aiohttp.ClientPayloadError):
-                await r.read()
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await r.read()
     assert seen["req_is_request"] is True
     assert isinstance(seen["transport"], asyncio.Transport)
 
@@ -139,13 +138,12 @@ async def test_client_frames_see_a_slow_client_and_wait_for_it(serve) -> None:
         return ws
 
     url = await serve(handler)
-    async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(url, max_msg_size=0) as ws:
-            await asyncio.wait_for(client_reads.wait(), 30)
-            received = 0
-            async for msg in ws:
-                assert msg.type == aiohttp.WSMsgType.BINARY
-                received += len(msg.data)
+    async with aiohttp.ClientSession() as s, s.ws_connect(url, max_msg_size=0) as ws:
+        await asyncio.wait_for(client_reads.wait(), 30)
+        received = 0
+        async for msg in ws:
+            assert msg.type == aiohttp.WSMsgType.BINARY
+            received += len(msg.data)
     assert state["congested_at_start"] is False
     assert state["congested"] is True, f"wrote {state['written']} bytes to a client that reads nothing and never saw the transport pause"
     assert state.get("drain_waited") is True, "drain() did not wait for a client that reads nothing"
@@ -168,18 +166,17 @@ async def test_parsed_messages_is_the_client_websocket_queue(serve) -> None:
         return ws
 
     url = await serve(handler)
-    async with aiohttp.ClientSession() as s:
-        async with s.ws_connect(url) as ws:
-            queue = _parsed_messages(ws)
-            assert isinstance(queue, deque), f"aiohttp's parsed-message queue moved: got {queue!r}"
-            for _ in range(200):
-                if len(queue) == 5:
-                    break
-                await asyncio.sleep(0.01)
-            assert len(_parsed_messages(ws)) == 5
-            texts = [(await ws.receive()).data for _ in range(5)]
-            assert texts == ["message %d" % i for i in range(5)]
-            assert len(_parsed_messages(ws)) == 0
+    async with aiohttp.ClientSession() as s, s.ws_connect(url) as ws:
+        queue = _parsed_messages(ws)
+        assert isinstance(queue, deque), f"aiohttp's parsed-message queue moved: got {queue!r}"
+        for _ in range(200):
+            if len(queue) == 5:
+                break
+            await asyncio.sleep(0.01)
+        assert len(_parsed_messages(ws)) == 5
+        texts = [(await ws.receive()).data for _ in range(5)]
+        assert texts == [f"message {i}" for i in range(5)]
+        assert len(_parsed_messages(ws)) == 0
 
 
 def test_base_request_takes_what_meters_request_factory_passes() -> None:

@@ -103,10 +103,10 @@ async def test_cut_metadata_and_long_user_ids_are_counted(upstream, start_meter)
     meter = await start_meter(upstream.url)
     metadata = {f"k{i:02d}": "v" for i in range(40)}
     headers = {"Authorization": f"Bearer {SECRET_KEY}"}
-    async with aiohttp.ClientSession() as s:
-        async with s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "hi", "metadata": metadata, "user": "u" * 5000}, headers=headers) as r:
-            assert r.status == 200
-            await r.read()
+    body = {"model": "gpt-4o", "input": "hi", "metadata": metadata, "user": "u" * 5000}
+    async with aiohttp.ClientSession() as s, s.post(meter.url + "/v1/responses", json=body, headers=headers) as r:
+        assert r.status == 200
+        await r.read()
     [row] = await meter.rows()
     assert len(json.loads(row["tags"])) == 16 and row["user_id"] == "u" * 256
     async with aiohttp.ClientSession() as s, s.get(meter.admin_url + "/metrics") as r:
