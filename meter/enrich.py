@@ -9,9 +9,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from .ledger.sanitise import short_key
 from .record import Record
-from .sanitise import short_key
-
 
 _ENTRY_OVERHEAD = 120  # an OrderedDict entry and a small str object, roughly
 

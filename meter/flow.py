@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .identity import KeyIdentities, key_from_headers
+from .ledger.sanitise import keep_text_short
 from .observe import Observation, RequestFacts, request_facts, usage_anomalies
 from .record import Record
-from .sanitise import keep_text_short
 
 log = logging.getLogger("meter")
 

@@ -29,8 +29,7 @@ from .config import Settings, StartupError, parse_host_port, redact_url
 from .enrich import CountUsageOnce, Pricing
 from .flow import Addons
 from .identity import KeyIdentities
-from .ledger import LedgerWriter, Store
-from .ledger_child import ChildProcessStore
+from .ledger import LedgerWriter, Store, store_for
 from .metrics import CONTENT_TYPE, LedgerMetrics, Metrics
 from .prices import Pricer
 from .proxy import Proxy
@@ -39,16 +38,6 @@ from .tracing import Tracing, tracing_from_env
 from .websocket import WebSocketRelay
 
 log = logging.getLogger("meter")
-
-
-def make_store(settings: Settings) -> Store:
-    if settings.ledger_is_postgres:
-        from .ledger_pg import PostgresStore
-
-        return PostgresStore(settings.ledger)
-    # DuckDB runs in a child process: in the proxy's process its GIL hand-offs
-    # cost the event loop several times the insert itself (see ledger_child).
-    return ChildProcessStore(settings.ledger)
 
 
 HEADER_LIMIT = 64 * 1024
@@ -103,7 +92,7 @@ class Meter:
     def __init__(self, settings: Settings, *, extra_addons: list[Any] | None = None, store: Store | None = None) -> None:
         self.settings = settings
         self.identities = KeyIdentities(settings.keys)
-        self.store = store or make_store(settings)
+        self.store = store or store_for(settings)
         self.ledger = LedgerWriter(
             self.store,
             flush_interval=settings.flush_interval,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import duckdb
 
-from meter.ledger import COLUMN_TYPES, DuckDBStore, LedgerWriter, Spool, random_uuids
+from meter.ledger import COLUMN_TYPES, ChildProcessStore, DuckDBStore, LedgerWriter, Spool
+from meter.ledger.writer import random_uuids
 from meter.record import COLUMNS, Record
 
 from .conftest import ledger_rows
@@ -254,8 +255,6 @@ def test_recovery_without_spool_writes_everything_once(tmp_path: Path) -> None:
 def test_the_ledger_process_yields_the_cpu_to_the_proxy(tmp_path: Path) -> None:
     """The DuckDB ledger runs in a child process at a lower priority, and writes there."""
     import os
-
-    from meter.ledger_child import ChildProcessStore
 
     store = ChildProcessStore(str(tmp_path / "l.duckdb"))
     store.open()

@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterable
 from decimal import Decimal
 
-from .record import ENDPOINTS, Record
+from ..record import ENDPOINTS, Record
 
 MAX_TEXT = 256
 BOUNDED_TEXT: tuple[str, ...] = ("model", "model_requested", "response_id", "previous_response_id", "upstream_request_id", "user_id", "project")
@@ -104,7 +104,7 @@ def clean_tags(text: str) -> str:
 
 
 def _fits_bigint(value: object) -> bool:
-    return type(value) is int and BIGINT_MIN <= value <= BIGINT_MAX  # type: ignore[operator]
+    return type(value) is int and BIGINT_MIN <= value <= BIGINT_MAX
 
 
 def _clean_cost(value: object) -> Decimal | None:

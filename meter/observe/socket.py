@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..flow import Flow
-from ..sanitise import MAX_TEXT, short_key
+from ..ledger.sanitise import MAX_TEXT, short_key
 from .facts import RequestFacts, facts_from_request
 from .jsonio import DecodeError
 from .objects import Observation

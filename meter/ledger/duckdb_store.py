@@ -1,0 +1,305 @@
+"""The DuckDB store: a ledger in one file (SPEC §4).
+
+`meter serve` runs it in a child process (`child_store`); `meter report` and
+`meter reprice` open files with it directly (`readers`), and so do tests.
+
+- Writes: one transaction per batch.  The batch goes in as Arrow columns with
+  `INSERT ... WHERE NOT EXISTS` on its ids (no primary key: an index on random
+  UUIDs halves insert speed), so a retried batch adds nothing.  Usage of a
+  background response counts once (`schema.claim_usage` against the
+  `usage_claims` table).
+- Reads run on a cursor of their own (a second connection to the same
+  database), so a reader in another thread never shares the writer's
+  transaction, and `iter_query` streams its result in batches.
+- `set_costs` stages the changes in a temporary table, chunk by chunk, and
+  applies them with one UPDATE join in one transaction, on a cursor of its
+  own, so it can be fed by an `iter_query` of the same store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from collections.abc import Generator, Iterable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from ..record import COLUMNS, Record
+from .migrations import migrate
+from .schema import COLUMN_TYPES, claim_usage, needs_claim
+from .spool import check_directory
+from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnusable, chunks
+
+
+def _arrow_schema() -> Any:
+    import pyarrow as pa
+
+    arrow = {
+        "UUID": pa.string(),
+        "TIMESTAMPTZ": pa.float64(),
+        "VARCHAR": pa.string(),
+        "JSON": pa.string(),
+        "INTEGER": pa.int32(),
+        "BIGINT": pa.int64(),
+        "BOOLEAN": pa.bool_(),
+        "DOUBLE": pa.float64(),
+        "DECIMAL(18,9)": pa.decimal128(18, 9),
+    }
+    return pa.schema([(name, arrow[kind]) for name, kind in COLUMN_TYPES.items()])
+
+
+def records_to_arrow(records: Sequence[Record]) -> Any:
+    """Columns, not rows: one Arrow array per column, built in C from Python lists."""
+    import pyarrow as pa
+
+    schema = _arrow_schema()
+    arrays = [pa.array([getattr(r, name) for r in records], type=schema.field(name).type) for name in COLUMNS]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def select_from_batch() -> str:
+    """The columns of a registered Arrow batch, converted to the table's types."""
+    parts = []
+    for name, kind in COLUMN_TYPES.items():
+        if kind == "TIMESTAMPTZ":
+            parts.append(f"to_timestamp({name})")
+        elif kind in ("UUID", "JSON"):
+            parts.append(f"{name}::{kind}")
+        else:
+            parts.append(name)
+    return ", ".join(parts)
+
+
+class _Migrating:
+    """A DuckDB connection as the migration runner sees it."""
+
+    dialect = "duckdb"
+
+    def __init__(self, con: Any) -> None:
+        self.con = con
+
+    def execute(self, sql: str, *params: Any) -> None:
+        self.con.execute(sql, list(params))
+
+    def column(self, sql: str, *params: Any) -> list[Any]:
+        return [row[0] for row in self.con.execute(sql, list(params)).fetchall()]
+
+
+def _check_is_meter_ledger(con: Any, path: str) -> None:
+    """A DuckDB file with a `requests` table meter did not make is someone else's data."""
+    columns = {row[0] for row in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'requests'").fetchall()}
+    if columns and not {"id", "started_at", "finished_at", "endpoint"} <= columns:
+        raise LedgerUnusable(f"ledger {path} is not a meter ledger (it has a requests table meter did not make)")
+
+
+def read_only_statement(con: Any, sql: str) -> None:
+    """Readers run one SELECT, never anything that changes the ledger (as on PostgreSQL,
+    where reads run in a read-only transaction)."""
+    import duckdb
+
+    statements = con.extract_statements(sql)
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        raise ValueError("a ledger query is one read-only SELECT statement")
+
+
+class CostUpdate:
+    """`set_costs` step by step: staged chunk by chunk in a temporary table, then one
+    UPDATE join, in one transaction on a cursor of its own (the ledger child drives it
+    one message at a time)."""
+
+    def __init__(self, con: Any) -> None:
+        self.con = con.cursor()
+        self.con.execute("BEGIN TRANSACTION")
+        self.con.execute("CREATE TEMP TABLE meter_costs (id UUID, cost_usd DECIMAL(18,9))")
+
+    def add(self, changes: Sequence[tuple[str, Decimal | None]]) -> None:
+        import pyarrow as pa
+
+        chunk = pa.table(
+            {
+                "id": pa.array([c[0] for c in changes], type=pa.string()),
+                "cost_usd": pa.array([c[1] for c in changes], type=pa.decimal128(18, 9)),
+            }
+        )
+        self.con.register("meter_costs_chunk", chunk)
+        try:
+            self.con.execute("INSERT INTO meter_costs SELECT id::UUID, cost_usd FROM meter_costs_chunk")
+        finally:
+            self.con.unregister("meter_costs_chunk")
+
+    def commit(self) -> int:
+        """Apply the staged costs; the number of rows updated."""
+        try:
+            (updated,) = self.con.execute("UPDATE requests SET cost_usd = c.cost_usd FROM meter_costs AS c WHERE requests.id = c.id").fetchone()
+            self.con.execute("DROP TABLE meter_costs")
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.abort()
+            raise
+        self.con.close()
+        return int(updated)
+
+    def abort(self) -> None:
+        try:
+            self.con.execute("ROLLBACK")
+        finally:
+            self.con.close()
+
+
+class DuckDBStore:
+    dialect = "duckdb"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.con: Any = None
+        # Idempotent by id without an index: a retried batch finds its rows among
+        # those started no earlier than the batch's first record, which DuckDB's
+        # zone maps on started_at narrow to the newest row groups.
+        self._insert = (
+            # NOT EXISTS, not NOT IN: one NULL id in the table turns `NOT IN` into "insert nothing".
+            f"INSERT INTO requests SELECT {select_from_batch()} FROM batch WHERE NOT EXISTS "
+            "(SELECT 1 FROM requests r WHERE r.id = batch.id::UUID AND r.started_at >= (SELECT to_timestamp(min(started_at)) FROM batch))"
+        )
+
+    @classmethod
+    def over(cls, con: Any, path: str) -> DuckDBStore:
+        """A store over a connection made elsewhere (the readers' attached files); open already."""
+        store = cls(path)
+        store.con = con
+        return store
+
+    def open(self) -> None:
+        import duckdb
+
+        created = False
+        if self.path != ":memory:":
+            check_directory(self.path, "ledger")  # never created: a typo must not make a tree
+            created = not os.path.exists(self.path)
+        # One DuckDB worker thread: batches are small and frequent, and on a small
+        # machine more threads only compete with the event loop for cores.
+        try:
+            self.con = duckdb.connect(self.path, config={"threads": 1})
+        except duckdb.IOException as exc:
+            raise unusable_from_duckdb(self.path, exc) from None
+        if created:
+            # The ledger child sets a umask so DuckDB creates its files 0600; in any
+            # other process the new file is narrowed here.  An existing file keeps the
+            # mode its operator gave it.
+            os.chmod(self.path, 0o600)
+        try:
+            _check_is_meter_ledger(self.con, self.path)
+            migrate(_Migrating(self.con), self.path)
+        except BaseException:
+            self.close()
+            raise
+
+    def probe(self) -> None:
+        """An empty batch through the whole write path: succeeds while the store works."""
+        self.write([])
+
+    def write(self, records: Sequence[Record]) -> None:
+        con = self._open_con()
+        candidates = sorted({r.response_id for r in records if r.response_id is not None and needs_claim(r)})
+        con.execute("BEGIN TRANSACTION")
+        registered = False
+        try:
+            already: set[str] = set()
+            if candidates:
+                rows = con.execute("SELECT response_id FROM usage_claims WHERE response_id IN (SELECT UNNEST(?::VARCHAR[]))", [candidates]).fetchall()
+                already = {row[0] for row in rows}
+            claims = claim_usage(records, already)
+            if claims:
+                con.execute(
+                    "INSERT INTO usage_claims (response_id, request_id) SELECT UNNEST(?::VARCHAR[]), UNNEST(?::UUID[]) ON CONFLICT DO NOTHING",
+                    [[c[0] for c in claims], [c[1] for c in claims]],
+                )
+            con.register("batch", records_to_arrow(records))
+            registered = True
+            con.execute(self._insert)
+            con.execute("COMMIT")
+        except Exception:
+            with contextlib.suppress(Exception):  # the store's own reason, below, is the one to raise
+                con.execute("ROLLBACK")
+            raise  # the store's own reason: unregistering inside the failed transaction would replace it
+        finally:
+            if registered:
+                with contextlib.suppress(Exception):  # a failed transaction may leave nothing to unregister
+                    con.unregister("batch")
+
+    # reads ----------------------------------------------------------------------
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
+        cur = self._open_con().cursor()
+        try:
+            read_only_statement(cur, sql)
+            res = cur.execute(sql, list(params))
+            return [d[0] for d in res.description], res.fetchall()
+        finally:
+            cur.close()
+
+    def iter_query(self, sql: str, params: Sequence[Any] = (), *, batch_rows: int = 50_000) -> Generator[list[tuple[Any, ...]], None, None]:
+        cur = self._open_con().cursor()
+        try:
+            read_only_statement(cur, sql)
+            res = cur.execute(sql, list(params))  # a streaming result: rows are made as they are fetched
+            while batch := res.fetchmany(batch_rows):
+                yield batch
+        finally:
+            cur.close()
+
+    def set_costs(self, changes: Iterable[tuple[str, Decimal | None]]) -> int:
+        update = self.begin_costs()
+        try:
+            for chunk in chunks(changes, COST_CHUNK_ROWS):
+                update.add(chunk)
+        except BaseException:
+            update.abort()
+            raise
+        return update.commit()
+
+    def begin_costs(self) -> CostUpdate:
+        return CostUpdate(self._open_con())
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None
+
+    def _open_con(self) -> Any:
+        con = self.con
+        if con is None:
+            raise LedgerNotOpen(f"the ledger {self.path} is not open")
+        return con
+
+
+_LOCK_PID = re.compile(r"Conflicting lock is held in .*?\(PID (\d+)\)")
+
+
+def lock_holder(pid: int) -> str:
+    """Who holds a ledger: DuckDB names the process with the file open, which for
+    meter is the ledger child of another `meter serve`; name that `meter serve`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"meter.ledger.child_store" in cmdline:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            return f"meter serve (pid {ppid})"
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+        return f"{name} (pid {pid})"
+    except (OSError, ValueError, IndexError):
+        return f"process {pid}"
+
+
+def unusable_from_duckdb(path: str, exc: Exception) -> Exception:
+    """DuckDB's open error as start-up's one line, or as is if it is not about the file."""
+    text = str(exc)
+    held = _LOCK_PID.search(text)
+    if held:
+        return LedgerUnusable(f"ledger {path} is in use by {lock_holder(int(held.group(1)))}")
+    if "not a valid DuckDB database file" in text:
+        return LedgerUnusable(f"ledger {path} is not a DuckDB database (not a meter ledger)")
+    if "No such file or directory" in text or "Permission denied" in text or "Is a directory" in text:
+        return LedgerUnusable(f"ledger {path}: {text.removeprefix('IO Error: ')}")
+    return exc

@@ -1,0 +1,118 @@
+"""The ledger's two files of records beside the store: the spool and the rejected file.
+
+The spool holds records the store could not take in time (an outage, a slow
+store, a shutdown while it was down); the writer replays it into the store at
+its next open.  The rejected file holds records the store refused for their
+values, each with the store's reason, for a person to look at: meter never
+retries them.  Both are JSON lines, created readable and writable by their
+owner only (they hold user ids, metadata and key names), and each append is
+synced to disk before the records count as kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import IO
+
+from ..record import COLUMNS, Record
+from .store import LedgerUnusable
+
+log = logging.getLogger("meter.ledger")
+
+
+def check_directory(path: str | Path, what: str) -> None:
+    """A file meter will create must have its directory already: a typo must not make a tree."""
+    parent = Path(path).parent
+    if not parent.is_dir():
+        raise LedgerUnusable(f"{what} {path}: directory {parent} does not exist")
+
+
+def open_private(path: Path) -> IO[str]:
+    """Append to `path`, creating it readable and writable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    return open(fd, "a", encoding="utf-8")
+
+
+def record_to_json(record: Record) -> str:
+    row = record.as_dict()
+    if row["cost_usd"] is not None:
+        row["cost_usd"] = str(row["cost_usd"])
+    return json.dumps(row, separators=(",", ":"))
+
+
+_COLUMN_SET = frozenset(COLUMNS)
+
+
+def record_from_json(text: str) -> Record:
+    row = json.loads(text)
+    if row.get("cost_usd") is not None:
+        row["cost_usd"] = Decimal(row["cost_usd"])
+    return Record(**{k: v for k, v in row.items() if k in _COLUMN_SET})
+
+
+class Spool:
+    """Append-only overflow file for records the store could not take in time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()  # the writer and the spiller both append
+
+    def append(self, records: Sequence[Record]) -> None:
+        lines = "".join(record_to_json(record) + "\n" for record in records)
+        with self._lock, open_private(self.path) as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read(self) -> list[Record]:
+        if not self.path.exists():
+            return []
+        records = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    records.append(record_from_json(line))
+                except (ValueError, TypeError):
+                    log.error("skipping an unreadable spool line in %s", self.path)
+        return records
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class RejectedFile:
+    """Records a store refused, one JSON line each with the store's reason: kept for a
+    person to look at (and replay by hand), never retried by meter."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: Record, reason: str) -> None:
+        line = json.dumps({"rejected_at": datetime.now(UTC).isoformat(), "reason": reason, "record": json.loads(record_to_json(record))})
+        with open_private(self.path) as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def rejected_path_for(store: object, spool_path: Path | None) -> Path | None:
+    """`<ledger>.rejected.jsonl` beside a ledger file; else `<spool>.rejected.jsonl`."""
+    path = getattr(store, "path", None)
+    if isinstance(path, str) and path != ":memory:":
+        return Path(path + ".rejected.jsonl")
+    if spool_path is not None:
+        return Path(str(spool_path) + ".rejected.jsonl")
+    return None

@@ -1,0 +1,432 @@
+"""The ledger sink: records leave the request path and land in a `Store`.
+
+`LedgerWriter` is an addon.  Its `done` hook only appends the record to a deque;
+a writer thread wakes every `flush_interval` (or when a batch is full) and
+writes the batch in one call, so the event loop never waits on the database.
+If the store fails, records wait in memory up to `max_pending`; past that they
+go to a spool file (JSON lines) that is replayed into the store at the next
+start.  A spill thread keeps that bound while the writer waits on a slow store.
+
+Hostile input (SPEC §2b): every batch passes `sanitise` in the writer's thread
+before any store sees it, the one step every store shares.  A batch the store
+still refuses is split until the refused records are isolated; those go, with
+the store's reason, to the rejected file (`<ledger>.rejected.jsonl`, or
+`<spool>.rejected.jsonl` when the ledger is not a file) and the rest is
+written.  An outage (the store cannot be reached or written at all) is not a
+refusal: records wait, then spool.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..record import Record
+from .sanitise import new_overflows, new_truncated, sanitise_batch
+from .spool import RejectedFile, Spool, check_directory, rejected_path_for
+from .store import LedgerUnusable, Store, failure_kind
+
+log = logging.getLogger("meter.ledger")
+
+_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def random_uuids(n: int) -> list[str]:
+    """`n` random (version 4) UUIDs as strings, from one read of the OS's randomness.
+
+    `str(uuid.uuid4())` per record made a system call and a UUID object each, and
+    was the writer thread's largest cost (its GIL time is the event loop's loss).
+    """
+    digits = os.urandom(16 * n).hex()
+    out = []
+    for i in range(0, 32 * n, 32):
+        h = digits[i : i + 32]
+        out.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}")
+    return out
+
+
+@dataclass
+class LedgerStats:
+    written: int = 0
+    write_errors: int = 0
+    spooled: int = 0
+    healthy: bool = True
+    last_error: str | None = None
+    rejected: int = 0  # records a store refused, set aside in the rejected file
+    # Per bounded text field, values cut to their bound; per endpoint, records with a
+    # number the ledger's types cannot hold (stored NULL).  Every key is there from the
+    # start, so a reader on another thread can iterate while the writer counts.
+    truncated: dict[str, int] = field(default_factory=new_truncated)
+    overflows: dict[str, int] = field(default_factory=new_overflows)
+
+
+class LedgerWriter:
+    """Addon: batches records off the request path into a `Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        flush_interval: float = 0.5,
+        batch_size: int = 5000,
+        max_pending: int = 100_000,
+        spool_path: Path | None = None,
+        retry_max_interval: float = 5.0,
+        rejected_path: Path | None = None,
+    ) -> None:
+        self.store = store
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self.max_pending = max_pending
+        self.spool = Spool(spool_path) if spool_path is not None else None
+        rejected = rejected_path or rejected_path_for(store, spool_path)
+        self.rejected = RejectedFile(rejected) if rejected is not None else None
+        self.retry_max_interval = retry_max_interval
+        # Wake the writer at a full batch, or sooner when memory is bounded tighter,
+        # so that an outage spills to the spool before the queue outgrows the bound.
+        self._wake_at = min(batch_size, max_pending)
+        # Queue length past which the spill thread runs: `max_pending` less what the
+        # writer holds (the batch in flight, a retry), kept current by the writer.
+        self._spill_at = max_pending
+        self.stats = LedgerStats()
+        self._queue: deque[Record] = deque()
+        self._retry: list[Record] = []  # a failed batch, written before anything newer
+        self._writing = 0  # size of the batch the thread is writing right now
+        self._wake = threading.Event()
+        self._spill = threading.Event()  # set by `done` when the queue passes max_pending
+        self._spill_lock = threading.Lock()  # one spiller at a time: the writer or the spill thread
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._spill_thread: threading.Thread | None = None
+        self._opened = False
+        self._replayed_at_open = False  # the spool is read back at the first open, not at every reopen
+
+    # hooks --------------------------------------------------------------------
+
+    def done(self, flow: object, record: Record) -> None:
+        queue = self._queue
+        queue.append(record)
+        n = len(queue)
+        if n >= self._wake_at:
+            self._wake.set()
+        if n > self._spill_at:
+            self._spill.set()  # the store is slow or down: the spill thread bounds memory
+
+    async def start(self) -> None:
+        """Open the store before serving, so that a ledger that cannot be used at all
+        fails start-up (`LedgerUnusable`); any other failure is an outage the thread
+        rides out (a PostgreSQL server not up yet), as after start."""
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.first_open)
+        self.start_thread()
+
+    async def stop(self) -> None:
+        import asyncio
+
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
+
+    # state for metrics and health ------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Records not yet in the store: queued, waiting for a retry, or being written."""
+        return len(self._queue) + len(self._retry) + self._writing
+
+    # thread ---------------------------------------------------------------------
+
+    def first_open(self) -> None:
+        """Open the store now; raise `LedgerUnusable` if it never can be."""
+        if self.spool is not None:
+            check_directory(self.spool.path, "spool")
+        if self.rejected is not None:
+            check_directory(self.rejected.path, "rejected file")
+        self._open(raise_unusable=True)
+
+    def start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="meter-ledger", daemon=True)
+        self._thread.start()
+
+    def _start_spiller(self) -> None:
+        """After the first open, which replays the spool: records spilled before it
+        would come straight back."""
+        if self.spool is not None and self._spill_thread is None and not self._stopping:
+            self._spill_thread = threading.Thread(target=self._run_spiller, name="meter-ledger-spill", daemon=True)
+            self._spill_thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Flush everything (or spool what cannot be written) and close the store."""
+        self._stopping = True
+        self._wake.set()
+        self._spill.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        if self._spill_thread is not None:
+            self._spill_thread.join(timeout)
+            self._spill_thread = None
+
+    def _open(self, raise_unusable: bool = False) -> bool:
+        try:
+            self.store.open()
+        except LedgerUnusable as exc:
+            if raise_unusable:
+                raise
+            self._note_error(exc)
+            return False
+        except Exception as exc:  # noqa: BLE001 - any other failure to open is an outage the thread rides out
+            self._note_error(exc)
+            return False
+        self._opened = True
+        if not self._replayed_at_open:
+            # Records a previous run (or an outage before this first open) spooled.  A
+            # reopen after a failed write must not read the spool back: during an outage
+            # that bounced every spooled record into memory at each retry, past the bound.
+            self._replayed_at_open = True
+            self._replay_spool()
+        return True
+
+    def _spool_waiting(self) -> bool:
+        try:
+            return self.spool is not None and self.spool.path.stat().st_size > 0
+        except OSError:
+            return False
+
+    def _replay_spool(self) -> None:
+        """Records spooled earlier (an outage, a slow store, a previous run) go back in
+        line, ahead of anything newer."""
+        if self.spool is None:
+            return
+        with self._spill_lock:
+            spooled = self.spool.read()
+            if spooled:
+                log.info("replaying %d spooled records from %s", len(spooled), self.spool.path)
+                self._retry = spooled + self._retry
+            self.spool.clear()
+
+    def _note_error(self, exc: Exception) -> None:
+        self.stats.write_errors += 1
+        self.stats.healthy = False
+        message = f"{type(exc).__name__}: {exc}"
+        if message != self.stats.last_error:
+            log.error("ledger write failed (%s); %d records waiting", message, self.pending)
+        self.stats.last_error = message
+
+    def _take_batch(self) -> list[Record]:
+        if self._retry:
+            batch, self._retry = self._retry[: self.batch_size], self._retry[self.batch_size :]
+        else:
+            queue = self._queue
+            batch = []
+            try:  # the spill thread may take from the queue's head meanwhile
+                for _ in range(min(len(queue), self.batch_size)):
+                    batch.append(queue.popleft())
+            except IndexError:
+                pass
+        # Ids are minted here, off the event loop, before the first write attempt,
+        # so a retried batch carries the same ids and stays idempotent.
+        missing = [record for record in batch if record.id is None]
+        for record, id_ in zip(missing, random_uuids(len(missing))):
+            record.id = id_
+        # Off the event loop too, and idempotent: a retried batch is not counted twice.
+        sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
+        return batch
+
+    def _flush_once(self, drain: bool = False) -> bool:
+        """Write what is due; once caught up, first take back what a slow store made
+        the spill thread spool (when draining, until the spool is empty).  False when
+        the store failed (records kept)."""
+        while True:
+            # Caught up (nothing retried, the queue well under the bound): under a store
+            # that stays slower than the traffic the spool grows on disk, not in memory.
+            caught_up = not self._retry and (drain or len(self._queue) < self.max_pending // 2)
+            if caught_up and self.stats.healthy and self._spool_waiting():
+                self._replay_spool()
+            ok = self._write_due(drain)
+            if not ok or not drain or not self._spool_waiting():
+                return ok
+
+    def _write_due(self, drain: bool) -> bool:
+        """Write what was pending when called, and more only as whole batches (all of
+        it when draining).  False when the store failed (records kept).
+
+        Not "until the queue is empty": under steady traffic a few records arrive
+        during every write, and chasing them turned one write per interval into
+        back-to-back writes of a dozen records, each with a transaction's fixed cost,
+        which kept a core busy in the ledger process at a thousand requests a second.
+        """
+        due = self.pending
+        while (self._retry or self._queue) and (drain or due > 0 or len(self._queue) >= self.batch_size):
+            batch = self._take_batch()
+            due -= len(batch)
+            self._set_writing(len(batch))
+            outage = self._write_isolating(batch)
+            self._set_writing(0)
+            if outage is not None:
+                self._note_error(outage)
+                self._spill_overflow()
+                self._reopen_later()
+                return False
+            if not self.stats.healthy:
+                log.info("ledger recovered; %d records waiting", self.pending)
+            self.stats.healthy = True
+            self.stats.last_error = None
+            # A slow store: new arrivals past the bound go to the spool; records being
+            # retried or replayed stay, they are the ones being written.
+            self._spill_overflow(from_retry=False)
+        return True
+
+    def _set_writing(self, n: int) -> None:
+        self._writing = n
+        self._spill_at = self.max_pending - n - len(self._retry)
+        if self._spill_at < len(self._queue):
+            self._spill.set()
+
+    def _write_isolating(self, batch: list[Record]) -> Exception | None:
+        """Write `batch`, splitting a refused part in halves until the refused records
+        are alone; those are set aside.  On an outage, what is not written goes back
+        to the head of the retry list and the outage is returned."""
+        parts = [batch]
+        while parts:
+            part = parts.pop()
+            try:
+                self.store.write(part)
+            except Exception as exc:  # noqa: BLE001 - whatever the store raises, failure_kind says whose fault it is
+                kind = failure_kind(exc)
+                if kind == "unknown" and len(part) == 1:
+                    kind = self._probe_kind()
+                if kind == "outage":
+                    self._retry = part + [r for p in reversed(parts) for r in p] + self._retry
+                    return exc
+                if len(part) == 1:
+                    self._reject(part[0], exc)
+                else:
+                    mid = len(part) // 2
+                    parts += [part[mid:], part[:mid]]  # the first half is written first
+                continue
+            self.stats.written += len(part)
+        return None
+
+    def _probe_kind(self) -> str:
+        """One record failed with an error that does not say whose fault it is: if the
+        store still takes a write that must succeed, the record is the problem."""
+        try:
+            self.store.probe()
+        except Exception:  # noqa: BLE001 - any failure of the probe says "the store"
+            return "outage"
+        return "refused"
+
+    def _reject(self, record: Record, exc: Exception) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.stats.rejected += 1
+        log.warning("ledger refused record %s (%s); set aside in %s", record.id, reason, self.rejected.path if self.rejected else "the log only")
+        if self.rejected is None:
+            return
+        try:
+            self.rejected.append(record, reason)
+        except OSError as exc2:
+            log.error("could not write the rejected record %s to %s: %s", record.id, self.rejected.path, exc2)
+
+    def _reopen_later(self) -> None:
+        """After a failed write the connection may be unusable (DuckDB invalidates a
+        database after an I/O error): close it, and open afresh on the next try."""
+        with contextlib.suppress(Exception):  # a broken connection may not close cleanly; it is dropped either way
+            self.store.close()
+        self._opened = False
+
+    def _spill_overflow(self, from_retry: bool = True) -> None:
+        """Bound memory while the store is down or slow: the oldest records go to the spool.
+
+        The writer thread calls it with `from_retry` (it owns `_retry`, the oldest
+        records); the spill thread without (it takes from the queue alone).  Records
+        the spool cannot take go back where they came from, in order.
+        """
+        if self.spool is None or self.pending <= self.max_pending:
+            return
+        with self._spill_lock:
+            excess = self.pending - self.max_pending
+            old: list[Record] = []
+            if from_retry and excess > 0 and self._retry:
+                take = min(excess, len(self._retry))
+                old, self._retry = self._retry[:take], self._retry[take:]
+            queued: list[Record] = []
+            try:
+                while len(old) + len(queued) < excess:
+                    queued.append(self._queue.popleft())
+            except IndexError:
+                pass
+            spill = old + queued
+            if not spill:
+                return
+            try:
+                self.spool.append(spill)
+                self.stats.spooled += len(spill)
+            except OSError as exc:
+                log.error("could not spool %d records: %s", len(spill), exc)
+                self._queue.extendleft(reversed(queued))
+                if old:
+                    self._retry = old + self._retry
+
+    def _run_spiller(self) -> None:
+        """While the writer waits on a slow store, records keep arriving: this thread
+        spools the oldest queued ones past `max_pending`, so memory stays bounded even
+        when no write ever fails."""
+        while not self._stopping:
+            self._spill.wait()
+            self._spill.clear()
+            if self._stopping:
+                break
+            self._spill_overflow(from_retry=False)
+
+    def _run(self) -> None:
+        backoff = self.flush_interval
+        while True:
+            stopping = self._stopping
+            opened = self._opened or self._open()
+            self._start_spiller()
+            if not opened:
+                ok = False
+                self._spill_overflow()  # the store cannot even be opened: memory stays bounded
+            else:
+                ok = self._flush_once(drain=stopping)
+            if stopping:
+                if not ok and self.spool is not None and self.pending:
+                    self._spill_all()
+                break
+            backoff = self.flush_interval if ok else min(self.retry_max_interval, max(backoff * 2, self.flush_interval))
+            self._wake.wait(backoff)
+            self._wake.clear()
+        if self._opened:
+            try:
+                self.store.close()
+            except Exception as exc:  # noqa: BLE001 - the thread is ending; the failure is logged
+                log.error("closing the ledger failed: %s", exc)
+
+    def _spill_all(self) -> None:
+        records = self._retry + list(self._queue)
+        self._retry = []
+        self._queue.clear()
+        try:
+            self.spool.append(records)  # type: ignore[union-attr]
+            self.stats.spooled += len(records)
+            log.warning("ledger unavailable at shutdown: %d records spooled to %s", len(records), self.spool.path)  # type: ignore[union-attr]
+        except OSError as exc:
+            log.error("could not spool %d records at shutdown: %s", len(records), exc)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything appended so far is written, set aside or spooled (tests, admin)."""
+        deadline = time.monotonic() + timeout
+        target = self.stats.written + self.pending
+        self._wake.set()
+        while time.monotonic() < deadline:
+            if self.pending == 0 and self.stats.written >= target - self.stats.spooled - self.stats.rejected:
+                return True
+            time.sleep(0.01)
+            self._wake.set()
+        return False
