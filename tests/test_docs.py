@@ -1,59 +1,292 @@
-"""The repository's own reference is complete: users read the README, not SPEC.
+"""The repository's own reference is complete: users read docs/, not the code.
 
-Every `meter serve` flag and its environment variable, every metric meter
-exposes and every ledger column is named in the README; a new one that is not
-fails here.
+What is checked is what meter really makes, not a list kept beside the code:
+
+- a real `meter serve` runs against the fake provider, serves a few requests
+  chosen to give every labelled metric family a series, is scraped and stopped;
+  every family it exposes (`# TYPE`), with its type, and every label of its
+  series must be in docs/metrics.md, each label also in its table of values;
+- the DuckDB ledger it made is opened: every table and view, and every column
+  with its type, must be in docs/ledger.md;
+- every command and option `meter.cli.build_parser()` accepts must be in
+  docs/cli.md, under the command's own heading; every `meter serve` flag with
+  its `METER_*` variable;
+- every setting of the `Settings` model (the config file's keys), every price
+  override key, every `METER_*` variable a setting or a command's help names
+  must be in docs/config.md.
+
+A new column, metric, label, flag or setting that the docs do not name fails here.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import re
+import typing
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from meter.cli import build_parser
-from meter.config import ENV_PREFIX, load_settings
-from meter.ledger import COLUMN_TYPES
-from meter.metrics import Metrics
+from meter.config import Settings, settings_from_env
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+from .conftest import SECRET_KEY, MeterProcess, UpstreamProcess
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+# information_schema spells some DuckDB types out; the docs use the names one writes in SQL.
+TYPE_NAMES = {"TIMESTAMP WITH TIME ZONE": "TIMESTAMPTZ"}
+
+
+def doc(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def section(text: str, name: str) -> str:
+    """The text under the first heading that is `name` or names it in backticks, down to
+    the next heading of the same or a higher level ("" when there is no such heading)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        heading = re.match(r"(#+) (.*)", line)
+        if heading and (f"`{name}`" in line or heading.group(2).strip() == name):
+            level = len(heading.group(1))
+            body = []
+            for following in lines[i + 1 :]:
+                other = re.match(r"(#+) ", following)
+                if other and len(other.group(1)) <= level:
+                    break
+                body.append(following)
+            return "\n".join(body)
+    return ""
+
+
+def table_row(text: str, name: str) -> list[str] | None:
+    """The cells of the Markdown table row whose first cell is `name` in backticks."""
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == f"`{name}`":
+            return cells
+    return None
+
+
+def named(text: str, name: str) -> bool:
+    """`name` in backticks, alone or followed by an argument (`--since WHEN`)."""
+    return re.search(rf"`{re.escape(name)}[` ]", text) is not None
+
+
+# --- a real meter: its metrics and its ledger -------------------------------------------
+
+
+@dataclass
+class Served:
+    exposition: str
+    ledger: Path
+
+
+def _post(url: str, path: str, body: dict[str, typing.Any], headers: dict[str, str] | None = None) -> None:
+    request = urllib.request.Request(
+        url + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {SECRET_KEY}", **(headers or {})},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        answer.read()
+
+
+@pytest.fixture(scope="module")
+def served(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    tmp = tmp_path_factory.mktemp("docs")
+    ledger = tmp / "ledger.duckdb"
+    meter = MeterProcess(["--upstream", upstream.url, "--ledger", str(ledger)], log_path=tmp / "meter.log").start()
+    try:
+        usage = {
+            "input_tokens": 40,
+            "cached_tokens": 10,
+            "cache_write_tokens": 5,
+            "output_tokens": 20,
+            "reasoning_tokens": 8,
+            "web_search_calls": 1,
+        }
+        miss = {"type": "cache_miss", "reason": "prefix_changed", "cache_missed_tokens": 30}
+        # Priced, with every token type, a web search and a cache miss.
+        _post(meter.url, "/v1/responses", {"model": "gpt-4o", "input": "hi"},
+              {"x-fake-usage": json.dumps(usage), "x-fake-cache-diagnostics": json.dumps(miss)})  # fmt: skip
+        # A stream: time to first token.
+        _post(meter.url, "/v1/responses", {"model": "gpt-4o", "input": "hi", "stream": True})
+        # Unpriced (no such model), with usage that breaks its arithmetic (an anomaly).
+        _post(meter.url, "/v1/responses", {"model": "no-such-model", "input": "hi"},
+              {"x-fake-usage": json.dumps({"input_tokens": 10, "output_tokens": 5, "total_tokens": 99})})  # fmt: skip
+        # Unmetered: a Chat Completions stream without include_usage.
+        _post(meter.url, "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        # A model name longer than the ledger keeps: a truncated value.
+        _post(meter.url, "/v1/responses", {"model": "m" * 300, "input": "hi"})
+        with urllib.request.urlopen(meter.admin_url + "/api/report", timeout=30) as answer:
+            answer.read()  # the report flushes the ledger, so its counts are in the scrape
+        with urllib.request.urlopen(meter.admin_url + "/metrics", timeout=30) as answer:
+            exposition = answer.read().decode()
+    finally:
+        meter.stop()
+    yield Served(exposition, ledger)
+
+
+def exposed_families(exposition: str) -> dict[str, str]:
+    """Family name -> type, as `# TYPE` lines name them (counters with `_total`)."""
+    return {line.split()[2]: line.split()[3] for line in exposition.splitlines() if line.startswith("# TYPE ")}
+
+
+def exposed_labels(exposition: str, families: dict[str, str]) -> dict[str, set[str]]:
+    """Family name -> the label names of its series (`le` is the histogram's own)."""
+    labels: dict[str, set[str]] = {name: set() for name in families}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            owner = next(
+                (name for name in families
+                 if sample.name == name or (families[name] == "histogram" and sample.name in {name + s for s in HISTOGRAM_SUFFIXES})),
+                sample.name,
+            )  # fmt: skip
+            labels.setdefault(owner, set()).update(set(sample.labels) - {"le"})
+    return labels
+
+
+def test_every_metric_family_is_in_the_metrics_doc_with_its_type_and_labels(served: Served) -> None:
+    families = exposed_families(served.exposition)
+    labels = exposed_labels(served.exposition, families)
+    assert "meter_requests_total" in families and labels["meter_requests_total"], "the scrape saw no request: the check would prove nothing"
+    families_table = section(doc("metrics.md"), "Families")
+    missing = []
+    for name, kind in families.items():
+        row = table_row(families_table, name)
+        if row is None:
+            missing.append(f"{name} (no row)")
+            continue
+        if row[1] != kind:
+            missing.append(f"{name}: type {kind}, the doc says {row[1]}")
+        missing += [f"{name}: label {label}" for label in sorted(labels[name]) if f"`{label}`" not in row[2]]
+    assert not missing, f"missing from docs/metrics.md: {missing}"
+
+
+def test_every_metric_label_says_what_it_may_hold(served: Served) -> None:
+    families = exposed_families(served.exposition)
+    every_label = set().union(*exposed_labels(served.exposition, families).values())
+    values = section(doc("metrics.md"), "Labels")
+    missing = sorted(label for label in every_label if not re.search(rf"^\| `{label}`", values, re.MULTILINE))
+    assert not missing, f"labels without a row in the Labels table of docs/metrics.md: {missing}"
+
+
+def ledger_schema(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """Table or view -> its (column, type), as the ledger `meter serve` made holds them."""
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT table_name, column_name, data_type FROM information_schema.columns "
+            "WHERE table_catalog = current_database() AND table_schema = 'main' ORDER BY table_name, ordinal_position"
+        ).fetchall()
+    finally:
+        con.close()
+    schema: dict[str, list[tuple[str, str]]] = {}
+    for table, column, kind in rows:
+        schema.setdefault(table, []).append((column, TYPE_NAMES.get(kind, kind)))
+    return schema
+
+
+def test_every_ledger_table_and_column_is_in_the_ledger_doc_with_its_type(served: Served) -> None:
+    schema = ledger_schema(served.ledger)
+    assert {"requests", "usage_claims"} <= set(schema), f"not a ledger as meter serve makes it: {sorted(schema)}"
+    text = doc("ledger.md")
+    missing = []
+    for table, columns in schema.items():
+        body = section(text, table)
+        if not body:
+            missing.append(f"{table} (no heading naming it)")
+            continue
+        for column, kind in columns:
+            row = table_row(body, column)
+            if row is None:
+                missing.append(f"{table}.{column} (no row)")
+            elif f"`{kind}`" not in row[1]:
+                missing.append(f"{table}.{column}: type {kind}, the doc says {row[1]}")
+    assert not missing, f"missing from docs/ledger.md: {missing}"
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], list[str], bool]]:
+    """(command path, its options, whether it is a leaf) for `meter` and every subcommand."""
+    actions = parser._actions  # argparse has no public walk of its commands and options
+    subparsers = [a for a in actions if isinstance(a, argparse._SubParsersAction)]
+    options = sorted(opt for a in actions for opt in a.option_strings if opt not in ("-h", "--help"))
+    yield path, options, not subparsers
+    for action in subparsers:
+        for name, sub in action.choices.items():
+            yield from commands(sub, (*path, name))
+
+
+def help_texts(parser: argparse.ArgumentParser) -> Iterator[str]:
+    for action in parser._actions:
+        yield action.help or ""
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield sub.description or ""
+                yield from help_texts(sub)
 
 
 def serve_flags() -> list[str]:
-    parser = build_parser()
-    serve = parser._subparsers._group_actions[0].choices["serve"]  # noqa: SLF001 - argparse has no public walk
-    return sorted(opt for action in serve._actions for opt in action.option_strings if opt.startswith("--") and opt != "--help")  # noqa: SLF001
+    return next(options for path, options, _ in commands(build_parser()) if path == ("serve",))
 
 
-def settings_section() -> str:
-    return README.split("## Settings", 1)[1].split("\n## ", 1)[0]
+def variable(flag: str) -> str:
+    return "METER_" + flag.removeprefix("--").replace("-", "_").upper()
+
+
+def test_every_command_and_option_is_in_the_cli_doc() -> None:
+    text = doc("cli.md")
+    missing = []
+    for path, options, leaf in commands(build_parser()):
+        command = " ".join(("meter", *path))
+        body = section(text, command) if leaf else text
+        if not body:
+            missing.append(f"{command} (no heading naming it)")
+            continue
+        missing += [f"{command} {opt}" for opt in options if not named(body, opt)]
+    assert not missing, f"missing from docs/cli.md: {missing}"
 
 
 @pytest.mark.parametrize("flag", serve_flags())
-def test_every_serve_flag_and_its_variable_is_in_the_settings_table(flag: str) -> None:
-    section = settings_section()
-    assert f"`{flag}`" in section, f"{flag} is missing from the README's settings table"
-    env = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
-    assert f"`{env}`" in section, f"{env} is missing from the README's settings table"
+def test_every_serve_flag_and_its_variable_is_in_the_cli_and_config_docs(flag: str) -> None:
+    cli_serve = section(doc("cli.md"), "meter serve")
+    config = doc("config.md")
+    assert named(cli_serve, flag), f"{flag} is missing from the `meter serve` table of docs/cli.md"
+    assert f"`{variable(flag)}`" in cli_serve, f"{variable(flag)} is missing from the `meter serve` table of docs/cli.md"
+    assert named(config, flag), f"{flag} is missing from docs/config.md"
+    assert f"`{variable(flag)}`" in config, f"{variable(flag)} is missing from docs/config.md"
 
 
-class _Ledger:
-    pending = 0
-    stats = None
+# --- settings ------------------------------------------------------------------------------
 
 
-def exposed_metrics() -> list[str]:
-    text = Metrics(load_settings({}, env={}), _Ledger()).render().decode()
-    return sorted(line.split()[2] for line in text.splitlines() if line.startswith("# TYPE "))
+def test_every_setting_and_its_variable_is_in_the_config_doc() -> None:
+    text = doc("config.md")
+    missing = [f"setting {name}" for name in Settings.model_fields if f"`{name}`" not in text]
+    for name in Settings.model_fields:
+        env = "METER_" + name.upper()
+        if settings_from_env({env: "1"}) and f"`{env}`" not in text:  # the setting has a variable
+            missing.append(env)
+    for used in sorted({m for h in help_texts(build_parser()) for m in re.findall(r"METER_[A-Z_]+", h)}):
+        if f"`{used}`" not in text:
+            missing.append(f"{used} (named in --help)")
+    assert not missing, f"missing from docs/config.md: {missing}"
 
 
-@pytest.mark.parametrize("metric", exposed_metrics())
-def test_every_metric_is_in_the_readme(metric: str) -> None:
-    assert re.search(rf"`{re.escape(metric)}[`{{]", README), f"{metric} is missing from the README"
-
-
-@pytest.mark.parametrize("column", list(COLUMN_TYPES))
-def test_every_ledger_column_is_in_the_readme(column: str) -> None:
-    section = README.split("## What is recorded", 1)[1].split("\n## ", 1)[0]
-    assert f"`{column}`" in section, f"ledger column {column} is missing from the README's 'What is recorded'"
+def test_every_price_override_key_is_in_the_config_doc() -> None:
+    _, override = typing.get_args(Settings.model_fields["price_overrides"].annotation)
+    prices = section(doc("config.md"), "Prices")
+    missing = [name for name in override.model_fields if table_row(prices, name) is None]
+    assert not missing, f'[prices."model"] keys missing from the Prices table of docs/config.md: {missing}'
+    assert "`[keys]`" in doc("config.md") and "`[prices]" in doc("config.md")
