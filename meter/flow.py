@@ -106,12 +106,11 @@ class Addons:
     addon gets its turn to flush.
     """
 
-    __slots__ = ("_closed", "_done", "_opened", "_request", "_start", "_stop", "addons")
+    __slots__ = ("_closed", "_done", "_opened", "_request", "_start", "_stop")
 
     def __init__(self, addons: Iterable[object] = ()) -> None:
-        self.addons = tuple(addons)  # in hook order
         hooks: dict[str, list[Any]] = {name: [] for name in HOOKS}
-        for addon in self.addons:
+        for addon in addons:  # in hook order
             _check_hook_names(addon)
             for name, methods in hooks.items():
                 method = getattr(addon, name, None)

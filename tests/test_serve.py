@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import pytest
 
 from .conftest import ROOT, SECRET_KEY, free_port, ledger_rows
 
@@ -80,9 +81,10 @@ def test_keys_id_reads_stdin() -> None:
 
 async def _slow_stream(url: str, results: list[bytes]) -> None:
     headers = {"x-fake-deltas": "10", "x-fake-chunk-delay-ms": "200", "Content-Type": "application/json", "Authorization": f"Bearer {SECRET_KEY}"}
-    async with aiohttp.ClientSession() as http:
-        async with http.post(url + "/v1/responses", data=json.dumps({"model": "gpt-4o", "stream": True}), headers=headers) as r:
-            results.append(await r.read())
+    async with aiohttp.ClientSession() as http, http.post(
+        url + "/v1/responses", data=json.dumps({"model": "gpt-4o", "stream": True}), headers=headers
+    ) as r:
+        results.append(await r.read())
 
 
 async def test_sigterm_drains_in_flight_and_flushes_then_restart_appends(upstream, meter_process, tmp_path: Path) -> None:
@@ -164,3 +166,102 @@ async def test_memory_settings_reach_the_proxy_and_the_websocket_relay(upstream,
     assert (proxy.client_timeout, proxy.max_metered_bytes, proxy.max_buffered_request_bytes) == (7.5, 12345, 54321)
     assert proxy.metering_budget.free == 99999
     assert relay.max_metered_bytes == 12345
+
+
+# --- the addon registry ---------------------------------------------------------------
+
+
+class _Recorder:
+    """An addon implementing every hook, noting each call under its name."""
+
+    def __init__(self, name: str, calls: list[str], fail: str | None = None) -> None:
+        self.name, self.calls, self.fail = name, calls, fail
+
+    def _note(self, hook: str) -> None:
+        self.calls.append(f"{self.name}.{hook}")
+        if hook == self.fail:
+            raise RuntimeError(f"{self.name} fails in {hook}")
+
+    async def start(self) -> None:
+        self._note("start")
+
+    def request(self, flow: object) -> None:
+        self._note("request")
+
+    def done(self, flow: object, record: object) -> None:
+        self._note("done")
+
+    def websocket_opened(self) -> None:
+        self._note("websocket_opened")
+
+    def websocket_closed(self) -> None:
+        self._note("websocket_closed")
+
+    async def stop(self) -> None:
+        self._note("stop")
+
+
+async def test_registry_calls_hooks_in_order_and_one_failing_observer_stops_no_other() -> None:
+    from meter.flow import HOOKS, Addons
+
+    calls: list[str] = []
+    first, second = _Recorder("a", calls, fail="request"), _Recorder("b", calls, fail="stop")
+    addons = Addons([first, second])
+    await addons.start()
+    addons.request(None)  # type: ignore[arg-type]
+    addons.done(None, None)  # type: ignore[arg-type]
+    addons.websocket_opened()
+    addons.websocket_closed()
+    await addons.stop()
+    assert calls == [
+        "a.start", "b.start", "a.request", "b.request", "a.done", "b.done",
+        "a.websocket_opened", "b.websocket_opened", "a.websocket_closed", "b.websocket_closed",
+        "b.stop", "a.stop",  # the reverse of start: the ledger, started last, flushes first
+    ]  # fmt: skip
+    assert {c.split(".", 1)[1] for c in calls} == set(HOOKS)
+
+
+async def test_a_failing_start_stops_start_up() -> None:
+    from meter.flow import Addons
+
+    calls: list[str] = []
+    addons = Addons([_Recorder("a", calls, fail="start"), _Recorder("b", calls)])
+    with pytest.raises(RuntimeError, match="a fails in start"):
+        await addons.start()
+    assert calls == ["a.start"]
+
+
+def test_a_misspelled_hook_fails_at_start_up() -> None:
+    from meter.flow import Addons
+
+    class Misspelled:
+        def requset(self, flow: object) -> None: ...
+
+    class Unrelated:  # public methods far from every hook name are the addon's own business
+        def render(self) -> bytes:
+            return b""
+
+        stats = None
+
+    with pytest.raises(TypeError, match=r"Misspelled\.requset looks like the hook 'request'"):
+        Addons([Unrelated(), Misspelled()])
+
+
+def test_no_addon_holds_another(tmp_path: Path) -> None:
+    from meter.config import load_settings
+    from meter.metrics import LedgerMetrics, Metrics
+    from meter.server import Meter, default_addons
+    from meter.tracing import Tracing
+
+    settings = load_settings({"ledger": str(tmp_path / "l.duckdb")}, env={})
+    meter = Meter(settings)  # built, not started: nothing is opened
+    metrics = Metrics(settings)
+    metrics.register(LedgerMetrics(meter.ledger))  # as the server does
+    addons = default_addons(meter.pricer, metrics, Tracing(settings, []), meter.ledger, [_Recorder("extra", [])])
+    assert addons[-1] is meter.ledger, "the ledger is the last sink"
+    ids = {id(a) for a in addons}
+    for addon in addons:
+        slots = [getattr(addon, name, None) for cls in type(addon).__mro__ for name in getattr(cls, "__slots__", ())]
+        held = [*getattr(addon, "__dict__", {}).values(), *slots]
+        others = [type(v).__name__ for v in held if id(v) in ids and v is not addon]
+        assert not others, f"{type(addon).__name__} holds {others}"
