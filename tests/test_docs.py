@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 import typing
 import urllib.request
 from collections.abc import Iterator
@@ -99,6 +100,19 @@ def _post(url: str, path: str, body: dict[str, typing.Any], headers: dict[str, s
         answer.read()
 
 
+def scrape_once_written(admin_url: str, records: int, timeout: float = 20.0) -> str:
+    """`/metrics` once the ledger has written `records`: what its writer counts
+    (truncated values) is then in the scrape."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(admin_url + "/metrics", timeout=30) as answer:
+            exposition = answer.read().decode()
+        written = re.search(r"^meter_ledger_written_records_total (\S+)$", exposition, re.MULTILINE)
+        if (written and float(written.group(1)) >= records) or time.monotonic() > deadline:
+            return exposition
+        time.sleep(0.1)
+
+
 @pytest.fixture(scope="module")
 def served(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("docs")
@@ -126,10 +140,7 @@ def served(upstream: UpstreamProcess, tmp_path_factory: pytest.TempPathFactory) 
         _post(meter.url, "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True})
         # A model name longer than the ledger keeps: a truncated value.
         _post(meter.url, "/v1/responses", {"model": "m" * 300, "input": "hi"})
-        with urllib.request.urlopen(meter.admin_url + "/api/report", timeout=30) as answer:
-            answer.read()  # the report flushes the ledger, so its counts are in the scrape
-        with urllib.request.urlopen(meter.admin_url + "/metrics", timeout=30) as answer:
-            exposition = answer.read().decode()
+        exposition = scrape_once_written(meter.admin_url, records=5)
     finally:
         meter.stop()
     yield Served(exposition, ledger)
