@@ -39,7 +39,7 @@ class KeyIdentities:
     The cache is in memory only, like the request that carried the key.
     """
 
-    __slots__ = ("_names", "_cache", "_max")
+    __slots__ = ("_cache", "_max", "_names")
 
     def __init__(self, names: Mapping[str, str] | None = None, max_entries: int = 10_000) -> None:
         self._names = dict(names or {})

@@ -321,7 +321,7 @@ class Proxy:
                     allow_redirects=False,
                     skip_auto_headers=skip,
                 )
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 client_response = self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
                 return client_response
             except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets a 502, never a bare 500
@@ -374,7 +374,7 @@ class Proxy:
                 if feed is not None:
                     feed(chunk)
                 await client.write(chunk)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             flow.response_bytes = sent
             self._abort_midway(client, flow, "upstream_timeout", "upstream_timeout")
             return
@@ -418,7 +418,7 @@ class Proxy:
         flow.error_type = error_type
         flow.error_code = code
         client.force_close()
-        transport = client._req.transport if client._req is not None else None  # noqa: SLF001 - no public handle
+        transport = client._req.transport if client._req is not None else None  # aiohttp has no public handle on it
         if transport is not None:
             transport.abort()
 
@@ -435,7 +435,7 @@ class Proxy:
             return
         try:
             record = build_record(flow, self.identities)
-        except Exception as exc:  # a record must never cost the client its answer
+        except Exception as exc:  # noqa: BLE001 - a record must never cost the client its answer
             log.warning("could not build the record of %s %s (%s); recording what is certain", flow.method, flow.path, _one_line(exc))
             record = minimal_record(flow)
         self.addons.done(flow, record)

@@ -125,5 +125,5 @@ def test_key_identities_do_not_keep_long_keys() -> None:
         assert identities.lookup(key)[0] == key_id(key)
     real = "sk-proj-" + "a" * 156
     assert identities.lookup(real) == identities.lookup(real)
-    held = sum(len(k) for k in identities._cache)  # noqa: SLF001 - what the cache holds is the point
+    held = sum(len(k) for k in identities._cache)  # what the cache holds is the point
     assert held < (1 << 20), f"the key cache holds {held >> 20} MiB of keys"

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import pytest
@@ -23,7 +23,6 @@ import pytest
 from meter.paths import normalised_path, origin_form, target_for_record
 
 from .conftest import SECRET_KEY, clear_upstream_requests, ledger_rows, upstream_requests
-
 
 # --- raw HTTP helpers ---------------------------------------------------------
 
@@ -69,7 +68,7 @@ class Listener:
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
-    async def __aenter__(self) -> "Listener":
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -80,7 +79,7 @@ class Listener:
         await writer.drain()
         writer.close()
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
@@ -193,9 +192,8 @@ async def test_absolute_form_keeps_the_upstream_prefix(upstream, start_meter) ->
 
 
 async def fake_websocket_paths(upstream_url: str) -> list[str]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(upstream_url + "/__fake/ws") as r:
-            return [entry["path_qs"] for entry in await r.json()]
+    async with aiohttp.ClientSession() as http, http.get(upstream_url + "/__fake/ws") as r:
+        return [entry["path_qs"] for entry in await r.json()]
 
 
 async def test_websocket_in_absolute_form_goes_to_the_upstream(upstream, start_meter) -> None:
@@ -362,9 +360,9 @@ class StrictUpstream:
         self.server: asyncio.AbstractServer | None = None
         self.url = ""
 
-    async def __aenter__(self) -> "StrictUpstream":
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = "http://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -390,7 +388,7 @@ class StrictUpstream:
         finally:
             writer.close()
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
 
@@ -406,7 +404,7 @@ async def test_expect_100_continue_answered_by_meter(start_meter) -> None:
             await writer.drain()
             try:
                 interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 interim = b""  # like curl, send the body anyway after a while
             writer.write(body)
             await writer.drain()
@@ -502,9 +500,9 @@ class GarbageUpstream:
         self.server: asyncio.AbstractServer | None = None
         self.url = ""
 
-    async def __aenter__(self) -> "GarbageUpstream":
+    async def __aenter__(self) -> Self:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = "http://127.0.0.1:%d" % self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -513,7 +511,7 @@ class GarbageUpstream:
         await writer.drain()
         writer.close()
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
 

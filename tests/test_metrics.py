@@ -301,10 +301,9 @@ async def test_in_flight_rises_during_a_slow_stream_and_falls_after(upstream, st
 async def test_in_flight_balanced_on_refused_and_unreachable(upstream, start_meter) -> None:
     # 413: refused before forwarding (the request hook never ran).
     meter = await start_meter(upstream.url, max_request_bytes=1000)
-    async with aiohttp.ClientSession() as s:
-        async with s.post(meter.url + "/v1/responses", data=b"x" * 5000, headers={"Content-Type": "application/json"}) as r:
-            assert r.status == 413
-            await r.read()
+    async with aiohttp.ClientSession() as s, s.post(meter.url + "/v1/responses", data=b"x" * 5000, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 413
+        await r.read()
     # 502: the upstream cannot be reached.
     dead = await start_meter(f"http://127.0.0.1:{free_port()}")
     async with aiohttp.ClientSession() as s, s.post(dead.url + "/v1/responses", json={"model": "gpt-4o", "input": "hi"}) as r:

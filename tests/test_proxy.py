@@ -233,10 +233,9 @@ async def test_gzip_answer_relayed_compressed_and_metered(upstream, start_meter)
     meter = await start_meter(upstream.url)
     headers = {"x-fake-scenario": "gzip", **usage_header(), "Content-Type": "application/json", "Accept-Encoding": "gzip"}
     payload = json.dumps({"model": "gpt-4o", "input": "zip"})
-    async with aiohttp.ClientSession(auto_decompress=False) as http:
-        async with http.post(meter.url + "/v1/responses", data=payload, headers=headers) as r:
-            assert r.headers.get("Content-Encoding") == "gzip"
-            through = await r.read()
+    async with aiohttp.ClientSession(auto_decompress=False) as http, http.post(meter.url + "/v1/responses", data=payload, headers=headers) as r:
+        assert r.headers.get("Content-Encoding") == "gzip"
+        through = await r.read()
     obj = json.loads(gzip.decompress(through))
     assert obj["usage"]["input_tokens"] == 120
     [row] = await meter.rows()
@@ -338,10 +337,9 @@ async def test_key_identity_from_each_header(upstream, start_meter) -> None:
 
 async def test_request_too_large_is_413(upstream, start_meter) -> None:
     meter = await start_meter(upstream.url, max_request_bytes=1000)
-    async with aiohttp.ClientSession() as http:
-        async with http.post(meter.url + "/v1/responses", data=b"x" * 5000, headers={"Content-Type": "application/json"}) as r:
-            assert r.status == 413
-            body = await r.json()
+    async with aiohttp.ClientSession() as http, http.post(meter.url + "/v1/responses", data=b"x" * 5000, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 413
+        body = await r.json()
     assert body["error"]["type"] == "meter_proxy_error" and body["error"]["code"] == "request_too_large"
     [row] = await meter.rows()
     assert row["status_code"] == 413 and row["outcome"] == "error"

@@ -153,10 +153,9 @@ async def test_stream_span_has_time_to_first_chunk(upstream, start_meter, receiv
 
 async def test_plain_http_and_error_spans(upstream, start_meter, receiver) -> None:
     meter = await start_meter(upstream.url)
-    async with aiohttp.ClientSession() as s:
-        async with s.get(meter.url + "/v1/models?secret=" + SECRET_KEY, headers={"Authorization": f"Bearer {SECRET_KEY}"}) as r:
-            await r.read()
-            models_status = r.status
+    async with aiohttp.ClientSession() as s, s.get(meter.url + "/v1/models?secret=" + SECRET_KEY, headers={"Authorization": f"Bearer {SECRET_KEY}"}) as r:
+        await r.read()
+        models_status = r.status
     with pytest.raises(openai.RateLimitError):
         await sdk(meter.url).responses.create(model="gpt-4o", input="hi", extra_headers={"x-fake-scenario": "status:429"})
 
@@ -185,9 +184,8 @@ async def test_plain_http_and_error_spans(upstream, start_meter, receiver) -> No
 
 async def test_refused_request_still_gets_a_span(upstream, start_meter, receiver) -> None:
     meter = await start_meter(upstream.url, max_request_bytes=1000)
-    async with aiohttp.ClientSession() as s:
-        async with s.post(meter.url + "/v1/responses", data=b"x" * 5000, headers={"Content-Type": "application/json"}) as r:
-            assert r.status == 413
+    async with aiohttp.ClientSession() as s, s.post(meter.url + "/v1/responses", data=b"x" * 5000, headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 413
     [span] = await receiver.wait_for(lambda s: True)
     [row] = await meter.rows()
     assert span.trace_id == row["trace_id"]
@@ -223,9 +221,8 @@ async def test_sampler_from_env_keeps_propagating(upstream, start_meter, receive
     meter = await start_meter(upstream.url)
     await clear_upstream_requests(upstream.url)
     incoming, trace_id, parent_id = traceparent()
-    async with aiohttp.ClientSession() as s:
-        async with s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "hi"}, headers={"traceparent": incoming}) as r:
-            await r.read()
+    async with aiohttp.ClientSession() as s, s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "hi"}, headers={"traceparent": incoming}) as r:
+        await r.read()
     [row] = await meter.rows()
     assert row["trace_id"] == trace_id  # the trace id is still known and passed on
     [seen] = await upstream_requests(upstream.url)
