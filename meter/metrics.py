@@ -353,7 +353,7 @@ class LedgerMetrics:
 
 
 class Metrics:
-    """Addon: SPEC §6 metrics in an own registry, and `GET /metrics` on the admin app."""
+    """Addon: SPEC §6 metrics in an own registry; `render()` is what `GET /metrics` answers."""
 
     def __init__(self, settings: Any, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
