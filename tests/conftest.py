@@ -128,15 +128,11 @@ class RunningMeter:
         assert ok, "ledger did not flush"
 
     async def rows(self, where: str = "true", params: list[Any] | None = None) -> list[dict[str, Any]]:
-        """Rows of the running ledger, read through a cursor of the writer's database."""
+        """Rows of the running ledger, read through the store the meter writes with."""
         await self.flush()
-        cur = self.meter.store.cursor()  # type: ignore[attr-defined]
-        try:
-            res = cur.execute(f"SELECT * FROM requests WHERE {where} ORDER BY started_at", params or [])
-            names = [d[0] for d in res.description]
-            return [dict(zip(names, row)) for row in res.fetchall()]
-        finally:
-            cur.close()
+        sql = f"SELECT * FROM requests WHERE {where} ORDER BY started_at"
+        names, rows = await asyncio.get_running_loop().run_in_executor(None, self.meter.store.query, sql, params or [])
+        return [dict(zip(names, row)) for row in rows]
 
     async def stop(self) -> None:
         if not self.stopped:

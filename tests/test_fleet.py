@@ -27,7 +27,7 @@ from .test_prometheus import Prometheus, prometheus_binary
 
 REQUESTS = 10_000
 MODEL = "fleet-model"
-INPUT_MTOK, OUTPUT_MTOK = Decimal("2.5"), Decimal("10")  # the config's price, USD per million tokens
+INPUT_MTOK, OUTPUT_MTOK = Decimal("2.5"), Decimal(10)  # the config's price, USD per million tokens
 
 
 ADMIN_TOKEN = "fleet-admin-token-4b1e7c9d"
@@ -109,7 +109,7 @@ async def test_two_replicas_on_one_postgres_agree_everywhere(upstream, pg_url, m
             prom.stop()
 
         # The ledger: one row per request, once, from both replicas.
-        from meter.ledger_pg import PostgresStore
+        from meter.ledger import PostgresStore
 
         store = PostgresStore(pg_url, migrate=False)
         store.open()
@@ -195,7 +195,7 @@ async def test_thirty_second_postgres_outage_under_load(upstream, postgres, mete
     # Bounded: past the limit records go to the spool (the writer wakes at the limit,
     # so a moment's arrivals may sit above it before they are spilled).
     assert 0 < highest_pending <= 2 * max_pending
-    from meter.ledger_pg import PostgresStore
+    from meter.ledger import PostgresStore
 
     store = PostgresStore(url, migrate=False)
     store.open()

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
 from decimal import Decimal
 from pathlib import Path
 
 import duckdb
+import pytest
 
-from meter.ledger import COLUMN_TYPES, ChildProcessStore, DuckDBStore, LedgerWriter, Spool
+from meter.ledger import (
+    COLUMN_TYPES,
+    HAS_USAGE_SQL,
+    ChildProcessStore,
+    DuckDBStore,
+    LedgerNotOpen,
+    LedgerReadError,
+    LedgerUnavailable,
+    LedgerWriter,
+    Spool,
+    open_reader,
+)
 from meter.ledger.writer import random_uuids
 from meter.record import COLUMNS, Record
 
 from .conftest import ledger_rows
+from .pg import FILL_DUCKDB, check_streamed_cost_rewrite
 
 
 def make_record(**fields: object) -> Record:
@@ -202,6 +216,9 @@ class FailingStore:
             raise duckdb.IOException("disk unavailable")
         self.inner.write(records)
 
+    def probe(self) -> None:
+        self.write([])
+
     def close(self) -> None:
         self.inner.close()
 
@@ -290,3 +307,115 @@ def test_an_outage_never_reads_the_spool_back_into_memory(tmp_path: Path) -> Non
     assert writer.flush(10)
     writer.close()
     assert len(ledger_rows(tmp_path / "l.duckdb")) == 2000
+
+
+# --- reads through the Store protocol ------------------------------------------------
+
+
+def filled(path: Path, n: int) -> Path:
+    store = DuckDBStore(str(path))
+    store.open()
+    store.con.execute(FILL_DUCKDB.format(n=n))
+    store.close()
+    return path
+
+
+def test_has_usage_is_one_rule_in_python_and_sql(tmp_path: Path) -> None:
+    store = DuckDBStore(str(tmp_path / "l.duckdb"))
+    store.open()
+    try:
+        records = [
+            make_record(input_tokens=i, output_tokens=o, total_tokens=t)
+            for i, o, t in itertools.product((None, 1), repeat=3)
+        ]
+        store.write(records)
+        _, rows = store.query(f"SELECT id::VARCHAR, {HAS_USAGE_SQL} FROM requests")
+    finally:
+        store.close()
+    assert dict(rows) == {r.id: r.has_usage for r in records}
+
+
+def test_duckdb_store_streams_and_rewrites_costs_in_bounded_memory(tmp_path: Path) -> None:
+    store = DuckDBStore(str(filled(tmp_path / "l.duckdb", 100_000)))
+    store.open()
+    try:
+        check_streamed_cost_rewrite(store, 100_000, batch_rows=1000)
+    finally:
+        store.close()
+
+
+def test_ledger_process_streams_and_rewrites_costs_in_bounded_memory(tmp_path: Path) -> None:
+    store = ChildProcessStore(str(filled(tmp_path / "l.duckdb", 100_000)))
+    store.open()
+    try:
+        check_streamed_cost_rewrite(store, 100_000, batch_rows=1000)
+        names, rows = store.query("SELECT count(*) AS n FROM requests WHERE started_at >= to_timestamp($1)", [1764000000 + 99_990])
+        assert (names, rows) == (["n"], [(10,)])
+        stream = store.iter_query("SELECT id FROM requests", batch_rows=10)
+        assert len(next(stream)) == 10
+        stream.close()  # a reader that stops early releases the child's cursor
+        store.write([make_record()])  # and the child goes on serving
+    finally:
+        store.close()
+
+
+def test_readers_run_one_read_only_statement(tmp_path: Path) -> None:
+    path = filled(tmp_path / "l.duckdb", 3)
+    for store in (DuckDBStore(str(path)), ChildProcessStore(str(path))):
+        store.open()
+        try:
+            for sql in ("DELETE FROM requests", "SELECT 1; DELETE FROM requests"):
+                with pytest.raises(Exception, match="read-only"):
+                    store.query(sql)
+            assert store.query("SELECT count(*) FROM requests")[1] == [(3,)]
+        finally:
+            store.close()
+        with pytest.raises(LedgerNotOpen):
+            store.query("SELECT 1")
+    assert issubclass(LedgerNotOpen, LedgerUnavailable)
+
+
+def test_open_reader_reads_several_files_as_one(tmp_path: Path) -> None:
+    a, b = filled(tmp_path / "a.duckdb", 30), filled(tmp_path / "b.duckdb", 12)
+    store = open_reader([str(a), str(b), str(tmp_path / "." / "a.duckdb")])  # the same file twice is one ledger
+    try:
+        assert store.dialect == "duckdb"
+        assert store.query("SELECT count(*) FROM requests")[1] == [(42,)]
+        assert [len(batch) for batch in store.iter_query("SELECT id FROM requests", batch_rows=20)] == [20, 20, 2]
+    finally:
+        store.close()
+    writer = open_reader([str(b)], writable=True)
+    try:
+        assert writer.set_costs([(str(r[0]), None) for r in writer.query("SELECT id FROM requests LIMIT 2")[1]]) == 2
+    finally:
+        writer.close()
+    assert ledger_rows(b)[0]["cost_usd"] is None
+
+
+def test_open_reader_says_in_one_line_why_it_cannot(tmp_path: Path) -> None:
+    other = tmp_path / "other.duckdb"
+    con = duckdb.connect(str(other))
+    con.execute("CREATE TABLE t (x INTEGER)")
+    con.close()
+    held = filled(tmp_path / "held.duckdb", 1)
+    holder = ChildProcessStore(str(held))  # as a running meter holds its file
+    holder.open()
+    try:
+        cases = [
+            ([str(tmp_path / "missing.duckdb")], False, "ledger: no such file: "),
+            ([str(other)], False, "has no requests table"),
+            ([str(other)], True, "has no requests table"),
+            (["mysql://u:hunter2@db/x"], False, "a ledger is a DuckDB file or a postgresql:// URL"),
+            (["postgresql://u:hunter2@db/x", str(held)], False, "give it alone"),
+            ([str(held)], False, f"is open in a running meter (held by PID {holder._proc.pid}); ask the running meter with --url"),  # type: ignore[union-attr]
+            ([str(held)], True, "is open in a running meter (held by PID"),
+        ]
+        for ledgers, writable, needle in cases:
+            with pytest.raises(LedgerReadError) as failed:
+                open_reader(ledgers, writable=writable)
+            text = str(failed.value)
+            assert needle in text and "\n" not in text and "hunter2" not in text, text
+            if writable and "running meter" in text:
+                assert text.endswith("; stop that meter first")
+    finally:
+        holder.close()

@@ -19,12 +19,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from decimal import Decimal
@@ -34,8 +32,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from meter.ledger import DuckDBStore, LedgerWriter, Spool
-from meter.ledger_child import ChildProcessStore
+from meter.ledger import ChildProcessStore, DuckDBStore, LedgerWriter, Spool
+from meter.ledger.child_store import LedgerChildLost
 from meter.record import Record
 
 from .conftest import ROOT, SECRET_KEY, free_port, ledger_rows
@@ -117,7 +115,7 @@ def test_bad_text_and_numbers_are_stored_not_refused_duckdb(tmp_path: Path) -> N
 
 
 def test_bad_text_and_numbers_are_stored_not_refused_postgres(tmp_path: Path, pg_url: str) -> None:
-    from meter.ledger_pg import PostgresStore
+    from meter.ledger import PostgresStore
 
     bad, good = hostile_record(), make_record(model="gpt-4o-mini")
     writer = run_writer(PostgresStore(pg_url), [bad, good], tmp_path)
@@ -128,7 +126,7 @@ def test_bad_text_and_numbers_are_stored_not_refused_postgres(tmp_path: Path, pg
 
 
 def test_sanitiser_leaves_clean_records_alone_and_is_idempotent() -> None:
-    from meter.sanitise import new_overflows, new_truncated, sanitise_batch
+    from meter.ledger.sanitise import new_overflows, new_truncated, sanitise_batch
 
     clean = make_record(project="proj_é", user_id="ユーザー", tags='{"a":"b"}', input_tokens=10, cost_usd=Decimal("0.000000001"))
     before = clean.as_dict()
@@ -147,7 +145,7 @@ def test_sanitiser_leaves_clean_records_alone_and_is_idempotent() -> None:
 
 
 def pg_rows(url: str) -> list[dict[str, Any]]:
-    from meter.ledger_pg import PostgresStore
+    from meter.ledger import PostgresStore
 
     store = PostgresStore(url, migrate=False)
     try:
@@ -290,7 +288,7 @@ def test_a_value_only_duckdb_refuses_is_rejected_in_the_ledger_process(tmp_path:
 
 
 def test_a_value_only_postgres_refuses_is_rejected_beside_the_spool(tmp_path: Path, pg_url: str) -> None:
-    from meter.ledger_pg import PostgresStore
+    from meter.ledger import PostgresStore
 
     bad = make_record(tags="{not json")
     good = [make_record() for _ in range(50)]
@@ -475,7 +473,7 @@ def test_after_a_timed_out_query_a_write_gets_its_own_answer(tmp_path: Path) -> 
     store.open()
     try:
         slow = "SELECT count(*) FROM range(3000000000) t(i) WHERE i % 7 = 3"
-        with pytest.raises(Exception):
+        with pytest.raises(LedgerChildLost):
             store._call(("query", slow, []), timeout=0.2)
         # The child is still busy with the query; this write fails on its own account.
         with pytest.raises(Exception) as failed:
@@ -610,7 +608,7 @@ async def test_serve_on_a_slow_postgres_keeps_pending_bounded(upstream: Any, met
 def test_a_lost_postgres_is_an_outage_at_once_not_bisected(postgres: Any, tmp_path: Path) -> None:
     """A server that is gone fails every write: the writer must not split the batch
     record by record (each attempt can cost a connect timeout) before calling it an outage."""
-    from meter.ledger_pg import PostgresStore
+    from meter.ledger import PostgresStore
 
     class Counting(PostgresStore):
         writes = 0

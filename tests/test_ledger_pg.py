@@ -27,12 +27,20 @@ from typing import Any
 import aiohttp
 import pytest
 
-from meter.ledger import LedgerWriter
-from meter.ledger_pg import PostgresLedgerError, PostgresStore, qmark_to_numeric
+from meter.ledger import LedgerUnavailable, LedgerWriter, PostgresLedgerError, PostgresStore
 from meter.record import COLUMNS
 
 from .conftest import ROOT, SECRET_KEY
-from .pg import PostgresServer, assert_rows_match, bare_record, full_record, usage_record
+from .pg import (
+    FILL_POSTGRES,
+    PostgresServer,
+    assert_rows_match,
+    bare_record,
+    check_streamed_cost_rewrite,
+    execute,
+    full_record,
+    usage_record,
+)
 
 
 def read_rows(url: str, where: str = "true", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
@@ -249,7 +257,7 @@ def test_a_schema_lost_under_a_running_store_is_recreated(pg_url: str) -> None:
     store = opened(pg_url)
     try:
         store.write([bare_record(0)])
-        store.execute_many("DROP TABLE requests, usage_claims, _meter_migrations CASCADE", [()])
+        execute(pg_url, "DROP TABLE requests, usage_claims, _meter_migrations CASCADE")
         with pytest.raises(PostgresLedgerError, match="UndefinedTable"):
             store.write([bare_record(1)])
         store.write([bare_record(1)])  # reconnects, migrates, writes
@@ -267,23 +275,58 @@ def test_bad_password_error_names_no_password(postgres: PostgresServer) -> None:
     assert postgres.password[::-1] not in str(exc.value) and "password" in str(exc.value).lower()
 
 
-def test_query_and_cursor_for_readers(pg_url: str) -> None:
+def test_query_for_readers(pg_url: str) -> None:
     records = [full_record(i) for i in range(3)]
     store = opened(pg_url)
     try:
         store.write(records)
         names, rows = store.query("SELECT model, count(*) AS requests, sum(cost_usd) AS cost_usd FROM requests WHERE started_at >= to_timestamp($1) GROUP BY model", [records[1].started_at])
         assert names == ["model", "requests", "cost_usd"] and rows == [("gpt-5-2026-01-01", 2, records[0].cost_usd * 2)]
-        cur = store.cursor()
-        res = cur.execute("SELECT id, '?' AS q FROM requests WHERE key_name = ? AND input_tokens > ? ORDER BY started_at", ["team-搜索", 0])
-        assert [d[0] for d in res.description] == ["id", "q"]
-        assert [str(r[0]) for r in res.fetchall()] == [r.id for r in records]
+        names, rows = store.query("SELECT id, '?' AS q FROM requests WHERE key_name = $1 AND input_tokens > $2 ORDER BY started_at", ["team-搜索", 0])
+        assert names == ["id", "q"] and [str(r[0]) for r in rows] == [r.id for r in records]
         with pytest.raises(PostgresLedgerError):  # reports cannot write by mistake
             store.query("DELETE FROM requests")
         assert len(read_rows(pg_url)) == 3
     finally:
         store.close()
-    assert qmark_to_numeric("SELECT '?', \"a?\", ? , ?") == "SELECT '?', \"a?\", $1 , $2"
+    assert issubclass(PostgresLedgerError, LedgerUnavailable)  # the admin API's 503, by type
+
+
+def test_streams_and_rewrites_costs_in_bounded_memory(pg_url: str) -> None:
+    opened(pg_url).close()
+    execute(pg_url, FILL_POSTGRES.format(n=100_000))
+    store = PostgresStore(pg_url, migrate=False)
+    try:
+        check_streamed_cost_rewrite(store, 100_000, batch_rows=1000)
+    finally:
+        store.close()
+
+
+def test_reads_never_wait_for_the_writer(pg_url: str) -> None:
+    """A report runs on a connection of its own: a write held up (here by a lock on the
+    claims table) does not hold up a read of the same store."""
+    import asyncpg
+
+    store = opened(pg_url)
+    store.write([bare_record(i) for i in range(10)])
+    loop = asyncio.new_event_loop()
+    blocker = loop.run_until_complete(asyncpg.connect(pg_url))
+    loop.run_until_complete(blocker.execute("BEGIN; LOCK TABLE usage_claims IN ACCESS EXCLUSIVE MODE"))
+    writer = threading.Thread(target=store.write, args=([usage_record("resp_held")],))
+    try:
+        writer.start()
+        time.sleep(0.3)
+        assert writer.is_alive()  # the write waits for the lock
+        started = time.monotonic()
+        assert store.query("SELECT count(*) FROM requests")[1] == [(10,)]
+        assert time.monotonic() - started < 1
+    finally:
+        loop.run_until_complete(blocker.execute("ROLLBACK"))
+        loop.run_until_complete(blocker.close())
+        loop.close()
+        writer.join(10)
+        store.close()
+    assert len(read_rows(pg_url)) == 11
 
 
 def test_insert_rate_50k(pg_url: str) -> None:

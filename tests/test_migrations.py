@@ -19,12 +19,11 @@ from typing import Any
 import duckdb
 import pytest
 
-from meter import ledger, ledger_pg
-from meter.ledger import COLUMN_TYPES, DuckDBStore
-from meter.ledger_pg import PG_TYPES, PostgresStore
+from meter.ledger import COLUMN_TYPES, SQL_TYPES, DuckDBStore, PostgresStore, migrations
+from meter.ledger.duckdb_store import records_to_arrow, select_from_batch
 from meter.record import COLUMNS, Record
-from .pg import PostgresServer, assert_rows_match, bare_record, full_record, usage_record
 
+from .pg import PostgresServer, assert_rows_match, bare_record, execute, full_record, usage_record
 
 SHIPPED = ["m001_requests", "m002_usage_claims"]  # append-only: never renamed, reordered or removed
 
@@ -33,9 +32,12 @@ def old_records() -> list[Record]:
     return [full_record(i) for i in range(3)] + [bare_record(i) for i in range(2)]
 
 
-def test_migration_lists_are_append_only() -> None:
-    assert [name for name, _ in ledger.MIGRATIONS][: len(SHIPPED)] == SHIPPED
-    assert [name for name, _ in ledger_pg.MIGRATIONS] == [name for name, _ in ledger.MIGRATIONS]
+STEP_NAMES = [step.name for step in migrations.STEPS]
+
+
+def test_migration_list_is_append_only_and_written_for_every_dialect() -> None:
+    assert STEP_NAMES[: len(SHIPPED)] == SHIPPED
+    assert all(set(step.statements) == {"duckdb", "postgresql"} for step in migrations.STEPS)
 
 
 # --- DuckDB ------------------------------------------------------------------------
@@ -46,51 +48,55 @@ def duckdb_first_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tupl
     """A DuckDB ledger as a meter with only the first migration left it, with rows."""
     path = tmp_path / "first.duckdb"
     records = old_records()
-    con = duckdb.connect(str(path))
+    store = DuckDBStore(str(path))
+    with monkeypatch.context() as m:
+        m.setattr(migrations, "STEPS", migrations.STEPS[:1])
+        store.open()
+    con = store.con
     try:
-        with monkeypatch.context() as m:
-            m.setattr(ledger, "MIGRATIONS", ledger.MIGRATIONS[:1])
-            assert ledger.migrate_duckdb(con) == ["m001_requests"]
-        con.register("batch", ledger.records_to_arrow(records))
-        con.execute(f"INSERT INTO requests SELECT {ledger._select_from_batch()} FROM batch")
+        assert [r[0] for r in con.execute("SELECT name FROM _meter_migrations").fetchall()] == ["m001_requests"]
+        con.register("batch", records_to_arrow(records))
+        con.execute(f"INSERT INTO requests SELECT {select_from_batch()} FROM batch")
         con.unregister("batch")
         assert {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()} >= {"requests", "_meter_migrations"}
         assert "usage_claims" not in {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     finally:
-        con.close()
+        store.close()
     return path, copy.deepcopy(records)
 
 
-def duckdb_rows(con: Any) -> list[dict[str, Any]]:
-    res = con.execute("SELECT * FROM requests ORDER BY started_at")
-    names = [d[0] for d in res.description]
-    return [dict(zip(names, row)) for row in res.fetchall()]
+def store_rows(store: DuckDBStore | PostgresStore) -> list[dict[str, Any]]:
+    names, rows = store.query("SELECT * FROM requests ORDER BY started_at")
+    return [dict(zip(names, row)) for row in rows]
 
 
-def test_duckdb_first_schema_upgrades_in_place(duckdb_first_schema: tuple[Path, list[Record]]) -> None:
+def test_duckdb_first_schema_upgrades_in_place(duckdb_first_schema: tuple[Path, list[Record]], caplog: pytest.LogCaptureFixture) -> None:
     path, records = duckdb_first_schema
     store = DuckDBStore(str(path))
-    store.open()
+    with caplog.at_level(logging.INFO, logger="meter.ledger"):
+        store.open()
     try:
-        cur = store.cursor()
-        assert_rows_match(records, duckdb_rows(cur))
-        applied = [r[0] for r in cur.execute("SELECT name FROM _meter_migrations ORDER BY name").fetchall()]
-        assert applied == [name for name, _ in ledger.MIGRATIONS]
-        assert cur.execute("SELECT version, latest FROM schema_version").fetchall() == [(len(ledger.MIGRATIONS), ledger.MIGRATIONS[-1][0])]
+        assert "applied m002_usage_claims" in caplog.text
+        assert_rows_match(records, store_rows(store))
+        applied = [r[0] for r in store.query("SELECT name FROM _meter_migrations ORDER BY name")[1]]
+        assert applied == STEP_NAMES
+        assert store.query("SELECT version, latest FROM schema_version")[1] == [(len(STEP_NAMES), STEP_NAMES[-1])]
         new = [usage_record("resp_after_upgrade"), usage_record("resp_after_upgrade")]
         store.write(copy.deepcopy(new))
-        after = {str(r["id"]): r for r in duckdb_rows(cur)}
+        after = {str(r["id"]): r for r in store_rows(store)}
         assert len(after) == len(records) + 2
         assert [after[r.id]["input_tokens"] for r in new] == [10, None]
-        cur.close()
     finally:
         store.close()
-    con = duckdb.connect(str(path))
+    reopened = DuckDBStore(str(path))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="meter.ledger"):
+        reopened.open()
     try:
-        assert ledger.migrate_duckdb(con) == []  # each step once
-        assert con.execute("SELECT count(*) FROM _meter_migrations").fetchone() == (len(ledger.MIGRATIONS),)
+        assert "applied" not in caplog.text  # each step once
+        assert reopened.query("SELECT count(*) FROM _meter_migrations")[1] == [(len(STEP_NAMES),)]
     finally:
-        con.close()
+        reopened.close()
 
 
 # --- PostgreSQL ----------------------------------------------------------------------
@@ -99,7 +105,7 @@ def test_duckdb_first_schema_upgrades_in_place(duckdb_first_schema: tuple[Path, 
 def _insert_sql() -> str:
     values = []
     for i, (name, kind) in enumerate(COLUMN_TYPES.items(), start=1):
-        values.append(f"to_timestamp(${i})" if kind == "TIMESTAMPTZ" else f"${i}::{PG_TYPES[kind]}")
+        values.append(f"to_timestamp(${i})" if kind == "TIMESTAMPTZ" else f"${i}::{SQL_TYPES['postgresql'][kind]}")
     return f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES ({', '.join(values)})"
 
 
@@ -108,11 +114,11 @@ def pg_first_schema(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> tuple[str, 
     """A PostgreSQL ledger as a meter with only the first migration left it, with rows."""
     records = old_records()
     with monkeypatch.context() as m:
-        m.setattr(ledger_pg, "MIGRATIONS", ledger_pg.MIGRATIONS[:1])
+        m.setattr(migrations, "STEPS", migrations.STEPS[:1])
         store = PostgresStore(pg_url)
         store.open()
     try:
-        store.execute_many(_insert_sql(), [[getattr(r, c) for c in COLUMNS] for r in records])
+        execute(pg_url, _insert_sql(), [[getattr(r, c) for c in COLUMNS] for r in records])
         _, tables = store.query("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public' ORDER BY 1")
         assert [t[0] for t in tables] == ["_meter_migrations", "requests", "schema_version"]
         assert store.query("SELECT version, latest FROM schema_version")[1] == [(1, "m001_requests")]
@@ -138,8 +144,8 @@ def test_postgres_first_schema_upgrades_in_place(pg_first_schema: tuple[str, lis
         assert "applied m002_usage_claims" in caplog.text
         names, rows = store.query("SELECT * FROM requests ORDER BY started_at")
         assert_rows_match(records, [dict(zip(names, row)) for row in rows])
-        assert [r[0] for r in store.query("SELECT name FROM _meter_migrations ORDER BY name")[1]] == [name for name, _ in ledger_pg.MIGRATIONS]
-        assert store.query("SELECT version, latest FROM schema_version")[1] == [(len(ledger_pg.MIGRATIONS), ledger_pg.MIGRATIONS[-1][0])]
+        assert [r[0] for r in store.query("SELECT name FROM _meter_migrations ORDER BY name")[1]] == STEP_NAMES
+        assert store.query("SELECT version, latest FROM schema_version")[1] == [(len(STEP_NAMES), STEP_NAMES[-1])]
         # Usage the old meter recorded is claimed by its row: polling that response
         # again after the upgrade does not count it twice.
         old_usage = records[0]
@@ -156,7 +162,7 @@ def test_postgres_first_schema_upgrades_in_place(pg_first_schema: tuple[str, lis
         reopened.open()
     reopened.close()
     assert "applied" not in caplog.text  # each step once
-    assert pg_query(url, "SELECT count(*) FROM _meter_migrations") == [(len(ledger_pg.MIGRATIONS),)]
+    assert pg_query(url, "SELECT count(*) FROM _meter_migrations") == [(len(STEP_NAMES),)]
 
 
 def test_postgres_replicas_starting_together_migrate_once(postgres: PostgresServer) -> None:
@@ -184,15 +190,15 @@ def test_postgres_replicas_starting_together_migrate_once(postgres: PostgresServ
     finally:
         for store in stores:
             store.close()
-    assert pg_query(url, "SELECT name, count(*) FROM _meter_migrations GROUP BY name ORDER BY name") == [(name, 1) for name, _ in ledger_pg.MIGRATIONS]
+    assert pg_query(url, "SELECT name, count(*) FROM _meter_migrations GROUP BY name ORDER BY name") == [(name, 1) for name in STEP_NAMES]
     assert pg_query(url, "SELECT count(*) FROM requests") == [(1,)]
 
 
 def test_postgres_ledger_from_a_newer_meter_still_opens(pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
     store = PostgresStore(pg_url)
     store.open()
-    store.execute_many("INSERT INTO _meter_migrations (name) VALUES ($1)", [("m999_from_the_future",)])
     store.close()
+    execute(pg_url, "INSERT INTO _meter_migrations (name) VALUES ($1)", [("m999_from_the_future",)])
     with caplog.at_level(logging.WARNING, logger="meter.ledger"):
         store = PostgresStore(pg_url)
         store.open()
@@ -224,3 +230,24 @@ def test_postgres_migrated_ledger_runs_under_a_role_without_ddl_rights(postgres:
         assert sorted(r[0] or 0 for r in store.query("SELECT input_tokens FROM requests")[1]) == [0, 10]
     finally:
         store.close()
+
+
+def test_duckdb_upgrade_claims_usage_already_recorded(duckdb_first_schema: tuple[Path, list[Record]]) -> None:
+    """As on PostgreSQL: usage an older meter recorded is claimed by its row, so polling
+    that response again after the upgrade does not count it twice."""
+    path, records = duckdb_first_schema
+    old_usage = records[0]
+    store = DuckDBStore(str(path))
+    store.open()
+    try:
+        again = usage_record(old_usage.response_id, input_tokens=999)  # type: ignore[arg-type]
+        fresh = usage_record("resp_new", input_tokens=5)
+        store.write([again, fresh])
+    finally:
+        store.close()
+    con = duckdb.connect(str(path))
+    try:
+        got = {str(r[0]): r[1] for r in con.execute("SELECT id, input_tokens FROM requests").fetchall()}
+    finally:
+        con.close()
+    assert got[again.id] is None and got[fresh.id] == 5 and got[old_usage.id] == old_usage.input_tokens

@@ -20,7 +20,8 @@ so the next call never takes it for its own.  A failure comes back with its kind
 (`refused`: these records; `outage`: the store; `unusable`: the ledger file
 cannot be used at all), decided in the child where the exception's class is known.
 
-Run as `python -m meter.ledger.child_store --fd N --ledger PATH` (by the parent only).
+The child runs as `python -m meter.ledger --fd N --ledger PATH` (`__main__`), started
+by the parent only.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class LedgerChildLost(LedgerChildError):
 
 class ChildProcessStore:
     dialect = "duckdb"
+    cost_chunk_rows = COST_CHUNK_ROWS  # changes `set_costs` holds at a time
 
     def __init__(self, path: str, open_timeout: float = 60.0) -> None:
         self.path = path
@@ -80,7 +82,7 @@ class ChildProcessStore:
         parent, child = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "meter.ledger.child_store", "--fd", str(child.fileno()), "--ledger", self.path],
+                [sys.executable, "-m", "meter.ledger", "--fd", str(child.fileno()), "--ledger", self.path],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -150,7 +152,7 @@ class ChildProcessStore:
     def set_costs(self, changes: Iterable[tuple[str, Decimal | None]]) -> int:
         update = self._call(("costs",))
         try:
-            for chunk in chunks(changes, COST_CHUNK_ROWS):
+            for chunk in chunks(changes, self.cost_chunk_rows):
                 self._call(("costs_add", update, chunk))
         except BaseException:
             self._quietly(("costs_abort", update))
@@ -298,6 +300,3 @@ def main() -> None:
     finally:
         con.close()
 
-
-if __name__ == "__main__":
-    main()

@@ -150,6 +150,7 @@ class CostUpdate:
 
 class DuckDBStore:
     dialect = "duckdb"
+    cost_chunk_rows = COST_CHUNK_ROWS  # changes `set_costs` holds at a time
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -252,7 +253,7 @@ class DuckDBStore:
     def set_costs(self, changes: Iterable[tuple[str, Decimal | None]]) -> int:
         update = self.begin_costs()
         try:
-            for chunk in chunks(changes, COST_CHUNK_ROWS):
+            for chunk in chunks(changes, self.cost_chunk_rows):
                 update.add(chunk)
         except BaseException:
             update.abort()
@@ -282,7 +283,7 @@ def lock_holder(pid: int) -> str:
     meter is the ledger child of another `meter serve`; name that `meter serve`."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        if b"meter.ledger.child_store" in cmdline:
+        if b"meter.ledger" in cmdline:
             stat = Path(f"/proc/{pid}/stat").read_text()
             ppid = int(stat.rsplit(")", 1)[1].split()[1])
             return f"meter serve (pid {ppid})"

@@ -102,6 +102,7 @@ class PostgresStore:
     """A `Store` on PostgreSQL.  Thread-safe; blocking."""
 
     dialect = "postgresql"
+    cost_chunk_rows = COST_CHUNK_ROWS  # changes `set_costs` holds at a time
 
     def __init__(self, url: str, *, migrate: bool = True, connect_timeout: float = 5.0, command_timeout: float = 60.0) -> None:
         self.url = url
@@ -178,7 +179,7 @@ class PostgresStore:
         session = self._session(command_timeout=None)
         try:
             transaction = session.run(_begin_costs, "update")
-            for chunk in chunks(changes, COST_CHUNK_ROWS):
+            for chunk in chunks(changes, self.cost_chunk_rows):
                 session.run(lambda con: con.copy_records_to_table("meter_costs", records=chunk, columns=("id", "cost_usd")), "update")  # noqa: B023 - run awaits it at once
             status = session.run(lambda con: con.execute("UPDATE requests SET cost_usd = c.cost_usd FROM meter_costs AS c WHERE requests.id = c.id"), "update")
             session.run(lambda con: transaction.commit(), "update")
