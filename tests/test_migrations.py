@@ -20,7 +20,8 @@ import duckdb
 import pytest
 
 from meter.ledger import COLUMN_TYPES, SQL_TYPES, DuckDBStore, PostgresStore, migrations
-from meter.ledger.duckdb_store import records_to_arrow, select_from_batch
+from meter.ledger.duckdb_store import records_to_arrow
+from meter.ledger.schema import select_from_batch
 from meter.record import COLUMNS, Record
 
 from .pg import PostgresServer, assert_rows_match, bare_record, execute, full_record, usage_record
@@ -56,7 +57,7 @@ def duckdb_first_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tupl
     try:
         assert [r[0] for r in con.execute("SELECT name FROM _meter_migrations").fetchall()] == ["m001_requests"]
         con.register("batch", records_to_arrow(records))
-        con.execute(f"INSERT INTO requests SELECT {select_from_batch()} FROM batch")
+        con.execute(f"INSERT INTO requests SELECT {select_from_batch('duckdb')} FROM batch")
         con.unregister("batch")
         assert {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()} >= {"requests", "_meter_migrations"}
         assert "usage_claims" not in {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}

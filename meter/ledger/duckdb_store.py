@@ -28,7 +28,7 @@ from typing import Any
 
 from ..record import COLUMNS, Record
 from .migrations import migrate
-from .schema import COLUMN_TYPES, claim_usage, needs_claim
+from .schema import COLUMN_TYPES, claim_usage, needs_claim, select_from_batch
 from .spool import check_directory
 from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnusable, chunks
 
@@ -57,19 +57,6 @@ def records_to_arrow(records: Sequence[Record]) -> Any:
     schema = _arrow_schema()
     arrays = [pa.array([getattr(r, name) for r in records], type=schema.field(name).type) for name in COLUMNS]
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-def select_from_batch() -> str:
-    """The columns of a registered Arrow batch, converted to the table's types."""
-    parts = []
-    for name, kind in COLUMN_TYPES.items():
-        if kind == "TIMESTAMPTZ":
-            parts.append(f"to_timestamp({name})")
-        elif kind in ("UUID", "JSON"):
-            parts.append(f"{name}::{kind}")
-        else:
-            parts.append(name)
-    return ", ".join(parts)
 
 
 class _Migrating:
@@ -160,7 +147,7 @@ class DuckDBStore:
         # zone maps on started_at narrow to the newest row groups.
         self._insert = (
             # NOT EXISTS, not NOT IN: one NULL id in the table turns `NOT IN` into "insert nothing".
-            f"INSERT INTO requests SELECT {select_from_batch()} FROM batch WHERE NOT EXISTS "
+            f"INSERT INTO requests SELECT {select_from_batch('duckdb')} FROM batch WHERE NOT EXISTS "
             "(SELECT 1 FROM requests r WHERE r.id = batch.id::UUID AND r.started_at >= (SELECT to_timestamp(min(started_at)) FROM batch))"
         )
 

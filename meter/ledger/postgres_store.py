@@ -31,11 +31,12 @@ from typing import Any
 from ..record import COLUMNS, Record
 from .migrations import migrate
 from .postgres_session import PostgresLedgerError, PostgresRefused, PostgresSession
-from .schema import COLUMN_TYPES, SQL_TYPES, claim_usage
+from .schema import COLUMN_TYPES, SQL_TYPES, claim_usage, select_from_batch
 from .store import COST_CHUNK_ROWS, chunks
 
 # The batch goes by binary COPY into this per-session table, as the record holds
-# it (epoch seconds, JSON text), and is converted on the way into `requests`.
+# it (epoch seconds, JSON text), and is converted on the way into `requests` as
+# DuckDB converts its Arrow batch (`select_from_batch`).
 _STAGE_TYPES = {**SQL_TYPES["postgresql"], "TIMESTAMPTZ": "double precision", "JSON": "text"}
 _STAGE = "meter_batch"
 _CREATE_STAGE = (
@@ -45,17 +46,9 @@ _CREATE_STAGE = (
 )
 
 
-def _from_stage(name: str, kind: str) -> str:
-    if kind == "TIMESTAMPTZ":
-        return f"to_timestamp({name})"
-    if kind == "JSON":
-        return f"{name}::jsonb"
-    return name
-
-
 _INSERT = (
     f"INSERT INTO requests ({', '.join(COLUMNS)}) "
-    f"SELECT {', '.join(_from_stage(n, k) for n, k in COLUMN_TYPES.items())} FROM {_STAGE} "
+    f"SELECT {select_from_batch('postgresql')} FROM {_STAGE} "
     "ON CONFLICT (id) DO NOTHING"
 )
 _CLAIM = (

@@ -81,6 +81,21 @@ SQL_TYPES: dict[str, dict[str, str]] = {
 }
 DIALECTS = tuple(SQL_TYPES)
 
+def select_from_batch(dialect: str) -> str:
+    """The columns of a batch as the stores stage it (epoch seconds; UUIDs and JSON as
+    text), each converted to the table's type, in the table's order."""
+    types = SQL_TYPES[dialect]
+    parts = []
+    for name, kind in COLUMN_TYPES.items():
+        if kind == "TIMESTAMPTZ":
+            parts.append(f"to_timestamp({name})")
+        elif kind in ("UUID", "JSON"):
+            parts.append(f"{name}::{types[kind]}")
+        else:
+            parts.append(name)
+    return ", ".join(parts)
+
+
 USAGE_KNOWN: tuple[str, ...] = ("input_tokens", "output_tokens", "total_tokens")
 HAS_USAGE_SQL = "(" + " OR ".join(f"{name} IS NOT NULL" for name in USAGE_KNOWN) + ")"
 
