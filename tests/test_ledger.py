@@ -23,7 +23,7 @@ from meter.ledger import (
     Spool,
     open_reader,
 )
-from meter.ledger.writer import random_uuids
+from meter.ledger.schema import random_uuids
 from meter.record import COLUMNS, Record
 
 from .conftest import ledger_rows

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -29,27 +28,11 @@ from pathlib import Path
 
 from ..record import Record
 from .sanitise import new_overflows, new_truncated, sanitise_batch
+from .schema import random_uuids
 from .spool import RejectedFile, Spool, check_directory, rejected_path_for
 from .store import LedgerUnusable, Store, failure_kind
 
 log = logging.getLogger("meter.ledger")
-
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
-
-
-def random_uuids(n: int) -> list[str]:
-    """`n` random (version 4) UUIDs as strings, from one read of the OS's randomness.
-
-    `str(uuid.uuid4())` per record made a system call and a UUID object each, and
-    was the writer thread's largest cost (its GIL time is the event loop's loss).
-    """
-    digits = os.urandom(16 * n).hex()
-    out = []
-    for i in range(0, 32 * n, 32):
-        h = digits[i : i + 32]
-        out.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}")
-    return out
-
 
 @dataclass
 class LedgerStats:
@@ -78,14 +61,13 @@ class LedgerWriter:
         max_pending: int = 100_000,
         spool_path: Path | None = None,
         retry_max_interval: float = 5.0,
-        rejected_path: Path | None = None,
     ) -> None:
         self.store = store
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.max_pending = max_pending
         self.spool = Spool(spool_path) if spool_path is not None else None
-        rejected = rejected_path or rejected_path_for(store, spool_path)
+        rejected = rejected_path_for(store, spool_path)
         self.rejected = RejectedFile(rejected) if rejected is not None else None
         self.retry_max_interval = retry_max_interval
         # Wake the writer at a full batch, or sooner when memory is bounded tighter,
@@ -175,12 +157,9 @@ class LedgerWriter:
     def _open(self, raise_unusable: bool = False) -> bool:
         try:
             self.store.open()
-        except LedgerUnusable as exc:
-            if raise_unusable:
+        except Exception as exc:  # after start-up, any failure to open is an outage the thread rides out
+            if raise_unusable and isinstance(exc, LedgerUnusable):
                 raise
-            self._note_error(exc)
-            return False
-        except Exception as exc:  # noqa: BLE001 - any other failure to open is an outage the thread rides out
             self._note_error(exc)
             return False
         self._opened = True
