@@ -6,6 +6,8 @@
   `if TYPE_CHECKING:` blocks are left out, since they never run.
 - The observe layer (the pure reading of bytes) never reaches aiohttp, however
   indirectly: it is fed bytes and events, never sockets.
+- The core (the proxy and the WebSocket relay) knows no addon: it calls the
+  registry's hooks, and never imports metrics, traces, prices or reports.
 - Settings (`meter.config`) do not load the price tables: `meter report` and
   every other reader of settings start without them.
 - Addon hooks are discovered in one place, the registry (`meter.flow.Addons`):
@@ -179,6 +181,15 @@ def test_observe_never_reaches_aiohttp() -> None:
     assert observe, "the observe layer exists"
     offenders = sorted(name for name in reached_from(graph, observe) if "aiohttp" in external_imports(modules[name][1]))
     assert not offenders, f"the observe layer imports aiohttp through {offenders}"
+
+
+def test_the_core_knows_no_addon() -> None:
+    graph = import_graph()
+    addons = {"meter.metrics", "meter.tracing", "meter.enrich", "meter.prices", "meter.server"}
+    addons |= {name for name in graph if name == "meter.report" or name.startswith("meter.report.")}
+    for core in ("meter.proxy", "meter.websocket"):
+        known = sorted(reached_from(graph, [core]) & addons)
+        assert not known, f"{core} imports {known}"
 
 
 def test_settings_do_not_load_the_price_tables() -> None:
