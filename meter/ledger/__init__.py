@@ -1,11 +1,14 @@
 """The ledger: where every record is stored, and where reports read it (SPEC §4).
 
-One `Store` protocol (`store`), three stores (`duckdb_store`, `child_store`,
-`postgres_store`), one schema and one migration runner for both dialects
-(`schema`, `migrations`), the one sanitising step every record passes
-(`sanitise`), the writer that batches records off the request path
-(`writer`) with its spool and rejected files (`spool`), and the choice of
-store for a ledger (`stores`).
+- `store`: the `Store` protocol every reader and the writer go through, and its errors;
+- `schema`: the columns and their types per dialect, the "has usage" and usage-claim rules;
+- `migrations`: one runner and one append-only list of steps for both dialects;
+- `duckdb_store`, `child_store` (the same in a child process, as `meter serve`
+  runs it; `__main__` is that process), `postgres_store` over `postgres_session`;
+- `stores`: which store for a ledger (`store_for`, `open_reader`);
+- `sanitise`: the one step that makes every record storable, in every store;
+- `writer`: `LedgerWriter`, which batches records off the request path, with
+  its spool and rejected files (`spool`).
 """
 
 from .child_store import ChildProcessStore, LedgerChildError
