@@ -276,10 +276,6 @@ class WebSocketRelay:
             )
         return s
 
-    def started(self, flow: Flow) -> None:
-        """A response began on a socket: the addons hear its request."""
-        self.addons.request(flow)
-
     def record(self, flow: Flow) -> None:
         """A response ended: its record to the addons, or, as over HTTP, the row of what is
         certain when the record cannot be built."""

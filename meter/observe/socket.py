@@ -49,13 +49,18 @@ _CREATE = b'"response.create"'
 _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
 
 
+class _Hooks(Protocol):
+    def request(self, flow: Flow) -> None: ...
+
+
 class Relay(Protocol):
     """What the socket meter needs of the relay it meters for."""
 
     @property
-    def max_metered_bytes(self) -> int: ...  # a larger message is metered from its ends
+    def addons(self) -> _Hooks: ...  # `request` when a response starts
 
-    def started(self, flow: Flow) -> None: ...  # a response began: the addons' `request`
+    @property
+    def max_metered_bytes(self) -> int: ...  # a larger message is metered from its ends
 
     def record(self, flow: Flow) -> None: ...  # a response ended: its record, to the addons
 
@@ -79,13 +84,6 @@ def _event_type(data: bytes) -> bytes | None:
     if m is None or data.find(b"{", 1, m.start()) >= 0:
         return None
     return m.group(1)
-
-
-def _decode(data: bytes) -> dict[str, Any] | None:
-    try:
-        return decode_event(data)
-    except DecodeError:
-        return None  # not JSON: relayed, and nothing to meter
 
 
 def _lane(value: Any) -> str | None:
@@ -131,7 +129,10 @@ class SocketMeter:
                 return
         elif etype != b"response.create":
             return
-        obj = _decode(data)
+        try:
+            obj = decode_event(data)
+        except DecodeError:
+            return  # not JSON: relayed, and nothing to meter
         if obj is None or obj.get("type") != "response.create":
             return
         request = obj
@@ -148,7 +149,7 @@ class SocketMeter:
         flow.facts = facts
         lane = _lane(obj.get("stream_id"))
         self.pending.setdefault(lane, deque()).append(flow)
-        self.relay.started(flow)
+        self.relay.addons.request(flow)
 
     # upstream -> client
 
@@ -184,7 +185,10 @@ class SocketMeter:
                         flow.response_bytes += len(data)
                 return
         limit = self.relay.max_metered_bytes
-        obj = _decode(data) if len(data) <= limit else message_from_ends(data, limit)
+        try:
+            obj = decode_event(data) if len(data) <= limit else message_from_ends(data, limit)
+        except DecodeError:
+            return
         if obj is None:
             return
         kind = obj.get("type")
@@ -252,7 +256,7 @@ class SocketMeter:
             else:
                 flow.t0, flow.started_at = now, time.time()
                 flow.facts = RequestFacts(stream=True, model=self.handshake_model)
-            self.relay.started(flow)
+            self.relay.addons.request(flow)
         flow.ttfb_at = now
         self.open[lane] = flow
         return flow

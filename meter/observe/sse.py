@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 from .bodies import Capped, MeteringBudget
 from .ends import CHAT_HEAD, CHAT_TAIL, EDGE_MAX, partial_object
@@ -289,13 +288,6 @@ class SSEObserver:
         if data is not None and type(data) is not bytes:
             data.release()  # type: ignore[union-attr]
 
-    def _decode(self, payload: bytes | bytearray) -> dict[str, Any] | None:
-        try:
-            return decode_event(payload)
-        except DecodeError:
-            self.obs.unreadable = "invalid JSON in an SSE event"
-            return None
-
     def _responses_payload(self, event: bytes | None, payload: bytes | bytearray) -> None:
         if event is None:
             # No `event:` line: peek at the type near the start before decoding.
@@ -305,7 +297,11 @@ class SSEObserver:
                 return
             if b'"response.' not in head and b'"error"' not in head:
                 return
-        obj = self._decode(payload)
+        try:
+            obj = decode_event(payload)
+        except DecodeError:
+            self.obs.unreadable = "invalid JSON in an SSE event"
+            return
         if obj is None:
             return
         kind = obj.get("type")
@@ -319,7 +315,11 @@ class SSEObserver:
             return
         if not self._ttft_pending and self.obs.model is not None and not _holds_usage_object(payload) and not _is_error_chunk(payload):
             return  # after the first token only the usage chunk (and the tier on it), or an error, matters
-        obj = self._decode(payload)
+        try:
+            obj = decode_event(payload)
+        except DecodeError:
+            self.obs.unreadable = "invalid JSON in an SSE event"
+            return
         if obj is None:
             return
         if "error" in obj and isinstance(obj["error"], dict):
