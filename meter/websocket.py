@@ -11,7 +11,7 @@ client is written a batch at a time: every message of one upstream read in one
 `writev` (`_ClientFrames`), with the client's backpressure kept.
 
 Metering is `meter.observe.socket.SocketMeter`'s, one per socket on the
-metered path, fed every text message both ways after it is relayed (a
+metered path, fed every text message both ways as it is relayed (a
 metering error never breaks the relay).  Each response on the socket gets its
 own `Flow`; the relay hands each finished one to the addons as its record
 (`record`), or, when the record cannot be built, the row of what is certain,

@@ -8,7 +8,7 @@ read, `Observation.unmetered` says why, so that it is counted, not lost.
 
 One module per concern: `facts` (what a request asks), `usage` (SPEC §3's
 normal form), `objects` (a response, completion or error object),
-`responses` (THE reader of Responses API stream events, for SSE and
+`responses` (the one reader of Responses API stream events, for SSE and
 WebSocket alike), `sse`, `bodies` (bounded copies), `ends` (reading what was
 too large to hold), `codings` (content codings), `endpoints` (what a request
 is, which observer reads it).  `socket` meters a WebSocket's responses; it
