@@ -215,7 +215,7 @@ def test_values_postgresql_refuses_do_not_block_the_ledger(pg_url: str) -> None:
         cost_usd=None,
     )
     fine = full_record(1)
-    # The writer's one sanitising step (meter.sanitise) makes them storable before the store sees them.
+    # The writer's one sanitising step (meter.ledger.sanitise) makes them storable before the store sees them.
     writer = LedgerWriter(PostgresStore(pg_url), flush_interval=0.02)
     writer.start_thread()
     writer.done(None, odd)
