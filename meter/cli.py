@@ -1,7 +1,8 @@
 """The `meter` command: serve, report, reprice, keys.
 
-Every command follows one rule for bad input: one line on stderr naming what is
-wrong, exit status 2, no traceback.
+Every command follows one rule for bad input (`meter.command`): one line on
+stderr naming what is wrong, exit status 2, no traceback.  `report` and
+`reprice` are wired by `meter.report.commands`.
 """
 
 from __future__ import annotations
@@ -13,13 +14,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .command import EXIT_USAGE, CommandError
 from .config import SettingError, load_settings
-
-EXIT_USAGE = 2
-
-
-class CommandError(Exception):
-    """A user error in a command; printed as one line, exit status 2."""
+from .report.commands import add_report_commands
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,8 +56,6 @@ def build_parser() -> Parser:
     keys = sub.add_parser("keys", help="key utilities")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
     keys_sub.add_parser("id", help="print the key_id of a key read from standard input", description="Reads one API key from standard input and prints its key_id, for naming keys in the config.")
-    from .report import add_report_commands
-
     add_report_commands(sub)
     return parser
 

@@ -292,11 +292,11 @@ async def test_out_of_range_windows_are_a_400_and_one_cli_line(upstream, meter_p
     await send_requests(proc.url, 1)
     for params in OUT_OF_RANGE:
         query = "&".join(f"{k}={v.replace('+', '%2B')}" for k, v in params.items())
-        status, headers, body = await araw(proc.admin_port, "/api/report?" + query)
+        status, _headers, body = await araw(proc.admin_port, "/api/report?" + query)
         assert status == 400, (params, status, body[:300])
         message = json.loads(body)["error"]
         assert message and "\n" not in message and "Traceback" not in message, message
-        [(name, value)] = params.items()
+        [(name, _value)] = params.items()
         assert f"--{name}" in message, message
     cli = await asyncio.gather(*(arun_meter("report", "--url", proc.admin_url, f"--{k}", v) for p in OUT_OF_RANGE for k, v in p.items()))
     for params, result in zip(OUT_OF_RANGE, cli):

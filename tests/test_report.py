@@ -234,7 +234,7 @@ def test_hour_endpoint_project_user_by_hand(ledger: Path) -> None:
     assert [(e["endpoint"], e["requests"], e["cost_usd"], e["errors"]) for e in endpoints] == [
         ("chat.completions", 2, Decimal("0.000615000"), 0),
         ("embeddings", 1, Decimal("0.000016000"), 0),
-        ("other", 1, Decimal("0"), 0),
+        ("other", 1, Decimal(0), 0),
         ("responses", 6, Decimal("0.015250000"), 3),
     ]
     projects = report_json("--ledger", str(ledger), "--by", "project")
@@ -244,7 +244,7 @@ def test_hour_endpoint_project_user_by_hand(ledger: Path) -> None:
         ("alice", 4, 3300, Decimal("0.014615000")),
         ("bob", 2, 500, Decimal("0.001250000")),
         ("carol", 1, 800, Decimal("0.000016000")),
-        (None, 3, 100, Decimal("0")),
+        (None, 3, 100, Decimal(0)),
     ]
 
 
@@ -260,7 +260,7 @@ def test_combination_by_hand(ledger: Path) -> None:
     assert [(r["day"], r["key"], r["requests"], r["cost_usd"], r["errors"]) for r in rows] == [
         ("2026-03-01", ID_B, 2, Decimal("0.000615000"), 0),
         ("2026-03-01", "team-a", 2, Decimal("0.005250000"), 0),
-        ("2026-03-01", None, 1, Decimal("0"), 1),
+        ("2026-03-01", None, 1, Decimal(0), 1),
         ("2026-03-02", ID_B, 2, Decimal("0.010000000"), 2),
         ("2026-03-02", "team-a", 3, Decimal("0.000016000"), 0),
     ]
@@ -466,9 +466,10 @@ async def test_url_report_equals_ledger_report_after_shutdown(upstream, start_me
         client = openai.AsyncOpenAI(base_url=meter.url + "/v1", api_key=key, max_retries=0)
         await client.responses.create(model=model, input="hi", extra_headers={"x-fake-usage": json.dumps(usage)})
         await client.close()
-    async with aiohttp.ClientSession() as s:  # a request that fails upstream: an error row
-        async with s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "x"}, headers={"Authorization": f"Bearer {KEY_B}", "x-fake-scenario": "status:500"}) as r:
-            assert r.status == 500
+    # a request that fails upstream: an error row
+    failing = {"Authorization": f"Bearer {KEY_B}", "x-fake-scenario": "status:500"}
+    async with aiohttp.ClientSession() as s, s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "x"}, headers=failing) as r:
+        assert r.status == 500
     # no flush here: the API flushes the writer's queue itself
     by = "key,model,tier,day"
     live = await arun_meter("report", "--url", meter.admin_url, "--by", by, "--format", "json")
@@ -523,7 +524,7 @@ async def test_url_report_with_window(upstream, start_meter) -> None:
 
 
 def test_postgres_ledger_reports_like_duckdb(pg_url: str, ledger: Path) -> None:
-    from meter.ledger_pg import PostgresStore
+    from meter.ledger import PostgresStore
 
     store = PostgresStore(pg_url)
     store.open()

@@ -1,0 +1,38 @@
+"""Reports and repricing over the ledger (SPEC §5, §8).
+
+One concern per module, read in this order:
+
+- `window`: the arguments (`--since`, `--until`, `--by`) and `ReportError`;
+- `query`: the report SQL for either dialect and `report(store, ...)` over a
+  `meter.ledger` Store;
+- `render`: the rows as a table, CSV or JSON;
+- `reprice`: today's price of stored usage, streamed in bounded memory;
+- `client`: `meter report --url`, a running meter's report over HTTP;
+- `api`: the admin handler of `GET /api/report` that client asks;
+- `commands`: the `report` and `reprice` commands wired into `meter.cli`.
+"""
+
+from __future__ import annotations
+
+from .api import ReportAPI
+from .query import METRIC_COLUMNS, output_columns, report, report_sql
+from .render import render
+from .reprice import Repricer, format_delta, reprice
+from .window import GROUP_FIELDS, ReportError, parse_by, parse_when, parse_window
+
+__all__ = [
+    "GROUP_FIELDS",
+    "METRIC_COLUMNS",
+    "ReportAPI",
+    "ReportError",
+    "Repricer",
+    "format_delta",
+    "output_columns",
+    "parse_by",
+    "parse_when",
+    "parse_window",
+    "render",
+    "report",
+    "report_sql",
+    "reprice",
+]

@@ -1,0 +1,99 @@
+"""`GET /api/report?by=...&since=...&until=...` on the admin port.
+
+Answers with the JSON that `meter report --format json` prints, read through
+the store `meter serve` writes with (the DuckDB file is held open by that
+meter, so this is how its report is read live; a PostgreSQL store reads on a
+connection of its own, so a long report never holds up the writer).  Records
+still queued in the ledger writer are written first (waiting at most
+`FLUSH_WAIT`), so the report covers every request that has finished; when some
+are still not in the ledger (it is failing or slow), the answer says how many
+in `Meter-Report-Pending`.  The query runs in a worker thread; the event loop
+never waits on it.
+
+Errors are one line: a bad argument is a 400 (the CLI's own message), a store
+that cannot answer now (`meter.ledger.LedgerUnavailable`) a 503, anything else
+a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ..ledger import LedgerNotOpen, LedgerUnavailable, Store
+from .client import PENDING_HEADER
+from .query import one_line, report
+from .render import render_json
+from .window import ReportError, parse_by, parse_window
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from ..ledger import LedgerWriter
+
+log = logging.getLogger("meter.report")
+
+
+class ReportAPI:
+    """The admin handler of `/api/report` over the serving store and its writer."""
+
+    # How long a report waits for queued records to reach the ledger before it
+    # answers with what is there (and says what is not).
+    FLUSH_WAIT = 5.0
+
+    def __init__(self, settings: Any, store: Store, ledger_writer: LedgerWriter | None) -> None:
+        self.settings = settings
+        self.store = store
+        self.ledger_writer = ledger_writer
+        self.key_names: dict[str, str] = dict(getattr(settings, "keys", {}) or {})
+
+    def admin_routes(self, app: web.Application) -> None:
+        app.router.add_get("/api/report", self.handle_report)
+
+    async def stop(self) -> None:
+        """Nothing to release: the store is the server's and is closed by it."""
+
+    async def handle_report(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        q = request.query
+        try:
+            by = parse_by(q.getall("by", []))
+            since, until = parse_window(q.get("since") or None, q.get("until") or None)
+        except ReportError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        loop = asyncio.get_running_loop()
+        try:
+            if self.ledger_writer is not None:
+                await loop.run_in_executor(None, self.ledger_writer.flush, self.FLUSH_WAIT)
+            rows = await loop.run_in_executor(None, self._report, by, since, until)
+        except LedgerNotOpen:
+            return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)
+        except Exception as exc:  # any failure is one line to the caller and the log, never a traceback page
+            # The store's own text (host, database, never the password: the stores
+            # redact it) goes only behind the admin token.
+            unavailable = isinstance(exc, LedgerUnavailable)
+            log.warning("report failed: %s: %s", type(exc).__name__, one_line(exc), exc_info=log.isEnabledFor(logging.DEBUG))
+            what = "the ledger cannot be read now" if unavailable else "report failed"
+            return web.json_response({"error": f"{what}: {type(exc).__name__}: {one_line(exc)}"}, status=503 if unavailable else 500)
+        headers = {}
+        pending = self.unwritten()
+        if pending is not None:
+            headers[PENDING_HEADER] = str(pending)
+        return web.Response(text=render_json(rows), content_type="application/json", headers=headers)
+
+    def unwritten(self) -> int | None:
+        """Records that finished but are not in the ledger (None when the report can see
+        every one): still queued after the flush, or the ledger failing."""
+        writer = self.ledger_writer
+        if writer is None:
+            return None
+        pending = int(writer.pending)
+        if pending > 0 or not writer.stats.healthy:
+            return pending
+        return None
+
+    def _report(self, by: list[str], since: dt.datetime | None, until: dt.datetime | None) -> list[dict[str, Any]]:
+        return report(self.store, by, since, until, self.key_names)

@@ -1,0 +1,84 @@
+"""`meter report --url`: the report of a running meter, asked over its admin API.
+
+A running meter holds its DuckDB file open, so its report is asked for at
+`GET /api/report` on the admin address.  The request carries
+`Authorization: Bearer $METER_ADMIN_TOKEN` when that variable is set; a 401 is
+one line naming it.  When the meter answers `Meter-Report-Pending: N` (records
+it has not yet written: the ledger is failing or behind), the caller gets N to
+warn with; the rows are the same objects a `--ledger` report gives.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .render import parse_json_rows
+from .window import ReportError
+
+ADMIN_TOKEN_ENV = "METER_ADMIN_TOKEN"
+PENDING_HEADER = "Meter-Report-Pending"
+
+
+def admin_headers(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Headers for a request to a meter's admin API: the bearer token from METER_ADMIN_TOKEN, if set."""
+    token = (os.environ if env is None else env).get(ADMIN_TOKEN_ENV, "")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _error_detail(exc: urllib.error.HTTPError) -> str:
+    """The `error` text of a meter's JSON error answer, or "" for any other body."""
+    try:
+        detail = json.loads(exc.read().decode("utf-8")).get("error", "")
+    except (OSError, http.client.HTTPException, ValueError, AttributeError):  # not JSON, not an object, or the body broke off
+        return ""
+    return _first_line(detail) if isinstance(detail, str) else ""
+
+
+def report_url(base: str, by: Sequence[str], since: dt.datetime | None, until: dt.datetime | None, timeout: float = 60.0) -> tuple[list[dict[str, Any]], int | None]:
+    """Ask a running meter's admin API; returns the same rows as a ledger report, and the
+    number of records the meter says are not yet in its ledger (None when it says none)."""
+    parsed = urllib.parse.urlsplit(base)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ReportError(f"--url: expected the admin address as http://HOST:PORT, got {base!r}")
+    query: dict[str, str] = {}
+    if by:
+        query["by"] = ",".join(by)
+    if since is not None:
+        query["since"] = since.isoformat()
+    if until is not None:
+        query["until"] = until.isoformat()
+    url = base.rstrip("/") + "/api/report" + ("?" + urllib.parse.urlencode(query) if query else "")
+    request = urllib.request.Request(url, headers=admin_headers())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            body = resp.read().decode("utf-8")
+            pending_header = resp.headers.get(PENDING_HEADER)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            given = "was refused" if admin_headers() else "is not set"
+            raise ReportError(f"--url: {base} answered 401: it needs its admin token, and {ADMIN_TOKEN_ENV} {given}") from None
+        detail = _error_detail(exc)
+        if exc.code == 404 and not detail:
+            raise ReportError(f"--url: {base} has no report API (HTTP 404); is it a meter admin address?") from None
+        raise ReportError(f"--url: {detail or f'HTTP {exc.code} from {base}'}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ReportError(f"--url: cannot reach {base}: {reason}") from None
+    try:
+        rows = parse_json_rows(body)
+    except ValueError:
+        raise ReportError(f"--url: {base} did not answer with a report") from None
+    pending = int(pending_header) if pending_header is not None and pending_header.strip().isdigit() else None
+    return rows, pending

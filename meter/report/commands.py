@@ -1,0 +1,185 @@
+"""The `report` and `reprice` commands: their arguments and what they run.
+
+`meter report` sums the ledger per group (`meter.report.query`) over
+
+- one or more DuckDB files (`--ledger`, repeatable: the replicas of a fleet
+  report as one),
+- a PostgreSQL ledger (`--ledger postgresql://...`), or
+- a running meter's admin API (`--url http://ADMIN`, `meter.report.client`),
+  since a running meter holds its DuckDB file open.  When the meter says some
+  records are not yet in its ledger, one warning line goes to stderr; stdout
+  keeps its shape.  A `--ledger` report warns the same way when the ledger's
+  spool still holds records a meter could not write (they are replayed at its
+  next start).
+
+`meter reprice` (`meter.report.reprice`) prints `repriced N of M rows; cost +$X`
+(M: rows with usage in the window); `--dry-run` says the same without writing.
+A DuckDB file open in a running meter is refused (stop it first); a PostgreSQL
+ledger can be repriced live.
+
+Every failure is one `CommandError` line (exit 2): bad arguments, a ledger that
+cannot be opened or read, a price config that does not load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..command import CommandError
+from ..config import Settings, load_settings, redact_url
+from ..ledger import LedgerReadError, is_postgres_url, open_reader
+from ..prices import Pricer
+from .client import report_url
+from .query import one_line, report
+from .render import render
+from .reprice import Repricer, format_delta, reprice
+from .window import GROUP_FIELDS, ReportError, parse_by, parse_window
+
+_WARNING = "meter: warning: the report may be incomplete: "
+
+
+def _load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
+    return load_settings({"config": args.config, **extra})
+
+
+def report_ledgers(ledgers: Sequence[str], by: Sequence[str], since: dt.datetime | None, until: dt.datetime | None, key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The report over `--ledger` values (DuckDB files read as one, or one PostgreSQL URL)."""
+    try:
+        store = open_reader(ledgers)
+    except LedgerReadError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        return report(store, by, since, until, key_names)
+    except Exception as exc:  # noqa: BLE001 -- whatever the store raises is one line, never a traceback
+        raise CommandError(f"ledger: cannot report from {', '.join(map(redact_url, ledgers))}: {one_line(exc)}") from None
+    finally:
+        store.close()
+
+
+def run_report(args: argparse.Namespace) -> int:
+    try:
+        by = parse_by(args.by)
+        since, until = parse_window(args.since, args.until)
+        if args.url:
+            rows, pending = report_url(args.url, by, since, until)
+            if pending is not None:
+                # stdout keeps its shape for scripts; the caveat goes to stderr, once.
+                print(f"{_WARNING}the ledger is failing or behind, {pending} records not yet in it", file=sys.stderr)
+        else:
+            settings = _load_settings(args)
+            ledgers = args.ledger or [settings.ledger]
+            rows = report_ledgers(ledgers, by, since, until, settings.keys)
+            for warning in spool_warnings(ledgers, settings):
+                print(_WARNING + warning, file=sys.stderr)
+    except ReportError as exc:
+        raise CommandError(str(exc)) from None
+    sys.stdout.write(render(rows, by, args.format))
+    return 0
+
+
+def count_lines(path: Path) -> int | None:
+    """Newlines in a file, read in 1 MiB blocks (a spool may hold millions of records); None if absent."""
+    try:
+        with open(path, "rb") as f:
+            return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return None
+
+
+def spool_warnings(ledgers: Sequence[str], settings: Settings) -> list[str]:
+    """What a `--ledger` report cannot count: spool files that still hold records.
+
+    A meter whose ledger was down writes what it could not store to its spool and
+    replays it when it next opens the ledger; until then a `--ledger` report cannot
+    count those records.  The spool is where `meter serve` with these settings
+    puts it (beside a DuckDB file, or `--spool`); a PostgreSQL ledger's spool
+    lives with each replica, so only an explicit `--spool` setting is checked.
+    """
+    paths: dict[Path, None] = {}
+    for ledger in ledgers:
+        if is_postgres_url(ledger) and not settings.spool:
+            continue
+        paths[Path(settings.model_copy(update={"ledger": ledger}).spool_path())] = None
+    warnings = []
+    for path in paths:
+        try:
+            count = count_lines(path)
+        except OSError as exc:
+            warnings.append(f"cannot read the spool {path} ({exc.strerror}) to tell whether records wait there")
+            continue
+        if count:
+            warnings.append(f"{count} records in {path} are not in the ledger yet (the next meter serve on this ledger replays them)")
+    return warnings
+
+
+def run_reprice(args: argparse.Namespace) -> int:
+    try:
+        since, _ = parse_window(args.since, None)
+    except ReportError as exc:
+        raise CommandError(str(exc)) from None
+    settings = _load_settings(args, upstream=args.upstream)
+    ledger = args.ledger or settings.ledger
+    try:
+        pricer = Pricer(provider_id=settings.price_provider, upstream_url=settings.upstream, overrides=settings.price_overrides)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        store = open_reader([ledger], writable=not args.dry_run)
+    except LedgerReadError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        tally = reprice(store, since, Repricer(pricer), dry_run=args.dry_run)
+    except Exception as exc:  # noqa: BLE001 -- whatever the store raises is one line, never a traceback
+        raise CommandError(f"ledger: cannot reprice {redact_url(ledger)}: {one_line(exc)}") from None
+    finally:
+        store.close()
+    verb = "would reprice" if args.dry_run else "repriced"
+    print(f"{verb} {tally.changed} of {tally.seen} rows; cost {format_delta(tally.delta)}")
+    return 0
+
+
+def add_report_commands(subparsers: Any) -> None:
+    """Called by `meter.cli.build_parser`: adds `report` and `reprice`."""
+    report_cmd = subparsers.add_parser(
+        "report",
+        help="sum requests, tokens and cost by key, model, tier, ...",
+        description=(
+            "Sum the ledger's requests, tokens and cost per group. WHEN is an ISO date or time "
+            "(times without an offset are UTC; --until with a bare date includes that day) or a span back from now (7d, 24h, 30m)."
+        ),
+    )
+    source = report_cmd.add_mutually_exclusive_group()
+    source.add_argument(
+        "--ledger",
+        action="append",
+        metavar="PATH_OR_URL",
+        help="DuckDB file or postgresql:// URL; repeat to report over several replicas' files as one (default: the configured ledger)",
+    )
+    source.add_argument(
+        "--url",
+        metavar="http://ADMIN",
+        help="ask a running meter's admin address (its DuckDB file is held open); sends METER_ADMIN_TOKEN as a bearer token when set",
+    )
+    report_cmd.add_argument("--since", metavar="WHEN", help="from this time on (inclusive)")
+    report_cmd.add_argument("--until", metavar="WHEN", help="up to this time (exclusive)")
+    report_cmd.add_argument("--by", action="append", metavar="FIELDS", help=f"group by a comma-separated list of: {','.join(GROUP_FIELDS)}")
+    report_cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="(default table; csv and json have no total row)")
+    report_cmd.add_argument("--config", help="TOML config whose [keys] name key_ids (env METER_CONFIG)")
+    report_cmd.set_defaults(handler=run_report)
+
+    reprice_cmd = subparsers.add_parser(
+        "reprice",
+        help="recompute cost_usd from the stored usage with today's prices",
+        description="Recompute cost_usd of every row with usage (from --since on) with today's prices and config overrides; rewrites only rows whose cost changed.",
+    )
+    reprice_cmd.add_argument("--ledger", metavar="PATH_OR_URL", help="DuckDB file or postgresql:// URL (default: the configured ledger; a DuckDB file must not be open in a running meter)")
+    reprice_cmd.add_argument("--since", metavar="WHEN", help="only rows from this time on: ISO date/time or a span back from now (7d, 24h)")
+    reprice_cmd.add_argument("--config", help="TOML config: [prices] provider and overrides (env METER_CONFIG)")
+    reprice_cmd.add_argument("--upstream", help="upstream URL whose provider's prices apply (env METER_UPSTREAM; default https://api.openai.com)")
+    reprice_cmd.add_argument("--dry-run", dest="dry_run", action="store_true", help="say what would change without writing")
+    reprice_cmd.set_defaults(handler=run_reprice)

@@ -1,0 +1,112 @@
+"""A report's rows as text: an aligned table, CSV or JSON.
+
+`render_json` is the one JSON form, printed by `meter report --format json` and
+served by the admin API alike (`parse_json_rows` reads it back for `--url`), so
+every path gives the same objects.  `cost_usd` is exact everywhere: in JSON a
+number with exactly 9 decimals written from the decimal, never through a float;
+in CSV the same digits; in the table trimmed to at most 9 places.  Only the
+table has a total row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+from .query import METRIC_COLUMNS, NANO, output_columns
+
+
+def format_cost(value: Decimal) -> str:
+    """Exactly 9 decimals, no exponent: `0.001234567`, `12.500000000`."""
+    return format(Decimal(value).quantize(NANO), "f")
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, Decimal):
+        return format_cost(value)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_json(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A JSON list, one object per line; `cost_usd` written from the decimal, never through a float."""
+    if not rows:
+        return "[]\n"
+    objects = ["{" + ", ".join(f"{json.dumps(k)}: {_json_value(v)}" for k, v in row.items()) + "}" for row in rows]
+    return "[\n  " + ",\n  ".join(objects) + "\n]\n"
+
+
+def parse_json_rows(text: str) -> list[dict[str, Any]]:
+    """The inverse of `render_json`, keeping `cost_usd` exact."""
+    rows = json.loads(text, parse_float=Decimal)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("expected a JSON list of objects")
+    for row in rows:
+        if "cost_usd" in row:
+            row["cost_usd"] = Decimal(row["cost_usd"]).quantize(NANO)
+    return rows
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Decimal):
+        return format_cost(value)
+    return str(value)
+
+
+def render_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A header line and one line per row; an absent group value is an empty cell."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row[c]) for c in columns])
+    return buf.getvalue()
+
+
+def _table_cost(value: Decimal) -> str:
+    text = format_cost(value).rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Aligned columns; the last row is the total (without --by it is the only row)."""
+    group_cols = [c for c in columns if c not in METRIC_COLUMNS]
+    header = list(columns) if group_cols else ["", *columns]
+    totals: dict[str, Any] = {c: (Decimal(0) if c == "cost_usd" else 0) for c in METRIC_COLUMNS}
+    body: list[list[str]] = []
+    for row in rows:
+        for c in METRIC_COLUMNS:
+            totals[c] += row[c]
+        cells = [("-" if row[c] is None else str(row[c])) for c in group_cols]
+        cells += [_table_cost(row[c]) if c == "cost_usd" else str(row[c]) for c in METRIC_COLUMNS]
+        body.append(cells)
+    total = ["total"] + [""] * (len(group_cols) - 1) if group_cols else ["total"]
+    total += [_table_cost(totals[c]) if c == "cost_usd" else str(totals[c]) for c in METRIC_COLUMNS]
+    if not group_cols:
+        body = []  # the one row of totals is the total row
+    lines = [header, *body, total]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    first_metric = len(header) - len(METRIC_COLUMNS)
+    out = []
+    for n, line in enumerate(lines):
+        cells = [cell.rjust(w) if i >= first_metric else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        if n == len(lines) - 1 and len(lines) > 1:
+            out.append("  ".join("-" * w for w in widths))
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out) + "\n"
+
+
+def render(rows: Sequence[Mapping[str, Any]], by: Sequence[str], fmt: str) -> str:
+    """The rows in `fmt` (`table`, `csv` or `json`), columns as `output_columns(by)`."""
+    columns = output_columns(by)
+    if fmt == "json":
+        return render_json(rows)
+    if fmt == "csv":
+        return render_csv(rows, columns)
+    return render_table(rows, columns)
