@@ -11,6 +11,7 @@ import datetime as dt
 import re
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -42,7 +43,7 @@ def records() -> list:
         # r1: NULL -> (1000-200-100)*2 + 200*0.5 + 100*2.5 + 500*8 = 5750 per M = 0.00575, + 2 searches * 0.01 = 0.02575
         make_record(response_id="r1", **acme, input_tokens=1000, cached_tokens=200, cache_write_tokens=100, output_tokens=500, reasoning_tokens=100, web_search_calls=2, cost_usd=None),
         # r2: wrong -> 100*2 + 10*8 = 280 per M = 0.00028
-        make_record(response_id="r2", **acme, input_tokens=100, output_tokens=10, cost_usd=Decimal("1")),
+        make_record(response_id="r2", **acme, input_tokens=100, output_tokens=10, cost_usd=Decimal(1)),
         # r3: already right
         make_record(response_id="r3", **acme, input_tokens=100, output_tokens=10, cost_usd=Decimal("0.00028")),
         # r4: cached > input breaks an invariant: its cost goes
@@ -176,11 +177,8 @@ def test_reprice_batch_is_fast(tmp_path: Path) -> None:
     import time
 
     n = 200_000
-    path = tmp_path / "big.duckdb"
+    path = seed(tmp_path / "big.duckdb", [])
     con = duckdb.connect(str(path))
-    from meter.ledger import migrate_duckdb
-
-    migrate_duckdb(con)
     con.execute(
         """
         INSERT INTO requests (id, started_at, finished_at, method, path, endpoint, outcome, model, service_tier,
@@ -210,7 +208,7 @@ def test_reprice_batch_is_fast(tmp_path: Path) -> None:
 
 
 def test_reprice_postgres(pg_url: str) -> None:
-    from meter.ledger_pg import PostgresStore
+    from meter.ledger import PostgresStore
 
     store = PostgresStore(pg_url)
     store.open()
@@ -240,3 +238,140 @@ def test_format_delta(value: str) -> None:
 
     assert format_delta(Decimal(value)) == "+$" + value
     assert format_delta(-Decimal(value)) == ("-$" if value != "0" else "+$") + value
+
+
+# --- bounded memory ---------------------------------------------------------------------
+
+# Rows of `acme-model` with usage and no cost: the config's override prices every one,
+# so a reprice changes each row (the most a reprice ever has to write).
+BIG_COLUMNS = "id, started_at, finished_at, method, path, endpoint, outcome, model, service_tier, input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd"
+BIG_DUCKDB = f"""
+INSERT INTO requests ({BIG_COLUMNS})
+SELECT uuid(), TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i * 37), TIMESTAMPTZ '2026-01-01 00:00:01+00' + to_seconds(i * 37),
+       'POST', '/v1/responses', 'responses', 'completed', 'acme-model', 'default',
+       100 + i % 1000, i % 50, 10 + i % 100, i % 10, 110 + i % 1000 + i % 100, NULL
+FROM range($1) AS t(i)
+"""
+BIG_POSTGRES = f"""
+INSERT INTO requests ({BIG_COLUMNS})
+SELECT gen_random_uuid(), TIMESTAMPTZ '2026-01-01 00:00:00+00' + i * interval '37 seconds', TIMESTAMPTZ '2026-01-01 00:00:01+00' + i * interval '37 seconds',
+       'POST', '/v1/responses', 'responses', 'completed', 'acme-model', 'default',
+       100 + i % 1000, i % 50, 10 + i % 100, i % 10, 110 + i % 1000 + i % 100, NULL
+FROM generate_series(0, $1 - 1) AS t(i)
+"""
+
+
+def big_duckdb(path: Path, n: int) -> str:
+    seed(path, [])
+    con = duckdb.connect(str(path))
+    try:
+        con.execute(BIG_DUCKDB, [n])
+    finally:
+        con.close()
+    return str(path)
+
+
+def big_postgres(url: str, n: int) -> str:
+    import asyncio
+
+    import asyncpg
+
+    from meter.ledger import PostgresStore
+
+    store = PostgresStore(url)
+    store.open()
+    store.close()
+
+    async def fill() -> None:
+        con = await asyncpg.connect(url)
+        try:
+            await con.execute(BIG_POSTGRES, n)
+        finally:
+            await con.close()
+
+    asyncio.run(fill())
+    return url
+
+
+# `meter reprice` in a process that says its own peak RSS (VmHWM) last on stderr: the
+# kernel's per-process high-water mark, which rusage would mix with the forking
+# parent's (exec records the parent's peak as the child's).
+REPORTING_PEAK = (
+    "import sys\n"
+    "from meter.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+    "print(f'VmHWM {peak}', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def reprice_peak_rss(ledger: str, cfg: Path, *args: str) -> tuple[str, int]:
+    """(stdout, peak RSS in bytes) of one `meter reprice` process."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    argv = [sys.executable, "-c", REPORTING_PEAK, "reprice", "--ledger", ledger, "--config", str(cfg), *args]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    *errors, last = result.stderr.splitlines() or [""]
+    assert result.returncode == 0 and not errors and last.startswith("VmHWM "), result.stderr
+    return result.stdout, int(last.split()[1]) * 1024
+
+
+def reprice_traced_peak(ledger: str, cfg: Path) -> tuple[int, int]:
+    """(rows changed, peak bytes of Python objects) of one reprice in this process, every row rewritten."""
+    import tracemalloc
+
+    from meter.config import load_settings
+    from meter.ledger import open_reader
+    from meter.prices import Pricer
+    from meter.report import Repricer, reprice
+
+    settings = load_settings({"config": str(cfg)}, env={})
+    repricer = Repricer(Pricer(provider_id=settings.price_provider, upstream_url=settings.upstream, overrides=settings.price_overrides))
+    store = open_reader([ledger], writable=True)
+    tracemalloc.start()
+    try:
+        tally = reprice(store, None, repricer)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        store.close()
+    return tally.changed, peak
+
+
+@pytest.mark.parametrize("store", ["duckdb", "postgresql"])
+def test_reprice_holds_rows_a_batch_at_a_time(store: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Reading, pricing and writing stream together: two and a half times the rows, every one rewritten, in the same memory."""
+    small, big = 100_000, 250_000
+    if store == "duckdb":
+        ledgers = [big_duckdb(tmp_path / f"{n}.duckdb", n) for n in (small, big)]
+    else:
+        postgres = request.getfixturevalue("postgres")
+        ledgers = [big_postgres(postgres.new_database(), n) for n in (small, big)]
+    cfg = config(tmp_path)
+    peaks = []
+    for n, ledger in zip((small, big), ledgers):
+        changed, peak = reprice_traced_peak(ledger, cfg)
+        assert changed == n
+        peaks.append(peak)
+    # Holding the 150,000 extra rows or their changes would take over 40 MiB.
+    assert peaks[1] - peaks[0] < 16 * 2**20, f"Python heap peaked at {peaks[0] >> 20} MiB for {small} rows, {peaks[1] >> 20} MiB for {big}"
+
+
+def test_reprice_process_memory_is_flat_on_postgresql(postgres: Any, tmp_path: Path) -> None:
+    """The whole `meter reprice` process, not only its Python objects: the same peak RSS for three times the rows.
+
+    (On DuckDB the engine's own block cache and its one-transaction UPDATE grow
+    with the file, under DuckDB's memory limit; scripts/bench_reprice.py shows both.)
+    """
+    small, big = 100_000, 300_000
+    cfg = config(tmp_path)
+    peaks = []
+    for n in (small, big):
+        stdout, peak = reprice_peak_rss(big_postgres(postgres.new_database(), n), cfg)
+        assert parse_summary(stdout)[:2] == (n, n)
+        peaks.append(peak)
+    assert peaks[1] - peaks[0] < 24 * 2**20, f"peak RSS {peaks[0] >> 20} MiB at {small} rows, {peaks[1] >> 20} MiB at {big}"

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""Benchmark: `meter reprice` on a large ledger, on DuckDB and on PostgreSQL, in bounded memory.
+
+For each size (default 200,000 and 1,000,000 rows) and each store (a DuckDB
+file; a database on a throwaway PostgreSQL server started as tests/pg.py does,
+initdb/pg_ctl in a temporary directory), builds a ledger of rows with usage
+and no cost (one INSERT ... SELECT over range/generate_series), then runs
+`meter reprice` as a child process with a price override for the rows' model,
+so that every row changes: first `--dry-run`, then for real.  Prints the wall
+time and the peak RSS of each reprice process (its own VmHWM).
+Memory is bounded when the peak RSS does not grow with the rows.
+
+    python scripts/bench_reprice.py [--rows 200000 1000000] [--stores duckdb postgresql]
+
+Needs the PostgreSQL server binaries for the postgresql store (see tests/pg.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:
+    from tests.pg import PostgresServer
+
+# Every row is `bench-model` on the standard tier with usage and no cost: this
+# override prices each one, so a reprice changes every row.
+CONFIG = """
+[prices."bench-model"]
+input_mtok = 2
+cached_mtok = 0.5
+output_mtok = 8
+"""
+
+# The same rows on both stores: i from 0 to n-1, one every 37 seconds from 2026-01-01,
+# total = input + output so no usage invariant leaves a row unpriced.
+COLUMNS = "id, started_at, finished_at, method, path, endpoint, outcome, model, service_tier, input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd"
+DUCKDB_ROWS = f"""
+INSERT INTO requests ({COLUMNS})
+SELECT uuid(), TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i * 37), TIMESTAMPTZ '2026-01-01 00:00:01+00' + to_seconds(i * 37),
+       'POST', '/v1/responses', 'responses', 'completed', 'bench-model', 'default',
+       100 + i % 1000, i % 50, 10 + i % 100, i % 10, 110 + i % 1000 + i % 100, NULL
+FROM range($1) AS t(i)
+"""
+POSTGRES_ROWS = f"""
+INSERT INTO requests ({COLUMNS})
+SELECT gen_random_uuid(), TIMESTAMPTZ '2026-01-01 00:00:00+00' + i * interval '37 seconds', TIMESTAMPTZ '2026-01-01 00:00:01+00' + i * interval '37 seconds',
+       'POST', '/v1/responses', 'responses', 'completed', 'bench-model', 'default',
+       100 + i % 1000, i % 50, 10 + i % 100, i % 10, 110 + i % 1000 + i % 100, NULL
+FROM generate_series(0, $1 - 1) AS t(i)
+"""
+
+
+def duckdb_ledger(directory: Path, rows: int) -> str:
+    """A DuckDB ledger file with the current schema and `rows` rows."""
+    import duckdb
+
+    from meter.ledger import DuckDBStore
+
+    path = directory / f"bench-{rows}.duckdb"
+    store = DuckDBStore(str(path))
+    store.open()  # creates the file and applies every migration
+    store.close()
+    con = duckdb.connect(str(path))
+    try:
+        con.execute(DUCKDB_ROWS, [rows])
+    finally:
+        con.close()
+    return str(path)
+
+
+def postgres_ledger(server: PostgresServer, rows: int) -> str:
+    """A fresh PostgreSQL database with the current schema and `rows` rows; its URL."""
+    import asyncio
+
+    import asyncpg
+
+    from meter.ledger import PostgresStore
+
+    url = server.new_database("bench")
+    store = PostgresStore(url)
+    store.open()  # applies every migration
+    store.close()
+
+    async def fill() -> None:
+        con = await asyncpg.connect(url)
+        try:
+            await con.execute(POSTGRES_ROWS, rows)
+            await con.execute("ANALYZE requests")
+        finally:
+            await con.close()
+
+    asyncio.run(fill())
+    return url
+
+
+# `meter reprice` in a process that writes its own peak RSS (the kernel's VmHWM) last
+# on stderr.  wait4's ru_maxrss would not do: exec records the forking parent's peak
+# (here a process that just built a ledger) as the child's.
+REPORTING_PEAK = (
+    "import sys\n"
+    "from meter.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
+    "print(f'VmHWM {peak}', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+def run_reprice(ledger: str, config: Path, *, dry_run: bool) -> tuple[str, float, int]:
+    """(stdout, wall seconds, peak RSS in KiB) of one `meter reprice` process."""
+    argv = [sys.executable, "-c", REPORTING_PEAK, "reprice", "--ledger", ledger, "--config", str(config)]
+    if dry_run:
+        argv.append("--dry-run")
+    started = time.monotonic()
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    elapsed = time.monotonic() - started
+    *errors, last = result.stderr.splitlines() or [""]
+    if result.returncode != 0 or errors or not last.startswith("VmHWM "):
+        raise RuntimeError(f"meter reprice failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout.strip(), elapsed, int(last.split()[1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[200_000, 1_000_000])
+    parser.add_argument("--stores", nargs="+", choices=["duckdb", "postgresql"], default=["duckdb", "postgresql"])
+    args = parser.parse_args()
+
+    results: list[tuple[str, int, str, float, int, float, int]] = []
+    with tempfile.TemporaryDirectory(prefix="meter-bench-reprice-") as tmp:
+        directory = Path(tmp)
+        config = directory / "meter.toml"
+        config.write_text(CONFIG)
+        server: PostgresServer | None = None
+        try:
+            for store in args.stores:
+                if store == "postgresql":
+                    from tests.pg import PostgresServer
+
+                    server = PostgresServer().start()
+                for rows in args.rows:
+                    t0 = time.monotonic()
+                    ledger = postgres_ledger(server, rows) if server is not None and store == "postgresql" else duckdb_ledger(directory, rows)
+                    print(f"{store}: {rows:,} rows built in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+                    dry, dry_s, dry_rss = run_reprice(ledger, config, dry_run=True)
+                    real, real_s, real_rss = run_reprice(ledger, config, dry_run=False)
+                    expected = f"repriced {rows} of {rows} rows"
+                    if not real.startswith(expected) or not dry.startswith(f"would reprice {rows} of {rows} rows"):
+                        raise RuntimeError(f"{store}, {rows} rows: unexpected output {dry!r} / {real!r}")
+                    results.append((store, rows, real, real_s, real_rss, dry_s, dry_rss))
+                    if store == "duckdb":
+                        os.unlink(ledger)
+        finally:
+            if server is not None:
+                server.cleanup()
+
+    print(f"{'store':<11} {'rows':>9}  {'reprice s':>9}  {'peak RSS':>9}  {'dry-run s':>9}  {'dry-run RSS':>11}")
+    for store, rows, _out, real_s, real_rss, dry_s, dry_rss in results:
+        print(f"{store:<11} {rows:>9,}  {real_s:>9.1f}  {real_rss / 1024:>6.0f} MiB  {dry_s:>9.1f}  {dry_rss / 1024:>8.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
