@@ -91,11 +91,11 @@ def run_upstream(port: int) -> None:
 
 
 def run_bare(port: int, upstream: str) -> None:
+    from meter.config import load_settings
     from meter.flow import Addons
     from meter.identity import KeyIdentities
     from meter.proxy import Proxy
     from meter.server import make_session
-    from meter.config import load_settings
 
     async def main() -> None:
         settings = load_settings({"upstream": upstream}, env={})
