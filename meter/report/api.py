@@ -18,10 +18,10 @@ a 500.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..config import Settings
 from ..ledger import LedgerNotOpen, LedgerUnavailable, Store
 from .client import PENDING_HEADER
 from .query import one_line, report
@@ -43,11 +43,10 @@ class ReportAPI:
     # answers with what is there (and says what is not).
     FLUSH_WAIT = 5.0
 
-    def __init__(self, settings: Any, store: Store, ledger_writer: LedgerWriter | None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, store: Store, ledger_writer: LedgerWriter | None) -> None:
         self.store = store
         self.ledger_writer = ledger_writer
-        self.key_names: dict[str, str] = dict(getattr(settings, "keys", {}) or {})
+        self.key_names: dict[str, str] = dict(settings.keys)
 
     def admin_routes(self, app: web.Application) -> None:
         app.router.add_get("/api/report", self.handle_report)
@@ -68,7 +67,7 @@ class ReportAPI:
         try:
             if self.ledger_writer is not None:
                 await loop.run_in_executor(None, self.ledger_writer.flush, self.FLUSH_WAIT)
-            rows = await loop.run_in_executor(None, self._report, by, since, until)
+            rows = await loop.run_in_executor(None, report, self.store, by, since, until, self.key_names)
         except LedgerNotOpen:
             return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)
         except Exception as exc:  # any failure is one line to the caller and the log, never a traceback page
@@ -94,6 +93,3 @@ class ReportAPI:
         if pending > 0 or not writer.stats.healthy:
             return pending
         return None
-
-    def _report(self, by: list[str], since: dt.datetime | None, until: dt.datetime | None) -> list[dict[str, Any]]:
-        return report(self.store, by, since, until, self.key_names)
