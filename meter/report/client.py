@@ -17,7 +17,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .render import parse_json_rows
@@ -27,9 +27,9 @@ ADMIN_TOKEN_ENV = "METER_ADMIN_TOKEN"
 PENDING_HEADER = "Meter-Report-Pending"
 
 
-def admin_headers(env: Mapping[str, str] | None = None) -> dict[str, str]:
+def admin_headers() -> dict[str, str]:
     """Headers for a request to a meter's admin API: the bearer token from METER_ADMIN_TOKEN, if set."""
-    token = (os.environ if env is None else env).get(ADMIN_TOKEN_ENV, "")
+    token = os.environ.get(ADMIN_TOKEN_ENV, "")
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
