@@ -92,14 +92,19 @@ def read_only_statement(con: Any, sql: str) -> None:
 
 
 class CostUpdate:
-    """`set_costs` step by step: staged chunk by chunk in a temporary table, then one
-    UPDATE join, in one transaction on a cursor of its own (the ledger child drives it
-    one message at a time)."""
+    """`set_costs` step by step, in one transaction on a cursor of its own (the ledger
+    child drives it one message at a time): each chunk is one UPDATE joined to it as an
+    Arrow table, so the join's hash table is the size of a chunk (one join of every
+    change at the end took 418 MiB at 1M rows against 257 MiB at 200k).  What still
+    grows is DuckDB's own undo of the updated rows, about 120 bytes each, held until
+    the one commit: the price of a reprice that is all or nothing (a memory_limit does
+    not bound it; committing per chunk would, at the cost of a half-repriced ledger
+    when it fails).  scripts/bench_reprice.py measures it."""
 
     def __init__(self, con: Any) -> None:
         self.con = con.cursor()
         self.con.execute("BEGIN TRANSACTION")
-        self.con.execute("CREATE TEMP TABLE meter_costs (id UUID, cost_usd DECIMAL(18,9))")
+        self.updated = 0
 
     def add(self, changes: Sequence[tuple[str, Decimal | None]]) -> None:
         import pyarrow as pa
@@ -112,21 +117,22 @@ class CostUpdate:
         )
         self.con.register("meter_costs_chunk", chunk)
         try:
-            self.con.execute("INSERT INTO meter_costs SELECT id::UUID, cost_usd FROM meter_costs_chunk")
+            (updated,) = self.con.execute(
+                "UPDATE requests SET cost_usd = c.cost_usd FROM meter_costs_chunk AS c WHERE requests.id = c.id::UUID"
+            ).fetchone()
         finally:
             self.con.unregister("meter_costs_chunk")
+        self.updated += int(updated)
 
     def commit(self) -> int:
-        """Apply the staged costs; the number of rows updated."""
+        """Commit the updates; the number of rows updated."""
         try:
-            (updated,) = self.con.execute("UPDATE requests SET cost_usd = c.cost_usd FROM meter_costs AS c WHERE requests.id = c.id").fetchone()
-            self.con.execute("DROP TABLE meter_costs")
             self.con.execute("COMMIT")
         except BaseException:
             self.abort()
             raise
         self.con.close()
-        return int(updated)
+        return self.updated
 
     def abort(self) -> None:
         try:
