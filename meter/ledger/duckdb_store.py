@@ -91,6 +91,14 @@ def read_only_statement(con: Any, sql: str) -> None:
         raise ValueError("a ledger query is one read-only SELECT statement")
 
 
+def quiet_cursor(con: Any) -> Any:
+    """A cursor (a connection of its own) that draws no progress bar: DuckDB draws one
+    on stdout for a long query, into the middle of a report's output."""
+    cur = con.cursor()
+    cur.execute("SET enable_progress_bar = false")
+    return cur
+
+
 class CostUpdate:
     """`set_costs` step by step, in one transaction on a cursor of its own (the ledger
     child drives it one message at a time): each chunk is one UPDATE joined to it as an
@@ -102,7 +110,7 @@ class CostUpdate:
     when it fails).  scripts/bench_reprice.py measures it."""
 
     def __init__(self, con: Any) -> None:
-        self.con = con.cursor()
+        self.con = quiet_cursor(con)
         self.con.execute("BEGIN TRANSACTION")
         self.updated = 0
 
@@ -225,7 +233,7 @@ class DuckDBStore:
     # reads ----------------------------------------------------------------------
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
-        cur = self._open_con().cursor()
+        cur = quiet_cursor(self._open_con())
         try:
             read_only_statement(cur, sql)
             res = cur.execute(sql, list(params))
@@ -234,7 +242,7 @@ class DuckDBStore:
             cur.close()
 
     def iter_query(self, sql: str, params: Sequence[Any] = (), *, batch_rows: int = 50_000) -> Generator[list[tuple[Any, ...]], None, None]:
-        cur = self._open_con().cursor()
+        cur = quiet_cursor(self._open_con())
         try:
             read_only_statement(cur, sql)
             res = cur.execute(sql, list(params))  # a streaming result: rows are made as they are fetched
