@@ -224,6 +224,18 @@ def _record_of_flow(flow: Flow) -> Record:
     )
 
 
+def finished_record(flow: Flow, identities: KeyIdentities) -> Record:
+    """A finished flow's record for the addons, over HTTP and WebSocket alike: built in
+    full, or, when that fails, the row of what is certain (a record must never cost the
+    client its answer, nor the ledger its row)."""
+    try:
+        return build_record(flow, identities)
+    except Exception as exc:  # noqa: BLE001 - see above
+        # The type only: the message of an error about the client's values may quote them.
+        log.warning("could not build the record of %s %s (%s); recording what is certain", flow.method, flow.path, type(exc).__name__)
+        return minimal_record(flow)
+
+
 def minimal_record(flow: Flow) -> Record:
     """The record of a flow whose details could not be read: still one row, no usage."""
     record = _record_of_flow(flow)

@@ -23,7 +23,7 @@ from aiohttp.http import HttpProcessingError, HttpVersion11
 from multidict import CIMultiDict
 from yarl import URL
 
-from .flow import Addons, Flow, build_record, minimal_record
+from .flow import Addons, Flow, finished_record
 from .identity import KeyIdentities
 from .observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for
 from .paths import normalised_path, origin_form, target_for_record
@@ -433,9 +433,4 @@ class Proxy:
     def _finish(self, flow: Flow) -> None:
         if not self.observe:
             return
-        try:
-            record = build_record(flow, self.identities)
-        except Exception as exc:  # noqa: BLE001 - a record must never cost the client its answer
-            log.warning("could not build the record of %s %s (%s); recording what is certain", flow.method, flow.path, _one_line(exc))
-            record = minimal_record(flow)
-        self.addons.done(flow, record)
+        self.addons.done(flow, finished_record(flow, self.identities))

@@ -34,7 +34,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .flow import Addons, Flow, build_record, minimal_record
+from .flow import Addons, Flow, finished_record
 from .identity import KeyIdentities
 from .observe import observer_for
 from .observe.socket import SocketMeter
@@ -279,12 +279,7 @@ class WebSocketRelay:
     def record(self, flow: Flow) -> None:
         """A response ended: its record to the addons, or, as over HTTP, the row of what is
         certain when the record cannot be built."""
-        try:
-            record = build_record(flow, self.identities)
-        except Exception as exc:  # noqa: BLE001 - a record must never cost the client its socket, nor the ledger its row
-            log.warning("could not build the record of a WebSocket response on %s (%s); recording what is certain", flow.path, type(exc).__name__)
-            record = minimal_record(flow)
-        self.addons.done(flow, record)
+        self.addons.done(flow, finished_record(flow, self.identities))
 
     async def handle(self, request: web.BaseRequest, flow: Flow) -> web.StreamResponse:
         if not web.WebSocketResponse(protocols=_protocols(request.headers)).can_prepare(request).ok:
