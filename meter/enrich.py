@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-from .ledger.sanitise import short_key
+from .bounds import short_key
 from .record import Record
 
 _ENTRY_OVERHEAD = 120  # an OrderedDict entry and a small str object, roughly

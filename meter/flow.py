@@ -18,8 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .bounds import keep_text_short
 from .identity import KeyIdentities, key_from_headers
-from .ledger.sanitise import keep_text_short
 from .observe import Observation, RequestFacts, request_facts, usage_anomalies
 from .record import Record
 

@@ -18,17 +18,15 @@ clean, so each check starts with a test done in C over the record's text at once
 
 from __future__ import annotations
 
-import hashlib
 import json
 import operator
 import re
 from collections.abc import Iterable
 from decimal import Decimal
 
+from ..bounds import BOUNDED_TEXT, MAX_TEXT, cut_bounded_text
 from ..record import ENDPOINTS, Record
 
-MAX_TEXT = 256
-BOUNDED_TEXT: tuple[str, ...] = ("model", "model_requested", "response_id", "previous_response_id", "upstream_request_id", "user_id", "project")
 # The other VARCHAR columns whose text can come from outside: the request target, the
 # tiers (request and response JSON), the key's last characters, the upstream's error
 # type and code, the cache diagnosis, the method (aiohttp takes any token).  Not
@@ -50,7 +48,6 @@ COST_LIMIT = Decimal(10) ** 9  # DECIMAL(18,9): 9 digits before the point
 COST_QUANTUM = Decimal(1).scaleb(-9)
 
 _text_and_tags = operator.attrgetter(*TEXT, "tags")
-_bounded = operator.attrgetter(*BOUNDED_TEXT)
 _bigints = operator.attrgetter(*BIGINT)
 
 # Lone surrogates (a valid pair never reaches a Python str as two code points), C0, DEL, C1.
@@ -151,42 +148,8 @@ def _clean_fields(record: Record, texts: tuple[object, ...]) -> None:
 
 
 def _bound_fields(record: Record, truncated: dict[str, int]) -> None:
-    for name in _cut_bounded_text(record, MAX_TEXT):
+    for name in cut_bounded_text(record, MAX_TEXT):
         truncated[name] = truncated.get(name, 0) + 1
-
-
-def _cut_bounded_text(record: Record, limit: int) -> list[str]:
-    """Cut each bounded text field longer than `limit`; the names of those cut."""
-    cut = []
-    for name, value in zip(BOUNDED_TEXT, _bounded(record)):
-        if value is not None and len(value) > limit:
-            setattr(record, name, value[:limit])
-            cut.append(name)
-    return cut
-
-
-def keep_text_short(record: Record) -> None:
-    """On the request path: cut the bounded text to one character past its bound.
-
-    A record may wait long in the queue (the store is down) and must not hold a
-    client's megabytes meanwhile; `sanitise` makes the final cut, and counts it.
-    One sum in C tells the usual record, all of whose bounded text fits, at once.
-    """
-    try:
-        if sum(map(len, filter(None, _bounded(record)))) <= MAX_TEXT:
-            return
-    except TypeError:  # a value that is not text: sanitise deals with it
-        return
-    _cut_bounded_text(record, MAX_TEXT + 1)
-
-
-def short_key(value: str) -> str:
-    """What an in-memory cache keeps of a value from outside (a response id, a lane):
-    the value, or its digest when it is longer than the ledger keeps, so that a
-    cache of many entries stays small whatever the values."""
-    if len(value) <= MAX_TEXT:
-        return value
-    return "sha256:" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _numbers_overflow(record: Record) -> bool:

@@ -33,8 +33,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ..bounds import MAX_TEXT, short_key
 from ..flow import Flow
-from ..ledger.sanitise import MAX_TEXT, short_key
 from .facts import RequestFacts, facts_from_request
 from .jsonio import DecodeError
 from .objects import Observation
