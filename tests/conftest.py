@@ -50,7 +50,7 @@ class UpstreamProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
 
-    def start(self, timeout: float = 20.0) -> "UpstreamProcess":
+    def start(self, timeout: float = 20.0) -> UpstreamProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module, "--port", "0", *self.args],
             cwd=ROOT,
@@ -89,15 +89,13 @@ def upstream() -> Iterator[UpstreamProcess]:
 
 
 async def upstream_requests(upstream_url: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(upstream_url + "/__fake/requests") as r:
-            return await r.json()
+    async with aiohttp.ClientSession() as s, s.get(upstream_url + "/__fake/requests") as r:
+        return await r.json()
 
 
 async def clear_upstream_requests(upstream_url: str) -> None:
-    async with aiohttp.ClientSession() as s:
-        async with s.delete(upstream_url + "/__fake/requests") as r:
-            await r.read()
+    async with aiohttp.ClientSession() as s, s.delete(upstream_url + "/__fake/requests") as r:
+        await r.read()
 
 
 class RunningMeter:
@@ -190,8 +188,8 @@ class MeterProcess:
     def admin_url(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"
 
-    def start(self, timeout: float = 20.0) -> "MeterProcess":
-        log = self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+    def start(self, timeout: float = 20.0) -> MeterProcess:
+        log = self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - outlives this call: closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meter", "serve", "--listen", f"127.0.0.1:{self.port}", "--admin-listen", f"127.0.0.1:{self.admin_port}", *self.args],
             cwd=ROOT,
