@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.many_rows import duckdb_rows, postgres_rows
+
 if TYPE_CHECKING:
     from tests.pg import PostgresServer
 
@@ -41,23 +43,8 @@ cached_mtok = 0.5
 output_mtok = 8
 """
 
-# The same rows on both stores: i from 0 to n-1, one every 37 seconds from 2026-01-01,
-# total = input + output so no usage invariant leaves a row unpriced.
-COLUMNS = "id, started_at, finished_at, method, path, endpoint, outcome, model, service_tier, input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd"
-DUCKDB_ROWS = f"""
-INSERT INTO requests ({COLUMNS})
-SELECT uuid(), TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i * 37), TIMESTAMPTZ '2026-01-01 00:00:01+00' + to_seconds(i * 37),
-       'POST', '/v1/responses', 'responses', 'completed', 'bench-model', 'default',
-       100 + i % 1000, i % 50, 10 + i % 100, i % 10, 110 + i % 1000 + i % 100, NULL
-FROM range($1) AS t(i)
-"""
-POSTGRES_ROWS = f"""
-INSERT INTO requests ({COLUMNS})
-SELECT gen_random_uuid(), TIMESTAMPTZ '2026-01-01 00:00:00+00' + i * interval '37 seconds', TIMESTAMPTZ '2026-01-01 00:00:01+00' + i * interval '37 seconds',
-       'POST', '/v1/responses', 'responses', 'completed', 'bench-model', 'default',
-       100 + i % 1000, i % 50, 10 + i % 100, i % 10, 110 + i % 1000 + i % 100, NULL
-FROM generate_series(0, $1 - 1) AS t(i)
-"""
+DUCKDB_ROWS = duckdb_rows("bench-model")
+POSTGRES_ROWS = postgres_rows("bench-model")
 
 
 def duckdb_ledger(directory: Path, rows: int) -> str:

@@ -17,6 +17,7 @@ import duckdb
 import pytest
 
 from .conftest import ledger_rows
+from .many_rows import duckdb_rows, postgres_rows
 from .test_report import D1, assert_one_line_error, make_record, run_meter, seed
 
 PRICES = """
@@ -244,21 +245,8 @@ def test_format_delta(value: str) -> None:
 
 # Rows of `acme-model` with usage and no cost: the config's override prices every one,
 # so a reprice changes each row (the most a reprice ever has to write).
-BIG_COLUMNS = "id, started_at, finished_at, method, path, endpoint, outcome, model, service_tier, input_tokens, cached_tokens, output_tokens, reasoning_tokens, total_tokens, cost_usd"
-BIG_DUCKDB = f"""
-INSERT INTO requests ({BIG_COLUMNS})
-SELECT uuid(), TIMESTAMPTZ '2026-01-01 00:00:00+00' + to_seconds(i * 37), TIMESTAMPTZ '2026-01-01 00:00:01+00' + to_seconds(i * 37),
-       'POST', '/v1/responses', 'responses', 'completed', 'acme-model', 'default',
-       100 + i % 1000, i % 50, 10 + i % 100, i % 10, 110 + i % 1000 + i % 100, NULL
-FROM range($1) AS t(i)
-"""
-BIG_POSTGRES = f"""
-INSERT INTO requests ({BIG_COLUMNS})
-SELECT gen_random_uuid(), TIMESTAMPTZ '2026-01-01 00:00:00+00' + i * interval '37 seconds', TIMESTAMPTZ '2026-01-01 00:00:01+00' + i * interval '37 seconds',
-       'POST', '/v1/responses', 'responses', 'completed', 'acme-model', 'default',
-       100 + i % 1000, i % 50, 10 + i % 100, i % 10, 110 + i % 1000 + i % 100, NULL
-FROM generate_series(0, $1 - 1) AS t(i)
-"""
+BIG_DUCKDB = duckdb_rows("acme-model")
+BIG_POSTGRES = postgres_rows("acme-model")
 
 
 def big_duckdb(path: Path, n: int) -> str:
