@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .bodies import Capped, MeteringBudget
 from .ends import CHAT_HEAD, CHAT_TAIL, EDGE_MAX, partial_object
@@ -297,16 +298,20 @@ class SSEObserver:
                 return
             if b'"response.' not in head and b'"error"' not in head:
                 return
-        try:
-            obj = decode_event(payload)
-        except DecodeError:
-            self.obs.unreadable = "invalid JSON in an SSE event"
-            return
+        obj = self._decode(payload)
         if obj is None:
             return
         kind = obj.get("type")
         if isinstance(kind, str) and observe_event(self.obs, kind, obj):
             self._done = True
+
+    def _decode(self, payload: bytes | bytearray) -> dict[str, Any] | None:
+        """The event's JSON object; None, and the observation says so, if it is not JSON."""
+        try:
+            return decode_event(payload)
+        except DecodeError:
+            self.obs.unreadable = "invalid JSON in an SSE event"
+            return None
 
     def _chat_payload(self, payload: bytes | bytearray) -> None:
         if payload == b"[DONE]":
@@ -315,11 +320,7 @@ class SSEObserver:
             return
         if not self._ttft_pending and self.obs.model is not None and not _holds_usage_object(payload) and not _is_error_chunk(payload):
             return  # after the first token only the usage chunk (and the tier on it), or an error, matters
-        try:
-            obj = decode_event(payload)
-        except DecodeError:
-            self.obs.unreadable = "invalid JSON in an SSE event"
-            return
+        obj = self._decode(payload)
         if obj is None:
             return
         if "error" in obj and isinstance(obj["error"], dict):
