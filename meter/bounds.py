@@ -15,7 +15,7 @@ import operator
 from .record import Record
 
 MAX_TEXT = 256
-BOUNDED_TEXT: tuple[str, ...] = ("model", "model_requested", "response_id", "previous_response_id", "upstream_request_id", "user_id", "project")
+BOUNDED_TEXT: tuple[str, ...] = ("model", "model_requested", "response_id", "previous_response_id", "upstream_request_id", "user_id", "project", "session_id")
 _bounded = operator.attrgetter(*BOUNDED_TEXT)
 
 

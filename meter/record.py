@@ -75,7 +75,8 @@ class Record:
     key_name: str | None = None
     project: str | None = None
     user_id: str | None = None
-    tags: str | None = None  # JSON text of the request's metadata
+    tags: str | None = None  # JSON text of the request's metadata merged with its Meter-Tag-* headers
+    session_id: str | None = None  # SPEC §10 (meter.attribution)
     ttfb_ms: float | None = None
     ttft_ms: float | None = None
     duration_ms: float | None = None
@@ -89,6 +90,7 @@ class Record:
     anomalies: tuple[str, ...] = ()
     priced: bool = False  # cost_usd was computed (False with usage = unpriced)
     cut: tuple[str, ...] = ()  # values cut before the record was made ("tags", "request"), counted by the ledger
+    session_of: str | None = None  # a previous_response_id whose session is still to find (the ledger writer asks the store)
 
     @property
     def has_usage(self) -> bool:
@@ -110,5 +112,5 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record))
 # of the cost of pickling the dataclass, which matters when batches cross processes.
 record_row = operator.attrgetter(*FIELDS)
 
-_NOT_COLUMNS = {"anomalies", "priced", "cut"}
+_NOT_COLUMNS = {"anomalies", "priced", "cut", "session_of"}
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record) if f.name not in _NOT_COLUMNS)

@@ -161,7 +161,8 @@ class DuckDBStore:
         # zone maps on started_at narrow to the newest row groups.
         self._insert = (
             # NOT EXISTS, not NOT IN: one NULL id in the table turns `NOT IN` into "insert nothing".
-            f"INSERT INTO requests SELECT {select_from_batch('duckdb')} FROM batch WHERE NOT EXISTS "
+            # By name: a ledger migrated from an older meter has later columns at its end.
+            f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {select_from_batch('duckdb')} FROM batch WHERE NOT EXISTS "
             "(SELECT 1 FROM requests r WHERE r.id = batch.id::UUID AND r.started_at >= (SELECT to_timestamp(min(started_at)) FROM batch))"
         )
 

@@ -78,6 +78,20 @@ STEPS: list[Step] = [
             ),
         },
     ),
+    # SPEC §10: the session a row belongs to.  A ledger made since has the column from
+    # m001 already (IF NOT EXISTS); an older one gets it at the end of the table, which is
+    # why every store inserts by column name.  PostgreSQL indexes response_id: the writer
+    # looks up the session of a chain's earlier response by it.
+    Step(
+        "m003_session_id",
+        {
+            "duckdb": ("ALTER TABLE requests ADD COLUMN IF NOT EXISTS session_id VARCHAR",),
+            "postgresql": (
+                "ALTER TABLE requests ADD COLUMN IF NOT EXISTS session_id text",
+                "CREATE INDEX IF NOT EXISTS requests_response_id ON requests (response_id)",
+            ),
+        },
+    ),
 ]
 assert all(set(step.statements) == set(DIALECTS) for step in STEPS), "every step is written for every dialect"
 

@@ -55,6 +55,7 @@ COLUMN_TYPES: dict[str, str] = {
     "project": "VARCHAR",
     "user_id": "VARCHAR",
     "tags": "JSON",
+    "session_id": "VARCHAR",
     "ttfb_ms": "DOUBLE",
     "ttft_ms": "DOUBLE",
     "duration_ms": "DOUBLE",

@@ -1,0 +1,178 @@
+"""Who and what a request is for (SPEC §10): its tags and its session.
+
+Pure functions over what a request carries, shared by the row (`meter.flow`)
+and whoever must decide on the request path with the same tags the row will
+have (a budget matching `tag:<name>`): `request_tags` is that one merge.
+
+- Tags: `Meter-Tag-<name>: <value>` headers (name: letters, digits, `_`, `-`,
+  up to 64, stored lower-case; value up to 256 characters; at most 16) merged
+  over the request body's `metadata`, a header winning on the same name.  A
+  header that breaks a rule is dropped, and counted, and the request goes on.
+- Sessions: the request's `conversation`; else a `Meter-Session` header; else
+  the session of the response `previous_response_id` names; else the row's own
+  `response_id`.  `SessionChains` is the bounded in-memory map from response
+  id to session that answers the third rule on the request path; a chain it
+  does not know (another replica's, a previous run's) is resolved by the ledger
+  writer from the store, off the request path.
+
+The `Meter-Tag-*` and `Meter-Session` headers are meter's: `take_meter_headers`
+removes them from what goes upstream, and identity never reads them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .bounds import MAX_TEXT, short_key
+from .record import Record
+
+TAG_PREFIX = "meter-tag-"
+SESSION_HEADER = "meter-session"
+MAX_HEADER_TAGS, TAG_NAME_CHARS, TAG_HEADER_VALUE_CHARS = 16, 64, 256
+# What `Record.cut` names for each dropped tag header: `meter_values_truncated_total{field="tag_headers"}`.
+DROPPED_TAG = "tag_headers"
+
+_TAG_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# Headers as meter keeps them off the upstream request: (lower-case name, value) pairs.
+MeterHeaders = list[tuple[str, str]]
+
+
+def take_meter_headers(headers: Any) -> MeterHeaders | None:
+    """Remove `Meter-Tag-*` and `Meter-Session` from `headers` (a mutable multidict of
+    what goes upstream) and return them in order; None when there are none (the usual
+    request: one pass over the names, nothing allocated)."""
+    found: MeterHeaders | None = None
+    for name, value in headers.items():
+        if name[:6].lower() == "meter-":
+            low = name.lower()
+            if low.startswith(TAG_PREFIX) or low == SESSION_HEADER:
+                if found is None:
+                    found = []
+                found.append((low, value))
+    if found is not None:
+        for low in {low for low, _ in found}:
+            headers.popall(low, None)
+    return found
+
+
+def header_tags(headers: Iterable[tuple[str, str]] | None) -> tuple[dict[str, str], int]:
+    """The tags of `Meter-Tag-*` headers (any other header is ignored), and how many
+    tag headers were dropped: a bad name, a value past 256 characters, past 16 tags.
+    A name given twice keeps its first value (the second is dropped)."""
+    tags: dict[str, str] = {}
+    dropped = 0
+    if not headers:
+        return tags, dropped
+    for name, value in headers:
+        low = name.lower()
+        if not low.startswith(TAG_PREFIX):
+            continue
+        tag = low[len(TAG_PREFIX) :]
+        if not _TAG_NAME.fullmatch(tag) or len(value) > TAG_HEADER_VALUE_CHARS or tag in tags or len(tags) == MAX_HEADER_TAGS:
+            dropped += 1
+            continue
+        tags[tag] = value
+    return tags, dropped
+
+
+def merge_tags(metadata: Mapping[str, str] | None, headers: Mapping[str, str]) -> dict[str, str]:
+    """The body's metadata with the header tags over it (a header wins on the same name)."""
+    if not metadata:
+        return dict(headers)
+    return {**metadata, **headers}
+
+
+def request_tags(headers: Iterable[tuple[str, str]] | None, metadata_tags: Mapping[str, str] | None) -> dict[str, str]:
+    """The tags a request's row will have: its (bounded) metadata merged with its
+    `Meter-Tag-*` headers.  `headers` may be every header of the request (pairs, as
+    `multidict.items()` gives them) or only meter's (`take_meter_headers`)."""
+    return merge_tags(metadata_tags, header_tags(headers)[0])
+
+
+def header_session(headers: Iterable[tuple[str, str]] | None) -> str | None:
+    """The first non-empty `Meter-Session` header's value."""
+    if not headers:
+        return None
+    for name, value in headers:
+        if name.lower() == SESSION_HEADER and value.strip():
+            return value.strip()
+    return None
+
+
+def conversation_id(value: Any) -> str | None:
+    """A request's `conversation`: its id, given as a string or as `{"id": ...}`."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    return value if isinstance(value, str) and value else None
+
+
+class SessionChains:
+    """Response id -> session id of the responses this meter recorded lately: how a
+    `previous_response_id` finds its chain's session without leaving memory.
+
+    Bounded in entries and in bytes: ids are kept as `short_key`s (a digest past 256
+    characters) and sessions to 256 characters, as the ledger keeps them; the oldest
+    entries go first.  Used on the event loop only.
+    """
+
+    __slots__ = ("_map", "_max")
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._map: OrderedDict[str, str] = OrderedDict()
+        self._max = max_entries
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    def get(self, response_id: str) -> str | None:
+        return self._map.get(short_key(response_id))
+
+    def put(self, response_id: str, session_id: str) -> None:
+        key = short_key(response_id)
+        m = self._map
+        m[key] = session_id[:MAX_TEXT]
+        m.move_to_end(key)
+        if len(m) > self._max:
+            m.popitem(last=False)
+
+    def done(self, flow: object, record: Record) -> None:
+        """Addon hook, before the ledger: a chain meter knows gets its session now, and
+        every response with a settled session becomes a link later ones can find."""
+        prev = record.session_of
+        if prev is not None:
+            found = self.get(prev)
+            if found is None:
+                return  # the ledger writer asks the store (and the row is no link yet)
+            record.session_id, record.session_of = found, None
+        rid, session = record.response_id, record.session_id
+        if rid is not None and session is not None:
+            self.put(rid, session)
+
+
+def resolve_sessions(records: Iterable[Record], stored: Mapping[str, str | None]) -> None:
+    """Settle the session of each record whose chain the request path did not know
+    (`session_of`), in order: from a record earlier in the same batch, else from
+    `stored` (response id -> session id, read from the ledger), else the fallback
+    already in `session_id` (the row's own response id, or its socket's session)."""
+    seen: dict[str, str] = {}
+    for record in records:
+        prev = record.session_of
+        if prev is not None:
+            found = seen.get(prev) or stored.get(prev)
+            if found:
+                record.session_id = found
+            record.session_of = None
+        if record.response_id is not None and record.session_id is not None:
+            seen[record.response_id] = record.session_id
+
+
+SESSIONS_SQL = "SELECT response_id, session_id FROM requests WHERE response_id IN ({}) AND session_id IS NOT NULL"
+
+
+def sessions_query(response_ids: list[str]) -> str:
+    """The one query of a batch's unknown chains, `$1`-style on every dialect."""
+    return SESSIONS_SQL.format(", ".join(f"${i}" for i in range(1, len(response_ids) + 1)))
