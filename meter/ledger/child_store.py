@@ -37,11 +37,13 @@ import sys
 import threading
 import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
+from datetime import datetime
 from decimal import Decimal
 from multiprocessing.connection import Connection
 from typing import Any
 
 from ..record import Record, record_row
+from .alert_claims import AlertClaim
 from .duckdb_store import CostUpdate, DuckDBStore
 from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnavailable, LedgerUnusable, chunks, failure_kind
 
@@ -159,6 +161,15 @@ class ChildProcessStore:
             raise
         return int(self._call(("costs_commit", update)))
 
+    def claim_alert(self, alert: AlertClaim, owner: str, lease_until: datetime) -> bool:
+        return bool(self._call(("claim_alert", alert, owner, lease_until)))
+
+    def update_alert(self, alert: AlertClaim, owner: str, lease_until: datetime | None, sent: bool) -> bool:
+        return bool(self._call(("update_alert", alert, owner, lease_until, sent)))
+
+    def take_alerts(self, owner: str, now: datetime, lease_until: datetime) -> list[AlertClaim]:
+        return list(self._call(("take_alerts", owner, now, lease_until)))
+
     def _quietly(self, message: tuple[Any, ...]) -> None:
         """Release what a call left in the child; a lost child has released it already."""
         try:
@@ -236,6 +247,12 @@ class _Child:
             update = self.updates.pop(args[0], None)
             if update is not None:
                 update.abort()
+        elif op == "claim_alert":
+            return store.claim_alert(*args)
+        elif op == "update_alert":
+            return store.update_alert(*args)
+        elif op == "take_alerts":
+            return store.take_alerts(*args)
         return None
 
     def close(self) -> None:

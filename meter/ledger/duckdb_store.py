@@ -22,11 +22,14 @@ import contextlib
 import os
 import re
 from collections.abc import Generator, Iterable, Sequence
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from ..record import COLUMNS, Record
+from . import alert_claims
+from .alert_claims import AlertClaim
 from .migrations import migrate
 from .schema import COLUMN_TYPES, claim_usage, needs_claim, select_from_batch
 from .spool import check_directory
@@ -264,6 +267,24 @@ class DuckDBStore:
 
     def begin_costs(self) -> CostUpdate:
         return CostUpdate(self._open_con())
+
+    # alert claims: each statement on a cursor of its own, never inside the writer's transaction
+
+    def _run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        cur = quiet_cursor(self._open_con())
+        try:
+            return cur.execute(sql, list(params)).fetchall()
+        finally:
+            cur.close()
+
+    def claim_alert(self, alert: AlertClaim, owner: str, lease_until: datetime) -> bool:
+        return alert_claims.claim(self._run, alert, owner, lease_until)
+
+    def update_alert(self, alert: AlertClaim, owner: str, lease_until: datetime | None, sent: bool) -> bool:
+        return alert_claims.update(self._run, alert, owner, lease_until, sent)
+
+    def take_alerts(self, owner: str, now: datetime, lease_until: datetime) -> list[AlertClaim]:
+        return alert_claims.take(self._run, owner, now, lease_until)
 
     def close(self) -> None:
         if self.con is not None:

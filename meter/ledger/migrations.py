@@ -92,6 +92,28 @@ STEPS: list[Step] = [
             ),
         },
     ),
+    # SPEC §11: a budget alert is claimed here before it is sent (meter/ledger/alert_claims.py).
+    Step(
+        "m004_alert_claims",
+        {
+            "duckdb": (
+                (
+                    "CREATE TABLE IF NOT EXISTS alert_claims (budget VARCHAR, window_start TIMESTAMPTZ, threshold DOUBLE, "
+                    "spend_usd DECIMAL(18,9), limit_usd DECIMAL(18,9), mode VARCHAR, claimed_at TIMESTAMPTZ DEFAULT current_timestamp, "
+                    "claimed_by VARCHAR, lease_until TIMESTAMPTZ, delivered VARCHAR, sent_at TIMESTAMPTZ, "
+                    "PRIMARY KEY (budget, window_start, threshold))"
+                ),
+            ),
+            "postgresql": (
+                (
+                    "CREATE TABLE IF NOT EXISTS alert_claims (budget text, window_start timestamptz, threshold double precision, "
+                    "spend_usd numeric(18,9), limit_usd numeric(18,9), mode text, claimed_at timestamptz DEFAULT now(), "
+                    "claimed_by text, lease_until timestamptz, delivered text, sent_at timestamptz, "
+                    "PRIMARY KEY (budget, window_start, threshold))"
+                ),
+            ),
+        },
+    ),
 ]
 assert all(set(step.statements) == set(DIALECTS) for step in STEPS), "every step is written for every dialect"
 

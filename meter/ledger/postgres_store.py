@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from ..record import COLUMNS, Record
+from . import alert_claims
+from .alert_claims import AlertClaim
 from .migrations import migrate
 from .postgres_session import PostgresLedgerError, PostgresRefused, PostgresSession
 from .schema import COLUMN_TYPES, SQL_TYPES, claim_usage, select_from_batch
@@ -104,6 +107,7 @@ class PostgresStore:
         self.command_timeout = command_timeout
         self._writer = self._session(command_timeout, on_connect=self._prepare_writer)
         self._reader = self._session(command_timeout)
+        self._alerts = self._session(command_timeout)
         self.safe_url = self._writer.safe_url
 
     def _session(self, command_timeout: float | None, on_connect: Callable[[PostgresSession, Any], None] | None = None) -> PostgresSession:
@@ -180,9 +184,28 @@ class PostgresStore:
         finally:
             session.close()  # without the commit, closing rolls back
 
+    # alert claims: a session of their own, so a claim never waits behind a batch or a report
+
+    def _run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self._alerts.run(lambda con: _fetch(con, sql, list(params)), "alert claim")
+
+    def claim_alert(self, alert: AlertClaim, owner: str, lease_until: datetime) -> bool:
+        return alert_claims.claim(self._run, alert, owner, lease_until)
+
+    def update_alert(self, alert: AlertClaim, owner: str, lease_until: datetime | None, sent: bool) -> bool:
+        return alert_claims.update(self._run, alert, owner, lease_until, sent)
+
+    def take_alerts(self, owner: str, now: datetime, lease_until: datetime) -> list[AlertClaim]:
+        return alert_claims.take(self._run, owner, now, lease_until)
+
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
+        self._alerts.close()
+
+
+async def _fetch(con: Any, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in await con.fetch(sql, *params)]
 
 
 async def _query(con: Any, sql: str, params: list[Any]) -> tuple[list[str], list[tuple[Any, ...]]]:

@@ -18,12 +18,14 @@ ledgers it was given; one line for the CLI).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from decimal import Decimal
 from itertools import islice
 from typing import Any, Protocol
 
 from ..config import StartupError
 from ..record import Record
+from .alert_claims import AlertClaim
 
 
 class Store(Protocol):
@@ -55,6 +57,21 @@ class Store(Protocol):
         """Rewrite `requests.cost_usd` of these ids in one transaction, taking the
         iterable lazily (it may be fed by an `iter_query` on this same store); the
         number of rows updated."""
+        ...
+
+    # Budget alerts (SPEC §11): the claims in `alert_claims`, see `alert_claims`.
+
+    def claim_alert(self, alert: AlertClaim, owner: str, lease_until: datetime) -> bool:
+        """Claim an alert for `owner`; True only for the one claim that won."""
+        ...
+
+    def update_alert(self, alert: AlertClaim, owner: str, lease_until: datetime | None, sent: bool) -> bool:
+        """Record its delivered webhooks, renew or release (None) the lease, mark it sent;
+        False when `owner` no longer holds the claim."""
+        ...
+
+    def take_alerts(self, owner: str, now: datetime, lease_until: datetime) -> list[AlertClaim]:
+        """The unsent claims `owner` is to send: its own, released ones, and those whose lease ran out."""
         ...
 
     def close(self) -> None: ...
