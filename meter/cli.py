@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+from .budgets.command import add_budgets_command
 from .command import EXIT_USAGE, CommandError
 from .config import SettingError, load_settings
 from .report.commands import add_report_commands
@@ -45,6 +46,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
     p.add_argument("--metrics-max-keys", dest="metrics_max_keys", type=int, help="distinct key label values before further keys count as 'other' (default 100)")
     p.add_argument("--metrics-key-label", dest="metrics_key_label", choices=["on", "off"], help="label metrics by key (default on)")
+    p.add_argument("--metrics-tag-labels", dest="metrics_tag_labels", metavar="NAME,...", help="tags whose values label the request, token and cost metrics as tag_NAME (env METER_METRICS_TAG_LABELS; default none)")
     p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"], help="(default info)")
 
 
@@ -57,6 +59,7 @@ def build_parser() -> Parser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
     keys_sub.add_parser("id", help="print the key_id of a key read from standard input", description="Reads one API key from standard input and prints its key_id, for naming keys in the config.")
     add_report_commands(sub)
+    add_budgets_command(sub)
     return parser
 
 

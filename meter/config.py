@@ -7,6 +7,7 @@ raises `SettingError` naming the setting, which the CLI prints as one line.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from decimal import Decimal
@@ -15,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from yarl import URL
+
+from .tag_labels import tag_label_names
 
 
 class SettingError(Exception):
@@ -57,6 +60,47 @@ class PriceOverride(BaseModel):
     web_search_per_call: Decimal | None = Field(None, ge=0)
 
 
+# What a budget may match on (SPEC §11), besides `tag:<name>`.
+BUDGET_MATCH_FIELDS = ("key", "project", "user", "model")
+_BUDGET_TAG = re.compile(r"tag:[A-Za-z0-9_-]{1,64}")
+
+
+class Budget(BaseModel):
+    """One `[[budgets]]` entry: what it matches, its calendar window (UTC), its limit,
+    whether it only watches or also refuses, and the shares of the limit that alert.
+    Its shape only: `meter.budgets` keeps the spend and enforces it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=128)
+    match: dict[str, str] = Field(default_factory=dict)  # all must match; none = everything
+    window: Literal["day", "week", "month"]
+    limit_usd: Decimal = Field(gt=0, max_digits=18, decimal_places=9)
+    mode: Literal["observe", "enforce"] = "observe"
+    alert_at: tuple[float, ...] = ()
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, wanted in value.items():
+            field = name.lower() if name.lower() in BUDGET_MATCH_FIELDS else name
+            if field not in BUDGET_MATCH_FIELDS and not _BUDGET_TAG.fullmatch(field):
+                raise ValueError(f"unknown match field {name!r} (expected key, project, user, model or tag:<name>)")
+            if field.startswith("tag:"):
+                field = field.lower()  # tag names are stored lower-case
+            out[field] = wanted
+        return out
+
+    @field_validator("alert_at")
+    @classmethod
+    def _alert_at(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        for share in value:
+            if not 0 < share <= 1:
+                raise ValueError(f"alert_at {share!r} is outside (0, 1]")
+        return tuple(sorted(set(value)))
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,10 +124,12 @@ class Settings(BaseModel):
     shutdown_grace: float = Field(30.0, ge=0)
     metrics_max_keys: int = Field(100, ge=0)
     metrics_key_label: Literal["on", "off"] = "on"
+    metrics_tag_labels: tuple[str, ...] = ()  # tag names whose values label the request, token and cost metrics
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     keys: dict[str, str] = Field(default_factory=dict)  # key_id -> name
     price_provider: str | None = None
     price_overrides: dict[str, PriceOverride] = Field(default_factory=dict)
+    budgets: tuple[Budget, ...] = ()  # `[[budgets]]` in the config file only
 
     @field_validator("upstream")
     @classmethod
@@ -95,6 +141,13 @@ class Settings(BaseModel):
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"expected an http(s) URL with a host, got {value!r}")
         return value.rstrip("/")
+
+    @field_validator("metrics_tag_labels", mode="before")
+    @classmethod
+    def _tag_labels(cls, value: Any) -> tuple[str, ...]:
+        if isinstance(value, (str, list, tuple)):
+            return tag_label_names(value)
+        raise ValueError("expected tag names, comma-separated")
 
     @field_validator("listen", "admin_listen")
     @classmethod
@@ -125,7 +178,7 @@ class Settings(BaseModel):
 
 ENV_PREFIX = "METER_"
 # Settings the file and environment may set; flags use the same names with dashes.
-_SCALAR_SETTINGS = [name for name in Settings.model_fields if name not in ("keys", "price_overrides", "price_provider")]
+_SCALAR_SETTINGS = [name for name in Settings.model_fields if name not in ("keys", "price_overrides", "price_provider", "budgets")]
 
 
 def settings_from_toml(path: str) -> dict[str, Any]:
@@ -151,11 +204,33 @@ def settings_from_toml(path: str) -> dict[str, Any]:
             if provider is not None:
                 out["price_provider"] = provider
             out["price_overrides"] = prices
+        elif key == "budgets":
+            out["budgets"] = budgets_from_toml(value)
         elif key in _SCALAR_SETTINGS:
             out[key] = value
         else:
             raise SettingError(f"config: unknown setting {name!r} in {path}")
     return out
+
+
+def budgets_from_toml(value: Any) -> tuple[Budget, ...]:
+    """The `[[budgets]]` entries; a bad one is refused with one line naming it."""
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise SettingError("config: budgets must be [[budgets]] tables")
+    budgets: list[Budget] = []
+    for i, entry in enumerate(value, 1):
+        name = entry.get("name")
+        label = f"[[budgets]] {name!r}" if isinstance(name, str) and name else f"[[budgets]] entry {i}"
+        try:
+            budget = Budget(**entry)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(p) for p in error["loc"]) or "entry"
+            raise SettingError(f"config: {label}: {where}: {error['msg'].removeprefix('Value error, ')}") from None
+        if any(b.name == budget.name for b in budgets):
+            raise SettingError(f"config: {label}: a budget of that name is already defined")
+        budgets.append(budget)
+    return tuple(budgets)
 
 
 def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:

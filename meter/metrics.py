@@ -33,6 +33,9 @@ Labels stay bounded whatever clients and the upstream send (SPEC §2b):
 - `model` comes from the client when the upstream reports none (an error, say):
   budget `MAX_MODELS`.  `service_tier`: the tiers OpenAI defines always count as
   themselves, plus `MAX_TIERS` others.  The ledger keeps the detail.
+- `tag_<name>` (only with `metrics_tag_labels`, on requests, tokens and cost):
+  the record's tag of that name, `""` when absent; each tag has a budget of
+  `metrics_max_keys` like `key` (see `meter.tag_labels`).
 - `endpoint` is from the fixed list of SPEC §4; a missing value is `""`.
   Unmetered reasons and the field names of truncated values are meter's own
   words, bounded all the same.
@@ -63,6 +66,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from .record import Record
+from .tag_labels import TagReader, tag_label_name
 
 log = logging.getLogger("meter")
 
@@ -230,14 +234,18 @@ def _observe(cell: list[float], seconds: float) -> None:
 
 
 class _Series:
-    """The cells of one (endpoint, model, tier, status, outcome, key, stream) combination."""
+    """The cells of one (endpoint, model, tier, status, outcome, key, stream, tags) combination."""
 
-    __slots__ = ("_keyed", "_labels", "_m", "cost", "duration", "requests", "tokens", "ttfb", "ttft", "unpriced", "web_search")
+    __slots__ = ("_key", "_keyed", "_labels", "_m", "cost", "duration", "requests", "tokens", "ttfb", "ttft", "unpriced", "web_search")
 
-    def __init__(self, m: Metrics, endpoint: str, model: str, tier: str, status: str, outcome: str, key: str | None, stream: str) -> None:
+    def __init__(
+        self, m: Metrics, endpoint: str, model: str, tier: str, status: str, outcome: str, key: str | None, stream: str,
+        tags: tuple[str, ...] = (),
+    ) -> None:
         self._m = m
         self._labels = (endpoint, model, tier)
-        self._keyed: tuple[str, ...] = (key,) if key is not None else ()
+        self._key: tuple[str, ...] = (key,) if key is not None else ()
+        self._keyed = (*self._key, *tags)  # key and tag labels: requests, tokens and cost carry both
         self.requests = m.requests.cell((endpoint, model, tier, status, outcome, *self._keyed))
         # Created on first use, so a type never reported (no cache writes, say) has no series.
         self.tokens: list[list[float] | None] = [None] * len(TOKEN_TYPES)
@@ -257,7 +265,7 @@ class _Series:
         return self.cost
 
     def web_search_cell(self) -> list[float]:
-        self.web_search = self._m.web_search.cell((self._labels[1], *self._keyed))
+        self.web_search = self._m.web_search.cell((self._labels[1], *self._key))
         return self.web_search
 
     def unpriced_cell(self) -> list[float]:
@@ -364,15 +372,20 @@ class Metrics:
         self._tiers = _Bounded(MAX_TIERS, fixed=("", OTHER, *KNOWN_TIERS))
         self._reasons = _Bounded(MAX_CACHE_MISS_REASONS, fixed=(OTHER,))
         self._unmetered_reasons = _Bounded(MAX_UNMETERED_REASONS, fixed=(OTHER,))
+        tag_names = tuple(getattr(settings, "metrics_tag_labels", ()) or ())
+        # None unless tags are chosen: then `done` never looks at a record's tags.
+        self._tag_reader = TagReader(tag_names, OTHER, MAX_LABEL_CHARS) if tag_names else None
+        self._tag_bounds = tuple(_Bounded(getattr(settings, "metrics_max_keys", 100), fixed=("", OTHER)) for _ in tag_names)
         key = ["key"] if self.key_label else []
+        tags = [tag_label_name(name) for name in tag_names]
         r = self.registry
         # Counter names without `_total`: the exposition adds it, so the exposed names are SPEC §6's.
         self.requests = _Counter(
             "meter_requests", "Proxied requests (and WebSocket responses).",
-            ["endpoint", "model", "service_tier", "status_code", "outcome", *key],
+            ["endpoint", "model", "service_tier", "status_code", "outcome", *key, *tags],
         )
         self.tokens = _Counter(
-            "meter_tokens", "Tokens by type, as reported by the upstream.", ["endpoint", "model", "service_tier", *key, "type"],
+            "meter_tokens", "Tokens by type, as reported by the upstream.", ["endpoint", "model", "service_tier", *key, *tags, "type"],
         )
         self.web_search = _Counter("meter_web_search_calls", "Hosted web search calls.", ["model", *key])
         self.cache_misses = _Counter(
@@ -386,7 +399,7 @@ class Metrics:
             "meter_unmetered_requests", "Model calls that completed without usage meter could read, by reason.", ["endpoint", "reason"],
         )
         self.truncated = _Counter("meter_values_truncated", "Values from outside cut to the size the ledger stores, by field.", ["field"])
-        self.cost = _Counter("meter_cost_usd", "Cost in US dollars of priced requests.", ["model", "service_tier", *key])
+        self.cost = _Counter("meter_cost_usd", "Cost in US dollars of priced requests.", ["model", "service_tier", *key, *tags])
         self.duration = _Histogram(
             "meter_request_duration_seconds", "From the request's arrival to the last byte relayed.", ["endpoint", "model", "stream"],
         )
@@ -400,8 +413,8 @@ class Metrics:
         self.unpriced = _Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"])
         r.register(_Families(self))
         self.websockets = Gauge("meter_websocket_connections", "Open client WebSocket connections.", registry=r)
-        # Keyed by label values (see the module doc): (endpoint, model, tier, status, outcome, key, stream).
-        self._series: dict[tuple[str, str, str, int | None, str, str | None, bool], _Series] = {}
+        # Keyed by label values (see the module doc): (endpoint, model, tier, status, outcome, key, stream, tags).
+        self._series: dict[tuple[str, str, str, int | None, str, str | None, bool, tuple[str, ...]], _Series] = {}
 
     def register(self, collector: CountedElsewhere) -> None:
         """Export a collector of counts kept elsewhere (`LedgerMetrics`) with these metrics."""
@@ -444,7 +457,9 @@ class Metrics:
             key_raw = record.key_name or record.key_id or NO_KEY
         else:
             key_raw = None
-        ident = (endpoint, model_raw, tier_raw, record.status_code, record.outcome or "", key_raw, record.stream)
+        # The tags' JSON is read only when tag labels are chosen; else the tags part is ().
+        tags_raw = self._tag_reader.raw(record.tags) if self._tag_reader is not None else ()
+        ident = (endpoint, model_raw, tier_raw, record.status_code, record.outcome or "", key_raw, record.stream, tags_raw)
         series = self._series.get(ident)
         if series is None:
             series = self._new_series(ident, _accepted(record))
@@ -494,17 +509,18 @@ class Metrics:
 
     def _new_series(self, ident: tuple[Any, ...], admit: bool) -> _Series:
         """The series of a request whose raw values are not all labels yet: through the budgets."""
-        endpoint, model_raw, tier_raw, status, outcome, key_raw, stream = ident
+        endpoint, model_raw, tier_raw, status, outcome, key_raw, stream, tags_raw = ident
         model = self._models(model_raw, admit)
         tier = self._tiers(tier_raw, admit)
         key = self._keys(key_raw, admit) if key_raw is not None else None
-        labels = (endpoint, model, tier, status, outcome, key, stream)
+        tags = tuple(bound(value, admit) for bound, value in zip(self._tag_bounds, tags_raw))
+        labels = (endpoint, model, tier, status, outcome, key, stream, tags)
         series = self._series.get(labels)
         if series is None:
             # Never dropped: the bundles hold the counts.  Their number is that of the
             # label combinations, which the budgets bound.
             series = self._series[labels] = _Series(
-                self, endpoint, model, tier, "" if status is None else str(status), outcome, key, "true" if stream else "false",
+                self, endpoint, model, tier, "" if status is None else str(status), outcome, key, "true" if stream else "false", tags,
             )
         return series
 
