@@ -101,6 +101,27 @@ class Budget(BaseModel):
         return tuple(sorted(set(value)))
 
 
+class Alerts(BaseModel):
+    """`[alerts]`: where budget alerts are POSTed (SPEC §11).  Its shape only:
+    `meter.budgets.alerts` claims and sends them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    webhooks: tuple[str, ...] = ()
+
+    @field_validator("webhooks")
+    @classmethod
+    def _webhooks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, url in enumerate(value):
+            try:
+                parsed = URL(url)
+            except (ValueError, TypeError):
+                parsed = None
+            if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
+                raise ValueError(f"webhooks[{i}]: expected an http(s) URL with a host, got {redact_url(url)!r}")
+        return value
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -130,6 +151,7 @@ class Settings(BaseModel):
     price_provider: str | None = None
     price_overrides: dict[str, PriceOverride] = Field(default_factory=dict)
     budgets: tuple[Budget, ...] = ()  # `[[budgets]]` in the config file only
+    alerts: Alerts = Field(default_factory=Alerts)  # `[alerts]` in the config file only
 
     @field_validator("upstream")
     @classmethod
@@ -178,7 +200,7 @@ class Settings(BaseModel):
 
 ENV_PREFIX = "METER_"
 # Settings the file and environment may set; flags use the same names with dashes.
-_SCALAR_SETTINGS = [name for name in Settings.model_fields if name not in ("keys", "price_overrides", "price_provider", "budgets")]
+_SCALAR_SETTINGS = [name for name in Settings.model_fields if name not in ("keys", "price_overrides", "price_provider", "budgets", "alerts")]
 
 
 def settings_from_toml(path: str) -> dict[str, Any]:
@@ -206,6 +228,8 @@ def settings_from_toml(path: str) -> dict[str, Any]:
             out["price_overrides"] = prices
         elif key == "budgets":
             out["budgets"] = budgets_from_toml(value)
+        elif key == "alerts":
+            out["alerts"] = alerts_from_toml(value)
         elif key in _SCALAR_SETTINGS:
             out[key] = value
         else:
@@ -231,6 +255,20 @@ def budgets_from_toml(value: Any) -> tuple[Budget, ...]:
             raise SettingError(f"config: {label}: a budget of that name is already defined")
         budgets.append(budget)
     return tuple(budgets)
+
+
+def alerts_from_toml(value: Any) -> Alerts:
+    """The `[alerts]` table; a bad webhook is refused with one line naming it."""
+    if not isinstance(value, dict):
+        raise SettingError("config: [alerts] must be a table")
+    try:
+        return Alerts(**value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(p) for p in error["loc"]]
+        where = f"{loc[0]}[{loc[1]}]" if len(loc) == 2 and loc[1].isdigit() else ".".join(loc) or "alerts"
+        message = error["msg"].removeprefix("Value error, ")
+        raise SettingError(f"config: [alerts] {message if message.startswith(where) else f'{where}: {message}'}") from None
 
 
 def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
