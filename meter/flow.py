@@ -18,9 +18,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .attribution import DROPPED_TAG, header_session, header_tags, merge_tags
 from .bounds import keep_text_short
 from .identity import KeyIdentities, key_from_headers
 from .observe import Observation, RequestFacts, request_facts, usage_anomalies
+from .observe.facts import tags_json
 from .record import Record
 
 log = logging.getLogger("meter")
@@ -40,6 +42,8 @@ class Flow:
     request_bytes: int = 0
     stream_query: bool = False  # `?stream=true`: how a GET (a resumed stream) asks for one
     upstream_headers: Any = None  # what goes upstream; addons may add to it (traceparent)
+    meter_headers: Any = None  # Meter-Tag-* and Meter-Session, taken off the upstream request: (name, value) pairs
+    socket_session: str | None = None  # a WebSocket response's default session: the socket's (SPEC §10)
     reserved: int = 0  # bytes of the proxy's request-body budget this flow holds
     status_code: int | None = None
     response_headers: Any = None
@@ -60,15 +64,35 @@ class Flow:
             self.facts = request_facts(self.request_body)
         return self.facts
 
+    def request_tags(self) -> dict[str, str]:
+        """The tags the row will have (`meter.attribution.request_tags`): the body's
+        metadata merged with the Meter-Tag-* headers.  Parses the body if not yet done."""
+        tags, _ = header_tags(self.meter_headers)
+        return merge_tags(self.request_facts().metadata, tags)
+
 
 # Every hook an addon may implement, in the order of a meter's life.  A public
 # method of an addon one letter away from one of these is a misspelled hook.
-HOOKS = ("start", "request", "done", "websocket_opened", "websocket_closed", "stop")
+HOOKS = ("start", "request", "admit", "done", "websocket_opened", "websocket_closed", "stop")
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An addon's answer to `admit`: the request is not forwarded; meter answers it with
+    `status` and an OpenAI-shaped error (`type`, `code`, `message`), and its row has
+    outcome `rejected` and these error fields."""
+
+    status: int
+    type: str
+    code: str
+    message: str
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Addon(Protocol):  # documentation of the hooks; an addon implements any subset
     async def start(self) -> None: ...  # before the first request; an error stops start-up
     def request(self, flow: Flow) -> None: ...  # a request arrived (a WebSocket: a response started)
+    def admit(self, flow: Flow) -> Refusal | None: ...  # its body is read: a Refusal stops it before the upstream
     def done(self, flow: Flow, record: Record) -> None: ...  # its record, once the client has the answer
     def websocket_opened(self) -> None: ...  # a client WebSocket was accepted
     def websocket_closed(self) -> None: ...  # and has ended
@@ -106,7 +130,7 @@ class Addons:
     addon gets its turn to flush.
     """
 
-    __slots__ = ("_closed", "_done", "_opened", "_request", "_start", "_stop")
+    __slots__ = ("_admit", "_closed", "_done", "_opened", "_request", "_start", "_stop")
 
     def __init__(self, addons: Iterable[object] = ()) -> None:
         hooks: dict[str, list[Any]] = {name: [] for name in HOOKS}
@@ -118,6 +142,7 @@ class Addons:
                     methods.append(method)
         self._start = hooks["start"]
         self._request = hooks["request"]
+        self._admit = hooks["admit"]
         self._done = hooks["done"]
         self._opened = hooks["websocket_opened"]
         self._closed = hooks["websocket_closed"]
@@ -133,6 +158,19 @@ class Addons:
                 hook(flow)
             except Exception:  # an observer must never break forwarding
                 log.exception("addon request hook failed")
+
+    def admit(self, flow: Flow) -> Refusal | None:
+        """The first refusal, or None: the request is forwarded.  A failing addon admits
+        (a broken check must not stop traffic)."""
+        for hook in self._admit:
+            try:
+                refusal = hook(flow)
+            except Exception:
+                log.exception("addon admit hook failed")
+                continue
+            if refusal is not None:
+                return refusal
+        return None
 
     def done(self, flow: Flow, record: Record) -> None:
         for hook in self._done:
@@ -256,6 +294,12 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     record.previous_response_id = facts.previous_response_id
     record.user_id = facts.user_id
     record.tags = facts.tags
+    meter_headers = flow.meter_headers
+    dropped = 0
+    if meter_headers:
+        tags, dropped = header_tags(meter_headers)
+        if tags:
+            record.tags = tags_json(merge_tags(facts.metadata, tags))
     # Identity comes from what the upstream received: a header the client named in
     # `Connection` was dropped on the way, so it cannot attribute the row either.
     headers = flow.upstream_headers if flow.upstream_headers is not None else flow.headers
@@ -309,6 +353,19 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     if first_token is not None:
         record.ttft_ms = (first_token - flow.t0) * 1000.0
     record.outcome = outcome_for(flow, obs, record.stream or (obs is not None and obs.first_token_at is not None))
-    record.cut = facts.cut
+    record.cut = facts.cut + (DROPPED_TAG,) * dropped if dropped else facts.cut
+    _set_session(record, facts, meter_headers, flow.socket_session)
     keep_text_short(record)
     return record
+
+
+def _set_session(record: Record, facts: RequestFacts, meter_headers: Any, socket_session: str | None) -> None:
+    """SPEC §10, first that applies: the conversation, a Meter-Session header, the
+    session of the previous response (`session_of`: the in-memory chains settle it,
+    else the ledger writer), else the socket's session or the row's own response id."""
+    session = facts.conversation or (header_session(meter_headers) if meter_headers else None)
+    if session is None:
+        if record.previous_response_id is not None:
+            record.session_of = record.previous_response_id
+        session = socket_session or record.response_id
+    record.session_id = session

@@ -23,7 +23,8 @@ from aiohttp.http import HttpProcessingError, HttpVersion11
 from multidict import CIMultiDict
 from yarl import URL
 
-from .flow import Addons, Flow, finished_record
+from .attribution import take_meter_headers
+from .flow import Addons, Flow, Refusal, finished_record
 from .identity import KeyIdentities
 from .observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for
 from .paths import normalised_path, origin_form, target_for_record
@@ -182,6 +183,7 @@ class Proxy:
                 flow.transport = "websocket"
                 # The relay's records read identity from these: what the upstream receives.
                 flow.headers = end_to_end_headers(request.headers)
+                flow.meter_headers = take_meter_headers(flow.headers)  # meter's own: tags and session
                 return await self.websocket(request, flow)
             return await self._forward(request, flow, raw_path)
         finally:
@@ -194,6 +196,7 @@ class Proxy:
         the connection closed (a CONNECT's "body" is the tunnel's bytes: never read them)."""
         flow = Flow(method=method, path=target_for_record(target), endpoint="other", headers=request.headers)
         flow.upstream_headers = forwardable_request_headers(request.headers)
+        flow.meter_headers = take_meter_headers(flow.upstream_headers)
         self.addons.request(flow)
         if method == "CONNECT":
             response = self._fail(flow, 405, "method_not_allowed", "meter forwards requests to its upstream; it is not a tunnel.", outcome="error")
@@ -304,6 +307,8 @@ class Proxy:
         observer: Any = None
         try:
             flow.upstream_headers = forwardable_request_headers(request.headers)
+            # Meter-Tag-* and Meter-Session are meter's: never forwarded, never identity.
+            flow.meter_headers = take_meter_headers(flow.upstream_headers)
             self.addons.request(flow)  # before anything can fail, so every done() has its request()
             body = await self._read_body(request, flow)
             if isinstance(body, web.Response):
@@ -311,6 +316,10 @@ class Proxy:
                 return body
             flow.request_body = body
             flow.request_bytes = len(body)
+            refusal = self.addons.admit(flow)
+            if refusal is not None:  # a budget: answered here, never forwarded
+                client_response = self._refuse(flow, refusal)
+                return client_response
             skip = tuple(h for h in _AUTO_HEADERS if h not in request.headers)
             try:
                 upstream = await self.session.request(
@@ -429,6 +438,20 @@ class Proxy:
         body = error_body(message, code)
         flow.response_bytes = len(body)
         return web.Response(status=status, body=body, content_type="application/json")
+
+    @staticmethod
+    def _refuse(flow: Flow, refusal: Refusal) -> web.Response:
+        """An addon's refusal (a budget): its status and error, row outcome `rejected`."""
+        flow.status_code = refusal.status
+        flow.outcome = "rejected"
+        flow.error_type, flow.error_code = refusal.type, refusal.code
+        error = {"error": {"message": refusal.message, "type": refusal.type, "code": refusal.code, "param": None}}
+        body = json.dumps(error).encode()
+        flow.response_bytes = len(body)
+        response = web.Response(status=refusal.status, body=body, content_type="application/json")
+        for name, value in refusal.headers:
+            response.headers[name] = value
+        return response
 
     def _finish(self, flow: Flow) -> None:
         if not self.observe:

@@ -25,12 +25,20 @@ import aiohttp
 from aiohttp import web
 
 from .admin import bearer_auth, check_admin_exposure
+from .attribution import SessionChains
+from .budgets.alerts import Alerter, AlertMetrics
+from .budgets.command import budget_rows_json
+from .budgets.gate import BudgetGate
+from .budgets.metrics import BudgetMetrics
+from .budgets.spend import Budgets
+from .budgets.sync import BudgetSync
 from .config import Settings, StartupError, parse_host_port, redact_url
 from .enrich import CountUsageOnce, Pricing
 from .flow import Addons
 from .identity import KeyIdentities
 from .ledger import LedgerWriter, Store, store_for
 from .metrics import CONTENT_TYPE, LedgerMetrics, Metrics
+from .otel_metrics import OtelMetrics, otel_metrics_from_env
 from .prices import Pricer
 from .proxy import Proxy
 from .report import ReportAPI
@@ -58,17 +66,32 @@ def make_session(settings: Settings) -> aiohttp.ClientSession:
 
 
 def default_addons(
-    pricer: Pricer, metrics: Metrics, tracing: Tracing | None, ledger: LedgerWriter, extra: Iterable[object] = ()
+    pricer: Pricer,
+    metrics: Metrics,
+    tracing: Tracing | None,
+    ledger: LedgerWriter,
+    extra: Iterable[object] = (),
+    otel_metrics: OtelMetrics | None = None,
+    budgets: tuple[BudgetGate, BudgetSync] | None = None,
 ) -> list[object]:
     """A meter's addons in the order their hooks run (`meter.flow.HOOKS`).
 
     Enrichers first (usage once, prices), then the sinks; the ledger last, so a
     record is queued only when every other addon has seen (and completed) it.
+    Budgets: the gate just before the ledger (it counts priced records and marks
+    their ids before the writer sees them), the sync just after it (its first
+    read needs the ledger open, before the first request is admitted).
     """
-    addons: list[object] = [CountUsageOnce(), Pricing(pricer), metrics]
+    # SessionChains first: a chain's session is settled before any sink sees the record.
+    addons: list[object] = [SessionChains(), CountUsageOnce(), Pricing(pricer), metrics]
     if tracing is not None:
         addons.append(tracing)
-    return [*addons, *extra, ledger]
+    if otel_metrics is not None:
+        addons.append(otel_metrics)
+    if budgets is None:
+        return [*addons, *extra, ledger]
+    gate, sync = budgets
+    return [*addons, *extra, gate, ledger, sync]
 
 
 def _bind(address: str, setting: str) -> socket.socket:
@@ -104,8 +127,13 @@ class Meter:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.extra_addons = extra_addons or []
+        # Budget state outlives start/stop; an alerter is given by assigning `budgets.alerter`.
+        self.budgets = Budgets(settings.budgets, settings.keys)
+        # Budget alerts leave through the alerter: claimed in the ledger, POSTed off the request path.
+        self.alerter = self.budgets.alerter = Alerter(self.store, settings.alerts.webhooks)
         self.metrics: Metrics | None = None
         self.tracing: Tracing | None = None
+        self.otel_metrics: OtelMetrics | None = None
         self.report_api: ReportAPI | None = None
         self.websocket_relay: WebSocketRelay | None = None
         self.addons: Addons | None = None
@@ -125,6 +153,7 @@ class Meter:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/api/budgets", self._budgets)
         report_api.admin_routes(app)
         return app
 
@@ -160,8 +189,16 @@ class Meter:
         self.session = make_session(self.settings)
         self.metrics = Metrics(self.settings)
         self.metrics.register(LedgerMetrics(self.ledger))
+        self.metrics.registry.register(BudgetMetrics(self.budgets))
+        self.metrics.registry.register(AlertMetrics(self.alerter))
+        budget_addons = None
+        if self.budgets.states:
+            budget_addons = (BudgetGate(self.budgets, self.identities), BudgetSync(self.budgets, self.store, self.settings.flush_interval))
         self.tracing = tracing_from_env(self.settings)
-        self.addons = addons = Addons(default_addons(self.pricer, self.metrics, self.tracing, self.ledger, self.extra_addons))
+        self.otel_metrics = otel_metrics_from_env(self.settings)
+        self.addons = addons = Addons(
+            default_addons(self.pricer, self.metrics, self.tracing, self.ledger, self.extra_addons, otel_metrics=self.otel_metrics, budgets=budget_addons)
+        )
         self.report_api = ReportAPI(self.settings, self.store, self.ledger)
         admin_app = self.build_admin_app(self.report_api)
         await addons.start()
@@ -207,6 +244,8 @@ class Meter:
         await web.SockSite(self._admin_runner, admin_sock).start()
         self.proxy_address = proxy_sock.getsockname()[:2]
         self.admin_address = admin_sock.getsockname()[:2]
+        # The replica's name in alert claims: the same after a restart, so its unsent ones come back at once.
+        await self.alerter.start(owner=f"{socket.gethostname()} {self.proxy_address[0]}:{self.proxy_address[1]}")
         self.accepting = True
         log.info(
             "meter forwarding http://%s:%d -> %s; admin on http://%s:%d; ledger %s",
@@ -226,6 +265,7 @@ class Meter:
         if self.session is not None:
             with contextlib.suppress(Exception):
                 await self.session.close()
+        await self.alerter.stop()
         if self.addons is not None:
             await self.addons.stop()  # the ledger writer closes its store; each failure is logged, none raised
         await self._stop_report_api()
@@ -247,6 +287,7 @@ class Meter:
             await self._proxy_runner.cleanup()
         if self.session is not None:
             await self.session.close()
+        await self.alerter.stop()  # before the ledger closes: what is unsent is released there
         if self.addons is not None:
             await self.addons.stop()
         await self._stop_report_api()
@@ -280,6 +321,10 @@ class Meter:
     async def _metrics(self, request: web.Request) -> web.Response:
         assert self.metrics is not None  # the admin app is served only once start-up built it
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def _budgets(self, request: web.Request) -> web.Response:
+        """Each budget's window, spend, limit, remaining, share and state (`meter budgets --url`)."""
+        return web.Response(body=budget_rows_json(self.budgets.rows()), content_type="application/json")
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
