@@ -117,7 +117,7 @@ def reports_json(*arg_lists: Sequence[str]) -> list[list[dict[str, Any]]]:
 def seeded_records() -> list[Record]:
     a = {"key_id": ID_A, "key_hint": HINT_A, "key_name": "team-a"}
     b = {"key_id": ID_B, "key_hint": HINT_B}
-    return [
+    records = [
         # day 1
         make_record(at=D1.replace(hour=10, minute=15), **a, model_requested="gpt-4o", model="gpt-4o", service_tier="default", project="proj_a", user_id="alice",
                     input_tokens=1000, cached_tokens=200, cache_write_tokens=0, output_tokens=300, reasoning_tokens=100, web_search_calls=2, cost_usd=Decimal("0.004000000")),
@@ -137,10 +137,31 @@ def seeded_records() -> list[Record]:
         make_record(at=D2.replace(hour=2), **b, model_requested="gpt-4o", status_code=429, outcome="error", project="proj_b", user_id="bob", error_type="rate_limit_exceeded"),
         make_record(at=D2.replace(hour=2, minute=30), **a, model_requested="gpt-4o", model="gpt-4o", background=True, outcome="in_progress", project="proj_a", user_id="alice"),
     ]
+    for record, (session, tags) in zip(records, ATTRIBUTION):
+        record.session_id, record.tags = session, tags
+    return records
 
 
-def totals(requests: int, inp: int, cached: int, cw: int, out: int, reasoning: int, ws: int, cost: str, unpriced: int, errors: int, unmetered: int = 0) -> dict[str, Any]:
-    values = dict(zip(METRIC_COLUMNS, (requests, inp, cached, cw, out, reasoning, ws, Decimal(cost), unpriced)))
+# Each seeded row's session_id and tags (JSON text as the ledger holds it): tags
+# missing, empty, not an object, a number, and a name in another case (tags are
+# read by their lower-case name, as meter stores header tags).
+ATTRIBUTION: list[tuple[str | None, str | None]] = [
+    ("s1", '{"team": "search", "feature": "autocomplete"}'),
+    ("s1", '{"team": "search"}'),
+    ("s2", '{"team": "ads", "feature": "autocomplete"}'),
+    (None, '{"team": ""}'),
+    (None, None),
+    ("s3", '"not-an-object"'),
+    ("s2", '{"team": "ads", "n": 5}'),
+    (None, "[1, 2]"),
+    ("s2", None),
+    ("s1", '{"Team": "upper"}'),
+]
+
+
+def totals(requests: int, inp: int, cached: int, cw: int, out: int, reasoning: int, ws: int, cost: str | None, unpriced: int, errors: int, unmetered: int = 0) -> dict[str, Any]:
+    """A report row's numbers; `cost` None: no row of the group has a price."""
+    values = dict(zip(METRIC_COLUMNS, (requests, inp, cached, cw, out, reasoning, ws, None if cost is None else Decimal(cost), unpriced)))
     return {**values, "unmetered_requests": unmetered, "errors": errors}
 
 
@@ -148,18 +169,18 @@ def totals(requests: int, inp: int, cached: int, cw: int, out: int, reasoning: i
 BY_KEY = [
     {"key": ID_B, "key_hint": HINT_B, **totals(4, 2400, 1000, 0, 470, 20, 1, "0.010615000", 1, 2)},
     {"key": "team-a", "key_hint": HINT_A, **totals(5, 2300, 200, 50, 400, 100, 2, "0.005266000", 0, 0)},
-    {"key": None, "key_hint": None, **totals(1, 0, 0, 0, 0, 0, 0, "0", 0, 1)},
+    {"key": None, "key_hint": None, **totals(1, 0, 0, 0, 0, 0, 0, None, 0, 1)},  # no price on any row: no cost, not 0
 ]
 BY_MODEL = [
     {"model": "gpt-4o", **totals(6, 1800, 200, 50, 450, 120, 3, "0.015250000", 0, 3)},
     {"model": "gpt-4o-mini", **totals(2, 2100, 1000, 0, 420, 0, 0, "0.000615000", 1, 0)},
     {"model": "text-embedding-3-small", **totals(1, 800, 0, 0, 0, 0, 0, "0.000016000", 0, 0)},
-    {"model": None, **totals(1, 0, 0, 0, 0, 0, 0, "0", 0, 0)},
+    {"model": None, **totals(1, 0, 0, 0, 0, 0, 0, None, 0, 0)},
 ]
 BY_TIER = [
     {"tier": "default", **totals(3, 3300, 1200, 0, 750, 120, 3, "0.014615000", 0, 1)},
     {"tier": "flex", **totals(1, 500, 0, 50, 100, 0, 0, "0.001250000", 0, 0)},
-    {"tier": "priority", **totals(1, 100, 0, 0, 20, 0, 0, "0", 1, 0)},
+    {"tier": "priority", **totals(1, 100, 0, 0, 20, 0, 0, None, 1, 0)},
     {"tier": None, **totals(5, 800, 0, 0, 0, 0, 0, "0.000016000", 0, 2)},
 ]
 BY_DAY = [
@@ -177,12 +198,18 @@ def reference(records: Sequence[Record], by: Sequence[str], key_names: dict[str,
         when = dt.datetime.fromtimestamp(r.started_at, UTC)
         if name == "key":
             return [None if r.key_id is None else (names.get(r.key_id) or r.key_name or r.key_id), r.key_hint]
+        if name.startswith("tag:"):
+            tags = json.loads(r.tags) if r.tags else None
+            value = tags.get(name[4:]) if isinstance(tags, dict) else None
+            text = value if isinstance(value, str) or value is None else json.dumps(value)
+            return [text or None]  # without the tag, or with an empty one: no value
         return [{
             "model": r.model or r.model_requested,
             "tier": r.service_tier,
             "endpoint": r.endpoint,
             "project": r.project,
             "user": r.user_id,
+            "session": r.session_id,
             "day": when.strftime("%Y-%m-%d"),
             "hour": when.strftime("%Y-%m-%dT%H:00:00Z"),
         }[name]]
@@ -190,11 +217,12 @@ def reference(records: Sequence[Record], by: Sequence[str], key_names: dict[str,
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in records:
         values = [v for name in by for v in field(r, name)]
-        g = groups.setdefault(tuple(values), {**dict(zip(output_columns(by), values)), **totals(0, 0, 0, 0, 0, 0, 0, "0", 0, 0)})
+        g = groups.setdefault(tuple(values), {**dict(zip(output_columns(by), values)), **totals(0, 0, 0, 0, 0, 0, 0, None, 0, 0)})
         g["requests"] += 1
         for col in ("input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "web_search_calls"):
             g[col] += getattr(r, col) or 0
-        g["cost_usd"] += r.cost_usd or 0
+        if r.cost_usd is not None:  # a group with no priced row keeps no cost
+            g["cost_usd"] = (g["cost_usd"] or 0) + r.cost_usd
         g["unpriced_requests"] += int(r.has_usage and r.cost_usd is None)
         g["unmetered_requests"] += int(r.error_type == "unmetered")
         g["errors"] += int(r.outcome not in ("completed", "in_progress"))
@@ -234,7 +262,7 @@ def test_hour_endpoint_project_user_by_hand(ledger: Path) -> None:
     assert [(e["endpoint"], e["requests"], e["cost_usd"], e["errors"]) for e in endpoints] == [
         ("chat.completions", 2, Decimal("0.000615000"), 0),
         ("embeddings", 1, Decimal("0.000016000"), 0),
-        ("other", 1, Decimal(0), 0),
+        ("other", 1, None, 0),
         ("responses", 6, Decimal("0.015250000"), 3),
     ]
     projects = report_json("--ledger", str(ledger), "--by", "project")
@@ -244,12 +272,13 @@ def test_hour_endpoint_project_user_by_hand(ledger: Path) -> None:
         ("alice", 4, 3300, Decimal("0.014615000")),
         ("bob", 2, 500, Decimal("0.001250000")),
         ("carol", 1, 800, Decimal("0.000016000")),
-        (None, 3, 100, Decimal(0)),
+        (None, 3, 100, None),
     ]
 
 
 def test_every_grouping_matches_reference(ledger: Path) -> None:
-    groupings = [*GROUP_FIELDS, "key,model", "day,key,tier", "model,user,hour", "endpoint,project", ",".join(GROUP_FIELDS)]
+    groupings = [*GROUP_FIELDS, "key,model", "day,key,tier", "model,user,hour", "endpoint,project", ",".join(GROUP_FIELDS),
+                 "tag:team", "tag:feature,tag:team", "session,tag:n", "key,tag:team,day"]
     results = reports_json(*(["--ledger", str(ledger), "--by", by] for by in groupings))
     for by, rows in zip(groupings, results):
         assert rows == reference(seeded_records(), by.split(",")), by
@@ -260,7 +289,7 @@ def test_combination_by_hand(ledger: Path) -> None:
     assert [(r["day"], r["key"], r["requests"], r["cost_usd"], r["errors"]) for r in rows] == [
         ("2026-03-01", ID_B, 2, Decimal("0.000615000"), 0),
         ("2026-03-01", "team-a", 2, Decimal("0.005250000"), 0),
-        ("2026-03-01", None, 1, Decimal(0), 1),
+        ("2026-03-01", None, 1, None, 1),
         ("2026-03-02", ID_B, 2, Decimal("0.010000000"), 2),
         ("2026-03-02", "team-a", 3, Decimal("0.000016000"), 0),
     ]
@@ -345,7 +374,7 @@ def test_csv_header_and_rows(ledger: Path) -> None:
         for col, value in want.items():
             expected = "" if value is None else (f"{value:.9f}" if isinstance(value, Decimal) else str(value))
             assert got[col] == expected, (col, got, want)
-    assert sum(Decimal(r["cost_usd"]) for r in rows) == ALL["cost_usd"]
+    assert sum(Decimal(r["cost_usd"]) for r in rows if r["cost_usd"]) == ALL["cost_usd"]
 
 
 def test_table_ends_with_total(ledger: Path) -> None:
@@ -443,6 +472,11 @@ def test_report_sql_dialects() -> None:
     assert params == [since] and "$1" in duck and "strftime" in duck and "GROUP BY" in duck
     pg, _ = report_sql("postgresql", ["hour"], since, since + dt.timedelta(days=1))
     assert "to_char" in pg and "$2" in pg
+    # a tag's name is a parameter on both dialects, never text of the query
+    duck, params = report_sql("duckdb", ["tag:team-x"], None, None)
+    assert "team-x" not in duck and params == ['$."team-x"'] and "json_extract_string" in duck
+    pg, params = report_sql("postgresql", ["tag:team-x"], None, None)
+    assert "team-x" not in pg and params == ["team-x"] and "->>" in pg
     with pytest.raises(ValueError):
         report_sql("mysql", [], None, None)
 
@@ -532,7 +566,7 @@ def test_postgres_ledger_reports_like_duckdb(pg_url: str, ledger: Path) -> None:
         store.write(seeded_records())
     finally:
         store.close()
-    for by in ("", "key", "model", "tier", "day", "hour", "endpoint,project,user", "day,key,tier"):
+    for by in ("", "key", "model", "tier", "day", "hour", "endpoint,project,user", "day,key,tier", "session", "tag:team", "tag:n,tag:feature", "session,tag:team,key"):
         args = ["--by", by] if by else []
         assert report_json("--ledger", pg_url, *args) == report_json("--ledger", str(ledger), *args), by
     assert report_json("--ledger", pg_url, "--since", "2026-03-01T11:00:00Z", "--until", "2026-03-02T01:00:00") == report_json(

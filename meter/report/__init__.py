@@ -2,7 +2,8 @@
 
 One concern per module, read in this order:
 
-- `window`: the arguments (`--since`, `--until`, `--by`) and `ReportError`;
+- `window`: the arguments (`--since`, `--until`, `--by`, `--where`, `--top`)
+  read into `ReportArgs`, and `ReportError`;
 - `query`: the report SQL for either dialect and `report(store, ...)` over a
   `meter.ledger` Store;
 - `render`: the rows as a table, CSV or JSON;
@@ -18,18 +19,22 @@ from .api import ReportAPI
 from .query import METRIC_COLUMNS, output_columns, report, report_sql
 from .render import render
 from .reprice import Repricer, format_delta, reprice
-from .window import GROUP_FIELDS, ReportError, parse_by, parse_when, parse_window
+from .window import GROUP_FIELDS, Condition, ReportArgs, ReportError, parse_args, parse_by, parse_when, parse_where, parse_window
 
 __all__ = [
     "GROUP_FIELDS",
     "METRIC_COLUMNS",
+    "Condition",
     "ReportAPI",
+    "ReportArgs",
     "ReportError",
     "Repricer",
     "format_delta",
     "output_columns",
+    "parse_args",
     "parse_by",
     "parse_when",
+    "parse_where",
     "parse_window",
     "render",
     "report",

@@ -1,4 +1,4 @@
-"""`GET /api/report?by=...&since=...&until=...` on the admin port.
+"""`GET /api/report?by=...&since=...&until=...&where=...&top=...` on the admin port.
 
 Answers with the JSON that `meter report --format json` prints, read through
 the store `meter serve` writes with (the DuckDB file is held open by that
@@ -8,7 +8,8 @@ still queued in the ledger writer are written first (waiting at most
 `FLUSH_WAIT`), so the report covers every request that has finished; when some
 are still not in the ledger (it is failing or slow), the answer says how many
 in `Meter-Report-Pending`.  The query runs in a worker thread; the event loop
-never waits on it.
+never waits on it.  Keys are named from this meter's own config (`[keys]`), the
+config in force where the requests are served.
 
 Errors are one line: a bad argument is a 400 (the CLI's own message), a store
 that cannot answer now (`meter.ledger.LedgerUnavailable`) a 503, anything else
@@ -26,7 +27,7 @@ from ..ledger import LedgerNotOpen, LedgerUnavailable, Store
 from .client import PENDING_HEADER
 from .query import one_line, report
 from .render import render_json
-from .window import ReportError, parse_by, parse_window
+from .window import ReportError, parse_args
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -59,15 +60,14 @@ class ReportAPI:
 
         q = request.query
         try:
-            by = parse_by(q.getall("by", []))
-            since, until = parse_window(q.get("since") or None, q.get("until") or None)
+            args = parse_args(q.getall("by", []), q.get("since") or None, q.get("until") or None, q.getall("where", []), q.get("top"))
         except ReportError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         loop = asyncio.get_running_loop()
         try:
             if self.ledger_writer is not None:
                 await loop.run_in_executor(None, self.ledger_writer.flush, self.FLUSH_WAIT)
-            rows = await loop.run_in_executor(None, report, self.store, by, since, until, self.key_names)
+            rows = await loop.run_in_executor(None, report, self.store, args, self.key_names)
         except LedgerNotOpen:
             return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)
         except Exception as exc:  # any failure is one line to the caller and the log, never a traceback page

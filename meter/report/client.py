@@ -10,18 +10,16 @@ warn with; the rows are the same objects a `--ledger` report gives.
 
 from __future__ import annotations
 
-import datetime as dt
 import http.client
 import json
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
 from typing import Any
 
 from .render import parse_json_rows
-from .window import ReportError
+from .window import ReportArgs, ReportError
 
 ADMIN_TOKEN_ENV = "METER_ADMIN_TOKEN"
 PENDING_HEADER = "Meter-Report-Pending"
@@ -46,19 +44,28 @@ def _error_detail(exc: urllib.error.HTTPError) -> str:
     return _first_line(detail) if isinstance(detail, str) else ""
 
 
-def report_url(base: str, by: Sequence[str], since: dt.datetime | None, until: dt.datetime | None, timeout: float = 60.0) -> tuple[list[dict[str, Any]], int | None]:
+def report_query(args: ReportArgs) -> list[tuple[str, str]]:
+    """The admin API's query parameters for these arguments (`where` once per condition)."""
+    query: list[tuple[str, str]] = []
+    if args.by:
+        query.append(("by", ",".join(args.by)))
+    if args.since is not None:
+        query.append(("since", args.since.isoformat()))
+    if args.until is not None:
+        query.append(("until", args.until.isoformat()))
+    query += [("where", f"{c.field}={c.value or ''}") for c in args.where]
+    if args.top is not None:
+        query.append(("top", str(args.top)))
+    return query
+
+
+def report_url(base: str, args: ReportArgs, timeout: float = 60.0) -> tuple[list[dict[str, Any]], int | None]:
     """Ask a running meter's admin API; returns the same rows as a ledger report, and the
     number of records the meter says are not yet in its ledger (None when it says none)."""
     parsed = urllib.parse.urlsplit(base)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ReportError(f"--url: expected the admin address as http://HOST:PORT, got {base!r}")
-    query: dict[str, str] = {}
-    if by:
-        query["by"] = ",".join(by)
-    if since is not None:
-        query["since"] = since.isoformat()
-    if until is not None:
-        query["until"] = until.isoformat()
+    query = report_query(args)
     url = base.rstrip("/") + "/api/report" + ("?" + urllib.parse.urlencode(query) if query else "")
     request = urllib.request.Request(url, headers=admin_headers())
     try:

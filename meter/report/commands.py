@@ -1,6 +1,9 @@
 """The `report` and `reprice` commands: their arguments and what they run.
 
-`meter report` sums the ledger per group (`meter.report.query`) over
+`meter report` sums the ledger per group (`meter.report.query`), over the rows
+every `--where` selects, keeping the `--top` groups, with key names from the
+config in force (`--config` for a ledger, the running meter's own for `--url`),
+over
 
 - one or more DuckDB files (`--ledger`, repeatable: the replicas of a fleet
   report as one),
@@ -24,7 +27,6 @@ cannot be opened or read, a price config that does not load.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,7 +40,7 @@ from .client import report_url
 from .query import one_line, report
 from .render import render
 from .reprice import Repricer, format_delta, reprice
-from .window import GROUP_FIELDS, ReportError, parse_by, parse_window
+from .window import GROUP_FIELDS, ReportArgs, ReportError, parse_args, parse_window
 
 _WARNING = "meter: warning: the report may be incomplete: "
 
@@ -47,14 +49,15 @@ def _load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings({"config": args.config, **extra})
 
 
-def report_ledgers(ledgers: Sequence[str], by: Sequence[str], since: dt.datetime | None, until: dt.datetime | None, key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """The report over `--ledger` values (DuckDB files read as one, or one PostgreSQL URL)."""
+def report_ledgers(ledgers: Sequence[str], args: ReportArgs, key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The report over `--ledger` values (DuckDB files read as one, or one PostgreSQL URL),
+    keys named by `key_names` (the `--config` in force)."""
     try:
         store = open_reader(ledgers)
     except LedgerReadError as exc:
         raise CommandError(str(exc)) from None
     try:
-        return report(store, by, since, until, key_names)
+        return report(store, args, key_names)
     except Exception as exc:  # noqa: BLE001 -- whatever the store raises is one line, never a traceback
         raise CommandError(f"ledger: cannot report from {', '.join(map(redact_url, ledgers))}: {one_line(exc)}") from None
     finally:
@@ -63,22 +66,22 @@ def report_ledgers(ledgers: Sequence[str], by: Sequence[str], since: dt.datetime
 
 def run_report(args: argparse.Namespace) -> int:
     try:
-        by = parse_by(args.by)
-        since, until = parse_window(args.since, args.until)
+        wanted = parse_args(args.by, args.since, args.until, args.where, args.top)
         if args.url:
-            rows, pending = report_url(args.url, by, since, until)
+            # the running meter names the keys from its own config
+            rows, pending = report_url(args.url, wanted)
             if pending is not None:
                 # stdout keeps its shape for scripts; the caveat goes to stderr, once.
                 print(f"{_WARNING}the ledger is failing or behind, {pending} records not yet in it", file=sys.stderr)
         else:
             settings = _load_settings(args)
             ledgers = args.ledger or [settings.ledger]
-            rows = report_ledgers(ledgers, by, since, until, settings.keys)
+            rows = report_ledgers(ledgers, wanted, settings.keys)
             for warning in spool_warnings(ledgers, settings):
                 print(_WARNING + warning, file=sys.stderr)
     except ReportError as exc:
         raise CommandError(str(exc)) from None
-    sys.stdout.write(render(rows, by, args.format))
+    sys.stdout.write(render(rows, wanted.by, args.format))
     return 0
 
 
@@ -167,7 +170,14 @@ def add_report_commands(subparsers: Any) -> None:
     )
     report_cmd.add_argument("--since", metavar="WHEN", help="from this time on (inclusive)")
     report_cmd.add_argument("--until", metavar="WHEN", help="up to this time (exclusive)")
-    report_cmd.add_argument("--by", action="append", metavar="FIELDS", help=f"group by a comma-separated list of: {','.join(GROUP_FIELDS)}")
+    report_cmd.add_argument("--by", action="append", metavar="FIELDS", help=f"group by a comma-separated list of: {','.join(GROUP_FIELDS)},tag:NAME")
+    report_cmd.add_argument(
+        "--where",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="only rows whose FIELD (as in --by; key by name or key_id) is VALUE, an empty VALUE meaning none; repeat to AND several",
+    )
+    report_cmd.add_argument("--top", metavar="N", help="only the N groups of highest cost (then requests), highest first")
     report_cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="(default table; csv and json have no total row)")
     report_cmd.add_argument("--config", help="TOML config whose [keys] name key_ids (env METER_CONFIG)")
     report_cmd.set_defaults(handler=run_report)

@@ -1,27 +1,39 @@
 """The report query: one SQL builder for every store, and the rows it returns shaped.
 
-`report(store, by, since, until, key_names)` sums the `requests` table of any
+`report(store, args, key_names)` sums the `requests` table of any
 `meter.ledger` Store (a DuckDB file or several read as one, a PostgreSQL
-ledger, the store a running meter writes through) by any of `GROUP_FIELDS`.
+ledger, the store a running meter writes through) by any of `GROUP_FIELDS` or
+`tag:NAME`, over the rows that meet every `--where`, keeping the `--top` groups.
 The dialect switch in `report_sql` covers the few places DuckDB and PostgreSQL
-differ (formatting a timestamp as a UTC day or hour); parameters are `$1`-style
-on both.  Rows come back as plain dicts in one fixed column order
-(`output_columns`), so every path gives the very same objects.
+differ (formatting a timestamp as a UTC day or hour, reading one key of the
+`tags` JSON); parameters are `$1`-style on both, and every value from the
+caller (a tag's name included) is a parameter.  Rows come back as plain dicts
+in one fixed column order (`output_columns`), so every path gives the very
+same objects.
 
 Output decisions:
-- `key` is the name the config gives the key_id (the reporting side's config,
-  else the name stored in the row), else the key_id; `key_hint` sits beside it.
-  Rows are per key_id, so two keys given one name stay two rows (told apart by
-  their hints).
+- `key` is the name the config in force gives the key_id (the reporting
+  side's config: `--config`, or the running meter's for the admin API), else
+  the newest name stored in its rows, else the key_id; `key_hint` sits beside
+  it.  Rows are per key_id, so a key named after its first requests is one
+  row, and two keys given one name stay two rows (told apart by their hints).
+  `--where key=V` matches the key_id V, the key_ids the config names V, and
+  rows stored under the name V of keys the config does not name.
 - `model` is the model that served the request, else the one asked for (as in
-  the metrics); `tier` is the tier that served it.
+  the metrics); `tier` is the tier that served it; `session` the `session_id`.
+- `tag:NAME` is that tag's value as text; a row without it (or with an empty
+  one) is under NULL, which `--where tag:NAME=` selects.
 - `day` is `YYYY-MM-DD` and `hour` `YYYY-MM-DDTHH:00:00Z`, both in UTC.
 - token columns are sums of the known values (0 when none is known);
   `unpriced_requests` counts rows with usage but no cost; `unmetered_requests`
   rows of model calls whose usage meter could not read (error_type
   `unmetered`); `errors` counts rows whose outcome is neither `completed` nor
   `in_progress`.
-- `cost_usd` is an exact Decimal with 9 places (the ledger's DECIMAL(18,9)).
+- `cost_usd` is an exact Decimal with 9 places (the ledger's DECIMAL(18,9)),
+  the sum of the group's priced rows; None when no row of the group has a
+  price (an unknown cost is not a cost of 0).
+- `top` ranks groups by cost (an unknown cost last), then requests, highest
+  first, and the rows come in that order.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..ledger import HAS_USAGE_SQL, Store
-from .window import GROUP_FIELDS, ReportError
+from .window import GROUP_FIELDS, Condition, ReportArgs, ReportError, tag_name
 
 NANO = Decimal("0.000000001")
 
@@ -64,11 +76,15 @@ def output_columns(by: Sequence[str]) -> list[str]:
     return cols + list(METRIC_COLUMNS)
 
 
-def _group_exprs(dialect: str) -> dict[str, str]:
+def _dialect(dialect: str) -> str:
     name = "postgresql" if dialect == "postgres" else dialect
     if name not in DIALECTS:
         raise ValueError(f"unknown SQL dialect {dialect!r}; expected one of {DIALECTS}")
-    if name == "duckdb":
+    return name
+
+
+def _group_exprs(dialect: str) -> dict[str, str]:
+    if dialect == "duckdb":
         day = "strftime(started_at AT TIME ZONE 'UTC', '%Y-%m-%d')"
         hour = "strftime(started_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:00:00Z')"
     else:
@@ -80,78 +96,150 @@ def _group_exprs(dialect: str) -> dict[str, str]:
         "endpoint": "endpoint",
         "project": "project",
         "user": "user_id",
+        "session": "session_id",
         "day": day,
         "hour": hour,
     }
 
 
-def report_sql(dialect: str, by: Sequence[str], since: dt.datetime | None = None, until: dt.datetime | None = None) -> tuple[str, list[Any]]:
+# The newest name stored with a key_id's rows (the config that wrote it may since
+# have renamed the key); the same text on both dialects.
+_STORED_NAME = "(array_agg(key_name ORDER BY started_at DESC) FILTER (WHERE key_name IS NOT NULL))[1]"
+
+
+class _Params:
+    """`$n` parameters in the order the SQL text takes them (both dialects reuse a `$n`)."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+
+    def add(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}"
+
+
+def _tag_expr(dialect: str, tag: str, params: _Params) -> str:
+    """One tag's value as text (NULL when the row has no such tag, or an empty one).  The
+    name goes in as a parameter (it is checked, but never spliced into the SQL)."""
+    if dialect == "duckdb":
+        path = '$."' + tag + '"'  # a JSON path naming the key (a tag name may hold '-')
+        return f"NULLIF(json_extract_string(tags, {params.add(path)}), '')"
+    return f"NULLIF(tags::jsonb ->> {params.add(tag)}, '')"
+
+
+def _key_condition(value: str | None, key_names: Mapping[str, str], params: _Params) -> str:
+    """`key=VALUE`: the key_id itself, a key_id the config names VALUE, or a key the config
+    does not name whose row was stored under the name VALUE."""
+    if value is None:
+        return "key_id IS NULL"
+    alternatives = [f"key_id = {params.add(value)}"]
+    named = sorted(kid for kid, name in key_names.items() if name == value)
+    if named:
+        alternatives.append(f"key_id IN ({', '.join(params.add(kid) for kid in named)})")
+    stored = f"key_name = {params.add(value)}"
+    if key_names:
+        stored += f" AND key_id NOT IN ({', '.join(params.add(kid) for kid in sorted(key_names))})"
+    alternatives.append(f"({stored})")
+    return "(" + " OR ".join(alternatives) + ")"
+
+
+def _condition(dialect: str, cond: Condition, exprs: Mapping[str, str], key_names: Mapping[str, str], params: _Params) -> str:
+    if cond.field == "key":
+        return _key_condition(cond.value, key_names, params)
+    if cond.start is not None and cond.end is not None:  # day, hour: a range of started_at
+        return f"(started_at >= {params.add(cond.start)} AND started_at < {params.add(cond.end)})"
+    tag = tag_name(cond.field)
+    expr = _tag_expr(dialect, tag, params) if tag is not None else exprs[cond.field]
+    return f"{expr} IS NULL" if cond.value is None else f"{expr} = {params.add(cond.value)}"
+
+
+def report_sql(
+    dialect: str,
+    by: Sequence[str],
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    where: Sequence[Condition] = (),
+    top: int | None = None,
+    key_names: Mapping[str, str] | None = None,
+) -> tuple[str, list[Any]]:
     """The report query over `requests` and its parameters (`$1`, `$2`: every store takes them).
 
-    `key` selects `key_id`, `key_hint` and the stored `key_name`; every other
-    field selects itself under its own name.
+    `key` selects `key_id`, `key_hint` and the newest stored `key_name`; the
+    field at position n of `by` is `gn` (no name from the caller is SQL text).
+    Groups are named by position (a parameter in a grouped expression,
+    `tag:NAME`'s name, is then given once).
+    `top` keeps the groups of highest cost, then requests.
     """
+    dialect = _dialect(dialect)
     exprs = _group_exprs(dialect)
+    names = key_names or {}
+    params = _Params()
     select: list[str] = []
     group: list[str] = []
-    order: list[str] = []
-    for name in by:
+    for n, name in enumerate(by):
         if name == "key":
-            select += ["key_id AS key_id", "key_hint AS key_hint", "max(key_name) AS key_name"]
-            group += ["key_id", "key_hint"]
-            order += ["key_id", "key_hint"]
+            select += ["key_id AS key_id", "key_hint AS key_hint"]
+            group += [str(len(select) - 1), str(len(select))]
+            select.append(f"{_STORED_NAME} AS key_name")
+            continue
+        tag = tag_name(name)
+        if tag is not None:
+            select.append(f"{_tag_expr(dialect, tag, params)} AS g{n}")
         elif name in exprs:
-            select.append(f'{exprs[name]} AS "{name}"')
-            group.append(exprs[name])
-            order.append(exprs[name])
+            select.append(f"{exprs[name]} AS g{n}")
         else:
             raise ReportError(f"--by: unknown field {name!r}; choose from {', '.join(GROUP_FIELDS)}")
+        group.append(str(len(select)))
     select.append("count(*) AS requests")
     select += [f"COALESCE(sum({col}), 0) AS {col}" for col in TOKEN_COLUMNS]
-    select.append("COALESCE(sum(cost_usd), 0) AS cost_usd")
+    select.append("sum(cost_usd) AS cost_usd")  # NULL when no row of the group has a price
     select.append(f"count(*) FILTER (WHERE cost_usd IS NULL AND {HAS_USAGE_SQL}) AS unpriced_requests")
     select.append("count(*) FILTER (WHERE error_type = 'unmetered') AS unmetered_requests")
     ok = ", ".join(f"'{o}'" for o in OK_OUTCOMES)
     select.append(f"count(*) FILTER (WHERE outcome IS NULL OR outcome NOT IN ({ok})) AS errors")
-    where: list[str] = []
-    params: list[Any] = []
+    conditions: list[str] = []
     if since is not None:
-        params.append(since)
-        where.append(f"started_at >= ${len(params)}")
+        conditions.append(f"started_at >= {params.add(since)}")
     if until is not None:
-        params.append(until)
-        where.append(f"started_at < ${len(params)}")
+        conditions.append(f"started_at < {params.add(until)}")
+    conditions += [_condition(dialect, cond, exprs, names, params) for cond in where]
     sql = "SELECT " + ", ".join(select) + " FROM requests"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    if conditions:
+        sql += " WHERE " + " AND ".join(conditions)
     if group:
         sql += " GROUP BY " + ", ".join(group)
-        sql += " ORDER BY " + ", ".join(f"{o} NULLS LAST" for o in order)
-    return sql, params
+    order = [f"{g} NULLS LAST" for g in group]
+    if top is not None:
+        sql += " ORDER BY " + ", ".join(["cost_usd DESC NULLS LAST", "requests DESC", *order])
+        sql += f" LIMIT {params.add(top)}"
+    elif order:
+        sql += " ORDER BY " + ", ".join(order)
+    return sql, params.values
 
 
-def shape_rows(raw: Iterable[Mapping[str, Any]], by: Sequence[str], key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """Query rows -> report rows: exact columns, key names applied, sorted by the group fields."""
+def shape_rows(raw: Iterable[Mapping[str, Any]], by: Sequence[str], key_names: Mapping[str, str] | None = None, top: int | None = None) -> list[dict[str, Any]]:
+    """Query rows -> report rows: exact columns, key names applied, sorted by the group
+    fields (with `top`: by cost, then requests, highest first)."""
     names = key_names or {}
     out: list[dict[str, Any]] = []
     for r in raw:
         row: dict[str, Any] = {}
-        for name in by:
+        for n, name in enumerate(by):
             if name == "key":
                 kid = r["key_id"]
                 row["key"] = (names.get(kid) or r["key_name"] or kid) if kid is not None else None
                 row["key_hint"] = r["key_hint"]
             else:
-                row[name] = r[name]
+                row[name] = r[f"g{n}"]
         for col in METRIC_COLUMNS:
             value = r[col]
             if col == "cost_usd":
-                row[col] = Decimal(value if value is not None else 0).quantize(NANO)
+                row[col] = None if value is None else Decimal(value).quantize(NANO)
             else:
                 row[col] = int(value or 0)
         out.append(row)
 
-    def sort_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    def group_key(row: dict[str, Any]) -> tuple[Any, ...]:
         parts: list[Any] = []
         for name in by:
             for col in (("key", "key_hint") if name == "key" else (name,)):
@@ -159,15 +247,18 @@ def shape_rows(raw: Iterable[Mapping[str, Any]], by: Sequence[str], key_names: M
                 parts.append((value is None, "" if value is None else str(value)))
         return tuple(parts)
 
-    out.sort(key=sort_key)
+    if top is None:
+        out.sort(key=group_key)
+    else:
+        out.sort(key=lambda row: (row["cost_usd"] is None, -(row["cost_usd"] or 0), -row["requests"], group_key(row)))
     return out
 
 
-def report(store: Store, by: Sequence[str], since: dt.datetime | None, until: dt.datetime | None, key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def report(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """The report rows over one store (of either dialect); the store's own errors pass through."""
-    sql, params = report_sql(store.dialect, by, since, until)
+    sql, params = report_sql(store.dialect, args.by, args.since, args.until, args.where, args.top, key_names)
     names, rows = store.query(sql, params)
-    return shape_rows((dict(zip(names, row)) for row in rows), by, key_names)
+    return shape_rows((dict(zip(names, row)) for row in rows), args.by, key_names, args.top)
 
 
 def one_line(exc: BaseException) -> str:

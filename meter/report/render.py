@@ -4,8 +4,10 @@
 served by the admin API alike (`parse_json_rows` reads it back for `--url`), so
 every path gives the same objects.  `cost_usd` is exact everywhere: in JSON a
 number with exactly 9 decimals written from the decimal, never through a float;
-in CSV the same digits; in the table trimmed to at most 9 places.  Only the
-table has a total row.
+in CSV the same digits; in the table trimmed to at most 9 places.  A group with
+no priced row has no cost: `null` in JSON, an empty CSV cell, a blank table
+cell (never 0).  Only the table has a total row: the sum of the rows shown (its
+cost blank when none of them has one).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def parse_json_rows(text: str) -> list[dict[str, Any]]:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError("expected a JSON list of objects")
     for row in rows:
-        if "cost_usd" in row:
+        if row.get("cost_usd") is not None:
             row["cost_usd"] = Decimal(row["cost_usd"]).quantize(NANO)
     return rows
 
@@ -68,7 +70,9 @@ def render_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str
     return buf.getvalue()
 
 
-def _table_cost(value: Decimal) -> str:
+def _table_cost(value: Decimal | None) -> str:
+    if value is None:
+        return ""
     text = format_cost(value).rstrip("0")
     whole, _, frac = text.partition(".")
     return f"{whole}.{frac.ljust(2, '0')}"
@@ -78,11 +82,14 @@ def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     """Aligned columns; the last row is the total (without --by it is the only row)."""
     group_cols = [c for c in columns if c not in METRIC_COLUMNS]
     header = list(columns) if group_cols else ["", *columns]
-    totals: dict[str, Any] = {c: (Decimal(0) if c == "cost_usd" else 0) for c in METRIC_COLUMNS}
+    totals: dict[str, Any] = {c: (None if c == "cost_usd" else 0) for c in METRIC_COLUMNS}
     body: list[list[str]] = []
     for row in rows:
         for c in METRIC_COLUMNS:
-            totals[c] += row[c]
+            if c != "cost_usd":
+                totals[c] += row[c]
+            elif row[c] is not None:
+                totals[c] = row[c] + (totals[c] or 0)
         cells = [("-" if row[c] is None else str(row[c])) for c in group_cols]
         cells += [_table_cost(row[c]) if c == "cost_usd" else str(row[c]) for c in METRIC_COLUMNS]
         body.append(cells)

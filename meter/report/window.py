@@ -1,13 +1,21 @@
-"""The arguments of a report: its window (`--since`, `--until`) and grouping (`--by`).
+"""The arguments of a report: its window (`--since`, `--until`), grouping (`--by`),
+filters (`--where`) and cut (`--top`).
 
-The CLI and the admin API (`GET /api/report?since=&until=&by=`) read them with
-these same functions, so a bad value is the same one-line `ReportError` on both
-(exit 2 on the command line, 400 from the API).
+The CLI and the admin API (`GET /api/report?since=&until=&by=&where=&top=`) read
+them with these same functions, so a bad value is the same one-line
+`ReportError` on both (exit 2 on the command line, 400 from the API).
 
 - `--since` is inclusive and `--until` exclusive; a bare date given to
   `--until` means the end of that day.  Times without an offset are UTC.
 - A window reaching past 0001-01-01 or 9999-12-31 UTC is an argument error,
   not an overflow.
+- A field is one of `GROUP_FIELDS` or `tag:NAME`, NAME as a tag name is
+  written (SPEC §10: letters, digits, `_`, `-`, up to 64) and lower-cased, as
+  tags are stored; `--by` and `--where` take the same fields.
+- `--where FIELD=VALUE` with an empty VALUE selects the rows without that
+  field (no key, no project, no such tag); `day` and `hour` take the forms a
+  report prints (`2026-03-01`, `2026-03-01T10:00:00Z`; any ISO time means the
+  hour it falls in).
 """
 
 from __future__ import annotations
@@ -15,14 +23,40 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 UTC = dt.UTC
 
-GROUP_FIELDS = ("key", "model", "tier", "endpoint", "project", "user", "day", "hour")
+GROUP_FIELDS = ("key", "model", "tier", "endpoint", "project", "user", "session", "day", "hour")
+TAG_PREFIX = "tag:"
+_TAG_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FIELDS_HELP = ", ".join(GROUP_FIELDS) + ", tag:NAME"
 
 
 class ReportError(ValueError):
     """Bad report arguments; one line, naming the argument."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One `--where FIELD=VALUE`: `value` None selects the rows without the field.
+    `day` and `hour` hold their normalised text and the [start, end) they cover."""
+
+    field: str
+    value: str | None
+    start: dt.datetime | None = None
+    end: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReportArgs:
+    """Everything a report is asked for, read and checked."""
+
+    by: list[str] = field(default_factory=list)
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+    where: list[Condition] = field(default_factory=list)
+    top: int | None = None
 
 
 _SPAN = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
@@ -75,6 +109,24 @@ def parse_window(since: str | None, until: str | None, now: dt.datetime | None =
     return start, end
 
 
+def parse_field(text: str, arg: str) -> str:
+    """One field as `--by` or `--where` names it -> its canonical name (`tag:NAME` lower-cased)."""
+    name = text.strip()
+    if name.lower().startswith(TAG_PREFIX):
+        tag = name[len(TAG_PREFIX) :]
+        if not _TAG_NAME.match(tag):
+            raise ReportError(f"{arg}: bad tag name {tag!r} in {name!r}; a tag name is 1 to 64 letters, digits, '_' or '-'")
+        return TAG_PREFIX + tag.lower()
+    if name.lower() not in GROUP_FIELDS:
+        raise ReportError(f"{arg}: unknown field {name!r}; choose from {_FIELDS_HELP}")
+    return name.lower()
+
+
+def tag_name(name: str) -> str | None:
+    """The tag of a `tag:NAME` field, None for any other field."""
+    return name[len(TAG_PREFIX) :] if name.startswith(TAG_PREFIX) else None
+
+
 def parse_by(values: str | Iterable[str] | None) -> list[str]:
     """`key,model` (or several such values) -> ['key', 'model']; unknown names are an error."""
     if values is None:
@@ -84,11 +136,83 @@ def parse_by(values: str | Iterable[str] | None) -> list[str]:
     out: list[str] = []
     for value in values:
         for part in value.split(","):
-            name = part.strip().lower()
-            if not name:
+            if not part.strip():
                 continue
-            if name not in GROUP_FIELDS:
-                raise ReportError(f"--by: unknown field {part.strip()!r}; choose from {', '.join(GROUP_FIELDS)}")
+            name = parse_field(part, "--by")
             if name not in out:
                 out.append(name)
     return out
+
+
+def _hour(value: str) -> dt.datetime:
+    text = value.strip()
+    try:
+        if _DATE.match(text):
+            raise ValueError(text)  # a date is not an hour
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ReportError(f"--where: hour={value!r} is not an ISO time (2026-03-01T10:00:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    except (OverflowError, ValueError):
+        raise ReportError(f"--where: hour={value!r} is out of range; times run from 0001-01-01 to 9999-12-31 UTC") from None
+
+
+def parse_condition(text: str) -> Condition:
+    """`FIELD=VALUE` -> a `Condition`; a bad field, a missing `=` or a bad day/hour is an error."""
+    name, eq, value = text.partition("=")
+    if not eq or not name.strip():
+        raise ReportError(f"--where: expected FIELD=VALUE (key=team-search, tag:feature=autocomplete), got {text!r}")
+    fld = parse_field(name, "--where")
+    try:
+        if fld == "day":
+            try:
+                day = dt.date.fromisoformat(value.strip()) if _DATE.match(value.strip()) else None
+            except ValueError:
+                day = None
+            if day is None:
+                raise ReportError(f"--where: day={value!r} is not a date (2026-03-01)")
+            start = dt.datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return Condition(fld, day.isoformat(), start, start + dt.timedelta(days=1))
+        if fld == "hour":
+            start = _hour(value)
+            return Condition(fld, start.strftime("%Y-%m-%dT%H:00:00Z"), start, start + dt.timedelta(hours=1))
+    except ReportError:
+        raise
+    except (OverflowError, ValueError):
+        raise ReportError(f"--where: {fld}={value!r} is out of range; times run from 0001-01-01 to 9999-12-31 UTC") from None
+    return Condition(fld, value if value != "" else None)
+
+
+def parse_where(values: str | Iterable[str] | None) -> list[Condition]:
+    """Every `--where` (each one FIELD=VALUE; they are ANDed)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [parse_condition(value) for value in values]
+
+
+def parse_top(value: str | int | None) -> int | None:
+    """`--top N`: a whole number from 1 on, or None when not given."""
+    if value is None or value == "":
+        return None
+    text = str(value).strip()
+    if not text.isdigit() or int(text) < 1 or len(text) > 18:
+        raise ReportError(f"--top: expected a whole number of groups from 1 on, got {value!r}")
+    return int(text)
+
+
+def parse_args(
+    by: str | Iterable[str] | None,
+    since: str | None,
+    until: str | None,
+    where: str | Iterable[str] | None = None,
+    top: str | int | None = None,
+    now: dt.datetime | None = None,
+) -> ReportArgs:
+    """Every report argument, as the CLI and the admin API both take them."""
+    start, end = parse_window(since, until, now)
+    return ReportArgs(parse_by(by), start, end, parse_where(where), parse_top(top))
