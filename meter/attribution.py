@@ -119,25 +119,37 @@ class SessionChains:
     entries go first.  Used on the event loop only.
     """
 
-    __slots__ = ("_map", "_max")
+    __slots__ = ("_bytes", "_map", "_max", "_max_bytes")
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = 100_000, max_bytes: int = 8 << 20) -> None:
         self._map: OrderedDict[str, str] = OrderedDict()
         self._max = max_entries
+        self._max_bytes = max_bytes  # characters of ids and sessions held, a close bound on their bytes
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._map)
+
+    @property
+    def held(self) -> int:
+        """Characters of ids and sessions held now."""
+        return self._bytes
 
     def get(self, response_id: str) -> str | None:
         return self._map.get(short_key(response_id))
 
     def put(self, response_id: str, session_id: str) -> None:
         key = short_key(response_id)
+        value = session_id[:MAX_TEXT]
         m = self._map
-        m[key] = session_id[:MAX_TEXT]
-        m.move_to_end(key)
-        if len(m) > self._max:
-            m.popitem(last=False)
+        old = m.pop(key, None)
+        if old is not None:
+            self._bytes -= len(key) + len(old)
+        m[key] = value
+        self._bytes += len(key) + len(value)
+        while len(m) > self._max or self._bytes > self._max_bytes:
+            k, v = m.popitem(last=False)
+            self._bytes -= len(k) + len(v)
 
     def done(self, flow: object, record: Record) -> None:
         """Addon hook, before the ledger: a chain meter knows gets its session now, and
@@ -149,8 +161,13 @@ class SessionChains:
                 return  # the ledger writer asks the store (and the row is no link yet)
             record.session_id, record.session_of = found, None
         rid, session = record.response_id, record.session_id
-        if rid is not None and session is not None:
-            self.put(rid, session)
+        if rid is None or session is None:
+            return
+        known = self.get(rid)
+        if known is None:
+            self.put(rid, session)  # a response's first row (its creation) makes the link
+        elif session == rid:
+            record.session_id = known  # a later row of the same response (a retrieve) is in its session
 
 
 def resolve_sessions(records: Iterable[Record], stored: Mapping[str, str | None]) -> None:
@@ -160,17 +177,20 @@ def resolve_sessions(records: Iterable[Record], stored: Mapping[str, str | None]
     already in `session_id` (the row's own response id, or its socket's session)."""
     seen: dict[str, str] = {}
     for record in records:
-        prev = record.session_of
+        # The id as the ledger keeps it (sanitised, cut), which is what `stored` is keyed by.
+        prev = record.previous_response_id if record.session_of is not None else None
         if prev is not None:
             found = seen.get(prev) or stored.get(prev)
             if found:
                 record.session_id = found
-            record.session_of = None
+        record.session_of = None
         if record.response_id is not None and record.session_id is not None:
             seen[record.response_id] = record.session_id
 
 
-SESSIONS_SQL = "SELECT response_id, session_id FROM requests WHERE response_id IN ({}) AND session_id IS NOT NULL"
+# Newest first, so that a dict built from the rows keeps each response's earliest row:
+# the request that created it, whose session later rows of it (retrieves) follow.
+SESSIONS_SQL = "SELECT response_id, session_id FROM requests WHERE response_id IN ({}) AND session_id IS NOT NULL ORDER BY started_at DESC"
 
 
 def sessions_query(response_ids: list[str]) -> str:

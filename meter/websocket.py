@@ -34,6 +34,7 @@ from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .attribution import take_meter_headers
 from .flow import Addons, Flow, finished_record
 from .identity import KeyIdentities
 from .observe import observer_for
@@ -90,6 +91,7 @@ def _upstream_headers(headers: Any) -> CIMultiDict[str]:
     out = forwardable_request_headers(headers)
     for name in [n for n in out if n.lower().startswith("sec-websocket-")]:
         out.popall(name, None)
+    take_meter_headers(out)  # Meter-Tag-* and Meter-Session are meter's (the Flow has them)
     return out
 
 

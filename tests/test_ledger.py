@@ -94,7 +94,7 @@ def test_table_has_exactly_the_spec_columns(tmp_path: Path) -> None:
     types = dict(cols)
     assert types["id"] == "UUID" and types["started_at"] == "TIMESTAMP WITH TIME ZONE"
     assert types["cost_usd"] == "DECIMAL(18,9)" and types["tags"] == "JSON" and types["status_code"] == "INTEGER"
-    assert len(COLUMN_TYPES) == 43
+    assert len(COLUMN_TYPES) == 44
 
 
 def test_every_column_round_trips(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ Whatever a client or an upstream sent, a record leaves here with:
 - text that is valid UTF-8 without control characters: lone surrogates (which
   is how aiohttp keeps an invalid header byte, and how `json` reads "\\ud800"),
   C0/C1 control characters and DEL become U+FFFD; `tags` stays valid JSON;
-- `model`, `model_requested`, the ids, `user_id` and `project` cut to 256
+- `model`, `model_requested`, the ids, `user_id`, `project` and `session_id` cut to 256
   characters, each cut counted per field;
 - numbers the ledger's column types cannot hold (BIGINT, INTEGER,
   DECIMAL(18,9)) set to NULL, counted once per record by endpoint.
@@ -58,8 +58,9 @@ _BAD_JSON = re.compile(r'(\\\\)|\\[bfnrt]|\\u00[01][0-9a-f]|[\x7f-\x9f\ud800-\ud
 
 
 # Cut before the record was made (`Record.cut`): metadata past OpenAI's limits, a
-# request body too large in members to decode.
-CUT_EARLY: tuple[str, ...] = ("tags", "request")
+# request body too large in members to decode, a `Meter-Tag-*` header dropped
+# (`meter.attribution.DROPPED_TAG`: a bad name, a value too long, past 16 tags).
+CUT_EARLY: tuple[str, ...] = ("tags", "request", "tag_headers")
 
 
 def new_truncated() -> dict[str, int]:

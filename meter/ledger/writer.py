@@ -26,6 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..attribution import resolve_sessions, sessions_query
 from ..record import Record
 from .sanitise import new_overflows, new_truncated, sanitise_batch
 from .schema import random_uuids
@@ -245,7 +246,11 @@ class LedgerWriter:
             batch = self._take_batch()
             due -= len(batch)
             self._set_writing(len(batch))
-            outage = self._write_isolating(batch)
+            outage = self._settle_sessions(batch)
+            if outage is None:
+                outage = self._write_isolating(batch)
+            else:
+                self._retry = batch + self._retry
             self._set_writing(0)
             if outage is not None:
                 self._note_error(outage)
@@ -260,6 +265,25 @@ class LedgerWriter:
             # retried or replayed stay, they are the ones being written.
             self._spill_overflow(from_retry=False)
         return True
+
+    def _settle_sessions(self, batch: list[Record]) -> Exception | None:
+        """The sessions of chains the request path did not know (a response another
+        replica or an earlier run recorded): one query for the batch, here in the
+        writer's thread, never on the request path.  An outage is returned (the batch
+        waits, unsettled); any other failure leaves each row its fallback session."""
+        ask = sorted({r.previous_response_id for r in batch if r.session_of is not None and r.previous_response_id is not None})
+        stored: dict[str, str | None] = {}
+        if ask:
+            try:
+                _, rows = self.store.query(sessions_query(ask), ask)
+            except Exception as exc:  # noqa: BLE001 - failure_kind says whose fault it is
+                if failure_kind(exc) == "outage":
+                    return exc
+                log.warning("could not look up the sessions of %d earlier responses (%s); those rows keep their own", len(ask), type(exc).__name__)
+            else:
+                stored = {rid: sid for rid, sid in rows}
+        resolve_sessions(batch, stored)
+        return None
 
     def _set_writing(self, n: int) -> None:
         self._writing = n

@@ -25,6 +25,8 @@ class RequestFacts:
     prompt_cache_key: str | None = None
     previous_response_id: str | None = None
     tags: str | None = None  # metadata as JSON text, bounded (see bounded_tags)
+    metadata: dict[str, str] | None = None  # the same, as a dict: Meter-Tag-* headers merge over it
+    conversation: str | None = None  # the `conversation` id (string or `{"id": ...}`): the row's session
     generate: bool = True
     cut: tuple[str, ...] = ()  # what was cut to its bound ("tags", "request"), for meter_values_truncated_total
 
@@ -63,10 +65,15 @@ def facts_from_request(obj: dict[str, Any]) -> RequestFacts:
     facts.prompt_cache_key = as_str(obj.get("prompt_cache_key"))
     facts.previous_response_id = as_str(obj.get("previous_response_id"))
     facts.generate = obj.get("generate") is not False
+    conversation = obj.get("conversation")
+    if isinstance(conversation, dict):
+        conversation = conversation.get("id")
+    facts.conversation = as_str(conversation) or None
     metadata = obj.get("metadata")
     if isinstance(metadata, dict) and metadata:
         tags, cut = bounded_tags(metadata)
         facts.tags = tags_json(tags)
+        facts.metadata = tags
         if cut:
             facts.cut = ("tags",)
     return facts

@@ -93,7 +93,9 @@ def _lane(value: Any) -> str | None:
 class SocketMeter:
     """Per-socket metering state: responses waiting, open, and the last one per lane."""
 
-    __slots__ = ("ended", "handshake_model", "last", "on_idle", "only", "open", "orphans", "pending", "relay", "response_headers", "template")
+    __slots__ = (
+        "ended", "handshake_model", "last", "on_idle", "only", "open", "orphans", "pending", "relay", "response_headers", "session", "template",
+    )  # fmt: skip
 
     def __init__(self, relay: Relay, template: Flow, handshake_model: str | None, response_headers: Any) -> None:
         self.relay = relay
@@ -107,6 +109,9 @@ class SocketMeter:
         self.last: OrderedDict[str | None, tuple[float, float, RequestFacts, str | None]] = OrderedDict()
         self.ended: OrderedDict[str, None] = OrderedDict()  # ids of responses that ended lately
         self.on_idle: Callable[[], None] | None = None  # called once nothing is in flight (set while meter drains)
+        # The socket's session (SPEC §10): its first response's id, for every response
+        # on it that names no conversation, Meter-Session or previous response.
+        self.session: str | None = None
 
     @property
     def idle(self) -> bool:
@@ -115,6 +120,7 @@ class SocketMeter:
     def _new_flow(self) -> Flow:
         t = self.template
         flow = Flow(method=t.method, path=t.path, endpoint="responses", headers=t.headers, transport="websocket")
+        flow.meter_headers = t.meter_headers  # the handshake's tags and session apply to every response
         flow.status_code = 101
         flow.response_headers = self.response_headers
         flow.observation = Observation()
@@ -307,6 +313,9 @@ class SocketMeter:
     def _finish(self, flow: Flow, now: float) -> None:
         flow.finished_at = now
         obs = flow.observation
+        if self.session is None and obs is not None and obs.response_id is not None:
+            self.session = obs.response_id[:MAX_TEXT]
+        flow.socket_session = self.session
         if obs is not None and not flow.request_facts().generate:
             obs.usage = None  # a warm-up (`generate: false`) carries no consumption
         self.relay.record(flow)
