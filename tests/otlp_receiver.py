@@ -1,13 +1,15 @@
-"""A minimal OTLP/HTTP trace receiver for tests: a real HTTP server on a real port.
+"""A minimal OTLP/HTTP receiver for tests: a real HTTP server on a real port.
 
-It accepts `POST /v1/traces` with a protobuf `ExportTraceServiceRequest`
-(optionally gzip-compressed), decodes every span into a `ReceivedSpan` with its
-attributes as a plain dict, and answers with a protobuf
-`ExportTraceServiceResponse`, as a collector would.
+It accepts `POST /v1/traces` with a protobuf `ExportTraceServiceRequest` and
+`POST /v1/metrics` with an `ExportMetricsServiceRequest` (optionally gzip- or
+deflate-compressed), decodes every span into a `ReceivedSpan` and every data
+point into a `ReceivedPoint`, attributes as plain dicts, and answers with the
+protobuf `Export...ServiceResponse`, as a collector would.
 
     async with OTLPReceiver() as receiver:
         env OTEL_EXPORTER_OTLP_ENDPOINT = receiver.url
         spans = await receiver.wait_for(lambda s: s.name == "chat gpt-4o")
+        points = await receiver.wait_for_points(lambda p: p.name == "gen_ai.client.token.usage")
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Self
 
 from aiohttp import web
+from google.protobuf.message import Message
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest, ExportMetricsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
@@ -58,12 +62,61 @@ class ReceivedSpan:
     trace_state: str = ""
 
 
+@dataclass
+class ReceivedPoint:
+    """One data point of a metric, as exported (cumulative unless the exporter was told otherwise)."""
+
+    name: str
+    unit: str
+    description: str
+    kind: str  # the Metric's data field: "histogram", "sum", "gauge", "exponential_histogram", ...
+    temporality: int  # AggregationTemporality: 1 delta, 2 cumulative (0 for a gauge)
+    attributes: dict[str, Any]
+    count: int = 0  # histograms
+    sum: float = 0.0  # histograms; a sum's or gauge's value
+    bucket_counts: list[int] = field(default_factory=list)
+    explicit_bounds: list[float] = field(default_factory=list)
+    min: float | None = None
+    max: float | None = None
+    time_unix_nano: int = 0
+    resource: dict[str, Any] = field(default_factory=dict)
+    scope: str = ""
+    request: int = 0  # which export request (1, 2, ...) carried it
+
+
+def _points(metric: Any, resource: dict[str, Any], scope: str, request: int) -> list[ReceivedPoint]:
+    kind = metric.WhichOneof("data")
+    if kind is None:
+        return []
+    data = getattr(metric, kind)
+    temporality = getattr(data, "aggregation_temporality", 0)
+    points = []
+    for dp in data.data_points:
+        point = ReceivedPoint(
+            name=metric.name, unit=metric.unit, description=metric.description, kind=kind, temporality=temporality,
+            attributes=attributes(dp.attributes), time_unix_nano=dp.time_unix_nano, resource=resource, scope=scope, request=request,
+        )
+        if kind == "histogram":
+            point.count, point.sum = dp.count, dp.sum
+            point.bucket_counts, point.explicit_bounds = list(dp.bucket_counts), list(dp.explicit_bounds)
+            point.min = dp.min if dp.HasField("min") else None
+            point.max = dp.max if dp.HasField("max") else None
+        elif kind == "exponential_histogram":
+            point.count, point.sum = dp.count, dp.sum
+        elif kind in ("sum", "gauge"):
+            point.sum = dp.as_double if dp.WhichOneof("value") == "as_double" else dp.as_int
+        points.append(point)
+    return points
+
+
 class OTLPReceiver:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
         self.port = port
         self.spans: list[ReceivedSpan] = []
+        self.points: list[ReceivedPoint] = []
         self.requests = 0
+        self.metric_requests = 0
         self._runner: web.AppRunner | None = None
         self._changed = asyncio.Event()
 
@@ -74,6 +127,7 @@ class OTLPReceiver:
     async def start(self) -> OTLPReceiver:
         app = web.Application(client_max_size=64 << 20)
         app.router.add_post("/v1/traces", self._traces)
+        app.router.add_post("/v1/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -92,7 +146,9 @@ class OTLPReceiver:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _traces(self, request: web.Request) -> web.Response:
+    @staticmethod
+    async def _read(request: web.Request, message: Message) -> web.Response | None:
+        """Parse the request's protobuf body into `message`; the error answer when it is not one."""
         if request.content_type != PROTOBUF:
             return web.Response(status=415, text=f"expected {PROTOBUF}, got {request.content_type}")
         body = await request.read()
@@ -101,11 +157,31 @@ class OTLPReceiver:
             body = gzip.decompress(body)
         elif encoding == "deflate":
             body = zlib.decompress(body)
-        message = ExportTraceServiceRequest()
         try:
             message.ParseFromString(body)
         except Exception as exc:  # noqa: BLE001 - a collector answers 400 to garbage
             return web.Response(status=400, text=f"bad protobuf: {exc}")
+        return None
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        message = ExportMetricsServiceRequest()
+        refused = await self._read(request, message)
+        if refused is not None:
+            return refused
+        self.metric_requests += 1
+        for resource_metrics in message.resource_metrics:
+            resource = attributes(resource_metrics.resource.attributes)
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    self.points.extend(_points(metric, resource, scope_metrics.scope.name, self.metric_requests))
+        self._changed.set()
+        return web.Response(body=ExportMetricsServiceResponse().SerializeToString(), content_type=PROTOBUF)
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        message = ExportTraceServiceRequest()
+        refused = await self._read(request, message)
+        if refused is not None:
+            return refused
         self.requests += 1
         for resource_spans in message.resource_spans:
             resource = attributes(resource_spans.resource.attributes)
@@ -133,16 +209,33 @@ class OTLPReceiver:
 
     async def wait_for(self, predicate: Callable[[ReceivedSpan], bool], count: int = 1, timeout: float = 10.0) -> list[ReceivedSpan]:
         """Spans matching `predicate`, once at least `count` arrived (AssertionError after `timeout`)."""
+        return await self._wait(self.spans, predicate, count, timeout, "spans")
+
+    async def wait_for_points(
+        self, predicate: Callable[[ReceivedPoint], bool], count: int = 1, timeout: float = 10.0
+    ) -> list[ReceivedPoint]:
+        """Data points (of every export so far) matching `predicate`, once at least `count` arrived."""
+        return await self._wait(self.points, predicate, count, timeout, "data points")
+
+    def latest(self) -> dict[tuple[str, frozenset[tuple[str, Any]]], ReceivedPoint]:
+        """Each metric stream (name and attributes) as its last export had it: with
+        cumulative temporality, its totals so far."""
+        streams: dict[tuple[str, frozenset[tuple[str, Any]]], ReceivedPoint] = {}
+        for point in self.points:  # in arrival order: a later export replaces an earlier one
+            streams[(point.name, frozenset(point.attributes.items()))] = point
+        return streams
+
+    async def _wait(self, items: list[Any], predicate: Callable[[Any], bool], count: int, timeout: float, what: str) -> list[Any]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            found = [s for s in self.spans if predicate(s)]
+            found = [s for s in items if predicate(s)]
             if len(found) >= count:
                 return found
             remaining = deadline - loop.time()
             if remaining <= 0:
-                names = sorted({s.name for s in self.spans})
-                raise AssertionError(f"{len(found)} of {count} expected spans arrived in {timeout}s; received: {names}")
+                names = sorted({s.name for s in items})
+                raise AssertionError(f"{len(found)} of {count} expected {what} arrived in {timeout}s; received: {names}")
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), min(remaining, 0.2))
