@@ -22,7 +22,8 @@ Nothing here builds or runs a container. What is checked instead:
   environment; Kubernetes: from the Secret meter-admin) and meter's own
   start-up check accepts them only with it; Prometheus (compose) and the
   ServiceMonitor scrape with it; `promtool check config` accepts deploy's
-  Prometheus config; the NetworkPolicy, evaluated against sample peers,
+  Prometheus config, which loads the alerting rules (deploy/prometheus/alerts.yml,
+  mounted beside it; their own tests are tests/test_alert_rules.py); the NetworkPolicy, evaluated against sample peers,
   admits client namespaces to the proxy port and Prometheus alone to the
   admin port.
 
@@ -59,8 +60,10 @@ COMPOSE_SCHEMA = ROOT / "tests" / "data" / "compose-spec.json"
 
 # Kubernetes versions the manifests must be valid for: an old supported one and the newest known.
 K8S_VERSIONS = ("1.29.0", "latest")
-# Not in the default kustomization: an example secret (real ones are not committed) and a CRD-backed monitor.
-K8S_OPTIONAL = {"secret.example.yaml", "servicemonitor.yaml"}
+# Not in the default kustomization: an example secret (real ones are not committed), and the
+# Prometheus Operator's CRD-backed monitor and alerting rules.
+K8S_OPTIONAL = {"secret.example.yaml", "servicemonitor.yaml", "prometheusrule.yaml"}
+ALERT_RULES = DEPLOY / "prometheus" / "alerts.yml"
 
 
 # --- tools -------------------------------------------------------------------
@@ -598,7 +601,8 @@ def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
     path = DEPLOY / "prometheus" / "prometheus.yml"
     syntax = promtool_check(path, "--syntax-only")
     assert syntax.returncode == 0, syntax.stdout + syntax.stderr
-    # A full check also opens the token file: point it at one that exists here.
+    # A full check also opens the token file: point it at one that exists here. The
+    # rule files are found beside the config, as compose mounts them.
     config = load_yaml(path)
     token_file = tmp_path / "token"
     token_file.write_text("t0ken")
@@ -606,8 +610,11 @@ def test_promtool_accepts_the_prometheus_config(tmp_path: Path) -> None:
     job["authorization"]["credentials_file"] = str(token_file)
     full = tmp_path / "prometheus.yml"
     full.write_text(_yaml().safe_dump(config))
+    for rule_file in config["rule_files"]:
+        (tmp_path / rule_file).write_text((path.parent / rule_file).read_text())
     result = promtool_check(full)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout and "rules found" in result.stdout, "the full check loaded the alerting rules"
     # promtool really checks: both credentials and a file is an error.
     job["authorization"]["credentials"] = "inline"
     full.write_text(_yaml().safe_dump(config))
@@ -683,6 +690,27 @@ def test_prometheus_scrapes_meter_admin_port() -> None:
     assert targets == ["meter:9464"]
     admin = parse_serve_args(service("meter").get("command", []))["admin_listen"]
     assert port_of(admin) == 9464
+
+
+def test_compose_prometheus_loads_the_alerting_rules() -> None:
+    """prometheus.yml names the rules relative to itself; compose mounts deploy's file there."""
+    prometheus = service("prometheus")
+    config = load_yaml(DEPLOY / "prometheus" / "prometheus.yml")
+    assert config["rule_files"] == ["alerts.yml"]
+    mounted = mount_source(prometheus, "/etc/prometheus/alerts.yml")
+    assert mounted == ALERT_RULES
+    assert "./prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro" in prometheus["volumes"]
+    groups = load_yaml(ALERT_RULES)["groups"]
+    assert {rule["alert"] for group in groups for rule in group["rules"]} >= {"MeterBudgetNearLimit", "MeterHighErrorRatio", "MeterLedgerFailing"}
+
+
+def test_prometheus_rule_for_the_operator_is_optional_and_well_formed() -> None:
+    doc = load_yaml(K8S / "prometheusrule.yaml")
+    assert doc["apiVersion"] == "monitoring.coreos.com/v1" and doc["kind"] == "PrometheusRule"
+    assert doc["metadata"]["name"] == "meter"
+    assert "prometheusrule.yaml" not in kustomization()["resources"], "a CRD: applied only where the operator runs"
+    assert "prometheusrule.yaml" in (K8S / "kustomization.yaml").read_text(), "the kustomization's comment says how to apply it"
+    assert doc["spec"]["groups"] == load_yaml(ALERT_RULES)["groups"]
 
 
 def test_grafana_provisions_prometheus_and_every_dashboard() -> None:
