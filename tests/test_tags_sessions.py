@@ -264,3 +264,12 @@ def test_conversation_is_read_as_string_or_object(conversation: Any) -> None:
 
     assert request_facts(json.dumps({"model": "m", "conversation": conversation}).encode()).conversation == "conv_1"
     assert request_facts(b'{"conversation": 5}').conversation is None
+
+
+def test_a_spooled_record_keeps_its_unsettled_chain() -> None:
+    """A record spooled during an outage still has its session settled when replayed."""
+    from meter.ledger.spool import record_from_json, record_to_json
+
+    back = record_from_json(record_to_json(_record("resp_b", prev="resp_a", session="resp_b")))
+    assert (back.session_of, back.session_id, back.previous_response_id) == ("resp_a", "resp_b", "resp_a")
+    assert "session_of" not in record_to_json(_record("resp_c", session="run"))

@@ -44,10 +44,12 @@ def record_to_json(record: Record) -> str:
     row = record.as_dict()
     if row["cost_usd"] is not None:
         row["cost_usd"] = str(row["cost_usd"])
+    if record.session_of is not None:
+        row["session_of"] = record.session_of  # a chain still to settle from the ledger when replayed
     return json.dumps(row, separators=(",", ":"))
 
 
-_COLUMN_SET = frozenset(COLUMNS)
+_COLUMN_SET = frozenset((*COLUMNS, "session_of"))
 
 
 def record_from_json(text: str) -> Record:
