@@ -1,9 +1,22 @@
-"""Budget alerts: one webhook event per budget, window and threshold crossed.
+"""Budget alerts: one webhook event per budget, window and threshold crossed (SPEC §11).
 
 The budget tracker says when spend crosses a fraction of a budget's limit (a
-`Crossing`); this module claims that crossing in the ledger, so exactly one
-replica sends it whatever the number of replicas and restarts, and POSTs it to
-every configured webhook off the request path.
+`Crossing`, through `Alerter.crossed`, which only queues).  A worker task then:
+
+- claims it in the ledger (`alert_claims`, `Store.claim_alert`): of all the
+  replicas that see the crossing, and of all the times one sees it again after
+  a restart, one claim wins, and only its replica sends;
+- POSTs the event (`webhook`) to each webhook that has not accepted it yet, and
+  records who has (`Store.update_alert`), retrying with a growing backoff while
+  any refuses; `sent_at` is set once all have it;
+- holds each claim under a lease it renews at every try, and looks for unsent
+  claims at start and every half lease (`Store.take_alerts`): its own (the same
+  replica name after a restart), released ones (a meter that stopped with an
+  alert unsent releases it), and those whose holder died (the lease ran out).
+
+Every store call runs in an executor thread, and the POSTs on the worker's own
+HTTP session, so neither a slow ledger nor a slow webhook touches a request.
+`AlertMetrics` exports what was sent and what failed, per budget.
 """
 
 from __future__ import annotations
@@ -191,7 +204,11 @@ class Alerter:
     def _admit(self) -> None:
         while self._waiting:
             c = self._waiting.popleft()
-            alert = AlertClaim(c.budget, c.window_start.astimezone(UTC), float(c.threshold), Decimal(c.spend_usd), Decimal(c.limit_usd), c.mode)
+            try:
+                alert = AlertClaim(c.budget, c.window_start.astimezone(UTC), float(c.threshold), Decimal(c.spend_usd), Decimal(c.limit_usd), c.mode)
+            except (TypeError, ValueError, ArithmeticError, AttributeError) as exc:  # a caller's bug must not end the worker
+                log.error("budget alerts: a crossing that cannot be sent (%s): %r", type(exc).__name__, c)
+                continue
             self._jobs.setdefault(alert.key, _Job(alert, claimed=False))
 
     async def _store(self, method: Callable[..., T], *args: Any) -> T:
