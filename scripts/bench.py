@@ -236,6 +236,71 @@ def ledger_ingest(n: int = 100_000) -> float:
     return n / elapsed
 
 
+def budget_check_cost(n: int = 200_000) -> dict[str, float]:
+    """The budget check on the request path, in-process (us per request): the `admit`
+    hook through the addon registry, as the proxy calls it, with enforcing budgets:
+    none reached; one reached that names another key; two reached that read the
+    body's model and tags (parsed beforehand: the record reads the same facts later,
+    so the check moves that parse earlier rather than adding it; its cost is given
+    on its own).  And what the budgets add to each finished record (`done`)."""
+    from decimal import Decimal
+
+    from meter.budgets.gate import BudgetGate
+    from meter.budgets.spend import Budgets
+    from meter.config import Budget
+    from meter.flow import Addons, Flow
+    from meter.identity import KeyIdentities, key_id
+    from meter.observe import request_facts
+    from meter.record import Record
+
+    key = "sk-bench-0123456789abcdefghijklmnop"
+    budgets = [
+        Budget(name="team", match={"key": "team-search"}, window="month", limit_usd=Decimal(500), mode="enforce"),
+        Budget(name="feature", match={"tag:feature": "autocomplete", "model": "gpt-4o"}, window="day", limit_usd=Decimal(50), mode="enforce"),
+        Budget(name="all-gpt-4o", match={"model": "gpt-4o"}, window="week", limit_usd=Decimal(5000), mode="enforce"),
+    ]
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    body = json.dumps({"model": "gpt-4o-mini", "input": "hi", "metadata": {"feature": "chat"}}).encode()
+
+    def reached(chosen: list[Budget]) -> Budgets:
+        state = Budgets(chosen, {})
+        for one in state.states:
+            one.others = one.limit  # what a sync would find
+        state.blocked = tuple(state.states)
+        return state
+
+    def per_request(state: Budgets) -> float:
+        registry = Addons([BudgetGate(state, KeyIdentities({key_id("sk-other"): "team-search"}))])
+        flow = Flow(method="POST", path="/v1/responses", endpoint="responses", headers=headers, request_body=body)
+        flow.request_facts()
+        admit = registry.admit
+        t0 = time.perf_counter()
+        for _ in range(n):
+            admit(flow)
+        return (time.perf_counter() - t0) / n * 1e6
+
+    out = {
+        "no budget reached": per_request(Budgets(budgets, {})),
+        "a reached budget names another key": per_request(reached(budgets[:1])),
+        "two reached budgets read model and tags": per_request(reached(budgets[1:])),
+    }
+    t0 = time.perf_counter()
+    for _ in range(n // 10):
+        request_facts(body)
+    out["(the body's facts, parsed earlier than without budgets)"] = (time.perf_counter() - t0) / (n // 10) * 1e6
+    now = time.time()
+    records = [
+        Record(id=None, started_at=now, finished_at=now, method="POST", path="/v1/responses", endpoint="responses", key_id="0123456789abcdef", model_requested="gpt-4o", cost_usd=Decimal("0.0001"))
+        for _ in range(n // 10)
+    ]
+    counting = Budgets(budgets, {})
+    t0 = time.perf_counter()
+    for record in records:
+        counting.add(record)
+    out["done, per finished record"] = (time.perf_counter() - t0) / len(records) * 1e6
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--role", choices=["upstream", "bare"], help=argparse.SUPPRESS)
@@ -245,7 +310,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections for throughput (default 32)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target; medians are reported (default 3)")
     parser.add_argument("--memory-requests", type=int, default=100_000, help="requests for the RSS check (default 100000)")
+    parser.add_argument("--budget-check", action="store_true", help="only measure the budget check's cost per request, in-process, and exit")
     args = parser.parse_args()
+    if args.budget_check:
+        for case, us in budget_check_cost().items():
+            print(f"budget check, {case}: {us:.3f} us")
+        return None
     if args.role == "upstream":
         return run_upstream(args.port)
     if args.role == "bare":
@@ -297,6 +367,7 @@ def main() -> None:
         time.sleep(1.5)
         after = rss_kb(meter.pid)
         ingest = ledger_ingest()
+        budget = budget_check_cost()
 
         print()
         print("| call | target | req/s | CPU us/req (that process) | p50 ms (1 conn) | p99 ms (1 conn) | p50 ms (loaded) | p99 ms (loaded) |")
@@ -310,6 +381,7 @@ def main() -> None:
                   f"(CPU per request: meter {met['cpu_us']:.0f} us, bare {bare['cpu_us']:.0f} us, ratio {100 * bare['cpu_us'] / met['cpu_us']:.1f}%); "
                   f"p50 added over bare {met['p50_ms'] - bare['p50_ms']:+.2f} ms")
         print(f"ledger ingest: {ingest:,.0f} records/s")
+        print("budget check, in-process: " + "; ".join(f"{case} {us:.2f} us" for case, us in budget.items()))
         print(f"meter RSS: {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB after {sent:,} more requests ({(after - before) / 1024:+.1f} MiB)")
     finally:
         stop_processes(procs)
