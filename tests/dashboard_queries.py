@@ -5,6 +5,9 @@
   walking rows (collapsed rows keep their panels inside the row) and nested panels.
 - `variables(dashboard)` / `all_values(dashboard)`: the templating variables, and
   the values Grafana uses when every variable is left at "All".
+- `label_names_match(variable)` / `pick_label_name(variable, names)`: for a
+  variable listing label names (`label_names(metric)`), the series it asks
+  Prometheus about, and the value Grafana picks from the answer.
 - `substitute(expr, values)`: what Grafana sends to Prometheus: `$var`, `${var}`,
   `${var:format}`, `[[var]]` and the built-ins `$__rate_interval`, `$__interval`,
   `$__range` (and their `_ms`/`_s` forms) replaced.
@@ -39,8 +42,10 @@ __all__ = [
     "analyse",
     "grafana_regex_escape",
     "iter_panels",
+    "label_names_match",
     "load_dashboards",
     "panel_queries",
+    "pick_label_name",
     "substitute",
     "variables",
 ]
@@ -107,6 +112,41 @@ def all_values(dashboard: Mapping[str, Any], datasource: str = "prometheus") -> 
                 current = query if isinstance(query, str) else ""
             values[name] = str(current)
     return values
+
+
+_LABEL_NAMES = re.compile(r"^label_names\((.*)\)\s*$")
+
+
+def label_names_match(var: Mapping[str, Any]) -> str | None:
+    """The series selector of a `label_names(...)` query variable (Grafana's "Label names"
+    query type, `/api/v1/labels?match[]=...`); None for any other variable."""
+    if var.get("type") != "query":
+        return None
+    query = var.get("query")
+    if isinstance(query, dict):
+        if query.get("qryType") == 0 and query.get("match"):
+            return str(query["match"])
+        query = query.get("query")
+    found = _LABEL_NAMES.match(query) if isinstance(query, str) else None
+    return found.group(1).strip() if found and found.group(1).strip() else None
+
+
+def pick_label_name(var: Mapping[str, Any], names: Sequence[str]) -> str | None:
+    """What Grafana selects on load from the label names Prometheus answered: the names the
+    variable's `/regex/` keeps (its first capture group, if any), sorted, the first one."""
+    regex = str(var.get("regex") or "")
+    if regex.startswith("/") and regex.rfind("/") > 0:
+        regex = regex[1 : regex.rfind("/")]
+    pattern = re.compile(regex) if regex else None
+    kept = []
+    for name in names:
+        if pattern is None:
+            kept.append(name)
+            continue
+        found = pattern.search(name)
+        if found:
+            kept.append(found.group(1) if found.groups() else name)
+    return min(kept) if kept else None
 
 
 # variable substitution --------------------------------------------------------------------------

@@ -86,6 +86,7 @@ SPEC_VALUES: dict[str, frozenset[str]] = {
             "upstream_unreachable",
             "upstream_timeout",
             "client_disconnected",
+            "rejected",
             "",
         }
     ),
@@ -94,10 +95,20 @@ SPEC_VALUES: dict[str, frozenset[str]] = {
 }
 
 
+# `--metrics-tag-labels team` adds `tag_team` to these families (SPEC §6); the dashboards'
+# "by tag" panels group by the tag label chosen in their `tag` variable, checked with this one.
+TAGGED_METRICS = ("meter_requests_total", "meter_tokens_total", "meter_cost_usd_total")
+SAMPLE_TAG = "team"
+SAMPLE_TAG_LABEL = "tag_team"
+
+
 def exposed_series() -> dict[str, frozenset[str]]:
-    """Series names prometheus-client exposes for the SPEC's metrics, with their labels."""
+    """Series names prometheus-client exposes for the SPEC's metrics, with their labels
+    (the tagged families with the sample tag label, as `--metrics-tag-labels team` makes them)."""
     series: dict[str, frozenset[str]] = {}
     for name, (kind, labels) in SPEC_METRICS.items():
+        if name in TAGGED_METRICS:
+            labels = labels | {SAMPLE_TAG_LABEL}
         if kind == "histogram":
             series[f"{name}_bucket"] = labels | {"le"}
             series[f"{name}_sum"] = labels
@@ -116,7 +127,8 @@ PANEL_TYPES = {"row", "timeseries", "stat", "bargauge", "table"}
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # Variables substituted with themselves, so a parsed matcher shows which variable it uses.
-MARKERS = {"endpoint": "$endpoint", "model": "$model", "key": "$key", "datasource": "prometheus"}
+# `tag` names a label (it is used in `by (...)`), so it gets the sample tag label.
+MARKERS = {"endpoint": "$endpoint", "model": "$model", "key": "$key", "tag": SAMPLE_TAG_LABEL, "datasource": "prometheus"}
 
 
 def boards() -> list[dict[str, Any]]:
@@ -232,6 +244,16 @@ def test_template_variables() -> None:
         assert var["datasource"] == DATASOURCE
         assert var["multi"] is True and var["includeAll"] is True and var["allValue"] == ".*"
         assert var.get("refresh") in (1, 2), "values are refreshed on load or on time range change"
+    # `tag`: one of the tag labels meter exposes (label_names of a tagged family, tag_ only), one at a time
+    tag = by_name["tag"]
+    query = tag["query"]["query"] if isinstance(tag["query"], dict) else tag["query"]
+    assert tag["type"] == "query" and tag["datasource"] == DATASOURCE
+    assert query == tag.get("definition", query) == "label_names(meter_cost_usd_total)"
+    assert tag["query"]["qryType"] == 0 and tag["query"]["match"] == "meter_cost_usd_total", "Grafana's label names query, matched on the metric"
+    regex = re.compile(tag["regex"].strip("/"))
+    assert regex.fullmatch(SAMPLE_TAG_LABEL) and not any(regex.fullmatch(label) for label in SPEC_METRICS["meter_cost_usd_total"][1])
+    assert tag["multi"] is False and tag["includeAll"] is False, "a `by (...)` takes one label name"
+    assert tag.get("refresh") in (1, 2)
     # variables are declared before use: datasource first
     assert variables(board)[0]["name"] == "datasource"
     # nothing references a variable the dashboard does not declare
@@ -362,6 +384,8 @@ TOPICS: dict[str, Any] = {
     "tokens by type": lambda es: any(_has(e, "meter_tokens_total", by="type") for e in es),
     "cost by key": lambda es: any(_has(e, "meter_cost_usd_total", by="key") for e in es),
     "cost by model": lambda es: any(_has(e, "meter_cost_usd_total", by="model") for e in es),
+    "cost by tag": lambda es: any(_has(e, "meter_cost_usd_total") and re.search(r"\bby\s*\(\s*\$\{?tag\}?\s*\)", e) for e in es),
+    "requests by tag": lambda es: any(_has(e, "meter_requests_total") and re.search(r"\bby\s*\(\s*\$\{?tag\}?\s*\)", e) for e in es),
     "cache hit ratio": lambda es: any(_ratio(e, "cached", "input") for e in es),
     "prompt cache misses by reason": lambda es: any(_has(e, "meter_prompt_cache_misses_total", by="reason") for e in es),
     "reasoning share": lambda es: any(_ratio(e, "reasoning", "output") for e in es),
@@ -410,6 +434,13 @@ def test_spec_table_matches_the_code() -> None:
     assert set(exposed) == set(SPEC_METRICS)
     for name, spec in SPEC_METRICS.items():
         assert exposed[name] == spec, name
+    # With a tag chosen, the tagged families (and only they) gain its label.
+    tagged = metrics.Metrics(types.SimpleNamespace(metrics_tag_labels=(SAMPLE_TAG,)))
+    with_tag = set()
+    for c in vars(tagged).values():
+        if SAMPLE_TAG_LABEL in getattr(c, "_labelnames", ()):
+            with_tag.add(c._name + "_total")
+    assert with_tag == set(TAGGED_METRICS)
 
 
 # provisioning ------------------------------------------------------------------------------------

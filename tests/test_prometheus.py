@@ -6,6 +6,11 @@ to the fake provider.  Then each expression of each panel of each dashboard
 under `dashboards/`, with its template variables substituted as Grafana would
 (all models, all keys), goes through Prometheus's HTTP API: it must parse and
 return at least one series.  A panel that shows nothing fails the test.
+
+meter runs with `--metrics-tag-labels team` and some requests carry a `team`
+tag, so the "by tag" panels have their label: their `tag` variable is resolved
+the way Grafana resolves it (the label names Prometheus holds for its metric,
+through its regex), and their series must carry that tag's values.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ import aiohttp
 import pytest
 
 from .conftest import ROOT, free_port
-from .dashboard_queries import all_values, load_dashboards, panel_queries, substitute
-from .test_metrics import drive_mixed_traffic, scrape
+from .dashboard_queries import all_values, label_names_match, load_dashboards, panel_queries, pick_label_name, substitute, variables
+from .test_metrics import U3, drive_mixed_traffic, fake_usage, scrape, sdk
 
 DASHBOARDS = ROOT / "dashboards"
 RATE_INTERVAL = "30s"  # Grafana's $__rate_interval is at least 4 scrape intervals; 30 s holds every point of the run
@@ -94,6 +99,12 @@ class Prometheus:
         async with session.post(self.url + "/api/v1/query", data={"query": expr, "time": f"{time.time():.3f}"}) as r:
             return await r.json()
 
+    async def label_names(self, session: aiohttp.ClientSession, match: str) -> list[str]:
+        async with session.get(self.url + "/api/v1/labels", params={"match[]": match}) as r:
+            answer = await r.json()
+        assert answer.get("status") == "success", answer
+        return list(answer["data"])
+
     async def value(self, session: aiohttp.ClientSession, expr: str) -> float | None:
         answer = await self.query(session, expr)
         result = answer.get("data", {}).get("result") or []
@@ -126,39 +137,68 @@ async def prometheus_for(tmp_path: Path):
         prom.stop()
 
 
-async def test_every_dashboard_panel_returns_data(upstream, start_meter, prometheus_for) -> None:
-    queries = []
-    for board in load_dashboards(DASHBOARDS):
-        values = all_values(board)  # every variable at "All", as a fresh dashboard opens
-        for title, expr in panel_queries(board):
-            promql = substitute(expr, values, rate_interval=RATE_INTERVAL, time_range=TIME_RANGE)
-            queries.append((board.get("title", "?"), title, promql))
-    assert queries, f"no panel queries found under {DASHBOARDS}"
+TAGS = ("search", "support")
 
-    meter = await start_meter(upstream.url, price_provider="openai")
+
+async def send_tagged(meter_url: str) -> int:
+    """Priced requests with a `team` tag (one each), besides the mixed traffic's untagged ones."""
+    client = sdk(meter_url)
+    for team in TAGS:
+        await client.responses.create(model="gpt-4o", input="hi", metadata={"team": team}, extra_headers=fake_usage(**U3))
+    await client.close()
+    return len(TAGS)
+
+
+async def test_every_dashboard_panel_returns_data(upstream, start_meter, prometheus_for) -> None:
+    boards = load_dashboards(DASHBOARDS)
+    assert any(panel_queries(board) for board in boards), f"no panel queries found under {DASHBOARDS}"
+
+    meter = await start_meter(upstream.url, price_provider="openai", metrics_tag_labels="team")
     host, port = meter.meter.admin_address
     prom = await prometheus_for(f"{host}:{port}")
     sent = await drive_mixed_traffic(meter.url)
+    tagged = await send_tagged(meter.url)
     await meter.flush()
     local = await scrape(meter.admin_url)
-    assert local.value("meter_requests_total") == sent.total
+    assert local.value("meter_requests_total") == sent.total + tagged
 
     async with aiohttp.ClientSession() as s:
         # Wait until Prometheus holds the final counts, then a few more scrapes so
         # that rate() over the window has several points of every series.
         deadline = time.monotonic() + 20
-        while await prom.value(s, "sum(meter_requests_total)") != sent.total:
+        while await prom.value(s, "sum(meter_requests_total)") != sent.total + tagged:
             assert time.monotonic() < deadline, "Prometheus never scraped the final counts:\n" + prom.log.read_text()[-2000:]
             await asyncio.sleep(0.25)
         await asyncio.sleep(3)
         up = await prom.value(s, 'up{job="meter"}')
         assert up == 1.0
 
+        queries = []
+        label_vars: dict[str, str] = {}  # variable -> the label name it resolved to
+        for board in boards:
+            values = all_values(board)  # every variable at "All", as a fresh dashboard opens
+            for var in variables(board):
+                match = label_names_match(var)
+                if match is not None:
+                    chosen = pick_label_name(var, await prom.label_names(s, match))
+                    assert chosen, f"variable {var['name']} finds no label among {await prom.label_names(s, match)}"
+                    values[var["name"]] = label_vars[var["name"]] = chosen
+            for title, expr in panel_queries(board):
+                promql = substitute(expr, values, rate_interval=RATE_INTERVAL, time_range=TIME_RANGE)
+                uses = {name for name in label_vars if f"${name}" in expr or f"${{{name}}}" in expr}
+                queries.append((board.get("title", "?"), title, promql, uses))
+        assert label_vars == {"tag": "tag_team"}, label_vars
+
         failures: list[str] = []
-        for dash_title, title, promql in queries:
+        for dash_title, title, promql, uses in queries:
             answer = await prom.query(s, promql)
             if answer.get("status") != "success":
                 failures.append(f"[{dash_title}] {title!r}: {answer.get('errorType')}: {answer.get('error')}\n    {promql}")
             elif not answer["data"]["result"]:
                 failures.append(f"[{dash_title}] {title!r}: no series\n    {promql}")
+            else:
+                for name in uses:  # a "by tag" panel: its series are the tag's values
+                    got = {series["metric"].get(label_vars[name], "") for series in answer["data"]["result"]}
+                    if not set(TAGS) <= got:
+                        failures.append(f"[{dash_title}] {title!r}: {label_vars[name]} values {sorted(got)}, expected {TAGS}\n    {promql}")
         assert not failures, f"{len(failures)} of {len(queries)} panel queries failed:\n" + "\n".join(failures)
