@@ -269,9 +269,9 @@ async def test_replicas_racing_on_postgresql_send_each_alert_once(pg_url: str, r
 # --- end to end: crossings from the budget tracker of real meters -----------------------------
 
 
-def alert_config(path: Path, webhooks: list[str], limit: str = "0.001", alert_at: str = "[0.5, 1.0]") -> str:
+def alert_config(path: Path, webhooks: list[str], limit: str = "0.001", alert_at: str = "[0.5, 1.0]", mode: str = "enforce") -> str:
     path.write_text(
-        f'[[budgets]]\nname = "team-daily"\nwindow = "day"\nlimit_usd = {limit}\nmode = "enforce"\nalert_at = {alert_at}\n'
+        f'[[budgets]]\nname = "team-daily"\nwindow = "day"\nlimit_usd = {limit}\nmode = "{mode}"\nalert_at = {alert_at}\n'
         f"[alerts]\nwebhooks = {json.dumps(webhooks)}\n"
     )
     return str(path)
@@ -339,6 +339,32 @@ async def test_a_meter_restarted_with_an_unsent_alert_sends_it_once(upstream, st
         assert row["sent_at"] is not None and row["threshold"] == 1.0
     finally:
         con.close()
+
+
+async def test_a_hanging_webhook_delays_neither_requests_nor_stop(upstream, start_meter, receiver: UpstreamProcess, tmp_path: Path) -> None:
+    await set_mode(receiver.url, delay=60)  # accepts nothing for a minute
+    config = alert_config(tmp_path / "meter.toml", [receiver.url], alert_at="[0.5]", mode="observe")
+    meter = await start_meter(upstream.url, config=config)
+    client = sdk(meter.url)
+    await client.responses.create(model="gpt-4o", input="hi", extra_headers=USAGE)  # crosses 50%
+    await wait_for(lambda: _at_least(receiver.url, 1), what="the POST in flight")
+    took = []
+    for _ in range(20):
+        started = time.perf_counter()
+        await client.responses.create(model="gpt-4o", input="hi")
+        took.append(time.perf_counter() - started)
+    assert max(took) < 0.5, f"slowest request {max(took):.3f}s while the webhook hangs"
+    meter.meter.alerter.grace = 0.5
+    started = time.perf_counter()
+    await meter.stop()
+    assert time.perf_counter() - started < 5
+    store = DuckDBStore(str(meter.ledger_path))
+    store.open()
+    try:
+        [row] = claims(store)
+    finally:
+        store.close()
+    assert row["sent_at"] is None and row["lease_until"] is None  # released: the next start sends it
 
 
 # --- the config -----------------------------------------------------------------------------

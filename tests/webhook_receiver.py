@@ -3,9 +3,10 @@
     python -m tests.webhook_receiver --port 0 [--fail 2] [--status 500] [--delay 0.5]
 
 prints `READY http://127.0.0.1:PORT` once listening (as `tests.conftest.UpstreamProcess`
-expects).  Every `POST` to any other path is recorded (path, headers, body as
-sent, the JSON it parses to, what was answered, when) and answered `200`, or
-`--status` for the first `--fail` POSTs, each after `--delay` seconds.
+expects).  Every `POST` to any other path is recorded when it arrives (path,
+headers, body as sent, the JSON it parses to, the status it will get, when) and
+answered `200`, or `--status` for the first `--fail` POSTs, each after
+`--delay` seconds.
 
 - `GET /__received`: every POST so far, as a JSON list, accepted or not;
 - `PUT /__mode` with `{"fail": n, "status": s, "delay": d}`: change the answers from now on;
@@ -37,12 +38,11 @@ class Receiver:
             parsed: Any = json.loads(raw)
         except ValueError:
             parsed = None
-        if self.delay:
-            await asyncio.sleep(self.delay)
         status = 200
         if self.fail > 0:
             self.fail -= 1
             status = self.status
+        # Recorded on arrival (`at`), answered after the delay: a test sees a POST in flight.
         self.received.append(
             {
                 "path": request.path_qs,
@@ -53,6 +53,8 @@ class Receiver:
                 "at": time.time(),
             }
         )
+        if self.delay:
+            await asyncio.sleep(self.delay)
         return web.Response(status=status, text="ok" if status == 200 else "failing on purpose")
 
     async def list_received(self, request: web.Request) -> web.Response:

@@ -65,7 +65,8 @@ LEASE_SECONDS = 60.0
 FIRST_RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 20.0
 WEBHOOK_TIMEOUT_SECONDS = 10.0
-STOP_GRACE_SECONDS = 5.0
+STOP_GRACE_SECONDS = 5.0  # for the last try at stop
+RELEASE_SECONDS = 5.0  # for the ledger to take the release of what is still unsent
 MAX_WAITING = 10_000  # crossings not yet claimed; past it one is dropped (seen again after a restart)
 
 
@@ -167,12 +168,18 @@ class Alerter:
             try:
                 await asyncio.wait_for(asyncio.shield(task), self.grace)
             except TimeoutError:
-                log.warning("budget alerts: still sending after %.0fs; the unsent ones stay claimed until their lease ends", self.grace)
+                log.warning("budget alerts: still sending after %.0fs; releasing the unsent ones", self.grace)
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             except Exception:  # stopping goes on; the log has it
                 log.exception("budget alerts: the worker failed")
+        held = [job for job in self._jobs.values() if job.claimed]
+        if held:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(self._release(job) for job in held)), RELEASE_SECONDS)
+            except TimeoutError:
+                log.warning("budget alerts: the ledger did not take the release in %.0fs; the unsent alerts wait for their lease", RELEASE_SECONDS)
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -199,7 +206,6 @@ class Alerter:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, wake_at - loop.time()))
         self._admit()
         await asyncio.gather(*(self._advance(job) for job in list(self._jobs.values())))
-        await asyncio.gather(*(self._release(job) for job in list(self._jobs.values()) if job.claimed))
 
     def _admit(self) -> None:
         while self._waiting:
