@@ -5,8 +5,9 @@
 - `--ledger PATH_OR_URL` (default: the configured ledger) reads the ledger
   directly with the budgets of `--config`: what every replica has written.
 
-One row per budget, in the config's order; table, CSV or JSON.  Money is
-written from the decimal, never through a float.  Bad input is one line, exit 2.
+One row per budget, in the config's order; table, CSV or JSON (`share` is
+spend / limit: a fraction in CSV and JSON, a percentage in the table).  Money
+is written from the decimal, never through a float.  Bad input is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, Decimal):
         return format(value.normalize(), "f") if value == value.to_integral() else format(value, "f").rstrip("0")
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.6f}"
     return str(value)
 
 
@@ -57,7 +58,7 @@ def render_budgets(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
         for row in rows:
             writer.writerow([_cell(row[c]) for c in COLUMNS])
         return buf.getvalue()
-    cells = [list(COLUMNS)] + [[_cell(row[c]) for c in COLUMNS] for row in rows]
+    cells = [list(COLUMNS)] + [[f"{row[c]:.1%}" if c == "share" else _cell(row[c]) for c in COLUMNS] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in cells)
 
