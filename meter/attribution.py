@@ -46,7 +46,7 @@ def take_meter_headers(headers: Any) -> MeterHeaders | None:
     what goes upstream) and return them, grouped by name in the order each name first
     came; None when there are none (the usual request: one pass over the names)."""
     names: list[str] | None = None
-    for name in headers.keys():  # names only, first letter first: ~0.8 us for a dozen headers
+    for name in headers:  # names only, first letter first: ~0.8 us for a dozen headers
         if name[:1] in ("M", "m") and name[:6].lower() == "meter-":
             low = name.lower()
             if (low.startswith(TAG_PREFIX) or low == SESSION_HEADER) and (names is None or low not in names):
@@ -172,13 +172,12 @@ class SessionChains:
 
 def resolve_sessions(records: Iterable[Record], stored: Mapping[str, str | None]) -> None:
     """Settle the session of each record whose chain the request path did not know
-    (`session_of`), in order: from a record earlier in the same batch, else from
+    (`session_of`: the response it follows), in order: from a record earlier in the same batch, else from
     `stored` (response id -> session id, read from the ledger), else the fallback
     already in `session_id` (the row's own response id, or its socket's session)."""
     seen: dict[str, str] = {}
     for record in records:
-        # The id as the ledger keeps it (sanitised, cut), which is what `stored` is keyed by.
-        prev = record.previous_response_id if record.session_of is not None else None
+        prev = record.session_of
         if prev is not None:
             found = seen.get(prev) or stored.get(prev)
             if found:

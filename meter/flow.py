@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .attribution import DROPPED_TAG, header_session, header_tags, merge_tags
-from .bounds import keep_text_short
+from .bounds import MAX_TEXT, keep_text_short
 from .identity import KeyIdentities, key_from_headers
 from .observe import Observation, RequestFacts, request_facts, usage_anomalies
 from .observe.facts import tags_json
@@ -361,11 +361,14 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
 
 def _set_session(record: Record, facts: RequestFacts, meter_headers: Any, socket_session: str | None) -> None:
     """SPEC §10, first that applies: the conversation, a Meter-Session header, the
-    session of the previous response (`session_of`: the in-memory chains settle it,
-    else the ledger writer), else the socket's session or the row's own response id."""
+    session of the previous response, else the row's own response id.  On a WebSocket a
+    response with none of these follows the socket's first response (`socket_session`),
+    so the socket is one session.  Following a response is `session_of`: the in-memory
+    chains settle it, else the ledger writer; `session_id` holds the fallback meanwhile."""
     session = facts.conversation or (header_session(meter_headers) if meter_headers else None)
     if session is None:
-        if record.previous_response_id is not None:
-            record.session_of = record.previous_response_id
+        link = record.previous_response_id or socket_session
+        if link is not None:
+            record.session_of = link[:MAX_TEXT]  # as the ledger keeps the id it names
         session = socket_session or record.response_id
     record.session_id = session

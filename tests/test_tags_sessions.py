@@ -223,9 +223,9 @@ async def test_websocket_session_sources(upstream, start_meter) -> None:
         "ws-run",
         "ws-run",
         "conv_ws",
-        by_conversation[0],  # the socket's session: its first response's id
+        "conv_ws",  # no source of its own: it follows the socket's first response
         "ws-run",  # continues a response of another socket: that chain's session
-        continued[0],
+        "ws-run",  # and the socket follows its first response
     ]
 
 
@@ -240,7 +240,7 @@ def test_resolve_sessions_in_batch_order_then_the_store_then_the_fallback() -> N
     a = _record("b", prev="a", session="b")
     b = _record("c", prev="b", session="c")
     c = _record("d", prev="gone", session="d")
-    resolve_sessions([a, b, c], {"a": "S"})
+    resolve_sessions([a, b, c], {"a": "S", "b": "not this: b is settled in the batch"})
     assert [r.session_id for r in (a, b, c)] == ["S", "S", "d"]
     assert all(r.session_of is None for r in (a, b, c))
 

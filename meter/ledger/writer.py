@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attribution import resolve_sessions, sessions_query
+from ..bounds import MAX_TEXT
 from ..record import Record
-from .sanitise import new_overflows, new_truncated, sanitise_batch
+from .sanitise import clean_text, new_overflows, new_truncated, sanitise_batch
 from .schema import random_uuids
 from .spool import RejectedFile, Spool, check_directory, rejected_path_for
 from .store import LedgerUnusable, Store, failure_kind
@@ -271,7 +272,11 @@ class LedgerWriter:
         replica or an earlier run recorded): one query for the batch, here in the
         writer's thread, never on the request path.  An outage is returned (the batch
         waits, unsettled); any other failure leaves each row its fallback session."""
-        ask = sorted({r.previous_response_id for r in batch if r.session_of is not None and r.previous_response_id is not None})
+        for record in batch:
+            if record.session_of is not None:
+                # The id as the ledger keeps it (valid text, cut), which is how rows are found.
+                record.session_of = clean_text(record.session_of[:MAX_TEXT])
+        ask = sorted({r.session_of for r in batch if r.session_of is not None})
         stored: dict[str, str | None] = {}
         if ask:
             try:

@@ -109,8 +109,8 @@ class SocketMeter:
         self.last: OrderedDict[str | None, tuple[float, float, RequestFacts, str | None]] = OrderedDict()
         self.ended: OrderedDict[str, None] = OrderedDict()  # ids of responses that ended lately
         self.on_idle: Callable[[], None] | None = None  # called once nothing is in flight (set while meter drains)
-        # The socket's session (SPEC §10): its first response's id, for every response
-        # on it that names no conversation, Meter-Session or previous response.
+        # The socket's session (SPEC §10): its first response's id, which every later
+        # response that names no conversation, Meter-Session or previous response follows.
         self.session: str | None = None
 
     @property
@@ -313,9 +313,11 @@ class SocketMeter:
     def _finish(self, flow: Flow, now: float) -> None:
         flow.finished_at = now
         obs = flow.observation
+        # The socket's first response keeps its own rules; every later one without a
+        # session source follows it (see meter.flow's session rules).
+        flow.socket_session = self.session
         if self.session is None and obs is not None and obs.response_id is not None:
             self.session = obs.response_id[:MAX_TEXT]
-        flow.socket_session = self.session
         if obs is not None and not flow.request_facts().generate:
             obs.usage = None  # a warm-up (`generate: false`) carries no consumption
         self.relay.record(flow)
