@@ -173,11 +173,17 @@ async def test_a_failing_webhook_is_retried_until_it_accepts_and_never_delays_th
     assert "127.0.0.1" not in row["delivered"]  # fingerprints, never the URLs
 
 
-async def test_an_alert_unsent_at_stop_is_sent_by_the_next_start(tmp_path: Path, receiver: UpstreamProcess) -> None:
-    path = str(tmp_path / "restart.duckdb")
-    await set_mode(receiver.url, fail=1_000_000)
-    store = DuckDBStore(path)
+def open_store(dialect: str, where: str) -> Store:
+    store: Store = DuckDBStore(where) if dialect == "duckdb" else PostgresStore(where)
     store.open()
+    return store
+
+
+@pytest.mark.parametrize("dialect", ["duckdb", "postgresql"])
+async def test_an_alert_unsent_at_stop_is_sent_by_the_next_start(dialect: str, request: pytest.FixtureRequest, tmp_path: Path, receiver: UpstreamProcess) -> None:
+    path = str(tmp_path / "restart.duckdb") if dialect == "duckdb" else request.getfixturevalue("pg_url")
+    await set_mode(receiver.url, fail=1_000_000)
+    store = open_store(dialect, path)
     first = Alerter(store, [receiver.url], first_retry=0.1)
     await first.start(owner="replica-a")
     first.crossed(crossing(0.8))
@@ -187,8 +193,7 @@ async def test_an_alert_unsent_at_stop_is_sent_by_the_next_start(tmp_path: Path,
     assert row["sent_at"] is None and row["lease_until"] is None  # released for whoever comes next
     store.close()
     await set_mode(receiver.url, fail=0)
-    store = DuckDBStore(path)
-    store.open()
+    store = open_store(dialect, path)
     try:
         second = Alerter(store, [receiver.url], first_retry=0.1)
         await second.start(owner="replica-b")  # another replica, or this one under a new name
