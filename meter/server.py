@@ -194,8 +194,9 @@ class Meter:
         budget_addons = None
         if self.budgets.states:
             budget_addons = (BudgetGate(self.budgets, self.identities), BudgetSync(self.budgets, self.store, self.settings.flush_interval))
-        self.tracing = tracing_from_env(self.settings)
+        # Metrics first: a bad metrics variable stops start-up before the tracer's thread starts.
         self.otel_metrics = otel_metrics_from_env(self.settings)
+        self.tracing = tracing_from_env(self.settings)
         self.addons = addons = Addons(
             default_addons(self.pricer, self.metrics, self.tracing, self.ledger, self.extra_addons, otel_metrics=self.otel_metrics, budgets=budget_addons)
         )

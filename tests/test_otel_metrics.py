@@ -19,7 +19,7 @@ import aiohttp
 import openai
 import pytest
 
-from meter.config import Settings
+from meter.config import Settings, StartupError
 from meter.otel_metrics import OtelMetrics, otel_metrics_from_env
 
 from .conftest import SECRET_KEY
@@ -229,3 +229,49 @@ async def test_off_unless_asked(clean_otel_env: pytest.MonkeyPatch, upstream, st
     await sdk(meter.url).responses.create(model="gpt-4o", input="hi")
     [row] = await meter.rows()
     assert row["input_tokens"] is not None  # served and recorded as usual
+
+
+async def test_websocket_responses_count_as_streamed_calls(upstream, start_meter, receiver) -> None:
+    meter = await start_meter(upstream.url)
+    async with sdk(meter.url).responses.connect() as conn:
+        for usage in ({"input_tokens": 11, "output_tokens": 5}, {"input_tokens": 13, "output_tokens": 8}):
+            # The fake reads `fake_usage` as an object; the API's metadata values are strings.
+            await conn.response.create(model="gpt-4o", input="hi", metadata={"fake_usage": usage})  # type: ignore[dict-item]
+            async for event in conn:
+                if event.type in ("response.completed", "response.failed", "response.incomplete"):
+                    break
+    rows = await meter.rows()
+    await meter.stop()
+    assert [r["transport"] for r in rows] == ["websocket", "websocket"]
+    tokens = streams(receiver, TOKENS)
+    assert (one(tokens, gen_ai__token__type="input").sum, one(tokens, gen_ai__token__type="output").sum) == (24, 13)
+    [duration] = streams(receiver, DURATION)
+    assert duration.count == 2 and "error.type" not in duration.attributes  # the 101 of the socket is not an error
+    [ttfc] = streams(receiver, TTFC)
+    assert ttfc.count == 2 and ttfc.sum == pytest.approx(sum(r["ttft_ms"] for r in rows) / 1000, rel=1e-6)
+    assert ttfc.attributes["gen_ai.response.model"] == rows[0]["model"]  # admitted: the upstream created the response
+
+
+async def test_delta_temporality_exports_each_period_once(upstream, start_meter, receiver, clean_otel_env) -> None:
+    clean_otel_env.setenv("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "delta")
+    clean_otel_env.setenv("OTEL_METRIC_EXPORT_INTERVAL", "150")
+    meter = await start_meter(upstream.url)
+    client = sdk(meter.url)
+    await client.responses.create(model="gpt-4o", input="hi", extra_headers={"x-fake-usage": json.dumps({"input_tokens": 9, "output_tokens": 4})})
+    [first] = await receiver.wait_for_points(lambda p: p.name == TOKENS and p.attributes["gen_ai.token.type"] == "output")
+    await client.responses.create(model="gpt-4o", input="hi", extra_headers={"x-fake-usage": json.dumps({"input_tokens": 1, "output_tokens": 6})})
+    await meter.stop()
+    outputs = [p for p in receiver.points if p.name == TOKENS and p.attributes["gen_ai.token.type"] == "output"]
+    assert all(p.temporality == 1 for p in receiver.points)  # DELTA
+    assert [(p.count, p.sum) for p in outputs] == [(1, 4), (1, 6)]  # each call in one period only; idle periods send nothing
+    assert first.request < outputs[1].request
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("OTEL_METRIC_EXPORT_INTERVAL", "soon"), ("OTEL_METRIC_EXPORT_TIMEOUT", "-5"), ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "sometimes")],
+)
+async def test_a_bad_variable_stops_start_up_naming_it(upstream, start_meter, receiver, clean_otel_env, name: str, value: str) -> None:
+    clean_otel_env.setenv(name, value)
+    with pytest.raises(StartupError, match=f"^{name}: .*{value}"):
+        await start_meter(upstream.url)
