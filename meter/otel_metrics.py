@@ -297,7 +297,7 @@ class OtelMetrics:
         # from the client: every one is admitted, up to the budget.
         self._errors = _Bounded(MAX_ERROR_TYPES)
         # (operation, requested, served, tier) as received -> its series; raw values hit
-        # only once each of them is its own attribute value (see _series).
+        # only once each of them is its own attribute value (see _new_series).
         self._series: dict[tuple[str, str | None, str | None, str | None], _Series] = {}
         self._lock = threading.Lock()  # the event loop counts, the export thread reads
         self._since = time.time_ns()  # start of the cumulative (or of the current delta) period
