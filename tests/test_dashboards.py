@@ -57,7 +57,15 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "meter_ledger_rejected_records_total": ("counter", frozenset()),
     "meter_unmetered_requests_total": ("counter", frozenset({"endpoint", "reason"})),
     "meter_values_truncated_total": ("counter", frozenset({"field"})),
+    "meter_budget_spend_usd": ("gauge", frozenset({"budget"})),
+    "meter_budget_limit_usd": ("gauge", frozenset({"budget"})),
+    "meter_budget_rejections_total": ("counter", frozenset({"budget"})),
+    "meter_alerts_sent_total": ("counter", frozenset({"budget"})),
+    "meter_alert_failures_total": ("counter", frozenset({"budget"})),
 }
+# Gauges every replica reports alike (a budget's spend is the fleet's, from the one ledger):
+# a query takes their max over replicas, since a sum would count the spend once per replica.
+FLEET_GAUGES = frozenset({"meter_budget_spend_usd", "meter_budget_limit_usd"})
 
 # Label values the SPEC fixes (§3, §4, §6); a matcher on these labels must use them.
 ENDPOINTS = frozenset(
@@ -327,8 +335,16 @@ def test_query_rates_counters_over_grafana_windows(board: str, title: str, expr:
 
 @pytest.mark.parametrize(("board", "title", "expr"), queries(), ids=[f"{b}:{t}" for b, t, _ in queries()])
 def test_query_aggregates_across_replicas(board: str, title: str, expr: str) -> None:
-    """Every query aggregates (sum ... / histogram_quantile(sum by (le...))) so several replicas add up."""
+    """Every query aggregates (sum ... / histogram_quantile(sum by (le...))) so several replicas add up;
+    the fleet's own gauges (budget spend and limit) take the max over replicas instead."""
     stripped = marked(expr).strip()
+    metrics = analyse(stripped, SERIES).metrics
+    if metrics and metrics <= FLEET_GAUGES:
+        assert re.match(r"^\(?\s*max\b", stripped) and not re.search(r"\bsum\b", stripped), (
+            f"{title!r}: every replica reports the same {sorted(metrics)}: take the max over replicas, never the sum: {expr}"
+        )
+        return
+    assert not metrics & FLEET_GAUGES, f"{title!r}: {sorted(metrics & FLEET_GAUGES)} mixed with per-replica counts"
     assert re.match(r"^\(?\s*(sum\b|histogram_quantile\(\s*[\d.]+\s*,\s*sum\b)", stripped), (
         f"{title!r} starts with an aggregation over replicas (instance labels): {expr}"
     )
@@ -397,6 +413,17 @@ TOPICS: dict[str, Any] = {
     "ledger pending": lambda es: any(_has(e, "meter_ledger_pending_records") for e in es),
     "ledger writes": lambda es: any(_has(e, "meter_ledger_written_records_total") for e in es),
     "ledger write errors": lambda es: any(_has(e, "meter_ledger_write_errors_total") for e in es),
+    "budget spend against limit": lambda es: any(
+        _has(e, "meter_budget_spend_usd", by="budget") and _has(e, "meter_budget_limit_usd", by="budget") and "/" in e for e in es
+    ),
+    "budget spend and limit in dollars": lambda es: (
+        any(_has(e, "meter_budget_spend_usd", by="budget") and "/" not in e for e in es)
+        and any(_has(e, "meter_budget_limit_usd", by="budget") and "/" not in e for e in es)
+    ),
+    "budget refusals": lambda es: any(_has(e, "meter_budget_rejections_total", by="budget") for e in es),
+    "budget alerts sent and failed": lambda es: (
+        any(_has(e, "meter_alerts_sent_total", by="budget") for e in es) and any(_has(e, "meter_alert_failures_total", by="budget") for e in es)
+    ),
 }
 
 
@@ -421,16 +448,25 @@ def test_every_spec_metric_is_charted() -> None:
 def test_spec_table_matches_the_code() -> None:
     """The dict above is SPEC §6; meter/metrics.py must expose the same families and labels."""
     from meter import metrics
+    from meter.budgets.alerts import AlertMetrics
+    from meter.budgets.metrics import BudgetMetrics
+    from meter.budgets.spend import Budgets
+    from meter.config import Budget
 
     ledger = types.SimpleNamespace(pending=0, stats=types.SimpleNamespace(written=0, write_errors=0))
     m = metrics.Metrics(types.SimpleNamespace())
     m.register(metrics.LedgerMetrics(ledger))
-    # label names of the client's metric objects (prometheus-client keeps them in `_labelnames`)
+    # The server registers the budget collectors beside them; one budget and one alert give them series.
+    m.registry.register(BudgetMetrics(Budgets([Budget(name="b", window="day", limit_usd=1)], {})))
+    m.registry.register(AlertMetrics(types.SimpleNamespace(sent={"b": 1}, failures={"b": 1})))
+    # label names of the client's metric objects (prometheus-client keeps them in `_labelnames`),
+    # else of the samples a collector gives
     labelled = {getattr(c, "_name", None): tuple(getattr(c, "_labelnames", ())) for c in vars(m).values() if hasattr(c, "_labelnames")}
     exposed: dict[str, tuple[str, frozenset[str]]] = {}
     for family in m.registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
-        exposed[name] = (family.type, frozenset(labelled.get(family.name, ())))
+        sampled = frozenset(label for sample in family.samples for label in sample.labels)
+        exposed[name] = (family.type, frozenset(labelled.get(family.name, ())) or sampled)
     assert set(exposed) == set(SPEC_METRICS)
     for name, spec in SPEC_METRICS.items():
         assert exposed[name] == spec, name

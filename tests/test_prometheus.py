@@ -11,6 +11,12 @@ meter runs with `--metrics-tag-labels team` and some requests carry a `team`
 tag, so the "by tag" panels have their label: their `tag` variable is resolved
 the way Grafana resolves it (the label names Prometheus holds for its metric,
 through its regex), and their series must carry that tag's values.
+
+It also runs with two budgets and a webhook (the receiver process of
+tests/webhook_receiver.py, refusing its first POST): one budget that every
+request crosses at once, so an alert fails and is then sent, and an enforcing
+one for the `team` tag `blocked`, which refuses its second request.  So the
+budget panels chart series a real meter exposes.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, UpstreamProcess, free_port
 from .dashboard_queries import all_values, label_names_match, load_dashboards, panel_queries, pick_label_name, substitute, variables
 from .test_metrics import U3, drive_mixed_traffic, fake_usage, scrape, sdk
 
@@ -138,22 +145,40 @@ async def prometheus_for(tmp_path: Path):
 
 
 TAGS = ("search", "support")
+# Every priced request crosses this one's alert threshold; the second request tagged `blocked` is refused.
+BUDGETS = [
+    {"name": "all-traffic", "window": "month", "limit_usd": "0.000001", "mode": "observe", "alert_at": [0.5]},
+    {"name": "blocked-team", "match": {"tag:team": "blocked"}, "window": "day", "limit_usd": "0.000001", "mode": "enforce"},
+]
+
+
+@pytest.fixture
+def webhook() -> Any:
+    proc = UpstreamProcess("tests.webhook_receiver", args=["--fail", "1"]).start()
+    yield proc
+    proc.stop()
 
 
 async def send_tagged(meter_url: str) -> int:
-    """Priced requests with a `team` tag (one each), besides the mixed traffic's untagged ones."""
+    """Priced requests with a `team` tag (one each), besides the mixed traffic's untagged ones;
+    then two for the enforcing budget, the second refused.  Returns how many were sent."""
     client = sdk(meter_url)
     for team in TAGS:
         await client.responses.create(model="gpt-4o", input="hi", metadata={"team": team}, extra_headers=fake_usage(**U3))
+    await client.responses.create(model="gpt-4o", input="hi", metadata={"team": "blocked"}, extra_headers=fake_usage(**U3))
+    with pytest.raises(openai.RateLimitError):
+        await client.responses.create(model="gpt-4o", input="hi", metadata={"team": "blocked"}, extra_headers=fake_usage(**U3))
     await client.close()
-    return len(TAGS)
+    return len(TAGS) + 2
 
 
-async def test_every_dashboard_panel_returns_data(upstream, start_meter, prometheus_for) -> None:
+async def test_every_dashboard_panel_returns_data(upstream, webhook, start_meter, prometheus_for) -> None:
     boards = load_dashboards(DASHBOARDS)
     assert any(panel_queries(board) for board in boards), f"no panel queries found under {DASHBOARDS}"
 
-    meter = await start_meter(upstream.url, price_provider="openai", metrics_tag_labels="team")
+    meter = await start_meter(
+        upstream.url, price_provider="openai", metrics_tag_labels="team", budgets=BUDGETS, alerts={"webhooks": [webhook.url + "/hook"]},
+    )
     host, port = meter.meter.admin_address
     prom = await prometheus_for(f"{host}:{port}")
     sent = await drive_mixed_traffic(meter.url)
@@ -161,6 +186,7 @@ async def test_every_dashboard_panel_returns_data(upstream, start_meter, prometh
     await meter.flush()
     local = await scrape(meter.admin_url)
     assert local.value("meter_requests_total") == sent.total + tagged
+    assert local.value("meter_budget_rejections_total", budget="blocked-team") == 1
 
     async with aiohttp.ClientSession() as s:
         # Wait until Prometheus holds the final counts, then a few more scrapes so
@@ -168,6 +194,10 @@ async def test_every_dashboard_panel_returns_data(upstream, start_meter, prometh
         deadline = time.monotonic() + 20
         while await prom.value(s, "sum(meter_requests_total)") != sent.total + tagged:
             assert time.monotonic() < deadline, "Prometheus never scraped the final counts:\n" + prom.log.read_text()[-2000:]
+            await asyncio.sleep(0.25)
+        # The budget alert: refused once by the webhook, then sent on the retry (after a second).
+        while (await prom.value(s, "sum(meter_alerts_sent_total)") or 0) < 1 or not await prom.value(s, "sum(meter_alert_failures_total)"):
+            assert time.monotonic() < deadline + 10, "the budget alert was never failed and then sent:\n" + (await scrape(meter.admin_url)).text[-3000:]
             await asyncio.sleep(0.25)
         await asyncio.sleep(3)
         up = await prom.value(s, 'up{job="meter"}')
