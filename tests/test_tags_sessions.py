@@ -273,3 +273,24 @@ def test_a_spooled_record_keeps_its_unsettled_chain() -> None:
     back = record_from_json(record_to_json(_record("resp_b", prev="resp_a", session="resp_b")))
     assert (back.session_of, back.session_id, back.previous_response_id) == ("resp_a", "resp_b", "resp_a")
     assert "session_of" not in record_to_json(_record("resp_c", session="run"))
+
+
+async def test_invalid_bytes_in_a_tag_header_and_a_lone_surrogate_in_metadata_keep_the_full_row(upstream, start_meter) -> None:
+    meter = await start_meter(upstream.url)
+    host, port = meter.meter.proxy_address
+    body = b'{"model": "gpt-4o", "input": "hi", "metadata": {"a": "\\ud800"}}'
+    head = (
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + SECRET_KEY.encode() + b"\r\n"
+        b"Meter-Tag-Team: x\xffy\r\nMeter-Session: s\xfe\r\nConnection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(head + body)
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200")
+    (row,) = await meter.rows()
+    assert json.loads(row["tags"]) == {"a": "\ufffd", "team": "x\ufffdy"}
+    assert row["session_id"] == "s\ufffd"
+    assert row["model_requested"] == "gpt-4o" and row["error_type"] is None and row["input_tokens"] is not None

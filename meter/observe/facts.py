@@ -116,5 +116,10 @@ def bounded_tags(metadata: dict[str, Any]) -> tuple[dict[str, str], bool]:
 
 
 def tags_json(metadata: dict[str, str]) -> str:
-    """Bounded tags as compact JSON, non-ASCII kept as is."""
-    return dumps(metadata).decode()
+    """Bounded tags as compact JSON, non-ASCII kept as is.  A lone surrogate (from a
+    JSON escape, or an invalid byte in a `Meter-Tag-*` header), which orjson refuses,
+    is written by json as is; the ledger's sanitising step makes it U+FFFD."""
+    try:
+        return dumps(metadata).decode()
+    except TypeError:
+        return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False)
