@@ -294,3 +294,19 @@ async def test_invalid_bytes_in_a_tag_header_and_a_lone_surrogate_in_metadata_ke
     assert json.loads(row["tags"]) == {"a": "\ufffd", "team": "x\ufffdy"}
     assert row["session_id"] == "s\ufffd"
     assert row["model_requested"] == "gpt-4o" and row["error_type"] is None and row["input_tokens"] is not None
+
+
+async def test_meter_headers_the_connection_header_names_are_hop_by_hop(upstream, start_meter) -> None:
+    meter = await start_meter(upstream.url)
+    headers = {
+        "Authorization": f"Bearer {SECRET_KEY}",
+        "Connection": "keep-alive, Meter-Tag-Hop, Meter-Session",
+        "Meter-Tag-Hop": "dropped",
+        "Meter-Session": "dropped",
+        "Meter-Tag-Kept": "yes",
+    }
+    async with aiohttp.ClientSession() as s, s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "hi"}, headers=headers) as r:
+        answer = await r.json()
+    (row,) = await meter.rows()
+    assert json.loads(row["tags"]) == {"kept": "yes"}
+    assert row["session_id"] == answer["id"] == row["response_id"]
