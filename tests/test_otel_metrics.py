@@ -275,3 +275,24 @@ async def test_a_bad_variable_stops_start_up_naming_it(upstream, start_meter, re
     clean_otel_env.setenv(name, value)
     with pytest.raises(StartupError, match=f"^{name}: .*{value}"):
         await start_meter(upstream.url)
+
+
+async def test_background_usage_counts_once_on_the_retrieval_that_shows_it(upstream, start_meter, receiver) -> None:
+    meter = await start_meter(upstream.url)
+    client = sdk(meter.url)
+    usage = {"input_tokens": 70, "output_tokens": 30}
+    created = await client.responses.create(
+        model="gpt-4o", input="bg", background=True, extra_headers={"x-fake-usage": json.dumps(usage), "x-fake-polls": "1"}
+    )
+    statuses = [(await client.responses.retrieve(created.id)).status for _ in range(3)]  # in progress, then done twice
+    assert statuses == ["in_progress", "completed", "completed"]
+    rows = await meter.rows()
+    await meter.stop()
+    assert [r["input_tokens"] for r in rows] == [None, None, 70, None]  # the ledger counts it once too
+    tokens = streams(receiver, TOKENS)
+    assert [(p.attributes["gen_ai.token.type"], p.count, p.sum) for p in sorted(tokens, key=lambda p: p.attributes["gen_ai.token.type"])] == [
+        ("input", 1, 70), ("output", 1, 30)
+    ]
+    assert all(p.attributes["gen_ai.operation.name"] == "chat" for p in tokens)
+    [duration] = streams(receiver, DURATION)
+    assert duration.count == 1  # the create; a poll's time is not the operation's
