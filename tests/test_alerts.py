@@ -299,6 +299,7 @@ async def test_two_meters_on_postgresql_crossing_together_alert_once(upstream, s
     posts = await received(receiver.url)
     assert sorted(p["json"]["threshold"] for p in posts) == [0.5, 1.0]
     assert all(p["json"]["budget"] == "team-daily" and p["json"]["limit_usd"] == 0.001 for p in posts)
+    assert all(" of $0.001 spent since " in p["json"]["text"] for p in posts)  # a small limit is not rounded to cents
     for post in posts:
         assert SECRET_KEY not in post["body"] and SECRET_KEY[-8:] not in post["body"]
         assert all(SECRET_KEY not in value for value in post["headers"].values())

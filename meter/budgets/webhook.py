@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -54,11 +55,20 @@ def _slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+def usd(amount: Decimal) -> str:
+    """Cents from a dollar up; below it, the figure (a $0.01 budget is not "$0.01 of $0.01")."""
+    if abs(amount) >= 1:
+        return f"${amount:,.2f}"
+    exact = amount.normalize()
+    exponent = exact.as_tuple().exponent
+    return f"${amount:.2f}" if isinstance(exponent, int) and exponent > -2 else f"${exact:f}"
+
+
 def text_line(alert: AlertClaim) -> str:
     percent = f"{alert.threshold * 100:g}%"
     line = (
         f"meter: budget {alert.budget} has reached {percent} of its limit: "
-        f"${alert.spend_usd:,.2f} of ${alert.limit_usd:,.2f} spent since {alert.window_start:%Y-%m-%d %H:%M} UTC ({alert.mode})"
+        f"{usd(alert.spend_usd)} of {usd(alert.limit_usd)} spent since {alert.window_start:%Y-%m-%d %H:%M} UTC ({alert.mode})"
     )
     if alert.mode == "enforce" and alert.threshold >= 1:
         line += "; matching requests are refused until the window ends"
