@@ -386,7 +386,7 @@ class WebSocketRelay:
         self.addons.websocket_opened()
         pump = asyncio.create_task(self._upstream_to_client(upstream, client, frames, meter, socket))
         try:
-            await self._client_to_upstream(client, upstream, meter, socket)
+            await self._client_to_upstream(client, upstream, meter, socket, frames)
             try:
                 await asyncio.wait_for(pump, CLOSE_TIMEOUT * 3)
             except TimeoutError:
@@ -434,7 +434,9 @@ class WebSocketRelay:
         flow.outcome = "error" if socket.closed_by == "upstream" and socket.dropped else "completed"
         self.record(flow)
 
-    async def _client_to_upstream(self, client: web.WebSocketResponse, upstream: _Upstream, meter: SocketMeter | None, socket: _Socket) -> None:
+    async def _client_to_upstream(
+        self, client: web.WebSocketResponse, upstream: _Upstream, meter: SocketMeter | None, socket: _Socket, frames: _ClientFrames
+    ) -> None:
         on_client = meter.on_client if meter is not None else None
         send = upstream.send_frame
         receive = client.receive
@@ -443,11 +445,19 @@ class WebSocketRelay:
                 msg = await receive()
                 kind = msg.type
                 if kind is TEXT:
+                    answer = None
                     if on_client is not None:
                         try:
-                            on_client(msg.data)
+                            answer = on_client(msg.data)
                         except Exception:  # metering must never break the relay
                             log.exception("could not meter a client message")
+                    if answer is not None:
+                        # Refused (a budget): never sent upstream; the client gets an `error`
+                        # event.  The upstream pump flushes before it waits, so this frame
+                        # goes out whole between two of its batches.
+                        frames.add(answer, TEXT)
+                        frames.flush()
+                        continue
                     await send(msg.data, TEXT)
                 elif kind is BINARY:
                     await send(msg.data, BINARY)

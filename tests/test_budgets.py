@@ -331,3 +331,32 @@ async def test_the_budgets_command_over_the_admin_api_and_the_ledger(upstream, s
     assert nothing.split(",")[-1] == "ok"
     unreachable = await loop.run_in_executor(None, run, "--url", "http://127.0.0.1:1")
     assert unreachable.returncode == 2 and unreachable.stderr.startswith("meter: error: --url: cannot reach") and unreachable.stderr.count("\n") == 1
+
+
+async def test_a_websocket_response_create_is_refused_with_an_error_event(upstream, start_meter, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "meter.toml", '[[budgets]]\nname = "ws"\nwindow = "day"\nlimit_usd = 0.001\nmode = "enforce"\n')
+    meter = await start_meter(upstream.url, config=config)
+    usage = {"input_tokens": 1000, "output_tokens": 500}
+    async with aiohttp.ClientSession() as http, http.delete(upstream.url + "/__fake/ws") as r:
+        assert r.status in (200, 204)
+    async with sdk(meter.url).responses.connect() as conn:
+        # Under the limit: the first response runs to its end.
+        await conn.response.create(model="gpt-4o", input="one", metadata={"fake_usage": usage})  # type: ignore[dict-item]
+        while (event := conn.parse_event(await asyncio.wait_for(conn.recv_bytes(), 10))).type != "response.completed":
+            pass
+        assert meter.meter.budgets.blocked
+        # Past it: the next is answered by meter, on the same socket, which stays open.
+        await conn.response.create(model="gpt-4o", input="two", metadata={"fake_usage": usage})  # type: ignore[dict-item]
+        raw = json.loads(await asyncio.wait_for(conn.recv_bytes(), 10))
+        assert raw["type"] == "error" and raw["status"] == 429
+        assert raw["error"]["type"] == "meter_budget_exceeded" and raw["error"]["code"] == "budget_exceeded" and "'ws'" in raw["error"]["message"]
+        event = conn.parse_event(json.dumps(raw).encode())
+        assert event.type == "error"
+    rows = await meter.rows()
+    assert [r["outcome"] for r in rows] == ["completed", "rejected"]
+    rejected = rows[1]
+    assert rejected["transport"] == "websocket" and rejected["status_code"] == 429 and rejected["error_code"] == "budget_exceeded"
+    assert rejected["input_tokens"] is None and rejected["model_requested"] == "gpt-4o"
+    async with aiohttp.ClientSession() as http, http.get(upstream.url + "/__fake/ws") as r:
+        [socket] = [ws for ws in await r.json() if ws["path_qs"].startswith("/v1/responses")][-1:]
+    assert socket["messages"] == 1  # the refused response.create never reached the upstream

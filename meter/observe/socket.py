@@ -27,6 +27,7 @@ Not imported by the package's `__init__`: meter.flow imports meter.observe.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from collections import OrderedDict, deque
@@ -34,7 +35,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..bounds import MAX_TEXT, short_key
-from ..flow import Flow
+from ..flow import Flow, Refusal
 from .facts import RequestFacts, facts_from_request
 from .jsonio import DecodeError
 from .objects import Observation
@@ -51,6 +52,7 @@ _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered p
 
 class _Hooks(Protocol):
     def request(self, flow: Flow) -> None: ...
+    def admit(self, flow: Flow) -> Refusal | None: ...
 
 
 class Relay(Protocol):
@@ -128,19 +130,21 @@ class SocketMeter:
 
     # client -> upstream
 
-    def on_client(self, data: bytes) -> None:
+    def on_client(self, data: bytes) -> bytes | None:
+        """Meter a client message; None to relay it, or, for a `response.create` an addon
+        refuses (a budget), the `error` event to answer it with instead of relaying it."""
         etype = _event_type(data)
         if etype is None:
             if _CREATE not in data:
-                return
+                return None
         elif etype != b"response.create":
-            return
+            return None
         try:
             obj = decode_event(data)
         except DecodeError:
-            return  # not JSON: relayed, and nothing to meter
+            return None  # not JSON: relayed, and nothing to meter
         if obj is None or obj.get("type") != "response.create":
-            return
+            return None
         request = obj
         nested = obj.get("response")
         if isinstance(nested, dict):  # the nested form: {"type": "response.create", "response": {...}}
@@ -154,8 +158,29 @@ class SocketMeter:
             facts.model = self.handshake_model
         flow.facts = facts
         lane = _lane(obj.get("stream_id"))
-        self.pending.setdefault(lane, deque()).append(flow)
         self.relay.addons.request(flow)
+        refusal = self.relay.addons.admit(flow)
+        if refusal is not None:
+            return self._refuse(flow, refusal, lane)
+        self.pending.setdefault(lane, deque()).append(flow)
+        return None
+
+    def _refuse(self, flow: Flow, refusal: Refusal, lane: str | None) -> bytes:
+        """The response is never asked of the upstream: its row (outcome `rejected`, no
+        usage) now, and the `error` event, on its lane, that tells the client why."""
+        error = {"type": refusal.type, "code": refusal.code, "message": refusal.message, "param": None}
+        event: dict[str, Any] = {"type": "error", "status": refusal.status, "error": error}
+        if lane is not None:
+            event["stream_id"] = lane
+        answer = json.dumps(event).encode()
+        flow.status_code = refusal.status
+        flow.outcome = "rejected"
+        flow.error_type, flow.error_code = refusal.type, refusal.code
+        flow.response_bytes = len(answer)
+        flow.finished_at = time.perf_counter()
+        flow.socket_session = self.session
+        self.relay.record(flow)
+        return answer
 
     # upstream -> client
 
