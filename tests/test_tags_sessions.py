@@ -258,6 +258,25 @@ def test_session_chains_are_bounded_in_entries_and_bytes() -> None:
     assert len(small) == 3 and small.get("r9") == "s9" and small.get("r0") is None
 
 
+@pytest.mark.parametrize("longest", [False, True])
+def test_session_chains_hold_at_most_their_bytes_in_memory(longest: bool) -> None:
+    """What `max_bytes` bounds is the memory the map holds, measured, not only its characters."""
+    import tracemalloc
+
+    chains = SessionChains()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(30_000):  # past the bound of either kind
+            rid = f"resp_{i:0251x}" if longest else f"resp_{i:048x}"
+            chains.done(None, _record(rid, session="s" * 250 + f"{i:06x}" if longest else rid))
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(chains) > (10_000 if longest else 20_000)
+    assert held <= 8 << 20, f"{held / 2**20:.2f} MiB"
+
+
 @pytest.mark.parametrize("conversation", ["conv_1", {"id": "conv_1"}])
 def test_conversation_is_read_as_string_or_object(conversation: Any) -> None:
     from meter.observe.facts import request_facts
