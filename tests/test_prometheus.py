@@ -17,11 +17,15 @@ tests/webhook_receiver.py, refusing its first POST): one budget that every
 request crosses at once, so an alert fails and is then sent, and an enforcing
 one for the `team` tag `blocked`, which refuses its second request.  So the
 budget panels chart series a real meter exposes.
+
+The same Prometheus loads deploy/prometheus/alerts.yml: on these series the
+rules for exhausted budgets and unpriced models must fire, and no other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -38,12 +42,13 @@ from .dashboard_queries import all_values, label_names_match, load_dashboards, p
 from .test_metrics import U3, drive_mixed_traffic, fake_usage, scrape, sdk
 
 DASHBOARDS = ROOT / "dashboards"
+ALERT_RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
 RATE_INTERVAL = "30s"  # Grafana's $__rate_interval is at least 4 scrape intervals; 30 s holds every point of the run
 TIME_RANGE = "5m"
 
 
 class Prometheus:
-    def __init__(self, binary: str, target: str, workdir: Path) -> None:
+    def __init__(self, binary: str, target: str, workdir: Path, rule_files: tuple[Path, ...] = ()) -> None:
         self.binary = binary
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -53,7 +58,8 @@ class Prometheus:
             "global:\n"
             "  scrape_interval: 1s\n"
             "  evaluation_interval: 1s\n"
-            "scrape_configs:\n"
+            + (f"rule_files: {json.dumps([str(path) for path in rule_files])}\n" if rule_files else "")
+            + "scrape_configs:\n"
             "  - job_name: meter\n"
             "    scrape_interval: 1s\n"
             "    scrape_timeout: 900ms\n"
@@ -112,6 +118,18 @@ class Prometheus:
         assert answer.get("status") == "success", answer
         return list(answer["data"])
 
+    async def firing(self, session: aiohttp.ClientSession) -> set[tuple[str, str]]:
+        """(alert name, its distinguishing label: budget, model or instance) of every firing alert."""
+        async with session.get(self.url + "/api/v1/alerts") as r:
+            answer = await r.json()
+        assert answer.get("status") == "success", answer
+        out = set()
+        for alert in answer["data"]["alerts"]:
+            if alert["state"] == "firing":
+                labels = alert["labels"]
+                out.add((labels["alertname"], labels.get("budget") or labels.get("model") or labels.get("instance", "")))
+        return out
+
     async def value(self, session: aiohttp.ClientSession, expr: str) -> float | None:
         answer = await self.query(session, expr)
         result = answer.get("data", {}).get("result") or []
@@ -134,7 +152,7 @@ async def prometheus_for(tmp_path: Path):
     started: list[Prometheus] = []
 
     async def start(target: str) -> Prometheus:
-        prom = Prometheus(prometheus_binary(), target, tmp_path)
+        prom = Prometheus(prometheus_binary(), target, tmp_path, rule_files=(ALERT_RULES,))
         started.append(prom)
         await prom.start()
         return prom
@@ -232,3 +250,15 @@ async def test_every_dashboard_panel_returns_data(upstream, webhook, start_meter
                     if not set(TAGS) <= got:
                         failures.append(f"[{dash_title}] {title!r}: {label_vars[name]} values {sorted(got)}, expected {TAGS}\n    {promql}")
         assert not failures, f"{len(failures)} of {len(queries)} panel queries failed:\n" + "\n".join(failures)
+
+        # deploy's alerting rules, evaluated by this Prometheus on the same series: the budgets
+        # past their limits and the unpriced model fire (no `for`); nothing about the ledger does.
+        expected = {
+            ("MeterBudgetExhausted", "all-traffic"),
+            ("MeterBudgetExhausted", "blocked-team"),
+            ("MeterUnpricedRequests", "acme-unpriced-model"),
+            ("MeterUnpricedRequests", "gpt-4o-2024-08-06"),  # the usage anomaly is left unpriced too
+        }
+        while (firing := await prom.firing(s)) != expected:
+            assert time.monotonic() < deadline + 20, f"firing alerts {sorted(firing)}, expected {sorted(expected)}"
+            await asyncio.sleep(0.25)
