@@ -210,6 +210,7 @@ async def test_websocket_handshake_tags_apply_to_every_response_and_a_socket_is_
     async with aiohttp.ClientSession() as s, s.get(upstream.url + "/__fake/ws") as r:
         log = await r.json()
     assert log and meter_headers_in(log) == []
+    assert any(name.lower() == "authorization" for name, _ in log[0]["headers"])  # the log does show headers
 
 
 async def test_websocket_session_sources(upstream, start_meter) -> None:
