@@ -1,7 +1,8 @@
 """`--metrics-tag-labels`: chosen tags as labels on the request, token and cost metrics (SPEC §6).
 
 A real meter in front of the fake provider; the tags come from the request's
-`metadata` (what the ledger's `tags` holds), read by the official SDK's calls.
+`metadata` and `Meter-Tag-*` headers (merged as the ledger's `tags`), sent by
+the official SDK.
 What is checked: the counters split by `tag_<name>` add up to what was sent;
 each tag's values are bounded like `key` (`--metrics-max-keys`, then `other`,
 admitted only from requests the upstream accepted); a bad name stops start-up
@@ -185,3 +186,18 @@ def test_meter_serve_refuses_a_bad_name_in_one_line(source: str, tmp_path: Path)
     lines = proc.stderr.strip().splitlines()
     assert lines == ["meter: error: metrics-tag-labels: 'bad!' is not a tag name (letters, digits, _ and -, up to 64 characters)"], proc.stderr
     assert not (tmp_path / "l.duckdb").exists(), "nothing started"
+
+
+async def test_header_tags_label_the_metrics_and_win_over_metadata(upstream, start_meter) -> None:
+    meter = await start_meter(upstream.url, metrics_tag_labels="team,feature")
+    client = sdk(meter.url)
+    # A header tag alone; a header over the same name in metadata; the name's case does not matter.
+    await client.responses.create(model="gpt-4o", input="hi", extra_headers={**fake_usage(**U3), "Meter-Tag-Team": "search"})
+    await client.responses.create(
+        model="gpt-4o", input="hi", metadata={"team": "from-body", "feature": "autocomplete"},
+        extra_headers={**fake_usage(**U3), "meter-tag-TEAM": "support"},
+    )
+    await client.close()
+    m = await scrape(meter.admin_url)
+    assert m.by("meter_requests_total", "tag_team") == {"search": 1, "support": 1}
+    assert m.by("meter_tokens_total", "tag_feature", type="input") == {"": U3["input_tokens"], "autocomplete": U3["input_tokens"]}
