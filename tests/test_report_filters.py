@@ -383,3 +383,45 @@ def test_where_values_with_odd_text(tmp_path: Path) -> None:
     for where, inp in ((["project=a=b"], 1), (["user=o'brien"], 1), (["tag:team=搜索 team"], 1), (["project=a"], 2)):
         [row] = report_json("--ledger", str(path), *(arg for cond in where for arg in ("--where", cond)))
         assert row["input_tokens"] == inp, where
+
+
+def old_ledger_sql(dialect: str) -> str:
+    """The requests table as a meter before sessions made it (no session_id column)."""
+    from meter.ledger.migrations import _requests_table
+
+    sql = _requests_table(dialect)
+    column = ",\n  session_id " + ("VARCHAR" if dialect == "duckdb" else "text")
+    assert column in sql
+    return sql.replace(column, "")
+
+
+def test_a_ledger_from_before_sessions_reports_no_sessions(tmp_path: Path, ledger: Path, pg_url: str) -> None:
+    import asyncio
+
+    import asyncpg
+    import duckdb
+
+    old = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(old))
+    con.execute(old_ledger_sql("duckdb"))
+    con.execute("INSERT INTO requests (id, started_at, endpoint, input_tokens, output_tokens, cost_usd) VALUES (uuid(), TIMESTAMPTZ '2026-03-01 10:00:00+00', 'responses', 7, 1, 0.5)")
+    con.close()
+    [row] = report_json("--ledger", str(old), "--by", "session")
+    assert (row["session"], row["requests"], row["cost_usd"]) == (None, 1, Decimal("0.500000000"))
+    assert report_json("--ledger", str(old), "--where", "session=")[0]["requests"] == 1
+    assert report_json("--ledger", str(old), "--where", "session=s1")[0]["requests"] == 0
+    # read with a newer file as one: the old file's rows have no session, the new one's keep theirs
+    both = report_json("--ledger", str(old), "--ledger", str(ledger), "--by", "session")
+    assert [(r["session"], r["requests"]) for r in both] == [("s1", 3), ("s2", 3), ("s3", 1), (None, 4)]
+
+    async def make_old_pg() -> None:
+        pg = await asyncpg.connect(pg_url)
+        try:
+            await pg.execute(old_ledger_sql("postgresql"))
+            await pg.execute("INSERT INTO requests (id, started_at, endpoint, input_tokens, output_tokens, cost_usd) VALUES (gen_random_uuid(), '2026-03-01 10:00:00+00', 'responses', 7, 1, 0.5)")
+        finally:
+            await pg.close()
+
+    asyncio.run(make_old_pg())
+    assert report_json("--ledger", pg_url, "--by", "session") == [row]
+    assert report_json("--ledger", pg_url, "--where", "session=s1")[0]["requests"] == 0

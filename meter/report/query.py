@@ -83,7 +83,7 @@ def _dialect(dialect: str) -> str:
     return name
 
 
-def _group_exprs(dialect: str) -> dict[str, str]:
+def _group_exprs(dialect: str, has_sessions: bool = True) -> dict[str, str]:
     if dialect == "duckdb":
         day = "strftime(started_at AT TIME ZONE 'UTC', '%Y-%m-%d')"
         hour = "strftime(started_at AT TIME ZONE 'UTC', '%Y-%m-%dT%H:00:00Z')"
@@ -96,7 +96,9 @@ def _group_exprs(dialect: str) -> dict[str, str]:
         "endpoint": "endpoint",
         "project": "project",
         "user": "user_id",
-        "session": "session_id",
+        # a ledger no meter has opened since sessions were recorded has no such column:
+        # its rows have no session
+        "session": "session_id" if has_sessions else "CAST(NULL AS VARCHAR)",
         "day": day,
         "hour": hour,
     }
@@ -161,6 +163,7 @@ def report_sql(
     where: Sequence[Condition] = (),
     top: int | None = None,
     key_names: Mapping[str, str] | None = None,
+    has_sessions: bool = True,
 ) -> tuple[str, list[Any]]:
     """The report query over `requests` and its parameters (`$1`, `$2`: every store takes them).
 
@@ -171,7 +174,7 @@ def report_sql(
     `top` keeps the groups of highest cost, then requests.
     """
     dialect = _dialect(dialect)
-    exprs = _group_exprs(dialect)
+    exprs = _group_exprs(dialect, has_sessions)
     names = key_names or {}
     params = _Params()
     select: list[str] = []
@@ -256,7 +259,11 @@ def shape_rows(raw: Iterable[Mapping[str, Any]], by: Sequence[str], key_names: M
 
 def report(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """The report rows over one store (of either dialect); the store's own errors pass through."""
-    sql, params = report_sql(store.dialect, args.by, args.since, args.until, args.where, args.top, key_names)
+    has_sessions = True
+    if "session" in args.by or any(c.field == "session" for c in args.where):
+        columns, _ = store.query("SELECT * FROM requests LIMIT 0")
+        has_sessions = "session_id" in columns
+    sql, params = report_sql(store.dialect, args.by, args.since, args.until, args.where, args.top, key_names, has_sessions)
     names, rows = store.query(sql, params)
     return shape_rows((dict(zip(names, row)) for row in rows), args.by, key_names, args.top)
 
