@@ -186,7 +186,7 @@ def test_observe_never_reaches_aiohttp() -> None:
 def test_the_core_knows_no_addon() -> None:
     graph = import_graph()
     addons = {"meter.metrics", "meter.tracing", "meter.enrich", "meter.prices", "meter.server"}
-    addons |= {name for name in graph if name == "meter.report" or name.startswith("meter.report.")}
+    addons |= {name for name in graph if name.startswith(("meter.report", "meter.budgets", "meter.otel_metrics"))}
     for core in ("meter.proxy", "meter.websocket"):
         known = sorted(reached_from(graph, [core]) & addons)
         assert not known, f"{core} imports {known}"
