@@ -360,3 +360,46 @@ async def test_a_websocket_response_create_is_refused_with_an_error_event(upstre
     async with aiohttp.ClientSession() as http, http.get(upstream.url + "/__fake/ws") as r:
         [socket] = [ws for ws in await r.json() if ws["path_qs"].startswith("/v1/responses")][-1:]
     assert socket["messages"] == 1  # the refused response.create never reached the upstream
+
+
+async def test_reads_between_full_reads_add_only_recent_rows_and_never_twice(tmp_path: Path) -> None:
+    from meter.budgets.sync import BudgetSync
+    from meter.ledger.schema import random_uuids
+
+    now = time.time()
+    start, _ = window_bounds("month", now)
+    if now - start.timestamp() < 120:
+        pytest.skip("the month began a moment ago: no room for rows before the cutoff")
+    store = DuckDBStore(str(tmp_path / "sync.duckdb"))
+    store.open()
+
+    def write(*rows: Record) -> None:
+        for r, id_ in zip(rows, random_uuids(len(rows)), strict=True):
+            r.id = r.id or id_  # as the ledger writer does: an id already given is kept
+        store.write(rows)
+
+    budgets = Budgets([Budget(name="m", window="month", limit_usd=Decimal(100))], {})
+    sync = BudgetSync(budgets, store, 0.05, full_read_every=3600, recent=30)
+    write(record(0, "1", now - 60), record(1, "2", now - 5))  # before and after the cutoff
+    assert await sync.sync()
+    assert budgets.states[0].spend == 3
+    write(record(2, "4", now - 1))  # recent: the next read has it
+    assert await sync.sync()
+    assert budgets.states[0].spend == 7
+    write(record(3, "8", now - 90))  # before the cutoff, written after the full read: the next full read
+    assert await sync.sync()
+    assert budgets.states[0].spend == 7
+    sync.full_read_every = 0
+    assert await sync.sync()
+    assert budgets.states[0].spend == 15
+    sync.full_read_every = 3600
+    assert await sync.sync()  # a read between full reads again: the same sum, nothing twice
+    assert budgets.states[0].spend == 15
+    # This process's own records (their ids carry its mark) are counted by it, never read back.
+    own = record(4, "16", now - 1)
+    budgets.add(own)
+    assert own.id is not None and own.id.startswith(budgets.prefix)
+    write(own)
+    assert await sync.sync()
+    assert budgets.states[0].spend == 31
+    store.close()
