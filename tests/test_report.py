@@ -399,7 +399,7 @@ def test_two_ledgers_report_as_one(tmp_path: Path, ledger: Path) -> None:
     records = seeded_records()
     first = seed(tmp_path / "replica-1.duckdb", records[::2])
     second = seed(tmp_path / "replica-2.duckdb", records[1::2])
-    for by in ("key", "model,day", "hour,user"):
+    for by in ("key", "model,day", "hour,user", "tag:team,session"):
         one = report_json("--ledger", str(ledger), "--by", by)
         assert report_json("--ledger", str(first), "--ledger", str(second), "--by", by) == one
     assert report_json("--ledger", str(first), "--ledger", str(second)) == [ALL]
@@ -580,7 +580,7 @@ async def test_running_meter_on_postgres_reports_by_url_and_ledger(upstream, sta
     async with aiohttp.ClientSession() as s:
         for key, n in ((KEY_A, 3), (KEY_B, 2)):
             for _ in range(n):
-                headers = {"Authorization": f"Bearer {key}", "x-fake-usage": json.dumps({"input_tokens": 11, "output_tokens": 4})}
+                headers = {"Authorization": f"Bearer {key}", "x-fake-usage": json.dumps({"input_tokens": 11, "output_tokens": 4}), "Meter-Tag-Team": key[-4:], "Meter-Session": f"run-{n}"}
                 async with s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "x"}, headers=headers) as r:
                     assert r.status == 200
                     await r.read()
@@ -591,6 +591,13 @@ async def test_running_meter_on_postgres_reports_by_url_and_ledger(upstream, sta
     # PostgreSQL is not held by the proxy: --ledger reads it while it runs, with the same answer
     direct = await arun_meter("report", "--ledger", pg_url, "--by", "key,model,hour", "--format", "json")
     assert direct.stdout == live.stdout
+    # tags, sessions, filters and the top group: the same through the API as from the database
+    served = rows[0]["model"]  # the model as the upstream named it: what --by model shows, --where model= takes
+    wanted = ["--by", "tag:team,session", "--where", f"model={served}", "--where", "tag:team=0001", "--top", "1", "--format", "json"]
+    live = await arun_meter("report", "--url", meter.admin_url, *wanted)
+    [row] = json.loads(live.stdout)
+    assert (row["tag:team"], row["session"], row["requests"]) == ("0001", "run-3", 3)
+    assert (await arun_meter("report", "--ledger", pg_url, *wanted)).stdout == live.stdout
 
 
 async def test_unmetered_calls_are_a_column_of_their_own(upstream, meter_process, tmp_path: Path) -> None:
