@@ -269,10 +269,21 @@ async def test_spend_is_read_from_the_ledger_at_start_before_the_first_request(u
     await first.stop()
     again = await start_meter(upstream.url, config=config, ledger=ledger)
     assert again.meter.budgets.states[0].spend == row["cost_usd"]  # an earlier run's rows count
-    with pytest.raises(openai.RateLimitError):
-        await sdk(again.url).responses.create(model="gpt-4o", input="hi")
+    # The SDK retries a 429 (max_retries, default 2), but not when Retry-After is past two
+    # minutes, as it is here (a week's window): one try, refused, recorded.
+    retrying = openai.AsyncOpenAI(base_url=again.url + "/v1", api_key=SECRET_KEY, max_retries=2)
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as refused:
+        await retrying.responses.create(model="gpt-4o", input="hi")
+    assert int(refused.value.response.headers["Retry-After"]) > 120 or time.monotonic() - started > 0.3
+    # What adds nothing to spend is never refused: a client can fetch, or cancel, what it started.
+    fetched = await sdk(again.url).responses.retrieve(row["response_id"])
+    assert fetched.id == row["response_id"]
+    models = await sdk(again.url).models.list()
+    assert models.data
     rows = await again.rows()
-    assert [r["outcome"] for r in rows] == ["completed", "rejected"]
+    assert [r["outcome"] for r in rows] == ["completed", "rejected", "completed", "completed"], [(r["outcome"], r["endpoint"], r["status_code"]) for r in rows]
+    assert [r["endpoint"] for r in rows[2:]] == ["responses.retrieve", "other"]
     assert again.meter.budgets.states[0].spend == row["cost_usd"]
 
 

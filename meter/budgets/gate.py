@@ -9,6 +9,10 @@ request's key, project and, if a budget needs them, the body's facts and tags
 OpenAI-shaped error (`meter_budget_exceeded` / `budget_exceeded`), `Retry-After`
 (seconds until the window resets) and `Meter-Budget`; it never reaches the
 upstream.  A request admitted runs to its end: nothing is ever cut.
+
+Only model calls meter prices are refused (`ENFORCED`): retrieving, cancelling
+or deleting a response, counting input tokens and other paths add nothing to
+spend, and a client must still be able to fetch, or cancel, what it started.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from .windows import seconds_to_reset
 ERROR_TYPE = "meter_budget_exceeded"
 ERROR_CODE = "budget_exceeded"
 BUDGET_HEADER = "Meter-Budget"
+# The endpoints whose requests can add to spend (SPEC §3): the ones a budget refuses.
+ENFORCED = frozenset({"responses", "responses.compact", "chat.completions", "embeddings"})
 
 
 class BudgetGate:
@@ -35,7 +41,7 @@ class BudgetGate:
         self.identities = identities
 
     def admit(self, flow: Flow) -> Refusal | None:
-        if not self.budgets.blocked:
+        if not self.budgets.blocked or flow.endpoint not in ENFORCED:
             return None
         return self._check(flow)
 
