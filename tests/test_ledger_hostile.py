@@ -193,8 +193,12 @@ def check_hostile_serve_rows(rows: list[dict[str, Any]]) -> None:
     assert by_user["after"]["outcome"] == "completed" and by_user["after"]["input_tokens"] is not None
     assert any(r["project"] == "p" + FFFD for r in rows)
     assert any(r["key_hint"].endswith(FFFD + FFFD) for r in rows)
-    big = [r for r in rows if r["output_tokens"] == 7]
-    assert len(big) == 1 and big[0]["input_tokens"] is None
+    # By its body: another row's usage (the fake's, from a seed) may have 7 output tokens too.
+    big = [r for r in rows if r["request_bytes"] == len(b'{"model":"gpt-4o","input":"big"}')]
+    assert len(big) == 1 and big[0]["input_tokens"] is None and big[0]["output_tokens"] == 7
+    # Lone surrogates in metadata cost nothing but themselves: the full row, tags made U+FFFD.
+    (surrogates,) = [r for r in rows if r["tags"] is not None]
+    assert json.loads(surrogates["tags"]) == {"k" + FFFD: "v" + FFFD} and surrogates["input_tokens"] is not None
     for row in rows:
         for value in row.values():
             if isinstance(value, str):
