@@ -146,3 +146,31 @@ async def test_a_replica_learns_the_others_spend_within_two_flush_intervals(upst
             await asyncio.sleep(0.01)
         async with http.post(b.url + "/v1/responses", data="{}", headers=headers) as r:
             assert r.status == 429 and r.headers["Meter-Budget"] == "tiny"
+
+
+async def test_a_ledger_outage_keeps_the_last_figures_and_forwarding_goes_on(upstream, postgres, start_meter, tmp_path: Path) -> None:  # noqa: F811
+    url = postgres.new_database()
+    config = tmp_path / "meter.toml"
+    config.write_text('[[budgets]]\nname = "o"\nwindow = "month"\nlimit_usd = 0.02\nmode = "enforce"\n')
+    meter = await start_meter(upstream.url, ledger=url, config=str(config), flush_interval=0.2, spool=str(tmp_path / "spool.jsonl"))
+    headers = {"Authorization": f"Bearer {SECRET_KEY}", "x-fake-usage": json.dumps(USAGE), "Content-Type": "application/json"}
+    body = json.dumps({"model": "gpt-4o", "input": "x"})
+    state = meter.meter.budgets.states[0]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(meter.url + "/v1/responses", data=body, headers=headers) as r:
+            assert r.status == 200
+        postgres.stop()
+        try:
+            # The ledger is gone: requests are forwarded, this replica still counts its own.
+            for _ in range(2):
+                async with http.post(meter.url + "/v1/responses", data=body, headers=headers) as r:
+                    assert r.status == 200
+            await asyncio.sleep(1.0)  # reads fail meanwhile; the figures stand
+            assert state.spend == 3 * Decimal("0.0075") and meter.meter.budgets.blocked
+            async with http.post(meter.url + "/v1/responses", data=body, headers=headers) as r:
+                assert r.status == 429
+        finally:
+            postgres.start()
+        rows = await meter.rows()
+    assert [r["outcome"] for r in rows] == ["completed", "completed", "completed", "rejected"]
+    assert state.spend == sum((r["cost_usd"] or Decimal(0) for r in rows), Decimal(0))
