@@ -188,6 +188,9 @@ class _Recorder:
     def request(self, flow: object) -> None:
         self._note("request")
 
+    def admit(self, flow: object) -> None:
+        self._note("admit")
+
     def done(self, flow: object, record: object) -> None:
         self._note("done")
 
@@ -209,12 +212,13 @@ async def test_registry_calls_hooks_in_order_and_one_failing_observer_stops_no_o
     addons = Addons([first, second])
     await addons.start()
     addons.request(None)  # type: ignore[arg-type]
+    assert addons.admit(None) is None  # type: ignore[arg-type]
     addons.done(None, None)  # type: ignore[arg-type]
     addons.websocket_opened()
     addons.websocket_closed()
     await addons.stop()
     assert calls == [
-        "a.start", "b.start", "a.request", "b.request", "a.done", "b.done",
+        "a.start", "b.start", "a.request", "b.request", "a.admit", "b.admit", "a.done", "b.done",
         "a.websocket_opened", "b.websocket_opened", "a.websocket_closed", "b.websocket_closed",
         "b.stop", "a.stop",  # the reverse of start: the ledger, started last, flushes first
     ]  # fmt: skip
