@@ -7,7 +7,8 @@ whoever can reach the pod:
 - `bearer_auth(token)` is an aiohttp middleware for the admin app: every
   request needs `Authorization: Bearer <token>`, except the probes
   (`/healthz`, `/readyz`), which carry no secret and are asked by callers
-  that have none (the kubelet, Docker's HEALTHCHECK).  The exemption is
+  that have none (the kubelet, Docker's HEALTHCHECK), and the console's page
+  and static files (meter/console/), which hold no data.  The exemption is
   decided on the route aiohttp matched, not on the raw path, so no spelling
   of a guarded path (`/%6detrics`, `/healthz/../metrics`) slips past it.
   Tokens are compared with `hmac.compare_digest`; a wrong token is a `401`
@@ -29,11 +30,13 @@ from typing import Any
 from aiohttp import web
 
 from .config import StartupError, parse_host_port
+from .console import PAGE_PATHS
 
 log = logging.getLogger("meter")
 
-# Paths anyone who reaches the admin port may ask: liveness and readiness only.
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+# Paths anyone who reaches the admin port may ask: liveness and readiness, and the
+# console's page and files (no data: the page asks for the token before any).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", *PAGE_PATHS})
 
 _UNAUTHORIZED_BODY = json.dumps(
     {

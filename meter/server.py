@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .access_log import AccessLog
 from .admin import bearer_auth, check_admin_exposure
 from .attribution import SessionChains
 from .budgets.alerts import Alerter, AlertMetrics
@@ -32,7 +33,8 @@ from .budgets.gate import BudgetGate
 from .budgets.metrics import BudgetMetrics
 from .budgets.spend import Budgets
 from .budgets.sync import BudgetSync
-from .config import Settings, StartupError, parse_host_port, redact_url
+from .config import Settings, StartupError, parse_host_port, redact_url, upstream_path_warning
+from .console import Console
 from .enrich import CountUsageOnce, Pricing
 from .flow import Addons
 from .identity import KeyIdentities
@@ -42,6 +44,7 @@ from .otel_metrics import OtelMetrics, otel_metrics_from_env
 from .prices import Pricer
 from .proxy import Proxy
 from .report import ReportAPI
+from .report.sql_api import SqlAPI
 from .tracing import Tracing, tracing_from_env
 from .websocket import WebSocketRelay
 
@@ -73,6 +76,7 @@ def default_addons(
     extra: Iterable[object] = (),
     otel_metrics: OtelMetrics | None = None,
     budgets: tuple[BudgetGate, BudgetSync] | None = None,
+    access_log: AccessLog | None = None,
 ) -> list[object]:
     """A meter's addons in the order their hooks run (`meter.flow.HOOKS`).
 
@@ -88,6 +92,8 @@ def default_addons(
         addons.append(tracing)
     if otel_metrics is not None:
         addons.append(otel_metrics)
+    if access_log is not None:
+        addons.append(access_log)
     if budgets is None:
         return [*addons, *extra, ledger]
     gate, sync = budgets
@@ -155,6 +161,8 @@ class Meter:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/api/budgets", self._budgets)
         report_api.admin_routes(app)
+        SqlAPI(self.store, self.ledger).admin_routes(app)
+        Console(report_api, token_required=bool(token)).admin_routes(app)  # `/`: the web console
         return app
 
     def build_websocket_relay(self, addons: Addons) -> WebSocketRelay:
@@ -171,6 +179,9 @@ class Meter:
     async def start(self) -> None:
         # Before anything is bound or opened: an exposed admin port needs a token.
         check_admin_exposure(self.settings.admin_listen, self.settings.admin_token, self.settings.admin_insecure)
+        doubled = upstream_path_warning(self.settings.upstream)
+        if doubled is not None:
+            log.warning("%s", doubled)
         proxy_sock = _bind(self.settings.listen, "listen")
         try:
             admin_sock = _bind(self.settings.admin_listen, "admin-listen")
@@ -198,7 +209,10 @@ class Meter:
         self.otel_metrics = otel_metrics_from_env(self.settings)
         self.tracing = tracing_from_env(self.settings)
         self.addons = addons = Addons(
-            default_addons(self.pricer, self.metrics, self.tracing, self.ledger, self.extra_addons, otel_metrics=self.otel_metrics, budgets=budget_addons)
+            default_addons(
+                self.pricer, self.metrics, self.tracing, self.ledger, self.extra_addons, otel_metrics=self.otel_metrics, budgets=budget_addons,
+                access_log=AccessLog() if self.settings.access_log else None,
+            )
         )
         self.report_api = ReportAPI(self.settings, self.store, self.ledger)
         admin_app = self.build_admin_app(self.report_api)

@@ -272,3 +272,25 @@ def one_line(exc: BaseException) -> str:
     """A store's error as the one line a report failure shows (its first line, else its type)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def filter_sql(
+    dialect: str,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    where: Sequence[Condition] = (),
+    key_names: Mapping[str, str] | None = None,
+) -> tuple[str, list[Any]]:
+    """The WHERE text (`true` when nothing is asked) and its `$n` parameters that a report
+    with this window and these filters selects rows by: the console lists the very rows
+    the report sums."""
+    dialect = _dialect(dialect)
+    exprs = _group_exprs(dialect)
+    params = _Params()
+    conditions: list[str] = []
+    if since is not None:
+        conditions.append(f"started_at >= {params.add(since)}")
+    if until is not None:
+        conditions.append(f"started_at < {params.add(until)}")
+    conditions += [_condition(dialect, cond, exprs, key_names or {}, params) for cond in where]
+    return (" AND ".join(conditions) or "true"), params.values
