@@ -18,11 +18,42 @@ from .budgets.command import add_budgets_command
 from .command import EXIT_USAGE, CommandError
 from .config import SettingError, load_settings
 from .report.commands import add_report_commands
+from .report.sql_command import add_sql_command
+from .retention import add_prune_command
 
 
 class Parser(argparse.ArgumentParser):
+    """Usage errors in the one form every other error has: `meter: error: ...`, the
+    command named after it (`meter: error: serve: ...`), one line, exit 2."""
+
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        command = self.prog.removeprefix("meter").strip()
+        self.exit(EXIT_USAGE, f"meter: error: {command + ': ' if command else ''}{message}\n")
+
+
+def installed_version() -> str:
+    """The installed distribution's version (an editable install's too), else the package's own."""
+    from importlib import metadata
+
+    for dist in dict.fromkeys(metadata.packages_distributions().get(__package__ or "meter", [])):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    from . import __version__
+
+    return __version__
+
+
+class VersionAction(argparse.Action):
+    """`--version`: looked up only when asked (scanning the installed distributions takes time)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, help="print meter's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        print(f"meter {installed_version()}")
+        parser.exit()
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -32,26 +63,34 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ledger", help="DuckDB file or postgresql:// URL (env METER_LEDGER; default meter.duckdb)")
     p.add_argument("--config", help="TOML config file: prices, key names, limits (env METER_CONFIG)")
     p.add_argument("--spool", help="overflow file for records while the ledger is down (env METER_SPOOL; default beside the ledger)")
-    p.add_argument("--upstream-timeout", dest="upstream_timeout", type=float, help="seconds of upstream silence before giving up (default 600)")
-    p.add_argument("--connect-timeout", dest="connect_timeout", type=float, help="seconds to connect to the upstream (default 10)")
-    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body accepted; larger gets 413 (default 64 MiB)")
-    p.add_argument("--max-buffered-request-bytes", dest="max_buffered_request_bytes", type=int, help="request body bytes held at once across all requests; past it 503 (default 256 MiB)")
-    p.add_argument("--client-timeout", dest="client_timeout", type=float, help="seconds of silence while a client sends its body before 408 (default 60)")
-    p.add_argument("--max-metered-bytes", dest="max_metered_bytes", type=int, help="bytes meter holds to meter one answer, decompressed copy or event (default 64 MiB)")
-    p.add_argument("--max-metered-bytes-total", dest="max_metered_bytes_total", type=int, help="bytes all answers being metered hold whole at once; past it an answer is metered from its ends (default 256 MiB)")
+    p.add_argument("--upstream-timeout", dest="upstream_timeout", type=float, help="seconds of upstream silence before giving up (env METER_UPSTREAM_TIMEOUT; default 600)")
+    p.add_argument("--connect-timeout", dest="connect_timeout", type=float, help="seconds to connect to the upstream (env METER_CONNECT_TIMEOUT; default 10)")
+    p.add_argument("--max-request-bytes", dest="max_request_bytes", type=int, help="largest request body accepted; larger gets 413 (env METER_MAX_REQUEST_BYTES; default 64 MiB)")
+    p.add_argument("--max-buffered-request-bytes", dest="max_buffered_request_bytes", type=int, help="request body bytes held at once across all requests; past it 503 (env METER_MAX_BUFFERED_REQUEST_BYTES; default 256 MiB)")
+    p.add_argument("--client-timeout", dest="client_timeout", type=float, help="seconds of silence while a client sends its body before 408 (env METER_CLIENT_TIMEOUT; default 60)")
+    p.add_argument("--max-metered-bytes", dest="max_metered_bytes", type=int, help="bytes meter holds to meter one answer, decompressed copy or event (env METER_MAX_METERED_BYTES; default 64 MiB)")
+    p.add_argument("--max-metered-bytes-total", dest="max_metered_bytes_total", type=int, help="bytes all answers being metered hold whole at once; past it an answer is metered from its ends (env METER_MAX_METERED_BYTES_TOTAL; default 256 MiB)")
     p.add_argument("--admin-token", dest="admin_token", help="Bearer token required on every admin path but /healthz and /readyz (env METER_ADMIN_TOKEN)")
-    p.add_argument("--admin-insecure", dest="admin_insecure", action="store_const", const=True, help="serve the admin port on a non-loopback address without a token")
-    p.add_argument("--flush-interval", dest="flush_interval", type=float, help="seconds between ledger batch writes, at most 1 (default 0.5)")
-    p.add_argument("--ledger-max-pending", dest="ledger_max_pending", type=int, help="records held in memory while the ledger is down before spooling (default 100000)")
-    p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float, help="seconds in-flight requests get to finish on SIGTERM (default 30)")
-    p.add_argument("--metrics-max-keys", dest="metrics_max_keys", type=int, help="distinct key label values before further keys count as 'other' (default 100)")
-    p.add_argument("--metrics-key-label", dest="metrics_key_label", choices=["on", "off"], help="label metrics by key (default on)")
+    p.add_argument("--admin-insecure", dest="admin_insecure", action="store_const", const=True, help="serve the admin port on a non-loopback address without a token (env METER_ADMIN_INSECURE=true)")
+    p.add_argument("--flush-interval", dest="flush_interval", type=float, help="seconds between ledger batch writes, at most 1 (env METER_FLUSH_INTERVAL; default 0.5)")
+    p.add_argument("--ledger-max-pending", dest="ledger_max_pending", type=int, help="records held in memory while the ledger is down before spooling (env METER_LEDGER_MAX_PENDING; default 100000)")
+    p.add_argument("--shutdown-grace", dest="shutdown_grace", type=float, help="seconds in-flight requests get to finish on SIGTERM (env METER_SHUTDOWN_GRACE; default 30)")
+    p.add_argument("--metrics-max-keys", dest="metrics_max_keys", type=int, help="distinct key label values before further keys count as 'other' (env METER_METRICS_MAX_KEYS; default 100)")
+    p.add_argument("--metrics-key-label", dest="metrics_key_label", choices=["on", "off"], help="label metrics by key (env METER_METRICS_KEY_LABEL; default on)")
     p.add_argument("--metrics-tag-labels", dest="metrics_tag_labels", metavar="NAME,...", help="tags whose values label the request, token and cost metrics as tag_NAME (env METER_METRICS_TAG_LABELS; default none)")
-    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"], help="(default info)")
+    p.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"], help="least severe log lines written to stderr (env METER_LOG_LEVEL; default info)")
+    p.add_argument(
+        "--access-log",
+        dest="access_log",
+        action="store_const",
+        const=True,
+        help="one line per request on the meter.access logger: method, path, status, model, tokens, cost, duration, key_id (env METER_ACCESS_LOG=true; default off)",
+    )
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="meter", description="A metering reverse proxy for OpenAI-compatible APIs.")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     serve = sub.add_parser("serve", help="run the proxy", description="Forward every request to the upstream unchanged and meter it.")
     _serve_args(serve)
@@ -59,7 +98,9 @@ def build_parser() -> Parser:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
     keys_sub.add_parser("id", help="print the key_id of a key read from standard input", description="Reads one API key from standard input and prints its key_id, for naming keys in the config.")
     add_report_commands(sub)
+    add_sql_command(sub)
     add_budgets_command(sub)
+    add_prune_command(sub)
     return parser
 
 

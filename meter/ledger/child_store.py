@@ -45,11 +45,14 @@ from typing import Any
 from ..record import Record, record_row
 from .alert_claims import AlertClaim
 from .duckdb_store import CostUpdate, DuckDBStore
+from .prune import Pruned
+from .sql import SqlError, SqlResult, confine_duckdb, duckdb_sql
 from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnavailable, LedgerUnusable, chunks, failure_kind
 
 log = logging.getLogger("meter.ledger")
 
 ANSWER_TIMEOUT = 120.0  # a write or query the child has not answered by then is given up
+PRUNE_TIMEOUT = 3600.0  # one DELETE over a large ledger may take minutes
 
 
 class LedgerChildError(LedgerUnavailable):
@@ -151,6 +154,16 @@ class ChildProcessStore:
             if not finished:
                 self._quietly(("drop", cursor))
 
+    def sql(self, sql: str, limit: int, timeout: float) -> SqlResult:
+        """A user's read-only SELECT (`meter sql`), on the child's confined database."""
+        try:
+            result: SqlResult = self._call(("sql", sql, limit, timeout), timeout=timeout + ANSWER_TIMEOUT)
+        except LedgerChildError as exc:
+            if exc.kind == "refused" and str(exc).startswith("SqlError: "):
+                raise SqlError(str(exc).removeprefix("SqlError: ")) from None
+            raise
+        return result
+
     def set_costs(self, changes: Iterable[tuple[str, Decimal | None]]) -> int:
         update = self._call(("costs",))
         try:
@@ -160,6 +173,9 @@ class ChildProcessStore:
             self._quietly(("costs_abort", update))
             raise
         return int(self._call(("costs_commit", update)))
+
+    def prune(self, before: datetime) -> Pruned:
+        return self._call(("prune", before), timeout=PRUNE_TIMEOUT)  # type: ignore[no-any-return]
 
     def claim_alert(self, alert: AlertClaim, owner: str, lease_until: datetime) -> bool:
         return bool(self._call(("claim_alert", alert, owner, lease_until)))
@@ -213,6 +229,9 @@ class _Child:
         if op == "open":
             self.store = DuckDBStore(self.path)
             self.store.open()
+            # After the migrations: from here on no statement reaches past the ledger
+            # (`meter sql` runs here; the writes need nothing it shuts off).
+            confine_duckdb(self.store.con)
             return None
         store = self.store
         assert store is not None, "the parent opens first"
@@ -220,6 +239,8 @@ class _Child:
             store.write([Record(*row) for row in args[0]])
         elif op == "query":
             return store.query(args[0], args[1])
+        elif op == "sql":
+            return duckdb_sql(store.con, args[0], args[1], args[2])
         elif op == "iter":
             self.cursors[seq] = store.iter_query(args[0], args[1], batch_rows=args[2])
             return seq
@@ -247,6 +268,8 @@ class _Child:
             update = self.updates.pop(args[0], None)
             if update is not None:
                 update.abort()
+        elif op == "prune":
+            return store.prune(*args)
         elif op == "claim_alert":
             return store.claim_alert(*args)
         elif op == "update_alert":

@@ -11,6 +11,8 @@
 - Reads run on a cursor of their own (a second connection to the same
   database), so a reader in another thread never shares the writer's
   transaction, and `iter_query` streams its result in batches.
+- `prune` deletes old rows and the claims that follow them (`prune`) in one
+  transaction.
 - `set_costs` stages the changes in a temporary table, chunk by chunk, and
   applies them with one UPDATE join in one transaction, on a cursor of its
   own, so it can be fed by an `iter_query` of the same store.
@@ -31,6 +33,7 @@ from ..record import COLUMNS, Record
 from . import alert_claims
 from .alert_claims import AlertClaim
 from .migrations import migrate
+from .prune import PRESENT_TABLES_SQL, Pruned, statements, tally
 from .schema import COLUMN_TYPES, claim_usage, needs_claim, select_from_batch
 from .spool import check_directory
 from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnusable, chunks
@@ -97,8 +100,18 @@ def read_only_statement(con: Any, sql: str) -> None:
 def quiet_cursor(con: Any) -> Any:
     """A cursor (a connection of its own) that draws no progress bar: DuckDB draws one
     on stdout for a long query, into the middle of a report's output."""
+    import duckdb
+
     cur = con.cursor()
-    cur.execute("SET enable_progress_bar = false")
+    try:
+        cur.execute("SET enable_progress_bar = false")
+    except duckdb.InvalidInputException:
+        # A locked configuration (the serving ledger, `sql.confine_duckdb`): off a
+        # terminal a cursor draws no progress bar anyway; say so if it would.
+        (drawn,) = cur.execute("SELECT current_setting('enable_progress_bar')").fetchone() or (False,)
+        if drawn:
+            cur.close()
+            raise
     return cur
 
 
@@ -267,6 +280,28 @@ class DuckDBStore:
 
     def begin_costs(self) -> CostUpdate:
         return CostUpdate(self._open_con())
+
+    def prune(self, before: datetime) -> Pruned:
+        """Delete what is older than `before` (`prune`) in one transaction on a cursor of
+        its own, then checkpoint; `prune.compact` shrinks the file."""
+        cur = quiet_cursor(self._open_con())
+        try:
+            present = {row[0] for row in cur.execute(PRESENT_TABLES_SQL).fetchall()}
+            deleted: dict[str, int] = {}
+            cur.execute("BEGIN TRANSACTION")
+            try:
+                for table, sql, params in statements(before, present):
+                    row = cur.execute(sql, params).fetchone()
+                    deleted[table] = int(row[0]) if row else 0
+                cur.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):  # the statement's own error is the one to raise
+                    cur.execute("ROLLBACK")
+                raise
+            cur.execute("CHECKPOINT")
+            return tally(deleted)
+        finally:
+            cur.close()
 
     # alert claims: each statement on a cursor of its own, never inside the writer's transaction
 

@@ -1,0 +1,301 @@
+"""`meter sql`: read-only SQL over the ledger, confined to its tables, on every store.
+
+Each way out of the ledger a user's SQL could take is tried for real: on a
+running `meter serve` (DuckDB, through `POST /api/sql` behind the admin token,
+and `meter sql --url`), on a stopped DuckDB file, and on a real PostgreSQL
+(tests/pg.py).  After the attempts the ledger is unchanged, no file was written
+and the running meter still writes its records.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from meter.ledger.sql import SqlError
+from meter.report.sql_command import sql_ledgers
+
+from .conftest import SECRET_KEY
+from .pg import pg_url, postgres  # noqa: F401
+from .test_report import arun_meter, assert_one_line_error, run_meter, seed, seeded_records
+
+TOKEN = "sql-test-admin-token-0123456789"
+
+# Every way out of a DuckDB ledger's tables, each refused; {tmp} is a scratch directory
+# in which nothing may appear.
+DUCKDB_REFUSED = [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/passwd')",
+    "SELECT * FROM read_blob('/etc/passwd')",
+    "SELECT * FROM '/etc/passwd'",
+    "SELECT * FROM glob('/etc/*')",
+    "SELECT * FROM sniff_csv('/etc/passwd')",
+    "SELECT * FROM read_parquet('https://example.com/x.parquet')",
+    "COPY requests TO '{tmp}/out.csv'",
+    "COPY (SELECT * FROM requests) TO '{tmp}/out.parquet' (FORMAT parquet)",
+    "EXPORT DATABASE '{tmp}/export'",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "LOAD '{tmp}/evil.duckdb_extension'",
+    "ATTACH '{tmp}/other.duckdb' AS other",
+    "SELECT * FROM query('ATTACH ''{tmp}/other2.duckdb'' AS o')",
+    "SET enable_external_access = true",
+    "SET lock_configuration = false",
+    "RESET enable_external_access",
+    "PRAGMA enable_profiling",
+    "PRAGMA enable_external_access",
+    "SELECT 1; DELETE FROM requests",
+    "SELECT 1; SELECT 2",
+    "DELETE FROM requests",
+    "UPDATE requests SET cost_usd = 0",
+    "INSERT INTO requests (id, started_at, finished_at, method, path, endpoint) SELECT uuid(), now(), now(), 'GET', '/', 'other'",
+    "DROP TABLE requests",
+    "CREATE TABLE stolen AS SELECT * FROM requests",
+    "SELECT * FROM query('DELETE FROM requests RETURNING *')",
+    "CHECKPOINT",
+    "BEGIN TRANSACTION",
+]
+
+
+def hostile(tmp: Path) -> list[str]:
+    return [sql.replace("{tmp}", str(tmp)) for sql in DUCKDB_REFUSED]
+
+
+def assert_nothing_written(tmp: Path) -> None:
+    assert sorted(p.name for p in tmp.iterdir()) == [], "a refused statement wrote a file"
+
+
+# --- a stopped DuckDB file --------------------------------------------------------------------
+
+
+def test_stopped_file_answers_and_refuses_every_way_out(tmp_path: Path) -> None:
+    ledger = seed(tmp_path / "ledger.duckdb", seeded_records())
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    before = sql_ledgers([str(ledger)], "SELECT count(*), sum(cost_usd) FROM requests", 10, 10).rows
+    assert before == [(len(seeded_records()), Decimal("0.015881000"))]
+    for sql in hostile(scratch):
+        with pytest.raises(SqlError) as refused:
+            sql_ledgers([str(ledger)], sql, 10, 10)
+        assert "\n" not in str(refused.value) and str(refused.value), sql
+    assert_nothing_written(scratch)
+    assert sql_ledgers([str(ledger)], "SELECT count(*), sum(cost_usd) FROM requests", 10, 10).rows == before
+    # the ledger's other tables are its own, and readable
+    assert sql_ledgers([str(ledger)], "SELECT count(*) FROM l1.usage_claims", 10, 10).rows[0][0] >= 0
+
+
+def test_cli_on_a_file_prints_table_csv_json_and_one_line_errors(tmp_path: Path) -> None:
+    ledger = str(seed(tmp_path / "ledger.duckdb", seeded_records()))
+    sql = "SELECT coalesce(key_name, key_id) AS key, count(*) AS requests, sum(cost_usd) AS usd FROM requests GROUP BY ALL ORDER BY requests DESC, key NULLS LAST"
+    as_json = run_meter("sql", sql, "--ledger", ledger, "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    rows = json.loads(as_json.stdout, parse_float=Decimal)
+    assert rows[0] == {"key": "team-a", "requests": 5, "usd": Decimal("0.005266000")}
+    assert sum(r["requests"] for r in rows) == len(seeded_records())
+    as_csv = run_meter("sql", sql, "--ledger", ledger, "--format", "csv")
+    assert as_csv.stdout.splitlines()[:2] == ["key,requests,usd", "team-a,5,0.005266000"]
+    table = run_meter("sql", sql, "--ledger", ledger).stdout.splitlines()
+    assert table[0].split() == ["key", "requests", "usd"] and table[2].split() == ["team-a", "5", "0.005266"]
+    # bounded: --limit, with a warning on stderr and stdout in its shape
+    limited = run_meter("sql", "SELECT * FROM range(50) r", "--ledger", ledger, "--format", "csv", "--limit", "7")
+    assert limited.returncode == 0 and limited.stdout.splitlines() == ["r", *map(str, range(7))]
+    assert "--limit 7" in limited.stderr
+    # bad SQL and refused statements: one line, exit 2, the database's own first line
+    assert_one_line_error(run_meter("sql", "SELEC 1", "--ledger", ledger), "Parser Error", "SELEC")
+    assert_one_line_error(run_meter("sql", "SELECT * FROM read_csv('/etc/passwd')", "--ledger", ledger), "Permission Error", "/etc/passwd")
+    assert_one_line_error(run_meter("sql", "DELETE FROM requests", "--ledger", ledger), "only a SELECT")
+    assert_one_line_error(run_meter("sql", "SELECT 1; SELECT 2", "--ledger", ledger), "one statement")
+    assert_one_line_error(run_meter("sql", "SELECT count(*) FROM range(1000000000000) a, range(1000) b", "--ledger", ledger, "--timeout", "1"), "timeout")
+    assert_one_line_error(run_meter("sql", "SELECT 1", "--ledger", str(tmp_path / "missing.duckdb")), "no such file")
+
+
+# --- a running meter serve (DuckDB), through the admin API ---------------------------------------
+
+
+async def post_sql(admin_url: str, sql: str, token: str | None = TOKEN, **extra: Any) -> tuple[int, dict[str, Any]]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.post(admin_url + "/api/sql", json={"sql": sql, **extra}, headers=headers) as r:
+        return r.status, json.loads(await r.text(), parse_float=Decimal)
+
+
+async def traffic(meter_url: str, n: int) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=meter_url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    try:
+        for i in range(n):
+            await client.responses.create(model="gpt-4o", input="hi", extra_headers={"x-fake-usage": json.dumps({"input_tokens": 100 + i, "output_tokens": 10})})
+    finally:
+        await client.close()
+
+
+async def test_live_duckdb_meter_answers_and_refuses_every_way_out(upstream, meter_process, tmp_path: Path) -> None:
+    ledger = tmp_path / "live.duckdb"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--admin-token", TOKEN, "--flush-interval", "0.05")
+    await traffic(meter.url, 4)
+    count_sql = "SELECT count(*) AS n, sum(input_tokens) AS input FROM requests"
+    # the token guards it like every admin path
+    status, _ = await post_sql(meter.admin_url, count_sql, token=None)
+    assert status == 401
+    status, answer = await post_sql(meter.admin_url, count_sql)
+    assert status == 200, answer
+    assert answer == {"columns": ["n", "input"], "truncated": None, "rows": [{"n": 4, "input": 406}]}
+    for sql in hostile(scratch):
+        status, answer = await post_sql(meter.admin_url, sql)
+        assert status == 400, (sql, answer)
+        assert answer["error"] and "\n" not in answer["error"], sql
+    assert_nothing_written(scratch)
+    assert (await post_sql(meter.admin_url, count_sql))[1]["rows"] == [{"n": 4, "input": 406}]
+    # bounded in rows and in time; a timed-out query does not stop the writer
+    status, answer = await post_sql(meter.admin_url, "SELECT * FROM range(100) r", limit=3)
+    assert (status, answer["truncated"], answer["rows"]) == (200, "rows", [{"r": 0}, {"r": 1}, {"r": 2}])
+    status, answer = await post_sql(meter.admin_url, "SELECT count(*) FROM range(1000000000000) a, range(1000) b", timeout=1)
+    assert status == 400 and "timeout" in answer["error"]
+    status, answer = await post_sql(meter.admin_url, "SELECT 1", limit="many")
+    assert status == 400 and "limit" in answer["error"]
+    # the confined ledger still takes the proxy's records (Arrow inserts), and the CLI reads them
+    await traffic(meter.url, 2)
+    env_token = {"METER_ADMIN_TOKEN": TOKEN}
+    live = await arun_meter_env(env_token, "sql", count_sql, "--url", meter.admin_url, "--format", "json")
+    assert live.returncode == 0, live.stderr
+    assert json.loads(live.stdout) == [{"n": 6, "input": 406 + 100 + 101}]
+    refused = await arun_meter_env(env_token, "sql", "SELECT * FROM read_text('/etc/passwd')", "--url", meter.admin_url)
+    assert_one_line_error(refused, "Permission Error", "/etc/passwd")
+    assert "root:" not in refused.stderr
+    assert_one_line_error(await arun_meter("sql", count_sql, "--url", meter.admin_url), "401", "METER_ADMIN_TOKEN")
+    # the file is held: --ledger says to ask the running meter
+    assert_one_line_error(await arun_meter("sql", count_sql, "--ledger", str(ledger)), "--url")
+    meter.stop()
+    stopped = run_meter("sql", count_sql, "--ledger", str(ledger), "--format", "json")
+    assert stopped.stdout == live.stdout
+
+
+async def arun_meter_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    import os
+
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return await arun_meter(*args)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+PG_REFUSED = [
+    "SELECT pg_read_file('/etc/passwd')",
+    'SELECT "pg_read_file"(\'/etc/passwd\')',
+    "SELECT PG_CATALOG.PG_READ_BINARY_FILE('/etc/passwd')",
+    "SELECT * FROM pg_ls_dir('/')",
+    "SELECT pg_stat_file('/etc/passwd')",
+    "SELECT lo_import('/etc/passwd')",
+    "SELECT lo_export(1, '/tmp/x')",
+    "SELECT dblink('dbname=postgres', 'select 1')",
+    "SELECT query_to_xml('select pg_read_file(''/etc/passwd'')', true, true, '')",
+    "SELECT set_config('default_transaction_read_only', 'off', false)",
+    "SELECT set_config('role', 'postgres', true)",
+    "SELECT current_setting('data_directory')",
+    "SELECT txid_current()",
+    "COPY requests TO PROGRAM 'id'",
+    "COPY (SELECT 1) TO '/tmp/meter-sql-copy'",
+    "COPY requests TO STDOUT",
+    "SET ROLE postgres",
+    "RESET ROLE",
+    "SET default_transaction_read_only = off",
+    "DELETE FROM requests",
+    "UPDATE requests SET cost_usd = 0",
+    "DROP TABLE requests",
+    "CREATE TABLE stolen AS SELECT * FROM requests",
+    "SELECT * INTO stolen FROM requests",
+    "WITH gone AS (DELETE FROM requests RETURNING id) SELECT count(*) FROM gone",
+    "SELECT 1; DELETE FROM requests",
+    "SELECT 1; SELECT 2",
+    "DO $$ BEGIN PERFORM 1; END $$",
+    "CREATE EXTENSION dblink",
+    "SELECT nextval('requests_id_seq')",
+    "BEGIN",
+]
+
+
+def seeded_pg(url: str) -> None:
+    from meter.ledger import PostgresStore
+
+    store = PostgresStore(url)
+    store.open()
+    try:
+        store.write(seeded_records())
+    finally:
+        store.close()
+
+
+def test_postgres_answers_like_duckdb_and_refuses_every_way_out(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+    seeded_pg(pg_url)
+    ledger = str(seed(tmp_path / "ledger.duckdb", seeded_records()))
+    sql = "SELECT coalesce(key_name, key_id) AS key, count(*) AS requests, sum(cost_usd) AS usd FROM requests GROUP BY 1 ORDER BY requests DESC, key NULLS LAST"
+    from_pg = run_meter("sql", sql, "--ledger", pg_url, "--format", "json")
+    assert from_pg.returncode == 0, from_pg.stderr
+    assert from_pg.stdout == run_meter("sql", sql, "--ledger", ledger, "--format", "json").stdout
+    count_sql = "SELECT count(*), sum(cost_usd) FROM requests"
+    before = sql_ledgers([pg_url], count_sql, 10, 10).rows
+    for attempt in PG_REFUSED:
+        with pytest.raises(SqlError) as refused:
+            sql_ledgers([pg_url], attempt, 10, 10)
+        assert str(refused.value) and "\n" not in str(refused.value), attempt
+    assert sql_ledgers([pg_url], count_sql, 10, 10).rows == before
+    assert not Path("/tmp/meter-sql-copy").exists()
+    assert_one_line_error(run_meter("sql", "SELECT * INTO stolen FROM requests", "--ledger", pg_url), "read-only transaction")
+    assert_one_line_error(run_meter("sql", "SELECT pg_read_file('/etc/passwd')", "--ledger", pg_url), "pg_read_file")
+    assert_one_line_error(run_meter("sql", "SELECT pg_sleep(5)", "--ledger", pg_url, "--timeout", "0.5"), "timeout")
+    assert_one_line_error(run_meter("sql", "SELECT FROM WHERE", "--ledger", pg_url), "syntax error")
+    assert_one_line_error(run_meter("sql", "SELEC 1", "--ledger", pg_url), "only a query")
+    limited = run_meter("sql", "SELECT * FROM generate_series(1, 40) g", "--ledger", pg_url, "--format", "csv", "--limit", "4")
+    assert limited.stdout.splitlines() == ["g", "1", "2", "3", "4"] and "--limit 4" in limited.stderr
+
+
+def test_postgres_role_meter_relies_on_cannot_read_files(pg_url: str) -> None:  # noqa: F811
+    # What meter relies on beyond its name list: the ledger role is no superuser, so
+    # PostgreSQL itself refuses the file functions (here with the text check bypassed).
+    import asyncio
+
+    import asyncpg
+
+    async def attempt(sql: str) -> str:
+        con = await asyncpg.connect(pg_url)
+        try:
+            assert not await con.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            async with con.transaction(readonly=True):
+                await con.fetch(sql)
+        except asyncpg.PostgresError as exc:
+            return type(exc).__name__
+        finally:
+            await con.close()
+        return "allowed"
+
+    for sql in ("SELECT pg_read_file('/etc/passwd')", "SELECT lo_import('/etc/passwd')", "COPY (SELECT 1) TO PROGRAM 'id'"):
+        assert asyncio.run(attempt(sql)) == "InsufficientPrivilegeError", sql
+
+
+async def test_running_meter_on_postgres_answers_by_url(upstream, start_meter, pg_url: str) -> None:  # noqa: F811
+    meter = await start_meter(upstream.url, ledger=pg_url)
+    await traffic(meter.url, 3)
+    status, answer = await post_sql(meter.admin_url, "SELECT count(*) AS n, sum(input_tokens) AS input FROM requests", token=None)
+    assert (status, answer["rows"]) == (200, [{"n": 3, "input": 303}])
+    status, answer = await post_sql(meter.admin_url, "SELECT pg_read_file('/etc/passwd')", token=None)
+    assert status == 400 and "pg_read_file" in answer["error"]
+    status, answer = await post_sql(meter.admin_url, "DELETE FROM requests", token=None)
+    assert status == 400
+    direct = await arun_meter("sql", "SELECT count(*) AS n FROM requests", "--ledger", pg_url, "--format", "json")
+    assert json.loads(direct.stdout) == [{"n": 3}]
