@@ -147,6 +147,7 @@ class Settings(BaseModel):
     metrics_key_label: Literal["on", "off"] = "on"
     metrics_tag_labels: tuple[str, ...] = ()  # tag names whose values label the request, token and cost metrics
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False  # one line per request on the `meter.access` logger
     keys: dict[str, str] = Field(default_factory=dict)  # key_id -> name
     price_provider: str | None = None
     price_overrides: dict[str, PriceOverride] = Field(default_factory=dict)
@@ -198,6 +199,22 @@ class Settings(BaseModel):
         return Path(self.ledger + ".spool.jsonl")
 
 
+def upstream_path_warning(upstream: str) -> str | None:
+    """What to say at start-up when the upstream's path ends in `/v1` (the
+    OPENAI_BASE_URL habit): an SDK pointed at meter's `/v1` adds its own, and the
+    upstream gets `/v1/v1/...`, usually a 404."""
+    url = URL(upstream)
+    if not url.path.rstrip("/").endswith("/v1"):
+        return None
+    base = str(url.with_path(url.path.rstrip("/").removesuffix("/v1") or "/").with_password("***" if url.password else None)).rstrip("/")
+    shown = redact_url(upstream)
+    return (
+        f"upstream {shown} ends in /v1: an SDK whose base_url is meter's /v1 sends /v1/responses, "
+        f"which goes to {shown}/v1/responses (/v1/v1/responses); set --upstream {base} (METER_UPSTREAM) "
+        "unless the upstream really serves that path"
+    )
+
+
 ENV_PREFIX = "METER_"
 # Settings the file and environment may set; flags use the same names with dashes.
 _SCALAR_SETTINGS = [name for name in Settings.model_fields if name not in ("keys", "price_overrides", "price_provider", "budgets", "alerts")]
@@ -217,7 +234,7 @@ def settings_from_toml(path: str) -> dict[str, Any]:
         if key == "keys":
             if not isinstance(value, dict):
                 raise SettingError("config: [keys] must map key_id to name")
-            out["keys"] = {str(k): str(v) for k, v in value.items()}
+            out["keys"] = keys_from_toml(value)
         elif key == "prices":
             if not isinstance(value, dict):
                 raise SettingError("config: [prices] must be a table")
@@ -234,6 +251,33 @@ def settings_from_toml(path: str) -> dict[str, Any]:
             out[key] = value
         else:
             raise SettingError(f"config: unknown setting {name!r} in {path}")
+    return out
+
+
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _looks_like_a_key(text: str) -> bool:
+    """A raw API key rather than a key_id or a name: a provider prefix, or too long
+    for either (OpenAI's keys are 51 characters and up)."""
+    return text.lower().startswith(("sk-", "sk_", "bearer ")) or len(text) >= 40
+
+
+def keys_from_toml(table: Mapping[Any, Any]) -> dict[str, str]:
+    """`[keys]`: key_id (16 hex digits, `meter keys id`) = name.  An entry that is not
+    one is refused with one line naming it by position; a value that looks like a
+    raw API key is never quoted back (it is a secret pasted into a file)."""
+    out: dict[str, str] = {}
+    for i, (kid, name) in enumerate(table.items(), 1):
+        kid, name = str(kid), str(name)
+        if _looks_like_a_key(kid) or _looks_like_a_key(name):
+            raise SettingError(
+                f"config: [keys] entry {i} holds what looks like a raw API key, which meter never stores: "
+                "remove it and name the key by its key_id (printf %s \"$KEY\" | meter keys id)"
+            )
+        if not _KEY_ID.fullmatch(kid):
+            raise SettingError(f"config: [keys] entry {i} ({kid!r}): a key_id is 16 lower-case hex digits, from `meter keys id`")
+        out[kid] = name
     return out
 
 

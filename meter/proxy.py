@@ -35,6 +35,8 @@ log = logging.getLogger("meter")
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
+# Seconds between two "upstream request failed" lines (an outage fails every request).
+UNREACHABLE_LOG_EVERY = 10.0
 # How long meter reads on after a client hung up at the end of the output (SPEC §2).
 READ_ON_AFTER_HANGUP = 2.0
 # Headers aiohttp's client would invent if the client did not send them.
@@ -136,6 +138,11 @@ class Proxy:
         websocket: Callable[[web.BaseRequest, Flow], Awaitable[web.StreamResponse]] | None = None,
     ) -> None:
         self.upstream = upstream.rstrip("/")
+        parsed = URL(self.upstream)
+        self.upstream_host = f"{parsed.host}:{parsed.port}"  # named in a 502 and its log line; never the userinfo
+        # An outage fails every request: one warning line per UNREACHABLE_LOG_EVERY seconds, with a count of the rest.
+        self._unreachable_logged_at = -UNREACHABLE_LOG_EVERY
+        self._unreachable_unlogged = 0
         self.session = session
         self.addons = addons
         self.identities = identities
@@ -334,8 +341,9 @@ class Proxy:
                 client_response = self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
                 return client_response
             except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets a 502, never a bare 500
-                log.warning("upstream request failed for %s %s: %s", flow.method, flow.path, _upstream_failure(exc))
-                client_response = self._fail(flow, 502, "upstream_unreachable", f"The upstream could not be reached: {type(exc).__name__}.")
+                self._log_unreachable(flow, exc)
+                message = f"meter could not reach the upstream {self.upstream_host}: {type(exc).__name__}."
+                client_response = self._fail(flow, 502, "upstream_unreachable", message)
                 return client_response
             flow.ttfb_at = time.perf_counter()
             flow.status_code = upstream.status
@@ -369,6 +377,21 @@ class Proxy:
             self._finish(flow)
             if flow.reserved:
                 self.buffered_request_bytes -= flow.reserved
+
+    def _log_unreachable(self, flow: Flow, exc: BaseException) -> None:
+        """One warning line for a failed upstream request, at most one per
+        UNREACHABLE_LOG_EVERY seconds; the next one says how many were not logged."""
+        now = time.monotonic()
+        if now - self._unreachable_logged_at < UNREACHABLE_LOG_EVERY:
+            self._unreachable_unlogged += 1
+            return
+        more = self._unreachable_unlogged
+        self._unreachable_logged_at, self._unreachable_unlogged = now, 0
+        log.warning(
+            "upstream request failed for %s %s: upstream %s: %s%s",
+            flow.method, flow.path, self.upstream_host, _upstream_failure(exc),
+            f" ({more} more failed since the last such line)" if more else "",
+        )
 
     async def _relay(self, upstream: aiohttp.ClientResponse, client: web.StreamResponse, observer: Any, flow: Flow) -> None:
         content = upstream.content

@@ -60,10 +60,10 @@ def test_precedence_flags_env_file(tmp_path: Path) -> None:
     from meter.config import load_settings
 
     config = tmp_path / "meter.toml"
-    config.write_text('upstream = "http://file.example"\nlisten = "127.0.0.1:1111"\nadmin_listen = "127.0.0.1:2222"\n[keys]\n"abcd" = "team-a"\n')
+    config.write_text('upstream = "http://file.example"\nlisten = "127.0.0.1:1111"\nadmin_listen = "127.0.0.1:2222"\n[keys]\n"abcd0123abcd0123" = "team-a"\n')
     env = {"METER_CONFIG": str(config), "METER_LISTEN": "127.0.0.1:3333"}
     s = load_settings({"admin_listen": None}, env=env)
-    assert (s.upstream, s.listen, s.admin_listen, s.keys) == ("http://file.example", "127.0.0.1:3333", "127.0.0.1:2222", {"abcd": "team-a"})
+    assert (s.upstream, s.listen, s.admin_listen, s.keys) == ("http://file.example", "127.0.0.1:3333", "127.0.0.1:2222", {"abcd0123abcd0123": "team-a"})
     s = load_settings({"listen": "127.0.0.1:4444"}, env=env)
     assert s.listen == "127.0.0.1:4444"
     assert load_settings({}, env={}).upstream == "https://api.openai.com"

@@ -122,6 +122,8 @@ def budgets_from_ledger(ledger: str, config: str | None) -> list[dict[str, Any]]
 
 def run_budgets(args: argparse.Namespace) -> int:
     if args.url:
+        if args.config:
+            raise CommandError("--config does not apply with --url: a running meter reports the budgets of its own config; read with --ledger and --config instead")
         rows = budgets_from_url(args.url)
     else:
         ledger = args.ledger or load_settings({"config": args.config}).ledger
@@ -139,7 +141,7 @@ def add_budgets_command(subparsers: Any) -> None:
     )
     source = cmd.add_mutually_exclusive_group()
     source.add_argument("--url", metavar="http://ADMIN", help="ask a running meter's admin address (GET /api/budgets); sends METER_ADMIN_TOKEN when set")
-    source.add_argument("--ledger", metavar="PATH_OR_URL", help="read spend from this DuckDB file or postgresql:// URL (default: the configured ledger)")
-    cmd.add_argument("--config", help="TOML config with the [[budgets]] and [keys] (env METER_CONFIG)")
-    cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="(default table)")
+    source.add_argument("--ledger", metavar="PATH_OR_URL", help="read spend from this DuckDB file or postgresql:// URL (env METER_LEDGER; default: the configured ledger)")
+    cmd.add_argument("--config", help="TOML config with the [[budgets]] and [keys] (env METER_CONFIG); not with --url, where the meter's own budgets apply")
+    cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
     cmd.set_defaults(handler=run_budgets)

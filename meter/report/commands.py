@@ -43,6 +43,10 @@ from .reprice import Repricer, format_delta, reprice
 from .window import GROUP_FIELDS, ReportArgs, ReportError, parse_args, parse_window
 
 _WARNING = "meter: warning: the report may be incomplete: "
+URL_WITH_CONFIG = (
+    "--config does not apply with --url: a running meter names keys from its own config; "
+    "change its [keys] (and restart it), or report with --ledger and --config"
+)
 
 
 def _load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -68,6 +72,10 @@ def run_report(args: argparse.Namespace) -> int:
     try:
         wanted = parse_args(args.by, args.since, args.until, args.where, args.top)
         if args.url:
+            if args.config:
+                # Two configs naming keys (this one and the meter's) would give a report
+                # that matches neither the meter's metrics nor a --ledger report of it.
+                raise CommandError(URL_WITH_CONFIG)
             # the running meter names the keys from its own config
             rows, pending = report_url(args.url, wanted)
             if pending is not None:
@@ -161,7 +169,7 @@ def add_report_commands(subparsers: Any) -> None:
         "--ledger",
         action="append",
         metavar="PATH_OR_URL",
-        help="DuckDB file or postgresql:// URL; repeat to report over several replicas' files as one (default: the configured ledger)",
+        help="DuckDB file or postgresql:// URL; repeat to report over several replicas' files as one (env METER_LEDGER; default: the configured ledger)",
     )
     source.add_argument(
         "--url",
@@ -178,8 +186,8 @@ def add_report_commands(subparsers: Any) -> None:
         help="only rows whose FIELD (as in --by; key by name or key_id) is VALUE, an empty VALUE meaning none; repeat to AND several",
     )
     report_cmd.add_argument("--top", metavar="N", help="only the N groups of highest cost (then requests), highest first")
-    report_cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="(default table; csv and json have no total row)")
-    report_cmd.add_argument("--config", help="TOML config whose [keys] name key_ids (env METER_CONFIG)")
+    report_cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table; csv and json have no total row)")
+    report_cmd.add_argument("--config", help="TOML config whose [keys] name key_ids (env METER_CONFIG); not with --url, where the meter's own names apply")
     report_cmd.set_defaults(handler=run_report)
 
     reprice_cmd = subparsers.add_parser(
@@ -187,7 +195,7 @@ def add_report_commands(subparsers: Any) -> None:
         help="recompute cost_usd from the stored usage with today's prices",
         description="Recompute cost_usd of every row with usage (from --since on) with today's prices and config overrides; rewrites only rows whose cost changed.",
     )
-    reprice_cmd.add_argument("--ledger", metavar="PATH_OR_URL", help="DuckDB file or postgresql:// URL (default: the configured ledger; a DuckDB file must not be open in a running meter)")
+    reprice_cmd.add_argument("--ledger", metavar="PATH_OR_URL", help="DuckDB file or postgresql:// URL (env METER_LEDGER; default: the configured ledger; a DuckDB file must not be open in a running meter)")
     reprice_cmd.add_argument("--since", metavar="WHEN", help="only rows from this time on: ISO date/time or a span back from now (7d, 24h)")
     reprice_cmd.add_argument("--config", help="TOML config: [prices] provider and overrides (env METER_CONFIG)")
     reprice_cmd.add_argument("--upstream", help="upstream URL whose provider's prices apply (env METER_UPSTREAM; default https://api.openai.com)")

@@ -1,0 +1,258 @@
+"""The rough edges a new user meets in the first hour, each as they would meet it:
+`meter` run as a process, the official SDK against a real `meter serve`, the fake
+upstream, real logs read back from disk."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from meter.cli import build_parser
+from meter.config import ENV_PREFIX, Settings
+from meter.identity import key_id
+
+from .conftest import ROOT, SECRET_KEY, free_port, ledger_rows
+
+
+def run_meter(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "meter", *args], cwd=ROOT, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+
+
+async def run_meter_async(*args: str) -> subprocess.CompletedProcess[str]:
+    """`run_meter` off the event loop, for a meter served by this test's own loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, lambda: run_meter(*args))
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def serve_log(proc) -> str:  # type: ignore[no-untyped-def]
+    return Path(proc.log_path).read_text(errors="replace")
+
+
+# 1. `--config` with `--url` -------------------------------------------------
+
+
+async def test_report_and_budgets_refuse_config_with_url(upstream, meter_process, tmp_path: Path) -> None:
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"))
+    config = tmp_path / "names.toml"
+    config.write_text(f'[keys]\n"{key_id(SECRET_KEY)}" = "renamed"\n')
+    # The meter answers: without --config the report runs.
+    assert (await run_meter_async("report", "--url", proc.admin_url)).returncode == 0
+    for command in ("report", "budgets"):
+        line = one_error_line(await run_meter_async(command, "--url", proc.admin_url, "--config", str(config)))
+        assert line.startswith("meter: error: --config does not apply with --url"), line
+        assert "--ledger" in line  # what to do instead
+
+
+# 2. `--upstream http://host/v1` ---------------------------------------------
+
+
+async def test_upstream_ending_in_v1_warns_with_the_doubled_path(upstream, meter_process, tmp_path: Path) -> None:
+    doubled = meter_process("--upstream", upstream.url + "/v1", "--ledger", str(tmp_path / "a.duckdb"))
+    plain = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "b.duckdb"))
+    doubled.stop()
+    plain.stop()
+    [warning] = [line for line in serve_log(doubled).splitlines() if " WARNING " in line]
+    assert "/v1/v1/responses" in warning and f"set --upstream {upstream.url} " in warning, warning
+    assert "/v1/v1" not in serve_log(plain) and " WARNING " not in serve_log(plain)
+
+
+# 3. `--access-log` ----------------------------------------------------------
+
+
+async def test_access_log_one_line_per_request_never_the_key(upstream, meter_process, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.duckdb"
+    config = tmp_path / "meter.toml"
+    config.write_text(f'[keys]\n"{key_id(SECRET_KEY)}" = "team-search"\n')
+    # The variable turns it on; its lines show even when the rest of the log is at warning.
+    proc = meter_process(
+        "--upstream",
+        upstream.url,
+        "--ledger",
+        str(ledger),
+        "--config",
+        str(config),
+        "--log-level",
+        "warning",
+        env={"METER_ACCESS_LOG": "true"},
+    )
+    client = openai.AsyncOpenAI(base_url=proc.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    response = await client.responses.create(model="gpt-4o", input="hi")
+    await client.models.list(extra_query={"key": SECRET_KEY})
+    proc.stop()
+    lines = [line.split("meter.access: ", 1)[1] for line in serve_log(proc).splitlines() if "meter.access: " in line]
+    assert len(lines) == 2, serve_log(proc)
+    [row] = ledger_rows(ledger, "path = '/v1/responses'")
+    usage = response.usage
+    assert usage is not None
+    kid = key_id(SECRET_KEY)
+    pattern = (
+        rf"POST /v1/responses 200 model={re.escape(row['model'])} tokens={usage.input_tokens}/{usage.output_tokens} "
+        rf"cost_usd={re.escape(str(row['cost_usd']))} duration_ms=\d+ key_id={kid}"
+    )
+    assert re.fullmatch(pattern, lines[0]), (pattern, lines[0])
+    assert re.fullmatch(rf"GET /v1/models 200 model=- tokens=-/- cost_usd=- duration_ms=\d+ key_id={kid}", lines[1]), lines[1]
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET_KEY.encode() not in path.read_bytes(), path
+
+
+async def test_access_log_is_off_by_default(upstream, meter_process, tmp_path: Path) -> None:
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"))
+    await openai.AsyncOpenAI(base_url=proc.url + "/v1", api_key=SECRET_KEY, max_retries=0).responses.create(model="gpt-4o", input="hi")
+    proc.stop()
+    assert "meter.access" not in serve_log(proc)
+
+
+def test_access_log_quotes_a_hostile_model_name() -> None:
+    from meter.access_log import access_line
+    from meter.record import Record
+
+    line = access_line(
+        Record(id=None, started_at=0, finished_at=0, method="POST", path="/v1/responses", endpoint="responses", model="x\nFAKE 200 line")
+    )
+    assert "\n" not in line and 'model="x\\nFAKE 200 line"' in line, line
+
+
+# 4. a 502 names the upstream; its warning is rate-limited -------------------
+
+
+async def test_502_names_the_upstream_and_logs_one_line_per_interval(start_meter, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()
+    meter = await start_meter(f"http://127.0.0.1:{port}")
+    client = openai.AsyncOpenAI(base_url=meter.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    caplog.set_level(logging.WARNING, logger="meter")
+
+    async def fail() -> str:
+        with pytest.raises(openai.APIStatusError) as info:
+            await client.responses.create(model="gpt-4o", input="hi")
+        assert info.value.status_code == 502
+        body = info.value.body
+        assert isinstance(body, dict)
+        return str(body["message"])
+
+    for _ in range(3):
+        message = await fail()
+        assert f"upstream 127.0.0.1:{port}" in message and "ClientConnectorError" in message, message
+    failed = [r.getMessage() for r in caplog.records if "upstream request failed" in r.getMessage()]
+    assert len(failed) == 1 and f"upstream 127.0.0.1:{port}" in failed[0], failed
+    assert meter.meter.proxy is not None
+    meter.meter.proxy._unreachable_logged_at -= 60  # the interval has passed
+    await fail()
+    failed = [r.getMessage() for r in caplog.records if "upstream request failed" in r.getMessage()]
+    assert len(failed) == 2 and "(2 more failed since the last such line)" in failed[1], failed
+    assert SECRET_KEY not in caplog.text
+
+
+# 5. `meter --version` ------------------------------------------------------
+
+
+def test_version_is_the_installed_distributions() -> None:
+    dists = importlib.metadata.packages_distributions()["meter"]
+    result = run_meter("--version")
+    assert result.returncode == 0, result
+    assert result.stdout == f"meter {importlib.metadata.version(dists[0])}\n"
+
+
+# 6. `[keys]` validated -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("entry", "number"),
+    [
+        (f'"{SECRET_KEY}" = "team"', 1),  # the key pasted where its id goes
+        (f'"{key_id("a")}" = "ok"\n"team" = "{SECRET_KEY}"', 2),  # the key pasted as a name
+        (f'"{key_id("a")}" = "ok"\n"{"ab12" * 12}" = "long"', 2),  # too long for a key_id: a key of another shape
+    ],
+)
+def test_a_raw_key_in_keys_is_refused_without_being_echoed(tmp_path: Path, entry: str, number: int) -> None:
+    config = tmp_path / "meter.toml"
+    config.write_text(f"[keys]\n{entry}\n")
+    line = one_error_line(run_meter("serve", "--config", str(config), "--ledger", str(tmp_path / "l.duckdb")))
+    assert line.startswith(f"meter: error: config: [keys] entry {number} holds what looks like a raw API key"), line
+    assert SECRET_KEY not in line and SECRET_KEY[:12] not in line and "ab12ab12" not in line
+    assert not (tmp_path / "l.duckdb").exists()
+
+
+def test_a_key_id_that_is_not_16_hex_digits_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "meter.toml"
+    config.write_text(f'[keys]\n"{key_id("a")}" = "ok"\n"team-search" = "x"\n')
+    line = one_error_line(run_meter("serve", "--config", str(config)))
+    assert line == "meter: error: config: [keys] entry 2 ('team-search'): a key_id is 16 lower-case hex digits, from `meter keys id`", line
+
+
+# 7. every flag names its variable -------------------------------------------
+
+
+def _subparsers(parser: argparse.ArgumentParser, name: str = "meter") -> list[tuple[str, argparse.ArgumentParser]]:
+    found = [(name, parser)]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                found += _subparsers(sub, f"{name} {sub_name}")
+    return found
+
+
+def test_every_flag_with_a_variable_names_it_in_help() -> None:
+    settings = set(Settings.model_fields)
+    checked = 0
+    for command, parser in _subparsers(build_parser()):
+        for action in parser._actions:
+            if not action.option_strings or action.dest in ("help",):
+                continue
+            assert action.help and not action.help.startswith("("), (command, action.option_strings, action.help)
+            if action.dest in settings:
+                variable = ENV_PREFIX + action.dest.upper()
+                assert variable in action.help, (command, action.option_strings, action.help)
+                checked += 1
+    assert checked >= 25  # every serve setting, and report's, reprice's and budgets' --ledger and --config
+
+
+def test_serve_honours_every_variable_its_help_names() -> None:
+    from meter.config import settings_from_env
+
+    serve = dict(_subparsers(build_parser()))["meter serve"]
+    for action in serve._actions:
+        for variable in re.findall(r"METER_[A-Z_]+", action.help or ""):
+            name = variable.removeprefix(ENV_PREFIX).lower()
+            assert name in Settings.model_fields and settings_from_env({variable: "x"}) == {name: "x"}, variable
+
+
+# 8. one error prefix -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "prefix"),
+    [
+        (("serve", "--no-such-flag"), "meter: error: unrecognized arguments: --no-such-flag"),
+        (("serve", "--log-level", "loud"), "meter: error: serve: argument --log-level: invalid choice"),
+        (("serve", "--max-request-bytes", "many"), "meter: error: serve: argument --max-request-bytes: invalid int value"),
+        (("report", "--format", "xml"), "meter: error: report: argument --format: invalid choice"),
+        (("report", "--since", "yesterday-ish"), "meter: error: "),
+        (("keys",), "meter: error: keys: the following arguments are required"),
+        (("bogus",), "meter: error: argument command: invalid choice"),
+        ((), "meter: error: the following arguments are required: command"),
+    ],
+)
+def test_every_usage_error_has_one_prefix(args: tuple[str, ...], prefix: str) -> None:
+    line = one_error_line(run_meter(*args))
+    assert line.startswith(prefix), line
+    assert line.count("error:") == 1, line
