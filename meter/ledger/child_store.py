@@ -175,7 +175,8 @@ class ChildProcessStore:
         return int(self._call(("costs_commit", update)))
 
     def prune(self, before: datetime) -> Pruned:
-        return self._call(("prune", before), timeout=PRUNE_TIMEOUT)  # type: ignore[no-any-return]
+        pruned: Pruned = self._call(("prune", before), timeout=PRUNE_TIMEOUT)
+        return pruned
 
     def claim_alert(self, alert: AlertClaim, owner: str, lease_until: datetime) -> bool:
         return bool(self._call(("claim_alert", alert, owner, lease_until)))

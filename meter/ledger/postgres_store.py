@@ -34,6 +34,7 @@ from . import alert_claims
 from .alert_claims import AlertClaim
 from .migrations import migrate
 from .postgres_session import PostgresLedgerError, PostgresRefused, PostgresSession
+from .prune import PRESENT_TABLES_SQL, Pruned, statements, tally
 from .schema import COLUMN_TYPES, SQL_TYPES, claim_usage, select_from_batch
 from .store import COST_CHUNK_ROWS, chunks
 
@@ -184,6 +185,18 @@ class PostgresStore:
         finally:
             session.close()  # without the commit, closing rolls back
 
+    def prune(self, before: datetime) -> Pruned:
+        """The DELETEs of `prune` in one transaction, live (rows being written are newer),
+        then VACUUM (ANALYZE) so the space is reused and the planner knows the new size."""
+        session = self._session(command_timeout=None)  # one DELETE of millions of rows may take minutes
+        try:
+            deleted = session.run(lambda con: _prune(con, before), "prune")
+            for table in ("requests", "usage_claims"):
+                session.run(lambda con: con.execute(f"VACUUM (ANALYZE) {table}"), "vacuum")  # noqa: B023 - run awaits it at once
+            return tally(deleted)
+        finally:
+            session.close()
+
     # alert claims: a session of their own, so a claim never waits behind a batch or a report
 
     def _run(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
@@ -221,6 +234,16 @@ async def _open_cursor(con: Any, sql: str, params: list[Any]) -> Any:
     await con.transaction(readonly=True).start()
     stmt = await con.prepare(sql)
     return await stmt.cursor(*params)
+
+
+async def _prune(con: Any, before: datetime) -> dict[str, int]:
+    present = {row[0] for row in await con.fetch(PRESENT_TABLES_SQL)}
+    deleted: dict[str, int] = {}
+    async with con.transaction():
+        for table, sql, params in statements(before, present):
+            status = await con.execute(sql, *params)
+            deleted[table] = int(status.rsplit(" ", 1)[1])  # "DELETE n"
+    return deleted
 
 
 async def _begin_costs(con: Any) -> Any:

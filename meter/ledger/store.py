@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from ..config import StartupError
 from ..record import Record
 from .alert_claims import AlertClaim
+from .prune import Pruned
 
 
 class Store(Protocol):
@@ -57,6 +58,11 @@ class Store(Protocol):
         """Rewrite `requests.cost_usd` of these ids in one transaction, taking the
         iterable lazily (it may be fed by an `iter_query` on this same store); the
         number of rows updated."""
+        ...
+
+    def prune(self, before: datetime) -> Pruned:
+        """Delete the rows started before `before`, with the usage and alert claims that
+        follow them (`prune`), in one transaction; what was deleted."""
         ...
 
     # Budget alerts (SPEC §11): the claims in `alert_claims`, see `alert_claims`.
