@@ -171,6 +171,7 @@ async def test_live_duckdb_meter_answers_and_refuses_every_way_out(upstream, met
     assert_one_line_error(refused, "Permission Error", "/etc/passwd")
     assert "root:" not in refused.stderr
     assert_one_line_error(await arun_meter("sql", count_sql, "--url", meter.admin_url), "401", "METER_ADMIN_TOKEN")
+    assert_one_line_error(await arun_meter("sql", count_sql, "--url", meter.admin_url, "--config", str(tmp_path / "x.toml")), "--config", "--url")
     # the file is held: --ledger says to ask the running meter
     assert_one_line_error(await arun_meter("sql", count_sql, "--ledger", str(ledger)), "--url")
     meter.stop()

@@ -91,6 +91,9 @@ def run_sql(args: argparse.Namespace) -> int:
     limit, timeout = args.limit, args.timeout
     if limit < 1 or timeout <= 0:
         raise CommandError("sql: --limit must be at least 1 and --timeout above 0")
+    if args.url and args.config:
+        # never silently ignored: the running meter queries its own ledger
+        raise CommandError("sql: --config does not apply with --url: the running meter queries the ledger of its own config")
     try:
         if args.url:
             columns, rows, truncated = sql_url(args.url, args.sql, limit, timeout)
@@ -119,9 +122,9 @@ def add_sql_command(subparsers: Any) -> None:
     )
     cmd.add_argument("sql", metavar="SQL", help='one SELECT statement, e.g. "SELECT model, count(*) FROM requests GROUP BY ALL"')
     source = cmd.add_mutually_exclusive_group()
-    source.add_argument("--ledger", action="append", metavar="PATH_OR_URL", help="DuckDB file (not open in a running meter; repeat for several as one) or postgresql:// URL (default: the configured ledger)")
+    source.add_argument("--ledger", action="append", metavar="PATH_OR_URL", help="DuckDB file (not open in a running meter; repeat for several as one) or postgresql:// URL (env METER_LEDGER; default: the configured ledger)")
     source.add_argument("--url", metavar="http://ADMIN", help="ask a running meter's admin address; sends METER_ADMIN_TOKEN as a bearer token when set")
-    cmd.add_argument("--config", help="TOML config whose ledger is queried when neither --ledger nor --url is given (env METER_CONFIG)")
+    cmd.add_argument("--config", help="TOML config whose ledger is queried when neither --ledger nor --url is given (env METER_CONFIG); not with --url")
     cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="(default table)")
     cmd.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N", help=f"print at most N rows (default {DEFAULT_LIMIT})")
     cmd.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"stop the query after this long (default {DEFAULT_TIMEOUT:g})")
