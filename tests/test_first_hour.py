@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
@@ -47,19 +49,35 @@ def serve_log(proc) -> str:  # type: ignore[no-untyped-def]
     return Path(proc.log_path).read_text(errors="replace")
 
 
-# 1. `--config` with `--url` -------------------------------------------------
+# 1. `--config` with `--url` ----------------------------------------------
 
 
-async def test_report_and_budgets_refuse_config_with_url(upstream, meter_process, tmp_path: Path) -> None:
-    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"))
-    config = tmp_path / "names.toml"
-    config.write_text(f'[keys]\n"{key_id(SECRET_KEY)}" = "renamed"\n')
-    # The meter answers: without --config the report runs.
-    assert (await run_meter_async("report", "--url", proc.admin_url)).returncode == 0
-    for command in ("report", "budgets"):
-        line = one_error_line(await run_meter_async(command, "--url", proc.admin_url, "--config", str(config)))
-        assert line.startswith("meter: error: --config does not apply with --url"), line
-        assert "--ledger" in line  # what to do instead
+async def test_report_url_honours_config_names_over_the_meters(upstream, meter_process, tmp_path: Path) -> None:
+    served = tmp_path / "served.toml"
+    served.write_text(f'[keys]\n"{key_id(SECRET_KEY)}" = "team-search"\n')
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), "--config", str(served))
+    await openai.AsyncOpenAI(base_url=proc.url + "/v1", api_key=SECRET_KEY, max_retries=0).responses.create(model="gpt-4o", input="hi")
+    other = tmp_path / "names.toml"
+    other.write_text(f'[keys]\n"{key_id(SECRET_KEY)}" = "renamed"\n"{key_id("another")}" = "team-other"\n')
+
+    async def keys(*extra: str) -> list[str | None]:
+        result = await run_meter_async("report", "--url", proc.admin_url, "--by", "key", "--format", "json", *extra)
+        assert result.returncode == 0, result.stderr
+        return [row["key"] for row in json.loads(result.stdout)]
+
+    assert await keys() == ["team-search"]  # the meter's own names
+    assert await keys("--config", str(other)) == ["renamed"]  # the flag's over them
+    assert await keys("--config", str(other), "--where", "key=renamed") == ["renamed"]  # in --where too
+    assert await keys("--config", str(other), "--where", "key=team-search") == []
+    # A body that is not a [keys] table is one line, 400; a raw key in it is not echoed.
+    async with aiohttp.ClientSession() as http:
+        for body in (b"not json", json.dumps({"keys": {SECRET_KEY: "x"}}).encode()):
+            async with http.post(proc.admin_url + "/api/report", data=body) as answer:
+                text = await answer.text()
+                assert answer.status == 400 and json.loads(text)["error"].startswith("keys: ") and SECRET_KEY not in text, text
+    # `meter budgets --url` shows the meter's own budgets: a config there cannot apply.
+    line = one_error_line(await run_meter_async("budgets", "--url", proc.admin_url, "--config", str(other)))
+    assert line.startswith("meter: error: --config does not apply with --url"), line
 
 
 # 2. `--upstream http://host/v1` ---------------------------------------------

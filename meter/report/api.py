@@ -19,10 +19,11 @@ a 500.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import TYPE_CHECKING
 
-from ..config import Settings
+from ..config import SettingError, Settings, keys_from_toml
 from ..ledger import LedgerNotOpen, LedgerUnavailable, Store
 from .client import PENDING_HEADER
 from .query import one_line, report
@@ -35,6 +36,21 @@ if TYPE_CHECKING:
     from ..ledger import LedgerWriter
 
 log = logging.getLogger("meter.report")
+
+
+def posted_key_names(body: bytes) -> dict[str, str]:
+    """`{"keys": {key_id: name, ...}}`, checked as the config's `[keys]` is."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ReportError('keys: the body must be JSON: {"keys": {"<key_id>": "<name>", ...}}') from None
+    table = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+        raise ReportError('keys: the body must be JSON: {"keys": {"<key_id>": "<name>", ...}}')
+    try:
+        return keys_from_toml(table)
+    except SettingError as exc:
+        raise ReportError(str(exc).replace("config: [keys]", "keys:", 1)) from None
 
 
 class ReportAPI:
@@ -51,6 +67,9 @@ class ReportAPI:
 
     def admin_routes(self, app: web.Application) -> None:
         app.router.add_get("/api/report", self.handle_report)
+        # POST: the same report, keys named by the caller's `[keys]` over this meter's
+        # (`meter report --url --config`); a body, since a config may name many keys.
+        app.router.add_post("/api/report", self.handle_report)
 
     async def stop(self) -> None:
         """Nothing to release: the store is the server's and is closed by it."""
@@ -63,11 +82,17 @@ class ReportAPI:
             args = parse_args(q.getall("by", []), q.get("since") or None, q.get("until") or None, q.getall("where", []), q.get("top"))
         except ReportError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        key_names = self.key_names
+        if request.method == "POST":
+            try:
+                key_names = {**key_names, **posted_key_names(await request.read())}
+            except ReportError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
         loop = asyncio.get_running_loop()
         try:
             if self.ledger_writer is not None:
                 await loop.run_in_executor(None, self.ledger_writer.flush, self.FLUSH_WAIT)
-            rows = await loop.run_in_executor(None, report, self.store, args, self.key_names)
+            rows = await loop.run_in_executor(None, report, self.store, args, key_names)
         except LedgerNotOpen:
             return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)
         except Exception as exc:  # any failure is one line to the caller and the log, never a traceback page

@@ -16,6 +16,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from typing import Any
 
 from .render import parse_json_rows
@@ -59,15 +60,21 @@ def report_query(args: ReportArgs) -> list[tuple[str, str]]:
     return query
 
 
-def report_url(base: str, args: ReportArgs, timeout: float = 60.0) -> tuple[list[dict[str, Any]], int | None]:
+def report_url(base: str, args: ReportArgs, timeout: float = 60.0, key_names: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], int | None]:
     """Ask a running meter's admin API; returns the same rows as a ledger report, and the
-    number of records the meter says are not yet in its ledger (None when it says none)."""
+    number of records the meter says are not yet in its ledger (None when it says none).
+    With `key_names` (`--config`'s `[keys]`) the report is POSTed with them: they name
+    keys over the meter's own config."""
     parsed = urllib.parse.urlsplit(base)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ReportError(f"--url: expected the admin address as http://HOST:PORT, got {base!r}")
     query = report_query(args)
     url = base.rstrip("/") + "/api/report" + ("?" + urllib.parse.urlencode(query) if query else "")
-    request = urllib.request.Request(url, headers=admin_headers())
+    if key_names:
+        payload = json.dumps({"keys": dict(key_names)}).encode()
+        request = urllib.request.Request(url, data=payload, headers={**admin_headers(), "Content-Type": "application/json"}, method="POST")
+    else:
+        request = urllib.request.Request(url, headers=admin_headers())
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             body = resp.read().decode("utf-8")

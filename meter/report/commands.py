@@ -2,7 +2,8 @@
 
 `meter report` sums the ledger per group (`meter.report.query`), over the rows
 every `--where` selects, keeping the `--top` groups, with key names from the
-config in force (`--config` for a ledger, the running meter's own for `--url`),
+config in force (`--config` for a ledger; for `--url` the running meter's own,
+with the `[keys]` of a `--config` flag over them),
 over
 
 - one or more DuckDB files (`--ledger`, repeatable: the replicas of a fleet
@@ -43,10 +44,6 @@ from .reprice import Repricer, format_delta, reprice
 from .window import GROUP_FIELDS, ReportArgs, ReportError, parse_args, parse_window
 
 _WARNING = "meter: warning: the report may be incomplete: "
-URL_WITH_CONFIG = (
-    "--config does not apply with --url: a running meter names keys from its own config; "
-    "change its [keys] (and restart it), or report with --ledger and --config"
-)
 
 
 def _load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
@@ -72,12 +69,10 @@ def run_report(args: argparse.Namespace) -> int:
     try:
         wanted = parse_args(args.by, args.since, args.until, args.where, args.top)
         if args.url:
-            if args.config:
-                # Two configs naming keys (this one and the meter's) would give a report
-                # that matches neither the meter's metrics nor a --ledger report of it.
-                raise CommandError(URL_WITH_CONFIG)
-            # the running meter names the keys from its own config
-            rows, pending = report_url(args.url, wanted)
+            # The running meter names the keys from its own config; a --config given
+            # here names them over it (the flag only: METER_CONFIG is the meter's own).
+            names = _load_settings(args).keys if args.config else None
+            rows, pending = report_url(args.url, wanted, key_names=names)
             if pending is not None:
                 # stdout keeps its shape for scripts; the caveat goes to stderr, once.
                 print(f"{_WARNING}the ledger is failing or behind, {pending} records not yet in it", file=sys.stderr)
@@ -187,7 +182,7 @@ def add_report_commands(subparsers: Any) -> None:
     )
     report_cmd.add_argument("--top", metavar="N", help="only the N groups of highest cost (then requests), highest first")
     report_cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table; csv and json have no total row)")
-    report_cmd.add_argument("--config", help="TOML config whose [keys] name key_ids (env METER_CONFIG); not with --url, where the meter's own names apply")
+    report_cmd.add_argument("--config", help="TOML config whose [keys] name key_ids (env METER_CONFIG); with --url its names override the meter's own")
     report_cmd.set_defaults(handler=run_report)
 
     reprice_cmd = subparsers.add_parser(
