@@ -235,6 +235,7 @@ class WebSocketRelay:
         max_metered_bytes: int = 64 << 20,
     ) -> None:
         base = URL(upstream.rstrip("/"))
+        self.upstream_host = f"{base.host}:{base.port}"  # named in a 502 and its log line; never the userinfo
         self.upstream = str(base.with_scheme({"https": "wss", "http": "ws"}.get(base.scheme, base.scheme)))
         self.session = session
         self.addons = addons
@@ -309,8 +310,8 @@ class WebSocketRelay:
         except TimeoutError:
             return self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
         except Exception as exc:  # noqa: BLE001 - any failure to reach the upstream is a 502, never a bare 500
-            log.warning("upstream WebSocket handshake failed for %s: %s", flow.path, type(exc).__name__)
-            return self._fail(flow, 502, "upstream_unreachable", f"The upstream could not be reached: {type(exc).__name__}.")
+            log.warning("upstream WebSocket handshake failed for %s: upstream %s: %s", flow.path, self.upstream_host, type(exc).__name__)
+            return self._fail(flow, 502, "upstream_unreachable", f"meter could not reach the upstream {self.upstream_host}: {type(exc).__name__}.")
         finally:
             _HANDSHAKE.reset(token)
         return await self._relay(request, flow, upstream, sink[0] if sink else CIMultiDict())

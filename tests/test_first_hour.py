@@ -178,6 +178,17 @@ async def test_502_names_the_upstream_and_logs_one_line_per_interval(start_meter
     failed = [r.getMessage() for r in caplog.records if "upstream request failed" in r.getMessage()]
     assert len(failed) == 2 and "(2 more failed since the last such line)" in failed[1], failed
     assert SECRET_KEY not in caplog.text
+    # A WebSocket upgrade's 502 names it too.
+    upgrade = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    async with aiohttp.ClientSession() as http, http.get(meter.url + "/v1/responses", headers=upgrade) as answer:
+        assert answer.status == 502
+        message = (await answer.json())["error"]["message"]
+    assert message == f"meter could not reach the upstream 127.0.0.1:{port}: ClientConnectorError.", message
 
 
 # 5. `meter --version` ------------------------------------------------------
