@@ -20,7 +20,7 @@ from typing import Any
 from .command import CommandError
 from .config import load_settings, redact_url
 from .ledger import DuckDBStore, LedgerReadError, open_reader
-from .ledger.prune import COUNT_SQL, bound_memory, compact
+from .ledger.prune import COUNT_SQL, Pruned, bound_memory, compact
 from .report.query import one_line
 from .report.window import ReportError, parse_when
 
@@ -54,7 +54,9 @@ def run_prune(args: argparse.Namespace) -> int:
         if isinstance(store, DuckDBStore):
             bound_memory(store.con)
         pruned = store.prune(before)
-        if isinstance(store, DuckDBStore):
+        if isinstance(store, DuckDBStore) and pruned != Pruned():
+            # A prune that deleted nothing leaves the file as it was, uncopied (a daily
+            # prune of a large ledger would otherwise rewrite it every day).
             con, store.con = store.con, None  # compact closes it
             compact(con, store.path)
     except Exception as exc:  # noqa: BLE001 -- whatever the store raises is one line, never a traceback

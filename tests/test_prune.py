@@ -133,8 +133,25 @@ def test_prune_duckdb_keeps_claims_consistent(tmp_path: Path) -> None:
         check_claims_after_prune(store, result.stdout)
     finally:
         store.close()
+    inode = ledger.stat().st_ino
     again = run_meter("prune", "--older-than", "180d", "--ledger", str(ledger))
     assert again.stdout.startswith("pruned 0 rows older than ")
+    assert ledger.stat().st_ino == inode  # nothing deleted: the file is not rewritten
+
+
+def test_prune_keeps_a_symlinked_ledger_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    real = tmp_path / "data" / "meter.duckdb"
+    seeded_duckdb(real)
+    link = tmp_path / "meter.duckdb"
+    link.symlink_to(real)
+    result = run_meter("prune", "--older-than", "180d", "--ledger", str(link))
+    assert result.stdout.startswith("pruned 3 rows older than "), result.stderr
+    assert link.is_symlink() and link.resolve() == real
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["meter.duckdb"]
+    con = duckdb.connect(str(real), read_only=True)
+    assert con.execute("SELECT count(*) FROM requests").fetchone() == (3,)
+    con.close()
 
 
 def test_prune_postgres_live(pg_url: str) -> None:

@@ -104,7 +104,8 @@ def compact(con: Any, path: str) -> None:
     """Rewrite the DuckDB file `path`, open for writing on `con`, without its free space;
     closes `con`.  The copy is made beside the file and moved over it only once it is
     whole, so a failure leaves the ledger as it was (pruned, not compacted)."""
-    fresh = f"{path}.compact"
+    target = os.path.realpath(path)  # a symlinked ledger stays a symlink
+    fresh = f"{target}.compact"
     for leftover in (fresh, fresh + ".wal"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(leftover)  # a compaction interrupted earlier
@@ -128,11 +129,11 @@ def compact(con: Any, path: str) -> None:
         # Never move a file over one whose WAL would then be replayed into it.
         os.remove(fresh)
         raise RuntimeError(f"{path} still has a write-ahead log after closing; not compacted")
-    os.chmod(fresh, stat.S_IMODE(os.stat(path).st_mode))  # the ledger keeps the mode its operator gave it
+    os.chmod(fresh, stat.S_IMODE(os.stat(target).st_mode))  # the ledger keeps the mode its operator gave it
     with open(fresh, "rb") as f:
         os.fsync(f.fileno())
-    os.replace(fresh, path)
-    directory = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    os.replace(fresh, target)
+    directory = os.open(os.path.dirname(target), os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself survives a crash
     finally:
