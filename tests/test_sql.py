@@ -86,6 +86,9 @@ def test_stopped_file_answers_and_refuses_every_way_out(tmp_path: Path) -> None:
         assert "\n" not in str(refused.value) and str(refused.value), sql
     assert_nothing_written(scratch)
     assert sql_ledgers([str(ledger)], "SELECT count(*), sum(cost_usd) FROM requests", 10, 10).rows == before
+    # bounded in bytes as well as rows: 40 values of 1 MB stop at about 16 MiB
+    big = sql_ledgers([str(ledger)], "SELECT repeat('x', 1000000) AS v FROM range(40)", 100, 30)
+    assert big.truncated == "bytes" and 10 <= len(big.rows) <= 16
     # the ledger's other tables are its own, and readable
     assert sql_ledgers([str(ledger)], "SELECT count(*) FROM l1.usage_claims", 10, 10).rows[0][0] >= 0
 
