@@ -257,10 +257,23 @@ def settings_from_toml(path: str) -> dict[str, Any]:
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
-def _looks_like_a_key(text: str) -> bool:
-    """A raw API key rather than a key_id or a name: a provider prefix, or too long
-    for either (OpenAI's keys are 51 characters and up)."""
-    return text.lower().startswith(("sk-", "sk_", "bearer ")) or len(text) >= 40
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9._~+/=-]{32,}")
+_HEX_RUN = re.compile(r"[0-9a-fA-F]{32,}")
+
+
+def _looks_like_a_key(text: str, *, as_name: bool = False) -> bool:
+    """A raw API key rather than a key_id or a name: a provider prefix, or, where a
+    key_id goes, anything of a key's length (32 and up: never a key_id, so never
+    worth quoting); where a name goes, an unbroken run of 32 or more characters
+    that is hex (Azure's keys) or mixes upper case, lower case and digits (most
+    others').  A team's long name is lower-case words, or has spaces."""
+    if text.lower().startswith(("sk-", "sk_", "bearer ")):
+        return True
+    if not as_name:
+        return len(text) >= 32
+    if _HEX_RUN.fullmatch(text):
+        return True
+    return _TOKEN_LIKE.fullmatch(text) is not None and not text.islower() and not text.isupper() and any(c.isdigit() for c in text)
 
 
 def keys_from_toml(table: Mapping[Any, Any]) -> dict[str, str]:
@@ -270,7 +283,7 @@ def keys_from_toml(table: Mapping[Any, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for i, (kid, name) in enumerate(table.items(), 1):
         kid, name = str(kid), str(name)
-        if _looks_like_a_key(kid) or _looks_like_a_key(name):
+        if _looks_like_a_key(kid) or _looks_like_a_key(name, as_name=True):
             raise SettingError(
                 f"config: [keys] entry {i} holds what looks like a raw API key, which meter never stores: "
                 "remove it and name the key by its key_id (printf %s \"$KEY\" | meter keys id)"

@@ -78,7 +78,7 @@ def add_prune_command(subparsers: Any) -> None:
         ),
     )
     prune.add_argument("--older-than", dest="older_than", required=True, metavar="WHEN", help="a span back from now (180d, 26w, 24h) or an ISO date or time (UTC without an offset)")
-    prune.add_argument("--ledger", metavar="PATH_OR_URL", help="DuckDB file or postgresql:// URL (default: the configured ledger; a DuckDB file must not be open in a running meter)")
+    prune.add_argument("--ledger", metavar="PATH_OR_URL", help="DuckDB file or postgresql:// URL (env METER_LEDGER; default: the configured ledger; a DuckDB file must not be open in a running meter)")
     prune.add_argument("--config", help="TOML config naming the ledger (env METER_CONFIG)")
     prune.add_argument("--dry-run", dest="dry_run", action="store_true", help="count the rows that would go, without deleting")
     prune.set_defaults(handler=run_prune)

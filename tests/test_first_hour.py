@@ -210,6 +210,8 @@ def test_version_is_the_installed_distributions() -> None:
         (f'"{SECRET_KEY}" = "team"', 1),  # the key pasted where its id goes
         (f'"{key_id("a")}" = "ok"\n"team" = "{SECRET_KEY}"', 2),  # the key pasted as a name
         (f'"{key_id("a")}" = "ok"\n"{"ab12" * 12}" = "long"', 2),  # too long for a key_id: a key of another shape
+        (f'"{key_id("a")}" = "AIzaSyD4x9Qw3Lk2m0Zr8Tn5Vb7Xc1Yh6Jp0ab12"', 1),  # another provider's key as a name
+        (f'"{key_id("a")}" = "ok"\n"{key_id("b")}" = "{"0a1b2c3d" * 4}"', 2),  # a hex key (Azure's shape) as a name
     ],
 )
 def test_a_raw_key_in_keys_is_refused_without_being_echoed(tmp_path: Path, entry: str, number: int) -> None:
@@ -217,8 +219,27 @@ def test_a_raw_key_in_keys_is_refused_without_being_echoed(tmp_path: Path, entry
     config.write_text(f"[keys]\n{entry}\n")
     line = one_error_line(run_meter("serve", "--config", str(config), "--ledger", str(tmp_path / "l.duckdb")))
     assert line.startswith(f"meter: error: config: [keys] entry {number} holds what looks like a raw API key"), line
-    assert SECRET_KEY not in line and SECRET_KEY[:12] not in line and "ab12ab12" not in line
+    assert (
+        SECRET_KEY not in line
+        and SECRET_KEY[:12] not in line
+        and "ab12ab12" not in line
+        and "AIzaSy" not in line
+        and "0a1b2c3d" not in line
+    )
     assert not (tmp_path / "l.duckdb").exists()
+
+
+def test_long_team_names_are_not_taken_for_keys(tmp_path: Path) -> None:
+    from meter.config import load_settings
+
+    config = tmp_path / "meter.toml"
+    names = {
+        key_id("a"): "platform-infrastructure-search-relevance-team",
+        key_id("b"): "Search relevance team for the 2026 relaunch",
+        key_id("c"): "team-search-2026-relaunch-europe-1",
+    }
+    config.write_text("[keys]\n" + "".join(f'"{k}" = "{v}"\n' for k, v in names.items()))
+    assert load_settings({"config": str(config)}, env={}).keys == names
 
 
 def test_a_key_id_that_is_not_16_hex_digits_is_refused(tmp_path: Path) -> None:

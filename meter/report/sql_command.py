@@ -125,7 +125,7 @@ def add_sql_command(subparsers: Any) -> None:
     source.add_argument("--ledger", action="append", metavar="PATH_OR_URL", help="DuckDB file (not open in a running meter; repeat for several as one) or postgresql:// URL (env METER_LEDGER; default: the configured ledger)")
     source.add_argument("--url", metavar="http://ADMIN", help="ask a running meter's admin address; sends METER_ADMIN_TOKEN as a bearer token when set")
     cmd.add_argument("--config", help="TOML config whose ledger is queried when neither --ledger nor --url is given (env METER_CONFIG); not with --url")
-    cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="(default table)")
+    cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
     cmd.add_argument("--limit", type=int, default=DEFAULT_LIMIT, metavar="N", help=f"print at most N rows (default {DEFAULT_LIMIT})")
     cmd.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help=f"stop the query after this long (default {DEFAULT_TIMEOUT:g})")
     cmd.set_defaults(handler=run_sql)
