@@ -11,6 +11,8 @@ One concern per module, read in this order:
 - `client`: `meter report --url`, a running meter's report over HTTP;
 - `api`: the admin handler of `GET /api/report` that client asks;
 - `commands`: the `report` and `reprice` commands wired into `meter.cli`.
+- `sql_command`, `sql_api`, `sql_render`: `meter sql`, one read-only SELECT
+  (confined by `meter.ledger.sql`), its `POST /api/sql` and its output.
 """
 
 from __future__ import annotations
