@@ -170,6 +170,14 @@ async def test_console_in_chromium(upstream: Any, meter_process: Any, tmp_path: 
         assert await browser.evaluate(TABLE_JS) == _expected(tagged)
         assert {r["key"] for r in tagged} == {"team-search"}
 
+        # The last 24 hours, per hour: the report's over that window, the chart's bars by hour.
+        loads = await _loads(browser)
+        await browser.evaluate("document.getElementById('f-tag').value = ''; const r = document.getElementById('range'); r.value = '24h'; r.dispatchEvent(new Event('change'))")
+        await browser.wait_for(f"Number(document.body.dataset.loaded || 0) > {loads}")
+        day = await _report(meter.admin_url, "--by", "key,model", "--since", "24h")
+        assert await browser.evaluate(TABLE_JS) == _expected(day) == _expected(by_key_model)
+        assert (await browser.evaluate("document.getElementById('chart-title').textContent")).startswith("Cost per hour by model")
+
         # Back to everything for the picture a person would see first.
         loads = await _loads(browser)
         await browser.evaluate("document.getElementById('f-tag').value = ''; document.getElementById('split').value = 'key'; document.querySelector('#filters button').click()")

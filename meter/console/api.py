@@ -122,6 +122,6 @@ class Console:
             row = dict(zip(names, values))
             kid = row.pop("key_id")
             stored = row.pop("key_name")
-            row = {"key": (api.key_names.get(kid) or stored or kid) if kid is not None else None, **row}
+            row = {"key": (api.key_names.get(kid) or stored or kid) if kid is not None else None, "key_hint": row.pop("key_hint"), **row}
             out.append({k: _json_value(v) for k, v in row.items()})
         return out

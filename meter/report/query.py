@@ -104,9 +104,29 @@ def _group_exprs(dialect: str, has_sessions: bool = True) -> dict[str, str]:
     }
 
 
+# `day` and `hour` are grouped on the UTC day or hour as a number or timestamp,
+# and written as text only once per group: formatting a timestamp on each of a
+# million rows took DuckDB 0.4 s, the number 0.03 s.  Each is (the bucket's SQL,
+# its text from the bucket's column `{g}`).
+_BUCKETS = {
+    "duckdb": {
+        "day": ("epoch_us(started_at) // 86400000000", "strftime(make_timestamp({g} * 86400000000), '%Y-%m-%d')"),
+        "hour": ("epoch_us(started_at) // 3600000000", "strftime(make_timestamp({g} * 3600000000), '%Y-%m-%dT%H:00:00Z')"),
+    },
+    "postgresql": {
+        "day": ("date_trunc('day', started_at AT TIME ZONE 'UTC')", "to_char({g}, 'YYYY-MM-DD')"),
+        "hour": ("date_trunc('hour', started_at AT TIME ZONE 'UTC')", "to_char({g}, 'YYYY-MM-DD\"T\"HH24\":00:00Z\"')"),
+    },
+}
+
 # The newest name stored with a key_id's rows (the config that wrote it may since
-# have renamed the key); the same text on both dialects.
-_STORED_NAME = "(array_agg(key_name ORDER BY started_at DESC) FILTER (WHERE key_name IS NOT NULL))[1]"
+# have renamed the key).  DuckDB's arg_max keeps one value per group where the
+# ordered array_agg sorted every row (1.9 s of a million rows by hour and key, then
+# 0.2 s); PostgreSQL has no arg_max.
+_STORED_NAME = {
+    "duckdb": "arg_max(key_name, started_at) FILTER (WHERE key_name IS NOT NULL)",
+    "postgresql": "(array_agg(key_name ORDER BY started_at DESC) FILTER (WHERE key_name IS NOT NULL))[1]",
+}
 
 
 class _Params:
@@ -179,15 +199,22 @@ def report_sql(
     params = _Params()
     select: list[str] = []
     group: list[str] = []
+    outer: list[str] = []  # the columns as returned: a time bucket written as text
     for n, name in enumerate(by):
         if name == "key":
             select += ["key_id AS key_id", "key_hint AS key_hint"]
             group += [str(len(select) - 1), str(len(select))]
-            select.append(f"{_STORED_NAME} AS key_name")
+            select.append(f"{_STORED_NAME[dialect]} AS key_name")
+            outer += ["key_id", "key_hint", "key_name"]
             continue
+        outer.append(f"g{n}")
         tag = tag_name(name)
         if tag is not None:
             select.append(f"{_tag_expr(dialect, tag, params)} AS g{n}")
+        elif name in _BUCKETS[dialect]:
+            bucket, text = _BUCKETS[dialect][name]
+            select.append(f"{bucket} AS g{n}")
+            outer[-1] = f"{text.format(g=f'g{n}')} AS g{n}"
         elif name in exprs:
             select.append(f"{exprs[name]} AS g{n}")
         else:
@@ -211,6 +238,9 @@ def report_sql(
         sql += " WHERE " + " AND ".join(conditions)
     if group:
         sql += " GROUP BY " + ", ".join(group)
+    if any(name in _BUCKETS[dialect] for name in by):
+        # Same columns in the same positions (a bucket's number and its text sort alike).
+        sql = "SELECT " + ", ".join([*outer, *METRIC_COLUMNS]) + f" FROM ({sql}) AS grouped"
     order = [f"{g} NULLS LAST" for g in group]
     if top is not None:
         sql += " ORDER BY " + ", ".join(["cost_usd DESC NULLS LAST", "requests DESC", *order])

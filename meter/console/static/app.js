@@ -125,7 +125,9 @@
     const fmt = metric === "cost_usd" ? (v) => "$" + fmtShort(v) : fmtShort;
     const what = { cost_usd: "Cost", tokens: "Tokens", requests: "Requests" }[metric];
     $("chart-title").textContent = `${what} per ${kind} by ${split}`;
-    window.meterChart.drawStackedBars($("chart"), { buckets: labels, series, format: fmt });
+    // An hour's axis label without its date's year and zone: "11-30 14:00".
+    const shownLabels = kind === "hour" ? labels.map((b) => b.slice(5, 10) + " " + b.slice(11, 16)) : labels;
+    window.meterChart.drawStackedBars($("chart"), { buckets: shownLabels, series, format: fmt });
   }
 
   function drawTable(rows) {
