@@ -215,3 +215,66 @@ async def test_page_loads_without_the_token_and_data_does_not(meter_process: Any
             assert r.status == 400 and "limit" in (await r.json())["error"]
         async with s.get(guarded.admin_url + "/api/requests?where=colour=red", headers=headers) as r:
             assert r.status == 400 and "colour" in (await r.json())["error"]
+
+
+def test_console_files_ship_in_the_package() -> None:
+    """A non-editable `pip install .` serves the same page: pyproject's package-data
+    covers every file the console serves."""
+    import tomllib
+
+    from meter.console.api import STATIC_FILES
+
+    static = ROOT / "meter" / "console" / "static"
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["meter.console"]
+    shipped = {p.name for g in globs for p in (ROOT / "meter" / "console").glob(g)}
+    assert {"index.html", *STATIC_FILES} <= shipped
+    assert {p.name for p in static.iterdir()} <= shipped
+
+
+EDGE_TIMES = ["1969-12-31 23:30:00+00", "0001-01-01 05:10:00+00", "2026-11-30 15:59:59.999999+00", "9999-12-31 23:59:59+00"]
+EDGE_BUCKETS = [
+    ("0001-01-01", "0001-01-01T05:00:00Z"),
+    ("1969-12-31", "1969-12-31T23:00:00Z"),
+    ("2026-11-30", "2026-11-30T15:00:00Z"),
+    ("9999-12-31", "9999-12-31T23:00:00Z"),
+]
+
+
+def _buckets(store: Any) -> list[tuple[str, str]]:
+    from meter.report.query import report
+    from meter.report.window import parse_args
+
+    store.open()
+    try:
+        return [(r["day"], r["hour"]) for r in report(store, parse_args("day,hour", None, None))]
+    finally:
+        store.close()
+
+
+def test_report_days_and_hours_are_utc_before_1970_and_at_the_ends_duckdb(tmp_path: Path) -> None:
+    """The console's time buckets (the report's `day`, `hour`, grouped on a number):
+    a row before 1970 is in the day and hour it started in, on both ends of time."""
+    import duckdb
+
+    from meter.ledger import DuckDBStore
+
+    path = tmp_path / "edges.duckdb"
+    store = DuckDBStore(str(path))
+    store.open()
+    store.close()
+    con = duckdb.connect(str(path))
+    for t in EDGE_TIMES:
+        con.execute("INSERT INTO requests (id, started_at) VALUES (uuid(), CAST($1 AS TIMESTAMPTZ))", [t])
+    con.close()
+    assert _buckets(DuckDBStore(str(path))) == EDGE_BUCKETS
+
+
+def test_report_days_and_hours_are_utc_before_1970_and_at_the_ends_postgresql(pg_url: str) -> None:
+    from meter.ledger import PostgresStore
+    from tests.pg import execute
+
+    store = PostgresStore(pg_url)
+    store.open()
+    store.close()
+    execute(pg_url, "INSERT INTO requests (id, started_at) VALUES (gen_random_uuid(), $1::text::timestamptz)", [(t,) for t in EDGE_TIMES])
+    assert _buckets(PostgresStore(pg_url)) == EDGE_BUCKETS

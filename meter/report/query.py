@@ -104,14 +104,20 @@ def _group_exprs(dialect: str, has_sessions: bool = True) -> dict[str, str]:
     }
 
 
+def _floor_div(expr: str, d: int) -> str:
+    """`expr // d` rounded down for negative values too (DuckDB's `//` and `%` round toward
+    zero; a row before 1970 belongs to the day it started in, not the next)."""
+    return f"(({expr}) - ({d} + ({expr}) % {d}) % {d}) // {d}"
+
+
 # `day` and `hour` are grouped on the UTC day or hour as a number or timestamp,
 # and written as text only once per group: formatting a timestamp on each of a
 # million rows took DuckDB 0.4 s, the number 0.03 s.  Each is (the bucket's SQL,
 # its text from the bucket's column `{g}`).
 _BUCKETS = {
     "duckdb": {
-        "day": ("epoch_us(started_at) // 86400000000", "strftime(make_timestamp({g} * 86400000000), '%Y-%m-%d')"),
-        "hour": ("epoch_us(started_at) // 3600000000", "strftime(make_timestamp({g} * 3600000000), '%Y-%m-%dT%H:00:00Z')"),
+        "day": (_floor_div("epoch_us(started_at)", 86_400_000_000), "strftime(make_timestamp({g} * 86400000000), '%Y-%m-%d')"),
+        "hour": (_floor_div("epoch_us(started_at)", 3_600_000_000), "strftime(make_timestamp({g} * 3600000000), '%Y-%m-%dT%H:00:00Z')"),
     },
     "postgresql": {
         "day": ("date_trunc('day', started_at AT TIME ZONE 'UTC')", "to_char({g}, 'YYYY-MM-DD')"),
