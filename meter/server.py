@@ -263,7 +263,7 @@ class Meter:
         await self.alerter.start(owner=f"{socket.gethostname()} {self.proxy_address[0]}:{self.proxy_address[1]}")
         self.accepting = True
         log.info(
-            "meter forwarding http://%s:%d -> %s; admin on http://%s:%d; ledger %s",
+            "meter forwarding http://%s:%d -> %s; admin and console on http://%s:%d/; ledger %s",
             *self.proxy_address, self.settings.upstream, *self.admin_address, redact_url(self.settings.ledger),
         )
 

@@ -33,6 +33,9 @@ TOKEN = "console-test-token-7f3a"
 KEYS = {"sk-console-search-0001": "team-search", "sk-console-mobile-0002": "team-mobile"}
 ARTIFACT = ROOT / "tests" / "artifacts" / "console.png"
 
+# A model name is the client's to choose: the page must show it as text, never run it.
+HOSTILE_MODEL = "<img src=/x onerror=window.pwned=1>unpriced"
+
 # (api key, model, input, cached, output, reasoning, tag team) per request
 TRAFFIC = [
     ("sk-console-search-0001", "gpt-4o-mini", 1200, 400, 300, 0, "search"),
@@ -40,7 +43,7 @@ TRAFFIC = [
     ("sk-console-search-0001", "gpt-4.1", 3000, 1000, 500, 0, "search"),
     ("sk-console-mobile-0002", "o4-mini", 2000, 0, 900, 600, "mobile"),
     ("sk-console-mobile-0002", "gpt-4o-mini", 500, 100, 80, 0, "mobile"),
-    ("sk-console-mobile-0002", "console-unpriced-model", 700, 0, 60, 0, "mobile"),
+    ("sk-console-mobile-0002", HOSTILE_MODEL, 700, 0, 60, 0, "mobile"),
 ]
 
 
@@ -136,8 +139,11 @@ async def test_console_in_chromium(upstream: Any, meter_process: Any, tmp_path: 
         assert await browser.evaluate("document.querySelector('#by-key-model tfoot td:nth-child(8)').textContent") == f"{total_cost:.6f}"
         assert await browser.evaluate("document.getElementById('total-errors').textContent") == "1"
         # The unpriced model: no cost shown (never 0), counted as unpriced.
-        unpriced = [r for r in by_key_model if r["model"] == "console-unpriced-model"]
+        unpriced = [r for r in by_key_model if r["model"] == HOSTILE_MODEL]
         assert unpriced and unpriced[0]["cost_usd"] is None and unpriced[0]["unpriced_requests"] == 1
+        # ... and shown as the text it is, in the table and the latest requests.
+        assert await browser.evaluate("window.pwned === undefined && document.querySelectorAll('main img').length === 0") is True
+        assert HOSTILE_MODEL in await browser.evaluate("document.getElementById('by-key-model').textContent")
         # The latest requests: every one (fewer than the page's 50), newest first.
         latest = await browser.evaluate("[...document.querySelectorAll('#latest tbody tr')].map(tr => [tr.cells[1].dataset.key, tr.cells[2].textContent])")
         assert len(latest) == total_requests
