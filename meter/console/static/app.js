@@ -137,7 +137,9 @@
     for (const r of rows) {
       const tr = document.createElement("tr");
       keyCell(tr, r.key, r.key_hint);
-      cell(tr, r.model === null ? "(none)" : r.model).dataset.model = r.model === null ? "" : r.model;
+      const model = cell(tr, r.model === null ? "(none)" : r.model, "clip");
+      model.dataset.model = r.model === null ? "" : r.model;
+      model.title = model.textContent;
       cell(tr, fmtInt(r.requests), "num");
       cell(tr, fmtInt(r.input_tokens), "num");
       cell(tr, fmtInt(r.output_tokens), "num");
@@ -230,7 +232,7 @@
       const tr = document.createElement("tr");
       cell(tr, r.started_at ? r.started_at.replace("T", " ").slice(0, 19) : "");
       keyCell(tr, r.key, r.key_hint);
-      cell(tr, r.model);
+      cell(tr, r.model, "clip").title = r.model || "";
       cell(tr, r.service_tier);
       cell(tr, r.input_tokens === null ? "" : fmtInt(r.input_tokens), "num");
       cell(tr, r.cached_tokens === null ? "" : fmtInt(r.cached_tokens), "num");
