@@ -13,6 +13,7 @@ kept in tests/artifacts/console.png.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import subprocess
@@ -183,6 +184,20 @@ async def test_console_in_chromium(upstream: Any, meter_process: Any, tmp_path: 
         day = await _report(meter.admin_url, "--by", "key,model", "--since", "24h")
         assert await browser.evaluate(TABLE_JS) == _expected(day) == _expected(by_key_model)
         assert (await browser.evaluate("document.getElementById('chart-title').textContent")).startswith("Cost per hour by model")
+
+        # Dates replace the range: from and to today (UTC) is everything; to yesterday, nothing.
+        today = dt.datetime.now(dt.UTC).date()
+        for since, until, expect in ((today, today, day), (today - dt.timedelta(days=3), today - dt.timedelta(days=1), [])):
+            loads = await _loads(browser)
+            await browser.evaluate(
+                f"document.getElementById('f-since').value = '{since}'; document.getElementById('f-until').value = '{until}';"
+                "document.querySelector('#filters button').click()"
+            )
+            await browser.wait_for(f"Number(document.body.dataset.loaded || 0) > {loads}")
+            assert await _report(meter.admin_url, "--by", "key,model", "--since", str(since), "--until", str(until)) == expect
+            assert await browser.evaluate(TABLE_JS) == _expected(expect)
+        assert await browser.evaluate("document.getElementById('total-requests').textContent") == "0"
+        await browser.evaluate("document.getElementById('f-since').value = ''; document.getElementById('f-until').value = ''")
 
         # Back to everything for the picture a person would see first.
         loads = await _loads(browser)

@@ -60,8 +60,12 @@
   // ---- the view's arguments -----------------------------------------------
   function query(extra) {
     const p = new URLSearchParams();
-    const since = $("range").value;
+    // Dates, when given, replace the range (as `meter report --since/--until`: a bare
+    // `until` date includes that day).
+    const from = $("f-since").value, to = $("f-until").value;
+    const since = from || to ? from : $("range").value;
     if (since) p.append("since", since);
+    if (to) p.append("until", to);
     const key = $("f-key").value.trim(), model = $("f-model").value.trim(), tag = $("f-tag").value.trim();
     if (key) p.append("where", "key=" + key);
     if (model) p.append("where", "model=" + model);
@@ -73,6 +77,10 @@
   function bucket() {
     const chosen = $("bucket").value;
     if (chosen !== "auto") return chosen;
+    if ($("f-since").value || $("f-until").value) {
+      const from = Date.parse($("f-since").value || "1970-01-01"), to = $("f-until").value ? Date.parse($("f-until").value) : Date.now();
+      return to - from < 3 * 86400e3 ? "hour" : "day";
+    }
     return ["1h", "24h"].includes($("range").value) ? "hour" : "day";
   }
 
@@ -83,9 +91,16 @@
     const floor = (ms) => Math.floor(ms / stepMs) * stepMs;
     const parse = (b) => Date.parse(kind === "hour" ? b : b + "T00:00:00Z");
     const spans = { "1h": 3600e3, "24h": 86400e3, "7d": 7 * 86400e3, "30d": 30 * 86400e3, "90d": 90 * 86400e3 };
-    const span = spans[$("range").value];
+    const custom = $("f-since").value || $("f-until").value;
+    const span = custom ? undefined : spans[$("range").value];
     let start = span ? floor(Date.now() - span) : seen.length ? parse(seen[0]) : null;
     let end = span ? floor(Date.now()) : seen.length ? parse(seen[seen.length - 1]) : null;
+    if (custom) {
+      const from = $("f-since").value, to = $("f-until").value;
+      if (from) start = floor(Date.parse(from));
+      end = to ? floor(Date.parse(to) + 86400e3 - 1) : floor(Date.now());
+      if (start === null) start = end;
+    }
     if (start === null) return [];
     if ((end - start) / stepMs > 2000) return seen.filter((b, i) => seen.indexOf(b) === i);
     const out = [];
