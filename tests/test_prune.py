@@ -30,7 +30,10 @@ from .pg import execute
 from .test_report import ROOT, assert_one_line_error, make_record, run_meter
 
 NOW = dt.datetime.now(dt.UTC)
-CUT = NOW - dt.timedelta(days=180)  # what `--older-than 180d` names, give or take the seconds the test takes
+CUT = NOW - dt.timedelta(days=180)
+# The cut-off the tests pass, as a time rather than `180d`: the rows straddle it by
+# minutes, and the suite may reach a test of this module minutes after importing it.
+CUT_ARG = CUT.isoformat()
 OLD = CUT - dt.timedelta(days=20)
 NEW = CUT + dt.timedelta(days=20)
 LINE = re.compile(r"^pruned (\d+) rows older than (\S+)\n$")
@@ -119,10 +122,10 @@ def seeded_duckdb(path: Path) -> None:
 def test_prune_duckdb_keeps_claims_consistent(tmp_path: Path) -> None:
     ledger = tmp_path / "meter.duckdb"
     seeded_duckdb(ledger)
-    dry = run_meter("prune", "--older-than", "180d", "--ledger", str(ledger), "--dry-run")
+    dry = run_meter("prune", "--older-than", CUT_ARG, "--ledger", str(ledger), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith("would prune 3 rows older than ")
-    result = run_meter("prune", "--older-than", "180d", "--ledger", str(ledger))
+    result = run_meter("prune", "--older-than", CUT_ARG, "--ledger", str(ledger))
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "meter.duckdb.compact").exists()
     assert oct(os.stat(ledger).st_mode & 0o777) == "0o600"
@@ -134,7 +137,7 @@ def test_prune_duckdb_keeps_claims_consistent(tmp_path: Path) -> None:
     finally:
         store.close()
     inode = ledger.stat().st_ino
-    again = run_meter("prune", "--older-than", "180d", "--ledger", str(ledger))
+    again = run_meter("prune", "--older-than", CUT_ARG, "--ledger", str(ledger))
     assert again.stdout.startswith("pruned 0 rows older than ")
     assert ledger.stat().st_ino == inode  # nothing deleted: the file is not rewritten
 
@@ -145,7 +148,7 @@ def test_prune_keeps_a_symlinked_ledger_a_symlink(tmp_path: Path) -> None:
     seeded_duckdb(real)
     link = tmp_path / "meter.duckdb"
     link.symlink_to(real)
-    result = run_meter("prune", "--older-than", "180d", "--ledger", str(link))
+    result = run_meter("prune", "--older-than", CUT_ARG, "--ledger", str(link))
     assert result.stdout.startswith("pruned 3 rows older than "), result.stderr
     assert link.is_symlink() and link.resolve() == real
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["meter.duckdb"]
@@ -159,7 +162,7 @@ def test_prune_postgres_live(pg_url: str) -> None:
     writer.open()
     try:
         seed_claims(writer)
-        result = run_meter("prune", "--older-than", "180d", "--ledger", pg_url)
+        result = run_meter("prune", "--older-than", CUT_ARG, "--ledger", pg_url)
         assert result.returncode == 0, result.stderr
         writer.write([make_record(at=NOW, response_id="after", model="gpt-4o")])  # the replica writes on
         _, rows = writer.query("SELECT count(*) FROM requests WHERE response_id = 'after'")
@@ -282,3 +285,12 @@ def test_prune_through_the_ledger_child(tmp_path: Path) -> None:
         assert store.query("SELECT response_id FROM usage_claims")[1] == [("resp_new",)]
     finally:
         store.close()
+
+
+def test_a_span_is_counted_back_from_the_moment_prune_runs(tmp_path: Path) -> None:
+    ledger = tmp_path / "meter.duckdb"
+    seeded_duckdb(ledger)
+    result = run_meter("prune", "--older-than", "180d", "--ledger", str(ledger), "--dry-run")
+    assert result.returncode == 0, result.stderr
+    cut = dt.datetime.fromisoformat(result.stdout.strip().rsplit(" ", 1)[1])
+    assert abs((dt.datetime.now(dt.UTC) - dt.timedelta(days=180) - cut).total_seconds()) < 60, result.stdout
