@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from .budgets.command import add_budgets_command
 from .command import EXIT_USAGE, CommandError
 from .config import SettingError, load_settings
+from .reconcile.command import add_reconcile_command
 from .report.commands import add_report_commands
 from .report.sql_command import add_sql_command
 from .retention import add_prune_command
@@ -86,6 +87,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         const=True,
         help="one line per request on the meter.access logger: method, path, status, model, tokens, cost, duration, key_id (env METER_ACCESS_LOG=true; default off)",
     )
+    p.add_argument("--reconcile-every", dest="reconcile_every", metavar="INTERVAL", help="reconcile the ledger with the provider's usage and costs every INTERVAL (1h, 30m) as meter_reconcile_* metrics (env METER_RECONCILE_EVERY; default off)")
 
 
 def build_parser() -> Parser:
@@ -101,6 +103,7 @@ def build_parser() -> Parser:
     add_sql_command(sub)
     add_budgets_command(sub)
     add_prune_command(sub)
+    add_reconcile_command(sub)
     return parser
 
 

@@ -122,6 +122,17 @@ class Alerts(BaseModel):
         return value
 
 
+class Reconcile(BaseModel):
+    """`[reconcile]`: what `meter reconcile` reads the provider with and how strictly it
+    compares.  The admin key itself is never a setting: only its variable's name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    admin_key_env: str = Field(default="OPENAI_ADMIN_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    projects: tuple[str, ...] = ()  # provider project ids to compare; empty: all
+    tolerance: float = Field(default=0.0, ge=0, le=1)  # a fraction of the larger figure: 0.01 is 1%
+
+
 class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -153,6 +164,8 @@ class Settings(BaseModel):
     price_overrides: dict[str, PriceOverride] = Field(default_factory=dict)
     budgets: tuple[Budget, ...] = ()  # `[[budgets]]` in the config file only
     alerts: Alerts = Field(default_factory=Alerts)  # `[alerts]` in the config file only
+    reconcile: Reconcile = Field(default_factory=Reconcile)  # `[reconcile]` in the config file only
+    reconcile_every: float | None = None  # seconds between reconciliations inside `meter serve`; None: off
 
     @field_validator("upstream")
     @classmethod
@@ -171,6 +184,11 @@ class Settings(BaseModel):
         if isinstance(value, (str, list, tuple)):
             return tag_label_names(value)
         raise ValueError("expected tag names, comma-separated")
+
+    @field_validator("reconcile_every", mode="before")
+    @classmethod
+    def _reconcile_every(cls, value: Any) -> float | None:
+        return parse_interval(value)
 
     @field_validator("listen", "admin_listen")
     @classmethod
@@ -215,9 +233,30 @@ def upstream_path_warning(upstream: str) -> str | None:
     )
 
 
+_INTERVAL = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", re.IGNORECASE)
+_INTERVAL_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(value: Any) -> float | None:
+    """`1h`, `30m`, `90s`, `1d` or a number of seconds; `off`, empty or 0 turn the schedule off."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "off", "0")):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _INTERVAL.fullmatch(value)):
+        seconds = float(match.group(1)) * _INTERVAL_SECONDS[match.group(2).lower()]
+    else:
+        raise ValueError(f"expected an interval such as 1h, 30m or 90s, got {value!r}")
+    if seconds == 0:
+        return None
+    if seconds < 1:
+        raise ValueError(f"an interval of at least 1s, got {value!r}")
+    return seconds
+
+
 ENV_PREFIX = "METER_"
 # Settings the file and environment may set; flags use the same names with dashes.
-_SCALAR_SETTINGS = [name for name in Settings.model_fields if name not in ("keys", "price_overrides", "price_provider", "budgets", "alerts")]
+_SCALAR_SETTINGS = [name for name in Settings.model_fields if name not in ("keys", "price_overrides", "price_provider", "budgets", "alerts", "reconcile")]
 
 
 def settings_from_toml(path: str) -> dict[str, Any]:
@@ -247,6 +286,8 @@ def settings_from_toml(path: str) -> dict[str, Any]:
             out["budgets"] = budgets_from_toml(value)
         elif key == "alerts":
             out["alerts"] = alerts_from_toml(value)
+        elif key == "reconcile":
+            out["reconcile"] = reconcile_from_toml(value)
         elif key in _SCALAR_SETTINGS:
             out[key] = value
         else:
@@ -326,6 +367,18 @@ def alerts_from_toml(value: Any) -> Alerts:
         where = f"{loc[0]}[{loc[1]}]" if len(loc) == 2 and loc[1].isdigit() else ".".join(loc) or "alerts"
         message = error["msg"].removeprefix("Value error, ")
         raise SettingError(f"config: [alerts] {message if message.startswith(where) else f'{where}: {message}'}") from None
+
+
+def reconcile_from_toml(value: Any) -> Reconcile:
+    """The `[reconcile]` table; a bad entry is refused with one line naming it."""
+    if not isinstance(value, dict):
+        raise SettingError("config: [reconcile] must be a table")
+    try:
+        return Reconcile(**value)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"]) or "reconcile"
+        raise SettingError(f"config: [reconcile] {where}: {error['msg'].removeprefix('Value error, ')}") from None
 
 
 def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:

@@ -150,10 +150,28 @@ def reconcile(
 ) -> Reconciliation:
     """meter's ledger `store` beside `provider` over [since, until) (UTC), grouped `by`
     a subset of `BY_FIELDS`, each group with its verdict; `project_ids` limits both sides."""
+    rows = report(store, ReportArgs(by=meter_by(by, project_ids), since=since, until=until))
+    return compare(rows, provider, since, until, by, tolerance, project_ids)
+
+
+def meter_by(by: Sequence[str], project_ids: Sequence[str] = ()) -> list[str]:
+    """The report grouping meter's side needs (its project too when projects are chosen)."""
+    return list(by) + (["project"] if project_ids and "project" not in by else [])
+
+
+def compare(
+    rows: Sequence[Mapping[str, Any]],
+    provider: Provider,
+    since: dt.datetime,
+    until: dt.datetime,
+    by: Sequence[str],
+    tolerance: float = 0.0,
+    project_ids: Sequence[str] = (),
+) -> Reconciliation:
+    """`reconcile` over meter's report `rows` (grouped `meter_by(by, project_ids)`), from
+    a ledger or a running meter's admin API alike."""
     by = list(by)
     notes: list[str] = []
-    meter_by = by + (["project"] if project_ids and "project" not in by else [])
-    rows = report(store, ReportArgs(by=meter_by, since=since, until=until))
     meter_groups: dict[tuple[str | None, ...], Totals] = {}
     meter_keys: dict[str, set[str]] = {}
     for row in rows:
