@@ -99,7 +99,7 @@ def render_table(result: Reconciliation) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     counts = ", ".join(f"{n} {v}" for v, n in result.counts().items())
-    out.append(f"{result.since:%Y-%m-%d} to {result.until:%Y-%m-%d} (UTC, until exclusive), meter/provider: {counts}")
+    out.append(f"{result.since:%Y-%m-%d} to {result.until:%Y-%m-%d} (UTC, the end exclusive); each cell is meter/provider; groups: {counts}")
     out += [f"note: {note}" for note in result.notes]
     return "\n".join(out) + "\n"
 
