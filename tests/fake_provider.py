@@ -43,7 +43,15 @@ GROUPS = ("model", "project_id", "api_key_id", "service_tier", "batch", "user_id
 COUNTS = ("input_tokens", "input_cached_tokens", "output_tokens", "num_model_requests")
 
 _lock = threading.Lock()
-STATE: dict[str, Any] = {"admin_key": "", "usage": [], "costs": [], "keys": {}, "page_days": 31, "page_items": 100, "rate_limit_once": False}
+STATE: dict[str, Any] = {
+    "admin_key": "",
+    "usage": [],
+    "costs": [],
+    "keys": {},
+    "page_days": 31,
+    "page_items": 100,
+    "rate_limit_once": False,
+}
 REQUESTS: list[dict[str, Any]] = []
 
 

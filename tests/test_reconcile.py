@@ -25,7 +25,7 @@ import pytest
 from meter.ledger import DuckDBStore, PostgresStore
 from meter.record import Record
 
-from .conftest import ROOT, UpstreamProcess
+from .conftest import ROOT, MeterProcess, UpstreamProcess
 from .pg import pg_url, postgres  # noqa: F401
 
 ADMIN = "sk-admin-test-Zq81"
@@ -34,7 +34,12 @@ KEY_B = "sk-proj-bbbbbbbbbbbbbbbbbbbbBBB2"
 D1 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
 D2 = D1 + dt.timedelta(days=1)
 PROJECT = "proj_abc"
-LISTING = {PROJECT: [{"id": "key_a", "name": "a", "redacted_value": "sk-proj-aa****AAA1"}, {"id": "key_b", "name": "b", "redacted_value": "sk-proj-bb****BBB2"}]}
+LISTING = {
+    PROJECT: [
+        {"id": "key_a", "name": "a", "redacted_value": "sk-proj-aa****AAA1"},
+        {"id": "key_b", "name": "b", "redacted_value": "sk-proj-bb****BBB2"},
+    ]
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,16 @@ def provider() -> Iterator[UpstreamProcess]:
 
 
 def tell(provider: UpstreamProcess, **state: Any) -> None:
-    body = {"admin_key": ADMIN, "usage": [], "costs": [], "keys": LISTING, "page_days": 31, "page_items": 100, "rate_limit_once": False, **state}
+    body = {
+        "admin_key": ADMIN,
+        "usage": [],
+        "costs": [],
+        "keys": LISTING,
+        "page_days": 31,
+        "page_items": 100,
+        "rate_limit_once": False,
+        **state,
+    }
     req = urllib.request.Request(provider.url + "/__fake/state", data=json.dumps(body).encode(), method="PUT")
     urllib.request.urlopen(req).read()
 
@@ -55,7 +69,16 @@ def seen(provider: UpstreamProcess) -> list[dict[str, Any]]:
         return json.loads(r.read())
 
 
-def record(at: dt.datetime, key: str = KEY_A, model: str = "gpt-4o-mini", tier: str = "default", inp: int = 100, cached: int = 20, out: int = 50, cost: str = "0.001") -> Record:
+def record(
+    at: dt.datetime,
+    key: str = KEY_A,
+    model: str = "gpt-4o-mini",
+    tier: str = "default",
+    inp: int = 100,
+    cached: int = 20,
+    out: int = 50,
+    cost: str = "0.001",
+) -> Record:
     return Record(
         id=str(uuid.uuid4()), started_at=at.timestamp(), finished_at=at.timestamp() + 1, method="POST", path="/v1/responses", endpoint="responses",
         status_code=200, model=model, service_tier=tier, input_tokens=inp, cached_tokens=cached, output_tokens=out, total_tokens=inp + out,
@@ -63,7 +86,16 @@ def record(at: dt.datetime, key: str = KEY_A, model: str = "gpt-4o-mini", tier: 
     )  # fmt: skip
 
 
-def usage(day: dt.datetime, n: int = 1, key: str = "key_a", model: str = "gpt-4o-mini", tier: str = "default", inp: int = 100, cached: int = 20, out: int = 50) -> dict[str, Any]:
+def usage(
+    day: dt.datetime,
+    n: int = 1,
+    key: str = "key_a",
+    model: str = "gpt-4o-mini",
+    tier: str = "default",
+    inp: int = 100,
+    cached: int = 20,
+    out: int = 50,
+) -> dict[str, Any]:
     return {"day": day.strftime("%Y-%m-%d"), "model": model, "project_id": PROJECT, "api_key_id": key, "service_tier": tier,
             "input_tokens": inp * n, "input_cached_tokens": cached * n, "output_tokens": out * n, "num_model_requests": n}  # fmt: skip
 
@@ -82,29 +114,60 @@ def seed(path: Path, records: list[Record]) -> str:
     return str(path)
 
 
-def reconcile(provider: UpstreamProcess, ledger: str, *args: str, key: str | None = ADMIN, fmt: str = "json") -> subprocess.CompletedProcess[str]:
+def reconcile(
+    provider: UpstreamProcess, ledger: str, *args: str, key: str | None = ADMIN, fmt: str = "json"
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_ADMIN_KEY", "METER_CONFIG", "METER_UPSTREAM")}
     if key is not None:
         env["OPENAI_ADMIN_KEY"] = key
-    cmd = [sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", provider.url, "--since", "2026-03-01", "--until", "2026-03-02", "--format", fmt, *args]
+    source = ["--url", ledger] if ledger.startswith("http://") else ["--ledger", ledger]
+    cmd = [
+        sys.executable,
+        "-m",
+        "meter",
+        "reconcile",
+        *source,
+        "--upstream",
+        provider.url,
+        "--since",
+        "2026-03-01",
+        "--until",
+        "2026-03-02",
+        "--format",
+        fmt,
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
 
 
 def groups(result: subprocess.CompletedProcess[str]) -> dict[tuple[Any, ...], dict[str, Any]]:
     body = json.loads(result.stdout)
-    by = [k for k in body["groups"][0] if k != "verdict" and not k.startswith(("meter_", "provider_", "diff_", "differing"))] if body["groups"] else []
+    by = (
+        [k for k in body["groups"][0] if k != "verdict" and not k.startswith(("meter_", "provider_", "diff_", "differing"))]
+        if body["groups"]
+        else []
+    )
     return {tuple(g[f] for f in by): g for g in body["groups"]}
 
 
 def test_exact_match_exit_0(provider: UpstreamProcess, tmp_path: Path) -> None:
-    ledger = seed(tmp_path / "m.duckdb", [record(D1 + dt.timedelta(hours=3)), record(D1 + dt.timedelta(hours=9)), record(D2 + dt.timedelta(hours=1), model="gpt-4o")])
+    ledger = seed(
+        tmp_path / "m.duckdb",
+        [record(D1 + dt.timedelta(hours=3)), record(D1 + dt.timedelta(hours=9)), record(D2 + dt.timedelta(hours=1), model="gpt-4o")],
+    )
     tell(provider, usage=[usage(D1, 2), usage(D2, 1, model="gpt-4o")], costs=[cost(D1, 0.002), cost(D2, 0.001)])
     result = reconcile(provider, ledger, "--by", "day,model")
     assert result.returncode == 0, result
     found = groups(result)
     assert set(found) == {("2026-03-01", "gpt-4o-mini"), ("2026-03-02", "gpt-4o")}
     row = found[("2026-03-01", "gpt-4o-mini")]
-    assert (row["verdict"], row["meter_requests"], row["provider_requests"], row["meter_cached_tokens"], row["diff_output_tokens"]) == ("match", 2, 2, 40, 0)
+    assert (row["verdict"], row["meter_requests"], row["provider_requests"], row["meter_cached_tokens"], row["diff_output_tokens"]) == (
+        "match",
+        2,
+        2,
+        40,
+        0,
+    )
     by_day = reconcile(provider, ledger, "--by", "day")
     assert by_day.returncode == 0, by_day
     assert groups(by_day)[("2026-03-01",)]["provider_cost_usd"] == "0.002000000"
@@ -132,7 +195,10 @@ def test_traffic_that_bypassed_meter_exit_1(provider: UpstreamProcess, tmp_path:
 
 def test_a_tier_priced_differently_shows_as_cost(provider: UpstreamProcess, tmp_path: Path) -> None:
     # meter priced a flex request at the default rate: tokens agree, the day's cost does not
-    ledger = seed(tmp_path / "m.duckdb", [record(D1 + dt.timedelta(hours=1), tier="flex", cost="0.002"), record(D1 + dt.timedelta(hours=2), cost="0.002")])
+    ledger = seed(
+        tmp_path / "m.duckdb",
+        [record(D1 + dt.timedelta(hours=1), tier="flex", cost="0.002"), record(D1 + dt.timedelta(hours=2), cost="0.002")],
+    )
     tell(provider, usage=[usage(D1, 1, tier="flex"), usage(D1, 1)], costs=[cost(D1, 0.003)])
     tiers = reconcile(provider, ledger, "--by", "day,tier")
     assert tiers.returncode == 0, tiers
@@ -184,12 +250,30 @@ def test_admin_key_absent_is_one_line_exit_2(provider: UpstreamProcess, tmp_path
 def test_providers_without_the_api_one_line_exit_2(provider: UpstreamProcess, tmp_path: Path) -> None:
     ledger = seed(tmp_path / "m.duckdb", [])
     env = {**os.environ, "OPENAI_ADMIN_KEY": ADMIN}
-    azure = subprocess.run([sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", "https://x.openai.azure.com"], cwd=ROOT, capture_output=True, text=True, env=env)
+    azure = subprocess.run(
+        [sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", "https://x.openai.azure.com"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert azure.returncode == 2 and "Azure" in azure.stderr and azure.stderr.count("\n") == 1
     tell(provider)
-    gateway = subprocess.run([sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", provider.url + "/gateway"], cwd=ROOT, capture_output=True, text=True, env=env)
+    gateway = subprocess.run(
+        [sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", provider.url + "/gateway"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert gateway.returncode == 2 and "no organisation usage API" in gateway.stderr and gateway.stderr.count("\n") == 1, gateway.stderr
-    down = subprocess.run([sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", "http://127.0.0.1:9"], cwd=ROOT, capture_output=True, text=True, env=env)
+    down = subprocess.run(
+        [sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", "http://127.0.0.1:9"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert down.returncode == 2 and "cannot reach" in down.stderr
 
 
@@ -225,3 +309,15 @@ def test_postgres_ledger(provider: UpstreamProcess, pg_url: str) -> None:  # noq
     result = reconcile(provider, pg_url, "--by", "day,model,tier", "--until", "2026-03-02")
     assert result.returncode == 0, result
     assert len(groups(result)) == 2
+
+
+def test_meter_side_from_a_running_meter(provider: UpstreamProcess, tmp_path: Path) -> None:
+    ledger = seed(tmp_path / "m.duckdb", [record(D1 + dt.timedelta(hours=3)), record(D1 + dt.timedelta(hours=4), key=KEY_B)])
+    tell(provider, usage=[usage(D1), usage(D1, key="key_b")])
+    meter = MeterProcess(["--ledger", ledger, "--upstream", provider.url], env={"METER_CONFIG": ""}).start()
+    try:
+        by_url = reconcile(provider, meter.admin_url, "--by", "day,key")
+    finally:
+        meter.stop()
+    assert by_url.returncode == 0, by_url
+    assert set(groups(by_url)) == {("2026-03-01", "sk-...AAA1"), ("2026-03-01", "sk-...BBB2")}

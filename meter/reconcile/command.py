@@ -99,7 +99,9 @@ def render_table(result: Reconciliation) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     counts = ", ".join(f"{n} {v}" for v, n in result.counts().items())
-    out.append(f"{result.since:%Y-%m-%d} to {result.until:%Y-%m-%d} (UTC, the end exclusive); each cell is meter/provider; groups: {counts}")
+    out.append(
+        f"{result.since:%Y-%m-%d} to {result.until:%Y-%m-%d} (UTC, the end exclusive); each cell is meter/provider; groups: {counts}"
+    )
     out += [f"note: {note}" for note in result.notes]
     return "\n".join(out) + "\n"
 
@@ -135,7 +137,9 @@ def run_reconcile(args: argparse.Namespace, now: dt.datetime | None = None) -> i
     settings = load_settings({"config": args.config, "upstream": args.upstream})
     host = (urlsplit(settings.upstream).hostname or "").lower()
     if host.endswith(_NO_USAGE_API):
-        raise CommandError(f"reconcile: {redact_url(settings.upstream)} is Azure, which has no organisation Usage and Costs APIs; reconcile works with OpenAI's")
+        raise CommandError(
+            f"reconcile: {redact_url(settings.upstream)} is Azure, which has no organisation Usage and Costs APIs; reconcile works with OpenAI's"
+        )
     env = settings.reconcile.admin_key_env
     admin_key = os.environ.get(env, "").strip()
     if not admin_key:
@@ -187,11 +191,22 @@ def add_reconcile_command(subparsers: Any) -> None:
         ),
     )
     source = cmd.add_mutually_exclusive_group()
-    source.add_argument("--ledger", action="append", metavar="PATH_OR_URL", help="DuckDB file or postgresql:// URL; repeat for several replicas' files (env METER_LEDGER; default: the configured ledger)")
-    source.add_argument("--url", metavar="http://ADMIN", help="ask a running meter's admin address for its side; sends METER_ADMIN_TOKEN as a bearer token when set")
+    source.add_argument(
+        "--ledger",
+        action="append",
+        metavar="PATH_OR_URL",
+        help="DuckDB file or postgresql:// URL; repeat for several replicas' files (env METER_LEDGER; default: the configured ledger)",
+    )
+    source.add_argument(
+        "--url",
+        metavar="http://ADMIN",
+        help="ask a running meter's admin address for its side; sends METER_ADMIN_TOKEN as a bearer token when set",
+    )
     cmd.add_argument("--since", metavar="WHEN", help=f"from this UTC day on (default {DEFAULT_DAYS} days back)")
     cmd.add_argument("--until", metavar="WHEN", help="up to this UTC day (a bare date includes it; default: through today)")
-    cmd.add_argument("--by", action="append", metavar="FIELDS", help=f"group by a comma-separated list of: {','.join(BY_FIELDS)} (default day,model)")
+    cmd.add_argument(
+        "--by", action="append", metavar="FIELDS", help=f"group by a comma-separated list of: {','.join(BY_FIELDS)} (default day,model)"
+    )
     cmd.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format (default table)")
     cmd.add_argument("--upstream", help="the provider's base URL (env METER_UPSTREAM; default https://api.openai.com)")
     cmd.add_argument("--config", help="TOML config: [reconcile], [keys], the ledger (env METER_CONFIG)")

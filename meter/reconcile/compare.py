@@ -42,9 +42,13 @@ _PROVIDER_FIELD = {"model": "model", "project": "project_id", "key": "api_key_id
 class Provider(Protocol):
     """What `reconcile` reads of the provider (`ProviderClient`)."""
 
-    def usage(self, since: dt.datetime, until: dt.datetime, group_by: list[str], project_ids: Sequence[str] = ()) -> list[dict[str, Any]]: ...
+    def usage(
+        self, since: dt.datetime, until: dt.datetime, group_by: list[str], project_ids: Sequence[str] = ()
+    ) -> list[dict[str, Any]]: ...
 
-    def costs(self, since: dt.datetime, until: dt.datetime, group_by: list[str], project_ids: Sequence[str] = ()) -> list[dict[str, Any]]: ...
+    def costs(
+        self, since: dt.datetime, until: dt.datetime, group_by: list[str], project_ids: Sequence[str] = ()
+    ) -> list[dict[str, Any]]: ...
 
     def projects(self) -> list[str]: ...
 
@@ -196,7 +200,10 @@ def compare(
     results = provider.usage(since, until, group_by, project_ids)
     labels: dict[str, str] = {}
     if "key" in by:
-        labels, notes = key_labels(provider, [r["project_id"] for r in results if r.get("project_id")])
+        # every project's keys (not only those with usage), so that two keys sharing a
+        # last four anywhere in the organisation are seen as ambiguous
+        listed = list(project_ids) or provider.projects()
+        labels, notes = key_labels(provider, listed + [r["project_id"] for r in results if r.get("project_id")])
     provider_groups: dict[tuple[str | None, ...], Totals] = {}
     for r in results:
         key = tuple(_provider_value(r, f, labels, shared) for f in by)

@@ -59,7 +59,9 @@ class ProviderClient:
                     delay *= 2
                     continue
                 if exc.code == 404:
-                    raise ProviderError(f"{self.base_url} has no organisation usage API ({path} answered 404); reconcile works with OpenAI's API only") from None
+                    raise ProviderError(
+                        f"{self.base_url} has no organisation usage API ({path} answered 404); reconcile works with OpenAI's API only"
+                    ) from None
                 if exc.code in (401, 403):
                     raise ProviderError(f"{path}: the provider refused the admin key (HTTP {exc.code})") from None
                 raise ProviderError(f"{path}: HTTP {exc.code}") from None
