@@ -86,6 +86,17 @@ def record(
     )  # fmt: skip
 
 
+def not_model_requests() -> list[Record]:
+    """Rows the provider's completions usage does not count: a model list, a refused call."""
+    at = (D1 + dt.timedelta(hours=4)).timestamp()
+    common = {"started_at": at, "finished_at": at + 1, "key_id": KEY_A[-16:], "key_hint": "sk-..." + KEY_A[-4:], "project": PROJECT}
+    return [
+        Record(id=str(uuid.uuid4()), method="GET", path="/v1/models", endpoint="other", status_code=200, **common),
+        Record(id=str(uuid.uuid4()), method="POST", path="/v1/responses", endpoint="responses", status_code=400, outcome="error",
+               model_requested="gpt-4o-mini", error_type="invalid_request_error", **common),
+    ]  # fmt: skip
+
+
 def usage(
     day: dt.datetime,
     n: int = 1,
@@ -153,7 +164,12 @@ def groups(result: subprocess.CompletedProcess[str]) -> dict[tuple[Any, ...], di
 def test_exact_match_exit_0(provider: UpstreamProcess, tmp_path: Path) -> None:
     ledger = seed(
         tmp_path / "m.duckdb",
-        [record(D1 + dt.timedelta(hours=3)), record(D1 + dt.timedelta(hours=9)), record(D2 + dt.timedelta(hours=1), model="gpt-4o")],
+        [
+            record(D1 + dt.timedelta(hours=3)),
+            record(D1 + dt.timedelta(hours=9)),
+            record(D2 + dt.timedelta(hours=1), model="gpt-4o"),
+            *not_model_requests(),
+        ],
     )
     tell(provider, usage=[usage(D1, 2), usage(D2, 1, model="gpt-4o")], costs=[cost(D1, 0.002), cost(D2, 0.001)])
     result = reconcile(provider, ledger, "--by", "day,model")

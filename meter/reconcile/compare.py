@@ -11,7 +11,9 @@ model, key or tier), joins them per group and gives each a verdict:
 - `differs`: both saw it and a number disagrees.
 
 Days are UTC, as the provider's buckets are; a request is in the day its
-`started_at` falls in.  Keys are joined honestly: the provider's `api_key_id`
+`started_at` falls in.  meter's side counts what the completions usage counts:
+requests of the Responses, Chat Completions and compaction endpoints that did
+not fail, and their tokens; cost is every priced row.  Keys are joined honestly: the provider's `api_key_id`
 becomes the `sk-...` hint of its redacted value's last four characters (from
 the project API-key listing), which is what meter stores as `key_hint`.  A
 provider key absent from every listing is `unmapped:<api_key_id>`; a hint two
@@ -35,6 +37,12 @@ from ..report.window import ReportArgs
 BY_FIELDS = ("day", "model", "project", "key", "tier")
 VERDICTS = ("match", "meter_missing", "provider_missing", "differs")
 NUMBERS = ("requests", "input_tokens", "cached_tokens", "output_tokens", "cost_usd")
+# The provider's completions usage counts a model request once, where meter records it
+# (Responses, Chat Completions, compaction), and its tokens wherever meter found them
+# (a background response's usage may come with a retrieve); embeddings have their own
+# usage API, and a failed request (meter's `errors`) is not a model request.
+REQUEST_ENDPOINTS = frozenset({"responses", "chat.completions", "responses.compact"})
+TOKEN_ENDPOINTS = REQUEST_ENDPOINTS | {"responses.retrieve", "responses.cancel"}
 # meter's field -> the provider's group_by / result field
 _PROVIDER_FIELD = {"model": "model", "project": "project_id", "key": "api_key_id", "tier": "service_tier"}
 
@@ -159,8 +167,9 @@ def reconcile(
 
 
 def meter_by(by: Sequence[str], project_ids: Sequence[str] = ()) -> list[str]:
-    """The report grouping meter's side needs (its project too when projects are chosen)."""
-    return list(by) + (["project"] if project_ids and "project" not in by else [])
+    """The report grouping meter's side needs: its endpoint (only completions are in the
+    provider's completions usage), and its project too when projects are chosen."""
+    return list(by) + ["endpoint"] + (["project"] if project_ids and "project" not in by else [])
 
 
 def compare(
@@ -185,14 +194,20 @@ def compare(
     for row in rows:
         if project_ids and row.get("project") not in project_ids:
             continue
+        endpoint = row.get("endpoint")
+        tokens = endpoint in TOKEN_ENDPOINTS
+        requests = int(row["requests"]) - int(row["errors"]) if endpoint in REQUEST_ENDPOINTS else 0
+        if not (tokens or requests or row["cost_usd"]):
+            continue  # a model list, a refused call: nothing the provider counts
         key = tuple(_meter_key(row, shared) if f == "key" else row[f] for f in by)
         t = meter_groups.setdefault(key, Totals())
-        t.requests += int(row["requests"])
-        t.input_tokens += int(row["input_tokens"])
-        t.cached_tokens += int(row["cached_tokens"])
-        t.output_tokens += int(row["output_tokens"])
+        t.requests += requests
+        if tokens:
+            t.input_tokens += int(row["input_tokens"])
+            t.cached_tokens += int(row["cached_tokens"])
+            t.output_tokens += int(row["output_tokens"])
         if row["cost_usd"] is not None:
-            t.add_cost(Decimal(row["cost_usd"]))
+            t.add_cost(Decimal(row["cost_usd"]))  # the Costs API holds every line item
 
     group_by = [_PROVIDER_FIELD[f] for f in by if f in _PROVIDER_FIELD]
     if "key" in by and "project_id" not in group_by:
