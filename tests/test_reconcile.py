@@ -337,3 +337,20 @@ def test_meter_side_from_a_running_meter(provider: UpstreamProcess, tmp_path: Pa
         meter.stop()
     assert by_url.returncode == 0, by_url
     assert set(groups(by_url)) == {("2026-03-01", "sk-...AAA1"), ("2026-03-01", "sk-...BBB2")}
+
+
+def test_a_request_without_the_project_header_is_in_its_keys_project(provider: UpstreamProcess, tmp_path: Path) -> None:
+    headerless = record(D1 + dt.timedelta(hours=2))
+    headerless.project = None  # a project key sent without OpenAI-Project
+    ledger = seed(tmp_path / "m.duckdb", [record(D1 + dt.timedelta(hours=1)), headerless])
+    tell(provider, usage=[usage(D1, 2), {**usage(D1, 7), "project_id": "proj_other"}], costs=[cost(D1, 0.002)])
+    by_project = reconcile(provider, ledger, "--by", "day,project")
+    assert by_project.returncode == 1
+    found = groups(by_project)
+    assert (found[("2026-03-01", PROJECT)]["verdict"], found[("2026-03-01", PROJECT)]["meter_requests"]) == ("match", 2)
+    assert found[("2026-03-01", "proj_other")]["verdict"] == "meter_missing"
+    config = tmp_path / "meter.toml"
+    config.write_text(f'[reconcile]\nprojects = ["{PROJECT}"]\n')
+    chosen = reconcile(provider, ledger, "--by", "day", "--config", str(config))
+    assert chosen.returncode == 0, chosen
+    assert groups(chosen)[("2026-03-01",)]["provider_requests"] == 2

@@ -111,12 +111,15 @@ def hint_of(redacted: str) -> str | None:
     return "sk-..." + tail if len(tail) == 4 and "*" not in tail and "." not in tail else None
 
 
-def key_labels(provider: Provider, project_ids: Iterable[str]) -> tuple[dict[str, str], list[str]]:
-    """api_key_id -> the label its usage is grouped under (a hint, or `ambiguous:<hint>`), and notes."""
+def key_labels(provider: Provider, project_ids: Iterable[str]) -> tuple[dict[str, str], list[str], dict[str, str]]:
+    """api_key_id -> the label its usage is grouped under (a hint, or `ambiguous:<hint>`),
+    notes, and hint -> the project of the one provider key with that hint."""
     hints: dict[str, str | None] = {}
+    projects: dict[str, str] = {}
     for project in dict.fromkeys(project_ids):
         for key_id, redacted in provider.api_keys(project).items():
             hints[key_id] = hint_of(redacted)
+            projects[key_id] = project
     shared = Counter(h for h in hints.values() if h)
     labels: dict[str, str] = {}
     notes: list[str] = []
@@ -129,7 +132,8 @@ def key_labels(provider: Provider, project_ids: Iterable[str]) -> tuple[dict[str
             notes.append(f"provider key {key_id}: {shared[hint]} provider keys end in {hint}; not matched to any meter key")
         else:
             labels[key_id] = hint
-    return labels, notes
+    key_project = {hint: projects[key_id] for key_id, hint in hints.items() if hint and shared[hint] == 1}
+    return labels, notes, key_project
 
 
 def within(a: int | Decimal, b: int | Decimal, tolerance: float) -> bool:
@@ -168,8 +172,11 @@ def reconcile(
 
 def meter_by(by: Sequence[str], project_ids: Sequence[str] = ()) -> list[str]:
     """The report grouping meter's side needs: its endpoint (only completions are in the
-    provider's completions usage), and its project too when projects are chosen."""
-    return list(by) + ["endpoint"] + (["project"] if project_ids and "project" not in by else [])
+    provider's completions usage), and its project and key when projects matter."""
+    extra = ["endpoint"]
+    if "project" in by or project_ids:
+        extra += [f for f in ("project", "key") if f not in by]  # the key tells a request's project without the header
+    return list(by) + extra
 
 
 def compare(
@@ -186,20 +193,34 @@ def compare(
     by = list(by)
     notes: list[str] = []
     meter_groups: dict[tuple[str | None, ...], Totals] = {}
+    group_by = [_PROVIDER_FIELD[f] for f in by if f in _PROVIDER_FIELD]
+    if "key" in by and "project_id" not in group_by:
+        group_by.append("project_id")  # the key listing is per project
+    results = provider.usage(since, until, group_by, project_ids)
+    labels: dict[str, str] = {}
+    key_project: dict[str, str] = {}
+    if "key" in by or "project" in by or project_ids:
+        # every project's keys (not only those with usage), so that two keys sharing a
+        # last four anywhere in the organisation are seen as ambiguous; a request sent
+        # without an OpenAI-Project header is in the project of its (project) key
+        listed = list(project_ids) or provider.projects()
+        labels, key_notes, key_project = key_labels(provider, listed + [r["project_id"] for r in results if r.get("project_id")])
+        notes += key_notes if "key" in by else []
     meter_keys: dict[str, set[str]] = {}
     for row in rows:
         if "key" in by and row["key_hint"]:
             meter_keys.setdefault(row["key_hint"], set()).add(str(row["key"]))
     shared = {hint for hint, keys in meter_keys.items() if len(keys) > 1}
     for row in rows:
-        if project_ids and row.get("project") not in project_ids:
+        project = row.get("project") or key_project.get(row.get("key_hint") or "")
+        if project_ids and project not in project_ids:
             continue
         endpoint = row.get("endpoint")
         tokens = endpoint in TOKEN_ENDPOINTS
         requests = int(row["requests"]) - int(row["errors"]) if endpoint in REQUEST_ENDPOINTS else 0
         if not (tokens or requests or row["cost_usd"]):
             continue  # a model list, a refused call: nothing the provider counts
-        key = tuple(_meter_key(row, shared) if f == "key" else row[f] for f in by)
+        key = tuple(_meter_key(row, shared) if f == "key" else project if f == "project" else row[f] for f in by)
         t = meter_groups.setdefault(key, Totals())
         t.requests += requests
         if tokens:
@@ -209,16 +230,6 @@ def compare(
         if row["cost_usd"] is not None:
             t.add_cost(Decimal(row["cost_usd"]))  # the Costs API holds every line item
 
-    group_by = [_PROVIDER_FIELD[f] for f in by if f in _PROVIDER_FIELD]
-    if "key" in by and "project_id" not in group_by:
-        group_by.append("project_id")  # the key listing is per project
-    results = provider.usage(since, until, group_by, project_ids)
-    labels: dict[str, str] = {}
-    if "key" in by:
-        # every project's keys (not only those with usage), so that two keys sharing a
-        # last four anywhere in the organisation are seen as ambiguous
-        listed = list(project_ids) or provider.projects()
-        labels, notes = key_labels(provider, listed + [r["project_id"] for r in results if r.get("project_id")])
     provider_groups: dict[tuple[str | None, ...], Totals] = {}
     for r in results:
         key = tuple(_provider_value(r, f, labels, shared) for f in by)
