@@ -18,7 +18,7 @@ import gc
 import logging
 import signal
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -43,6 +43,7 @@ from .metrics import CONTENT_TYPE, LedgerMetrics, Metrics
 from .otel_metrics import OtelMetrics, otel_metrics_from_env
 from .prices import Pricer
 from .proxy import Proxy
+from .reconcile.schedule import ReconcileMetrics, ReconcileSchedule, RunSummary, scheduled_run
 from .report import ReportAPI
 from .report.sql_api import SqlAPI
 from .tracing import Tracing, tracing_from_env
@@ -118,7 +119,10 @@ def _bind(address: str, setting: str) -> socket.socket:
 class Meter:
     """A running meter: `await start()`, then `await stop()` (or `run()` until SIGTERM)."""
 
-    def __init__(self, settings: Settings, *, extra_addons: list[Any] | None = None, store: Store | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, extra_addons: list[Any] | None = None, store: Store | None = None,
+        reconcile_run: Callable[[], RunSummary] | None = None,
+    ) -> None:
         self.settings = settings
         self.identities = KeyIdentities(settings.keys)
         self.store = store or store_for(settings)
@@ -133,6 +137,14 @@ class Meter:
         except ValueError as exc:
             raise StartupError(str(exc)) from None
         self.extra_addons = extra_addons or []
+        # --reconcile-every: the blocking run (a test may give its own), scheduled off the request path.
+        self.reconcile: ReconcileSchedule | None = None
+        if settings.reconcile_every is not None:
+            run = reconcile_run or scheduled_run(
+                settings.upstream, self.store, admin_key_env=settings.reconcile.admin_key_env,
+                project_ids=settings.reconcile.projects, tolerance=settings.reconcile.tolerance,
+            )
+            self.reconcile = ReconcileSchedule(run, settings.reconcile_every)
         # Budget state outlives start/stop; an alerter is given by assigning `budgets.alerter`.
         self.budgets = Budgets(settings.budgets, settings.keys)
         # Budget alerts leave through the alerter: claimed in the ledger, POSTed off the request path.
@@ -202,6 +214,8 @@ class Meter:
         self.metrics.register(LedgerMetrics(self.ledger))
         self.metrics.registry.register(BudgetMetrics(self.budgets))
         self.metrics.registry.register(AlertMetrics(self.alerter))
+        if self.reconcile is not None:
+            self.metrics.registry.register(ReconcileMetrics(self.reconcile))
         budget_addons = None
         if self.budgets.states:
             budget_addons = (BudgetGate(self.budgets, self.identities), BudgetSync(self.budgets, self.store, self.settings.flush_interval))
@@ -261,6 +275,8 @@ class Meter:
         self.admin_address = admin_sock.getsockname()[:2]
         # The replica's name in alert claims: the same after a restart, so its unsent ones come back at once.
         await self.alerter.start(owner=f"{socket.gethostname()} {self.proxy_address[0]}:{self.proxy_address[1]}")
+        if self.reconcile is not None:
+            self.reconcile.start()
         self.accepting = True
         log.info(
             "meter forwarding http://%s:%d -> %s; admin and console on http://%s:%d/; ledger %s",
@@ -281,6 +297,8 @@ class Meter:
             with contextlib.suppress(Exception):
                 await self.session.close()
         await self.alerter.stop()
+        if self.reconcile is not None:
+            await self.reconcile.stop()
         if self.addons is not None:
             await self.addons.stop()  # the ledger writer closes its store; each failure is logged, none raised
         await self._stop_report_api()
@@ -303,6 +321,8 @@ class Meter:
         if self.session is not None:
             await self.session.close()
         await self.alerter.stop()  # before the ledger closes: what is unsent is released there
+        if self.reconcile is not None:
+            await self.reconcile.stop()  # before the ledger closes: a run reads it
         if self.addons is not None:
             await self.addons.stop()
         await self._stop_report_api()

@@ -1,0 +1,195 @@
+"""`meter serve --reconcile-every`: reconciliation on a schedule, read as `meter_reconcile_*` on /metrics.
+
+The schedule's own behaviour (first run soon after start, never two runs at once, a
+failure one line and a count, stop() cancelling) is shown with a real Meter whose run
+is a small blocking function; start-up without the admin key with a real `meter serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from meter.config import load_settings
+from meter.reconcile.schedule import ReconcileSchedule, RunSummary
+from meter.server import Meter
+
+from .conftest import ROOT, UpstreamProcess
+
+ADMIN_KEY = "sk-admin-" + "Zq7" * 12  # a made-up admin key: it must show up nowhere
+
+
+async def scrape(admin_url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """/metrics as {sample name: {labels: value}}, parsed by Prometheus' own parser."""
+    async with aiohttp.ClientSession() as s, s.get(admin_url + "/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+async def start(tmp_path: Path, upstream_url: str, run: Any, every: str = "1s") -> Meter:
+    flags = {
+        "upstream": upstream_url, "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+        "ledger": str(tmp_path / "ledger.duckdb"), "flush_interval": 0.05, "reconcile_every": every,
+    }
+    meter = Meter(load_settings(flags, env={}), reconcile_run=run)
+    await meter.start()
+    return meter
+
+
+def admin_url(meter: Meter) -> str:
+    host, port = meter.admin_address  # type: ignore[misc]
+    return f"http://{host}:{port}"
+
+
+async def wait_for(predicate: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def test_runs_show_as_gauges_on_a_real_scrape(tmp_path: Path, upstream: UpstreamProcess) -> None:
+    calls: list[float] = []
+
+    def run() -> RunSummary:
+        calls.append(time.time())
+        return RunSummary({"match": 3, "meter_missing": 1, "differs": 2}, -0.125)
+
+    meter = await start(tmp_path, upstream.url, run)
+    try:
+        # Traffic through the SDK goes on while the schedule runs beside it.
+        client = openai.AsyncOpenAI(base_url=f"http://{meter.proxy_address[0]}:{meter.proxy_address[1]}/v1", api_key="sk-test-" + "a1" * 20, max_retries=0)  # type: ignore[index]
+        await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        assert meter.reconcile is not None
+        await wait_for(lambda: meter.reconcile is not None and meter.reconcile.state.runs >= 1)
+        m = await scrape(admin_url(meter))
+        groups = m["meter_reconcile_groups"]
+        assert groups == {
+            (("verdict", "match"),): 3.0, (("verdict", "meter_missing"),): 1.0,
+            (("verdict", "provider_missing"),): 0.0, (("verdict", "differs"),): 2.0,
+        }
+        assert m["meter_reconcile_cost_difference_usd"][()] == -0.125
+        assert m["meter_reconcile_success"][()] == 1.0
+        assert abs(m["meter_reconcile_last_run_timestamp_seconds"][()] - calls[0]) < 5
+        assert m["meter_reconcile_last_success_timestamp_seconds"][()] >= calls[0]
+        assert m["meter_reconcile_runs_total"][()] >= 1
+        assert m["meter_reconcile_failures_total"][()] == 0
+        # The first run came shortly after start, the next an interval later (every 1s).
+        await wait_for(lambda: len(calls) >= 2)
+        assert 0.5 < calls[1] - calls[0] < 3
+    finally:
+        await meter.stop()
+
+
+async def test_off_by_default_no_reconcile_families(tmp_path: Path, upstream: UpstreamProcess) -> None:
+    flags = {"upstream": upstream.url, "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "ledger": str(tmp_path / "l.duckdb")}
+    meter = Meter(load_settings(flags, env={}))
+    await meter.start()
+    try:
+        assert meter.reconcile is None
+        m = await scrape(admin_url(meter))
+        assert not [name for name in m if name.startswith("meter_reconcile_")]
+    finally:
+        await meter.stop()
+
+
+async def test_a_failed_run_is_one_line_and_a_count_and_keeps_the_last_figures(
+    tmp_path: Path, upstream: UpstreamProcess, caplog: pytest.LogCaptureFixture,
+) -> None:
+    outcomes = iter([RunSummary({"match": 5}, 0.0), RuntimeError("provider down\nsecond line"), RuntimeError("still down")])
+    done = threading.Event()
+
+    def run() -> RunSummary:
+        outcome = next(outcomes, None)
+        if outcome is None:
+            done.set()
+            time.sleep(3600)  # blocked: stop() must not wait for it
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert isinstance(outcome, RunSummary)
+        return outcome
+
+    caplog.set_level(logging.INFO, logger="meter.reconcile")
+    meter = await start(tmp_path, upstream.url, run)
+    try:
+        await wait_for(done.is_set)
+        m = await scrape(admin_url(meter))
+        assert m["meter_reconcile_failures_total"][()] == 2
+        assert m["meter_reconcile_runs_total"][()] == 3
+        assert m["meter_reconcile_success"][()] == 0
+        assert m["meter_reconcile_groups"][(("verdict", "match"),)] == 5  # the last good run's figures
+        failures = [r.getMessage() for r in caplog.records if r.name == "meter.reconcile" and r.levelno == logging.WARNING]
+        assert failures == ["reconcile: run failed: RuntimeError: provider down", "reconcile: run failed: RuntimeError: still down"]
+    finally:
+        began = time.monotonic()
+        await meter.stop()
+        assert time.monotonic() - began < 10  # the blocked run's thread is left; the task is cancelled
+
+
+async def test_runs_never_overlap_and_stop_cancels() -> None:
+    active = 0
+    most = 0
+    starts: list[float] = []
+    lock = threading.Lock()
+
+    def run() -> RunSummary:
+        nonlocal active, most
+        with lock:
+            active += 1
+            most = max(most, active)
+        starts.append(time.monotonic())
+        time.sleep(0.3)  # longer than the interval
+        with lock:
+            active -= 1
+        return RunSummary({"match": 1}, 0.0)
+
+    schedule = ReconcileSchedule(run, every=0.1, first_delay=0.0)
+    schedule.start()
+    await wait_for(lambda: len(starts) >= 4)
+    await schedule.stop()
+    assert most == 1
+    assert all(b - a >= 0.29 for a, b in zip(starts, starts[1:]))  # the next run waits for the last to end
+    assert schedule._task is None
+    count = len(starts)
+    await asyncio.sleep(0.5)
+    assert len(starts) <= count + 1  # at most the run already in its thread; none after stop()
+
+
+def test_serve_without_the_admin_key_is_one_line_exit_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_ADMIN_KEY", "METER_CONFIG")}
+    env["METER_RECONCILE_EVERY"] = "1h"
+    proc = subprocess.run(
+        [sys.executable, "-m", "meter", "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--ledger", str(tmp_path / "l.duckdb")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "OPENAI_ADMIN_KEY" in lines[0] and "reconcile-every" in lines[0]
+    assert not (tmp_path / "l.duckdb").exists()  # refused before the ledger is opened
+
+
+def test_a_bad_interval_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "meter", "serve", "--reconcile-every", "hourly", "--ledger", str(tmp_path / "l.duckdb")],
+        cwd=ROOT, env={**os.environ, "OPENAI_ADMIN_KEY": ADMIN_KEY}, capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "reconcile_every" in proc.stderr.replace("-", "_"), proc.stderr
