@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
+from meter.reconcile.schedule import ReconcileMetrics, ReconcileSchedule, RunSummary
+
 from .dashboard_queries import analyse
 from .test_dashboards import SERIES, SPEC_VALUES
 
@@ -39,6 +41,16 @@ PROMETHEUS_RULE = ROOT / "deploy" / "k8s" / "prometheusrule.yaml"
 TARGET_LABELS = frozenset({"instance", "job"})
 # SPEC §6's series (tests/test_dashboards.py) with the target labels.
 SCHEMA = {series: labels | TARGET_LABELS for series, labels in SERIES.items()}
+
+
+def reconcile_series() -> dict[str, frozenset[str]]:
+    """`meter serve --reconcile-every`'s series with their labels, from its real collector after a run."""
+    schedule = ReconcileSchedule(lambda: RunSummary({}, 0.0), every=3600)
+    schedule.state.last = RunSummary({"match": 1}, 0.0)
+    return {s.name: frozenset(s.labels) for family in ReconcileMetrics(schedule).collect() for s in family.samples}
+
+
+SCHEMA |= {series: labels | TARGET_LABELS for series, labels in reconcile_series().items()}
 
 
 def promtool() -> str:
@@ -200,6 +212,20 @@ def unit_tests() -> list[dict[str, Any]]:
                 ("30m", "MeterLedgerFailing", []),
             ],
         ),
+        # The books drift on replica a (2 groups differ from 30 minutes on) for 2 hours; replica b,
+        # not reconciling, has no series; meter_missing stays 0 and matches are no drift.
+        case(
+            {
+                'meter_reconcile_groups{verdict="differs",instance="a"}': "0x30 2x200",
+                'meter_reconcile_groups{verdict="meter_missing",instance="a"}': "0x230",
+                'meter_reconcile_groups{verdict="match",instance="a"}': "40x230",
+            },
+            [
+                ("20m", "MeterBooksDrift", []),
+                ("140m", "MeterBooksDrift", []),  # pending: under 2 hours
+                ("160m", "MeterBooksDrift", [firing("MeterBooksDrift", "2", verdict="differs")]),
+            ],
+        ),
         # Records the store refused.
         case(
             {'meter_ledger_rejected_records_total{instance="a"}': "0 0 0 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5"},
@@ -246,6 +272,8 @@ def test_promtool_unit_tests_pass(tmp_path: Path) -> None:
         ("MeterHighErrorRatio", 'outcome=~"error|failed|upstream_unreachable|upstream_timeout"', 'outcome!~"completed|in_progress|incomplete"'),
         ("MeterTimeToFirstTokenP99High", "> 30", "> 60"),
         ("MeterLedgerFailing", "and meter_ledger_pending_records > 0", "or meter_ledger_pending_records > 0"),
+        ("MeterBooksDrift", 'verdict!="match"', 'verdict!="differs"'),
+        ("MeterBooksDrift", "> 0", "> 2"),
         ("MeterUnpricedRequests", "\nor sum by (model) (meter_unpriced_requests_total unless meter_unpriced_requests_total offset 15m) > 0", ""),
     ],
 )

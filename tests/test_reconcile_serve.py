@@ -8,6 +8,7 @@ is a small blocking function; start-up without the admin key with a real `meter 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import subprocess
@@ -165,7 +166,7 @@ async def test_runs_never_overlap_and_stop_cancels() -> None:
     await wait_for(lambda: len(starts) >= 4)
     await schedule.stop()
     assert most == 1
-    assert all(b - a >= 0.29 for a, b in zip(starts, starts[1:]))  # the next run waits for the last to end
+    assert all(b - a >= 0.29 for a, b in itertools.pairwise(starts))  # the next run waits for the last to end
     assert schedule._task is None
     count = len(starts)
     await asyncio.sleep(0.5)
