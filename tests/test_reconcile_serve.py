@@ -1,20 +1,27 @@
 """`meter serve --reconcile-every`: reconciliation on a schedule, read as `meter_reconcile_*` on /metrics.
 
-The schedule's own behaviour (first run soon after start, never two runs at once, a
-failure one line and a count, stop() cancelling) is shown with a real Meter whose run
-is a small blocking function; start-up without the admin key with a real `meter serve`.
+End to end: a real Meter with traffic through the `openai` SDK (to tests/fake_upstream.py),
+its schedule running the real reconciliation against tests/fake_provider.py (a real HTTP
+process), read back by a real scrape of /metrics.  The schedule's own behaviour (first
+run soon after start, never two runs at once, a failure one line and a count, stop()
+cancelling) is shown with a small blocking run; start-up without the admin key with a
+real `meter serve`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import itertools
+import json
 import logging
 import os
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +31,26 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meter.config import load_settings
-from meter.reconcile.schedule import ReconcileSchedule, RunSummary
+from meter.ledger import store_for
+from meter.reconcile.schedule import ReconcileSchedule, RunSummary, scheduled_run
 from meter.server import Meter
 
 from .conftest import ROOT, UpstreamProcess
 
 ADMIN_KEY = "sk-admin-" + "Zq7" * 12  # a made-up admin key: it must show up nowhere
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[UpstreamProcess]:
+    proc = UpstreamProcess("tests.fake_provider").start()
+    yield proc
+    proc.stop()
+
+
+def tell(provider: UpstreamProcess, **state: Any) -> None:
+    body = {"admin_key": ADMIN_KEY, "usage": [], "costs": [], "keys": {}, "rate_limit_once": False, **state}
+    req = urllib.request.Request(provider.url + "/__fake/state", data=json.dumps(body).encode(), method="PUT")
+    urllib.request.urlopen(req).read()
 
 
 async def scrape(admin_url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -194,3 +215,77 @@ def test_a_bad_interval_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "reconcile_every" in proc.stderr.replace("-", "_"), proc.stderr
+
+
+async def test_books_against_the_fake_provider_end_to_end(
+    tmp_path: Path, upstream: UpstreamProcess, provider: UpstreamProcess, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SDK traffic through meter; the provider first agrees, then saw traffic that bypassed meter,
+    then refuses the admin key: each shows on /metrics within a run or two."""
+    caplog.set_level(logging.INFO, logger="meter.reconcile")
+    tell(provider)
+    monkeypatch.setenv("METER_TEST_ADMIN_KEY", ADMIN_KEY)
+    flags = {
+        "upstream": upstream.url, "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0",
+        "ledger": str(tmp_path / "ledger.duckdb"), "flush_interval": 0.05, "reconcile_every": "1s",
+    }
+    settings = load_settings(flags, env={})
+    store = store_for(settings)
+    # The same run `meter serve` builds, with the provider's organisation API at the fake's address
+    # (meter's upstream, the fake model API, has none).
+    run = scheduled_run(provider.url, store, admin_key_env="METER_TEST_ADMIN_KEY")
+    meter = Meter(settings, store=store, reconcile_run=run)
+    await meter.start()
+    schedule = meter.reconcile
+    assert schedule is not None
+    try:
+        client = openai.AsyncOpenAI(base_url=f"http://{meter.proxy_address[0]}:{meter.proxy_address[1]}/v1", api_key="sk-test-" + "b2" * 20, max_retries=0)  # type: ignore[index]
+        for text in ("one", "two"):
+            await client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
+        await asyncio.wait_for(meter.proxy.idle.wait(), 30)  # type: ignore[union-attr]
+        assert await asyncio.get_running_loop().run_in_executor(None, meter.ledger.flush)
+        _, rows = store.query("SELECT model, input_tokens, cached_tokens, output_tokens, cost_usd, started_at FROM requests", [])
+        assert len(rows) == 2
+        model = rows[0][0]
+        today = rows[0][5].astimezone(dt.UTC).strftime("%Y-%m-%d")  # the UTC day of its started_at
+        meter_cost = float(sum(r[4] for r in rows))
+        agreed = {
+            "day": today, "model": model, "project_id": "proj_1", "api_key_id": "key_1", "service_tier": "default",
+            "input_tokens": sum(r[1] for r in rows), "input_cached_tokens": sum(r[2] or 0 for r in rows),
+            "output_tokens": sum(r[3] for r in rows), "num_model_requests": 2,
+        }
+        costs = [{"day": today, "project_id": "proj_1", "line_item": f"{model}, input", "value": meter_cost}]
+
+        async def after_next_runs() -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+            target = schedule.state.runs + 2  # the run under way may have read the old state
+            await wait_for(lambda: schedule.state.runs >= target)
+            return await scrape(admin_url(meter))
+
+        tell(provider, usage=[agreed], costs=costs)
+        m = await after_next_runs()
+        assert m["meter_reconcile_groups"][(("verdict", "match"),)] == 1
+        assert sum(m["meter_reconcile_groups"].values()) == 1
+        assert abs(m["meter_reconcile_cost_difference_usd"][()]) < 1e-6
+        assert m["meter_reconcile_success"][()] == 1
+
+        # Traffic that bypassed meter: another model the provider served and charged 0.5 USD for.
+        bypass = {**agreed, "model": "gpt-4.1-nano", "num_model_requests": 3}
+        tell(provider, usage=[agreed, bypass], costs=[*costs, {**costs[0], "line_item": "gpt-4.1-nano, input", "value": 0.5}])
+        m = await after_next_runs()
+        assert m["meter_reconcile_groups"][(("verdict", "match"),)] == 1
+        assert m["meter_reconcile_groups"][(("verdict", "meter_missing"),)] == 1
+        assert abs(m["meter_reconcile_cost_difference_usd"][()] + 0.5) < 1e-6
+
+        # The provider refuses the key: a failure per run, one line each, the key nowhere.
+        failures_before = m["meter_reconcile_failures_total"][()]
+        tell(provider, admin_key="sk-admin-another", usage=[agreed, bypass])
+        m = await after_next_runs()
+        assert m["meter_reconcile_success"][()] == 0
+        assert m["meter_reconcile_failures_total"][()] >= failures_before + 1
+        assert m["meter_reconcile_groups"][(("verdict", "meter_missing"),)] == 1  # the last good run's figures
+        lines = [r.getMessage() for r in caplog.records if r.name == "meter.reconcile" and r.levelno == logging.WARNING]
+        assert lines and all("refused the admin key (HTTP 401)" in line for line in lines), lines
+        assert ADMIN_KEY not in caplog.text
+        assert ADMIN_KEY not in "\n".join(f"{k}{v}" for k, v in m.items())
+    finally:
+        await meter.stop()
