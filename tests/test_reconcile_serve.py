@@ -289,3 +289,36 @@ async def test_books_against_the_fake_provider_end_to_end(
         assert ADMIN_KEY not in "\n".join(f"{k}{v}" for k, v in m.items())
     finally:
         await meter.stop()
+
+
+def test_meter_serve_process_reconciles_on_its_own_and_stops_cleanly(
+    tmp_path: Path, provider: UpstreamProcess, meter_process: Any,
+) -> None:
+    """`meter serve --reconcile-every` as a process, built from its settings alone: the admin key
+    from `[reconcile]`'s default variable, the provider at `--upstream`."""
+    today = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    bypass = {
+        "day": today, "model": "gpt-4o-mini", "project_id": "proj_1", "api_key_id": "key_1", "service_tier": "default",
+        "input_tokens": 10, "input_cached_tokens": 0, "output_tokens": 5, "num_model_requests": 1,
+    }
+    tell(provider, usage=[bypass], costs=[{"day": today, "project_id": "proj_1", "line_item": "gpt-4o-mini, input", "value": 0.25}])
+    proc = meter_process(
+        "--upstream", provider.url, "--ledger", str(tmp_path / "l.duckdb"), "--reconcile-every", "1s",
+        env={"OPENAI_ADMIN_KEY": ADMIN_KEY, "METER_CONFIG": ""},
+    )
+    deadline = time.monotonic() + 20
+    groups: dict[tuple[tuple[str, str], ...], float] = {}
+    while time.monotonic() < deadline:
+        m = asyncio.run(scrape(proc.admin_url))
+        groups = m.get("meter_reconcile_groups", {})
+        if groups:
+            break
+        time.sleep(0.2)
+    assert groups[(("verdict", "meter_missing"),)] == 1  # the provider saw a request meter never did
+    assert m["meter_reconcile_cost_difference_usd"][()] == -0.25
+    assert m["meter_reconcile_success"][()] == 1
+    proc.signal(15)
+    assert proc.wait(30) == 0
+    log = (tmp_path / "meter0.log").read_text()
+    assert "reconcile: 0 match, 1 meter_missing, 0 provider_missing, 0 differs" in log
+    assert ADMIN_KEY not in log
