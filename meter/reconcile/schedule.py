@@ -35,6 +35,7 @@ log = logging.getLogger("meter.reconcile")
 
 VERDICTS = ("match", "meter_missing", "provider_missing", "differs")
 FIRST_RUN_DELAY = 5.0  # seconds after start: the listeners are up before the first run
+STOP_WAIT = 5.0  # seconds stop() gives a run under way to end before the ledger closes under it
 WINDOW_DAYS = 7  # each run compares the UTC days from 6 days ago to now
 
 
@@ -67,17 +68,22 @@ class ReconcileSchedule:
         self.first_delay = min(FIRST_RUN_DELAY, every) if first_delay is None else first_delay
         self.state = ScheduleState()
         self._task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="meter-reconcile")
 
     async def stop(self) -> None:
-        """Cancel the task; a run already in its thread finishes there, its result dropped."""
+        """Cancel the task; a run already in its thread gets `STOP_WAIT` seconds to end (the
+        ledger closes after this), then is left to finish there, its result dropped."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        deadline = time.monotonic() + STOP_WAIT
+        while self._thread is not None and self._thread.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def _loop(self) -> None:
         await asyncio.sleep(self.first_delay)
@@ -133,7 +139,8 @@ class ReconcileSchedule:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
                 loop.call_soon_threadsafe(settle, result, error)
 
-        threading.Thread(target=work, name="meter-reconcile", daemon=True).start()
+        self._thread = threading.Thread(target=work, name="meter-reconcile", daemon=True)
+        self._thread.start()
         return await future
 
 
