@@ -35,6 +35,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.many_rows import duckdb_ledger, postgres_ledger
+
 if TYPE_CHECKING:
     from tests.pg import PostgresServer
 
@@ -76,45 +78,6 @@ VIEWS = {
     "last 30 days, model": "since=30d&where=model%3Dbench-model-2",
     "last 24 hours, no filter": "since=24h",
 }
-
-
-def duckdb_ledger(directory: Path, rows: int) -> str:
-    import duckdb
-
-    from meter.ledger import DuckDBStore
-
-    path = directory / f"console-{rows}.duckdb"
-    store = DuckDBStore(str(path))
-    store.open()  # creates the file and applies every migration
-    store.close()
-    con = duckdb.connect(str(path))
-    try:
-        con.execute(DUCKDB_ROWS, [rows])
-    finally:
-        con.close()
-    return str(path)
-
-
-def postgres_ledger(server: PostgresServer, rows: int) -> str:
-    import asyncpg
-
-    from meter.ledger import PostgresStore
-
-    url = server.new_database("console")
-    store = PostgresStore(url)
-    store.open()
-    store.close()
-
-    async def fill() -> None:
-        con = await asyncpg.connect(url)
-        try:
-            await con.execute(POSTGRES_ROWS, rows)
-            await con.execute("VACUUM ANALYZE requests")
-        finally:
-            await con.close()
-
-    asyncio.run(fill())
-    return url
 
 
 def _free_port() -> int:
@@ -189,9 +152,9 @@ def main() -> int:
                     from tests.pg import PostgresServer
 
                     server = PostgresServer().start()
-                    ledger = postgres_ledger(server, args.rows)
+                    ledger = postgres_ledger(server.new_database("console"), POSTGRES_ROWS, args.rows, then=["VACUUM ANALYZE requests"])
                 else:
-                    ledger = duckdb_ledger(directory, args.rows)
+                    ledger = duckdb_ledger(directory / f"console-{args.rows}.duckdb", DUCKDB_ROWS, args.rows)
                 print(f"{store}: {args.rows:,} rows built in {time.monotonic() - t0:.1f} s", file=sys.stderr)
                 proc, admin = start_meter(ledger, directory / f"meter-{store}.log")
                 try:

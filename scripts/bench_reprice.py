@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.many_rows import duckdb_rows, postgres_rows
+from tests.many_rows import duckdb_ledger, duckdb_rows, postgres_ledger, postgres_rows, run_with_peak
 
 if TYPE_CHECKING:
     from tests.pg import PostgresServer
@@ -47,74 +46,15 @@ DUCKDB_ROWS = duckdb_rows("bench-model")
 POSTGRES_ROWS = postgres_rows("bench-model")
 
 
-def duckdb_ledger(directory: Path, rows: int) -> str:
-    """A DuckDB ledger file with the current schema and `rows` rows."""
-    import duckdb
-
-    from meter.ledger import DuckDBStore
-
-    path = directory / f"bench-{rows}.duckdb"
-    store = DuckDBStore(str(path))
-    store.open()  # creates the file and applies every migration
-    store.close()
-    con = duckdb.connect(str(path))
-    try:
-        con.execute(DUCKDB_ROWS, [rows])
-    finally:
-        con.close()
-    return str(path)
-
-
-def postgres_ledger(server: PostgresServer, rows: int) -> str:
-    """A fresh PostgreSQL database with the current schema and `rows` rows; its URL."""
-    import asyncio
-
-    import asyncpg
-
-    from meter.ledger import PostgresStore
-
-    url = server.new_database("bench")
-    store = PostgresStore(url)
-    store.open()  # applies every migration
-    store.close()
-
-    async def fill() -> None:
-        con = await asyncpg.connect(url)
-        try:
-            await con.execute(POSTGRES_ROWS, rows)
-            await con.execute("ANALYZE requests")
-        finally:
-            await con.close()
-
-    asyncio.run(fill())
-    return url
-
-
-# `meter reprice` in a process that writes its own peak RSS (the kernel's VmHWM) last
-# on stderr.  wait4's ru_maxrss would not do: exec records the forking parent's peak
-# (here a process that just built a ledger) as the child's.
-REPORTING_PEAK = (
-    "import sys\n"
-    "from meter.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
-    "print(f'VmHWM {peak}', file=sys.stderr)\n"
-    "sys.exit(code)\n"
-)
-
-
 def run_reprice(ledger: str, config: Path, *, dry_run: bool) -> tuple[str, float, int]:
     """(stdout, wall seconds, peak RSS in KiB) of one `meter reprice` process."""
-    argv = [sys.executable, "-c", REPORTING_PEAK, "reprice", "--ledger", ledger, "--config", str(config)]
-    if dry_run:
-        argv.append("--dry-run")
+    args = ["reprice", "--ledger", ledger, "--config", str(config), *(["--dry-run"] if dry_run else [])]
     started = time.monotonic()
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=False)
+    result, peak = run_with_peak(args, timeout=3600)
     elapsed = time.monotonic() - started
-    *errors, last = result.stderr.splitlines() or [""]
-    if result.returncode != 0 or errors or not last.startswith("VmHWM "):
+    if peak is None:
         raise RuntimeError(f"meter reprice failed ({result.returncode}): {result.stderr.strip()}")
-    return result.stdout.strip(), elapsed, int(last.split()[1])
+    return result.stdout.strip(), elapsed, peak // 1024
 
 
 def main() -> int:
@@ -137,7 +77,11 @@ def main() -> int:
                     server = PostgresServer().start()
                 for rows in args.rows:
                     t0 = time.monotonic()
-                    ledger = postgres_ledger(server, rows) if server is not None and store == "postgresql" else duckdb_ledger(directory, rows)
+                    ledger = (
+                        postgres_ledger(server.new_database("bench"), POSTGRES_ROWS, rows, then=["ANALYZE requests"])
+                        if server is not None and store == "postgresql"
+                        else duckdb_ledger(directory / f"bench-{rows}.duckdb", DUCKDB_ROWS, rows)
+                    )
                     print(f"{store}: {rows:,} rows built in {time.monotonic() - t0:.1f} s", file=sys.stderr)
                     dry, dry_s, dry_rss = run_reprice(ledger, config, dry_run=True)
                     real, real_s, real_rss = run_reprice(ledger, config, dry_run=False)

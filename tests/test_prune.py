@@ -14,8 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import subprocess
-import sys
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,9 @@ import duckdb
 from meter.ledger import DuckDBStore, PostgresStore, Store
 from meter.ledger.alert_claims import AlertClaim
 
-from .many_rows import duckdb_rows, postgres_rows
+from .many_rows import duckdb_ledger, duckdb_rows, postgres_ledger, postgres_rows, run_with_peak
 from .pg import execute
-from .test_report import ROOT, assert_one_line_error, make_record, run_meter
+from .test_report import assert_one_line_error, make_record, run_meter
 
 NOW = dt.datetime.now(dt.UTC)
 CUT = NOW - dt.timedelta(days=180)
@@ -173,19 +171,10 @@ def test_prune_postgres_live(pg_url: str) -> None:
         writer.close()
 
 
-def big_duckdb(path: Path, n: int) -> None:
-    store = DuckDBStore(str(path))
-    store.open()
-    try:
-        store.con.execute(duckdb_rows("gpt-4o"), [n])
-    finally:
-        store.close()
-
-
 def test_prune_shrinks_the_duckdb_file_and_keeps_the_rest(tmp_path: Path) -> None:
     """150k rows one every 37 s from 2026-01-01; before 2026-02-20 are 116,757 of them."""
     ledger = tmp_path / "big.duckdb"
-    big_duckdb(ledger, 150_000)
+    duckdb_ledger(ledger, duckdb_rows("gpt-4o"), 150_000)
     before = ledger.stat().st_size
     kept_sql = "SELECT count(*), sum(input_tokens), sum(output_tokens) FROM requests WHERE started_at >= TIMESTAMPTZ '2026-02-20 00:00:00+00'"
     con = duckdb.connect(str(ledger), read_only=True)
@@ -230,22 +219,10 @@ def test_prune_bad_arguments(tmp_path: Path) -> None:
     con.close()
 
 
-# `meter prune` in a process that says its own peak RSS (VmHWM) last on stderr.
-REPORTING_PEAK = (
-    "import sys\n"
-    "from meter.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
-    "print(f'VmHWM {peak}', file=sys.stderr)\n"
-    "sys.exit(code)\n"
-)
-
-
 def prune_peak_rss(ledger: str) -> tuple[str, int]:
-    proc = subprocess.run([sys.executable, "-c", REPORTING_PEAK, "prune", "--older-than", "2026-07-01", "--ledger", ledger], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    peak_kib = int(proc.stderr.strip().splitlines()[-1].split()[1])
-    return proc.stdout, peak_kib * 1024
+    result, peak = run_with_peak(["prune", "--older-than", "2026-07-01", "--ledger", ledger])
+    assert peak is not None, result.stderr
+    return result.stdout, peak
 
 
 def test_prune_memory_does_not_follow_the_ledger(tmp_path: Path, postgres: Any) -> None:
@@ -256,13 +233,9 @@ def test_prune_memory_does_not_follow_the_ledger(tmp_path: Path, postgres: Any) 
         for n in (20_000, 400_000):
             if kind == "duckdb":
                 ledger = str(tmp_path / f"{n}.duckdb")
-                big_duckdb(Path(ledger), n)
+                duckdb_ledger(ledger, duckdb_rows("gpt-4o"), n)
             else:
-                ledger = postgres.new_database()
-                schema = PostgresStore(ledger)
-                schema.open()
-                schema.close()
-                execute(ledger, postgres_rows("gpt-4o").replace("$1", str(n)))
+                ledger = postgres_ledger(postgres.new_database(), postgres_rows("gpt-4o"), n)
             stdout, peak = prune_peak_rss(ledger)
             assert stdout == f"pruned {n} rows older than 2026-07-01T00:00:00+00:00\n"
             peaks.append(peak)

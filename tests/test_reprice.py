@@ -17,7 +17,7 @@ import duckdb
 import pytest
 
 from .conftest import ledger_rows
-from .many_rows import duckdb_rows, postgres_rows
+from .many_rows import duckdb_ledger, duckdb_rows, postgres_ledger, postgres_rows, run_with_peak
 from .test_report import D1, assert_one_line_error, make_record, run_meter, seed
 
 PRICES = """
@@ -249,63 +249,11 @@ BIG_DUCKDB = duckdb_rows("acme-model")
 BIG_POSTGRES = postgres_rows("acme-model")
 
 
-def big_duckdb(path: Path, n: int) -> str:
-    seed(path, [])
-    con = duckdb.connect(str(path))
-    try:
-        con.execute(BIG_DUCKDB, [n])
-    finally:
-        con.close()
-    return str(path)
-
-
-def big_postgres(url: str, n: int) -> str:
-    import asyncio
-
-    import asyncpg
-
-    from meter.ledger import PostgresStore
-
-    store = PostgresStore(url)
-    store.open()
-    store.close()
-
-    async def fill() -> None:
-        con = await asyncpg.connect(url)
-        try:
-            await con.execute(BIG_POSTGRES, n)
-        finally:
-            await con.close()
-
-    asyncio.run(fill())
-    return url
-
-
-# `meter reprice` in a process that says its own peak RSS (VmHWM) last on stderr: the
-# kernel's per-process high-water mark, which rusage would mix with the forking
-# parent's (exec records the parent's peak as the child's).
-REPORTING_PEAK = (
-    "import sys\n"
-    "from meter.cli import main\n"
-    "code = main(sys.argv[1:])\n"
-    "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:'))\n"
-    "print(f'VmHWM {peak}', file=sys.stderr)\n"
-    "sys.exit(code)\n"
-)
-
-
 def reprice_peak_rss(ledger: str, cfg: Path, *args: str) -> tuple[str, int]:
     """(stdout, peak RSS in bytes) of one `meter reprice` process."""
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-
-    argv = [sys.executable, "-c", REPORTING_PEAK, "reprice", "--ledger", ledger, "--config", str(cfg), *args]
-    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    *errors, last = result.stderr.splitlines() or [""]
-    assert result.returncode == 0 and not errors and last.startswith("VmHWM "), result.stderr
-    return result.stdout, int(last.split()[1]) * 1024
+    result, peak = run_with_peak(["reprice", "--ledger", ledger, "--config", str(cfg), *args], timeout=300)
+    assert peak is not None, result.stderr
+    return result.stdout, peak
 
 
 def reprice_traced_peak(ledger: str, cfg: Path) -> tuple[int, int]:
@@ -335,10 +283,10 @@ def test_reprice_holds_rows_a_batch_at_a_time(store: str, tmp_path: Path, reques
     """Reading, pricing and writing stream together: two and a half times the rows, every one rewritten, in the same memory."""
     small, big = 100_000, 250_000
     if store == "duckdb":
-        ledgers = [big_duckdb(tmp_path / f"{n}.duckdb", n) for n in (small, big)]
+        ledgers = [duckdb_ledger(tmp_path / f"{n}.duckdb", BIG_DUCKDB, n) for n in (small, big)]
     else:
         postgres = request.getfixturevalue("postgres")
-        ledgers = [big_postgres(postgres.new_database(), n) for n in (small, big)]
+        ledgers = [postgres_ledger(postgres.new_database(), BIG_POSTGRES, n) for n in (small, big)]
     cfg = config(tmp_path)
     peaks = []
     for n, ledger in zip((small, big), ledgers):
@@ -359,7 +307,7 @@ def test_reprice_process_memory_is_flat_on_postgresql(postgres: Any, tmp_path: P
     cfg = config(tmp_path)
     peaks = []
     for n in (small, big):
-        stdout, peak = reprice_peak_rss(big_postgres(postgres.new_database(), n), cfg)
+        stdout, peak = reprice_peak_rss(postgres_ledger(postgres.new_database(), BIG_POSTGRES, n), cfg)
         assert parse_summary(stdout)[:2] == (n, n)
         peaks.append(peak)
     assert peaks[1] - peaks[0] < 24 * 2**20, f"peak RSS {peaks[0] >> 20} MiB at {small} rows, {peaks[1] >> 20} MiB at {big}"
