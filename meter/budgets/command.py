@@ -13,8 +13,6 @@ is written from the decimal, never through a float.  Bad input is one line, exit
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import time
 import urllib.error
@@ -26,6 +24,7 @@ from typing import Any
 
 from ..command import CommandError
 from ..config import load_settings, redact_url
+from ..report.render import render_csv
 
 COLUMNS = ("budget", "window", "window_start", "window_end", "mode", "spend_usd", "limit_usd", "remaining_usd", "share", "state")
 _MONEY = ("spend_usd", "limit_usd", "remaining_usd")
@@ -52,12 +51,7 @@ def render_budgets(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return budget_rows_json(rows)
     if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(COLUMNS)
-        for row in rows:
-            writer.writerow([_cell(row[c]) for c in COLUMNS])
-        return buf.getvalue()
+        return render_csv(rows, COLUMNS, cell=_cell)
     cells = [list(COLUMNS)] + [[f"{row[c]:.1%}" if c == "share" else _cell(row[c]) for c in COLUMNS] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
     return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in cells)

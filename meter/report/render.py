@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -60,13 +60,14 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def render_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """A header line and one line per row; an absent group value is an empty cell."""
+def render_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], cell: Callable[[Any], str] = _csv_cell) -> str:
+    """A header line and one line per row, each value written by `cell` (by default an
+    absent group value is an empty cell and a cost has its exact digits)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([_csv_cell(row[c]) for c in columns])
+        writer.writerow([cell(row[c]) for c in columns])
     return buf.getvalue()
 
 
