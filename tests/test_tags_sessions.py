@@ -330,3 +330,16 @@ async def test_meter_headers_the_connection_header_names_are_hop_by_hop(upstream
     (row,) = await meter.rows()
     assert json.loads(row["tags"]) == {"kept": "yes"}
     assert row["session_id"] == answer["id"] == row["response_id"]
+
+
+async def test_a_huge_session_header_is_cut_to_the_ledger_bound_and_counted(upstream, start_meter) -> None:
+    """A client's 32 KiB Meter-Session header: the request goes on, the row keeps the
+    first 256 characters, the cut is counted, and a chain from it keeps that session."""
+    meter = await start_meter(upstream.url)
+    client = sdk(meter.url)
+    huge = "s" * 32_768
+    first = await client.responses.create(model="gpt-4o", input="hi", extra_headers={"Meter-Session": huge})
+    await client.responses.create(model="gpt-4o", input="hi", previous_response_id=first.id)
+    rows = await meter.rows()
+    assert [r["session_id"] for r in rows] == [huge[:256], huge[:256]]
+    assert await metric(meter.admin_url, 'meter_values_truncated_total{field="session_id"}') >= 1
