@@ -26,20 +26,23 @@ are latency, which bench.py measures).  Every figure is the median over
 are unique per call, as in real traffic, so usage is counted and priced.
 
 Then the ledger writer's own work off the event loop: records handed to `done`
-until `flush()` says the ledger has them; the writer thread's CPU per record
-(the work under the proxy's GIL), the proxy process's and the ledger process's
-CPU per record, and wall time per record.
+until its written count says the ledger has them (`flush()` wakes it); the
+writer thread's CPU per record (the work under the proxy's GIL, found by the
+thread's name), the proxy process's and the ledger process's CPU per record
+(the latter in 10 ms ticks), and wall time per record.
 
     python scripts/bench_metering.py [--calls 5000] [--repeat 5]
 
 Read it as: the "total" lines against the issue's targets (10 us per
-non-streamed call, 0.2 us per SSE delta); the largest lines are where to cut.
+non-streamed call, 0.2 us per SSE delta; a streamed call's total is its
+per-response part plus 100 deltas); the largest lines are where to cut.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import itertools
 import statistics
@@ -86,9 +89,8 @@ class Kit:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.identities = KeyIdentities(settings.keys)
-        self.ledger = LedgerWriter(
-            store_for(settings), flush_interval=settings.flush_interval, max_pending=settings.ledger_max_pending, spool_path=settings.spool_path()
-        )
+        self.ledger = LedgerWriter(store_for(settings), flush_interval=settings.flush_interval, max_pending=settings.ledger_max_pending,
+                                   spool_path=settings.spool_path())
         pricer = Pricer(provider_id=settings.price_provider, upstream_url=settings.upstream, overrides=settings.price_overrides)
         metrics = Metrics(settings)
         metrics.register(LedgerMetrics(self.ledger))
@@ -105,14 +107,11 @@ class Kit:
         self.ids = itertools.count()  # response ids unique per call, as in real traffic
 
 
-JSON_RESPONSE_HEADERS = CIMultiDictProxy(CIMultiDict([
-    ("Content-Type", "application/json; charset=utf-8"), ("openai-processing-ms", "5"), ("x-request-id", "req_bench"),
-    ("Content-Length", str(len(response_json()))), ("Date", "Mon, 30 Nov 2026 16:00:00 GMT"), ("Server", "Python/3.11 aiohttp/3.12"),
-]))
-SSE_RESPONSE_HEADERS = CIMultiDictProxy(CIMultiDict([
-    ("Content-Type", "text/event-stream"), ("Date", "Mon, 30 Nov 2026 16:00:00 GMT"), ("Server", "Python/3.11 aiohttp/3.12"),
-    ("Transfer-Encoding", "chunked"),
-]))
+# The fake upstream's answer headers in bench.py, as aiohttp's client hands them over.
+_SERVED = [("Date", "Mon, 30 Nov 2026 16:00:00 GMT"), ("Server", "Python/3.11 aiohttp/3.12")]
+JSON_RESPONSE_HEADERS = CIMultiDictProxy(CIMultiDict([("Content-Type", "application/json; charset=utf-8"), ("openai-processing-ms", "5"),
+                                                      ("x-request-id", "req_bench"), ("Content-Length", str(len(response_json()))), *_SERVED]))
+SSE_RESPONSE_HEADERS = CIMultiDictProxy(CIMultiDict([("Content-Type", "text/event-stream"), *_SERVED, ("Transfer-Encoding", "chunked")]))
 
 
 def one_round(kit: Kit, calls: int, stream: bool, hand_off: bool = True) -> tuple[dict[str, float], list[Any]]:
@@ -238,7 +237,7 @@ def totals(kit: Kit, runs: dict[str, list[float]], budgeted: bool) -> list[float
 
 
 def writer_path(kit: Kit, records: list[Any]) -> dict[str, float]:
-    """Records through the ledger writer's `done` until `flush()` says they are written:
+    """Records through the ledger writer's `done` until they are written:
     us per record of the writer thread's CPU, the proxy process's and the ledger
     process's CPU, and wall time."""
     ledger = kit.ledger
@@ -250,7 +249,10 @@ def writer_path(kit: Kit, records: list[Any]) -> dict[str, float]:
     def thread_clock() -> float:
         return time.clock_gettime(clock_id) if clock_id is not None else float("nan")
 
-    children = [int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()]  # the ledger process
+    children = []  # the ledger process
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a kernel without CONFIG_PROC_CHILDREN: not measured
+            children += [int(pid) for pid in (task / "children").read_text().split()]
     written0, th0, pr0, ch0, w0 = ledger.stats.written, thread_clock(), time.process_time(), sum(map(cpu_seconds, children)), time.perf_counter()
     done = Addons([ledger]).done
     for record in records:
@@ -291,8 +293,8 @@ async def measure(args: argparse.Namespace, ledger_path: Path) -> None:
         writer = writer_path(kit, records)
     finally:
         await registry.stop()  # flushes and closes the ledger process
-    print(f"Metering CPU per call, in-process (main thread CPU, us): median of {args.repeat} rounds of {args.calls} calls (min-max).")
-    print(f"Streamed: {DELTAS} deltas, one SSE event per chunk; its column is per response unless the stage says per delta.\n")
+    print(f"Metering CPU per call, in-process (main thread CPU, us): median of {args.repeat} rounds of {args.calls} calls (min-max).\n"
+          f"Streamed: {DELTAS} deltas, one SSE event per chunk; its column is per response unless the stage says per delta.\n")
     print(f"| {'stage':44} | {'JSON us/call':26} | {'SSE us/response':26} |")
     print(f"| {'-' * 44} | {'-' * 26} | {'-' * 26} |")
     # In stage order; within observing, `finish` last.
@@ -300,10 +302,8 @@ async def measure(args: argparse.Namespace, ledger_path: Path) -> None:
         print(f"| {name:44} | {cell(json_runs.get(name)):26} | {cell(sse_runs.get(name)):26} |")
     for label, budgeted in (("total, default settings (no budget)", False), ("total, one enforcing budget", True)):
         print(f"| {label:44} | {cell(totals(kit, json_runs, budgeted)):26} | {cell(totals(kit, sse_runs, budgeted)):26} |")
-    print()
-    print("Ledger writer, per record (done -> written; off the event loop, under the proxy's GIL for the thread's part):")
-    print("  " + "; ".join(f"{name} {us:.2f} us" for name, us in writer.items()))
-    print()
+    print("\nLedger writer, per record (done -> written; off the event loop, under the proxy's GIL for the thread's part):")
+    print("  " + "; ".join(f"{name} {us:.2f} us" for name, us in writer.items()) + "\n")
     call = statistics.median(totals(kit, json_runs, False))
     delta = statistics.median(sse_runs["3 observe: feed per delta"])
     streamed = statistics.median(totals(kit, sse_runs, False))
