@@ -163,6 +163,23 @@ def test_writer_batches_off_thread_and_flushes_on_close(tmp_path: Path) -> None:
     assert len(ledger_rows(path)) == 20_000
 
 
+def test_flush_returns_only_when_every_record_handed_over_is_written(tmp_path: Path) -> None:
+    """`flush()` (tests, the admin port) counts the batch the writer thread is taking
+    from the queue: while it mints ids and sanitises, those records are neither
+    queued nor yet written, and a flush called then returned early (15,000 of 20,000)."""
+    early = []
+    for round_ in range(5):
+        writer = LedgerWriter(DuckDBStore(str(tmp_path / f"l{round_}.duckdb")), flush_interval=0.05, batch_size=5000)
+        writer.start_thread()
+        records = [make_record(input_tokens=1, output_tokens=1, total_tokens=2, id=None) for _ in range(20_000)]
+        for record in records:  # every 5,000th wakes the writer: it takes batches meanwhile
+            writer.done(None, record)
+        assert writer.flush(timeout=30)
+        early.append(writer.stats.written)
+        writer.close()
+    assert early == [20_000] * 5
+
+
 def test_minted_ids_are_distinct_version_4_uuids() -> None:
     ids = random_uuids(20_000)
     assert len(set(ids)) == 20_000 and random_uuids(0) == []

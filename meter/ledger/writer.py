@@ -200,10 +200,15 @@ class LedgerWriter:
         self.stats.last_error = message
 
     def _take_batch(self) -> list[Record]:
+        # The batch counts as being written before a record of it leaves the queue or
+        # the retry list: `pending` must never dip while it is minted and sanitised
+        # below, or a `flush()` begun meanwhile returns before these are written.
         if self._retry:
+            self._set_writing(min(len(self._retry), self.batch_size))
             batch, self._retry = self._retry[: self.batch_size], self._retry[self.batch_size :]
         else:
             queue = self._queue
+            self._set_writing(min(len(queue), self.batch_size))
             batch = []
             try:  # the spill thread may take from the queue's head meanwhile
                 for _ in range(min(len(queue), self.batch_size)):
