@@ -33,6 +33,16 @@ ERROR = b"error"
 DECODED = EARLY | FINAL | {ERROR}
 DELTA = b".delta"  # the suffix of output and reasoning deltas: the first one is the first token
 DELTA_TYPE = DELTA.decode()
+# The `event:` lines of the deltas OpenAI streams, as they open an SSE event: a delta
+# is told by this fixed head without reading its name (`sse.py`'s fast path).  Any
+# other delta is told by its name's suffix, as before; these only save the work.
+DELTA_LINES = tuple(
+    b"event: response.%s.delta\n" % name
+    for name in (
+        b"output_text", b"reasoning_summary_text", b"reasoning_text", b"function_call_arguments", b"refusal", b"audio",
+        b"audio.transcript", b"code_interpreter_call_code", b"custom_tool_call_input", b"mcp_call_arguments",
+    )
+)
 EARLY_TYPES = frozenset(t.decode() for t in EARLY)
 FINAL_TYPES = frozenset(t.decode() for t in FINAL)
 DECODED_TYPES = frozenset(t.decode() for t in DECODED)

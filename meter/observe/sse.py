@@ -18,7 +18,7 @@ from .bodies import Capped, MeteringBudget
 from .ends import CHAT_HEAD, CHAT_TAIL, EDGE_MAX, partial_object
 from .jsonio import DecodeError
 from .objects import Observation, observe_chat_object, observe_error
-from .responses import DECODED, DELTA, DELTA_TYPE, decode_event, event_from_ends, observe_event
+from .responses import DECODED, DELTA, DELTA_LINES, DELTA_TYPE, decode_event, event_from_ends, observe_event
 
 # Where the observer is within a line that began in an earlier chunk.
 _AT_LINE_START, _IN_DATA, _IN_NAME, _IN_OTHER = 0, 1, 2, 3
@@ -54,7 +54,7 @@ class SSEObserver:
     past that its head and tail are enough to read identity and usage.
     """
 
-    __slots__ = ("_budget", "_clock", "_cr", "_data", "_done", "_event", "_line", "_max", "_name", "_oversized", "_skip", "_start", "_ttft_pending", "kind", "obs", "output_done")
+    __slots__ = ("_between", "_budget", "_clock", "_cr", "_data", "_done", "_event", "_line", "_max", "_name", "_oversized", "_skip", "_start", "_ttft_pending", "kind", "obs", "output_done")
 
     def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
         self.kind = kind  # "responses" or "chat"
@@ -75,37 +75,56 @@ class SSEObserver:
         # whole output, and a hang-up now still leaves a terminal event to meter (SPEC §2).
         self.output_done = False
         self._oversized = False
+        self._between = True  # no event is begun and more is to be read: see feed
 
     @property
     def done(self) -> bool:
         return self._done
 
     def feed(self, chunk: bytes) -> None:
+        if self._between and chunk.startswith(DELTA_LINES) and chunk.count(b"\n") == 3 and chunk.endswith(b"\n\n"):
+            # The usual chunk, one whole delta event as upstreams write them: its fixed
+            # head names it, and three line ends (the head's, the data line's, the blank
+            # line) say nothing else is in the chunk.  A delta is never decoded; only the
+            # first one's time is noted.  Any other chunk takes the walk below.
+            self.output_done = False
+            if self._ttft_pending:
+                self._first_token()
+            return
         if self._done:
             return
         if self._line == _AT_LINE_START and self._event is None and self._data is None and not self._start:
-            # Between events, as usual: walk the chunk's whole events and judge each by
-            # its name (or, for Chat Completions, whether it holds a usage object) with
-            # a few byte operations.  Only an event that matters goes through the line
-            # parser, on its own; the walk then goes on.  Under load TCP coalesces a
-            # stream's events into large chunks, and the deltas after `response.created`
-            # in the same chunk must not all fall to the line parser.
-            pos, n = 0, len(chunk)
-            find = chunk.find
-            while pos < n:
-                end = find(b"\n\n", pos)
-                if end < 0:
-                    break
-                if not self._skip_whole_event(chunk, pos, end):
-                    self._parse_lines(chunk, pos, end + 2)  # one whole event: nothing stays pending
-                    if self._done:
-                        return
-                pos = end + 2
-            if pos >= n:
-                return
+            self._walk(chunk)
+        else:
+            self._parse_lines(chunk, 0, len(chunk))
+        # Between events again, and not done: the next chunk may take the fast path.
+        self._between = not self._done and self._line == _AT_LINE_START and self._event is None and self._data is None and not self._start
+
+    def _walk(self, chunk: bytes) -> None:
+        """Between events, as usual: walk the chunk's whole events and read each at once.
+
+        Only an event in an unusual shape goes through the line parser, on its own; the
+        walk then goes on.  Under load TCP coalesces a stream's events into large chunks,
+        and the deltas after `response.created` in the same chunk must not all fall to
+        the line parser.
+        """
+        pos, n = 0, len(chunk)
+        find, startswith = chunk.find, chunk.startswith
+        while pos < n:
+            end = find(b"\n\n", pos)
+            if end < 0:
+                break
+            if startswith(DELTA_LINES, pos):  # the common event, by its fixed head: nothing to read
+                self.output_done = False
+                if self._ttft_pending:
+                    self._first_token()
+            else:
+                self._whole_event(chunk, pos, end)
+                if self._done:
+                    return
+            pos = end + 2
+        if pos < n:
             self._parse_lines(chunk, pos, n)
-            return
-        self._parse_lines(chunk, 0, len(chunk))
 
     def _parse_lines(self, chunk: bytes, pos: int, n: int) -> None:
         """Read the lines of chunk[pos:n] (bounds, not a slice: an event may be large)."""
@@ -223,35 +242,53 @@ class SSEObserver:
             self._ttft_pending = False
             self.obs.first_token_at = self._clock()
 
-    def _skip_whole_event(self, chunk: bytes, start: int, end: int) -> bool:
-        """Whether the event at chunk[start:end] (its blank line excluded) carries nothing we read."""
+    def _whole_event(self, chunk: bytes, start: int, end: int) -> None:
+        """Read the event at chunk[start:end] (its blank line excluded), whole in this chunk.
+
+        It is judged by its name (or, for Chat Completions, whether it holds a usage
+        object) with a few byte operations.  One that matters in the usual shape, an
+        optional `event: ` line and one `data: ` line, LF-ended, is read here at once;
+        any other shape goes through the line parser.
+        """
+        name: bytes | None = None
+        data = start  # where its data line would begin
         if chunk.startswith(b"event: ", start):
-            eol = chunk.find(b"\n", start + 7, end)
-            if eol < 0:
-                eol = end
+            nl = chunk.find(b"\n", start + 7, end)
+            eol = end if nl < 0 else nl
             if chunk[eol - 1] == 13:  # CRLF lines ended by a bare LF blank line
                 eol -= 1
             name = chunk[start + 7 : eol]
             self.output_done = name.endswith(b".done")
             if name.endswith(DELTA):
                 self._first_token()
-                return True
-            return self.kind == "responses" and name not in DECODED
-        if chunk.startswith(b":", start):
-            return chunk.find(b"\n", start, end) < 0  # a lone comment line (keep-alive)
-        if self.kind == "chat" and not self._ttft_pending and self.obs.model is not None and chunk.startswith(b"data: {", start):
+                return
+            if self.kind == "responses" and name not in DECODED:
+                return
+            data = nl + 1 if nl == eol else end  # no data line, or CRLF: the line parser
+        elif chunk.startswith(b":", start):
+            if chunk.find(b"\n", start, end) < 0:
+                return  # a lone comment line (keep-alive)
+            data = end
+        elif (self.kind == "chat" and not self._ttft_pending and self.obs.model is not None and chunk.startswith(b"data: {", start)
+              and chunk.find(b'"error"', start + 6, start + 30) < 0):
             # After the first token only a usage object or an error matters (inlined
             # `_holds_usage_object` and `_is_error_chunk`: this runs per chunk).
-            if chunk.find(b'"error"', start + 6, start + 30) >= 0:
-                return False
             i = chunk.rfind(b'"usage"', start, end)
             if i < 0:
-                return True
+                return
             i += 7
             while i < end and chunk[i] in b" \t\r\n:":
                 i += 1
-            return chunk[i] != 123  # "{"
-        return False
+            if chunk[i] != 123:  # "{"
+                return
+        if chunk.startswith(b"data: ", data) and chunk.find(b"\n", data, end) < 0 and chunk[end - 1] != 13 and end - data - 6 <= self._max:
+            # As the line parser would: one data line, held as it is, then dispatched.
+            if self.kind == "chat":
+                self._chat_payload(chunk[data + 6 : end])
+            else:
+                self._responses_payload(name, chunk[data + 6 : end])
+            return
+        self._parse_lines(chunk, start, end + 2)
 
     def _on_event_name(self, name: bytes) -> None:
         self._event = name
@@ -362,8 +399,10 @@ class SSEObserver:
         self._line = _AT_LINE_START
         self._start = b""
         self._done = True
+        self._between = False
 
     def finish(self) -> Observation:
+        self._between = False  # the line parser may run below: feed must not skip it
         if not self._done:
             # A stream may end without the final blank line; the spec says such an
             # event is dropped, but its data is all we have of the terminal event.
