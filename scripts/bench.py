@@ -1,15 +1,30 @@
 #!/usr/bin/env python3
-"""Benchmark: meter against a bare pass-through and a direct connection, in one run.
+"""Benchmark: meter against a bare pass-through, peers and a direct connection, in one run.
 
-Starts three processes on loopback: a fast fake upstream, a bare pass-through
-(meter's own forwarding with no observers, no records), and `meter serve` with
-its DuckDB ledger; then drives each with wrk (Debian package `wrk`) for a
-non-streaming Responses call and a streaming one with 100 deltas.  Prints
-requests/s and p50/p99 latency per target, meter's share of the bare
-pass-through's throughput, the latency meter adds, ledger ingest in records/s,
-and meter's RSS growth over 100,000 requests.
+Starts, on loopback, a fast fake upstream (every answer with a response id of
+its own, as real traffic has), a bare pass-through (meter's own forwarding with
+no observers and no records) on uvloop and on asyncio, and `meter serve` on its
+defaults (DuckDB ledger, metrics; uvloop); with `--peers litellm,portkey` also
+LiteLLM's proxy and Portkey's gateway (installed on demand into a cache, see
+scripts/peers.py).  It drives each with wrk, a non-streaming Responses call and
+a streaming one (`--deltas` output deltas), in `--rounds` interleaved rounds:
 
-    python scripts/bench.py [--duration 10] [--connections 32]
+- throughput: 32 connections flat out; requests/s and CPU per request of the
+  target's whole process tree (meter: the proxy and its ledger process; the
+  proxy's own share is given too) and the latency it shows when saturated;
+- latency at one connection: p50 and p99;
+- latency at 32 connections paced to `--paced-rate` requests/s in all (the same
+  offered load for every target, below their saturation): p50 and p99.
+
+Every figure of meter is also given as a ratio to the bare pass-through on the
+same event loop, taken within each round (seconds apart, so this machine's drift
+cancels) with its median and min-max over rounds.  Then each target's peak RSS
+(its process tree), meter's RSS every 100,000 requests over `--memory-requests`
+more, that the ledger holds a row for every request once meter has stopped on
+SIGTERM, ledger ingest, and the budget check's cost in-process.
+`scripts/bench_metering.py` itemises metering's own CPU per call.
+
+    python scripts/bench.py [--duration 10] [--rounds 3] [--peers litellm,portkey]
 
 Everything stays on 127.0.0.1 and every phase is bounded in time.
 """
@@ -17,6 +32,7 @@ Everything stays on 127.0.0.1 and every phase is bounded in time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -29,12 +45,14 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DELTAS = 100
+RESPONSE_ID = b"resp_bench"  # what the answers below carry; the upstream numbers it per answer
 
 
 # --- the fake upstream and the bare pass-through (run as child processes) -------
@@ -43,7 +61,7 @@ DELTAS = 100
 def response_json() -> bytes:
     return json.dumps(
         {
-            "id": "resp_bench",
+            "id": RESPONSE_ID.decode(),
             "object": "response",
             "status": "completed",
             "model": "gpt-4o-2024-08-06",
@@ -54,43 +72,50 @@ def response_json() -> bytes:
     ).encode()
 
 
-def sse_events() -> list[bytes]:
+def sse_events(deltas: int = DELTAS) -> list[bytes]:
     def ev(kind: str, data: dict) -> bytes:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, separators=(',', ':'))}\n\n".encode()
 
-    head = {"id": "resp_bench", "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
+    head = {"id": RESPONSE_ID.decode(), "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
     events = [ev("response.created", {"response": head, "sequence_number": 0})]
-    for i in range(DELTAS):
+    for i in range(deltas):
         events.append(ev("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "tok ", "sequence_number": i + 1}))
     final = json.loads(response_json())
-    events.append(ev("response.completed", {"response": final, "sequence_number": DELTAS + 1}))
+    events.append(ev("response.completed", {"response": final, "sequence_number": deltas + 1}))
     return events
 
 
-def run_upstream(port: int) -> None:
+def run_upstream(port: int, deltas: int) -> None:
     from aiohttp import web
 
-    body = response_json()
-    events = sse_events()
+    # Each answer gets an id of its own: meter counts a response id's usage once, so
+    # one id for every answer would leave all but the first unpriced (less work).
+    body_parts = response_json().split(RESPONSE_ID)
+    events = sse_events(deltas)
+    first_parts, last_parts, middle = events[0].split(RESPONSE_ID), events[-1].split(RESPONSE_ID), events[1:-1]
+    numbers = itertools.count()
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         payload = await request.read()
+        rid = b"resp_%d" % next(numbers)
         if b'"stream": true' in payload or b'"stream":true' in payload:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             try:
                 await resp.prepare(request)
-                for event in events:
+                await resp.write(rid.join(first_parts))
+                for event in middle:
                     await resp.write(event)
+                await resp.write(rid.join(last_parts))
                 await resp.write_eof()
             except ConnectionResetError:  # wrk hangs up when a run ends
                 pass
             return resp
-        return web.Response(body=body, content_type="application/json", headers={"openai-processing-ms": "5", "x-request-id": "req_bench"})
+        return web.Response(body=rid.join(body_parts), content_type="application/json", headers={"openai-processing-ms": "5", "x-request-id": "req_bench"})
 
     run_event_loop(serve_forever(handle, port, handler_cancellation=False))
 
 
-def run_bare(port: int, upstream: str) -> None:
+def run_bare(port: int, upstream: str, loop: str) -> None:
     from meter.config import load_settings
     from meter.flow import Addons
     from meter.identity import KeyIdentities
@@ -102,7 +127,7 @@ def run_bare(port: int, upstream: str) -> None:
         proxy = Proxy(upstream, make_session(settings), Addons([]), KeyIdentities(), observe=False)
         await serve_forever(proxy.handle, port)
 
-    run_event_loop(main())
+    run_event_loop(main(), uvloop=loop == "uvloop")
 
 
 async def serve_forever(handle, port: int, handler_cancellation: bool = True) -> None:  # type: ignore[no-untyped-def]
@@ -127,20 +152,20 @@ def start_meter_serve(upstream: str, port: int, admin_port: int, ledger: Path) -
     )
 
 
-def run_event_loop(coro) -> None:  # type: ignore[no-untyped-def]
-    """asyncio.run on uvloop where available, as `meter serve` runs."""
+def run_event_loop(coro, uvloop: bool = True) -> None:  # type: ignore[no-untyped-def]
+    """asyncio.run, on uvloop (as `meter serve` runs) unless told otherwise."""
     import asyncio
 
-    try:
-        import uvloop
+    if uvloop:
+        import uvloop as uv
 
-        uvloop.install()
-    except ImportError:
-        pass
-    asyncio.run(coro)
+        with asyncio.Runner(loop_factory=uv.new_event_loop) as runner:
+            runner.run(coro)
+    else:
+        asyncio.run(coro)
 
 
-# --- the orchestrator ------------------------------------------------------------
+# --- measuring -------------------------------------------------------------------
 
 
 def free_port() -> int:
@@ -149,7 +174,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_port(port: int, timeout: float = 20) -> None:
+def wait_port(port: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -160,32 +185,47 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
+# `delay` paces each connection (ms between a response and the next request); it is
+# left out when running flat out.
 WRK_SCRIPT = """
 wrk.method = "POST"
-wrk.body = '%s'
+wrk.body = '%(body)s'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer sk-bench-%s"
+wrk.headers["Authorization"] = "Bearer sk-bench-%(key)s"
+%(headers)s
+%(delay)s
 done = function(summary, latency, requests)
-  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
-    latency:percentile(50), latency:percentile(99), summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout, latency.mean))
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout))
 end
 """
 
 
-def wrk(url: str, stream: bool, duration: float, connections: int, workdir: Path) -> dict[str, float]:
+ANSWERED: dict[str, int] = {}  # per target URL, requests answered over the whole run
+
+
+def wrk(url: str, stream: bool, duration: float, connections: int, workdir: Path, headers: dict[str, str] | None = None,
+        pace_ms: float | None = None) -> dict[str, float]:
     body = json.dumps({"model": "gpt-4o", "input": "Say hello", "stream": stream})
-    script = workdir / f"wrk-{stream}.lua"
-    script.write_text(WRK_SCRIPT % (body, uuid.uuid4().hex[:8]))
+    script = workdir / f"wrk-{uuid.uuid4().hex[:8]}.lua"
+    script.write_text(WRK_SCRIPT % {
+        "body": body,
+        "key": uuid.uuid4().hex[:8],
+        "headers": "\n".join(f'wrk.headers["{name}"] = "{value}"' for name, value in (headers or {}).items()),
+        "delay": f"delay = function() return {pace_ms:.3f} end" if pace_ms else "",
+    })
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{max(1, int(duration))}s", "--timeout", "10s", "-s", str(script), url + "/v1/responses"],
         capture_output=True,
         text=True,
         timeout=duration + 60,
     ).stdout
+    script.unlink()
     m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+)", out)
     if not m:
         raise RuntimeError(f"wrk said:\n{out}")
     requests, duration_us, p50, p99, errors = map(int, m.groups())
+    ANSWERED[url] = ANSWERED.get(url, 0) + requests
     return {"rps": requests / (duration_us / 1e6), "p50_ms": p50 / 1000, "p99_ms": p99 / 1000, "requests": requests, "errors": errors}
 
 
@@ -200,17 +240,232 @@ def stop_processes(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process: a per-request cost that other load does not skew."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    fields = _stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_kb(pid: int) -> int:
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every process under it (meter's ledger process, a peer's workers)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents.setdefault(int(_stat(int(entry.name))[1]), []).append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    tree, todo = [], [pid]
+    while todo:
+        one = todo.pop()
+        tree.append(one)
+        todo += parents.get(one, [])
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for one in process_tree(pid):
+        try:
+            total += cpu_seconds(one)
+        except OSError:
+            pass  # ended meanwhile
+    return total
+
+
+def status_kb(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
     return 0
+
+
+def tree_kb(pid: int, field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) summed over the process tree; the sum of peaks is an
+    upper bound on the tree's peak."""
+    total = 0
+    for one in process_tree(pid):
+        try:
+            total += status_kb(one, field)
+        except OSError:
+            pass
+    return total
+
+
+# --- the run ---------------------------------------------------------------------
+
+KINDS = ("json", "stream")
+MEASURES = ("rps", "cpu_us", "proxy_cpu_us", "p50_ms", "p99_ms", "paced_p50_ms", "paced_p99_ms", "sat_p50_ms", "sat_p99_ms", "errors")
+
+
+def measure(url: str, pid: int, stream: bool, args: argparse.Namespace, work: Path, headers: dict[str, str]) -> dict[str, float]:
+    cpu0, proxy0 = tree_cpu_seconds(pid), cpu_seconds(pid)
+    thr = wrk(url, stream, args.duration, args.connections, work, headers)
+    done = max(thr["requests"], 1)
+    cpu_us = (tree_cpu_seconds(pid) - cpu0) / done * 1e6
+    proxy_us = (cpu_seconds(pid) - proxy0) / done * 1e6
+    one = wrk(url, stream, max(2.0, args.duration / 2), 1, work, headers)
+    rate = args.paced_rate / (4 if stream else 1)
+    paced = wrk(url, stream, max(2.0, args.duration / 2), args.connections, work, headers, pace_ms=1000 * args.connections / rate)
+    return {"rps": thr["rps"], "cpu_us": cpu_us, "proxy_cpu_us": proxy_us, "p50_ms": one["p50_ms"], "p99_ms": one["p99_ms"],
+            "paced_p50_ms": paced["p50_ms"], "paced_p99_ms": paced["p99_ms"], "sat_p50_ms": thr["p50_ms"], "sat_p99_ms": thr["p99_ms"],
+            "errors": thr["errors"] + one["errors"] + paced["errors"]}
+
+
+def spread(values: list[float], fmt: Callable[[float], str]) -> str:
+    """Median and min-max over rounds."""
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(statistics.median(values))} ({fmt(min(values))} to {fmt(max(values))})"
+
+
+def ratios(runs: dict[str, list[dict[str, float]]], name: str, base: str) -> dict[str, list[float]]:
+    """Per round, `name` against `base` (same round, seconds apart)."""
+    out: dict[str, list[float]] = {key: [] for key in ("rps", "cpu", "p50", "p99", "paced_p50", "paced_p99", "sat_p99")}
+    for mine, theirs in zip(runs[name], runs[base]):
+        out["rps"].append(100 * mine["rps"] / theirs["rps"])
+        out["cpu"].append(100 * theirs["cpu_us"] / mine["cpu_us"])
+        for key in ("p50", "p99", "paced_p50", "paced_p99", "sat_p99"):
+            out[key].append(mine[f"{key}_ms"] - theirs[f"{key}_ms"])
+    return out
+
+
+def ledger_rows(path: Path) -> int:
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return int(con.execute("SELECT count(*) FROM requests").fetchone()[0])  # type: ignore[index]
+    finally:
+        con.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--role", choices=["upstream", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop", help=argparse.SUPPRESS)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (default 10)")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent connections for throughput and paced latency (default 32)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians and ranges are reported (default 3)")
+    parser.add_argument("--deltas", type=int, default=50, help="output deltas in a streamed answer (default 50)")
+    parser.add_argument("--paced-rate", type=float, default=2000, help="requests/s offered in all for paced latency (streams: a quarter) (default 2000)")
+    parser.add_argument("--memory-requests", type=int, default=1_000_000, help="requests for meter's RSS check (default 1000000; 0 skips it)")
+    parser.add_argument("--peers", default="", help="also measure these peers: litellm,portkey (installed on demand, see scripts/peers.py)")
+    parser.add_argument("--budget-check", action="store_true", help="only measure the budget check's cost per request, in-process, and exit")
+    args = parser.parse_args()
+    if args.budget_check:
+        for case, us in budget_check_cost().items():
+            print(f"budget check, {case}: {us:.3f} us")
+        return None
+    if args.role == "upstream":
+        return run_upstream(args.port, args.deltas)
+    if args.role == "bare":
+        return run_bare(args.port, args.upstream, args.loop)
+    if shutil.which("wrk") is None:
+        sys.exit("bench: wrk is missing (apt-get install wrk)")
+    peers = [name for name in args.peers.split(",") if name]
+    if peers:
+        import peers as peer_kit  # scripts/peers.py, beside this file
+
+        unknown = set(peers) - set(peer_kit.PEERS)
+        if unknown:
+            sys.exit(f"bench: unknown peer(s) {', '.join(sorted(unknown))}; known: {', '.join(peer_kit.PEERS)}")
+        for name in peers:
+            print(f"installing {name} (once; cached in {peer_kit.default_cache()})", flush=True)
+            peer_kit.install(name, peer_kit.default_cache())
+
+    procs: list[subprocess.Popen] = []
+    work = Path(tempfile.mkdtemp(prefix="meter-bench-"))
+    ledger = work / "bench.duckdb"
+    try:
+        up_port = free_port()
+        up = f"http://127.0.0.1:{up_port}"
+        me = [sys.executable, __file__, "--deltas", str(args.deltas)]
+        procs.append(subprocess.Popen([*me, "--role", "upstream", "--port", str(up_port)], stdout=subprocess.DEVNULL))
+        wait_port(up_port)
+        targets: dict[str, tuple[str, int, dict[str, str]]] = {"direct": (up, procs[0].pid, {})}
+        for name, loop in (("bare", "uvloop"), ("bare-asyncio", "asyncio")):
+            port = free_port()
+            procs.append(subprocess.Popen([*me, "--role", "bare", "--loop", loop, "--port", str(port), "--upstream", up], stdout=subprocess.DEVNULL))
+            targets[name] = (f"http://127.0.0.1:{port}", procs[-1].pid, {})
+        meter_port = free_port()
+        meter = start_meter_serve(up, meter_port, free_port(), ledger)
+        procs.append(meter)
+        targets["meter"] = (f"http://127.0.0.1:{meter_port}", meter.pid, {})
+        for name in peers:
+            port = free_port()
+            proc, headers = peer_kit.start(name, up, port, work)
+            procs.append(proc)
+            targets[name] = (f"http://127.0.0.1:{port}", proc.pid, headers)
+        for url, _, _ in targets.values():
+            wait_port(int(url.rsplit(":", 1)[1]), timeout=120)
+
+        runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for kind in KINDS:
+            stream = kind == "stream"
+            for url, _, headers in targets.values():
+                wrk(url, stream, 2, args.connections, work, headers)  # warm-up
+            # Interleaved rounds: bare and meter see the same minute of this machine.
+            for _ in range(args.rounds):
+                for name, (url, pid, headers) in targets.items():
+                    result = measure(url, pid, stream, args, work, headers)
+                    runs.setdefault((kind, name), []).append(result)
+                    print(f"  {kind:6} {name:12} {result['rps']:8.0f} req/s  CPU {result['cpu_us']:6.0f} us/req  p99 1 conn {result['p99_ms']:.2f} ms  "
+                          f"paced {result['paced_p99_ms']:.2f} ms  errors {result['errors']:.0f}", flush=True)
+        peaks = {name: tree_kb(pid, "VmHWM") for name, (_, pid, _) in targets.items()}
+
+        # Memory: meter's tree RSS every 100,000 requests over --memory-requests more.
+        rss_series: list[tuple[int, int]] = [(0, tree_kb(meter.pid, "VmRSS"))]
+        deadline = time.monotonic() + max(600, args.memory_requests / 1000)
+        sent = 0
+        while sent < args.memory_requests and time.monotonic() < deadline:
+            sent += int(wrk(targets["meter"][0], False, 10, args.connections, work)["requests"])
+            if sent - rss_series[-1][0] >= 100_000 or sent >= args.memory_requests:
+                rss_series.append((sent, tree_kb(meter.pid, "VmRSS")))
+        meter_peak = tree_kb(meter.pid, "VmHWM")
+
+        print()
+        print("| call | target | req/s | CPU us/req (tree) | p50 / p99 ms, 1 conn | p50 / p99 ms, 32 conn paced | p50 / p99 ms, 32 conn flat out | peak RSS MiB (tree) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for (kind, name), rs in runs.items():
+            r = {key: statistics.median(run[key] for run in rs) for key in MEASURES}
+            cpu = f"{r['cpu_us']:.0f}" + (f" ({r['proxy_cpu_us']:.0f} proxy)" if name == "meter" else "")
+            print(f"| {kind} | {name} | {r['rps']:.0f} | {cpu} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | {r['paced_p50_ms']:.2f} / {r['paced_p99_ms']:.2f} | "
+                  f"{r['sat_p50_ms']:.2f} / {r['sat_p99_ms']:.2f} | {peaks[name] / 1024:.0f} |")
+        print()
+        print(f"Per round, against the bare pass-through on the same loop (uvloop): median (min to max) over {args.rounds} rounds")
+        for kind in KINDS:
+            for base in ("bare", "bare-asyncio"):
+                q = ratios({name: runs[(kind, name)] for name in targets}, "meter", base)
+                pct, ms = (lambda v: f"{v:.1f}%"), (lambda v: f"{v:+.2f}")
+                print(f"  {kind} vs {base}: req/s {spread(q['rps'], pct)}; by CPU/req {spread(q['cpu'], pct)}; "
+                      f"p50 added at 1 conn {spread(q['p50'], ms)} ms; p99 added at 1 conn {spread(q['p99'], ms)} ms, "
+                      f"at 32 paced {spread(q['paced_p99'], ms)} ms, at 32 flat out {spread(q['sat_p99'], ms)} ms")
+            for name in peers:
+                q = ratios({n: runs[(kind, n)] for n in targets}, "meter", name)
+                print(f"  {kind} vs {name}: meter's req/s {spread(q['rps'], lambda v: f'{v / 100:.1f}x')}")
+        print()
+        grown = (rss_series[-1][1] - rss_series[1][1]) / 1024 if len(rss_series) > 2 else 0.0
+        print("meter's process tree RSS (MiB) by requests sent: " + ", ".join(f"{n:,}: {kb / 1024:.0f}" for n, kb in rss_series)
+              + f"; {grown:+.1f} MiB after the first 100,000; peak {meter_peak / 1024:.0f} MiB")
+        stop_processes([meter])
+        procs.remove(meter)
+        rows, answered = ledger_rows(ledger), ANSWERED[targets["meter"][0]]
+        # wrk cuts the requests in flight when a run ends: meter records those too
+        # (client_disconnected), so the ledger may hold a few more rows than answers.
+        verdict = "none lost" if rows >= answered else f"{answered - rows:,} LOST"
+        print(f"ledger after SIGTERM: {rows:,} rows for {answered:,} requests wrk saw answered ({verdict})")
+        print(f"ledger ingest: {ledger_ingest():,.0f} records/s")
+        print("budget check, in-process: " + "; ".join(f"{case} {us:.2f} us" for case, us in budget_check_cost().items()))
+    finally:
+        stop_processes(procs)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def ledger_ingest(n: int = 100_000) -> float:
@@ -299,93 +554,6 @@ def budget_check_cost(n: int = 200_000) -> dict[str, float]:
         counting.add(record)
     out["done, per finished record"] = (time.perf_counter() - t0) / len(records) * 1e6
     return out
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--role", choices=["upstream", "bare"], help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--upstream", help=argparse.SUPPRESS)
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per throughput run (default 10)")
-    parser.add_argument("--connections", type=int, default=32, help="concurrent connections for throughput (default 32)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per target; medians are reported (default 3)")
-    parser.add_argument("--memory-requests", type=int, default=100_000, help="requests for the RSS check (default 100000)")
-    parser.add_argument("--budget-check", action="store_true", help="only measure the budget check's cost per request, in-process, and exit")
-    args = parser.parse_args()
-    if args.budget_check:
-        for case, us in budget_check_cost().items():
-            print(f"budget check, {case}: {us:.3f} us")
-        return None
-    if args.role == "upstream":
-        return run_upstream(args.port)
-    if args.role == "bare":
-        return run_bare(args.port, args.upstream)
-    if shutil.which("wrk") is None:
-        sys.exit("bench: wrk is missing (apt-get install wrk)")
-
-    procs: list[subprocess.Popen] = []
-    work = Path(tempfile.mkdtemp(prefix="meter-bench-"))
-    try:
-        up_port, bare_port, meter_port, admin_port = free_port(), free_port(), free_port(), free_port()
-        up = f"http://127.0.0.1:{up_port}"
-        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "upstream", "--port", str(up_port)]))
-        wait_port(up_port)
-        procs.append(subprocess.Popen([sys.executable, __file__, "--role", "bare", "--port", str(bare_port), "--upstream", up]))
-        meter = start_meter_serve(up, meter_port, admin_port, work / "bench.duckdb")
-        procs.append(meter)
-        wait_port(bare_port)
-        wait_port(meter_port)
-        targets = {"direct": up, "bare": f"http://127.0.0.1:{bare_port}", "meter": f"http://127.0.0.1:{meter_port}"}
-        pids = {"direct": procs[0].pid, "bare": procs[1].pid, "meter": meter.pid}
-        results: dict[tuple[str, str], dict[str, float]] = {}
-        for stream in (False, True):
-            kind = "stream (100 deltas)" if stream else "json"
-            for url in targets.values():
-                wrk(url, stream, 2, args.connections, work)  # warm-up
-            # Interleaved rounds, medians: one run on a small machine is at the mercy of
-            # whatever else ran in that second; bare and meter see the same conditions.
-            runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-            for _ in range(args.rounds):
-                for name, url in targets.items():
-                    cpu0 = cpu_seconds(pids[name])
-                    thr = wrk(url, stream, args.duration, args.connections, work)
-                    cpu_us = (cpu_seconds(pids[name]) - cpu0) / max(thr["requests"], 1) * 1e6
-                    lat = wrk(url, stream, max(2.0, args.duration / 2), 1, work)
-                    runs[name].append({"cpu_us": cpu_us, "rps": thr["rps"], "errors": thr["errors"], "p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"],
-                                       "p50_loaded_ms": thr["p50_ms"], "p99_loaded_ms": thr["p99_ms"]})
-            for name in targets:
-                r = {key: statistics.median(run[key] for run in runs[name]) for key in runs[name][0]}
-                results[(kind, name)] = r
-                print(f"  {kind:20} {name:7} {r['rps']:9.0f} req/s  {r['cpu_us']:7.0f} us CPU/req  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  (errors {r['errors']:.0f})", flush=True)
-
-        # Memory: RSS before and after at least --memory-requests more requests through meter.
-        before = rss_kb(meter.pid)
-        sent = 0
-        deadline = time.monotonic() + 600
-        while sent < args.memory_requests and time.monotonic() < deadline:
-            sent += int(wrk(targets["meter"], False, 10, args.connections, work)["requests"])
-        time.sleep(1.5)
-        after = rss_kb(meter.pid)
-        ingest = ledger_ingest()
-        budget = budget_check_cost()
-
-        print()
-        print("| call | target | req/s | CPU us/req (that process) | p50 ms (1 conn) | p99 ms (1 conn) | p50 ms (loaded) | p99 ms (loaded) |")
-        print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for (kind, name), r in results.items():
-            print(f"| {kind} | {name} | {r['rps']:.0f} | {r['cpu_us']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p50_loaded_ms']:.2f} | {r['p99_loaded_ms']:.2f} |")
-        print()
-        for kind in ("json", "stream (100 deltas)"):
-            bare, met = results[(kind, "bare")], results[(kind, "meter")]
-            print(f"{kind}: meter at {100 * met['rps'] / bare['rps']:.1f}% of the bare pass-through's req/s "
-                  f"(CPU per request: meter {met['cpu_us']:.0f} us, bare {bare['cpu_us']:.0f} us, ratio {100 * bare['cpu_us'] / met['cpu_us']:.1f}%); "
-                  f"p50 added over bare {met['p50_ms'] - bare['p50_ms']:+.2f} ms")
-        print(f"ledger ingest: {ingest:,.0f} records/s")
-        print("budget check, in-process: " + "; ".join(f"{case} {us:.2f} us" for case, us in budget.items()))
-        print(f"meter RSS: {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB after {sent:,} more requests ({(after - before) / 1024:+.1f} MiB)")
-    finally:
-        stop_processes(procs)
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
