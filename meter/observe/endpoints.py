@@ -27,7 +27,7 @@ METERED_KIND = {
 }
 
 
-def endpoint_for(method: str, path: str) -> str:
+def _classify(method: str, path: str) -> str:
     """Classify a request by its path's tail, so prefixed layouts (Azure, gateways) match."""
     segments = [s for s in path.split("?", 1)[0].split("/") if s]
     if not segments:
@@ -52,6 +52,22 @@ def endpoint_for(method: str, path: str) -> str:
                 return "responses.cancel"
             return "other"
     return "other"
+
+
+# The paths nearly every request has, classified once by `_classify` itself (so
+# they cannot disagree with it): a lookup instead of splitting the path, on every
+# request.  None of them depends on the method; any other path is classified.
+_USUAL = {
+    path: _classify("POST", path)
+    for prefix in ("", "/v1", "/openai", "/openai/v1")
+    for path in (f"{prefix}/responses", f"{prefix}/chat/completions", f"{prefix}/embeddings", f"{prefix}/responses/compact", f"{prefix}/responses/input_tokens")
+}
+
+
+def endpoint_for(method: str, path: str) -> str:
+    """Classify a request by its path's tail, so prefixed layouts (Azure, gateways) match."""
+    endpoint = _USUAL.get(path)
+    return endpoint if endpoint is not None else _classify(method, path)
 
 
 class Unmetered:
