@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .jsonio import DecodeError, as_dict, as_int, as_str, loads
+from .jsonio import DecodeError, as_int, as_str, loads
 from .usage import Usage, cache_status_from_diagnostics, usage_from_chat, usage_from_responses
 
 
@@ -46,25 +46,45 @@ def observe_response_object(obs: Observation, response: dict[str, Any], final: b
     """Read a Responses API `response` object (a JSON body or a stream event's payload).
 
     `final` is False for early stream events, whose service_tier is the placeholder
-    `auto` rather than the tier that served the request.
+    `auto` rather than the tier that served the request.  A member is taken only
+    when it is a non-empty string (or a bool, or an object, as said); the checks
+    are written out, not called, since this runs for every answer.
     """
-    obs.response_id = as_str(response.get("id")) or obs.response_id
-    obs.model = as_str(response.get("model")) or obs.model
-    obs.previous_response_id = as_str(response.get("previous_response_id")) or obs.previous_response_id
-    obs.status = as_str(response.get("status")) or obs.status
-    background = response.get("background")
-    if isinstance(background, bool):
-        obs.background = background
+    get = response.get
+    value = get("id")
+    if isinstance(value, str) and value:
+        obs.response_id = value
+    value = get("model")
+    if isinstance(value, str) and value:
+        obs.model = value
+    value = get("previous_response_id")
+    if isinstance(value, str) and value:
+        obs.previous_response_id = value
+    value = get("status")
+    if isinstance(value, str) and value:
+        obs.status = value
+    value = get("background")
+    if value is True or value is False:
+        obs.background = value
     if not final:
         return
-    obs.service_tier = as_str(response.get("service_tier")) or obs.service_tier
-    observe_error(obs, response.get("error"))
-    usage = response.get("usage")
+    value = get("service_tier")
+    if isinstance(value, str) and value:
+        obs.service_tier = value
+    value = get("error")
+    if value is not None:
+        observe_error(obs, value)
+    usage = get("usage")
     if isinstance(usage, dict):
         u = usage_from_responses(usage)
-        web_search = as_dict(as_dict(response.get("tool_usage")).get("web_search"))
-        u.web_search_calls = as_int(web_search.get("num_requests"))
-        u.cache_status, u.cache_missed_tokens = cache_status_from_diagnostics(as_dict(response.get("prompt_cache_diagnostics")))
+        tool_usage = get("tool_usage")
+        if isinstance(tool_usage, dict):
+            web_search = tool_usage.get("web_search")
+            if isinstance(web_search, dict):
+                u.web_search_calls = as_int(web_search.get("num_requests"))
+        diagnostics = get("prompt_cache_diagnostics")
+        if isinstance(diagnostics, dict):
+            u.cache_status, u.cache_missed_tokens = cache_status_from_diagnostics(diagnostics)
         obs.usage = u
 
 
