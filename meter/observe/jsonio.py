@@ -14,7 +14,9 @@ from typing import Any
 
 import orjson
 
-_orjson_loads = orjson.loads
+# orjson alone, for the few callers on every answer's path that save `loads`'s call
+# around it: on its ValueError they call `loads`, which reads what orjson refuses.
+orjson_loads = _orjson_loads = orjson.loads
 
 # What a failed decode raises: orjson's JSONDecodeError is a ValueError, and bytes
 # that are not UTF-8 fail json's own decoding.

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .jsonio import DecodeError, as_int, as_str, loads
+from .jsonio import DecodeError, as_int, as_str, loads, orjson_loads
 from .usage import Usage, cache_status_from_diagnostics, usage_from_chat, usage_from_responses
 
 
@@ -113,16 +113,22 @@ def observe_json_body(kind: str, body: bytes | bytearray) -> Observation:
     if not body:
         return obs
     try:
-        obj = loads(body)
-    except DecodeError as exc:
-        obs.unreadable = f"invalid JSON: {str(exc)[:120]}"
-        return obs
+        obj = orjson_loads(body)  # the usual answer, without `loads`'s call around it
+    except ValueError:
+        try:
+            obj = loads(body)  # what orjson refuses and json reads (a lone surrogate)
+        except DecodeError as exc:
+            obs.unreadable = f"invalid JSON: {str(exc)[:120]}"
+            return obs
     if not isinstance(obj, dict):
         obs.unreadable = "JSON body is not an object"
         return obs
     obs.terminal = True
-    if "error" in obj and isinstance(obj["error"], dict) and "object" not in obj:
-        observe_error(obs, obj["error"])
-        return obs
-    observe_answer(obs, kind, obj)
+    error = obj.get("error")
+    if isinstance(error, dict) and "object" not in obj:
+        observe_error(obs, error)
+    elif kind == "responses":
+        observe_response_object(obs, obj)
+    else:
+        observe_chat_object(obs, obj)
     return obs

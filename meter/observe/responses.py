@@ -43,6 +43,7 @@ DELTA_LINES = tuple(
         b"audio.transcript", b"code_interpreter_call_code", b"custom_tool_call_input", b"mcp_call_arguments",
     )
 )
+TEXT_DELTA_LINE = DELTA_LINES[0]  # the commonest by far: output text
 EARLY_TYPES = frozenset(t.decode() for t in EARLY)
 FINAL_TYPES = frozenset(t.decode() for t in FINAL)
 DECODED_TYPES = frozenset(t.decode() for t in DECODED)
