@@ -63,6 +63,7 @@ def response_json() -> bytes:
         {
             "id": RESPONSE_ID.decode(),
             "object": "response",
+            "created_at": 1780000000,  # LiteLLM rebuilds the answer and fails (500) without it
             "status": "completed",
             "model": "gpt-4o-2024-08-06",
             "service_tier": "default",
@@ -76,7 +77,7 @@ def sse_events(deltas: int = DELTAS) -> list[bytes]:
     def ev(kind: str, data: dict) -> bytes:
         return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, separators=(',', ':'))}\n\n".encode()
 
-    head = {"id": RESPONSE_ID.decode(), "object": "response", "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
+    head = {"id": RESPONSE_ID.decode(), "object": "response", "created_at": 1780000000, "status": "in_progress", "model": "gpt-4o-2024-08-06", "service_tier": "auto", "usage": None}
     events = [ev("response.created", {"response": head, "sequence_number": 0})]
     for i in range(deltas):
         events.append(ev("response.output_text.delta", {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "tok ", "sequence_number": i + 1}))
