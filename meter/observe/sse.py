@@ -194,9 +194,9 @@ class SSEObserver:
                     self._on_event_name(chunk[start:end] if end - start <= _NAME_MAX else chunk[start : start + _NAME_MAX])
             pos = nl + 1
         if pos < n:
-            if self._skip:
+            if self._skip and (n - pos > 1 or chunk[pos] != 13):
                 self._line = _IN_OTHER  # a line of an event meter skips: nothing of it is kept
-            else:
+            else:  # (a lone CR may open a CRLF blank line, which ends even a skipped event)
                 self._line_begins(chunk, pos, n)
 
     def _data_line(self, line: bytes | memoryview) -> None:
