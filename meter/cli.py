@@ -113,23 +113,17 @@ def _setup_logging(level: str) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    from .runtime import event_loop_factory, tune_interpreter
     from .server import Meter, StartupError
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command",)}
     settings = load_settings(flags)
     _setup_logging(settings.log_level)
-    # The ledger writer thread hands batches over with the GIL held; at Python's
-    # default 5 ms switch interval a request could wait that long behind it.
-    sys.setswitchinterval(0.0005)
-    try:
-        import uvloop  # faster event loop where available
-
-        uvloop.install()
-    except ImportError:
-        pass
+    tune_interpreter()
     try:
         meter = Meter(settings)
-        asyncio.run(meter.run())
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            runner.run(meter.run())
     except StartupError as exc:
         raise CommandError(str(exc)) from None
     return 0

@@ -61,7 +61,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 import prometheus_client
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, GCCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
@@ -413,6 +413,10 @@ class Metrics:
         self.unpriced = _Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"])
         r.register(_Families(self))
         self.websockets = Gauge("meter_websocket_connections", "Open client WebSocket connections.", registry=r)
+        # The proxy process's own: its memory and CPU, and what the cyclic collector did
+        # (read at scrape time from /proc and gc.get_stats(); nothing per request).
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
         # Keyed by label values (see the module doc): (endpoint, model, tier, status, outcome, key, stream, tags).
         self._series: dict[tuple[str, str, str, int | None, str, str | None, bool, tuple[str, ...]], _Series] = {}
 

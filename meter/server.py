@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import socket
@@ -46,6 +45,7 @@ from .proxy import Proxy
 from .reconcile.schedule import ReconcileMetrics, ReconcileSchedule, RunSummary, scheduled_run
 from .report import ReportAPI
 from .report.sql_api import SqlAPI
+from .runtime import settle_after_start
 from .tracing import Tracing, tracing_from_env
 from .websocket import WebSocketRelay
 
@@ -340,9 +340,7 @@ class Meter:
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT."""
         await self.start()
-        # What start-up built (price tables, settings, modules: ~70k objects) lives as
-        # long as the process; a full collection walking it stalled the loop ~40 ms.
-        gc.freeze()
+        settle_after_start()  # the collector, now that start-up's objects are made
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
