@@ -268,3 +268,17 @@ def test_a_json_body_reads_the_same_through_orjson_or_json() -> None:
     odd = observe_json_body("responses", json.dumps({"id": "", "model": 5, "background": 1, "usage": {"input_tokens": True, "total_tokens": 3}}).encode())
     assert (odd.response_id, odd.model, odd.background) == (None, None, None)
     assert odd.usage is not None and (odd.usage.input_tokens, odd.usage.total_tokens) == (None, 3)
+
+
+@pytest.mark.parametrize("shape", [
+    b"", b"\n", b"\n\n", b"\n\n\n", b": keep-alive\n\n", b": a\n: b\n\n", b"event: response.completed\n\n", b"event: response.completed\n\n\n",
+    b"event: response.in_progress\n\n", b"id: 1\n\n", b"data: \n\n", b"data:\n\n", b"data: {}\n\n\n", b"event: response.completed\ndata: {}\n\n\n",
+    b"event: response.completed\r\n\r\n", b"event: response.completed\n\ndata: {}\n\n", b"event: response.completed\nid: 1\n\n",
+])
+def test_odd_chunks_between_events_read_as_the_line_parser_reads_them(shape: bytes) -> None:
+    # Between events a chunk of one or two lines is read without the walk; these are
+    # the shapes at the edge of that shortcut, before and after the stream's events.
+    for chunks in ([shape, created(), delta(), completed()], [created(), shape, delta(), completed()], [created(), delta(), shape, completed()],
+                   [created(), delta(), completed(), shape], [created(), shape + completed()]):
+        same_every_way(chunks)
+        same_every_way(chunks, "chat")

@@ -98,7 +98,16 @@ class SSEObserver:
             elif chunk.startswith(DELTA_LINES) and chunk.count(b"\n") == 3 and chunk[-1] == 10 and chunk[-2] == 10:
                 return
         if self._between:
-            self._walk(chunk)
+            n = len(chunk)
+            last = chunk.rfind(b"\n", 0, n - 2)
+            if n > 2 and chunk[n - 1] == 10 and chunk[n - 2] == 10 and (last < 0 or (last < n - 3 and chunk.find(b"\n") == last)):
+                # One whole event of one or two lines alone in its chunk, as upstreams
+                # write them: read at once, without the walk's search for event ends.
+                self._whole_event(chunk, 0, n - 2, n - 2 if last < 0 else last, False)
+                if self._done:
+                    self._between = False
+            else:
+                self._walk(chunk)
         elif not self._done:
             if self._line == _AT_LINE_START and self._event is None and self._data is None and not self._start:
                 self._walk(chunk)
@@ -128,6 +137,7 @@ class SSEObserver:
             nl = find(b"\n", pos)
             if nl < 0:
                 break
+            more = False  # more than two lines
             if startswith(b"\n", nl + 1):
                 end = nl
             else:
@@ -138,12 +148,13 @@ class SSEObserver:
                     end = find(b"\n\n", end)
                     if end < 0:
                         break
+                    more = True
             if startswith(DELTA_LINES, pos):  # the common event, by its fixed head: nothing to read
                 self.output_done = False
                 if self._ttft_pending:
                     self._first_token()
             else:
-                self._whole_event(chunk, pos, end, nl)
+                self._whole_event(chunk, pos, end, nl, more)
                 if self._done:
                     self._between = False
                     return
@@ -270,9 +281,9 @@ class SSEObserver:
             self._ttft_pending = False
             self.obs.first_token_at = self._clock()
 
-    def _whole_event(self, chunk: bytes, start: int, end: int, nl: int) -> None:
-        """Read the event at chunk[start:end] (its blank line excluded, its first line
-        ending at nl), whole in this chunk.
+    def _whole_event(self, chunk: bytes, start: int, end: int, nl: int, more: bool) -> None:
+        """Read the event at chunk[start:end] (its blank line excluded), whole in this
+        chunk: its first line ends at nl, and `more` says it has more than two lines.
 
         It is judged by its name (or, for Chat Completions, whether it holds a usage
         object) with a few byte operations.  One that matters in the usual shape, an
@@ -281,18 +292,23 @@ class SSEObserver:
         """
         name: bytes | None = None
         data = start  # where its data line would begin
+        one_line = nl == end  # the data line, if it is one, is the last and only one
         if chunk.startswith(b"event: ", start):
             eol = nl
             if chunk[eol - 1] == 13:  # CRLF lines ended by a bare LF blank line
                 eol -= 1
             name = chunk[start + 7 : eol]
-            self.output_done = name.endswith(b".done")
-            if name.endswith(DELTA):
-                self._first_token()
-                return
-            if self.kind == "responses" and name not in DECODED:
-                return
+            if name in DECODED:  # none ends in `.done` or `.delta`
+                self.output_done = False
+            else:
+                self.output_done = name.endswith(b".done")
+                if name.endswith(DELTA):
+                    self._first_token()
+                    return
+                if self.kind == "responses":
+                    return
             data = nl + 1 if nl == eol and nl < end else end  # no data line, or CRLF: the line parser
+            one_line = not more
         elif chunk.startswith(b":", start):
             if nl == end:
                 return  # a lone comment line (keep-alive)
@@ -309,7 +325,7 @@ class SSEObserver:
                 i += 1
             if chunk[i] != 123:  # "{"
                 return
-        if chunk.startswith(b"data: ", data) and chunk.find(b"\n", data, end) < 0 and chunk[end - 1] != 13 and end - data - 6 <= self._max:
+        if one_line and chunk.startswith(b"data: ", data) and chunk[end - 1] != 13 and end - data - 6 <= self._max:
             # As the line parser would: one data line, held as it is, then dispatched.
             if self.kind == "chat":
                 self._chat_payload(chunk[data + 6 : end])
