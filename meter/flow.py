@@ -284,75 +284,86 @@ def minimal_record(flow: Flow) -> Record:
 
 def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     """Turn a finished flow into its ledger record (usage checked, not priced)."""
+    # Once per request: the values are worked out first and the record made in one call
+    # (each later attribute write costs as much as a field of the constructor).
     facts = flow.request_facts()
     obs = flow.observation
-    record = _record_of_flow(flow)
-    record.stream = facts.stream or flow.stream_query
-    record.background = facts.background
-    record.model_requested = facts.model
-    record.service_tier_requested = facts.service_tier
-    record.previous_response_id = facts.previous_response_id
-    record.user_id = facts.user_id
-    record.tags = facts.tags
+    t0 = flow.t0
+    finished = flow.finished_at or time.perf_counter()
+    endpoint = flow.endpoint
+    status = flow.status_code
+    tags = facts.tags
     meter_headers = flow.meter_headers
     dropped = 0
     if meter_headers:
-        tags, dropped = header_tags(meter_headers)
-        if tags:
-            record.tags = tags_json(merge_tags(facts.metadata, tags))
+        header_tag_values, dropped = header_tags(meter_headers)
+        if header_tag_values:
+            tags = tags_json(merge_tags(facts.metadata, header_tag_values))
     # Identity comes from what the upstream received: a header the client named in
     # `Connection` was dropped on the way, so it cannot attribute the row either.
     headers = flow.upstream_headers if flow.upstream_headers is not None else flow.headers
     key = key_from_headers(headers)
+    key_id = key_hint = key_name = None
     if key:
-        record.key_id, record.key_hint, record.key_name = identities.lookup(key)
-    record.project = headers.get("OpenAI-Project")
-    if flow.ttfb_at is not None:
-        record.ttfb_ms = (flow.ttfb_at - flow.t0) * 1000.0
+        key_id, key_hint, key_name = identities.lookup(key)
+    upstream_request_id = processing_ms = None
     response_headers = flow.response_headers
     if response_headers is not None:
-        record.upstream_request_id = response_headers.get("x-request-id")
+        upstream_request_id = response_headers.get("x-request-id")
         processing = response_headers.get("openai-processing-ms")
         if processing:
             try:
-                record.upstream_processing_ms = float(processing)
+                processing_ms = float(processing)
             except ValueError:
                 pass
+    error_type, error_code = flow.error_type, flow.error_code
+    stream = facts.stream or flow.stream_query
+    background = facts.background
+    previous_response_id = facts.previous_response_id
     first_token = flow.first_token_at
+    model = response_id = service_tier = usage = None
     if obs is not None:
-        record.model = obs.model
-        record.response_id = obs.response_id
-        record.previous_response_id = obs.previous_response_id or record.previous_response_id
-        record.service_tier = obs.service_tier
-        if obs.background is not None and flow.endpoint == "responses.retrieve":
-            record.background = obs.background  # a GET asks nothing; the response says
+        model = obs.model
+        response_id = obs.response_id
+        previous_response_id = obs.previous_response_id or previous_response_id
+        service_tier = obs.service_tier
+        if obs.background is not None and endpoint == "responses.retrieve":
+            background = obs.background  # a GET asks nothing; the response says
         if obs.error_type is not None or obs.error_code is not None:
-            record.error_type = record.error_type or obs.error_type
-            record.error_code = record.error_code or obs.error_code
-        if obs.unmetered is not None and record.error_type is None and (flow.status_code or 0) < 300 and flow.endpoint not in _NOT_CONSUMPTION:
+            error_type = error_type or obs.error_type
+            error_code = error_code or obs.error_code
+        if obs.unmetered is not None and error_type is None and (status or 0) < 300 and endpoint not in _NOT_CONSUMPTION:
             # A model call whose usage meter could not read: the row says why, and the
             # report counts it (`unmetered_requests`), so nothing goes unmetered silently.
-            record.error_type, record.error_code = "unmetered", obs.unmetered
-        if obs.unreadable and record.error_type is None and flow.endpoint != "other":
-            record.error_type = "meter_unreadable_response"
+            error_type, error_code = "unmetered", obs.unmetered
+        if obs.unreadable and error_type is None and endpoint != "other":
+            error_type = "meter_unreadable_response"
         first_token = first_token or obs.first_token_at
-        usage = obs.usage
-        if usage is not None and flow.endpoint not in _NOT_CONSUMPTION:
-            record.input_tokens = usage.input_tokens
-            record.cached_tokens = usage.cached_tokens
-            record.cache_write_tokens = usage.cache_write_tokens
-            record.output_tokens = usage.output_tokens
-            record.reasoning_tokens = usage.reasoning_tokens
-            record.total_tokens = usage.total_tokens
-            record.web_search_calls = usage.web_search_calls
-            record.cache_status = usage.cache_status
-            record.cache_missed_tokens = usage.cache_missed_tokens
-            record.anomalies = usage_anomalies(usage, has_output=flow.endpoint != "embeddings")
-    if record.model is None:
-        record.model = facts.model
-    if first_token is not None:
-        record.ttft_ms = (first_token - flow.t0) * 1000.0
-    record.outcome = outcome_for(flow, obs, record.stream or (obs is not None and obs.first_token_at is not None))
+        if endpoint not in _NOT_CONSUMPTION:
+            usage = obs.usage
+    record = Record(
+        flow.id, flow.started_at, flow.started_at + (finished - t0), flow.method, flow.path, endpoint, flow.transport, status,
+        "completed", stream, background, facts.model, model if model is not None else facts.model, response_id,
+        previous_response_id, upstream_request_id, facts.service_tier, service_tier,
+        # usage and cost: below
+        None, None, None, None, None, None, None, None, None, None,
+        key_id, key_hint, key_name, headers.get("OpenAI-Project"), facts.user_id, tags, None,
+        (flow.ttfb_at - t0) * 1000.0 if flow.ttfb_at is not None else None,
+        (first_token - t0) * 1000.0 if first_token is not None else None,
+        (finished - t0) * 1000.0, processing_ms, flow.request_bytes, flow.response_bytes, error_type, error_code, flow.trace_id,
+    )
+    if usage is not None:
+        record.input_tokens = usage.input_tokens
+        record.cached_tokens = usage.cached_tokens
+        record.cache_write_tokens = usage.cache_write_tokens
+        record.output_tokens = usage.output_tokens
+        record.reasoning_tokens = usage.reasoning_tokens
+        record.total_tokens = usage.total_tokens
+        record.web_search_calls = usage.web_search_calls
+        record.cache_status = usage.cache_status
+        record.cache_missed_tokens = usage.cache_missed_tokens
+        record.anomalies = usage_anomalies(usage, has_output=endpoint != "embeddings")
+    record.outcome = outcome_for(flow, obs, stream or (obs is not None and obs.first_token_at is not None))
     record.cut = facts.cut + (DROPPED_TAG,) * dropped if dropped else facts.cut
     _set_session(record, facts, meter_headers, flow.socket_session)
     keep_text_short(record)

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .jsonio import DecodeError, as_str, dumps, loads
+from .jsonio import DecodeError, dumps, loads
 
 
 @dataclass(slots=True)
@@ -56,21 +56,33 @@ def request_facts(body: bytes) -> RequestFacts:
 
 def facts_from_request(obj: dict[str, Any]) -> RequestFacts:
     """`request_facts` of a request already decoded (a WebSocket `response.create`)."""
-    facts = RequestFacts()
-    facts.model = as_str(obj.get("model"))
-    facts.stream = obj.get("stream") is True
-    facts.background = obj.get("background") is True
-    facts.service_tier = as_str(obj.get("service_tier"))
-    facts.user_id = as_str(obj.get("safety_identifier")) or as_str(obj.get("user"))
-    facts.prompt_cache_key = as_str(obj.get("prompt_cache_key"))
-    facts.previous_response_id = as_str(obj.get("previous_response_id"))
-    facts.generate = obj.get("generate") is not False
-    conversation = obj.get("conversation")
-    if isinstance(conversation, dict):
-        conversation = conversation.get("id")
-    facts.conversation = as_str(conversation) or None
-    metadata = obj.get("metadata")
-    if isinstance(metadata, dict) and metadata:
+    # Once per request: the reads are written out and the facts made in one call
+    # (decoded JSON has exact types, so `type(v) is str` is the isinstance test).
+    get = obj.get
+    model, tier, user, cache_key, previous = get("model"), get("service_tier"), get("safety_identifier"), get("prompt_cache_key"), get("previous_response_id")
+    if type(user) is not str or not user:
+        user = get("user")
+    conversation = get("conversation")
+    if conversation is not None:
+        if isinstance(conversation, dict):
+            conversation = conversation.get("id")
+        if type(conversation) is not str or not conversation:
+            conversation = None
+    facts = RequestFacts(
+        model if type(model) is str else None,
+        get("stream") is True,
+        get("background") is True,
+        tier if type(tier) is str else None,
+        user if type(user) is str else None,
+        cache_key if type(cache_key) is str else None,
+        previous if type(previous) is str else None,
+        None,  # tags and metadata: below
+        None,
+        conversation,
+        get("generate") is not False,
+    )
+    metadata = get("metadata")
+    if metadata and isinstance(metadata, dict):
         tags, cut = bounded_tags(metadata)
         facts.tags = tags_json(tags)
         facts.metadata = tags
