@@ -146,7 +146,8 @@ class BodyCollector(Capped):
     def finish(self) -> Observation:
         if self.tail is not None:
             return _observe_cut_body(self.kind, self.head, self.tail)
+        buf = self._buf  # `whole()`, inline: this runs for every JSON answer
         try:
-            return observe_json_body(self.kind, self.whole())
+            return observe_json_body(self.kind, buf if buf is not None else self._first or b"")
         finally:
             self.release()
