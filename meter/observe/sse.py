@@ -4,8 +4,9 @@ Events may be split at any byte, use `\\n` or `\\r\\n`, and carry comments.  Onl
 events that carry identity or usage are JSON-decoded: a Responses event is
 judged by its name against the interpreter's sets (`responses.py`), which
 also says what a decoded one means; a Chat Completions chunk by whether it
-holds a usage object.  Each byte is scanned for line ends once, and an event is
-held whole only up to `max_bytes` (past it, its head and tail).
+holds a usage object.  The usual chunks are read by a few byte operations;
+the rest by the line parser (`sselines.py`), which holds an event whole only
+up to `max_bytes` (past it, its head and tail).
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .bodies import Capped, MeteringBudget
-from .ends import CHAT_HEAD, CHAT_TAIL, EDGE_MAX, partial_object
+from .bodies import MeteringBudget
+from .ends import CHAT_HEAD, CHAT_TAIL, partial_object
 from .jsonio import DecodeError, orjson_loads
 from .objects import Observation, observe_chat_object, observe_error
 from .responses import DECODED, DELTA, DELTA_LINES, DELTA_TYPE, TEXT_DELTA_LINE, decode_event, event_from_ends, observe_event
+from .sselines import AT_LINE_START, SSELines
 
-# Where the observer is within a line that began in an earlier chunk.
-_AT_LINE_START, _IN_DATA, _IN_NAME, _IN_OTHER = 0, 1, 2, 3
-_NAME_MAX = 256  # an event name longer than this is no name meter knows
 _TEXT_DATA = len(TEXT_DELTA_LINE)  # where the data line of an output text delta begins
 
 
@@ -44,34 +43,26 @@ def _is_error_chunk(buf: bytes | bytearray, start: int = 0) -> bool:
     return buf.find(b'"error"', start, start + 24) >= 0
 
 
-class SSEObserver:
+class SSEObserver(SSELines):
     """Incremental observer of a Server-Sent Events body.
 
-    `feed` takes each chunk as relayed; `finish` returns the observation.  Each
-    byte is scanned for line ends once, whatever the chunking: a line that spans
-    chunks is carried as state (which field it is), not as bytes to rescan.  A
-    data line is kept only while the event it belongs to may matter, decoded
-    only when it does, and an event's data is held whole only up to `max_bytes`;
-    past that its head and tail are enough to read identity and usage.
+    `feed` takes each chunk as relayed; `finish` returns the observation.  The
+    usual chunks are read at once: a delta alone in its chunk by its fixed head,
+    an event of one or two lines alone in its chunk, and several whole events
+    walked by their line ends.  What is left, an event split across chunks or
+    of an unusual shape, goes to the line parser (`SSELines`), whose reading is
+    the reference the shortcuts keep to.  A data line is kept only while the
+    event it belongs to may matter, decoded only when it does.
     """
 
-    __slots__ = ("_between", "_budget", "_clock", "_cr", "_data", "_done", "_event", "_line", "_max", "_name", "_oversized", "_quiet", "_skip", "_start", "_ttft_pending", "kind", "obs", "output_done")
+    __slots__ = ("_between", "_clock", "_oversized", "_quiet", "_ttft_pending", "kind", "obs", "output_done")
 
     def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
+        SSELines.__init__(self, max_bytes, budget)
         self.kind = kind  # "responses" or "chat"
         self.obs = Observation()
         self._clock = clock
-        self._max = max_bytes
-        self._budget = budget
-        self._event: bytes | None = None
-        self._data: bytes | Capped | None = None  # the current event's data: one line, or lines joined by LF
-        self._skip = False
-        self._line = _AT_LINE_START
-        self._start = b""  # the first bytes of a line too short yet to say its field
-        self._name = b""  # an event name split across chunks, up to _NAME_MAX bytes
-        self._cr = False  # a CR ended the data kept so far: dropped if LF follows
         self._ttft_pending = True
-        self._done = False  # after the terminal event nothing more is needed
         # The last named event was a `.done` one, no delta after it: the client has the
         # whole output, and a hang-up now still leaves a terminal event to meter (SPEC §2).
         self.output_done = False
@@ -109,7 +100,7 @@ class SSEObserver:
             else:
                 self._walk(chunk)
         elif not self._done:
-            if self._line == _AT_LINE_START and self._event is None and self._data is None and not self._start:
+            if self._line == AT_LINE_START and self._event is None and self._data is None and not self._start:
                 self._walk(chunk)
             else:
                 self._parse_lines(chunk, 0, len(chunk))
@@ -118,7 +109,7 @@ class SSEObserver:
 
     def _idle(self) -> bool:
         """Between events, and not done: what `_between` says, worked out from the state."""
-        return not self._done and self._line == _AT_LINE_START and self._event is None and self._data is None and not self._start
+        return not self._done and self._line == AT_LINE_START and self._event is None and self._data is None and not self._start
 
     def _walk(self, chunk: bytes) -> None:
         """Between events, as usual: walk the chunk's whole events and read each at once.
@@ -164,117 +155,6 @@ class SSEObserver:
             self._between = self._idle()
         else:
             self._between = True  # whole events only: each left the state as it found it
-
-    def _parse_lines(self, chunk: bytes, pos: int, n: int) -> None:
-        """Read the lines of chunk[pos:n] (bounds, not a slice: an event may be large)."""
-        if self._start:
-            chunk = self._start + chunk[pos:n]  # at most 6 bytes before it: one copy per split field name
-            self._start = b""
-            pos, n = 0, len(chunk)
-        find = chunk.find
-        line = self._line
-        if line != _AT_LINE_START:  # a line begun in an earlier chunk goes on
-            nl = find(b"\n", pos, n)
-            if line == _IN_OTHER:  # nothing of it is kept
-                if nl < 0:
-                    return
-                self._line = _AT_LINE_START
-            elif nl < 0:
-                self._line_goes_on(chunk, pos, n)
-                return
-            else:
-                self._line_goes_on(chunk, pos, nl)
-                self._line_ends()
-            pos = nl + 1
-        while True:
-            nl = find(b"\n", pos, n)
-            if nl < 0:
-                break
-            end = nl - 1 if nl > pos and chunk[nl - 1] == 13 else nl
-            if end == pos:
-                self._dispatch()
-                if self._done:
-                    return
-            elif not self._skip:
-                if chunk.startswith(b"data:", pos):
-                    start = pos + 6 if chunk.startswith(b"data: ", pos) else pos + 5
-                    # A line past the limit is read through a view: only its head and tail are copied.
-                    self._data_line(chunk[start:end] if end - start <= self._max else memoryview(chunk)[start:end])
-                elif chunk.startswith(b"event:", pos):
-                    start = pos + 7 if chunk.startswith(b"event: ", pos) else pos + 6
-                    self._on_event_name(chunk[start:end] if end - start <= _NAME_MAX else chunk[start : start + _NAME_MAX])
-            pos = nl + 1
-        if pos < n:
-            if self._skip and (n - pos > 1 or chunk[pos] != 13):
-                self._line = _IN_OTHER  # a line of an event meter skips: nothing of it is kept
-            else:  # (a lone CR may open a CRLF blank line, which ends even a skipped event)
-                self._line_begins(chunk, pos, n)
-
-    def _data_line(self, line: bytes | memoryview) -> None:
-        data = self._data
-        if data is None and type(line) is bytes and len(line) <= self._max:
-            self._data = line  # the usual event: one data line, held as it is
-            return
-        self._more_data().add(line)
-
-    def _more_data(self) -> Capped:
-        """The current event's data, ready for one more line."""
-        data = self._data
-        if data is None:
-            data = self._data = Capped(self._max, self._budget)
-            return data
-        if type(data) is bytes:
-            first = data
-            data = self._data = Capped(self._max, self._budget)
-            data.add(first)
-        data.add(b"\n")  # type: ignore[union-attr]
-        return data  # type: ignore[return-value]
-
-    def _line_begins(self, chunk: bytes, pos: int, n: int) -> None:
-        """A line of an event meter reads starts at chunk[pos] and does not end before chunk[n]."""
-        rest = n - pos
-        if chunk.startswith(b"data:", pos) and rest > 5:
-            self._line = _IN_DATA
-            self._more_data()
-            self._line_goes_on(chunk, pos + 6 if chunk[pos + 5] == 32 else pos + 5, n)
-        elif chunk.startswith(b"event:", pos) and rest > 6:
-            self._line = _IN_NAME
-            start = pos + 7 if chunk[pos + 6] == 32 else pos + 6
-            self._name = chunk[start : min(n, start + _NAME_MAX)]
-        elif rest < 7 and (b"data: ".startswith(chunk[pos:n]) or b"event: ".startswith(chunk[pos:n])):
-            self._start = chunk[pos:n]
-        elif rest == 1 and chunk[pos] == 13:  # the CR of a CRLF blank line, its LF in the next chunk
-            self._start = b"\r"
-        else:
-            self._line = _IN_OTHER  # a comment, `id:`, `retry:`: nothing meter reads
-
-    def _line_goes_on(self, chunk: bytes, start: int, end: int) -> None:
-        line = self._line
-        if line == _IN_DATA:
-            data = self._data
-            assert isinstance(data, Capped)
-            if self._cr:
-                data.add(b"\r")
-                self._cr = False
-            if end > start and chunk[end - 1] == 13:  # perhaps the CR of a CRLF: hold it back
-                self._cr = True
-                end -= 1
-            if end - start > EDGE_MAX:  # a view: past the limit only its end is copied
-                data.add(memoryview(chunk)[start:end])
-            elif end > start:
-                data.add(chunk[start:end] if start or end < len(chunk) else chunk)
-        elif line == _IN_NAME:
-            room = _NAME_MAX - len(self._name)
-            if room > 0:
-                self._name += chunk[start : min(end, start + room)]  # a few bytes: bounded by _NAME_MAX
-
-    def _line_ends(self) -> None:
-        line, self._line = self._line, _AT_LINE_START
-        self._cr = False
-        if line == _IN_NAME:
-            name = self._name
-            self._name = b""
-            self._on_event_name(name[:-1] if name.endswith(b"\r") else name)
 
     def _first_token(self) -> None:
         if self._ttft_pending:
@@ -443,7 +323,7 @@ class SSEObserver:
         """The stream will not be read further: an event begun is not one to decode."""
         self.release()
         self._data = None
-        self._line = _AT_LINE_START
+        self._line = AT_LINE_START
         self._start = b""
         self._done = True
         self._between = self._quiet = False
@@ -453,7 +333,7 @@ class SSEObserver:
         if not self._done:
             # A stream may end without the final blank line; the spec says such an
             # event is dropped, but its data is all we have of the terminal event.
-            if self._line != _AT_LINE_START or self._start:
+            if self._line != AT_LINE_START or self._start:
                 self._parse_lines(b"\n", 0, 1)
             if self._data is not None and not self._done:
                 self._dispatch()
