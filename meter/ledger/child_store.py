@@ -42,7 +42,7 @@ from decimal import Decimal
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..record import Record, record_row
+from ..record import COLUMNS, Record, record_row
 from .alert_claims import AlertClaim
 from .duckdb_store import CostUpdate, DuckDBStore
 from .prune import Pruned
@@ -53,6 +53,21 @@ log = logging.getLogger("meter.ledger")
 
 ANSWER_TIMEOUT = 120.0  # a write or query the child has not answered by then is given up
 PRUNE_TIMEOUT = 3600.0  # one DELETE over a large ledger may take minutes
+
+# DuckDB's settings in the ledger process (threads=1 comes with every `DuckDBStore`).
+# memory_limit bounds DuckDB's buffer pool, which by default may take 80% of the
+# machine's RAM and keeps every block it read cached up to that: without a bound the
+# process grew with the ledger file and the reports run on it (175-218 MB under
+# load).  The bound is what a checkpoint needs: it pins about one 256 KiB block per
+# column being written plus its compressed copy, so a 44-column `requests` needed
+# 23-27 MiB whatever the rows held (24 MiB failed with a FATAL error that leaves the
+# database unusable, 28 MiB held through 1 KiB tags and ten 100-character columns).
+# 768 KiB per column (33 MiB today) keeps ~20% over that and grows with migrations
+# that add columns.  A larger query spills to the ledger's `.tmp` directory.
+# checkpoint_threshold stays at DuckDB's 16 MB: a smaller one saved ~7 MB of
+# uncheckpointed rows but checkpointed the partial row group more often (~10% of
+# the ingest rate) and did not lower the peak, which is the checkpoint's own.
+LEDGER_PROCESS_SETTINGS: dict[str, str | int | bool] = {"memory_limit": f"{len(COLUMNS) * 768}KiB"}
 
 
 class LedgerChildError(LedgerUnavailable):
@@ -228,7 +243,7 @@ class _Child:
 
     def answer(self, seq: int, op: str, args: list[Any]) -> Any:
         if op == "open":
-            self.store = DuckDBStore(self.path)
+            self.store = DuckDBStore(self.path, LEDGER_PROCESS_SETTINGS)
             self.store.open()
             # After the migrations: from here on no statement reaches past the ledger
             # (`meter sql` runs here; the writes need nothing it shuts off).
@@ -291,6 +306,12 @@ class _Child:
             self.store = None
 
 
+def _invalidates(exc: Exception) -> bool:
+    """DuckDB's FATAL errors (a checkpoint that could not finish) leave the database
+    refusing every later statement: only a fresh open of the file recovers it."""
+    return any(cls.__name__ == "FatalException" for cls in type(exc).__mro__)
+
+
 def _serve(con: Connection, path: str) -> None:
     child = _Child(path)
     try:
@@ -311,8 +332,8 @@ def _serve(con: Connection, path: str) -> None:
                 break
             except Exception as exc:  # noqa: BLE001 - reported to the parent, which keeps the records and retries
                 con.send((seq, "error", f"{type(exc).__name__}: {exc}", failure_kind(exc)))
-                if op == "open":
-                    break
+                if op == "open" or _invalidates(exc):
+                    break  # the parent starts a fresh process, which replays the WAL
     finally:
         child.close()
 
