@@ -282,3 +282,21 @@ def test_odd_chunks_between_events_read_as_the_line_parser_reads_them(shape: byt
                    [created(), delta(), completed(), shape], [created(), shape + completed()]):
         same_every_way(chunks)
         same_every_way(chunks, "chat")
+
+
+def test_coalesced_deltas_cut_at_any_byte_read_the_same() -> None:
+    # Under load TCP coalesces events, and a chunk may end anywhere in one: the walk's
+    # shortcut for output text deltas must leave a delta it cannot see whole to the parser.
+    stream = created() + delta() + TEXT_DELTA_LINE + b"\n\n" + delta(kind="response.refusal.delta") + delta() + completed()
+    reference = same_every_way([stream])
+    assert reference["usage"]["total_tokens"] == 8
+    for cut in range(1, len(stream)):
+        assert seen([stream[:cut], stream[cut:]]) == reference, cut
+
+
+def test_a_delta_head_in_a_coalesced_chunk_is_skipped_only_as_a_whole_event() -> None:
+    terminal = completed(name=None)
+    for middle in (TEXT_DELTA_LINE + b"\n" + terminal, TEXT_DELTA_LINE + b"data: {}\n" + b"\n\n" + terminal,
+                   TEXT_DELTA_LINE + b"data: {}\n" + terminal, TEXT_DELTA_LINE + b"data: {}\r\n\r\n" + terminal):
+        obs = same_every_way([created() + delta() + middle])
+        assert obs == seen([created(), delta(), middle]), middle
