@@ -9,8 +9,8 @@ read, `Observation.unmetered` says why, so that it is counted, not lost.
 One module per concern: `facts` (what a request asks), `usage` (SPEC §3's
 normal form), `objects` (a response, completion or error object),
 `responses` (the one reader of Responses API stream events, for SSE and
-WebSocket alike), `sse` (its shortcuts for the usual chunks) on `sselines`
-(the line parser for the rest), `bodies` (bounded copies), `ends` (reading what was
+WebSocket alike), `sse` (an SSE answer, its usual chunks read by shortcuts)
+on `sselines` (the line parser for the rest), `bodies` (bounded copies), `ends` (reading what was
 too large to hold), `codings` (content codings), `endpoints` (what a request
 is, which observer reads it).  `socket` meters a WebSocket's responses; it
 makes `Flow`s, so it is imported by the relay, not here (meter.flow imports
