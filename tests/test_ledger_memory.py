@@ -1,0 +1,110 @@
+"""The DuckDB ledger process's memory under sustained load (issue #16, item 3).
+
+A real `meter serve` with its default DuckDB ledger, in front of the fake
+upstream, takes non-streamed Responses calls from 32 concurrent clients for a
+few seconds.  Its ledger process (`python -m meter.ledger`) must stay under a
+peak RSS bound the whole time (VmHWM, read before the process stops), and every
+answered request must be a row once meter has stopped.
+
+The bound has its reasons: before the ledger process lost pyarrow and its eager
+imports and got a DuckDB memory_limit, this test measured its peak at 177 MiB
+(37,159 requests); after, 122 MiB (34,204 requests).  Python, DuckDB's code and
+an open database alone are ~65 MiB of that before any row, and a checkpoint of
+the `requests` table pins up to DuckDB's memory_limit (see `child_store`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+import duckdb
+import pytest
+
+from .conftest import SECRET_KEY
+
+LEDGER_PEAK_MIB = 150  # the ledger process's VmHWM must stay under this
+CLIENTS = 32
+LOAD_SECONDS = 12.0
+BODY = b'{"model":"gpt-4o","input":"hi"}'
+
+
+def _status_kib(pid: int, name: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {name} for process {pid}")
+
+
+def _settled_rss_kib(pid: int) -> int:
+    """VmRSS once it holds still for a second: the ledger process has opened the ledger."""
+    last = -1
+    for _ in range(50):
+        rss = _status_kib(pid, "VmRSS")
+        if rss == last:
+            return rss
+        last = rss
+        time.sleep(1.0)
+    return last
+
+
+def _ledger_process(meter_pid: int) -> int:
+    """The pid of `meter serve`'s ledger process (its child running meter.ledger)."""
+    for _ in range(100):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == meter_pid and b"meter.ledger" in cmdline:
+                return int(entry)
+        time.sleep(0.1)
+    raise AssertionError("meter serve has no ledger process")
+
+
+async def _client(session: aiohttp.ClientSession, url: str, until: float, answered: list[int]) -> None:
+    headers = {"Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
+    while time.monotonic() < until:
+        async with session.post(url, data=BODY, headers=headers) as response:
+            await response.read()
+            answered[0] += 1
+
+
+@pytest.mark.timeout(120)
+async def test_ledger_process_stays_under_its_bound_and_keeps_every_record(upstream, meter_process, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.duckdb"
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    assert meter.proc is not None
+    child = _ledger_process(meter.proc.pid)
+    idle_kib = _settled_rss_kib(child)
+
+    answered = [0]
+    until = time.monotonic() + LOAD_SECONDS
+    connector = aiohttp.TCPConnector(limit=CLIENTS)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.gather(*(_client(session, meter.url + "/v1/responses", until, answered) for _ in range(CLIENTS)))
+    await asyncio.sleep(1.5)  # the last batch reaches the ledger process (flush interval 0.5 s)
+    peak_kib = _status_kib(child, "VmHWM")
+    rss_kib = _status_kib(child, "VmRSS")
+    meter.stop()
+    assert meter.proc.returncode == 0
+
+    con = duckdb.connect(str(ledger), read_only=True)
+    try:
+        ((rows,),) = con.execute("SELECT count(*) FROM requests WHERE endpoint = 'responses'").fetchall()
+    finally:
+        con.close()
+    summary = (
+        f"{answered[0]} requests; ledger process idle {idle_kib // 1024} MiB, "
+        f"after the load {rss_kib // 1024} MiB, peak {peak_kib // 1024} MiB (bound {LEDGER_PEAK_MIB} MiB)"
+    )
+    print(summary)
+    assert answered[0] > 5_000, summary  # enough load for several batches and a checkpoint
+    assert rows == answered[0], f"{rows} rows for {answered[0]} answered requests"
+    assert peak_kib < LEDGER_PEAK_MIB * 1024, summary
