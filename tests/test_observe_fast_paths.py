@@ -300,3 +300,26 @@ def test_a_delta_head_in_a_coalesced_chunk_is_skipped_only_as_a_whole_event() ->
                    TEXT_DELTA_LINE + b"data: {}\n" + terminal, TEXT_DELTA_LINE + b"data: {}\r\n\r\n" + terminal):
         obs = same_every_way([created() + delta() + middle])
         assert obs == seen([created(), delta(), middle]), middle
+
+
+def test_chat_chunks_after_the_first_token_are_skipped_only_without_usage_or_error() -> None:
+    base = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"delta":{"content":'
+    first = base + b'"hi"}}],"usage":null}\n\n'
+    shapes = [
+        base + b'"usage"}}],"usage":null}\n\n',  # the word in the output, then no usage
+        base + b'"usage"}}]}\n\n',
+        base + b'"x"}}],"usage": null}\n\n',  # null after a space: the walk's test
+        base + b'"x"}}],"usage":{"prompt_tokens":2,"completion_tokens":1,"total_tokens":3}}\n\n',  # usage on a content chunk
+        base + b'"x"}}],"usage":null,"service_tier":"flex"}\n\n',
+        b'data: {"error":{"type":"server_error","code":"boom"}}\n\n',
+        base + b'"x"}}],"usage":null}\n\n' + b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n',
+    ]
+    usage = b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n'
+    for shape in shapes:
+        chunks = [first, shape, shape, usage, b"data: [DONE]\n\n"]
+        obs = same_every_way(chunks, "chat")
+        reference = seen([b"".join(chunks)[i : i + 1] for i in range(len(b"".join(chunks)))], "chat")
+        assert obs == reference, shape
+    error = same_every_way([first, shapes[5], usage], "chat")
+    assert (error["error_type"], error["error_code"]) == ("server_error", "boom")
+    assert same_every_way([first, shapes[3]], "chat")["usage"]["total_tokens"] == 3

@@ -55,7 +55,7 @@ class SSEObserver(SSELines):
     event it belongs to may matter, decoded only when it does.
     """
 
-    __slots__ = ("_between", "_clock", "_oversized", "_quiet", "_ttft_pending", "kind", "obs", "output_done")
+    __slots__ = ("_between", "_chat_quiet", "_clock", "_oversized", "_quiet", "_ttft_pending", "kind", "obs", "output_done")
 
     def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
         SSELines.__init__(self, max_bytes, budget)
@@ -69,6 +69,7 @@ class SSEObserver(SSELines):
         self._oversized = False
         self._between = True  # no event is begun and more is to be read: see feed
         self._quiet = False  # between events, first token noted, output not done: see feed
+        self._chat_quiet = False  # the same for Chat Completions, with the model known
 
     @property
     def done(self) -> bool:
@@ -90,6 +91,15 @@ class SSEObserver(SSELines):
                     return
             elif chunk.startswith(DELTA_LINES) and chunk.count(b"\n") == 3 and chunk[-1] == 10 and chunk[-2] == 10:
                 return
+        elif (self._chat_quiet and chunk[:7] == b"data: {" and chunk.find(b"\n", 7) == len(chunk) - 2 and chunk[-1] == 10
+              and chunk.find(b'"error"', 6, 30) < 0):
+            # A Chat Completions chunk alone, one data line, after the first token with the
+            # model known: only an error or a usage object matters, and the usual chunk
+            # has `"usage":null` last or no usage at all (the walk's test, in short; any
+            # other shape of usage takes the walk).
+            i = chunk.rfind(b'"usage"')
+            if i < 0 or chunk.startswith(b":null", i + 7):
+                return
         if self._between:
             n = len(chunk)
             last = chunk.rfind(b"\n", 0, n - 2)
@@ -107,7 +117,11 @@ class SSEObserver(SSELines):
             else:
                 self._parse_lines(chunk, 0, len(chunk))
                 self._between = self._idle()
-        self._quiet = self._between and not self._ttft_pending and not self.output_done
+        quiet = self._between and not self._ttft_pending and not self.output_done
+        if self.kind == "chat":
+            self._chat_quiet = quiet and self.obs.model is not None
+        else:
+            self._quiet = quiet
 
     def _idle(self) -> bool:
         """Between events, and not done: what `_between` says, worked out from the state."""
@@ -345,10 +359,10 @@ class SSEObserver(SSELines):
         self._line = AT_LINE_START
         self._start = b""
         self._done = True
-        self._between = self._quiet = False
+        self._between = self._quiet = self._chat_quiet = False
 
     def finish(self) -> Observation:
-        self._between = self._quiet = False  # the line parser may run below: feed must not skip it
+        self._between = self._quiet = self._chat_quiet = False  # the line parser may run below: feed must not skip it
         if not self._done:
             # A stream may end without the final blank line; the spec says such an
             # event is dropped, but its data is all we have of the terminal event.
