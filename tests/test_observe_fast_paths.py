@@ -12,10 +12,13 @@ must be only what the line parser would have skipped.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections.abc import Iterable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from meter.observe import SSEObserver, endpoint_for, observe_json_body
 from meter.observe.endpoints import _USUAL, _classify
@@ -323,3 +326,25 @@ def test_chat_chunks_after_the_first_token_are_skipped_only_without_usage_or_err
     error = same_every_way([first, shapes[5], usage], "chat")
     assert (error["error_type"], error["error_code"]) == ("server_error", "boom")
     assert same_every_way([first, shapes[3]], "chat")["usage"]["total_tokens"] == 3
+
+
+_PIECES = [
+    created(), delta(), delta("x" * 300), delta(kind="response.reasoning_summary_text.delta"), delta(eol="\r\n"), TEXT_DELTA_LINE + b"\n",
+    event("response.output_text.done", {"type": "response.output_text.done", "text": "tok"}), b": keep-alive\n\n", b"\n", b"\r\n",
+    b"id: 3\n", TEXT_DELTA_LINE + b"data: {}\r\n\r\n", event("response.in_progress", {"type": "response.in_progress", "response": {"id": "resp_2"}}),
+    event(None, {"type": "response.output_text.delta", "delta": "y"}), b"event: response.completed\ndata: {bad\n\n", completed(), completed(eol="\r\n"),
+    completed(name=None), event("error", {"type": "error", "error": {"type": "server_error", "code": "x"}}),
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_PIECES), min_size=1, max_size=8), st.lists(st.integers(min_value=0, max_value=4000), max_size=6))
+def test_any_stream_of_usual_and_odd_events_reads_as_the_line_parser_reads_it(pieces: list[bytes], cuts: list[int]) -> None:
+    # The shortcuts against the line parser alone (byte by byte), over streams made of
+    # the events they take and the shapes at their edges, cut anywhere.
+    stream = b"".join(pieces)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    chunks = [stream[a:b] for a, b in itertools.pairwise(bounds)]
+    reference = seen([stream[i : i + 1] for i in range(len(stream))])
+    assert seen(chunks) == reference
+    assert seen(pieces) == reference
