@@ -348,3 +348,21 @@ def test_any_stream_of_usual_and_odd_events_reads_as_the_line_parser_reads_it(pi
     reference = seen([stream[i : i + 1] for i in range(len(stream))])
     assert seen(chunks) == reference
     assert seen(pieces) == reference
+
+
+_CHAT = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"delta":{"content":"hi"}}]'
+_CHAT_PIECES = [
+    _CHAT + b',"usage":null}\n\n', _CHAT + b"}\n\n", _CHAT + b',"usage": null}\n\n', _CHAT + b',"usage":null}\r\n\r\n', b": keep-alive\n\n",
+    b'data: {"id":"chatcmpl-1","choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2,"total_tokens":6}}\n\n', b"\n",
+    b'data: {"error":{"type":"server_error","code":"boom"}}\n\n', b"data: [DONE]\n\n", b"data: {bad\n\n", _CHAT + b',\n"usage":null}\n\n',
+]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_CHAT_PIECES), min_size=1, max_size=8), st.lists(st.integers(min_value=0, max_value=2000), max_size=6))
+def test_any_chat_stream_reads_as_the_line_parser_reads_it(pieces: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(pieces)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    reference = seen([stream[i : i + 1] for i in range(len(stream))], "chat")
+    assert seen([stream[a:b] for a, b in itertools.pairwise(bounds)], "chat") == reference
+    assert seen(pieces, "chat") == reference
