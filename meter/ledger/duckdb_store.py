@@ -4,9 +4,9 @@
 `meter reprice` open files with it directly (`readers`), and so do tests.
 
 - Writes: one transaction per batch.  The batch goes in as one list parameter per
-  column, unnested (`batch_select`), with `INSERT ... WHERE NOT EXISTS` on its ids
-  (no primary key: an index on random UUIDs halves insert speed), so a retried
-  batch adds nothing.  Usage of a background response counts once
+  column, unnested (`batch_select`), less the rows whose ids the ledger already
+  has (no primary key: an index on random UUIDs halves insert speed), so a
+  retried batch adds nothing.  Usage of a background response counts once
   (`schema.claim_usage` against the `usage_claims` table).
 - Reads run on a cursor of their own (a second connection to the same
   database), so a reader in another thread never shares the writer's
@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 import os
 import re
@@ -73,9 +74,9 @@ def records_to_arrow(records: Sequence[Record]) -> Any:
 _STAGED = {"UUID": "VARCHAR", "TIMESTAMPTZ": "DOUBLE", "JSON": "VARCHAR"}
 
 
-def batch_select() -> str:
-    """A SELECT of a batch from one list parameter per column (`batch_columns`), in the
-    order of `COLUMNS`.
+def batch_select(given: Sequence[bool] | None = None) -> str:
+    """A SELECT of a batch from one list parameter per column given (`batch_parameters`),
+    in the order of `COLUMNS`; a column not given is NULL in every row.
 
     DuckDB converts each list straight into its own vectors: the batch costs neither
     pyarrow in the ledger process (19-40 MB of RSS for its import and its pools) nor
@@ -83,12 +84,30 @@ def batch_select() -> str:
     DECIMAL(18,9) from `Decimal`, NULL from None (an empty string stays empty), and a
     value that does not fit (a BIGINT out of range, malformed JSON) fails the batch as
     a conversion error, which `store.failure_kind` calls refused."""
-    return "SELECT " + ", ".join(f"UNNEST(?::{_STAGED.get(kind, kind)}[]) AS {name}" for name, kind in COLUMN_TYPES.items())
+    given = given or (True,) * len(COLUMNS)
+    return "SELECT " + ", ".join(
+        f"UNNEST(?::{_STAGED.get(kind, kind)}[]) AS {name}" if is_given else f"NULL::{_STAGED.get(kind, kind)} AS {name}"
+        for (name, kind), is_given in zip(COLUMN_TYPES.items(), given, strict=True)
+    )
 
 
-def batch_columns(records: Sequence[Record]) -> list[list[Any]]:
-    """The parameters of `batch_select`: one list per column."""
-    return [list(map(getter, records)) for getter in _COLUMN_GETTERS]
+def batch_parameters(records: Sequence[Record]) -> tuple[tuple[bool, ...], list[list[Any]]]:
+    """Which columns `batch_select` takes as lists, and those lists.  A column that is
+    None in every record is left out: converting the lists is most of a batch's cost,
+    and typical records leave 18 of 44 columns empty (measured: 7.8 against 12.5 us a
+    row).  With no list at all (an empty batch) every column is one, so that the
+    SELECT has no row rather than one row of NULLs."""
+    columns = [list(map(getter, records)) for getter in _COLUMN_GETTERS]
+    given = tuple(column.count(None) < len(column) for column in columns)
+    if not any(given):
+        return (True,) * len(columns), columns
+    return given, [column for column, is_given in zip(columns, given, strict=True) if is_given]
+
+
+@functools.lru_cache(maxsize=64)  # one text per set of empty columns; a handful occur
+def _insert_sql(given: tuple[bool, ...]) -> str:
+    # By name: a ledger migrated from an older meter has later columns at its end.
+    return f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {select_from_batch('duckdb')} FROM ({batch_select(given)}) AS batch"
 
 
 _COLUMN_GETTERS = [operator.attrgetter(name) for name in COLUMNS]
@@ -212,8 +231,6 @@ class DuckDBStore:
         # machine more threads only compete with the event loop for cores.  The
         # ledger process adds its memory bounds (`child_store.LEDGER_PROCESS_SETTINGS`).
         self.settings: dict[str, str | bool | int | float | list[str]] = {"threads": 1, **(settings or {})}
-        # By name: a ledger migrated from an older meter has later columns at its end.
-        self._insert = f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {select_from_batch('duckdb')} FROM ({batch_select()}) AS batch"
         # Idempotent by id without an index: a retried batch finds its rows among
         # those started no earlier than the batch's first record, which DuckDB's
         # zone maps on started_at narrow to the newest row groups.  A query of its
@@ -278,7 +295,8 @@ class DuckDBStore:
             present = {row[0] for row in con.execute(self._present, [[r.id for r in records], earliest]).fetchall()}
             rows = [r for r in records if r.id not in present] if present else records
             for start in range(0, max(len(rows), 1), ROWS_PER_STATEMENT):  # an empty batch (a probe) runs once
-                con.execute(self._insert, batch_columns(rows[start : start + ROWS_PER_STATEMENT]))
+                given, columns = batch_parameters(rows[start : start + ROWS_PER_STATEMENT])
+                con.execute(_insert_sql(given), columns)
             con.execute("COMMIT")
         except Exception:
             with contextlib.suppress(Exception):  # the store's own reason, below, is the one to raise
