@@ -102,15 +102,33 @@ class SSEObserver(SSELines):
                 return
         if self._between:
             n = len(chunk)
-            last = chunk.rfind(b"\n", 0, n - 2)
-            if n > 2 and chunk[n - 1] == 10 and chunk[n - 2] == 10 and (last < 0 or (last < n - 3 and chunk.find(b"\n") == last)):
-                # One whole event of one or two lines alone in its chunk, as upstreams
-                # write them: read at once, without the walk's search for event ends.
-                self._whole_event(chunk, 0, n - 2, n - 2 if last < 0 else last, False)
+            if (chunk[:7] == b"event: " and self.kind == "responses" and chunk.find(b"\n", (nl := chunk.find(b"\n", 7)) + 1) == n - 2
+                    and chunk[n - 1] == 10 and chunk[nl - 1] != 13):
+                # A Responses event alone in its chunk, a name line and one more, LF-ended,
+                # as upstreams write every event but deltas: judged by its name and, if it
+                # is one to decode with a `data: ` line as usual, read at once.
+                name = chunk[7:nl]
+                if name not in DECODED:
+                    self.output_done = name.endswith(b".done")
+                    if name.endswith(DELTA):
+                        self._first_token()
+                elif chunk[nl + 1 : nl + 7] == b"data: " and chunk[n - 3] != 13 and n - nl - 9 <= self._max:
+                    self.output_done = False
+                    self._responses_payload(name, chunk[nl + 7 : n - 2])
+                else:
+                    self._whole_event(chunk, 0, n - 2, nl, False)
                 if self._done:
                     self._between = False
             else:
-                self._walk(chunk)
+                last = chunk.rfind(b"\n", 0, n - 2)
+                if n > 2 and chunk[n - 1] == 10 and chunk[n - 2] == 10 and (last < 0 or (last < n - 3 and chunk.find(b"\n") == last)):
+                    # Any other event of one or two lines alone in its chunk (a Chat
+                    # Completions chunk, a comment): read at once, without the walk.
+                    self._whole_event(chunk, 0, n - 2, n - 2 if last < 0 else last, False)
+                    if self._done:
+                        self._between = False
+                else:
+                    self._walk(chunk)
         elif not self._done:
             if self._line == AT_LINE_START and self._event is None and self._data is None and not self._start:
                 self._walk(chunk)
