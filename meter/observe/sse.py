@@ -77,15 +77,13 @@ class SSEObserver(SSELines):
 
     def feed(self, chunk: bytes) -> None:
         if self._quiet:
-            # The usual chunk is one whole delta event as upstreams write them: a fixed
-            # head names it, and line ends only where the head, the one data line and
-            # the blank line end say nothing else is in the chunk.  A delta is never
-            # decoded, and with the first token noted and no `.done` event since, it
-            # changes nothing.  The commonest delta's head has a known length, so one
-            # line-end search (memchr) checks it; any other delta's lines are counted.
-            # A slice compare and index checks cost less than method calls (this is
-            # the one per-delta cost), and find() parses one argument less than with
-            # an end.  Any other chunk takes the walk.
+            # The usual chunk is one whole delta event: a fixed head names it, and line
+            # ends only where the head, its one data line and the blank line end say
+            # nothing else is in the chunk.  A delta is never decoded, and with the first
+            # token noted and no `.done` event since, it changes nothing.  The commonest
+            # head has a known length, so one line-end search (memchr) checks it; other
+            # deltas' lines are counted.  This is the one per-delta cost: a slice compare
+            # and index checks, cheaper than method calls, do what they can.
             if chunk[:_TEXT_DATA] == TEXT_DELTA_LINE:
                 if chunk.find(b"\n", _TEXT_DATA) == len(chunk) - 2 and chunk[-1] == 10:
                     return
