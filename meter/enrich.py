@@ -21,7 +21,8 @@ class CountUsageOnce:
     A foreground response's usage belongs to the request that created it (the
     POST, or the response on a WebSocket): retrievals of it carry none.  A
     background response shows its usage on every `GET /v1/responses/{id}` after
-    it ends; only the first row that shows it keeps it.  This in-process memory
+    it ends; only the first row that shows it keeps it, so only background ids are
+    kept.  This in-process memory
     is a fast first line (it also keeps metrics honest); the ledger's
     `usage_claims` table of background response ids enforces the rule across
     restarts and replicas.
@@ -37,8 +38,12 @@ class CountUsageOnce:
         rid = record.response_id
         if rid is None or not record.has_usage:
             return
-        if record.endpoint == "responses.retrieve" and not record.background:
-            record.clear_usage()
+        if not record.background:
+            if record.endpoint == "responses.retrieve":
+                record.clear_usage()
+            # Else its creating request: a foreground response's usage shows again only
+            # on retrievals, cleared just above, so its id need not be kept (at full
+            # load that was ~16 MiB of ids for nothing).
             return
         rid = short_key(rid)  # ids come from outside: bounded in bytes as well as in entries
         seen = self._seen

@@ -97,9 +97,9 @@ async def test_megabyte_response_ids_do_not_stay_in_memory(meter_process, tmp_pa
         await runner.cleanup()
 
 
-def usage_record(rid: str) -> Record:
+def usage_record(rid: str, background: bool = True) -> Record:
     return Record(id=None, started_at=0.0, finished_at=0.0, method="POST", path="/v1/responses", endpoint="responses",
-                  response_id=rid, input_tokens=1, output_tokens=1, total_tokens=2)
+                  response_id=rid, input_tokens=1, output_tokens=1, total_tokens=2, background=background)
 
 
 def test_count_usage_once_is_bounded_in_bytes() -> None:
@@ -113,6 +113,19 @@ def test_count_usage_once_is_bounded_in_bytes() -> None:
     once.done(None, a)
     once.done(None, b)
     assert a.input_tokens == 1 and b.input_tokens is None
+
+
+def test_count_usage_once_keeps_no_foreground_ids() -> None:
+    """Only a background response's usage shows again (on its retrievals); a foreground
+    one's retrievals are cleared by endpoint, so its id is not worth keeping."""
+    once = CountUsageOnce()
+    for i in range(10_000):
+        once.done(None, usage_record(f"resp_{i:06d}", background=False))
+    assert once.held_bytes == 0
+    retrieved = usage_record("resp_000001", background=False)
+    retrieved.endpoint = "responses.retrieve"
+    once.done(None, retrieved)
+    assert retrieved.input_tokens is None
 
 
 def test_key_identities_do_not_keep_long_keys() -> None:
