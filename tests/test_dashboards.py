@@ -63,6 +63,17 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "meter_alerts_sent_total": ("counter", frozenset({"budget"})),
     "meter_alert_failures_total": ("counter", frozenset({"budget"})),
 }
+# The proxy process's own families beside them (prometheus-client's process and GC
+# collectors, meter/metrics.py): for on-call, not for the dashboards' queries.
+RUNTIME_METRICS: dict[str, tuple[str, frozenset[str]]] = {
+    **{name: ("gauge", frozenset()) for name in (
+        "process_virtual_memory_bytes", "process_resident_memory_bytes", "process_start_time_seconds", "process_open_fds", "process_max_fds",
+    )},
+    "process_cpu_seconds_total": ("counter", frozenset()),
+    **{name: ("counter", frozenset({"generation"})) for name in (
+        "python_gc_objects_collected_total", "python_gc_objects_uncollectable_total", "python_gc_collections_total",
+    )},
+}
 # Gauges every replica reports alike (a budget's spend is the fleet's, from the one ledger):
 # a query takes their max over replicas, since a sum would count the spend once per replica.
 FLEET_GAUGES = frozenset({"meter_budget_spend_usd", "meter_budget_limit_usd"})
@@ -467,8 +478,8 @@ def test_spec_table_matches_the_code() -> None:
         name = family.name + ("_total" if family.type == "counter" else "")
         sampled = frozenset(label for sample in family.samples for label in sample.labels)
         exposed[name] = (family.type, frozenset(labelled.get(family.name, ())) or sampled)
-    assert set(exposed) == set(SPEC_METRICS)
-    for name, spec in SPEC_METRICS.items():
+    assert set(exposed) == set(SPEC_METRICS) | set(RUNTIME_METRICS)
+    for name, spec in {**SPEC_METRICS, **RUNTIME_METRICS}.items():
         assert exposed[name] == spec, name
     # With a tag chosen, the tagged families (and only they) gain its label.
     tagged = metrics.Metrics(types.SimpleNamespace(metrics_tag_labels=(SAMPLE_TAG,)))
