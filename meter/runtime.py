@@ -34,7 +34,7 @@ def event_loop_factory() -> Callable[[], Any] | None:
         import uvloop
     except ImportError:
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def tune_interpreter() -> None:

@@ -42,10 +42,12 @@ from decimal import Decimal
 from multiprocessing.connection import Connection
 from typing import Any
 
-from ..record import COLUMNS, Record, record_row
+from ..record import COLUMNS, Record
 from .alert_claims import AlertClaim
 from .duckdb_store import CostUpdate, DuckDBStore
 from .prune import Pruned
+from .rows import decode_batch, encode_batch
+from .sanitise import Cuts, sanitise_counting
 from .sql import SqlError, SqlResult, confine_duckdb, duckdb_sql
 from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnavailable, LedgerUnusable, chunks, failure_kind
 
@@ -88,6 +90,7 @@ class LedgerChildLost(LedgerChildError):
 
 class ChildProcessStore:
     dialect = "duckdb"
+    sanitises = True  # in the ledger process, off the proxy's GIL
     cost_chunk_rows = COST_CHUNK_ROWS  # changes `set_costs` holds at a time
 
     def __init__(self, path: str, open_timeout: float = 60.0) -> None:
@@ -143,12 +146,15 @@ class ChildProcessStore:
             raise LedgerChildError(payload, kind[0] if kind else "unknown")
         return payload
 
-    def write(self, records: Sequence[Record]) -> None:
+    def write(self, records: Sequence[Record]) -> Cuts | None:
+        """Sanitised and written in the ledger process (`sanitises`): the proxy's
+        writer thread only encodes the batch (`rows.encode_batch`)."""
         try:
-            self._call(("write", [record_row(r) for r in records]))
+            cuts: Cuts = self._call(("write", encode_batch(records)))
         except LedgerChildLost:
             self._discard()  # a fresh child is started at the writer's next open()
             raise
+        return cuts
 
     def probe(self) -> None:
         """An empty batch through the child's whole write path (see `LedgerWriter`)."""
@@ -252,7 +258,10 @@ class _Child:
         store = self.store
         assert store is not None, "the parent opens first"
         if op == "write":
-            store.write([Record(*row) for row in args[0]])
+            records = decode_batch(args[0])
+            cuts = sanitise_counting(records)
+            store.write(records)
+            return cuts  # only once written: a failed write is retried and counted then
         elif op == "query":
             return store.query(args[0], args[1])
         elif op == "sql":

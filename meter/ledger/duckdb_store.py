@@ -222,6 +222,7 @@ class CostUpdate:
 
 class DuckDBStore:
     dialect = "duckdb"
+    sanitises = False  # the writer sanitises what it is given
     cost_chunk_rows = COST_CHUNK_ROWS  # changes `set_costs` holds at a time
 
     def __init__(self, path: str, settings: Mapping[str, str | int | bool] | None = None) -> None:

@@ -99,6 +99,7 @@ class PostgresStore:
     """A `Store` on PostgreSQL.  Thread-safe; blocking."""
 
     dialect = "postgresql"
+    sanitises = False  # the writer sanitises what it is given
     cost_chunk_rows = COST_CHUNK_ROWS  # changes `set_costs` holds at a time
 
     def __init__(self, url: str, *, migrate: bool = True, connect_timeout: float = 5.0, command_timeout: float = 60.0) -> None:

@@ -183,3 +183,23 @@ def _numbers_overflow(record: Record) -> bool:
 def sanitise_batch(records: Iterable[Record], truncated: dict[str, int], overflows: dict[str, int]) -> None:
     for record in records:
         sanitise(record, truncated, overflows)
+
+
+# What sanitising a batch cut, as counted by `sanitise`: (values cut per field,
+# records with a number too large per endpoint), non-zero counts only.
+Cuts = tuple[dict[str, int], dict[str, int]]
+
+
+def sanitise_counting(records: Iterable[Record]) -> Cuts:
+    """Sanitise `records`; what was cut (see `Cuts`)."""
+    truncated, overflows = new_truncated(), new_overflows()
+    sanitise_batch(records, truncated, overflows)
+    return {k: n for k, n in truncated.items() if n}, {k: n for k, n in overflows.items() if n}
+
+
+def add_cuts(cuts: Cuts, truncated: dict[str, int], overflows: dict[str, int]) -> None:
+    """Count `cuts` into the writer's counters (whose keys are all there already)."""
+    for counts, into in zip(cuts, (truncated, overflows)):
+        for key, n in counts.items():
+            if key in into:  # both sides make their counters alike: always
+                into[key] += n

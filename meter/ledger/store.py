@@ -27,13 +27,16 @@ from ..config import StartupError
 from ..record import Record
 from .alert_claims import AlertClaim
 from .prune import Pruned
+from .sanitise import Cuts
 
 
 class Store(Protocol):
     """A place records are written to and read from.
 
     `write` raises `LedgerRefused` when the store refuses the records for their
-    values, anything else when it cannot be written; `probe` is a write that
+    values, anything else when it cannot be written.  A store whose class says
+    `sanitises = True` (`ChildProcessStore`: in its own process) sanitises what
+    it is given and answers what it cut; the writer sanitises for any other; `probe` is a write that
     must succeed while the store works (see `LedgerWriter`).  Reads take one
     read-only statement with `$1`-style parameters on every dialect.
     """
@@ -42,7 +45,10 @@ class Store(Protocol):
 
     def open(self) -> None: ...
 
-    def write(self, records: Sequence[Record]) -> None: ...
+    def write(self, records: Sequence[Record]) -> Cuts | None:
+        """None, or, from a store that `sanitises`, what sanitising these records cut
+        (counted once: only a write that succeeded answers)."""
+        ...
 
     def probe(self) -> None: ...
 

@@ -7,8 +7,10 @@ If the store fails, records wait in memory up to `max_pending`; past that they
 go to a spool file (JSON lines) that is replayed into the store at the next
 start.  A spill thread keeps that bound while the writer waits on a slow store.
 
-Hostile input (SPEC §2b): every batch passes `sanitise` in the writer's thread
-before any store sees it, the one step every store shares.  A batch the store
+Hostile input (SPEC §2b): every batch passes `sanitise` before it is stored, the
+one step every store shares: in the writer's thread, or, for a store that
+`sanitises` (the DuckDB ledger process), in that store's own process, which
+answers what it cut.  A batch the store
 still refuses is split until the refused records are isolated; those go, with
 the store's reason, to the rejected file (`<ledger>.rejected.jsonl`, or
 `<spool>.rejected.jsonl` when the ledger is not a file) and the rest is
@@ -29,7 +31,7 @@ from pathlib import Path
 from ..attribution import resolve_sessions, sessions_query
 from ..bounds import MAX_TEXT
 from ..record import Record
-from .sanitise import clean_text, new_overflows, new_truncated, sanitise_batch
+from .sanitise import add_cuts, clean_text, new_overflows, new_truncated, sanitise_batch
 from .schema import random_uuids
 from .spool import RejectedFile, Spool, check_directory, rejected_path_for
 from .store import LedgerUnusable, Store, failure_kind
@@ -65,6 +67,7 @@ class LedgerWriter:
         retry_max_interval: float = 5.0,
     ) -> None:
         self.store = store
+        self._store_sanitises = bool(getattr(store, "sanitises", False))  # see `Store`
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.max_pending = max_pending
@@ -221,7 +224,10 @@ class LedgerWriter:
         for record, id_ in zip(missing, random_uuids(len(missing))):
             record.id = id_
         # Off the event loop too, and idempotent: a retried batch is not counted twice.
-        sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
+        # A store that sanitises in its own process (the DuckDB ledger process) answers
+        # what it cut instead, and the proxy's GIL is spared the work.
+        if not self._store_sanitises:
+            sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
         return batch
 
     def _flush_once(self, drain: bool = False) -> bool:
@@ -309,7 +315,7 @@ class LedgerWriter:
         while parts:
             part = parts.pop()
             try:
-                self.store.write(part)
+                cuts = self.store.write(part)
             except Exception as exc:  # noqa: BLE001 - whatever the store raises, failure_kind says whose fault it is
                 kind = failure_kind(exc)
                 if kind == "unknown" and len(part) == 1:
@@ -323,6 +329,8 @@ class LedgerWriter:
                     mid = len(part) // 2
                     parts += [part[mid:], part[:mid]]  # the first half is written first
                 continue
+            if cuts is not None:
+                add_cuts(cuts, self.stats.truncated, self.stats.overflows)
             self.stats.written += len(part)
         return None
 
