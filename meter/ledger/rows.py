@@ -28,6 +28,14 @@ _cost = operator.attrgetter("cost_usd")
 Chunk = tuple[str, bytes]  # ("m", marshal data) or ("p", pickle data) of (rows, costs)
 
 
+class EncodedBatch(list[Record]):
+    """Records with their encoding made beforehand (`LedgerWriter` does it on the event
+    loop, a slice at a time); `chunks` is None once a record changed since."""
+
+    chunks: list[Chunk] | None = None
+    linked: bool | None = None  # whether a record has a `session_of` to settle; None: not known
+
+
 def encode_batch(records: Sequence[Record]) -> list[Chunk]:
     chunks: list[Chunk] = []
     for start in range(0, len(records), CHUNK_ROWS):

@@ -31,6 +31,8 @@ from pathlib import Path
 from ..attribution import resolve_sessions, sessions_query
 from ..bounds import MAX_TEXT
 from ..record import Record
+from .preparing import BatchPreparer
+from .rows import EncodedBatch
 from .sanitise import add_cuts, clean_text, new_overflows, new_truncated, sanitise_batch
 from .schema import random_uuids
 from .spool import RejectedFile, Spool, check_directory, rejected_path_for
@@ -92,6 +94,7 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._spill_thread: threading.Thread | None = None
         self._opened = False
+        self._preparer: BatchPreparer | None = None  # set when serving: see `start`
         self._replayed_at_open = False  # the spool is read back at the first open, not at every reopen
 
     # hooks --------------------------------------------------------------------
@@ -111,7 +114,11 @@ class LedgerWriter:
         rides out (a PostgreSQL server not up yet), as after start."""
         import asyncio
 
-        await asyncio.get_running_loop().run_in_executor(None, self.first_open)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.first_open)
+        # A store that sanitises its own batches may have them encoded on the loop, where
+        # nothing changes a record between encoding and writing.
+        self._preparer = BatchPreparer(loop, self._queue, getattr(self.store, "encode", None) if self._store_sanitises else None)
         self.start_thread()
 
     async def stop(self) -> None:
@@ -210,24 +217,35 @@ class LedgerWriter:
             self._set_writing(min(len(self._retry), self.batch_size))
             batch, self._retry = self._retry[: self.batch_size], self._retry[self.batch_size :]
         else:
-            queue = self._queue
-            self._set_writing(min(len(queue), self.batch_size))
+            n = min(len(self._queue), self.batch_size)
+            self._set_writing(n)
             batch = []
-            try:  # the spill thread may take from the queue's head meanwhile
-                for _ in range(min(len(queue), self.batch_size)):
-                    batch.append(queue.popleft())
-            except IndexError:
-                pass
-        # Ids are minted here, off the event loop, before the first write attempt,
-        # so a retried batch carries the same ids and stays idempotent.
-        missing = [record for record in batch if record.id is None]
-        for record, id_ in zip(missing, random_uuids(len(missing))):
-            record.id = id_
+            if self._preparer is not None and not self._stopping:
+                # Serving: taken, minted and encoded on the event loop (meter/ledger/preparing.py).
+                batch = self._preparer.take(n)
+            if not batch:  # no loop, or it did not answer: taken here
+                batch = self._pop(n)
+        # Ids are minted before the first write attempt (on the loop by the preparer,
+        # else here), so a retried batch carries the same ids and stays idempotent.
+        if not isinstance(batch, EncodedBatch):
+            missing = [record for record in batch if record.id is None]
+            for record, id_ in zip(missing, random_uuids(len(missing))):
+                record.id = id_
         # Off the event loop too, and idempotent: a retried batch is not counted twice.
         # A store that sanitises in its own process (the DuckDB ledger process) answers
         # what it cut instead, and the proxy's GIL is spared the work.
         if not self._store_sanitises:
             sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
+        return batch
+
+    def _pop(self, n: int) -> list[Record]:
+        batch: list[Record] = []
+        queue = self._queue
+        try:  # the spill thread may take from the queue's head meanwhile
+            for _ in range(n):
+                batch.append(queue.popleft())
+        except IndexError:
+            pass
         return batch
 
     def _flush_once(self, drain: bool = False) -> bool:
@@ -283,11 +301,15 @@ class LedgerWriter:
         replica or an earlier run recorded): one query for the batch, here in the
         writer's thread, never on the request path.  An outage is returned (the batch
         waits, unsettled); any other failure leaves each row its fallback session."""
+        if isinstance(batch, EncodedBatch) and batch.linked is False:
+            return None  # the preparer saw no chain to settle: no loop over the batch here
         for record in batch:
             if record.session_of is not None:
                 # The id as the ledger keeps it (valid text, cut), which is how rows are found.
                 record.session_of = clean_text(record.session_of[:MAX_TEXT])
         ask = sorted({r.session_of for r in batch if r.session_of is not None})
+        if ask and isinstance(batch, EncodedBatch):
+            batch.chunks = None  # the records change below: encoded again when written
         stored: dict[str, str | None] = {}
         if ask:
             try:
@@ -413,6 +435,7 @@ class LedgerWriter:
     def _run(self) -> None:
         backoff = self.flush_interval
         while True:
+            began = time.monotonic()
             stopping = self._stopping
             opened = self._opened or self._open()
             self._start_spiller()
@@ -425,8 +448,14 @@ class LedgerWriter:
                 if not ok and self.spool is not None and self.pending:
                     self._spill_all()
                 break
-            backoff = self.flush_interval if ok else min(self.retry_max_interval, max(backoff * 2, self.flush_interval))
-            self._wake.wait(backoff)
+            if ok:
+                # Flushes begin a flush interval apart, however long one took: waiting a
+                # whole interval after a slow write let a record wait nearly two.
+                backoff = self.flush_interval
+                self._wake.wait(max(0.0, backoff - (time.monotonic() - began)))
+            else:
+                backoff = min(self.retry_max_interval, max(backoff * 2, self.flush_interval))
+                self._wake.wait(backoff)
             self._wake.clear()
         if self._opened:
             try:

@@ -1,0 +1,79 @@
+"""Batches taken off the ledger writer's queue on the event loop (meter/ledger/preparing.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Iterator
+
+import pytest
+
+from meter.ledger import preparing
+from meter.ledger.preparing import BatchPreparer
+from meter.ledger.rows import decode_batch, encode_batch
+from meter.record import Record, record_row
+
+
+def record(i: int, session_of: str | None = None) -> Record:
+    return Record(id=None, started_at=1.0 + i, finished_at=2.0 + i, method="POST", path="/v1/responses", endpoint="responses",
+                  response_id=f"resp_{i}", input_tokens=i, session_of=session_of)
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    """A real event loop running in a thread of its own, as meter serve's is to the writer."""
+    running = asyncio.new_event_loop()
+    thread = threading.Thread(target=running.run_forever, daemon=True)
+    thread.start()
+    yield running
+    running.call_soon_threadsafe(running.stop)
+    thread.join(5)
+    running.close()
+
+
+def test_a_batch_is_taken_minted_and_encoded_on_the_loop(loop: asyncio.AbstractEventLoop) -> None:
+    queue = deque(record(i) for i in range(1000))
+    on_loop: set[int] = set()
+
+    def encode(records):  # the ledger process's encoding, noting which thread ran it
+        on_loop.add(threading.get_ident())
+        return encode_batch(records)
+
+    batch = BatchPreparer(loop, queue, encode).take(700)
+    assert len(batch) == 700 and len(queue) == 300  # the rest stays queued, in order
+    assert [r.response_id for r in batch] == [f"resp_{i}" for i in range(700)]
+    assert all(r.id is not None for r in batch) and len({r.id for r in batch}) == 700
+    assert batch.chunks is not None and [record_row(r) for r in decode_batch(batch.chunks)] == [record_row(r) for r in batch]
+    async def loop_thread() -> int:
+        return threading.get_ident()
+
+    assert on_loop == {asyncio.run_coroutine_threadsafe(loop_thread(), loop).result(5)} != {threading.get_ident()}
+    assert batch.linked is False
+    assert queue[0].response_id == "resp_700" and queue[0].id is None
+
+
+def test_a_record_following_a_chain_is_noted(loop: asyncio.AbstractEventLoop) -> None:
+    queue = deque([record(1), record(2, session_of="resp_0"), record(3)])
+    batch = BatchPreparer(loop, queue, None).take(10)
+    assert len(batch) == 3 and batch.linked is True and batch.chunks is None
+
+
+def test_a_closed_loop_takes_nothing(loop: asyncio.AbstractEventLoop) -> None:
+    closed = asyncio.new_event_loop()
+    closed.close()
+    queue = deque(record(i) for i in range(10))
+    assert len(BatchPreparer(closed, queue, encode_batch).take(10)) == 0
+    assert len(queue) == 10  # the writer takes them itself
+
+
+def test_a_loop_that_never_runs_the_batch_leaves_the_queue_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(preparing, "LOOP_WAIT", 0.2)
+    idle = asyncio.new_event_loop()  # never run: a stuck loop
+    try:
+        queue = deque(record(i) for i in range(10))
+        assert len(BatchPreparer(idle, queue, encode_batch).take(10)) == 0
+        idle.run_until_complete(asyncio.sleep(0.05))  # it runs at last: the batch was called off
+        assert len(queue) == 10
+    finally:
+        idle.close()
