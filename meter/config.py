@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from yarl import URL
 
+from .errors import StartupError  # noqa: F401 - re-exported: callers import it from here
 from .tag_labels import tag_label_names
 
 
@@ -24,9 +25,6 @@ class SettingError(Exception):
     """A setting that cannot be used; the message names it."""
 
 
-class StartupError(Exception):
-    """Start-up failed for a reason the user can fix; the message names the setting
-    (or the file, or the process in the way).  The CLI prints it as one line, exit 2."""
 
 
 def parse_host_port(value: str) -> tuple[str, int]:

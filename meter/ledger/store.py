@@ -23,7 +23,7 @@ from decimal import Decimal
 from itertools import islice
 from typing import Any, Protocol
 
-from ..config import StartupError
+from ..errors import StartupError
 from ..record import Record
 from .alert_claims import AlertClaim
 from .prune import Pruned
