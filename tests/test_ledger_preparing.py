@@ -77,3 +77,25 @@ def test_a_loop_that_never_runs_the_batch_leaves_the_queue_whole(monkeypatch: py
         assert len(queue) == 10
     finally:
         idle.close()
+
+
+async def test_a_serving_writer_flushes_everything_it_was_handed(tmp_path) -> None:
+    """With the loop taking the batches, a batch is counted as pending before its records
+    leave the queue: flush() waited for a target that counted them twice and gave up
+    after its timeout (30 s, False) with every record written."""
+    from meter.ledger import ChildProcessStore, LedgerWriter
+
+    from .conftest import ledger_rows
+
+    writer = LedgerWriter(ChildProcessStore(str(tmp_path / "l.duckdb")), flush_interval=0.5)
+    await writer.start()
+    try:
+        for i in range(20_000):
+            writer.done(None, record(i))
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert await loop.run_in_executor(None, writer.flush, 30)
+        assert loop.time() - began < 10 and writer.stats.written == 20_000 and writer.pending == 0
+    finally:
+        await writer.stop()
+    assert len(ledger_rows(tmp_path / "l.duckdb")) == 20_000

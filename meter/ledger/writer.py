@@ -87,6 +87,7 @@ class LedgerWriter:
         self._queue: deque[Record] = deque()
         self._retry: list[Record] = []  # a failed batch, written before anything newer
         self._writing = 0  # size of the batch the thread is writing right now
+        self._spilling = 0  # records on their way to the spool
         self._wake = threading.Event()
         self._spill = threading.Event()  # set by `done` when the queue passes max_pending
         self._spill_lock = threading.Lock()  # one spiller at a time: the writer or the spill thread
@@ -130,8 +131,10 @@ class LedgerWriter:
 
     @property
     def pending(self) -> int:
-        """Records not yet in the store: queued, waiting for a retry, or being written."""
-        return len(self._queue) + len(self._retry) + self._writing
+        """Records not yet in the store: queued, waiting for a retry, being written or
+        being spooled.  Never less than the truth (each count is raised before records
+        leave the queue), so 0 means every record handed over has settled."""
+        return len(self._queue) + len(self._retry) + self._writing + self._spilling
 
     # thread ---------------------------------------------------------------------
 
@@ -399,27 +402,34 @@ class LedgerWriter:
             # one fsync per few records, the queue peaking near twice the bound at
             # ~1,000 requests/s (tests/test_fleet.py's outage under load).
             excess = self.pending - self.max_pending // 2
-            old: list[Record] = []
-            if from_retry and excess > 0 and self._retry:
-                take = min(excess, len(self._retry))
-                old, self._retry = self._retry[:take], self._retry[take:]
-            queued: list[Record] = []
+            self._spilling = max(0, excess)  # before any record leaves the queue (see `pending`)
             try:
-                while len(old) + len(queued) < excess:
-                    queued.append(self._queue.popleft())
-            except IndexError:
-                pass
-            spill = old + queued
-            if not spill:
-                return
-            try:
-                self.spool.append(spill)
-                self.stats.spooled += len(spill)
-            except OSError as exc:
-                log.error("could not spool %d records: %s", len(spill), exc)
-                self._queue.extendleft(reversed(queued))
-                if old:
-                    self._retry = old + self._retry
+                self._spill_excess(excess, from_retry)
+            finally:
+                self._spilling = 0
+
+    def _spill_excess(self, excess: int, from_retry: bool) -> None:
+        old: list[Record] = []
+        if from_retry and excess > 0 and self._retry:
+            take = min(excess, len(self._retry))
+            old, self._retry = self._retry[:take], self._retry[take:]
+        queued: list[Record] = []
+        try:
+            while len(old) + len(queued) < excess:
+                queued.append(self._queue.popleft())
+        except IndexError:
+            pass
+        spill = old + queued
+        if not spill:
+            return
+        try:
+            self.spool.append(spill)  # type: ignore[union-attr]
+            self.stats.spooled += len(spill)
+        except OSError as exc:
+            log.error("could not spool %d records: %s", len(spill), exc)
+            self._queue.extendleft(reversed(queued))
+            if old:
+                self._retry = old + self._retry
 
     def _run_spiller(self) -> None:
         """While the writer waits on a slow store, records keep arriving: this thread
@@ -477,10 +487,12 @@ class LedgerWriter:
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything appended so far is written, set aside or spooled (tests, admin)."""
         deadline = time.monotonic() + timeout
-        target = self.stats.written + self.pending
+        # `pending` may count a record twice for a moment (a batch is counted before it
+        # leaves the queue, a slice at a time on the event loop), never not at all: so
+        # no target computed from it, only its zero.
         self._wake.set()
         while time.monotonic() < deadline:
-            if self.pending == 0 and self.stats.written >= target - self.stats.spooled - self.stats.rejected:
+            if self.pending == 0:
                 return True
             time.sleep(0.01)
             self._wake.set()
