@@ -99,3 +99,19 @@ async def test_a_serving_writer_flushes_everything_it_was_handed(tmp_path) -> No
     finally:
         await writer.stop()
     assert len(ledger_rows(tmp_path / "l.duckdb")) == 20_000
+
+
+class Text(str):
+    """Text of a type marshal refuses."""
+
+
+def test_a_chunk_marshal_refuses_crosses_as_a_pickle() -> None:
+    """A value of a type marshal cannot write (a str subclass here; meter makes none)
+    must not lose its chunk: it goes as a pickle and comes back equal."""
+    odd = record(1)
+    odd.model = Text("gpt-4o")
+    records = [record(0), odd, record(2)]
+    chunks = encode_batch(records)
+    assert [kind for kind, _ in chunks] == ["p"]
+    assert [record_row(r) for r in decode_batch(chunks)] == [record_row(r) for r in records]
+    assert [kind for kind, _ in encode_batch([record(0)])] == ["m"]

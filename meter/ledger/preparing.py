@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from ..record import Record
 from .rows import Chunk, EncodedBatch
-from .schema import random_uuids
+from .schema import mint_ids
 
 SLICE = 32  # records per callback on the loop: ~0.07 ms of work
 SLICES_PER_BATCH = 32
@@ -33,6 +33,17 @@ SLICES_PER_BATCH = 32
 # A batch of 3,000 records (32 slices) is then ready in ~70 ms of its 500.
 SLICE_GAP = 0.002
 LOOP_WAIT = 2.0  # seconds the writer waits for the loop to begin a batch
+
+
+def pop_up_to(queue: deque[Record], n: int) -> list[Record]:
+    """Up to n records off the queue's head (the spill thread may take from it too)."""
+    records: list[Record] = []
+    try:
+        for _ in range(n):
+            records.append(queue.popleft())
+    except IndexError:
+        pass
+    return records
 
 
 class _Take:
@@ -81,22 +92,16 @@ class BatchPreparer:
         return job.batch
 
     def _step(self, job: _Take) -> None:
-        """On the loop: one slice off the queue's head (the spill thread may take from
-        it too), then the next slice in a later turn of the loop."""
+        """On the loop: one slice off the queue's head, then the next slice in a later
+        turn of the loop."""
         if not job.started:
             with job.lock:
                 if job.cancelled:
                     return
                 job.started = True
-        queue, batch, records = self.queue, job.batch, []
-        try:
-            for _ in range(min(job.slice, job.n - len(batch))):
-                records.append(queue.popleft())
-        except IndexError:
-            pass
-        missing = [record for record in records if record.id is None]
-        for record, id_ in zip(missing, random_uuids(len(missing))):
-            record.id = id_
+        queue, batch = self.queue, job.batch
+        records = pop_up_to(queue, min(job.slice, job.n - len(batch)))
+        mint_ids(records)
         if not batch.linked:
             batch.linked = any(record.session_of is not None for record in records)
         batch.extend(records)

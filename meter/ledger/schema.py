@@ -145,6 +145,14 @@ CLAIM_RECORDED_USAGE_SQL = (
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
 
 
+def mint_ids(records: Sequence[Record]) -> None:
+    """An id for each record that has none, minted before its first write attempt, so
+    that a retried batch carries the same ids and stays idempotent."""
+    missing = [record for record in records if record.id is None]
+    for record, id_ in zip(missing, random_uuids(len(missing))):
+        record.id = id_
+
+
 def random_uuids(n: int) -> list[str]:
     """`n` random (version 4) UUIDs as strings, from one read of the OS's randomness.
 

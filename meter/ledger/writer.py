@@ -31,10 +31,10 @@ from pathlib import Path
 from ..attribution import resolve_sessions, sessions_query
 from ..bounds import MAX_TEXT
 from ..record import Record
-from .preparing import BatchPreparer
+from .preparing import BatchPreparer, pop_up_to
 from .rows import EncodedBatch
 from .sanitise import add_cuts, clean_text, new_overflows, new_truncated, sanitise_batch
-from .schema import random_uuids
+from .schema import mint_ids
 from .spool import RejectedFile, Spool, check_directory, rejected_path_for
 from .store import LedgerUnusable, Store, failure_kind
 
@@ -227,28 +227,14 @@ class LedgerWriter:
                 # Serving: taken, minted and encoded on the event loop (meter/ledger/preparing.py).
                 batch = self._preparer.take(n)
             if not batch:  # no loop, or it did not answer: taken here
-                batch = self._pop(n)
-        # Ids are minted before the first write attempt (on the loop by the preparer,
-        # else here), so a retried batch carries the same ids and stays idempotent.
-        if not isinstance(batch, EncodedBatch):
-            missing = [record for record in batch if record.id is None]
-            for record, id_ in zip(missing, random_uuids(len(missing))):
-                record.id = id_
+                batch = pop_up_to(self._queue, n)
+        if not isinstance(batch, EncodedBatch):  # the preparer minted its batch's ids on the loop
+            mint_ids(batch)
         # Off the event loop too, and idempotent: a retried batch is not counted twice.
         # A store that sanitises in its own process (the DuckDB ledger process) answers
         # what it cut instead, and the proxy's GIL is spared the work.
         if not self._store_sanitises:
             sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
-        return batch
-
-    def _pop(self, n: int) -> list[Record]:
-        batch: list[Record] = []
-        queue = self._queue
-        try:  # the spill thread may take from the queue's head meanwhile
-            for _ in range(n):
-                batch.append(queue.popleft())
-        except IndexError:
-            pass
         return batch
 
     def _flush_once(self, drain: bool = False) -> bool:
