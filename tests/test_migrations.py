@@ -20,7 +20,7 @@ import duckdb
 import pytest
 
 from meter.ledger import COLUMN_TYPES, SQL_TYPES, DuckDBStore, PostgresStore, migrations
-from meter.ledger.duckdb_store import records_to_arrow
+from meter.ledger.duckdb_store import batch_parameters, batch_select
 from meter.ledger.schema import select_from_batch
 from meter.record import COLUMNS, Record
 
@@ -56,9 +56,8 @@ def duckdb_first_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tupl
     con = store.con
     try:
         assert [r[0] for r in con.execute("SELECT name FROM _meter_migrations").fetchall()] == ["m001_requests"]
-        con.register("batch", records_to_arrow(records))
-        con.execute(f"INSERT INTO requests SELECT {select_from_batch('duckdb')} FROM batch")
-        con.unregister("batch")
+        given, columns = batch_parameters(records)  # as the store stages a batch
+        con.execute(f"INSERT INTO requests SELECT {select_from_batch('duckdb')} FROM ({batch_select(given)}) AS batch", columns)
         assert {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()} >= {"requests", "_meter_migrations"}
         assert "usage_claims" not in {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     finally:

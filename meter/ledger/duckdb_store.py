@@ -40,35 +40,6 @@ from .schema import COLUMN_TYPES, claim_usage, needs_claim, select_from_batch
 from .spool import check_directory
 from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnusable, chunks
 
-
-def _arrow_schema() -> Any:
-    import pyarrow as pa
-
-    arrow = {
-        "UUID": pa.string(),
-        "TIMESTAMPTZ": pa.float64(),
-        "VARCHAR": pa.string(),
-        "JSON": pa.string(),
-        "INTEGER": pa.int32(),
-        "BIGINT": pa.int64(),
-        "BOOLEAN": pa.bool_(),
-        "DOUBLE": pa.float64(),
-        "DECIMAL(18,9)": pa.decimal128(18, 9),
-    }
-    return pa.schema([(name, arrow[kind]) for name, kind in COLUMN_TYPES.items()])
-
-
-def records_to_arrow(records: Sequence[Record]) -> Any:
-    """The batch as an Arrow table with the staged types of `batch_select`, for a caller
-    that registers one itself (tests staging rows in an older schema); the store's own
-    writes do not load pyarrow (see `batch_select`)."""
-    import pyarrow as pa
-
-    schema = _arrow_schema()
-    arrays = [pa.array([getattr(r, name) for r in records], type=schema.field(name).type) for name in COLUMNS]
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
 # How a batch is staged: UUIDs and JSON as text, timestamps as epoch seconds
 # (`schema.select_from_batch` converts each to the table's type); the rest as is.
 _STAGED = {"UUID": "VARCHAR", "TIMESTAMPTZ": "DOUBLE", "JSON": "VARCHAR"}

@@ -40,7 +40,7 @@ from .store import COST_CHUNK_ROWS, chunks
 
 # The batch goes by binary COPY into this per-session table, as the record holds
 # it (epoch seconds, JSON text), and is converted on the way into `requests` as
-# DuckDB converts its Arrow batch (`select_from_batch`).
+# DuckDB converts its staged batch (`select_from_batch`).
 _STAGE_TYPES = {**SQL_TYPES["postgresql"], "TIMESTAMPTZ": "double precision", "JSON": "text"}
 _STAGE = "meter_batch"
 _CREATE_STAGE = (

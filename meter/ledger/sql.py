@@ -9,7 +9,7 @@ wherever it can be, and by a check of the text only as a second line:
   `enable_external_access=false` (no file, URL or ATTACH: `read_csv`,
   `read_text`, `COPY ... TO`, `glob`), no extension installed or loaded, and
   the configuration locked (no SET or PRAGMA can undo it).  The serving ledger
-  process confines its own database at open: measured, its Arrow inserts,
+  process confines its own database at open: measured, its batch inserts,
   CHECKPOINT and WAL replay work unchanged under these settings.  A stopped
   file is attached read-only to a fresh in-memory database, confined the same way.
 - PostgreSQL: one statement (the extended protocol refuses a second), which
