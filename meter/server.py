@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -39,15 +40,17 @@ from .flow import Addons
 from .identity import KeyIdentities
 from .ledger import LedgerWriter, Store, store_for
 from .metrics import CONTENT_TYPE, LedgerMetrics, Metrics
-from .otel_metrics import OtelMetrics, otel_metrics_from_env
 from .prices import Pricer
 from .proxy import Proxy
 from .reconcile.schedule import ReconcileMetrics, ReconcileSchedule, RunSummary, scheduled_run
 from .report import ReportAPI
 from .report.sql_api import SqlAPI
 from .runtime import settle_after_start
-from .tracing import Tracing, tracing_from_env
 from .websocket import WebSocketRelay
+
+if TYPE_CHECKING:
+    from .otel_metrics import OtelMetrics
+    from .tracing import Tracing
 
 log = logging.getLogger("meter")
 
@@ -99,6 +102,21 @@ def default_addons(
         return [*addons, *extra, ledger]
     gate, sync = budgets
     return [*addons, *extra, gate, ledger, sync]
+
+
+def telemetry_from_env(settings: Settings) -> tuple[OtelMetrics | None, Tracing | None]:
+    """The OpenTelemetry metrics and tracing addons the `OTEL_*` environment asks for.
+
+    Both are off unless some `OTEL_*` variable is set; only then is OpenTelemetry's SDK
+    imported (about 5 MiB of a proxy that exports nothing).  Metrics first: a bad
+    metrics variable stops start-up before the tracer's thread starts.
+    """
+    if not any(name.startswith("OTEL_") for name in os.environ):
+        return None, None
+    from .otel_metrics import otel_metrics_from_env
+    from .tracing import tracing_from_env
+
+    return otel_metrics_from_env(settings), tracing_from_env(settings)
 
 
 def _bind(address: str, setting: str) -> socket.socket:
@@ -219,9 +237,7 @@ class Meter:
         budget_addons = None
         if self.budgets.states:
             budget_addons = (BudgetGate(self.budgets, self.identities), BudgetSync(self.budgets, self.store, self.settings.flush_interval))
-        # Metrics first: a bad metrics variable stops start-up before the tracer's thread starts.
-        self.otel_metrics = otel_metrics_from_env(self.settings)
-        self.tracing = tracing_from_env(self.settings)
+        self.otel_metrics, self.tracing = telemetry_from_env(self.settings)
         self.addons = addons = Addons(
             default_addons(
                 self.pricer, self.metrics, self.tracing, self.ledger, self.extra_addons, otel_metrics=self.otel_metrics, budgets=budget_addons,

@@ -10,6 +10,7 @@ threshold.  A real `meter serve` under real requests shows it in its own
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import aiohttp
@@ -51,3 +52,26 @@ async def test_the_collector_runs_rarely_under_load(upstream, meter_process, tmp
     # requests, where Python's default threshold (700) made 75-200.
     assert young <= REQUESTS / 100, f"{young:.0f} young collections over {REQUESTS} requests"
     assert after["2"] - before["2"] <= 2
+
+
+def test_opentelemetry_loads_only_when_an_otel_variable_asks_for_it(monkeypatch) -> None:
+    """OpenTelemetry's SDK costs a proxy that exports nothing a few MiB: `meter serve`
+    imports it only when some `OTEL_*` variable is set."""
+    import subprocess
+    import sys
+
+    from meter.config import Settings
+    from meter.server import telemetry_from_env
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    probe = "import sys, meter.cli, meter.server; print(sorted(m for m in sys.modules if m.startswith('opentelemetry'))[:3])"
+    loaded = subprocess.run([sys.executable, "-c", probe], env=clean, capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+    for name in [k for k in os.environ if k.startswith("OTEL_")]:
+        monkeypatch.delenv(name)
+    settings = Settings(upstream="http://127.0.0.1:9")
+    assert telemetry_from_env(settings) == (None, None)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    otel_metrics, tracing = telemetry_from_env(settings)
+    assert otel_metrics is None and type(tracing).__name__ == "Tracing"
+    tracing.provider.shutdown()
