@@ -67,6 +67,7 @@ _DAY = 86400
 _DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 _TIER_KEY = "service_tier"
 _DAY_CACHE_MAX = 16384
+_EXACT = 10**27  # nano-dollar counts below this make exact Decimals in the default 28-digit context
 
 
 class _Rates:
@@ -81,7 +82,7 @@ class _Rates:
     price of its own.
     """
 
-    __slots__ = ("bands", "exponent", "request", "starts", "web_call")
+    __slots__ = ("bands", "down", "exact_below", "exponent", "request", "starts", "up", "web_call")
 
     def __init__(
         self,
@@ -102,6 +103,14 @@ class _Rates:
         self.web_call = scaled(None if web_call is None else web_call.scaleb(6))
         self.request = scaled(None if request is None else request.scaleb(6))
         self.exponent = -(scale + 6)
+        # A total (in 10**exponent USD) to nano-dollars: times `up` when the rates have
+        # at most 3 decimal places per million tokens, else divided by `down`, half-even.
+        shift = self.exponent + 9
+        self.up = 10**shift if shift >= 0 else 1
+        self.down = 10**-shift if shift < 0 else 1
+        # Below this total, the nano-dollar count and `_NANO * nanos` stay within the
+        # Decimal context's 28 digits, so the product is exact (see `usd`).
+        self.exact_below = _EXACT // self.up
 
     @classmethod
     def from_model_price(cls, mp: ModelPrice) -> _Rates:
@@ -123,7 +132,11 @@ class _Rates:
     def from_override(cls, o: PriceOverride) -> _Rates:
         return cls([(o.input_mtok, o.cached_mtok, o.cache_write_mtok, o.output_mtok, None)], o.web_search_per_call, None)
 
-    def apply(self, inp: int, cached: int, cache_write: int, out: int, reasoning: int, searches: int) -> Decimal | None:
+    def price(self, inp: int, cached: int, cache_write: int, out: int, reasoning: int, searches: int) -> Decimal | None:
+        """The cost of one usage (counts, 0 when absent); `None` for impossible usage
+        (SPEC §3 invariants), whatever the rates, or a unit it has but no rate for."""
+        if cached < 0 or cache_write < 0 or reasoning < 0 or searches < 0 or cached + cache_write > inp or reasoning > out:
+            return None
         bands = self.bands
         r_in, r_cr, r_cw, r_out, r_rs = bands[0] if len(bands) == 1 else bands[bisect_left(self.starts, inp)]
         total = 0
@@ -148,6 +161,27 @@ class _Rates:
             total += self.web_call * searches
         if self.request is not None:
             total += self.request
+        return self.usd(total)
+
+    def usd(self, total: int) -> Decimal:
+        """`total` (a count of 10**exponent USD) in USD to 9 places, rounded half-even.
+
+        Digit for digit `Decimal(total).scaleb(exponent).quantize(_NANO)` under the
+        default context, in one Decimal operation instead of three (the scaleb alone
+        was most of a warm call's cost): the rounding is done in integers and the
+        nano-dollar count is multiplied by `_NANO`, which is exact below 28 digits.
+        A total outside that range (negative, or absurdly large) takes the Decimal
+        chain itself, so its rounding and its errors stay the context's.
+        """
+        if type(total) is int and 0 <= total < self.exact_below:  # a float count (never from observe) takes the chain
+            down = self.down
+            if down == 1:
+                return _NANO * (total * self.up)
+            nanos, rest = divmod(total, down)
+            half = down >> 1  # down is a power of ten: half is exact
+            if rest > half or (rest == half and nanos & 1):
+                nanos += 1
+            return _NANO * nanos
         return Decimal(total).scaleb(self.exponent).quantize(_NANO)
 
 
@@ -246,32 +280,34 @@ class Pricer:
             rates = self._miss(key, started_at)
         if rates is _UNPRICED:
             return None
-        inp = input_tokens or 0
-        cached = cached_tokens or 0
-        cache_write = cache_write_tokens or 0
-        out = output_tokens or 0
-        reasoning = reasoning_tokens or 0
-        searches = web_search_calls or 0
-        if min(cached, cache_write, reasoning, searches) < 0 or cached + cache_write > inp or reasoning > out:
-            return None  # impossible usage (SPEC §3 invariants): not priced, whatever the rates
-        return rates.apply(inp, cached, cache_write, out, reasoning, searches)
+        return rates.price(
+            input_tokens or 0, cached_tokens or 0, cache_write_tokens or 0, output_tokens or 0, reasoning_tokens or 0, web_search_calls or 0,
+        )
 
     def price_record(self, record: Record) -> None:
-        """Set `cost_usd` and `priced` on a finished record (skips rows without usage or with anomalies)."""
-        record.cost_usd = None
-        record.priced = False
-        if not record.has_usage or record.anomalies:
+        """Set `cost_usd` and `priced` on a finished record (skips rows without usage or with anomalies).
+
+        `cost()` on the record's fields, read once each: this runs for every request.
+        """
+        inp = record.input_tokens
+        out = record.output_tokens
+        model = record.model or record.model_requested
+        # No input and no output count: `cost()` prices nothing (with or without a total).
+        if (inp is None and out is None) or record.anomalies or not model:
+            record.cost_usd = None
+            record.priced = False
             return
-        cost = self.cost(
-            record.model or record.model_requested,
-            record.service_tier,
-            record.started_at,
-            record.input_tokens,
-            record.cached_tokens,
-            record.cache_write_tokens,
-            record.output_tokens,
-            record.reasoning_tokens,
-            record.web_search_calls,
+        started = record.started_at
+        key = (model, record.service_tier, started // _DAY)
+        rates = self._by_day.get(key)
+        if rates is None:
+            rates = self._miss(key, started)
+        if rates is _UNPRICED:
+            record.cost_usd = None
+            record.priced = False
+            return
+        cost = rates.price(
+            inp or 0, record.cached_tokens or 0, record.cache_write_tokens or 0, out or 0, record.reasoning_tokens or 0, record.web_search_calls or 0,
         )
         record.cost_usd = cost
         record.priced = cost is not None

@@ -29,7 +29,7 @@ from genai_prices.data_snapshot import get_snapshot
 from genai_prices.types import ModelInfo, ModelPrice, Provider
 
 from meter.config import PriceOverride
-from meter.prices import Pricer
+from meter.prices import Pricer, _Rates
 from meter.record import Record
 
 OPENAI = "https://api.openai.com"
@@ -519,3 +519,88 @@ def test_warm_call_is_fast(openai: Pricer) -> None:
     n = 20_000
     seconds = min(timeit.repeat(lambda: openai.cost("gpt-5.4", "priority", NOV, 300_000, 1000, 0, 500, 100, 1), number=n, repeat=3))
     assert seconds / n < 50e-6  # measured ~1.5 µs; generous for slow CI machines
+
+
+# -- the fast path against the full Decimal computation --------------------------------
+
+NANO = Decimal("1e-9")
+
+
+def _rates_of_every_scale() -> list[_Rates]:
+    """Rates whose most precise price has 0 to 14 decimal places (per million tokens), plus every
+    distinct scale the snapshot's models have."""
+    made = [_Rates([(Decimal(1).scaleb(-places), None, None, Decimal(3), None)], None, None) for places in range(15)]
+    seen = {r.exponent for r in made}
+    for _provider, _pricer, model in _every_model():
+        prices = [c.prices for c in model.prices] if isinstance(model.prices, list) else [model.prices]
+        for p in prices:
+            r = _Rates.from_model_price(p)
+            if r.exponent not in seen:
+                seen.add(r.exponent)
+                made.append(r)
+    return made
+
+
+def test_usd_is_the_decimal_chain_digit_for_digit() -> None:
+    """`usd` (integer rounding, one Decimal product) is `Decimal(total).scaleb(e).quantize(1e-9)`, for
+    every scale, around every rounding boundary (ties to even), and at and past the exact range."""
+    rng = random.Random(16)
+    compared = 0
+    for rates in _rates_of_every_scale():
+        down = rates.down
+        totals = {0, 1, 4, 5, 6, 9, 10, 11, 15, 25, 35, 10**12 + 7}
+        for k in (0, 1, 2, 3, 7, 10**9 + 1):
+            totals |= {k * down + down // 2 + d for d in (-1, 0, 1)}
+        totals |= {rng.randrange(10 ** rng.randrange(1, 30)) for _ in range(300)}
+        edge = rates.exact_below
+        totals |= {edge - 1, edge, edge + 1, 10**27, 10**28 - 1, 10**28, 10**30, -1, -5, -(10**9) - 5}
+        for total in sorted(totals):
+            try:
+                want: Decimal | type = Decimal(total).scaleb(rates.exponent).quantize(NANO)
+            except ArithmeticError as e:
+                want = type(e)
+            try:
+                got: Decimal | type = rates.usd(total)
+            except ArithmeticError as e:
+                got = type(e)
+            assert str(got) == str(want), (rates.exponent, total, got, want)
+            compared += 1
+    assert compared > 5000
+
+
+def _usage_fields(rng: random.Random) -> dict[str, int | None]:
+    """A record's usage fields in every shape: counts or None, cached, cache writes, reasoning, searches,
+    now and then an impossible one."""
+    u: dict[str, int | None] = {f"{k}_tokens" if k != "searches" else "web_search_calls": v for k, v in _random_usage(rng).items()}
+    for name in list(u):
+        if rng.random() < 0.15:
+            u[name] = None
+    if rng.random() < 0.05:
+        u[rng.choice(list(u))] = -rng.randrange(1, 5)
+    return u
+
+
+def test_price_record_is_cost_on_every_model_and_usage_shape() -> None:
+    """`price_record` (fields read once, inline) prices exactly as `cost()` does: every model of the
+    snapshot with each of its tiers and dates, usage shapes with Nones and impossible counts, overrides
+    and unknown models; the same Decimal digit for digit."""
+    rng = random.Random(4)
+    over = {
+        "house-model": PriceOverride.model_validate({"input_mtok": 2.0001, "cached_mtok": 0.5, "cache_write_mtok": 2.5, "output_mtok": 8, "web_search_per_call": 0.025}),
+        "gpt-4o": PriceOverride(input_mtok=Decimal("1.123456789"), output_mtok=Decimal(2)),
+    }
+    cases = [(pricer, model.id, tier) for _provider, pricer, model in _every_model()
+             for tier in {None, "default", "flex", "priority"} | {v.when["service_tier"] for v in model.price_variants or () if "service_tier" in v.when}]
+    overridden = Pricer(provider_id=None, upstream_url=OPENAI, overrides=over)
+    cases += [(overridden, m, t) for m in ("house-model", "House-Model-20250101", "gpt-4o", "gpt-4o-2024-08-06", "no-such-model", "") for t in (None, "auto", "flex")]
+    compared = priced = 0
+    for pricer, model, tier in cases:
+        for when in _DATES:
+            u = _usage_fields(rng)
+            r = _record(model=model if rng.random() < 0.7 else None, model_requested=model, service_tier=tier, started_at=when, cost_usd=usd("9"), priced=True, **u)
+            pricer.price_record(r)
+            want = pricer.cost(model, tier, when, u["input_tokens"], u["cached_tokens"], u["cache_write_tokens"], u["output_tokens"], u["reasoning_tokens"], u["web_search_calls"])
+            assert (str(r.cost_usd), r.priced) == (str(want), want is not None), (model, tier, when, u)
+            compared += 1
+            priced += want is not None
+    assert compared > 5000 and priced > 2000
