@@ -199,6 +199,75 @@ def test_record_matching_and_the_ledgers_sql_agree(tmp_path: Path) -> None:
     assert in_sql[7] == Decimal("0.1")
 
 
+def test_spend_per_budget_is_the_matchers_own_decision_for_every_combination() -> None:
+    """`Budgets.add` decides matching once per (key, project, user, model, tags) and reuses it: each
+    budget's spend is still the sum of the records its matcher matches, record by record, and the
+    map of decisions stays within its bounds whatever values clients send."""
+    from meter.budgets import spend
+
+    kid = key_id(SECRET_KEY)
+    names = {kid: "team-search"}
+    t = time.time()
+    budgets = Budgets([Budget(name=f"b{i}", window="month", limit_usd=Decimal(10**6), match=m) for i, m in enumerate(MATCHES)], names, now=t)
+    shapes = [
+        {"key_id": kid, "model_requested": "gpt-4o", "model": "gpt-4o-2024-08-06", "tags": '{"team": "search"}'},
+        {"key_id": "0123456789abcdef", "project": "proj_a", "user_id": "u1", "model": "gpt-4o"},
+        {"key_id": kid, "model_requested": "gpt-4o-mini", "tags": '{"team": "ads", "x": "y"}'},
+        {"project": "proj_a", "user_id": "u2", "tags": '{"team": "search"}'},
+        {"key_id": kid, "model_requested": "gpt-4o", "tags": "not json"},
+        {"key_id": kid, "model_requested": "gpt-4o" + "x" * 600, "tags": '{"team": "search"}'},  # too long to keep
+    ]
+    records = [record(i, f"0.00{i % 7 + 1}", t, **shapes[i % len(shapes)]) for i in range(60)]
+    for r in records:
+        budgets.add(r)
+    for state in budgets.states:
+        assert state.spend == sum((r.cost_usd for r in records if state.matcher.matches_record(r)), Decimal(0)), state.name
+    assert len(budgets._matched) == len(shapes) - 1  # the long one is matched afresh each time
+    for i in range(spend._MATCHED_MAX + 10):
+        budgets.add(record(i, "0", t, model_requested=f"model-{i}"))
+    assert 0 < len(budgets._matched) <= spend._MATCHED_MAX
+
+
+def test_counted_records_get_marked_version_4_ids() -> None:
+    import uuid
+
+    t = time.time()
+    budgets = Budgets([Budget(name="all", window="month", limit_usd=Decimal(10**6))], {}, now=t)
+    records = [record(i, "0.001", t) for i in range(600)]  # more than one refill
+    for r in records:
+        budgets.add(r)
+    ids = [r.id for r in records]
+    assert len(set(ids)) == len(ids)
+    for id_ in ids:
+        assert id_ is not None and id_.startswith(budgets.prefix)
+        u = uuid.UUID(id_)
+        assert str(u) == id_ and u.version == 4 and u.variant == uuid.RFC_4122
+    # The random part is random: every hex digit in every random position, and all four variants.
+    assert {id_[19] for id_ in ids} == set("89ab")
+    assert all(len({id_[at] for id_ in ids}) == 16 for at in (15, 16, 17, 20, 21, 22, *range(24, 36)))
+
+
+def test_alerts_cross_from_the_ledgers_spend_too_and_a_limit_blocks_at_once() -> None:
+    seen: list[Any] = []
+
+    class Recorder:
+        def crossed(self, crossing: Any) -> None:
+            seen.append(crossing)
+
+    t = ts("2026-03-04T12:00:00")
+    budgets = Budgets([Budget(name="e", window="day", limit_usd=Decimal(1), mode="enforce", alert_at=(0.25, 0.5))], {}, alerter=Recorder(), now=t)
+    budgets.add(record(0, "0.2", t))
+    assert seen == [] and not budgets.blocked
+    budgets.set_others(budgets.windows(), [Decimal("0.1")])  # 0.3: past a quarter
+    assert [(c.threshold, c.spend_usd) for c in seen] == [(0.25, Decimal("0.3"))]
+    budgets.add(record(1, "0.69", t))
+    assert not budgets.blocked and [c.threshold for c in seen] == [0.25, 0.5]
+    budgets.add(record(2, "0.01", t))  # exactly the limit
+    assert budgets.blocked and len(seen) == 2
+    budgets.set_others(budgets.windows(), [Decimal(0)])  # the ledger's part shrank: under the limit again
+    assert not budgets.blocked
+
+
 # --- end to end: the official SDK through meter ---------------------------------------------
 
 

@@ -28,7 +28,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..config import Budget
-from ..ledger.schema import needs_claim, random_uuids
+from ..ledger.schema import needs_claim
 from ..record import Record
 from .alerts import Crossing
 from .matching import Matcher, matcher_for
@@ -38,12 +38,17 @@ log = logging.getLogger("meter.budgets")
 
 ZERO = Decimal(0)
 _IDS_AT_ONCE = 256  # marked ids minted per refill: one read of the OS's randomness
+_MATCHED_MAX = 4096  # (key, project, user, model, tags) combinations whose matching budgets are kept
+_MATCH_KEY_CHARS = 512  # a combination longer than this in all is matched afresh each time
 
 
 class BudgetState:
     """One budget in its current window."""
 
-    __slots__ = ("budget", "end", "end_ts", "enforce", "fired", "limit", "matcher", "name", "others", "own", "rejections", "start", "start_ts", "synced")
+    __slots__ = (
+        "alert_at", "budget", "end", "end_ts", "enforce", "fired", "limit", "matcher", "name", "next_alert", "others", "own", "rejections", "start", "start_ts",
+        "synced",
+    )
 
     def __init__(self, budget: Budget, matcher: Matcher, now: float) -> None:
         self.budget = budget
@@ -51,6 +56,8 @@ class BudgetState:
         self.matcher = matcher
         self.enforce = budget.mode == "enforce"
         self.limit = budget.limit_usd
+        # Each alert share with the spend that crosses it, worked out once, not per record.
+        self.alert_at = tuple((share, self.limit * Decimal(str(share))) for share in budget.alert_at)
         self.rejections = 0  # requests refused since start (a counter, never reset)
         self.open_window(now)
 
@@ -61,6 +68,11 @@ class BudgetState:
         self.others = ZERO
         self.synced = False  # others' spend read from the ledger for this window
         self.fired: set[float] = set()
+        self.next_alert = self._next_alert()
+
+    def _next_alert(self) -> Decimal | None:
+        """The lowest spend that crosses an alert share not yet fired in this window (None: none left)."""
+        return min((at for share, at in self.alert_at if share not in self.fired), default=None)
 
     @property
     def spend(self) -> Decimal:
@@ -101,6 +113,10 @@ class Budgets:
         self.prefix = _mark()
         self._ids: list[str] = []
         self._next_end = min((s.end_ts for s in self.states), default=float("inf"))
+        # Which budgets a record matches depends only on what `_match_key` reads: decided
+        # once per such combination, not per record (a tag budget parses the tags' JSON).
+        self._read_tags = any(s.matcher.tags for s in self.states)
+        self._matched: dict[tuple[str | None, ...], tuple[BudgetState, ...]] = {}
 
     # the request path -------------------------------------------------------------
 
@@ -117,29 +133,41 @@ class Budgets:
     def add(self, record: Record) -> None:
         """A finished record of this process: counted in every budget it matches."""
         cost = record.cost_usd
-        if cost is None or not self.states or needs_claim(record):
+        # Only a background response can need the ledger's usage claim: the rule is read
+        # for those alone (a call saved on every other record).
+        if cost is None or not self.states or (record.background and needs_claim(record)):
             return
         started = record.started_at
         if started >= self._next_end:
             self.roll(started)
-        marked = record.id is not None and record.id.startswith(self.prefix)
-        if record.id is not None and not marked:
+        rid = record.id
+        if rid is not None and not rid.startswith(self.prefix):
             return  # an id minted elsewhere: the ledger counts it, through `others`
+        key = (record.key_id, record.project, record.user_id, record.model_requested or record.model, record.tags if self._read_tags else None)
+        matched = self._matched.get(key)
+        if matched is None:
+            matched = self._match(key, record)
         counted = False
-        for state in self.states:
-            if state.start_ts <= started < state.end_ts and state.matcher.matches_record(record):
+        for state in matched:
+            if state.start_ts <= started < state.end_ts:
                 state.own += cost
                 counted = True
                 self._check(state)
-        if counted and record.id is None:
-            record.id = self._mint()
+        if counted and rid is None:
+            ids = self._ids
+            if not ids:
+                ids += _marked_ids(self.prefix, _IDS_AT_ONCE)
+            record.id = ids.pop()
 
-    def _mint(self) -> str:
-        ids = self._ids
-        if not ids:
-            prefix = self.prefix
-            ids.extend(prefix + uuid[13:] for uuid in random_uuids(_IDS_AT_ONCE))
-        return ids.pop()
+    def _match(self, key: tuple[str | None, ...], record: Record) -> tuple[BudgetState, ...]:
+        """The budgets `record` matches, kept under `key` when it is small: its values
+        come from clients, so the map is bounded in entries and each entry in size."""
+        matched = tuple(state for state in self.states if state.matcher.matches_record(record))
+        if sum(len(value) for value in key if value is not None) <= _MATCH_KEY_CHARS:
+            if len(self._matched) >= _MATCHED_MAX:
+                self._matched.clear()
+            self._matched[key] = matched
+        return matched
 
     # the sync task ----------------------------------------------------------------
 
@@ -163,14 +191,18 @@ class Budgets:
     # state changes ----------------------------------------------------------------
 
     def _check(self, state: BudgetState) -> None:
-        spend = state.spend
-        was = state in self.blocked
-        if state.enforce and (spend >= state.limit) != was:
+        spend = state.own + state.others
+        if state.enforce and (spend >= state.limit) != (state in self.blocked):
             self._update()
-        for share in state.budget.alert_at:
-            if share not in state.fired and spend >= state.limit * Decimal(str(share)):
+        # Below the lowest share not yet fired, no share can fire: one comparison per record.
+        next_alert = state.next_alert
+        if next_alert is None or spend < next_alert:
+            return
+        for share, at in state.alert_at:
+            if share not in state.fired and spend >= at:
                 state.fired.add(share)
                 self._alert(state, share, spend)
+        state.next_alert = state._next_alert()
 
     def _update(self) -> None:
         self.blocked = tuple(s for s in self.states if s.enforce and s.over)
@@ -191,3 +223,29 @@ def _mark() -> str:
     once in 2^48."""
     h = os.urandom(6).hex()
     return f"{h[:8]}-{h[8:12]}"
+
+
+# A random byte to a UUID's variant digit (8, 9, a or b: its top bits 10), as bytes.translate takes it.
+_VARIANT = bytes(b"89ab"[byte & 3] for byte in range(256))
+# Where the 18 random hex digits of an id go, after its 13-character mark: `-4xxx-Vxxx-xxxxxxxxxxxx`.
+_RANDOM_AT = (15, 16, 17, 20, 21, 22, *range(24, 36))
+_VARIANT_AT = 19
+
+
+def _marked_ids(prefix: str, n: int) -> list[str]:
+    """`n` random version-4 UUIDs whose first 13 characters are `prefix`.
+
+    Built column by column in one buffer (a slice assignment per character
+    position, not a format per id): minting is on the request path of every
+    record a budget counts, and a formatted UUID per record cost ~0.5 us.
+    """
+    line = f"{prefix}-4xxx-Vxxx-xxxxxxxxxxxx\n".encode("ascii")
+    width = len(line)
+    buf = bytearray(line * n)
+    digits = os.urandom(9 * n).hex().encode("ascii")  # 18 hex digits per id
+    for column, at in enumerate(_RANDOM_AT):
+        buf[at::width] = digits[column::18]
+    buf[_VARIANT_AT::width] = os.urandom(n).translate(_VARIANT)
+    ids = buf.decode("ascii").split("\n")
+    ids.pop()  # after the last newline
+    return ids
