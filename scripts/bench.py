@@ -24,7 +24,11 @@ more, that the ledger holds a row for every request once meter has stopped on
 SIGTERM, ledger ingest, and the budget check's cost in-process.
 `scripts/bench_metering.py` itemises metering's own CPU per call.
 
-    python scripts/bench.py [--duration 10] [--rounds 3] [--peers litellm,portkey]
+    python scripts/bench.py [--duration 10] [--rounds 3] [--peers litellm,portkey] [--pin]
+
+`--pin` is the issue's setup: each target alone on CPU 0; wrk, the fake
+upstream, this script and meter's ledger process on CPU 1 (unpinned, everything
+shares both cores and the tail shows it).
 
 Everything stays on 127.0.0.1 and every phase is bounded in time.
 """
@@ -203,6 +207,18 @@ end
 
 
 ANSWERED: dict[str, int] = {}  # per target URL, requests answered over the whole run
+LOAD_CPUS: set[int] | None = None  # with --pin: where wrk runs (the targets' core is left to them)
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` and of the processes under it onto `cpus` (an affinity is
+    per thread, and threads started later inherit their creator's)."""
+    for proc in process_tree(pid):
+        for task in Path(f"/proc/{proc}/task").iterdir():
+            try:
+                os.sched_setaffinity(int(task.name), cpus)
+            except (ProcessLookupError, PermissionError):
+                pass  # a thread that ended meanwhile
 
 
 def wrk(url: str, stream: bool, duration: float, connections: int, workdir: Path, headers: dict[str, str] | None = None,
@@ -220,6 +236,7 @@ def wrk(url: str, stream: bool, duration: float, connections: int, workdir: Path
         capture_output=True,
         text=True,
         timeout=duration + 60,
+        preexec_fn=(lambda: os.sched_setaffinity(0, LOAD_CPUS)) if LOAD_CPUS else None,
     ).stdout
     script.unlink()
     m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+)", out)
@@ -359,6 +376,7 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=1_000_000, help="requests for meter's RSS check (default 1000000; 0 skips it)")
     parser.add_argument("--peers", default="", help="also measure these peers: litellm,portkey (installed on demand, see scripts/peers.py)")
     parser.add_argument("--budget-check", action="store_true", help="only measure the budget check's cost per request, in-process, and exit")
+    parser.add_argument("--pin", action="store_true", help="each target alone on CPU 0; wrk, the upstream and meter's ledger process on CPU 1")
     args = parser.parse_args()
     if args.budget_check:
         for case, us in budget_check_cost().items():
@@ -381,6 +399,12 @@ def main() -> None:
             print(f"installing {name} (once; cached in {peer_kit.default_cache()})", flush=True)
             peer_kit.install(name, peer_kit.default_cache())
 
+    global LOAD_CPUS
+    if args.pin:
+        if len(os.sched_getaffinity(0)) < 2:
+            sys.exit("bench: --pin needs two CPUs")
+        target_cpu, LOAD_CPUS = {0}, {1}
+        os.sched_setaffinity(0, LOAD_CPUS)  # this script and what it starts, unless moved
     procs: list[subprocess.Popen] = []
     work = Path(tempfile.mkdtemp(prefix="meter-bench-"))
     ledger = work / "bench.duckdb"
@@ -406,6 +430,12 @@ def main() -> None:
             targets[name] = (f"http://127.0.0.1:{port}", proc.pid, headers)
         for url, _, _ in targets.values():
             wait_port(int(url.rsplit(":", 1)[1]), timeout=120)
+        if args.pin:
+            for name, (_, pid, _) in targets.items():
+                if name != "direct":  # the upstream stays with the load
+                    pin(pid, target_cpu)
+            for child in process_tree(meter.pid)[1:]:
+                pin(child, LOAD_CPUS)  # the ledger process: the proxy alone on its core
 
         runs: dict[tuple[str, str], list[dict[str, float]]] = {}
         for kind in KINDS:
