@@ -284,9 +284,12 @@ def minimal_record(flow: Flow) -> Record:
 
 def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     """Turn a finished flow into its ledger record (usage checked, not priced)."""
-    # Once per request: the values are worked out first and the record made in one call
-    # (each later attribute write costs as much as a field of the constructor).
-    facts = flow.request_facts()
+    # Once per request: every value is worked out first and the record made in one call
+    # of all its fields by position (each later attribute write costs as much as a field
+    # of the constructor, and a keyword more than a position).
+    facts = flow.facts
+    if facts is None:
+        facts = flow.facts = request_facts(flow.request_body)
     obs = flow.observation
     t0 = flow.t0
     finished = flow.finished_at or time.perf_counter()
@@ -294,11 +297,16 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     status = flow.status_code
     tags = facts.tags
     meter_headers = flow.meter_headers
-    dropped = 0
+    cut = facts.cut
+    session = facts.conversation or None
     if meter_headers:
         header_tag_values, dropped = header_tags(meter_headers)
         if header_tag_values:
             tags = tags_json(merge_tags(facts.metadata, header_tag_values))
+        if dropped:
+            cut = cut + (DROPPED_TAG,) * dropped
+        if session is None:
+            session = header_session(meter_headers)
     # Identity comes from what the upstream received: a header the client named in
     # `Connection` was dropped on the way, so it cannot attribute the row either.
     headers = flow.upstream_headers if flow.upstream_headers is not None else flow.headers
@@ -321,9 +329,12 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     background = facts.background
     previous_response_id = facts.previous_response_id
     first_token = flow.first_token_at
-    model = response_id = service_tier = usage = None
+    model_requested = facts.model
+    model = model_requested
+    response_id = service_tier = usage = None
     if obs is not None:
-        model = obs.model
+        if obs.model is not None:
+            model = obs.model
         response_id = obs.response_id
         previous_response_id = obs.previous_response_id or previous_response_id
         service_tier = obs.service_tier
@@ -341,45 +352,56 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
         first_token = first_token or obs.first_token_at
         if endpoint not in _NOT_CONSUMPTION:
             usage = obs.usage
-    record = Record(
-        flow.id, flow.started_at, flow.started_at + (finished - t0), flow.method, flow.path, endpoint, flow.transport, status,
-        "completed", stream, background, facts.model, model if model is not None else facts.model, response_id,
-        previous_response_id, upstream_request_id, facts.service_tier, service_tier,
-        # usage and cost: below
-        None, None, None, None, None, None, None, None, None, None,
-        key_id, key_hint, key_name, headers.get("OpenAI-Project"), facts.user_id, tags, None,
-        (flow.ttfb_at - t0) * 1000.0 if flow.ttfb_at is not None else None,
-        (first_token - t0) * 1000.0 if first_token is not None else None,
-        (finished - t0) * 1000.0, processing_ms, flow.request_bytes, flow.response_bytes, error_type, error_code, flow.trace_id,
-    )
-    if usage is not None:
-        record.input_tokens = usage.input_tokens
-        record.cached_tokens = usage.cached_tokens
-        record.cache_write_tokens = usage.cache_write_tokens
-        record.output_tokens = usage.output_tokens
-        record.reasoning_tokens = usage.reasoning_tokens
-        record.total_tokens = usage.total_tokens
-        record.web_search_calls = usage.web_search_calls
-        record.cache_status = usage.cache_status
-        record.cache_missed_tokens = usage.cache_missed_tokens
-        record.anomalies = usage_anomalies(usage, has_output=endpoint != "embeddings")
-    record.outcome = outcome_for(flow, obs, stream or (obs is not None and obs.first_token_at is not None))
-    record.cut = facts.cut + (DROPPED_TAG,) * dropped if dropped else facts.cut
-    _set_session(record, facts, meter_headers, flow.socket_session)
-    keep_text_short(record)
-    return record
-
-
-def _set_session(record: Record, facts: RequestFacts, meter_headers: Any, socket_session: str | None) -> None:
-    """SPEC §10, first that applies: the conversation, a Meter-Session header, the
-    session of the previous response, else the row's own response id.  On a WebSocket a
-    response with none of these follows the socket's first response (`socket_session`),
-    so the socket is one session.  Following a response is `session_of`: the in-memory
-    chains settle it, else the ledger writer; `session_id` holds the fallback meanwhile."""
-    session = facts.conversation or (header_session(meter_headers) if meter_headers else None)
+    outcome = outcome_for(flow, obs, stream or (obs is not None and obs.first_token_at is not None))
+    # The session, SPEC §10, first that applies: the conversation, a Meter-Session
+    # header (both above), the session of the previous response, else the row's own
+    # response id.  On a WebSocket a response with none of these follows the socket's
+    # first response (`socket_session`), so the socket is one session.  Following a
+    # response is `session_of`: the in-memory chains settle it, else the ledger writer;
+    # `session_id` holds the fallback meanwhile.
+    session_of = None
     if session is None:
-        link = record.previous_response_id or socket_session
+        socket_session = flow.socket_session
+        link = previous_response_id or socket_session
         if link is not None:
-            record.session_of = link[:MAX_TEXT]  # as the ledger keeps the id it names
-        session = socket_session or record.response_id
-    record.session_id = session
+            session_of = link[:MAX_TEXT]  # as the ledger keeps the id it names
+        session = socket_session or response_id
+    project = headers.get("OpenAI-Project")
+    user_id = facts.user_id
+    ttfb_at = flow.ttfb_at
+    started = flow.started_at
+    if usage is None:
+        record = Record(
+            flow.id, started, started + (finished - t0), flow.method, flow.path, endpoint, flow.transport, status,
+            outcome, stream, background, model_requested, model, response_id,
+            previous_response_id, upstream_request_id, facts.service_tier, service_tier,
+            None, None, None, None, None, None, None, None, None, None,
+            key_id, key_hint, key_name, project, user_id, tags, session,
+            (ttfb_at - t0) * 1000.0 if ttfb_at is not None else None,
+            (first_token - t0) * 1000.0 if first_token is not None else None,
+            (finished - t0) * 1000.0, processing_ms, flow.request_bytes, flow.response_bytes, error_type, error_code, flow.trace_id,
+            (), False, cut, session_of,
+        )
+    else:
+        record = Record(
+            flow.id, started, started + (finished - t0), flow.method, flow.path, endpoint, flow.transport, status,
+            outcome, stream, background, model_requested, model, response_id,
+            previous_response_id, upstream_request_id, facts.service_tier, service_tier,
+            usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens, usage.reasoning_tokens,
+            usage.total_tokens, usage.web_search_calls, usage.cache_status, usage.cache_missed_tokens, None,
+            key_id, key_hint, key_name, project, user_id, tags, session,
+            (ttfb_at - t0) * 1000.0 if ttfb_at is not None else None,
+            (first_token - t0) * 1000.0 if first_token is not None else None,
+            (finished - t0) * 1000.0, processing_ms, flow.request_bytes, flow.response_bytes, error_type, error_code, flow.trace_id,
+            usage_anomalies(usage, endpoint != "embeddings"), False, cut, session_of,
+        )
+    # `keep_text_short`'s test of the usual record, all of whose bounded text fits, on the
+    # values at hand; a value that is not text is left to it (and to `sanitise`).
+    try:
+        short = (len(model or "") + len(model_requested or "") + len(response_id or "") + len(previous_response_id or "")
+                 + len(upstream_request_id or "") + len(user_id or "") + len(project or "") + len(session or "")) <= MAX_TEXT
+    except TypeError:
+        short = False
+    if not short:
+        keep_text_short(record)
+    return record
