@@ -35,15 +35,17 @@ class CountUsageOnce:
         self.held_bytes = 0
 
     def done(self, flow: Any, record: Record) -> None:
-        rid = record.response_id
-        if rid is None or not record.has_usage:
-            return
+        # The background flag first: a foreground call (nearly every one) is then one
+        # attribute and one string comparison, with no look at its usage.
         if not record.background:
-            if record.endpoint == "responses.retrieve":
+            if record.endpoint == "responses.retrieve" and record.response_id is not None and record.has_usage:
                 record.clear_usage()
             # Else its creating request: a foreground response's usage shows again only
             # on retrievals, cleared just above, so its id need not be kept (at full
             # load that was ~16 MiB of ids for nothing).
+            return
+        rid = record.response_id
+        if rid is None or not record.has_usage:
             return
         rid = short_key(rid)  # ids come from outside: bounded in bytes as well as in entries
         seen = self._seen
