@@ -44,6 +44,9 @@ DELTA_LINES = tuple(
     )
 )
 TEXT_DELTA_LINE = DELTA_LINES[0]  # the commonest by far: output text
+# The same lines without their LF, as `bytes.split` hands them over.
+DELTA_HEADS = frozenset(line[:-1] for line in DELTA_LINES)
+TEXT_DELTA_HEAD = TEXT_DELTA_LINE[:-1]
 EARLY_TYPES = frozenset(t.decode() for t in EARLY)
 FINAL_TYPES = frozenset(t.decode() for t in FINAL)
 DECODED_TYPES = frozenset(t.decode() for t in DECODED)

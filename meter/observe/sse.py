@@ -19,7 +19,18 @@ from .bodies import MeteringBudget
 from .ends import CHAT_HEAD, CHAT_TAIL, partial_object
 from .jsonio import DecodeError, orjson_loads
 from .objects import Observation, observe_chat_object, observe_error
-from .responses import DECODED, DELTA, DELTA_LINES, DELTA_TYPE, TEXT_DELTA_LINE, decode_event, event_from_ends, observe_event
+from .responses import (
+    DECODED,
+    DELTA,
+    DELTA_HEADS,
+    DELTA_LINES,
+    DELTA_TYPE,
+    TEXT_DELTA_HEAD,
+    TEXT_DELTA_LINE,
+    decode_event,
+    event_from_ends,
+    observe_event,
+)
 from .sselines import AT_LINE_START, SSELines
 
 _TEXT_DATA = len(TEXT_DELTA_LINE)  # where the data line of an output text delta begins
@@ -80,15 +91,19 @@ class SSEObserver(SSELines):
             # The usual chunk is one whole delta event: a fixed head names it, and line
             # ends only where the head, its one data line and the blank line end say
             # nothing else is in the chunk.  A delta is never decoded, and with the first
-            # token noted and no `.done` event since, it changes nothing.  The commonest
-            # head has a known length, so one line-end search (memchr) checks it; other
-            # deltas' lines are counted.  This is the one per-delta cost: a slice compare
-            # and index checks, cheaper than method calls, do what they can.
-            if chunk[:_TEXT_DATA] == TEXT_DELTA_LINE:
-                if chunk.find(b"\n", _TEXT_DATA) == len(chunk) - 2 and chunk[-1] == 10:
+            # token noted and no `.done` event since, it changes nothing.  This is the one
+            # per-delta cost, so it is one C call: split at the first two line ends, the
+            # chunk is that event exactly when the first line is a delta's head and all
+            # that follows the second is the blank line's LF (the data line between has
+            # none).  `bytes.split` takes its arguments faster than `find`/`startswith`
+            # do on 3.11, and the commonest head is one bytes compare.
+            try:
+                head, _, rest = chunk.split(b"\n", 2)
+            except ValueError:  # fewer than two line ends: not one whole event
+                pass
+            else:
+                if rest == b"\n" and (head == TEXT_DELTA_HEAD or head in DELTA_HEADS):
                     return
-            elif chunk.startswith(DELTA_LINES) and chunk.count(b"\n") == 3 and chunk[-1] == 10 and chunk[-2] == 10:
-                return
         elif (self._chat_quiet and chunk[:7] == b"data: {" and chunk.find(b"\n", 7) == len(chunk) - 2 and chunk[-1] == 10
               and chunk.find(b'"error"', 6, 30) < 0):
             # A Chat Completions chunk alone, one data line, after the first token with the
