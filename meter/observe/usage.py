@@ -79,19 +79,22 @@ def cache_status_from_diagnostics(diagnostics: dict[str, Any]) -> tuple[str | No
 
 
 def usage_anomalies(usage: Usage, has_output: bool = True) -> tuple[str, ...]:
-    """Invariants of SPEC §3; a violation is reported, never corrected."""
+    """Invariants of SPEC §3; a violation is reported, never corrected.
+
+    Once per record: the counts are read once into locals and tested inline; the
+    usual usage, which breaks none, gets the empty tuple without a copy.
+    """
+    i, c, w, o, r, t = usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens, usage.reasoning_tokens, usage.total_tokens
     found: list[str] = []
-    u = usage
-    for value in (u.input_tokens, u.cached_tokens, u.cache_write_tokens, u.output_tokens, u.reasoning_tokens, u.total_tokens):
-        if value is not None and value < 0:
-            found.append("negative_count")
-            break
-    if u.total_tokens is not None and u.input_tokens is not None:
-        expected = u.input_tokens + (u.output_tokens or 0)
-        if (u.output_tokens is not None or not has_output) and u.total_tokens != expected:
+    if (i is not None and i < 0) or (c is not None and c < 0) or (w is not None and w < 0) or (o is not None and o < 0) or (r is not None and r < 0) or (
+            t is not None and t < 0):
+        found.append("negative_count")
+    if t is not None and i is not None:
+        expected = i + (o or 0)
+        if (o is not None or not has_output) and t != expected:
             found.append("total_mismatch")
-    if u.input_tokens is not None and (u.cached_tokens or 0) + (u.cache_write_tokens or 0) > u.input_tokens:
+    if i is not None and (c or 0) + (w or 0) > i:
         found.append("cache_exceeds_input")
-    if u.output_tokens is not None and u.reasoning_tokens is not None and u.reasoning_tokens > u.output_tokens:
+    if o is not None and r is not None and r > o:
         found.append("reasoning_exceeds_output")
-    return tuple(found)
+    return tuple(found) if found else ()
