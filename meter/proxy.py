@@ -2,9 +2,10 @@
 
 One aiohttp low-level server and one shared `ClientSession`.  The handler reads
 the request, forwards it, relays the answer chunk by chunk while an observer
-reads a copy, and only after the client has its last byte builds the record
-and hands it to the addons.  Nothing here knows about ledgers, metrics or
-traces; nothing here ever changes a body.
+reads a copy, and only after the client has its last byte queues the flow,
+whose record is built and handed to the addons with the others finished in the
+same turn of the loop (meter/finishing.py).  Nothing here knows about ledgers,
+metrics or traces; nothing here ever changes a body.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .attribution import take_meter_headers
-from .flow import Addons, Flow, Refusal, finished_record
+from .finishing import FinishedFlows
+from .flow import Addons, Flow, Refusal
 from .identity import KeyIdentities
 from .observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for
 from .paths import normalised_path, origin_form, target_for_record
@@ -146,6 +148,7 @@ class Proxy:
         self.session = session
         self.addons = addons
         self.identities = identities
+        self.finished = FinishedFlows(addons, identities)
         self.max_request_bytes = max_request_bytes
         self.client_timeout = client_timeout  # longest silence while a client sends its body
         self.max_metered_bytes = max_metered_bytes  # for the observers: what one answer may hold
@@ -477,6 +480,5 @@ class Proxy:
         return response
 
     def _finish(self, flow: Flow) -> None:
-        if not self.observe:
-            return
-        self.addons.done(flow, finished_record(flow, self.identities))
+        if self.observe:
+            self.finished.add(flow)  # its record is made with the others finished in this turn of the loop

@@ -334,6 +334,8 @@ class Meter:
                 log.warning("%d requests still in flight after the grace period; closing them", self.proxy.in_flight)
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
+        if self.proxy is not None:
+            self.proxy.finished.drain()  # the last turn's records, before the ledger flushes
         if self.session is not None:
             await self.session.close()
         await self.alerter.stop()  # before the ledger closes: what is unsent is released there
