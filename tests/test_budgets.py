@@ -268,6 +268,58 @@ def test_alerts_cross_from_the_ledgers_spend_too_and_a_limit_blocks_at_once() ->
     assert not budgets.blocked
 
 
+def test_refusals_and_alerts_follow_spend_step_by_step_whichever_way_it_moves() -> None:
+    """What the budgets do after each record and each read of the ledger's spend, against the rule
+    written plainly: an enforcing budget refuses while spend >= limit, and each alert share fires once
+    per window, at the first step whose spend reaches it.  Costs of either sign and ledger reads
+    that shrink exercise every edge of the range in which a record needs no check."""
+    import random
+
+    seen: list[tuple[str, float, Decimal]] = []
+
+    class Recorder:
+        def crossed(self, crossing: Any) -> None:
+            seen.append((crossing.budget, crossing.threshold, crossing.spend_usd))
+
+    rng = random.Random(11)
+    t = ts("2026-03-04T12:00:00")
+    configs = [
+        Budget(name="e", window="day", limit_usd=Decimal(1), mode="enforce", alert_at=(0.25, 0.5, 0.9)),
+        Budget(name="o", window="day", limit_usd=Decimal(2), alert_at=(0.5, 1.0)),
+        Budget(name="m", window="day", limit_usd=Decimal("0.5"), mode="enforce", match={"model": "gpt-4o"}),
+        Budget(name="q", window="day", limit_usd=Decimal(3)),
+    ]
+    budgets = Budgets(configs, {}, alerter=Recorder(), now=t)
+    own = {b.name: Decimal(0) for b in configs}
+    others = {b.name: Decimal(0) for b in configs}
+    fired: set[tuple[str, float]] = set()
+    for step in range(400):
+        want: list[tuple[str, float, Decimal]] = []
+        if rng.random() < 0.15:
+            sums = [Decimal(rng.randrange(0, 150)) / 100 for _ in configs]
+            budgets.set_others(budgets.windows(), sums)
+            changed = [b.name for b in configs]
+            others = {b.name: v for b, v in zip(configs, sums, strict=True)}
+        else:
+            cost = Decimal(rng.randrange(-12, 13)) / 100  # a walk around zero: spend crosses the limits both ways
+            model = rng.choice(["gpt-4o", "gpt-5"])
+            budgets.add(record(step, str(cost), t, model_requested=model))
+            changed = [b.name for b in configs if b.match.get("model", model) == model]
+            for name in changed:
+                own[name] += cost
+        for b in configs:
+            spend = own[b.name] + others[b.name]
+            if b.name in changed:
+                for share in b.alert_at:
+                    if (b.name, share) not in fired and spend >= b.limit_usd * Decimal(str(share)):
+                        fired.add((b.name, share))
+                        want.append((b.name, share, spend))
+        got, seen[:] = list(seen), []
+        assert got == want, step
+        assert {s.name for s in budgets.blocked} == {b.name for b in configs if b.mode == "enforce" and own[b.name] + others[b.name] >= b.limit_usd}, step
+    assert fired and any(b.mode == "enforce" for b in configs)
+
+
 # --- end to end: the official SDK through meter ---------------------------------------------
 
 

@@ -20,9 +20,10 @@ budget never refuses while its spend is under the limit.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -37,8 +38,10 @@ from .windows import window_bounds
 log = logging.getLogger("meter.budgets")
 
 ZERO = Decimal(0)
+_ABOVE_ALL = Decimal("Infinity")
+_BELOW_ALL = Decimal("-Infinity")
 _IDS_AT_ONCE = 256  # marked ids minted per refill: one read of the OS's randomness
-_MATCHED_MAX = 4096  # (key, project, user, model, tags) combinations whose matching budgets are kept
+_MATCHED_MAX = 4096  # combinations of matched-on values whose matching budgets are kept
 _MATCH_KEY_CHARS = 512  # a combination longer than this in all is matched afresh each time
 
 
@@ -46,8 +49,8 @@ class BudgetState:
     """One budget in its current window."""
 
     __slots__ = (
-        "alert_at", "budget", "end", "end_ts", "enforce", "fired", "limit", "matcher", "name", "next_alert", "others", "own", "rejections", "start", "start_ts",
-        "synced",
+        "alert_at", "budget", "end", "end_ts", "enforce", "fired", "limit", "matcher", "name", "next_alert", "others", "own", "quiet_high", "quiet_low",
+        "rejections", "start", "start_ts", "synced",
     )
 
     def __init__(self, budget: Budget, matcher: Matcher, now: float) -> None:
@@ -69,6 +72,18 @@ class BudgetState:
         self.synced = False  # others' spend read from the ledger for this window
         self.fired: set[float] = set()
         self.next_alert = self._next_alert()
+        # An empty quiet range until `Budgets` sets it: the next record is fully checked.
+        self.quiet_low = self.quiet_high = ZERO
+
+    def set_quiet(self, blocked: bool) -> None:
+        """The spends between which `Budgets._check` has nothing to do, for this state's
+        place in `blocked` and its next alert share: no refusal to start or end, no
+        share to fire.  Set again whenever either changes."""
+        high = self.next_alert if self.next_alert is not None else _ABOVE_ALL
+        if self.enforce and not blocked:
+            high = min(high, self.limit)  # reaching the limit starts refusing
+        self.quiet_low = self.limit if self.enforce and blocked else _BELOW_ALL  # falling under it ends refusing
+        self.quiet_high = high
 
     def _next_alert(self) -> Decimal | None:
         """The lowest spend that crosses an alert share not yet fired in this window (None: none left)."""
@@ -113,10 +128,14 @@ class Budgets:
         self.prefix = _mark()
         self._ids: list[str] = []
         self._next_end = min((s.end_ts for s in self.states), default=float("inf"))
-        # Which budgets a record matches depends only on what `_match_key` reads: decided
-        # once per such combination, not per record (a tag budget parses the tags' JSON).
-        self._read_tags = any(s.matcher.tags for s in self.states)
-        self._matched: dict[tuple[str | None, ...], tuple[BudgetState, ...]] = {}
+        # Which budgets a record matches depends only on the fields the matchers read:
+        # decided once per combination of their values, not per record (a tag budget
+        # parses the tags' JSON).  None: no budget reads any field (all match everything).
+        fields = sorted({name for s in self.states for name in _fields_read(s.matcher)})
+        self._match_key: Callable[[Record], Any] | None = operator.attrgetter(*fields) if fields else None
+        self._matched: dict[Any, tuple[BudgetState, ...]] = {}
+        for state in self.states:
+            state.set_quiet(False)
 
     # the request path -------------------------------------------------------------
 
@@ -143,7 +162,7 @@ class Budgets:
         rid = record.id
         if rid is not None and not rid.startswith(self.prefix):
             return  # an id minted elsewhere: the ledger counts it, through `others`
-        key = (record.key_id, record.project, record.user_id, record.model_requested or record.model, record.tags if self._read_tags else None)
+        key = self._match_key(record) if self._match_key is not None else None
         matched = self._matched.get(key)
         if matched is None:
             matched = self._match(key, record)
@@ -152,18 +171,20 @@ class Budgets:
             if state.start_ts <= started < state.end_ts:
                 state.own += cost
                 counted = True
-                self._check(state)
+                if not state.quiet_low <= state.own + state.others < state.quiet_high:
+                    self._check(state)
         if counted and rid is None:
             ids = self._ids
             if not ids:
                 ids += _marked_ids(self.prefix, _IDS_AT_ONCE)
             record.id = ids.pop()
 
-    def _match(self, key: tuple[str | None, ...], record: Record) -> tuple[BudgetState, ...]:
+    def _match(self, key: Any, record: Record) -> tuple[BudgetState, ...]:
         """The budgets `record` matches, kept under `key` when it is small: its values
         come from clients, so the map is bounded in entries and each entry in size."""
         matched = tuple(state for state in self.states if state.matcher.matches_record(record))
-        if sum(len(value) for value in key if value is not None) <= _MATCH_KEY_CHARS:
+        values = key if isinstance(key, tuple) else (key,)
+        if sum(len(value) for value in values if isinstance(value, str)) <= _MATCH_KEY_CHARS:
             if len(self._matched) >= _MATCHED_MAX:
                 self._matched.clear()
             self._matched[key] = matched
@@ -194,18 +215,19 @@ class Budgets:
         spend = state.own + state.others
         if state.enforce and (spend >= state.limit) != (state in self.blocked):
             self._update()
-        # Below the lowest share not yet fired, no share can fire: one comparison per record.
         next_alert = state.next_alert
-        if next_alert is None or spend < next_alert:
-            return
-        for share, at in state.alert_at:
-            if share not in state.fired and spend >= at:
-                state.fired.add(share)
-                self._alert(state, share, spend)
-        state.next_alert = state._next_alert()
+        if next_alert is not None and spend >= next_alert:
+            for share, at in state.alert_at:
+                if share not in state.fired and spend >= at:
+                    state.fired.add(share)
+                    self._alert(state, share, spend)
+            state.next_alert = state._next_alert()
+        state.set_quiet(state in self.blocked)
 
     def _update(self) -> None:
-        self.blocked = tuple(s for s in self.states if s.enforce and s.over)
+        self.blocked = blocked = tuple(s for s in self.states if s.enforce and s.over)
+        for state in self.states:
+            state.set_quiet(state in blocked)
 
     def _alert(self, state: BudgetState, share: float, spend: Decimal) -> None:
         if self.alerter is None:
@@ -215,6 +237,15 @@ class Budgets:
             self.alerter.crossed(crossing)
         except Exception:  # an alert must never cost a request its answer
             log.exception("budget alert for %s failed", state.name)
+
+
+def _fields_read(matcher: Matcher) -> tuple[str, ...]:
+    """The record fields `matcher.matches_record` reads."""
+    fields = ("key_id",) if matcher.key_ids is not None else ()
+    fields += ("project",) if matcher.project is not None else ()
+    fields += ("user_id",) if matcher.user is not None else ()
+    fields += ("model_requested", "model") if matcher.model is not None else ()
+    return fields + (("tags",) if matcher.tags else ())
 
 
 def _mark() -> str:
