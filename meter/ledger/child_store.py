@@ -46,8 +46,8 @@ from ..record import COLUMNS, Record
 from .alert_claims import AlertClaim
 from .duckdb_store import CostUpdate, DuckDBStore
 from .prune import Pruned
-from .rows import EncodedBatch, decode_batch, encode_batch
-from .sanitise import Cuts, sanitise_counting
+from .rows import EncodedBatch, decode_batch, decode_columns, encode_batch
+from .sanitise import Cuts, columns_need_nothing, sanitise_counting
 from .sql import SqlError, SqlResult, confine_duckdb, duckdb_sql
 from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnavailable, LedgerUnusable, chunks, failure_kind
 
@@ -260,6 +260,12 @@ class _Child:
         store = self.store
         assert store is not None, "the parent opens first"
         if op == "write":
+            columns = decode_columns(args[0])
+            if columns_need_nothing(columns) and not any(columns["background"]):
+                # The usual batch: nothing to sanitise, count or claim (a claim is only
+                # ever a background response's), so no record is made per row.
+                store.write_columns([columns[name] for name in COLUMNS])
+                return {}, {}
             records = decode_batch(args[0])
             cuts = sanitise_counting(records)
             store.write(records)

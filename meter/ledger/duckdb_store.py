@@ -3,11 +3,13 @@
 `meter serve` runs it in a child process (`child_store`); `meter report` and
 `meter reprice` open files with it directly (`readers`), and so do tests.
 
-- Writes: one transaction per batch.  The batch goes in as one list parameter per
-  column, unnested (`batch_select`), less the rows whose ids the ledger already
-  has (no primary key: an index on random UUIDs halves insert speed), so a
-  retried batch adds nothing.  Usage of a background response counts once
-  (`schema.claim_usage` against the `usage_claims` table).
+- Writes: one transaction per batch.  The batch goes in through DuckDB's appender
+  into a temporary staging table, then one INSERT ... SELECT converts it to the
+  table's types (`_Staging`; a DuckDB without an appender takes one list
+  parameter per column, unnested: `batch_select`), less the rows whose ids the
+  ledger already has (no primary key: an index on random UUIDs halves insert
+  speed), so a retried batch adds nothing.  Usage of a background response
+  counts once (`schema.claim_usage` against the `usage_claims` table).
 - Reads run on a cursor of their own (a second connection to the same
   database), so a reader in another thread never shares the writer's
   transaction, and `iter_query` streams its result in batches.
@@ -20,8 +22,10 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import math
 import operator
 import os
 import re
@@ -63,16 +67,19 @@ def batch_select(given: Sequence[bool] | None = None) -> str:
 
 
 def batch_parameters(records: Sequence[Record]) -> tuple[tuple[bool, ...], list[list[Any]]]:
-    """Which columns `batch_select` takes as lists, and those lists.  A column that is
-    None in every record is left out: converting the lists is most of a batch's cost,
-    and typical records leave 18 of 44 columns empty (measured: 7.8 against 12.5 us a
-    row).  With no list at all (an empty batch) every column is one, so that the
-    SELECT has no row rather than one row of NULLs."""
-    columns = [list(map(getter, records)) for getter in _COLUMN_GETTERS]
+    """Which columns `batch_select` takes as lists, and those lists (see `_given_lists`)."""
+    return _given_lists([list(map(getter, records)) for getter in _COLUMN_GETTERS])
+
+
+def _given_lists(columns: Sequence[Sequence[Any]]) -> tuple[tuple[bool, ...], list[list[Any]]]:
+    """A column that is None in every row is left out: converting the lists is most of
+    a batch's cost, and typical records leave 18 of 44 columns empty (measured: 7.8
+    against 12.5 us a row).  With no list at all (an empty batch) every column is one,
+    so that the SELECT has no row rather than one row of NULLs."""
     given = tuple(column.count(None) < len(column) for column in columns)
     if not any(given):
-        return (True,) * len(columns), columns
-    return given, [column for column, is_given in zip(columns, given, strict=True) if is_given]
+        return (True,) * len(columns), [list(column) for column in columns]
+    return given, [list(column) for column, is_given in zip(columns, given, strict=True) if is_given]
 
 
 @functools.lru_cache(maxsize=64)  # one text per set of empty columns; a handful occur
@@ -82,13 +89,100 @@ def _insert_sql(given: tuple[bool, ...]) -> str:
 
 
 _COLUMN_GETTERS = [operator.attrgetter(name) for name in COLUMNS]
+_ID, _STARTED_AT, _COST = COLUMNS.index("id"), COLUMNS.index("started_at"), COLUMNS.index("cost_usd")
+_BIGINTS = [i for i, kind in enumerate(COLUMN_TYPES.values()) if kind == "BIGINT"]
+_INT32_MAX = 2**31 - 1
 
-# A batch goes in this many rows per statement (all in the batch's one transaction):
-# DuckDB holds every parameter as a boxed value while it binds the statement, about
-# 6 kB a row.  Measured on batches of 6,000 rows (the writer's at full load), the
-# ledger process's peak rose by up to 36 MB per batch in one statement, and by at
-# most 11 MB (a checkpoint's included) in parts of 1,024 rows, one DuckDB vector.
+# With the list parameters, a batch goes in this many rows per statement (all in the
+# batch's one transaction): DuckDB holds every parameter as a boxed value while it
+# binds the statement, about 6 kB a row.  Measured on batches of 6,000 rows (the
+# writer's at full load), the ledger process's peak rose by up to 36 MB per batch in
+# one statement, and by at most 11 MB (a checkpoint's included) in parts of 1,024
+# rows, one DuckDB vector.
 ROWS_PER_STATEMENT = 1024
+
+# The batches a store remembers the ids of (`DuckDBStore._new_rows`): four flush
+# intervals (2 s by default) of rows, the overlap of a batch with those before it
+# under steady traffic, ~0.1 MB per thousand rows.
+RECENT_BATCHES = 4
+
+# How the appender stages a column: UUIDs, JSON and the cost as text, timestamps as
+# epoch seconds, each converted to the table's type by the INSERT ... SELECT; BIGINTs
+# as INTEGER in the narrow table, used when every value fits it.  Measured per value
+# on DuckDB 2.0's appender: a Python int to BIGINT 205 ns, to INTEGER 46; a Decimal to
+# DECIMAL(18,9) 1,320 ns, its text 390 (cast in SQL: the same value, tested); a str to
+# UUID 760 ns, to VARCHAR 220.
+_APPENDED = {"UUID": "VARCHAR", "TIMESTAMPTZ": "DOUBLE", "JSON": "VARCHAR", "DECIMAL(18,9)": "VARCHAR"}
+_STAGING_TABLES = {False: "meter_staged_batch", True: "meter_staged_batch_narrow"}
+
+
+def _appended_type(kind: str, narrow: bool) -> str:
+    return "INTEGER" if narrow and kind == "BIGINT" else _APPENDED.get(kind, kind)
+
+
+def _from_staged(name: str, kind: str) -> str:
+    if kind == "TIMESTAMPTZ":
+        return f"to_timestamp({name})"
+    if kind in ("UUID", "JSON", "DECIMAL(18,9)", "BIGINT"):
+        return f"{name}::{kind}"
+    return name
+
+
+def _fits_int32(columns: Sequence[Sequence[Any]]) -> bool:
+    try:
+        return all(max(map(abs, filter(None, columns[i])), default=0) <= _INT32_MAX for i in _BIGINTS)
+    except TypeError:  # not a number: the wide table's conversion refuses it
+        return False
+
+
+def can_append(con: Any) -> bool:
+    """Whether the DuckDB client has an appender (2.0); without one, list parameters."""
+    return hasattr(con, "appender")
+
+
+class _Staging:
+    """Batches into `requests` through DuckDB's appender (DuckDB 2.0's Python client).
+
+    A list parameter costs DuckDB ~500 ns a value to convert and its UNNEST of 26
+    lists ~250 more; the appender converts a value in 46-220 ns into its own vectors,
+    and one INSERT ... SELECT from the staging table converts them to the table's types
+    in bulk (~35 ns a value).  Measured in the ledger process on 2,500-row batches of
+    typical records: 12.5 us a row for the list parameters' INSERT, 7.7 for append,
+    flush, INSERT and DELETE here.  The staging tables are temporary (this connection
+    only) and emptied in the batch's own transaction, so a failed batch leaves nothing
+    in them; a column None in every row is not appended (it stays NULL)."""
+
+    def __init__(self, con: Any) -> None:
+        self.con = con
+        self.appenders: dict[tuple[bool, tuple[bool, ...]], Any] = {}
+        self.insert_sql: dict[bool, str] = {}
+        for narrow, table in _STAGING_TABLES.items():
+            columns = ", ".join(f"{name} {_appended_type(kind, narrow)}" for name, kind in COLUMN_TYPES.items())
+            con.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns})")
+            converted = ", ".join(_from_staged(name, kind) for name, kind in COLUMN_TYPES.items())
+            self.insert_sql[narrow] = f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {converted} FROM {table}"
+
+    def insert(self, columns: Sequence[Sequence[Any]]) -> None:
+        """Insert the rows given as one sequence per column of `COLUMNS` (the cost as text)."""
+        narrow = _fits_int32(columns)
+        table = _STAGING_TABLES[narrow]
+        n = len(columns[_ID])
+        if n:
+            given = tuple(column.count(None) < n for column in columns)
+            appender = self.appenders.get((narrow, given))
+            if appender is None:
+                if len(self.appenders) >= 64:  # a handful of column sets occur
+                    self.appenders.clear()
+                names = [name for name, is_given in zip(COLUMNS, given, strict=True) if is_given]
+                appender = self.appenders[narrow, given] = self.con.appender(table, columns=names)
+            try:
+                appender.append_rows(zip(*[column for column, is_given in zip(columns, given, strict=True) if is_given]))
+                appender.flush()
+            except BaseException:
+                appender.clear()  # the rows before a refused one: the batch is refused whole
+                raise
+        self.con.execute(self.insert_sql[narrow])  # an empty batch (a probe) runs it too
+        self.con.execute(f"DELETE FROM {table}")
 
 
 class _Migrating:
@@ -203,6 +297,12 @@ class DuckDBStore:
         # machine more threads only compete with the event loop for cores.  The
         # ledger process adds its memory bounds (`child_store.LEDGER_PROCESS_SETTINGS`).
         self.settings: dict[str, str | bool | int | float | list[str]] = {"threads": 1, **(settings or {})}
+        self._staging: _Staging | None = None  # made at the first write, on `con`
+        # Which rows the ledger may have already (`_new_rows`): the ids and newest start
+        # of the last batches written, and an upper bound of every other row's
+        # started_at (epoch seconds); None: not known, asked at the next write.
+        self._recent: collections.deque[tuple[frozenset[str], float]] = collections.deque()
+        self._settled: float | None = None
         # Idempotent by id without an index: a retried batch finds its rows among
         # those started no earlier than the batch's first record, which DuckDB's
         # zone maps on started_at narrow to the newest row groups.  A query of its
@@ -249,7 +349,7 @@ class DuckDBStore:
         self.write([])
 
     def write(self, records: Sequence[Record]) -> None:
-        con = self._open_con()
+        con = self._staged_con()
         candidates = sorted({r.response_id for r in records if r.response_id is not None and needs_claim(r)})
         con.execute("BEGIN TRANSACTION")
         try:
@@ -263,17 +363,89 @@ class DuckDBStore:
                     "INSERT INTO usage_claims (response_id, request_id) SELECT UNNEST(?::VARCHAR[]), UNNEST(?::UUID[]) ON CONFLICT DO NOTHING",
                     [[c[0] for c in claims], [c[1] for c in claims]],
                 )
-            earliest = min((r.started_at for r in records), default=None)
-            present = {row[0] for row in con.execute(self._present, [[r.id for r in records], earliest]).fetchall()}
-            rows = [r for r in records if r.id not in present] if present else records
-            for start in range(0, max(len(rows), 1), ROWS_PER_STATEMENT):  # an empty batch (a probe) runs once
-                given, columns = batch_parameters(rows[start : start + ROWS_PER_STATEMENT])
-                con.execute(_insert_sql(given), columns)
+            columns = [list(map(getter, records)) for getter in _COLUMN_GETTERS]
+            columns[_COST] = [None if cost is None else str(cost) for cost in columns[_COST]]  # staged as text
+            self._insert_new(con, columns)
             con.execute("COMMIT")
         except Exception:
+            self._settled = None  # whatever a failed COMMIT left, asked again
             with contextlib.suppress(Exception):  # the store's own reason, below, is the one to raise
                 con.execute("ROLLBACK")
             raise
+        self._saw(columns[_ID], columns[_STARTED_AT])
+
+    def write_columns(self, columns: Sequence[Sequence[Any]]) -> None:
+        """`write` for a sanitised batch given as one sequence per column of `COLUMNS`,
+        the cost as the text of its Decimal, none of whose rows needs a usage claim (no
+        background response: `schema.needs_claim`).  The ledger process's usual batch
+        (`rows.decode_columns`), with no `Record` made per row."""
+        con = self._staged_con()
+        con.execute("BEGIN TRANSACTION")
+        try:
+            self._insert_new(con, columns)
+            con.execute("COMMIT")
+        except Exception:
+            self._settled = None
+            with contextlib.suppress(Exception):
+                con.execute("ROLLBACK")
+            raise
+        self._saw(columns[_ID], columns[_STARTED_AT])
+
+    def _staged_con(self) -> Any:
+        """The connection, with its staging tables made (outside any transaction: one
+        made inside a batch that failed would be rolled back with it)."""
+        con = self._open_con()
+        if self._staging is None and can_append(con):
+            self._staging = _Staging(con)
+        return con
+
+    def _insert_new(self, con: Any, columns: Sequence[Sequence[Any]]) -> None:
+        """Insert the rows whose ids the ledger does not have yet."""
+        keep = self._new_rows(con, columns[_ID], columns[_STARTED_AT])
+        if keep is not None:
+            columns = [[column[i] for i in keep] for column in columns]
+        if self._staging is not None:
+            self._staging.insert(columns)
+            return
+        n = len(columns[_ID])
+        for start in range(0, max(n, 1), ROWS_PER_STATEMENT):  # an empty batch (a probe) runs once
+            given, lists = _given_lists([column[start : start + ROWS_PER_STATEMENT] for column in columns])
+            con.execute(_insert_sql(given), lists)
+
+    def _new_rows(self, con: Any, ids: Sequence[str], started: Sequence[float]) -> list[int] | None:
+        """The indexes of the rows the ledger does not have yet; None for all of them.
+
+        A retried batch or a replayed spool may hold rows the ledger has.  Those can
+        only be among the last batches this store wrote (`_recent`, compared in memory)
+        or have started no later than `_settled`, the newest start of every other row:
+        only the batch's rows that started that early are looked up in the ledger.  A
+        lookup of every id cost ~1.5 us a row, and under steady traffic no row of a
+        batch starts that early (requests overlap the last batches, not older ones)."""
+        if self._settled is None:
+            ((newest,),) = con.execute("SELECT epoch(max(started_at)) FROM requests").fetchall()
+            self._settled = -math.inf if newest is None else float(newest)
+            self._recent.clear()
+        horizon = self._settled + 0.001  # stored to the microsecond: a margin well past rounding
+        present: set[str] = set()
+        if started and min(started) <= horizon:
+            old = [i for i, at in enumerate(started) if at <= horizon]
+            ask = [ids[i] for i in old]
+            present.update(row[0] for row in con.execute(self._present, [ask, min(started[i] for i in old)]).fetchall())
+        for seen, _ in self._recent:
+            if not seen.isdisjoint(ids):
+                present.update(seen.intersection(ids))
+        if not present:
+            return None
+        return [i for i, id_ in enumerate(ids) if id_ not in present]
+
+    def _saw(self, ids: Sequence[str], started: Sequence[float]) -> None:
+        """After a commit: the batch joins `_recent`, and the oldest of those leaves it
+        for `_settled` (see `_new_rows`)."""
+        if not ids or self._settled is None:
+            return
+        self._recent.append((frozenset(ids), max(started)))
+        if len(self._recent) > RECENT_BATCHES:
+            self._settled = max(self._settled, self._recent.popleft()[1])
 
     # reads ----------------------------------------------------------------------
 
@@ -350,6 +522,8 @@ class DuckDBStore:
         return alert_claims.take(self._run, owner, now, lease_until)
 
     def close(self) -> None:
+        self._staging = None
+        self._settled = None
         if self.con is not None:
             self.con.close()
             self.con = None

@@ -14,6 +14,9 @@ It runs in the ledger writer's thread, once per batch, and is idempotent (a
 retried batch changes nothing and counts nothing again).  Nearly every record is
 clean, so each check starts with a test done in C over the record's text at once
 (`str.isprintable`), and only a record that fails it is looked at field by field.
+The ledger process goes one step further (`columns_need_nothing`): the same tests
+over a whole batch a column at a time, so that the usual batch, which needs nothing,
+costs no Python per record at all; any other batch is sanitised record by record.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from __future__ import annotations
 import json
 import operator
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
+from itertools import chain
+from typing import Any
 
 from ..bounds import BOUNDED_TEXT, MAX_TEXT, cut_bounded_text
 from ..record import ENDPOINTS, Record
@@ -49,6 +54,12 @@ COST_QUANTUM = Decimal(1).scaleb(-9)
 
 _text_and_tags = operator.attrgetter(*TEXT, "tags")
 _bigints = operator.attrgetter(*BIGINT)
+
+# A cost as the ledger process receives it (`rows.encode_batch`: `str` of a Decimal) that
+# DECIMAL(18,9) holds exactly as it is: finite, under 10**9, at most 9 decimal places.
+_EXACT_COST = re.compile(r"-?[0-9]{1,9}(?:\.[0-9]{1,9})?")
+_INT_OR_NONE = frozenset((int, type(None)))
+_STR_OR_NONE = frozenset((str, type(None)))
 
 # Lone surrogates (a valid pair never reaches a Python str as two code points), C0, DEL, C1.
 _BAD_CHAR = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -178,6 +189,47 @@ def _numbers_overflow(record: Record) -> bool:
             record.cost_usd = fitted
             overflow = overflow or fitted is None
     return overflow
+
+
+def columns_need_nothing(columns: Mapping[str, Sequence[Any]]) -> bool:
+    """True when `sanitise` would change and count nothing in any record of the batch
+    given as one sequence per field (`rows.decode_columns`): its tests of a record, made
+    once over the whole batch, in C.  False says only that some record may need
+    something; the caller then sanitises record by record, which decides and counts."""
+    if any(columns["cut"]):
+        return False
+    texts = [columns[name] for name in TEXT]
+    tags = columns["tags"]
+    try:
+        # As `sanitise` joins a record's text: all printable, no escape in the tags.
+        if not "".join(filter(None, chain(*texts, tags))).isprintable() or "\\" in "".join(filter(None, tags)):
+            return False
+        if any(max(map(len, filter(None, columns[name])), default=0) > MAX_TEXT for name in BOUNDED_TEXT):
+            return False
+        # Every record's sum (what `_numbers_overflow` bounds) is at most the batch's.
+        if sum(sum(map(abs, filter(None, columns[name]))) for name in BIGINT) > BIGINT_MAX:
+            return False
+    except TypeError:  # a value of another type: looked at record by record
+        return False
+    status = columns["status_code"]
+    if not _INT_OR_NONE.issuperset(map(type, status)):
+        return False
+    known = [code for code in status if code is not None]
+    if known and (min(known) < INT_MIN or max(known) > INT_MAX):
+        return False
+    costs = [cost for cost in columns["cost_usd"] if cost is not None]  # as text, see `_EXACT_COST`
+    if not _STR_OR_NONE.issuperset(map(type, costs)):
+        return False
+    return all(_EXACT_COST.fullmatch(cost) or _exact_cost(cost) for cost in costs)
+
+
+def _exact_cost(text: str) -> bool:
+    """A cost in another form (`0E-9`, `1.5E-7`) that `_clean_cost` would keep as it is."""
+    try:
+        value = Decimal(text)
+    except ArithmeticError:
+        return False
+    return _clean_cost(value) is value
 
 
 def sanitise_batch(records: Iterable[Record], truncated: dict[str, int], overflows: dict[str, int]) -> None:
