@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 from .attribution import DROPPED_TAG, header_session, header_tags, merge_tags
 from .bounds import MAX_TEXT, keep_text_short
-from .identity import KeyIdentities, key_from_headers
+from .identity import KeyIdentities
 from .observe import Observation, RequestFacts, request_facts, usage_anomalies
 from .observe.facts import tags_json
 from .record import Record
@@ -310,10 +310,8 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     # Identity comes from what the upstream received: a header the client named in
     # `Connection` was dropped on the way, so it cannot attribute the row either.
     headers = flow.upstream_headers if flow.upstream_headers is not None else flow.headers
-    key = key_from_headers(headers)
-    key_id = key_hint = key_name = None
-    if key:
-        key_id, key_hint, key_name = identities.lookup(key)
+    identity = identities.of_headers(headers)
+    key_id, key_hint, key_name = identity if identity is not None else (None, None, None)
     upstream_request_id = processing_ms = None
     response_headers = flow.response_headers
     if response_headers is not None:

@@ -39,12 +39,33 @@ class KeyIdentities:
     The cache is in memory only, like the request that carried the key.
     """
 
-    __slots__ = ("_cache", "_max", "_names")
+    __slots__ = ("_by_authorization", "_cache", "_max", "_names")
 
     def __init__(self, names: Mapping[str, str] | None = None, max_entries: int = 10_000) -> None:
         self._names = dict(names or {})
         self._cache: dict[str, tuple[str, str, str | None]] = {}
+        # `Authorization` header values -> the identity of their bearer key: the usual
+        # request's identity in one lookup, without taking the header apart again.
+        self._by_authorization: dict[str, tuple[str, str, str | None]] = {}
         self._max = max_entries
+
+    def of_headers(self, headers: Mapping[str, str]) -> tuple[str, str, str | None] | None:
+        """`lookup` of the key `key_from_headers` finds, or None when there is none."""
+        auth = headers.get("Authorization")
+        if auth:
+            hit = self._by_authorization.get(auth)
+            if hit is not None:
+                return hit
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                found = self.lookup(token.strip())
+                if len(auth) <= _LONGEST_CACHED_KEY:  # as `lookup` bounds its own
+                    if len(self._by_authorization) >= self._max:
+                        self._by_authorization.clear()
+                    self._by_authorization[auth] = found
+                return found
+        key = headers.get("x-api-key") or headers.get("api-key")
+        return self.lookup(key) if key else None
 
     def lookup(self, key: str) -> tuple[str, str, str | None]:
         hit = self._cache.get(key)
