@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .jsonio import DecodeError, dumps, loads
+from .jsonio import DecodeError, dumps, loads, orjson_loads
 
 
 @dataclass(slots=True)
@@ -46,9 +46,12 @@ def request_facts(body: bytes) -> RequestFacts:
     if len(body) > _COUNT_MEMBERS_PAST and body.count(b'":') > _MAX_MEMBERS:
         return RequestFacts(cut=("request",))
     try:
-        obj = loads(body)
-    except DecodeError:
-        return RequestFacts()
+        obj = orjson_loads(body)  # the usual body, without `loads`'s call around it
+    except ValueError:
+        try:
+            obj = loads(body)  # what orjson refuses and json reads (a lone surrogate)
+        except DecodeError:
+            return RequestFacts()
     if not isinstance(obj, dict):
         return RequestFacts()
     return facts_from_request(obj)
