@@ -62,7 +62,7 @@ import logging
 from bisect import bisect_left
 from collections.abc import Iterable
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import prometheus_client
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, GCCollector, ProcessCollector, generate_latest
@@ -249,7 +249,7 @@ class _Series:
         self.requests = m.requests.cell((endpoint, model, tier, status, outcome, *self._keyed))
         # Created on first use, so a type never reported (no cache writes, say) has no series.
         self.tokens: list[list[float] | None] = [None] * len(TOKEN_TYPES)
-        self.cost: list[float] | None = None
+        self.cost: list[Decimal] | None = None  # an exact sum (see `Metrics.done`)
         self.web_search: list[float] | None = None
         self.unpriced: list[float] | None = None
         self.duration = m.duration.cell((endpoint, model, stream))
@@ -260,8 +260,9 @@ class _Series:
         cell = self.tokens[index] = self._m.tokens.cell((*self._labels, *self._keyed, TOKEN_TYPES[index]))
         return cell
 
-    def cost_cell(self) -> list[float]:
-        self.cost = self._m.cost.cell((self._labels[1], self._labels[2], *self._keyed))
+    def cost_cell(self) -> list[Decimal]:
+        # The cost family's cells start at 0 and only ever have Decimals added.
+        self.cost = cast("list[Decimal]", self._m.cost.cell((self._labels[1], self._labels[2], *self._keyed)))
         return self.cost
 
     def web_search_cell(self) -> list[float]:

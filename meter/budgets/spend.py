@@ -241,7 +241,7 @@ class Budgets:
 
 def _fields_read(matcher: Matcher) -> tuple[str, ...]:
     """The record fields `matcher.matches_record` reads."""
-    fields = ("key_id",) if matcher.key_ids is not None else ()
+    fields: tuple[str, ...] = ("key_id",) if matcher.key_ids is not None else ()
     fields += ("project",) if matcher.project is not None else ()
     fields += ("user_id",) if matcher.user is not None else ()
     fields += ("model_requested", "model") if matcher.model is not None else ()
