@@ -161,6 +161,8 @@ class _Rates:
             total += self.web_call * searches
         if self.request is not None:
             total += self.request
+        if self.down == 1 and type(total) is int and 0 <= total < self.exact_below:
+            return _NANO * (total * self.up)  # `usd`'s usual case, without the call
         return self.usd(total)
 
     def usd(self, total: int) -> Decimal:
