@@ -315,6 +315,7 @@ class Proxy:
         client_response: web.StreamResponse | None = None
         upstream = None
         observer: Any = None
+        read_through: Any = None  # the observer of an answer relayed to its end: finished with the record
         try:
             flow.upstream_headers = forwardable_request_headers(request.headers)
             # Meter-Tag-* and Meter-Session are meter's: never forwarded, never identity.
@@ -360,8 +361,7 @@ class Proxy:
                 )
             await client_response.prepare(request)
             await self._relay(upstream, client_response, observer, flow)
-            if observer is not None:
-                flow.observation = observer.finish()
+            read_through, observer = observer, None
             return client_response
         except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError) as exc:
             # The client went away; closing our upstream response cancels the upstream request.
@@ -375,9 +375,9 @@ class Proxy:
             if upstream is not None:
                 upstream.release()
             if observer is not None:
-                observer.release()  # finished or abandoned, its share of the metering budget is free
+                observer.release()  # abandoned (or read to the end on a hang-up): its share of the metering budget is free
             flow.finished_at = time.perf_counter()
-            self._finish(flow)
+            self._finish(flow, read_through)
             if flow.reserved:
                 self.buffered_request_bytes -= flow.reserved
 
@@ -479,6 +479,8 @@ class Proxy:
             response.headers[name] = value
         return response
 
-    def _finish(self, flow: Flow) -> None:
+    def _finish(self, flow: Flow, observer: Any = None) -> None:
+        """Queue the flow: its observer's reading and its record are made with the others
+        finished in this turn of the loop (meter/finishing.py)."""
         if self.observe:
-            self.finished.add(flow)  # its record is made with the others finished in this turn of the loop
+            self.finished.add(flow, observer)

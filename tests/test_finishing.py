@@ -19,6 +19,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from meter.finishing import FinishedFlows
 from meter.flow import Addons, Flow
 from meter.identity import KeyIdentities
+from meter.observe import MeteringBudget, observer_for
 from meter.record import Record
 
 from .conftest import SECRET_KEY, ledger_rows
@@ -55,6 +56,23 @@ async def test_flows_finished_in_one_turn_are_recorded_together_at_its_end_in_or
     assert heard.paths[-1] == "/v1/responses/later"
     await asyncio.sleep(0)
     assert len(heard.paths) == 6  # the scheduled drain found nothing left to do twice
+
+
+async def test_a_read_through_answer_is_observed_with_its_record_and_frees_its_budget() -> None:
+    heard = Heard()
+    finished = FinishedFlows(Addons([heard]), KeyIdentities())
+    budget = MeteringBudget(1 << 20)
+    observer = observer_for("responses", "application/json", "", budget=budget)
+    answer = b'{"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-4o", "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10}}'
+    observer.feed(answer)
+    assert budget.free < 1 << 20  # the copy is held until it is read
+    one = flow("/v1/responses")
+    finished.add(one, observer)
+    assert one.observation is None
+    await asyncio.sleep(0)
+    assert one.observation is not None and one.observation.response_id == "resp_1"
+    assert budget.free == 1 << 20
+    assert heard.paths == ["/v1/responses"]
 
 
 async def test_a_failing_addon_costs_the_other_flows_nothing(caplog: pytest.LogCaptureFixture) -> None:
