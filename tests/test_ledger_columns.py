@@ -87,6 +87,8 @@ def batches() -> list[list[Record]]:
         [typical(5000, background=True), typical(5001, background=True, response_id="resp_00005000")],  # a usage claim
         [typical(6000, cut=("tags",))],  # a cut counted from before the record was made
         [typical(7000 + i, status_code=2**31) for i in range(2)],
+        [typical(8000)],  # one row: every column one value, none appended
+        [typical(8001, ttfb_ms=-0.0), typical(8002, ttfb_ms=0.0, upstream_processing_ms=0.0)],  # zero's sign kept
     ]
 
 
@@ -101,7 +103,7 @@ def rows(path: Path) -> list[tuple[Any, ...]]:
 def test_the_column_path_writes_what_the_list_parameters_wrote(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     encoded = [encode_batch(batch) for batch in batches()]
     taken = [columns_need_nothing(columns) and not any(columns["background"]) for columns in map(decode_columns, encoded)]
-    assert taken[:3] == [True, True, True] and not any(taken[3:]), taken  # both paths are exercised
+    assert taken[:3] == [True, True, True] and not any(taken[3:-2]) and all(taken[-2:]), taken  # both paths are exercised
 
     child = _Child(str(tmp_path / "columns.duckdb"))
     child.answer(0, "open", [])
@@ -131,10 +133,12 @@ def test_the_column_path_writes_what_the_list_parameters_wrote(tmp_path: Path, m
     try:
         tags, cost, tokens = con.execute("SELECT tags, cost_usd, input_tokens FROM requests WHERE tags IS NOT NULL AND user_id IS NOT NULL").fetchall()[0]
         big = con.execute("SELECT max(input_tokens), max(cost_usd) FROM requests").fetchall()[0]
+        signs = con.execute("SELECT DISTINCT ttfb_ms::VARCHAR FROM requests WHERE ttfb_ms = 0 ORDER BY 1").fetchall()
     finally:
         con.close()
     assert json.loads(tags) == {"team": "é🙂", "n": 1} and cost is None and tokens == 1025
     assert big == (2**40, Decimal("999999999.999999999"))
+    assert signs == [("-0.0",), ("0.0",)]
 
 
 @pytest.mark.parametrize(

@@ -140,49 +140,77 @@ def can_append(con: Any) -> bool:
     return hasattr(con, "appender")
 
 
+# How `_Staging` takes a column of a batch.
+_NULL, _CONSTANT, _APPEND = 0, 1, 2
+
+
+def _column_kind(column: Sequence[Any], n: int) -> int:
+    first = column[0]
+    # One value in every row (equal by ==, which meets only the same value here: the
+    # exception is a float zero, whose sign == does not see).
+    if column.count(first) == n and not (type(first) is float and first == 0):
+        return _NULL if first is None else _CONSTANT
+    return _APPEND
+
+
 class _Staging:
     """Batches into `requests` through DuckDB's appender (DuckDB 2.0's Python client).
 
     A list parameter costs DuckDB ~500 ns a value to convert and its UNNEST of 26
     lists ~250 more; the appender converts a value in 46-220 ns into its own vectors,
     and one INSERT ... SELECT from the staging table converts them to the table's types
-    in bulk (~35 ns a value).  Measured in the ledger process on 2,500-row batches of
-    typical records: 12.5 us a row for the list parameters' INSERT, 7.7 for append,
-    flush, INSERT and DELETE here.  The staging tables are temporary (this connection
-    only) and emptied in the batch's own transaction, so a failed batch leaves nothing
-    in them; a column None in every row is not appended (it stays NULL)."""
+    in bulk (~35 ns a value).  A column None in every row is not appended (it stays
+    NULL), and one with the same value in every row (the method, endpoint, model, key,
+    status, ... of most batches) goes as one parameter of the INSERT instead: in
+    `meter serve` under load, appending was half of the ledger process's CPU.  The
+    staging tables are temporary (this connection only) and emptied in the batch's own
+    transaction, so a failed batch leaves nothing in them."""
 
     def __init__(self, con: Any) -> None:
         self.con = con
-        self.appenders: dict[tuple[bool, tuple[bool, ...]], Any] = {}
-        self.insert_sql: dict[bool, str] = {}
+        # (narrow, each column's kind) -> the appender (None: nothing to append) and the INSERT
+        self.plans: dict[tuple[bool, tuple[int, ...]], tuple[Any, str]] = {}
         for narrow, table in _STAGING_TABLES.items():
             columns = ", ".join(f"{name} {_appended_type(kind, narrow)}" for name, kind in COLUMN_TYPES.items())
             con.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns})")
-            converted = ", ".join(_from_staged(name, kind) for name, kind in COLUMN_TYPES.items())
-            self.insert_sql[narrow] = f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {converted} FROM {table}"
+
+    def _plan(self, narrow: bool, kinds: tuple[int, ...]) -> tuple[Any, str]:
+        plan = self.plans.get((narrow, kinds))
+        if plan is None:
+            if len(self.plans) >= 64:  # a handful of column sets occur
+                self.plans.clear()
+            table = _STAGING_TABLES[narrow]
+            appended = [name for name, how in zip(COLUMNS, kinds, strict=True) if how == _APPEND]
+            sources = {_NULL: "CAST(NULL AS {})", _CONSTANT: "CAST(? AS {})"}
+            converted = ", ".join(
+                _from_staged(sources[how].format(_appended_type(kind, narrow)) if how in sources else name, kind)
+                for (name, kind), how in zip(COLUMN_TYPES.items(), kinds, strict=True)
+            )
+            # With no column appended, the rows are counted by a parameter instead.
+            source = table if appended else "range(?)"
+            appender = self.con.appender(table, columns=appended) if appended else None
+            plan = self.plans[narrow, kinds] = (appender, f"INSERT INTO requests ({', '.join(COLUMNS)}) SELECT {converted} FROM {source}")
+        return plan
 
     def insert(self, columns: Sequence[Sequence[Any]]) -> None:
         """Insert the rows given as one sequence per column of `COLUMNS` (the cost as text)."""
         narrow = _fits_int32(columns)
-        table = _STAGING_TABLES[narrow]
         n = len(columns[_ID])
-        if n:
-            given = tuple(column.count(None) < n for column in columns)
-            appender = self.appenders.get((narrow, given))
-            if appender is None:
-                if len(self.appenders) >= 64:  # a handful of column sets occur
-                    self.appenders.clear()
-                names = [name for name, is_given in zip(COLUMNS, given, strict=True) if is_given]
-                appender = self.appenders[narrow, given] = self.con.appender(table, columns=names)
+        kinds = tuple(_column_kind(column, n) for column in columns) if n else (_NULL,) * len(columns)
+        appender, insert_sql = self._plan(narrow, kinds)
+        parameters = [column[0] for column, how in zip(columns, kinds, strict=True) if how == _CONSTANT]
+        if appender is not None:
             try:
-                appender.append_rows(zip(*[column for column, is_given in zip(columns, given, strict=True) if is_given]))
+                appender.append_rows(zip(*[column for column, how in zip(columns, kinds, strict=True) if how == _APPEND]))
                 appender.flush()
             except BaseException:
                 appender.clear()  # the rows before a refused one: the batch is refused whole
                 raise
-        self.con.execute(self.insert_sql[narrow])  # an empty batch (a probe) runs it too
-        self.con.execute(f"DELETE FROM {table}")
+        else:
+            parameters.append(n)  # an empty batch (a probe) runs the INSERT too, for no row
+        self.con.execute(insert_sql, parameters)
+        if appender is not None:
+            self.con.execute(f"DELETE FROM {_STAGING_TABLES[narrow]}")
 
 
 class _Migrating:
