@@ -57,11 +57,20 @@ def request_facts(body: bytes) -> RequestFacts:
     return facts_from_request(obj)
 
 
+# The members most requests lack, with the fact each leaves at its default when absent.
+_USUALLY_ABSENT = frozenset({"service_tier", "safety_identifier", "user", "previous_response_id", "conversation", "background", "generate", "metadata"})
+
+
 def facts_from_request(obj: dict[str, Any]) -> RequestFacts:
     """`request_facts` of a request already decoded (a WebSocket `response.create`)."""
     # Once per request: the reads are written out and the facts made in one call
     # (decoded JSON has exact types, so `type(v) is str` is the isinstance test).
     get = obj.get
+    if _USUALLY_ABSENT.isdisjoint(obj):
+        # None of them is here (one pass over the request's names, in C): each of their
+        # facts is its default, and what is left takes three reads.
+        model, cache_key = get("model"), get("prompt_cache_key")
+        return RequestFacts(model if type(model) is str else None, get("stream") is True, False, None, None, cache_key if type(cache_key) is str else None)
     model, tier, user, cache_key, previous = get("model"), get("service_tier"), get("safety_identifier"), get("prompt_cache_key"), get("previous_response_id")
     if type(user) is not str or not user:
         user = get("user")
