@@ -366,3 +366,26 @@ def test_any_chat_stream_reads_as_the_line_parser_reads_it(pieces: list[bytes], 
     reference = seen([stream[i : i + 1] for i in range(len(stream))], "chat")
     assert seen([stream[a:b] for a, b in itertools.pairwise(bounds)], "chat") == reference
     assert seen(pieces, "chat") == reference
+
+
+@pytest.mark.parametrize("tail", [b"\n\n", b"\n", b"", b"\n\n\n", b"\nx", b"\n\r", b"\r\n\n", b"\r\n\r\n", b"\nevent: response.completed\n\n", b"\n\n" + b"data: {}\n\n"])
+@pytest.mark.parametrize("head", [TEXT_DELTA_LINE, DELTA_LINES[1], b"event: response.output_text.deltas\n", b"event: response.output_text.delta\r\n"])
+def test_a_chunk_after_the_first_token_is_skipped_only_when_it_is_one_delta_whole(head: bytes, tail: bytes) -> None:
+    # After the first token a chunk is skipped by splitting it at its first two line
+    # ends: a delta's head, one data line, then nothing but the blank line's LF.  Each
+    # near miss (a line more or less, a CR, a head one letter off, an event behind it)
+    # must read as the line parser reads it, before the terminal event and as it.
+    chunk = head + b'data: {"type":"response.output_text.delta","delta":"x"}' + tail
+    same_every_way([created(), delta(), chunk, delta(), completed()])
+    same_every_way([created(), delta(), chunk + completed()])
+
+
+@given(st.dictionaries(st.sampled_from(["model", "stream", "prompt_cache_key", "input", "tools", "store", "include"]),
+                       st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5), st.just({"id": "c"}))))
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+def test_a_request_without_the_usually_absent_members_reads_as_the_full_reading(members: dict) -> None:
+    # `generate: true` is the default of a member the shortcut tests for: with it the
+    # request takes the full reading, and must come out the same.
+    from meter.observe.facts import facts_from_request
+
+    assert facts_from_request(members) == facts_from_request({**members, "generate": True})
