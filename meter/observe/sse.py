@@ -34,6 +34,7 @@ from .responses import (
 from .sselines import AT_LINE_START, SSELines
 
 _TEXT_DATA = len(TEXT_DELTA_LINE)  # where the data line of an output text delta begins
+_LF = b"\n"
 
 
 def _holds_usage_object(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
@@ -96,13 +97,16 @@ class SSEObserver(SSELines):
             # chunk is that event exactly when the first line is a delta's head and all
             # that follows the second is the blank line's LF (the data line between has
             # none).  `bytes.split` takes its arguments faster than `find`/`startswith`
-            # do on 3.11, and the commonest head is one bytes compare.
+            # do on 3.11, and the commonest head is one bytes compare.  The LF is tested
+            # by identity: CPython makes every one-byte bytes object its cached singleton
+            # (split's pieces and this constant alike); where one is not, the chunk only
+            # takes the general reading below, which reads it the same.
             try:
                 head, _, rest = chunk.split(b"\n", 2)
             except ValueError:  # fewer than two line ends: not one whole event
                 pass
             else:
-                if rest == b"\n" and (head == TEXT_DELTA_HEAD or head in DELTA_HEADS):
+                if rest is _LF and (head == TEXT_DELTA_HEAD or head in DELTA_HEADS):
                     return
         elif (self._chat_quiet and chunk[:7] == b"data: {" and chunk.find(b"\n", 7) == len(chunk) - 2 and chunk[-1] == 10
               and chunk.find(b'"error"', 6, 30) < 0):
