@@ -44,15 +44,12 @@ MeterHeaders = list[tuple[str, str]]
 def take_meter_headers(headers: Any) -> MeterHeaders | None:
     """Remove `Meter-Tag-*` and `Meter-Session` from `headers` (a mutable multidict of
     what goes upstream) and return them, grouped by name in the order each name first
-    came; None when there are none (the usual request: one pass over the names in C)."""
-    # A name that starts with `meter-`, in any case, puts `meter-` in the names joined
-    # and lowered: its absence answers the usual request at once (a dozen headers cost
-    # 1.2 us name by name, 0.4 us so); a hit, even one inside a name, is read below.
-    if "meter-" not in " ".join(headers).lower():
-        return None
+    came; None when there are none (the usual request: one pass over the names)."""
     names: list[str] | None = None
-    for name in headers:  # names only, first letter first
-        if name[:1] in ("M", "m") and name[:6].lower() == "meter-":
+    # Names only, first letter first, by index (a slice or a tuple costs more): ~0.2 us
+    # for two headers, ~0.5 us for an SDK's dozen.
+    for name in headers:
+        if name and name[0] in "Mm" and name[:6].lower() == "meter-":
             low = name.lower()
             if (low.startswith(TAG_PREFIX) or low == SESSION_HEADER) and (names is None or low not in names):
                 if names is None:
