@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from .attribution import DROPPED_TAG, header_session, header_tags, merge_tags
 from .bounds import MAX_TEXT, keep_text_short
 from .identity import KeyIdentities
-from .observe import Observation, RequestFacts, request_facts, usage_anomalies
+from .observe import Observation, RequestFacts, Usage, request_facts, usage_anomalies
 from .observe.facts import tags_json
 from .record import Record
 
@@ -218,6 +218,9 @@ _STATUS_OUTCOME = {
 # Why meter could not read an answer to its end, though the client got all of it.
 _UNREAD_TO_THE_END = frozenset({"unknown_encoding", "metered_bytes_limit", "oversized_event"})
 
+# What a record without usage reads its counts from (every one None); never written.
+_NO_USAGE = Usage()
+
 
 def outcome_for(flow: Flow, obs: Observation | None, stream: bool) -> str:
     if flow.outcome is not None:
@@ -368,31 +371,19 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     user_id = facts.user_id
     ttfb_at = flow.ttfb_at
     started = flow.started_at
-    if usage is None:
-        record = Record(
-            flow.id, started, started + (finished - t0), flow.method, flow.path, endpoint, flow.transport, status,
-            outcome, stream, background, model_requested, model, response_id,
-            previous_response_id, upstream_request_id, facts.service_tier, service_tier,
-            None, None, None, None, None, None, None, None, None, None,
-            key_id, key_hint, key_name, project, user_id, tags, session,
-            (ttfb_at - t0) * 1000.0 if ttfb_at is not None else None,
-            (first_token - t0) * 1000.0 if first_token is not None else None,
-            (finished - t0) * 1000.0, processing_ms, flow.request_bytes, flow.response_bytes, error_type, error_code, flow.trace_id,
-            (), False, cut, session_of,
-        )
-    else:
-        record = Record(
-            flow.id, started, started + (finished - t0), flow.method, flow.path, endpoint, flow.transport, status,
-            outcome, stream, background, model_requested, model, response_id,
-            previous_response_id, upstream_request_id, facts.service_tier, service_tier,
-            usage.input_tokens, usage.cached_tokens, usage.cache_write_tokens, usage.output_tokens, usage.reasoning_tokens,
-            usage.total_tokens, usage.web_search_calls, usage.cache_status, usage.cache_missed_tokens, None,
-            key_id, key_hint, key_name, project, user_id, tags, session,
-            (ttfb_at - t0) * 1000.0 if ttfb_at is not None else None,
-            (first_token - t0) * 1000.0 if first_token is not None else None,
-            (finished - t0) * 1000.0, processing_ms, flow.request_bytes, flow.response_bytes, error_type, error_code, flow.trace_id,
-            usage_anomalies(usage, endpoint != "embeddings"), False, cut, session_of,
-        )
+    counts = usage if usage is not None else _NO_USAGE
+    record = Record(
+        flow.id, started, started + (finished - t0), flow.method, flow.path, endpoint, flow.transport, status,
+        outcome, stream, background, model_requested, model, response_id,
+        previous_response_id, upstream_request_id, facts.service_tier, service_tier,
+        counts.input_tokens, counts.cached_tokens, counts.cache_write_tokens, counts.output_tokens, counts.reasoning_tokens,
+        counts.total_tokens, counts.web_search_calls, counts.cache_status, counts.cache_missed_tokens, None,
+        key_id, key_hint, key_name, project, user_id, tags, session,
+        (ttfb_at - t0) * 1000.0 if ttfb_at is not None else None,
+        (first_token - t0) * 1000.0 if first_token is not None else None,
+        (finished - t0) * 1000.0, processing_ms, flow.request_bytes, flow.response_bytes, error_type, error_code, flow.trace_id,
+        usage_anomalies(usage, endpoint != "embeddings") if usage is not None else (), False, cut, session_of,
+    )
     # `keep_text_short`'s test of the usual record, all of whose bounded text fits, on the
     # values at hand; a value that is not text is left to it (and to `sanitise`).
     try:
