@@ -100,9 +100,9 @@ class SSEObserver(SSELines):
             # do on 3.11, and the commonest head is one bytes compare.  The LF is tested
             # by identity: CPython makes every one-byte bytes object its cached singleton
             # (split's pieces and this constant alike); where one is not, the chunk only
-            # takes the general reading below, which reads it the same.  What the split
-            # copies of a chunk that is not a delta costs once a stream: the first event
-            # after the deltas (a `.done` one, or the terminal one) ends the quiet.
+            # takes the general reading below, which reads it the same.  The split copies
+            # a chunk that is not a delta; the large ones (`.done` events, the terminal
+            # one) end the quiet, so the first of them is the only one copied.
             try:
                 head, _, rest = chunk.split(b"\n", 2)
             except ValueError:  # fewer than two line ends: not one whole event
