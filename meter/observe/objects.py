@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from msgspec import UNSET
+
 from .jsonio import DecodeError, as_int, as_str, loads, orjson_loads
-from .usage import Usage, cache_status_from_diagnostics, usage_from_chat, usage_from_responses
+from .shapes import Response, decode_body
+from .usage import Usage, cache_status_from_diagnostics, usage_from_chat, usage_from_responses, usage_from_shape
 
 
 @dataclass(slots=True)
@@ -88,6 +91,52 @@ def observe_response_object(obs: Observation, response: dict[str, Any], final: b
         obs.usage = u
 
 
+def observe_response_shape(obs: Observation, response: Response, final: bool = True) -> None:
+    """`observe_response_object` of a response msgspec decoded (`shapes.py`), whose
+    members already have the types meter takes: the same reading, without the checks."""
+    value = response.id
+    if value:
+        obs.response_id = value
+    value = response.model
+    if value:
+        obs.model = value
+    value = response.previous_response_id
+    if value:
+        obs.previous_response_id = value
+    value = response.status
+    if value:
+        obs.status = value
+    background = response.background
+    if background is not None:
+        obs.background = background
+    if not final:
+        return
+    value = response.service_tier
+    if value:
+        obs.service_tier = value
+    error = response.error
+    if error is not None:
+        obs.error_type = error.type or obs.error_type
+        if error.code is not None:
+            obs.error_code = error.code
+    usage = response.usage
+    if usage is not None:
+        u = usage_from_shape(usage)
+        tool_usage = response.tool_usage
+        if tool_usage is not None and tool_usage.web_search is not None:
+            u.web_search_calls = tool_usage.web_search.num_requests
+        diagnostics = response.prompt_cache_diagnostics
+        if diagnostics is not None:
+            kind = diagnostics.type
+            if kind == "cache_hit":
+                u.cache_status = "hit"
+            elif kind == "cache_miss":
+                u.cache_status, u.cache_missed_tokens = f"miss:{diagnostics.reason or 'unknown'}", diagnostics.cache_missed_tokens
+            elif kind is not None:
+                u.cache_status = kind
+        obs.usage = u
+
+
 def observe_chat_object(obs: Observation, obj: dict[str, Any]) -> None:
     """Read a Chat Completions / Embeddings body or stream chunk."""
     obs.response_id = as_str(obj.get("id")) or obs.response_id
@@ -112,6 +161,15 @@ def observe_json_body(kind: str, body: bytes | bytearray) -> Observation:
     obs = Observation()
     if not body:
         return obs
+    if kind == "responses":
+        response = decode_body(body)  # the usual answer, decoded into what is read of it
+        if response is not None:
+            obs.terminal = True
+            if response.error is not None and response.object is UNSET:
+                observe_error(obs, {"type": response.error.type, "code": response.error.code})
+            else:
+                observe_response_shape(obs, response)
+            return obs
     try:
         obj = orjson_loads(body)  # the usual answer, without `loads`'s call around it
     except ValueError:

@@ -25,7 +25,8 @@ from typing import Any
 
 from .ends import NOTHING, edge, is_str, last_member, members, partial_response, value_at
 from .jsonio import loads
-from .objects import Observation, observe_error, observe_response_object
+from .objects import Observation, observe_error, observe_response_object, observe_response_shape
+from .shapes import decode_event as decode_event_shape
 
 EARLY = frozenset({b"response.created", b"response.queued", b"response.in_progress"})
 FINAL = frozenset({b"response.completed", b"response.incomplete", b"response.failed", b"response.cancelled"})
@@ -80,6 +81,30 @@ def observe_event(obs: Observation, kind: str, event: dict[str, Any]) -> bool:
     if kind in EARLY_TYPES and isinstance(response, dict):
         observe_response_object(obs, response, final=False)
     return False
+
+
+def observe_usual_event(obs: Observation, data: bytes | bytearray) -> bool | None:
+    """`observe_event` of an event's JSON, decoded by msgspec into what is read of it
+    (`shapes.py`): whether it ends the response, or None when it is to be read the
+    general way (not in the usual shape, or an `error` event)."""
+    event = decode_event_shape(data)
+    if event is None:
+        return None
+    kind = event.type
+    response = event.response
+    if kind in FINAL_TYPES:
+        if response is not None:
+            observe_response_shape(obs, response, final=True)
+        obs.status = obs.status or kind.partition(".")[2]  # type: ignore[union-attr]
+        obs.terminal = True
+        return True
+    if kind in EARLY_TYPES:
+        if response is not None:
+            observe_response_shape(obs, response, final=False)
+        return False
+    if kind == "error":
+        return None
+    return False  # any other event says nothing of its response
 
 
 _TOP = frozenset({"type", "stream_id", "response", "error", "code"})

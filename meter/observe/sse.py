@@ -30,6 +30,7 @@ from .responses import (
     decode_event,
     event_from_ends,
     observe_event,
+    observe_usual_event,
 )
 from .sselines import AT_LINE_START, SSELines
 
@@ -329,6 +330,11 @@ class SSEObserver(SSELines):
                 return
             if b'"response.' not in head and b'"error"' not in head:
                 return
+        done = observe_usual_event(self.obs, payload)  # the usual event, decoded into what is read of it
+        if done is not None:
+            if done:
+                self._done = True
+            return
         try:
             obj = orjson_loads(payload)  # the usual event, without `_decode`'s calls around it
         except ValueError:

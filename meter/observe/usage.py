@@ -8,9 +8,12 @@ SPEC §3's invariants a usage block breaks: reported, never corrected.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .jsonio import as_dict, as_int
+
+if TYPE_CHECKING:
+    from .shapes import ResponsesUsage
 
 
 @dataclass(slots=True)
@@ -49,6 +52,21 @@ def usage_from_responses(usage: dict[str, Any]) -> Usage:
         output_tokens if type(output_tokens) is int else None,
         reasoning if type(reasoning) is int else None,
         total if type(total) is int else None,
+    )
+
+
+def usage_from_shape(usage: ResponsesUsage) -> Usage:
+    """`usage_from_responses` of a `usage` block msgspec decoded (`shapes.py`): its
+    counts are already ints or None, its details already objects or None."""
+    details = usage.input_tokens_details
+    if details is not None:
+        cached, cache_write = details.cached_tokens, details.cache_write_tokens
+    else:
+        cached = cache_write = None
+    out_details = usage.output_tokens_details
+    return Usage(
+        usage.input_tokens, cached, cache_write, usage.output_tokens,
+        out_details.reasoning_tokens if out_details is not None else None, usage.total_tokens,
     )
 
 

@@ -1,0 +1,136 @@
+"""The usual shape of a Responses answer, decoded into just the members metering reads.
+
+A Responses body, and the `response.created` / `response.completed` events of a
+stream, carry the whole response (its output, its instructions, its tools), of
+which metering reads a dozen members.  orjson builds every dict, list and string
+of it, and frees them again; msgspec, given these Structs, checks the whole
+document is JSON but builds only the members named here: about half the CPU.
+
+The Structs are strict on purpose: each member has the one type meter takes
+from it (a string, a bool, a count, an object), and anything else (a count that
+is a float or a bool, a `usage` that is a string, an id that is a number) fails
+the decode, and the caller reads the answer the general way (orjson, then
+json), as before.  So whenever `decode_body` / `decode_event` give a value, the
+readers see exactly what they would have read from orjson's dicts:
+
+- a count is an int orjson keeps as an int: orjson reads an integer outside
+  64 bits as a float, which meter does not count, so one past int64 is refused;
+- a duplicated key is the last one, as with orjson (msgspec keeps the last);
+- a lone surrogate escape, NaN, Infinity, a number out of float range, trailing
+  bytes, nesting past msgspec's depth: refused here, read the general way;
+- invalid UTF-8: msgspec does not check the strings it skips, so the callers
+  give it only text that is ASCII or valid UTF-8 (`body_is_utf8`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+# An int orjson reads as an int (it reads one outside 64 bits as a float, which
+# `as_int` refuses).  msgspec's bounds stop at int64: a count in orjson's uint64
+# range above it is read the general way.
+Count = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+
+
+class InputTokensDetails(msgspec.Struct, gc=False):
+    cached_tokens: Count | None = None
+    cache_write_tokens: Count | None = None
+
+
+class OutputTokensDetails(msgspec.Struct, gc=False):
+    reasoning_tokens: Count | None = None
+
+
+class ResponsesUsage(msgspec.Struct, gc=False):
+    input_tokens: Count | None = None
+    input_tokens_details: InputTokensDetails | None = None
+    output_tokens: Count | None = None
+    output_tokens_details: OutputTokensDetails | None = None
+    total_tokens: Count | None = None
+
+
+class WebSearch(msgspec.Struct, gc=False):
+    num_requests: Count | None = None
+
+
+class ToolUsage(msgspec.Struct, gc=False):
+    web_search: WebSearch | None = None
+
+
+class CacheDiagnostics(msgspec.Struct, gc=False):
+    type: str | None = None
+    reason: str | None = None
+    cache_missed_tokens: Count | None = None
+
+
+class Error(msgspec.Struct, gc=False):
+    type: str | None = None
+    code: str | None = None
+
+
+class Response(msgspec.Struct, gc=False):
+    """A `response` object: a JSON body, or the payload of a stream's response event."""
+
+    id: str | None = None
+    model: str | None = None
+    previous_response_id: str | None = None
+    status: str | None = None
+    background: bool | None = None
+    service_tier: str | None = None
+    error: Error | None = None
+    usage: ResponsesUsage | None = None
+    tool_usage: ToolUsage | None = None
+    prompt_cache_diagnostics: CacheDiagnostics | None = None
+    # Only whether it is there: a body with an `error` object and no `object`
+    # member is an error, not a response.
+    object: Any = msgspec.UNSET
+
+
+class Event(msgspec.Struct, gc=False):
+    """A Responses stream event, as far as its response is concerned."""
+
+    type: str | None = None
+    response: Response | None = None
+
+
+_body = msgspec.json.Decoder(Response).decode
+_event = msgspec.json.Decoder(Event).decode
+
+# Everything a decode here can raise on a document the general reading may still
+# take: DecodeError and ValidationError (both msgspec.DecodeError), and RecursionError
+# past msgspec's nesting depth.
+Refused = (msgspec.DecodeError, RecursionError)
+
+
+def body_is_utf8(data: bytes | bytearray) -> bool:
+    """True if `data` is text orjson would not refuse as UTF-8 (msgspec skips unread
+    strings without checking them).  Most answers are ASCII, the one cheap test."""
+    if data.isascii():
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def decode_body(data: bytes | bytearray) -> Response | None:
+    """The response a whole JSON body is, or None: read it the general way."""
+    if not body_is_utf8(data):
+        return None
+    try:
+        return _body(data)
+    except Refused:
+        return None
+
+
+def decode_event(data: bytes | bytearray) -> Event | None:
+    """A Responses stream event (its type and response), or None: read it the general way."""
+    if not body_is_utf8(data):
+        return None
+    try:
+        return _event(data)
+    except Refused:
+        return None
