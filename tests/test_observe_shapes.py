@@ -21,7 +21,7 @@ from meter.observe import objects, responses
 from meter.observe.jsonio import DecodeError, loads
 from meter.observe.objects import Observation, observe_json_body
 from meter.observe.responses import observe_event, observe_usual_event
-from meter.observe.shapes import decode_body, decode_event
+from meter.observe.shapes import decode_body, decode_chat_body, decode_event
 from meter.observe.sse import SSEObserver
 
 BENCH_BODY = (
@@ -110,13 +110,24 @@ def documents(mixed: bool) -> tuple[st.SearchStrategy[Obj], st.SearchStrategy[Ob
         "prompt_cache_diagnostics": st.one_of(st.none(), shaped({"type": st.one_of(st.none(), STR), "reason": st.one_of(st.none(), STR), "cache_missed_tokens": COUNT})),
     })
     event = shaped({"type": st.one_of(KINDS, KINDS, st.none()), "response": st.one_of(response, response, st.none()), "sequence_number": INTS, "error": anything, "code": STR})
-    return response, event
+    chat_usage = shaped({
+        "prompt_tokens": COUNT, "completion_tokens": COUNT, "total_tokens": COUNT,
+        "prompt_tokens_details": st.one_of(st.none(), shaped({"cached_tokens": COUNT, "cache_write_tokens": COUNT})),
+        "completion_tokens_details": st.one_of(st.none(), shaped({"reasoning_tokens": COUNT})),
+    })
+    chat = shaped({
+        "id": STR, "model": STR, "service_tier": STR, "object": st.one_of(st.just("chat.completion"), anything),
+        "error": st.one_of(st.none(), shaped({"type": st.one_of(st.none(), STR), "code": st.one_of(st.none(), STR, INTS)})),
+        "usage": st.one_of(st.none(), chat_usage), "choices": anything, "data": st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=4),
+    })
+    return response, event, chat
 
 
-CLEAN_RESPONSE, CLEAN_EVENT = documents(mixed=False)
-MIXED_RESPONSE, MIXED_EVENT = documents(mixed=True)
+CLEAN_RESPONSE, CLEAN_EVENT, CLEAN_CHAT = documents(mixed=False)
+MIXED_RESPONSE, MIXED_EVENT, MIXED_CHAT = documents(mixed=True)
 RESPONSE = st.one_of(CLEAN_RESPONSE, MIXED_RESPONSE)
 EVENT = st.one_of(CLEAN_EVENT, MIXED_EVENT)
+CHAT = st.one_of(CLEAN_CHAT, MIXED_CHAT)
 
 
 def mutate(data: bytes, seed: int) -> bytes:
@@ -156,7 +167,7 @@ def mutate(data: bytes, seed: int) -> bytes:
 
 
 def general_body(kind: str, body: bytes) -> Observation:
-    with mock.patch.object(objects, "decode_body", lambda _data: None):
+    with mock.patch.object(objects, "decode_body", lambda _data: None), mock.patch.object(objects, "decode_chat_body", lambda _data: None):
         return observe_json_body(kind, body)
 
 
@@ -226,6 +237,10 @@ def test_the_usual_answers_take_the_msgspec_reading() -> None:
     for refused in (b'{"usage":{"input_tokens":1.0}}', b'{"x":"\xff"}', b'{"x":"\\ud800"}', b"[]"):
         assert decode_body(refused) is None
     assert observe_usual_event(Observation(), b'{"type":"error","error":{"type":"x"}}') is None  # read the general way
+    chat = (b'{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{"index":0,"message":{"content":"hi"}}],'
+            b'"usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":0},"completion_tokens":2,"total_tokens":5}}')
+    assert decode_chat_body(chat) is not None
+    assert observe_json_body("chat", chat).usage.total_tokens == 5  # type: ignore[union-attr]
 
 
 # --- generated
@@ -236,6 +251,13 @@ def test_the_usual_answers_take_the_msgspec_reading() -> None:
 @example(doc=Obj([("usage", Obj([("input_tokens", 2**63)]))]), ascii_only=True)
 def test_generated_bodies_read_as_before(doc: Obj, ascii_only: bool) -> None:
     check_body(encode(doc, ascii_only).encode("utf-8", "surrogatepass"))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=CHAT, ascii_only=st.booleans(), seed=st.integers(0, 2**32), hostile=st.booleans())
+def test_generated_chat_bodies_read_as_before(doc: Obj, ascii_only: bool, seed: int, hostile: bool) -> None:
+    data = encode(doc, ascii_only).encode("utf-8", "surrogatepass")
+    check_body(mutate(data, seed) if hostile else data)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -299,3 +321,18 @@ def test_generated_counts_read_as_before(counts: dict[str, object], code: object
     event = b'{"type":"response.completed","response":' + body + b"}"
     check_event(event)
     assert decode_event(b'{"type":"response.completed","response":' + BENCH_BODY + b"}") is not None
+
+
+@settings(max_examples=400, deadline=None)
+@given(counts=st.fixed_dictionaries({k: NUMBER for k in ("i", "c", "w", "o", "r", "t")}), code=st.one_of(st.none(), STR, INTS))
+def test_generated_chat_counts_read_as_before(counts: dict[str, object], code: object) -> None:
+    """A completion with every number meter reads drawn from ints of every size and the other numbers."""
+    n = {k: encode(v, True) for k, v in counts.items()}
+    body = (
+        f'{{"id":"chatcmpl-1","object":"chat.completion","model":"gpt-4o","choices":[{{"index":0,"message":{{"content":"hi"}}}}],'
+        f'"usage":{{"prompt_tokens":{n["i"]},"prompt_tokens_details":{{"cached_tokens":{n["c"]},"cache_write_tokens":{n["w"]}}},'
+        f'"completion_tokens":{n["o"]},"completion_tokens_details":{{"reasoning_tokens":{n["r"]}}},"total_tokens":{n["t"]}}},'
+        f'"service_tier":"default","error":{{"type":"x","code":{encode(code, True)}}}}}'
+    ).encode()
+    check_body(body)
+    check_body(body.replace(b'"object":"chat.completion",', b""))

@@ -14,8 +14,8 @@ from typing import Any
 from msgspec import UNSET
 
 from .jsonio import DecodeError, as_int, as_str, loads, orjson_loads
-from .shapes import Response, decode_body
-from .usage import Usage, cache_status_from_diagnostics, usage_from_chat, usage_from_responses, usage_from_shape
+from .shapes import ChatBody, Response, decode_body, decode_chat_body
+from .usage import Usage, cache_status_from_diagnostics, usage_from_chat, usage_from_chat_shape, usage_from_responses, usage_from_shape
 
 
 @dataclass(slots=True)
@@ -147,6 +147,15 @@ def observe_chat_object(obs: Observation, obj: dict[str, Any]) -> None:
         obs.usage = usage_from_chat(usage)
 
 
+def observe_chat_shape(obs: Observation, body: ChatBody) -> None:
+    """`observe_chat_object` of a body msgspec decoded (`shapes.py`), on a new `Observation`."""
+    obs.response_id = body.id or None
+    obs.model = body.model or None
+    obs.service_tier = body.service_tier or None
+    if body.usage is not None:
+        obs.usage = usage_from_chat_shape(body.usage)
+
+
 def observe_answer(obs: Observation, kind: str, obj: dict[str, Any]) -> None:
     """Read a whole answer (or what was found of one cut in the middle): an error, or
     the response (`kind` `responses`) or completion (`chat`) it is."""
@@ -161,15 +170,19 @@ def observe_json_body(kind: str, body: bytes | bytearray) -> Observation:
     obs = Observation()
     if not body:
         return obs
-    if kind == "responses":
-        response = decode_body(body)  # the usual answer, decoded into what is read of it
-        if response is not None:
-            obs.terminal = True
-            if response.error is not None and response.object is UNSET:
-                observe_error(obs, {"type": response.error.type, "code": response.error.code})
-            else:
-                observe_response_shape(obs, response)
-            return obs
+    # The usual answer, decoded into what is read of it (`shapes.py`); None: read it the general way.
+    shape = decode_body(body) if kind == "responses" else decode_chat_body(body)
+    if shape is not None:
+        obs.terminal = True
+        error = shape.error
+        if error is not None and shape.object is UNSET:  # an error, as `observe_error` reads it
+            obs.error_type = error.type or None
+            obs.error_code = error.code
+        elif type(shape) is ChatBody:
+            observe_chat_shape(obs, shape)
+        else:
+            observe_response_shape(obs, shape)  # type: ignore[arg-type]
+        return obs
     try:
         obj = orjson_loads(body)  # the usual answer, without `loads`'s call around it
     except ValueError:

@@ -1,7 +1,8 @@
-"""The usual shape of a Responses answer, decoded into just the members metering reads.
+"""The usual shape of an answer, decoded into just the members metering reads.
 
 A Responses body, and the `response.created` / `response.completed` events of a
-stream, carry the whole response (its output, its instructions, its tools), of
+stream, carry the whole response (its output, its instructions, its tools), and
+a Chat Completions or Embeddings body its choices or vectors, of
 which metering reads a dozen members.  orjson builds every dict, list and string
 of it, and frees them again; msgspec, given these Structs, checks the whole
 document is JSON but builds only the members named here: about half the CPU.
@@ -88,6 +89,34 @@ class Response(msgspec.Struct, gc=False):
     object: Any = msgspec.UNSET
 
 
+class PromptTokensDetails(msgspec.Struct, gc=False):
+    cached_tokens: Count | None = None
+    cache_write_tokens: Count | None = None
+
+
+class CompletionTokensDetails(msgspec.Struct, gc=False):
+    reasoning_tokens: Count | None = None
+
+
+class ChatUsage(msgspec.Struct, gc=False):
+    prompt_tokens: Count | None = None
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens: Count | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+    total_tokens: Count | None = None
+
+
+class ChatBody(msgspec.Struct, gc=False):
+    """A Chat Completions (or Embeddings) body: its choices, or its vectors, are skipped."""
+
+    id: str | None = None
+    model: str | None = None
+    service_tier: str | None = None
+    error: Error | None = None
+    usage: ChatUsage | None = None
+    object: Any = msgspec.UNSET
+
+
 class Event(msgspec.Struct, gc=False):
     """A Responses stream event, as far as its response is concerned."""
 
@@ -97,6 +126,7 @@ class Event(msgspec.Struct, gc=False):
 
 _body = msgspec.json.Decoder(Response).decode
 _event = msgspec.json.Decoder(Event).decode
+_chat_body = msgspec.json.Decoder(ChatBody).decode
 
 # Everything a decode here can raise on a document the general reading may still
 # take: DecodeError and ValidationError (both msgspec.DecodeError), and RecursionError
@@ -122,6 +152,16 @@ def decode_body(data: bytes | bytearray) -> Response | None:
         return None
     try:
         return _body(data)
+    except Refused:
+        return None
+
+
+def decode_chat_body(data: bytes | bytearray) -> ChatBody | None:
+    """The completion (or embeddings) a whole JSON body is, or None: read it the general way."""
+    if not body_is_utf8(data):
+        return None
+    try:
+        return _chat_body(data)
     except Refused:
         return None
 

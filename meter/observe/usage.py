@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .jsonio import as_dict, as_int
 
 if TYPE_CHECKING:
-    from .shapes import ResponsesUsage
+    from .shapes import ChatUsage, ResponsesUsage
 
 
 @dataclass(slots=True)
@@ -81,6 +81,20 @@ def usage_from_chat(usage: dict[str, Any]) -> Usage:
         output_tokens=as_int(usage.get("completion_tokens")),
         reasoning_tokens=as_int(details_out.get("reasoning_tokens")),
         total_tokens=as_int(usage.get("total_tokens")),
+    )
+
+
+def usage_from_chat_shape(usage: ChatUsage) -> Usage:
+    """`usage_from_chat` of a `usage` block msgspec decoded (`shapes.py`)."""
+    details = usage.prompt_tokens_details
+    if details is not None:
+        cached, cache_write = details.cached_tokens, details.cache_write_tokens
+    else:
+        cached = cache_write = None
+    out_details = usage.completion_tokens_details
+    return Usage(
+        usage.prompt_tokens, cached, cache_write, usage.completion_tokens,
+        out_details.reasoning_tokens if out_details is not None else None, usage.total_tokens,
     )
 
 
