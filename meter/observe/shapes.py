@@ -2,8 +2,8 @@
 
 A Responses body, and the `response.created` / `response.completed` events of a
 stream, carry the whole response (its output, its instructions, its tools), and
-a Chat Completions or Embeddings body its choices or vectors, of
-which metering reads a dozen members.  orjson builds every dict, list and string
+a Chat Completions or Embeddings body its choices or vectors, of which
+metering reads a dozen members.  orjson builds every dict, list and string
 of it, and frees them again; msgspec, given these Structs, checks the whole
 document is JSON but builds only the members named here: about half the CPU.
 
@@ -11,16 +11,18 @@ The Structs are strict on purpose: each member has the one type meter takes
 from it (a string, a bool, a count, an object), and anything else (a count that
 is a float or a bool, a `usage` that is a string, an id that is a number) fails
 the decode, and the caller reads the answer the general way (orjson, then
-json), as before.  So whenever `decode_body` / `decode_event` give a value, the
-readers see exactly what they would have read from orjson's dicts:
+json), as before.  So whenever `decode_body`, `decode_chat_body` or
+`decode_event` give a value, the readers see exactly what they would have read
+from orjson's dicts (tests/test_observe_shapes.py checks it on hostile input):
 
 - a count is an int orjson keeps as an int: orjson reads an integer outside
   64 bits as a float, which meter does not count, so one past int64 is refused;
-- a duplicated key is the last one, as with orjson (msgspec keeps the last);
+- a duplicated key is the last one, as with orjson (msgspec keeps the last,
+  an object replacing the earlier one whole);
 - a lone surrogate escape, NaN, Infinity, a number out of float range, trailing
   bytes, nesting past msgspec's depth: refused here, read the general way;
-- invalid UTF-8: msgspec does not check the strings it skips, so the callers
-  give it only text that is ASCII or valid UTF-8 (`body_is_utf8`).
+- invalid UTF-8: msgspec does not check the strings it skips, so it is given
+  only text that is ASCII or valid UTF-8 (`body_is_utf8`).
 """
 
 from __future__ import annotations
