@@ -137,7 +137,7 @@ def _fits_int32(columns: Sequence[Sequence[Any]]) -> bool:
 
 def can_append(con: Any) -> bool:
     """Whether the DuckDB client has an appender (2.0); without one, list parameters."""
-    return hasattr(con, "appender")
+    return callable(getattr(con, "appender", None))
 
 
 # How `_Staging` takes a column of a batch.
