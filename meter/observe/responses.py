@@ -95,7 +95,7 @@ def observe_usual_event(obs: Observation, data: bytes | bytearray) -> bool | Non
     if kind in FINAL_TYPES:
         if response is not None:
             observe_response_shape(obs, response, final=True)
-        obs.status = obs.status or kind.partition(".")[2]  # type: ignore[union-attr]
+        obs.status = obs.status or kind.partition(".")[2]
         obs.terminal = True
         return True
     if kind in EARLY_TYPES:
