@@ -10,6 +10,7 @@ surrogates, huge integers, NaN, BOM, trailing bytes, deep nesting).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 from unittest import mock
@@ -336,3 +337,72 @@ def test_generated_chat_counts_read_as_before(counts: dict[str, object], code: o
     ).encode()
     check_body(body)
     check_body(body.replace(b'"object":"chat.completion",', b""))
+
+
+# --- the WebSocket's response events (meter/observe/socket.py) ----------------------
+
+_TIMES = ("id", "started_at", "finished_at", "ttfb_ms", "ttft_ms", "duration_ms")
+
+
+def socket_records(messages: list[bytes], general: bool) -> list[dict[str, object]]:
+    """The records a socket's metering makes of `messages` from the upstream, read the
+    msgspec way where it can, or (`general`) always with orjson's dicts."""
+    from meter.flow import Addons, Flow
+    from meter.identity import KeyIdentities
+    from meter.observe import socket
+    from meter.websocket import WebSocketRelay
+
+    class Records:
+        def __init__(self) -> None:
+            self.made: list[dict[str, object]] = []
+
+        def done(self, flow: object, record: object) -> None:
+            row = dataclasses.asdict(record)  # type: ignore[call-overload]
+            self.made.append({k: v for k, v in row.items() if k not in _TIMES})
+
+    sink = Records()
+    relay = WebSocketRelay("http://upstream.invalid", None, Addons([sink]), KeyIdentities())  # type: ignore[arg-type]
+    template = Flow(method="GET", path="/v1/responses", endpoint="responses", headers={}, transport="websocket")
+    general_reading = mock.patch.object(socket, "decode_event_shape", lambda _data: None)
+    with general_reading if general else contextlib.nullcontext():
+        meter = socket.SocketMeter(relay, template, None, None)
+        for message in messages:
+            meter.on_upstream(message)
+        meter.end("completed")
+    return sink.made
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    docs=st.lists(st.tuples(KINDS, st.one_of(st.none(), st.sampled_from(["a", "b"]), SCALARS), EVENT, st.booleans(), st.integers(0, 2**32)), min_size=1, max_size=5),
+    ascii_only=st.booleans(),
+)
+def test_generated_socket_messages_read_as_before(docs: list[tuple[str, object, Obj, bool, int]], ascii_only: bool) -> None:
+    messages = []
+    for kind, lane, doc, hostile, seed in docs:
+        # The type first, as the API writes it, so that the socket's cheap reading of it
+        # sends the message on to the decoding; a lane of any type, and the event's own
+        # members (a second `type` among them, sometimes) after it.
+        members = [("type", kind), *([("stream_id", lane)] if lane is not None else []), *doc]
+        data = encode(Obj(members), ascii_only).encode("utf-8", "surrogatepass")
+        messages.append(mutate(data, seed) if hostile else data)
+    assert socket_records(messages, general=False) == socket_records(messages, general=True)
+
+
+def test_the_usual_socket_events_take_the_msgspec_reading() -> None:
+    from meter.observe import socket
+
+    seen: list[bytes] = []
+    real = socket.decode_event_shape
+
+    def counting(data: bytes) -> object:
+        seen.append(data)
+        return real(data)
+
+    created = b'{"type":"response.created","stream_id":"a","response":{"id":"resp_1","object":"response","status":"in_progress","model":"gpt-4o"}}'
+    completed = (b'{"type":"response.completed","stream_id":"a","response":{"id":"resp_1","object":"response","status":"completed","model":"gpt-4o",'
+                 b'"usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}}}')
+    with mock.patch.object(socket, "decode_event_shape", counting):
+        [row] = socket_records([created, completed], general=False)
+    assert seen == [created, completed]
+    assert (row["response_id"], row["input_tokens"], row["total_tokens"], row["outcome"]) == ("resp_1", 3, 5, "completed")

@@ -26,6 +26,7 @@ from typing import Any
 from .ends import NOTHING, edge, is_str, last_member, members, partial_response, value_at
 from .jsonio import loads
 from .objects import Observation, observe_error, observe_response_object, observe_response_shape
+from .shapes import Response
 from .shapes import decode_event as decode_event_shape
 
 EARLY = frozenset({b"response.created", b"response.queued", b"response.in_progress"})
@@ -90,8 +91,12 @@ def observe_usual_event(obs: Observation, data: bytes | bytearray) -> bool | Non
     event = decode_event_shape(data)
     if event is None:
         return None
-    kind = event.type
-    response = event.response
+    return observe_event_shape(obs, event.type, event.response)
+
+
+def observe_event_shape(obs: Observation, kind: str | None, response: Response | None) -> bool | None:
+    """`observe_event` of an event decoded by msgspec (`shapes.Event`): whether it ends
+    the response, or None for an `error` event, which is read the general way."""
     if kind in FINAL_TYPES:
         if response is not None:
             observe_response_shape(obs, response, final=True)

@@ -124,6 +124,8 @@ class Event(msgspec.Struct, gc=False):
 
     type: str | None = None
     response: Response | None = None
+    # The lane of a WebSocket's event (`socket.py`); SSE events carry none.
+    stream_id: str | None = None
 
 
 _body = msgspec.json.Decoder(Response).decode

@@ -39,13 +39,27 @@ from ..flow import Flow, Refusal
 from .facts import RequestFacts, facts_from_request
 from .jsonio import DecodeError
 from .objects import Observation
-from .responses import DECODED, DECODED_TYPES, DELTA, DELTA_TYPE, decode_event, message_from_ends, observe_event
+from .responses import (
+    DECODED,
+    DECODED_TYPES,
+    DELTA,
+    DELTA_TYPE,
+    EARLY_TYPES,
+    ERROR,
+    FINAL_TYPES,
+    decode_event,
+    message_from_ends,
+    observe_event,
+    observe_event_shape,
+)
+from .shapes import decode_event as decode_event_shape
 
 # Output and reasoning events (`response.output_*`, `response.reasoning_*`): no type
 # the interpreter decodes starts so (a test keeps that true).
 _COUNTED_ONLY = (b'{"type":"response.o', b'{"type":"response.r')
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
 _STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+SHAPED_TYPES = EARLY_TYPES | FINAL_TYPES  # the response events read through `shapes.Event`
 _CREATE = b'"response.create"'
 _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
 
@@ -216,6 +230,18 @@ class SocketMeter:
                         flow.response_bytes += len(data)
                 return
         limit = self.relay.max_metered_bytes
+        if etype is not None and etype != ERROR and len(data) <= limit:
+            # The usual response event, decoded into just what is read of it (`shapes.py`);
+            # anything else (a member of another type, an `error`) is read the general way.
+            event = decode_event_shape(data)
+            if event is not None and event.type in SHAPED_TYPES:
+                response = event.response
+                if response is None:
+                    return
+                flow = self._response_flow(event.stream_id, response.id, len(data))
+                if flow is not None and observe_event_shape(flow.observation, event.type, response):  # type: ignore[arg-type]
+                    self._close(event.stream_id, flow)
+                return
         try:
             obj = decode_event(data) if len(data) <= limit else message_from_ends(data, limit)
         except DecodeError:
@@ -240,15 +266,18 @@ class SocketMeter:
         response = obj.get("response")
         if not isinstance(response, dict):
             return
-        rid = response.get("id") if isinstance(response.get("id"), str) else None
-        if rid is not None and short_key(rid) in self.ended:
-            return  # a late event of a response already ended (by an `error` event): no second row
-        flow = self._open_flow(lane, rid)
-        flow.response_bytes += len(data)
-        obs = flow.observation
-        assert obs is not None  # every flow of a socket is made with its observation
-        if observe_event(obs, kind, obj):
+        flow = self._response_flow(lane, response.get("id") if isinstance(response.get("id"), str) else None, len(data))
+        if flow is not None and observe_event(flow.observation, kind, obj):  # type: ignore[arg-type]
             self._close(lane, flow)
+
+    def _response_flow(self, lane: str | None, rid: str | None, size: int) -> Flow | None:
+        """The open flow a response event of `size` bytes belongs to (started by it if it
+        is the first), or None for a late event of a response already ended."""
+        if rid is not None and short_key(rid) in self.ended:
+            return None  # a late event of a response already ended (by an `error` event): no second row
+        flow = self._open_flow(lane, rid)
+        flow.response_bytes += size
+        return flow
 
     def _flow_of(self, data: bytes) -> Flow | None:
         """The open response a (non-decoded) event belongs to."""
