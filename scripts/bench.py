@@ -351,6 +351,10 @@ def measure(url: str, pid: int, stream: bool, args: argparse.Namespace, work: Pa
         SETTLED.append(ledger_settled(admin_url))
     cpu_us = (tree_cpu_seconds(pid) - cpu0) / done * 1e6
     proxy_us = (cpu_seconds(pid) - proxy0) / done * 1e6
+    # Every target then rests as long before its latency runs: what a saturating run
+    # leaves behind (meter's ledger checkpointing what it just wrote, freed memory)
+    # is not what one connection at rest meets.
+    time.sleep(args.rest)
     one = wrk(url, stream, max(2.0, args.duration / 2), 1, work, headers)
     rate = args.paced_rate / (4 if stream else 1)
     paced = wrk(url, stream, max(2.0, args.duration / 2), args.connections, work, headers, pace_ms=1000 * args.connections / rate)
@@ -401,6 +405,7 @@ def main() -> None:
     parser.add_argument("--memory-requests", type=int, default=1_000_000, help="requests for meter's RSS check (default 1000000; 0 skips it)")
     parser.add_argument("--peers", default="", help="also measure these peers: litellm,portkey (installed on demand, see scripts/peers.py)")
     parser.add_argument("--budget-check", action="store_true", help="only measure the budget check's cost per request, in-process, and exit")
+    parser.add_argument("--rest", type=float, default=2.0, help="seconds every target rests after its flat-out run, before the latency runs (default 2)")
     parser.add_argument("--pin", action="store_true", help="each target alone on CPU 0; wrk, the upstream and meter's ledger process on CPU 1")
     args = parser.parse_args()
     if args.budget_check:
