@@ -512,7 +512,7 @@ def main() -> None:
             for name in peers:
                 q = ratios({n: runs[(kind, n)] for n in targets}, "meter", name)
                 print(f"  {kind} vs {name}: meter's req/s {spread(q['rps'], lambda v: f'{v / 100:.1f}x')}")
-        print(f"meter's ledger caught up {spread(SETTLED, lambda v: f'{v:.2f}')} s after each flat-out run (latency runs start then)")
+        print(f"meter's ledger caught up {spread(SETTLED, lambda v: f'{v:.2f}')} s after each flat-out run (then every target rests {args.rest:g} s before its latency runs)")
         print()
         grown = (rss_series[-1][1] - rss_series[1][1]) / 1024 if len(rss_series) > 2 else 0.0
         print("meter's process tree RSS (MiB) by requests sent: " + ", ".join(f"{n:,}: {kb / 1024:.0f}" for n, kb in rss_series)
