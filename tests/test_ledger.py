@@ -186,6 +186,11 @@ def test_minted_ids_are_distinct_version_4_uuids() -> None:
     for text in ids:
         u = uuid.UUID(text)
         assert str(u) == text and u.version == 4 and u.variant == uuid.RFC_4122
+    marked = random_uuids(2_000, "0123abcd-ef01")  # a budget's mark first, the rest random
+    assert len(set(marked)) == 2_000
+    for text in marked:
+        u = uuid.UUID(text)
+        assert text.startswith("0123abcd-ef01-") and str(u) == text and u.version == 4 and u.variant == uuid.RFC_4122
 
 
 class CountingStore(DuckDBStore):

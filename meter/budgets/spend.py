@@ -29,7 +29,7 @@ from decimal import Decimal
 from typing import Any
 
 from ..config import Budget
-from ..ledger.schema import needs_claim
+from ..ledger.schema import needs_claim, random_uuids
 from ..record import Record
 from .alerts import Crossing
 from .matching import Matcher, matcher_for
@@ -176,7 +176,7 @@ class Budgets:
         if counted and rid is None:
             ids = self._ids
             if not ids:
-                ids += _marked_ids(self.prefix, _IDS_AT_ONCE)
+                ids += random_uuids(_IDS_AT_ONCE, self.prefix)
             record.id = ids.pop()
 
     def _match(self, key: Any, record: Record) -> tuple[BudgetState, ...]:
@@ -254,29 +254,3 @@ def _mark() -> str:
     once in 2^48."""
     h = os.urandom(6).hex()
     return f"{h[:8]}-{h[8:12]}"
-
-
-# A random byte to a UUID's variant digit (8, 9, a or b: its top bits 10), as bytes.translate takes it.
-_VARIANT = bytes(b"89ab"[byte & 3] for byte in range(256))
-# Where the 18 random hex digits of an id go, after its 13-character mark: `-4xxx-Vxxx-xxxxxxxxxxxx`.
-_RANDOM_AT = (15, 16, 17, 20, 21, 22, *range(24, 36))
-_VARIANT_AT = 19
-
-
-def _marked_ids(prefix: str, n: int) -> list[str]:
-    """`n` random version-4 UUIDs whose first 13 characters are `prefix`.
-
-    Built column by column in one buffer (a slice assignment per character
-    position, not a format per id): minting is on the request path of every
-    record a budget counts, and a formatted UUID per record cost ~0.5 us.
-    """
-    line = f"{prefix}-4xxx-Vxxx-xxxxxxxxxxxx\n".encode("ascii")
-    width = len(line)
-    buf = bytearray(line * n)
-    digits = os.urandom(9 * n).hex().encode("ascii")  # 18 hex digits per id
-    for column, at in enumerate(_RANDOM_AT):
-        buf[at::width] = digits[column::18]
-    buf[_VARIANT_AT::width] = os.urandom(n).translate(_VARIANT)
-    ids = buf.decode("ascii").split("\n")
-    ids.pop()  # after the last newline
-    return ids

@@ -141,8 +141,10 @@ CLAIM_RECORDED_USAGE_SQL = (
 )
 
 
-# The UUID variant digit (8, 9, a or b) for each hex digit of randomness.
-_VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+# A random byte to a UUID's variant digit (8, 9, a or b: its top bits 10), as bytes.translate takes it.
+_VARIANT = bytes(b"89ab"[byte & 3] for byte in range(256))
+_UUID_LINE = "xxxxxxxx-xxxx-4xxx-Vxxx-xxxxxxxxxxxx\n"  # x: a random hex digit; V: the variant
+_VARIANT_AT = _UUID_LINE.index("V")
 
 
 def mint_ids(records: Sequence[Record]) -> None:
@@ -153,15 +155,24 @@ def mint_ids(records: Sequence[Record]) -> None:
         record.id = id_
 
 
-def random_uuids(n: int) -> list[str]:
-    """`n` random (version 4) UUIDs as strings, from one read of the OS's randomness.
+def random_uuids(n: int, prefix: str = "") -> list[str]:
+    """`n` random (version 4) UUIDs as strings, from one read of the OS's randomness;
+    with `prefix` (a UUID's first characters, such as a budget's `xxxxxxxx-xxxx` mark),
+    each starts with it and the rest is random.
 
-    `str(uuid.uuid4())` per record made a system call and a UUID object each, and
-    was the writer thread's largest cost (its GIL time is the event loop's loss).
+    Built column by column in one buffer, a slice assignment per character position:
+    `str(uuid.uuid4())` per record made a system call and a UUID object each (the
+    writer thread's largest cost once), and a formatted string per id ~0.5 us.
     """
-    digits = os.urandom(16 * n).hex()
-    out = []
-    for i in range(0, 32 * n, 32):
-        h = digits[i : i + 32]
-        out.append(f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}")
-    return out
+    line = (prefix + _UUID_LINE[len(prefix) :]).encode("ascii")
+    width = len(line)
+    random_at = [at for at in range(len(prefix), width) if line[at] == ord("x")]
+    per_id = len(random_at)  # even: the digits of n ids come from n * per_id / 2 bytes
+    buf = bytearray(line * n)
+    digits = os.urandom(per_id * n // 2).hex().encode("ascii")
+    for column, at in enumerate(random_at):
+        buf[at::width] = digits[column::per_id]
+    buf[_VARIANT_AT::width] = os.urandom(n).translate(_VARIANT)
+    ids = buf.decode("ascii").split("\n")
+    ids.pop()  # after the last line end
+    return ids
