@@ -14,10 +14,18 @@ from collections.abc import Mapping
 def key_from_headers(headers: Mapping[str, str]) -> str | None:
     auth = headers.get("Authorization")
     if auth:
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+        key = bearer_key(auth)
+        if key is not None:
+            return key
     return headers.get("x-api-key") or headers.get("api-key") or None
+
+
+def bearer_key(authorization: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` value, else None."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
 
 
 def key_id(key: str) -> str:
@@ -56,16 +64,17 @@ class KeyIdentities:
             hit = self._by_authorization.get(auth)
             if hit is not None:
                 return hit
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                found = self.lookup(token.strip())
-                if len(auth) <= _LONGEST_CACHED_KEY:  # as `lookup` bounds its own
-                    if len(self._by_authorization) >= self._max:
-                        self._by_authorization.clear()
-                    self._by_authorization[auth] = found
-                return found
-        key = headers.get("x-api-key") or headers.get("api-key")
-        return self.lookup(key) if key else None
+        key = key_from_headers(headers)
+        if key is None:
+            return None
+        found = self.lookup(key)
+        # Kept by the header's value only when the key is its bearer token (else the
+        # key came from another header, which the value does not decide).
+        if auth and len(auth) <= _LONGEST_CACHED_KEY and bearer_key(auth) is not None:  # bounded as `lookup` bounds its own
+            if len(self._by_authorization) >= self._max:
+                self._by_authorization.clear()
+            self._by_authorization[auth] = found
+        return found
 
     def lookup(self, key: str) -> tuple[str, str, str | None]:
         hit = self._cache.get(key)
