@@ -15,7 +15,15 @@ from msgspec import UNSET
 
 from .jsonio import DecodeError, as_int, as_str, loads, orjson_loads
 from .shapes import ChatBody, Response, decode_body, decode_chat_body
-from .usage import Usage, cache_status_from_diagnostics, usage_from_chat, usage_from_chat_shape, usage_from_responses, usage_from_shape
+from .usage import (
+    Usage,
+    cache_status,
+    cache_status_from_diagnostics,
+    usage_from_chat,
+    usage_from_chat_shape,
+    usage_from_responses,
+    usage_from_shape,
+)
 
 
 @dataclass(slots=True)
@@ -127,13 +135,7 @@ def observe_response_shape(obs: Observation, response: Response, final: bool = T
             u.web_search_calls = tool_usage.web_search.num_requests
         diagnostics = response.prompt_cache_diagnostics
         if diagnostics is not None:
-            kind = diagnostics.type
-            if kind == "cache_hit":
-                u.cache_status = "hit"
-            elif kind == "cache_miss":
-                u.cache_status, u.cache_missed_tokens = f"miss:{diagnostics.reason or 'unknown'}", diagnostics.cache_missed_tokens
-            elif kind is not None:
-                u.cache_status = kind
+            u.cache_status, u.cache_missed_tokens = cache_status(diagnostics.type, diagnostics.reason, diagnostics.cache_missed_tokens)
         obs.usage = u
 
 

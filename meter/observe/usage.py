@@ -101,10 +101,16 @@ def usage_from_chat_shape(usage: ChatUsage) -> Usage:
 def cache_status_from_diagnostics(diagnostics: dict[str, Any]) -> tuple[str | None, int | None]:
     """`cache_status` and `cache_missed_tokens` from a response's `prompt_cache_diagnostics`."""
     kind = diagnostics.get("type")
+    return cache_status(kind, diagnostics.get("reason"), as_int(diagnostics.get("cache_missed_tokens")) if kind == "cache_miss" else None)
+
+
+def cache_status(kind: object, reason: object, missed: int | None) -> tuple[str | None, int | None]:
+    """`cache_status` and `cache_missed_tokens` from the diagnostics' type, reason and
+    missed tokens, however they were decoded."""
     if kind == "cache_hit":
         return "hit", None
     if kind == "cache_miss":
-        return f"miss:{diagnostics.get('reason') or 'unknown'}", as_int(diagnostics.get("cache_missed_tokens"))
+        return f"miss:{reason or 'unknown'}", missed
     if isinstance(kind, str):
         return kind, None
     return None, None
