@@ -276,10 +276,7 @@ class Pricer:
         """USD for one request, to 9 decimal places; `None` when it cannot be priced honestly."""
         if not model or (input_tokens is None and output_tokens is None):
             return None
-        key = (model, service_tier, started_at // _DAY)
-        rates = self._by_day.get(key)
-        if rates is None:
-            rates = self._miss(key, started_at)
+        rates = self._day_rates(model, service_tier, started_at)
         if rates is _UNPRICED:
             return None
         return rates.price(
@@ -299,11 +296,7 @@ class Pricer:
             record.cost_usd = None
             record.priced = False
             return
-        started = record.started_at
-        key = (model, record.service_tier, started // _DAY)
-        rates = self._by_day.get(key)
-        if rates is None:
-            rates = self._miss(key, started)
+        rates = self._day_rates(model, record.service_tier, record.started_at)
         if rates is _UNPRICED:
             record.cost_usd = None
             record.priced = False
@@ -315,6 +308,13 @@ class Pricer:
         record.priced = cost is not None
 
     # -- cached resolution ------------------------------------------------------
+
+    def _day_rates(self, model: str, service_tier: str | None, started_at: float) -> _Rates:
+        """The rates of `model` at `service_tier` on `started_at`'s UTC day (or `_UNPRICED`):
+        the warm path is one dict lookup."""
+        key = (model, service_tier, started_at // _DAY)
+        rates = self._by_day.get(key)
+        return rates if rates is not None else self._miss(key, started_at)
 
     def _miss(self, key: tuple[str, str | None, float], started_at: float) -> _Rates:
         """Rates (or `_UNPRICED`) for a (model, served tier, UTC day) not in the day cache."""
