@@ -167,11 +167,11 @@ def random_uuids(n: int, prefix: str = "") -> list[str]:
     line = (prefix + _UUID_LINE[len(prefix) :]).encode("ascii")
     width = len(line)
     random_at = [at for at in range(len(prefix), width) if line[at] == ord("x")]
-    per_id = len(random_at)  # even: the digits of n ids come from n * per_id / 2 bytes
+    per_id, total = len(random_at), len(random_at) * n
     buf = bytearray(line * n)
-    digits = os.urandom(per_id * n // 2).hex().encode("ascii")
+    digits = os.urandom((total + 1) // 2).hex().encode("ascii")
     for column, at in enumerate(random_at):
-        buf[at::width] = digits[column::per_id]
+        buf[at::width] = digits[column:total:per_id]
     buf[_VARIANT_AT::width] = os.urandom(n).translate(_VARIANT)
     ids = buf.decode("ascii").split("\n")
     ids.pop()  # after the last line end
