@@ -29,7 +29,7 @@ import math
 import operator
 import os
 import re
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
@@ -377,22 +377,28 @@ class DuckDBStore:
         self.write([])
 
     def write(self, records: Sequence[Record]) -> None:
-        con = self._staged_con()
-        candidates = sorted({r.response_id for r in records if r.response_id is not None and needs_claim(r)})
-        con.execute("BEGIN TRANSACTION")
-        try:
-            already: set[str] = set()
-            if candidates:
-                rows = con.execute("SELECT response_id FROM usage_claims WHERE response_id IN (SELECT UNNEST(?::VARCHAR[]))", [candidates]).fetchall()
-                already = {row[0] for row in rows}
-            claims = claim_usage(records, already)
-            if claims:
-                con.execute(
-                    "INSERT INTO usage_claims (response_id, request_id) SELECT UNNEST(?::VARCHAR[]), UNNEST(?::UUID[]) ON CONFLICT DO NOTHING",
-                    [[c[0] for c in claims], [c[1] for c in claims]],
-                )
+        def claimed_columns(con: Any) -> list[list[Any]]:
+            self._claim_usage(con, records)  # may clear usage claimed before: read the columns after it
             columns = [list(map(getter, records)) for getter in _COLUMN_GETTERS]
             columns[_COST] = [None if cost is None else str(cost) for cost in columns[_COST]]  # staged as text
+            return columns
+
+        self._write_batch(claimed_columns)
+
+    def write_columns(self, columns: Sequence[Sequence[Any]]) -> None:
+        """`write` for a sanitised batch given as one sequence per column of `COLUMNS`,
+        the cost as the text of its Decimal, none of whose rows needs a usage claim (no
+        background response: `schema.needs_claim`).  The ledger process's usual batch
+        (`rows.decode_columns`), with no `Record` made per row."""
+        self._write_batch(lambda con: columns)
+
+    def _write_batch(self, prepare: Callable[[Any], Sequence[Sequence[Any]]]) -> None:
+        """One batch in one transaction: `prepare`, inside it, gives its columns, and the
+        rows the ledger does not have yet go in."""
+        con = self._staged_con()
+        con.execute("BEGIN TRANSACTION")
+        try:
+            columns = prepare(con)
             self._insert_new(con, columns)
             con.execute("COMMIT")
         except Exception:
@@ -402,22 +408,20 @@ class DuckDBStore:
             raise
         self._saw(columns[_ID], columns[_STARTED_AT])
 
-    def write_columns(self, columns: Sequence[Sequence[Any]]) -> None:
-        """`write` for a sanitised batch given as one sequence per column of `COLUMNS`,
-        the cost as the text of its Decimal, none of whose rows needs a usage claim (no
-        background response: `schema.needs_claim`).  The ledger process's usual batch
-        (`rows.decode_columns`), with no `Record` made per row."""
-        con = self._staged_con()
-        con.execute("BEGIN TRANSACTION")
-        try:
-            self._insert_new(con, columns)
-            con.execute("COMMIT")
-        except Exception:
-            self._settled = None
-            with contextlib.suppress(Exception):
-                con.execute("ROLLBACK")
-            raise
-        self._saw(columns[_ID], columns[_STARTED_AT])
+    @staticmethod
+    def _claim_usage(con: Any, records: Sequence[Record]) -> None:
+        """Claim the usage of the background responses in `records` (`schema.claim_usage`)."""
+        candidates = sorted({r.response_id for r in records if r.response_id is not None and needs_claim(r)})
+        already: set[str] = set()
+        if candidates:
+            rows = con.execute("SELECT response_id FROM usage_claims WHERE response_id IN (SELECT UNNEST(?::VARCHAR[]))", [candidates]).fetchall()
+            already = {row[0] for row in rows}
+        claims = claim_usage(records, already)
+        if claims:
+            con.execute(
+                "INSERT INTO usage_claims (response_id, request_id) SELECT UNNEST(?::VARCHAR[]), UNNEST(?::UUID[]) ON CONFLICT DO NOTHING",
+                [[c[0] for c in claims], [c[1] for c in claims]],
+            )
 
     def _staged_con(self) -> Any:
         """The connection, with its staging tables made (outside any transaction: one
