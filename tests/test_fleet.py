@@ -192,11 +192,9 @@ async def test_thirty_second_postgres_outage_under_load(upstream, postgres, mete
     assert not failures  # forwarding went on throughout
     assert during > 1000  # it was under load
     assert errors >= 1
-    # Bounded: past the limit records go to the spool, down to half the limit; what
-    # arrives while one spill is fsynced waits above it (0.4 s on a quiet disk, over a
-    # second under the whole suite's load: at this load ~1,800 pending was seen once,
-    # against the tens of thousands 30 s of it would leave without a bound).
-    assert 0 < highest_pending <= 5 * max_pending
+    # Bounded: past the limit records go to the spool (the writer wakes at the limit,
+    # so a moment's arrivals may sit above it before they are spilled).
+    assert 0 < highest_pending <= 2 * max_pending
     from meter.ledger import PostgresStore
 
     store = PostgresStore(url, migrate=False)
