@@ -35,7 +35,10 @@ from .responses import (
 from .sselines import AT_LINE_START, SSELines
 
 _TEXT_DATA = len(TEXT_DELTA_LINE)  # where the data line of an output text delta begins
-_LF = b"\n"
+# The one-byte LF that `bytes.split` returns, which feed's delta shortcut tests by
+# identity.  Not a `b"\n"` constant: loaded from cached bytecode, marshal makes that
+# an object of its own, and the shortcut would never hold.
+_LF = b"\n\n".split(b"\n", 1)[1]
 
 
 def _holds_usage_object(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
