@@ -128,9 +128,29 @@ class Event(msgspec.Struct, gc=False):
     stream_id: str | None = None
 
 
+class RequestBody(msgspec.Struct, gc=False):
+    """A request body's members `facts.request_facts` reads.  The body is mostly its
+    `input` (a conversation's whole history, its tools), none of which is built
+    here.  `conversation` and `metadata` are kept as their JSON text (absent: empty),
+    read the general way when there: they are rare, and of more than one shape."""
+
+    model: str | None = None
+    stream: bool | None = None
+    background: bool | None = None
+    service_tier: str | None = None
+    safety_identifier: str | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    previous_response_id: str | None = None
+    conversation: msgspec.Raw = msgspec.Raw()
+    generate: bool | None = None
+    metadata: msgspec.Raw = msgspec.Raw()
+
+
 _body = msgspec.json.Decoder(Response).decode
 _event = msgspec.json.Decoder(Event).decode
 _chat_body = msgspec.json.Decoder(ChatBody).decode
+_request = msgspec.json.Decoder(RequestBody).decode
 
 # Everything a decode here can raise on a document the general reading may still
 # take: DecodeError and ValidationError (both msgspec.DecodeError), and RecursionError
@@ -176,5 +196,15 @@ def decode_event(data: bytes | bytearray) -> Event | None:
         return None
     try:
         return _event(data)
+    except Refused:
+        return None
+
+
+def decode_request(data: bytes | bytearray) -> RequestBody | None:
+    """The members of a request body metering reads, or None: read it the general way."""
+    if not body_is_utf8(data):
+        return None
+    try:
+        return _request(data)
     except Refused:
         return None
