@@ -104,9 +104,11 @@ class LedgerWriter:
         queue = self._queue
         queue.append(record)
         n = len(queue)
-        if n >= self._wake_at:
+        # Each event is set once, not again while it is: a queue that stays long (the
+        # ledger behind) would otherwise cost every request a lock and a notify.
+        if n >= self._wake_at and not self._wake.is_set():
             self._wake.set()
-        if n > self._spill_at:
+        if n > self._spill_at and not self._spill.is_set():
             self._spill.set()  # the store is slow or down: the spill thread bounds memory
 
     async def start(self) -> None:
