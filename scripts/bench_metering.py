@@ -33,6 +33,11 @@ thread's name), the proxy process's and the ledger process's CPU per record
 
     python scripts/bench_metering.py [--calls 5000] [--repeat 5]
 
+Last, a request body's facts (model, stream, tags...; part of stage 4) by the
+body's size: the benchmark's own body, and conversations of ~3 KB and ~47 KB
+(a request is mostly its input), read the usual way (msgspec, into just the
+members read) and the general way (orjson's whole tree), interleaved.
+
 Read it as: the "total" lines against the issue's targets (10 us per
 non-streamed call, 0.2 us per SSE delta; a streamed call's total is its
 per-response part plus 100 deltas); the largest lines are where to cut.
@@ -70,7 +75,8 @@ from meter.flow import Addons, Flow, finished_record
 from meter.identity import KeyIdentities
 from meter.ledger import LedgerWriter, store_for
 from meter.metrics import LedgerMetrics, Metrics
-from meter.observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for
+from meter.observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for, request_facts
+from meter.observe.facts import request_facts_generally
 from meter.paths import normalised_path
 from meter.prices import Pricer
 from meter.proxy import forwardable_request_headers
@@ -314,6 +320,36 @@ async def measure(args: argparse.Namespace, ledger_path: Path) -> None:
     print(f"streamed call, default settings: {streamed:.2f} us per response + {DELTAS} x {delta:.3f} us per delta = {streamed + DELTAS * delta:.2f} us")
     print(f"target non-streamed call <= {TARGET_CALL_US:g} us: {call:.2f} us {'PASS' if call <= TARGET_CALL_US else 'MISS'}")
     print(f"target per SSE delta <= {TARGET_DELTA_US:g} us: {delta:.3f} us {'PASS' if delta <= TARGET_DELTA_US else 'MISS'}")
+    print("\nA request body's facts by its size, us per body (usual reading: msgspec; general: orjson):")
+    for label, size, usual, general in facts_by_size(args.repeat):
+        print(f"  {label} ({size:,} bytes): {cell(usual)} against {cell(general)}")
+
+
+def conversation_body(turns: int) -> bytes:
+    """A Responses request carrying a conversation of `turns` messages."""
+    import json
+
+    message = {"role": "user", "content": [{"type": "input_text", "text": "Lorem ipsum dolor sit amet, consectetur. " * 6}]}
+    return json.dumps({"model": "gpt-4o", "input": [message] * turns, "stream": True, "metadata": {"team": "search"}}).encode()
+
+
+def facts_by_size(repeat: int) -> list[tuple[str, int, list[float], list[float]]]:
+    """us per body for `request_facts` (the usual reading) and the general reading, by size."""
+    bodies = [("the benchmark's body", b'{"model": "gpt-4o", "input": "Say hello", "stream": false}'),
+              ("10 turns", conversation_body(10)), ("150 turns", conversation_body(150))]
+    rows = []
+    for label, body in bodies:
+        n = max(200, 2_000_000 // (len(body) + 500))
+        usual: list[float] = []
+        general: list[float] = []
+        for _ in range(repeat):
+            for read, runs in ((request_facts, usual), (request_facts_generally, general)):
+                t0 = clock()
+                for _ in range(n):
+                    read(body)
+                runs.append((clock() - t0) / n / 1000)
+        rows.append((label, len(body), usual, general))
+    return rows
 
 
 def main() -> None:
