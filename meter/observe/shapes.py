@@ -27,9 +27,12 @@ from orjson's dicts (tests/test_observe_shapes.py checks it on hostile input):
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 import msgspec
+
+T = TypeVar("T")
 
 # An int orjson reads as an int (it reads one outside 64 bits as a float, which
 # `as_int` refuses).  msgspec's bounds stop at int64: a count in orjson's uint64
@@ -170,41 +173,24 @@ def body_is_utf8(data: bytes | bytearray) -> bool:
     return True
 
 
-def decode_body(data: bytes | bytearray) -> Response | None:
-    """The response a whole JSON body is, or None: read it the general way."""
-    if not body_is_utf8(data):
-        return None
-    try:
-        return _body(data)
-    except Refused:
-        return None
+def _reader(decode: Callable[[bytes | bytearray], T], doc: str) -> Callable[[bytes | bytearray], T | None]:
+    """`decode` of text that is valid UTF-8 (see `body_is_utf8`), or None for whatever
+    it refuses: the caller then reads it the general way.  Made once per shape, so
+    that a call is one function, as written out."""
+
+    def read(data: bytes | bytearray) -> T | None:
+        if not body_is_utf8(data):
+            return None
+        try:
+            return decode(data)
+        except Refused:
+            return None
+
+    read.__doc__ = doc
+    return read
 
 
-def decode_chat_body(data: bytes | bytearray) -> ChatBody | None:
-    """The completion (or embeddings) a whole JSON body is, or None: read it the general way."""
-    if not body_is_utf8(data):
-        return None
-    try:
-        return _chat_body(data)
-    except Refused:
-        return None
-
-
-def decode_event(data: bytes | bytearray) -> Event | None:
-    """A Responses stream event (its type and response), or None: read it the general way."""
-    if not body_is_utf8(data):
-        return None
-    try:
-        return _event(data)
-    except Refused:
-        return None
-
-
-def decode_request(data: bytes | bytearray) -> RequestBody | None:
-    """The members of a request body metering reads, or None: read it the general way."""
-    if not body_is_utf8(data):
-        return None
-    try:
-        return _request(data)
-    except Refused:
-        return None
+decode_body = _reader(_body, "The response a whole JSON body is, or None: read it the general way.")
+decode_chat_body = _reader(_chat_body, "The completion (or embeddings) a whole JSON body is, or None: read it the general way.")
+decode_event = _reader(_event, "A Responses stream event (its type and response), or None: read it the general way.")
+decode_request = _reader(_request, "The members of a request body metering reads, or None: read it the general way.")
