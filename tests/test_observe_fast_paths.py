@@ -12,9 +12,13 @@ must be only what the line parser would have skipped.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
+import importlib.util
 import itertools
 import json
+import py_compile
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -391,21 +395,22 @@ def test_a_request_without_the_usually_absent_members_reads_as_the_full_reading(
     assert facts_from_request(members) == facts_from_request({**members, "generate": True})
 
 
-def test_the_delta_shortcut_holds_when_the_observer_is_loaded_from_bytecode() -> None:
+def test_the_delta_shortcut_holds_when_the_observer_is_loaded_from_bytecode(tmp_path: Path) -> None:
     """The delta shortcut tests the blank line's LF by identity with the singleton
     `bytes.split` returns.  A module is usually loaded from its cached bytecode, and
     marshal makes each bytes constant its own object: a plain `b"\\n"` constant there
     is never that singleton, and every delta took the general reading (0.86 us, not
-    0.2).  Loaded as a .pyc loads it, the constant must still be the one split makes."""
-    import marshal
-    from pathlib import Path
+    0.2).  Loaded from a .pyc, the constant must still be the one split makes."""
+    from meter.observe import sse
 
-    import meter.observe.sse as sse
-
-    source = Path(sse.__file__).read_text()
-    code = marshal.loads(marshal.dumps(compile(source, sse.__file__, "exec")))
-    module: dict[str, object] = {"__name__": "meter.observe.sse_as_cached", "__package__": "meter.observe"}
-    exec(code, module)
+    pyc = tmp_path / "sse.pyc"
+    py_compile.compile(sse.__file__, cfile=str(pyc), doraise=True)
+    name = "meter.observe.sse_from_bytecode"
+    loader = importlib.machinery.SourcelessFileLoader(name, str(pyc))
+    spec = importlib.util.spec_from_loader(name, loader)
+    assert spec is not None
+    cached = importlib.util.module_from_spec(spec)
+    loader.exec_module(cached)
     _, _, rest = created().split(b"\n", 2)  # what a chunk of one whole event leaves
     assert rest == b"\n"
-    assert module["_LF"] is rest
+    assert cached._LF is rest
