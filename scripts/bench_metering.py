@@ -35,8 +35,9 @@ thread's name), the proxy process's and the ledger process's CPU per record
 
 Last, a request body's facts (model, stream, tags...; part of stage 4) by the
 body's size: the benchmark's own body, and conversations of ~3 KB and ~47 KB
-(a request is mostly its input), read the usual way (msgspec, into just the
-members read) and the general way (orjson's whole tree), interleaved.
+(a request is mostly its input), and a WebSocket `response.create` of the same
+conversation, each read the usual way (msgspec, into just the members read)
+and the general way (orjson's whole tree), interleaved.
 
 Read it as: the "total" lines against the issue's targets (10 us per
 non-streamed call, 0.2 us per SSE delta; a streamed call's total is its
@@ -77,6 +78,7 @@ from meter.ledger import LedgerWriter, store_for
 from meter.metrics import LedgerMetrics, Metrics
 from meter.observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for, request_facts
 from meter.observe.facts import request_facts_generally
+from meter.observe.socket import read_create, read_create_generally
 from meter.paths import normalised_path
 from meter.prices import Pricer
 from meter.proxy import forwardable_request_headers
@@ -337,13 +339,17 @@ def facts_by_size(repeat: int) -> list[tuple[str, int, list[float], list[float]]
     """us per body for `request_facts` (the usual reading) and the general reading, by size."""
     bodies = [("the benchmark's body", b'{"model": "gpt-4o", "input": "Say hello", "stream": false}'),
               ("10 turns", conversation_body(10)), ("150 turns", conversation_body(150))]
+    readers = (request_facts, request_facts_generally)
+    cases: list[tuple[str, bytes, tuple[Any, Any]]] = [(label, body, readers) for label, body in bodies]
+    # A WebSocket turn (`response.create`): read before the message is relayed.
+    cases.append(("a WebSocket response.create, 150 turns", b'{"type": "response.create", ' + conversation_body(150)[1:], (read_create, read_create_generally)))
     rows = []
-    for label, body in bodies:
+    for label, body, (read_usual, read_general) in cases:
         n = max(200, 2_000_000 // (len(body) + 500))
         usual: list[float] = []
         general: list[float] = []
         for _ in range(repeat):
-            for read, runs in ((request_facts, usual), (request_facts_generally, general)):
+            for read, runs in ((read_usual, usual), (read_general, general)):
                 t0 = clock()
                 for _ in range(n):
                     read(body)

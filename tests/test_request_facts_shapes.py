@@ -1,7 +1,8 @@
 """A request body's facts read by msgspec (`shapes.RequestBody`) against the general reading.
 
 `request_facts` reads the usual body into just the members it takes, and any
-other body the general way (orjson's dicts, else json's).  Whenever the msgspec
+other body the general way (orjson's dicts, else json's); so does `read_create`
+with a WebSocket `response.create` (flat or nested, with its lane).  Whenever the msgspec
 lane gives facts, they must be exactly the general reading's: checked on
 explicit hostile bodies and on generated ones (odd types, repeated keys, bytes
 mutated).  And the usual bodies must take that lane, or it saves nothing.
@@ -15,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meter.observe import request_facts
-from meter.observe.facts import _facts_from_shape, request_facts_generally
-from meter.observe.shapes import decode_request
+from meter.observe.facts import _facts_from_shape, facts_from_create, request_facts_generally
+from meter.observe.shapes import decode_create, decode_request
+from meter.observe.socket import read_create, read_create_generally
 
 from .test_observe_shapes import INTS, SCALARS, STR, Obj, encode, mutate
 
@@ -85,3 +87,61 @@ REQUEST = st.lists(st.one_of(MEMBER, MEMBER, MEMBER, st.tuples(st.text(max_size=
 def test_generated_requests_read_as_before(doc: Obj, ascii_only: bool, seed: int, hostile: bool) -> None:
     body = encode(doc, ascii_only).encode("utf-8", "surrogatepass")
     check(mutate(body, seed) if hostile else body)
+
+
+# --- WebSocket `response.create` messages: facts and lane
+
+
+def check_create(message: bytes) -> None:
+    assert read_create(message) == read_create_generally(message)
+
+
+def test_the_usual_create_messages_take_the_msgspec_reading() -> None:
+    for obj in USUAL:
+        for message in ({"type": "response.create", **obj}, {"type": "response.create", "stream_id": "lane-1", "response": obj},
+                        {"type": "response.create", "model": "top", "metadata": {"t": "top"}, "response": obj}):
+            data = json.dumps(message, ensure_ascii=False).encode()
+            shape = decode_create(data)
+            assert shape is not None, data
+            assert facts_from_create(shape) is not None, data
+            check_create(data)
+    nested = json.dumps({"type": "response.create", "stream_id": "a", "model": "top", "user": "u", "response": {"model": None, "input": INPUT}}).encode()
+    read = read_create(nested)
+    assert read is not None and read[1] == "a" and read[0].model is None and read[0].user_id == "u"  # nested over top, absent from top
+
+
+CREATE_HOSTILE = [
+    b'{"type":"response.create"}', b'{"type":"response.cancel","model":"m"}', b'{"type":1}', b'{"model":"m"}', b'{"type":null}',
+    b'{"type":"response.create","stream_id":5}', b'{"type":"response.create","stream_id":null}', b'{"type":"response.create","stream_id":"s"}',
+    b'{"type":"response.create","response":"x"}', b'{"type":"response.create","response":[1]}', b'{"type":"response.create","response":null,"model":"m"}',
+    b'{"type":"response.create","response":{"model":"n"},"response":null,"model":"m"}', b'{"type":"response.create","response":{},"model":"m"}',
+    b'{"type":"response.create","response":{"metadata":null},"metadata":{"a":1}}', b'{"type":"response.create","response":{"conversation":"c"},"conversation":"d"}',
+    b'{"type":"response.create","response":{"stream_id":"in"},"stream_id":"out"}', b'{"type":"response.create","response":{"type":"x","model":1}}',
+    b'{"type":"response.create","type":"response.cancel"}', b'{"type":"response.cancel","type":"response.create","model":"m"}',
+    b'{"type":"response.create","model":"\\ud800"}', b'{"type":"response.create","input":"\\ud800","model":"m"}', b'{"type":"response.create","model":"\xff"}',
+    b'{"type":"response.create","response":{"input":' + b"[" * 2000 + b"]" * 2000 + b'}}', b'[]', b'null', b'"response.create"', b'',
+]
+
+
+def test_hostile_create_messages_read_as_before() -> None:
+    for message in CREATE_HOSTILE + HOSTILE:
+        check_create(message)
+
+
+NESTED = st.lists(st.one_of(MEMBER, MEMBER, st.tuples(st.text(max_size=6), anything)), max_size=8).map(Obj)
+TOP = st.one_of(
+    st.tuples(st.just("type"), st.one_of(st.just("response.create"), st.just("response.create"), st.just("response.cancel"), SCALARS)),
+    st.tuples(st.just("stream_id"), st.one_of(STR, STR, SCALARS)),
+    st.tuples(st.just("response"), st.one_of(NESTED, NESTED, NESTED, anything)),
+    MEMBER,
+)
+CREATE = st.tuples(st.booleans(), st.lists(st.one_of(TOP, TOP, st.tuples(st.text(max_size=6), anything)), max_size=12)).map(
+    lambda parts: Obj(([("type", "response.create")] if parts[0] else []) + parts[1])
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(doc=CREATE, ascii_only=st.booleans(), seed=st.integers(0, 2**32), hostile=st.booleans())
+def test_generated_create_messages_read_as_before(doc: Obj, ascii_only: bool, seed: int, hostile: bool) -> None:
+    message = encode(doc, ascii_only).encode("utf-8", "surrogatepass")
+    check_create(mutate(message, seed) if hostile else message)

@@ -12,8 +12,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from msgspec import UNSET
+
 from .jsonio import DecodeError, dumps, loads, orjson_loads
-from .shapes import RequestBody, decode_request
+from .shapes import CreateMessage, CreateRequest, RequestBody, decode_request
 
 
 @dataclass(slots=True)
@@ -95,6 +97,25 @@ def _facts_from_shape(shape: RequestBody) -> RequestFacts | None:
     if metadata:
         _add_tags(facts, metadata)
     return facts
+
+
+_REQUEST_MEMBERS = tuple(name for name in RequestBody.__struct_fields__ if name not in ("conversation", "metadata"))
+
+
+def facts_from_create(message: CreateMessage) -> RequestFacts | None:
+    """`facts_from_request` of a WebSocket `response.create` msgspec read: its nested
+    `response` members over its top-level ones, as the general reading merges them;
+    None where it must read the message the general way (see `_facts_from_shape`)."""
+    nested = message.response if isinstance(message.response, CreateRequest) else None
+    values = {}
+    for name in _REQUEST_MEMBERS:
+        value = getattr(nested, name) if nested is not None else UNSET
+        if value is UNSET:
+            value = getattr(message, name)
+        values[name] = None if value is UNSET else value
+    conversation = nested.conversation if nested is not None and nested.conversation else message.conversation
+    metadata = nested.metadata if nested is not None and nested.metadata else message.metadata
+    return _facts_from_shape(RequestBody(**values, conversation=conversation, metadata=metadata))
 
 
 # The members most requests lack, with the fact each leaves at its default when absent.

@@ -150,10 +150,38 @@ class RequestBody(msgspec.Struct, gc=False):
     metadata: msgspec.Raw = msgspec.Raw()
 
 
+class CreateRequest(msgspec.Struct, gc=False):
+    """The request members of a WebSocket `response.create`, at its top level or in its
+    nested `response`.  UNSET when absent: the nested members override the top
+    level's, as a dict merge would, so an absent member and a null one differ."""
+
+    model: str | None | msgspec.UnsetType = msgspec.UNSET
+    stream: bool | None | msgspec.UnsetType = msgspec.UNSET
+    background: bool | None | msgspec.UnsetType = msgspec.UNSET
+    service_tier: str | None | msgspec.UnsetType = msgspec.UNSET
+    safety_identifier: str | None | msgspec.UnsetType = msgspec.UNSET
+    user: str | None | msgspec.UnsetType = msgspec.UNSET
+    prompt_cache_key: str | None | msgspec.UnsetType = msgspec.UNSET
+    previous_response_id: str | None | msgspec.UnsetType = msgspec.UNSET
+    conversation: msgspec.Raw = msgspec.Raw()
+    generate: bool | None | msgspec.UnsetType = msgspec.UNSET
+    metadata: msgspec.Raw = msgspec.Raw()
+
+
+class CreateMessage(CreateRequest):
+    """A WebSocket `response.create` (a Codex turn carries its whole input, none of which
+    is built here), with its lane and its nested form's `response`."""
+
+    type: str | msgspec.UnsetType = msgspec.UNSET
+    stream_id: str | None | msgspec.UnsetType = msgspec.UNSET
+    response: CreateRequest | None | msgspec.UnsetType = msgspec.UNSET
+
+
 _body = msgspec.json.Decoder(Response).decode
 _event = msgspec.json.Decoder(Event).decode
 _chat_body = msgspec.json.Decoder(ChatBody).decode
 _request = msgspec.json.Decoder(RequestBody).decode
+_create = msgspec.json.Decoder(CreateMessage).decode
 
 # Everything a decode here can raise on a document the general reading may still
 # take: DecodeError and ValidationError (both msgspec.DecodeError), and RecursionError
@@ -194,3 +222,4 @@ decode_body = _reader(_body, "The response a whole JSON body is, or None: read i
 decode_chat_body = _reader(_chat_body, "The completion (or embeddings) a whole JSON body is, or None: read it the general way.")
 decode_event = _reader(_event, "A Responses stream event (its type and response), or None: read it the general way.")
 decode_request = _reader(_request, "The members of a request body metering reads, or None: read it the general way.")
+decode_create = _reader(_create, "A WebSocket client message as a `response.create`, or None: read it the general way.")

@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from ..bounds import MAX_TEXT, short_key
 from ..flow import Flow, Refusal
-from .facts import RequestFacts, facts_from_request
+from .facts import RequestFacts, facts_from_create, facts_from_request
 from .jsonio import DecodeError
 from .objects import Observation
 from .responses import (
@@ -52,6 +52,7 @@ from .responses import (
     observe_event,
     observe_event_shape,
 )
+from .shapes import decode_create
 from .shapes import decode_event as decode_event_shape
 
 # Output and reasoning events (`response.output_*`, `response.reasoning_*`): no type
@@ -106,6 +107,38 @@ def _lane(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def read_create(data: bytes) -> tuple[RequestFacts, str | None] | None:
+    """A client message's request facts and lane, if it is a `response.create`; else None.
+
+    The client waits for this before its message is relayed, and a Codex turn carries
+    its whole input: msgspec reads just the members the facts take
+    (`shapes.CreateMessage`); any other message is read the general way, and reads
+    the same either way (tests/test_request_facts_shapes.py)."""
+    shape = decode_create(data)
+    if shape is not None:
+        if shape.type != "response.create":
+            return None
+        facts = facts_from_create(shape)
+        if facts is not None:
+            return facts, shape.stream_id if isinstance(shape.stream_id, str) else None
+    return read_create_generally(data)
+
+
+def read_create_generally(data: bytes) -> tuple[RequestFacts, str | None] | None:
+    """`read_create` of a message decoded whole (orjson, else json)."""
+    try:
+        obj = decode_event(data)
+    except DecodeError:
+        return None
+    if obj is None or obj.get("type") != "response.create":
+        return None
+    request = obj
+    nested = obj.get("response")
+    if isinstance(nested, dict):  # the nested form: {"type": "response.create", "response": {...}}
+        request = {**{k: v for k, v in obj.items() if k != "response"}, **nested}
+    return facts_from_request(request), _lane(obj.get("stream_id"))
+
+
 class SocketMeter:
     """Per-socket metering state: responses waiting, open, and the last one per lane."""
 
@@ -153,25 +186,17 @@ class SocketMeter:
                 return None
         elif etype != b"response.create":
             return None
-        try:
-            obj = decode_event(data)
-        except DecodeError:
-            return None  # not JSON: relayed, and nothing to meter
-        if obj is None or obj.get("type") != "response.create":
-            return None
-        request = obj
-        nested = obj.get("response")
-        if isinstance(nested, dict):  # the nested form: {"type": "response.create", "response": {...}}
-            request = {**{k: v for k, v in obj.items() if k != "response"}, **nested}
+        created = read_create(data)
+        if created is None:
+            return None  # not JSON, or not a `response.create`: relayed, and nothing to meter
+        facts, lane = created
         flow = self._new_flow()
         flow.request_body = data
         flow.request_bytes = len(data)
-        facts = facts_from_request(request)  # decoded once: a Codex turn carries its whole input
         facts.stream = True  # stream is implicit over a WebSocket
         if facts.model is None:
             facts.model = self.handshake_model
         flow.facts = facts
-        lane = _lane(obj.get("stream_id"))
         self.relay.addons.request(flow)
         refusal = self.relay.addons.admit(flow)
         if refusal is not None:
