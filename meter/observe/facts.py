@@ -99,23 +99,33 @@ def _facts_from_shape(shape: RequestBody) -> RequestFacts | None:
     return facts
 
 
-_REQUEST_MEMBERS = tuple(name for name in RequestBody.__struct_fields__ if name not in ("conversation", "metadata"))
-
-
 def facts_from_create(message: CreateMessage) -> RequestFacts | None:
     """`facts_from_request` of a WebSocket `response.create` msgspec read: its nested
     `response` members over its top-level ones, as the general reading merges them;
-    None where it must read the message the general way (see `_facts_from_shape`)."""
-    nested = message.response if isinstance(message.response, CreateRequest) else None
-    values = {}
-    for name in _REQUEST_MEMBERS:
-        value = getattr(nested, name) if nested is not None else UNSET
-        if value is UNSET:
-            value = getattr(message, name)
-        values[name] = None if value is UNSET else value
-    conversation = nested.conversation if nested is not None and nested.conversation else message.conversation
-    metadata = nested.metadata if nested is not None and nested.metadata else message.metadata
-    return _facts_from_shape(RequestBody(**values, conversation=conversation, metadata=metadata))
+    None where it must read the message the general way (see `_facts_from_shape`).
+    Once per turn, before the turn is relayed: the members are written out."""
+    top, nested = message, message.response
+    if isinstance(nested, CreateRequest):
+        model = nested.model if nested.model is not UNSET else top.model
+        stream = nested.stream if nested.stream is not UNSET else top.stream
+        background = nested.background if nested.background is not UNSET else top.background
+        tier = nested.service_tier if nested.service_tier is not UNSET else top.service_tier
+        safety = nested.safety_identifier if nested.safety_identifier is not UNSET else top.safety_identifier
+        user = nested.user if nested.user is not UNSET else top.user
+        cache_key = nested.prompt_cache_key if nested.prompt_cache_key is not UNSET else top.prompt_cache_key
+        previous = nested.previous_response_id if nested.previous_response_id is not UNSET else top.previous_response_id
+        generate = nested.generate if nested.generate is not UNSET else top.generate
+        conversation = nested.conversation or top.conversation  # an empty Raw: absent
+        metadata = nested.metadata or top.metadata
+    else:
+        model, stream, background, tier, safety, user = top.model, top.stream, top.background, top.service_tier, top.safety_identifier, top.user
+        cache_key, previous, generate, conversation, metadata = top.prompt_cache_key, top.previous_response_id, top.generate, top.conversation, top.metadata
+    return _facts_from_shape(RequestBody(
+        None if model is UNSET else model, None if stream is UNSET else stream, None if background is UNSET else background,
+        None if tier is UNSET else tier, None if safety is UNSET else safety, None if user is UNSET else user,
+        None if cache_key is UNSET else cache_key, None if previous is UNSET else previous, conversation,
+        None if generate is UNSET else generate, metadata,
+    ))  # fmt: skip
 
 
 # The members most requests lack, with the fact each leaves at its default when absent.
