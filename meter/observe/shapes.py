@@ -41,11 +41,15 @@ Count = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
 
 
 class InputTokensDetails(msgspec.Struct, gc=False):
+    """`input_tokens_details` of Responses usage, `prompt_tokens_details` of Chat's."""
+
     cached_tokens: Count | None = None
     cache_write_tokens: Count | None = None
 
 
 class OutputTokensDetails(msgspec.Struct, gc=False):
+    """`output_tokens_details` of Responses usage, `completion_tokens_details` of Chat's."""
+
     reasoning_tokens: Count | None = None
 
 
@@ -94,20 +98,11 @@ class Response(msgspec.Struct, gc=False):
     object: Any = msgspec.UNSET
 
 
-class PromptTokensDetails(msgspec.Struct, gc=False):
-    cached_tokens: Count | None = None
-    cache_write_tokens: Count | None = None
-
-
-class CompletionTokensDetails(msgspec.Struct, gc=False):
-    reasoning_tokens: Count | None = None
-
-
 class ChatUsage(msgspec.Struct, gc=False):
     prompt_tokens: Count | None = None
-    prompt_tokens_details: PromptTokensDetails | None = None
+    prompt_tokens_details: InputTokensDetails | None = None
     completion_tokens: Count | None = None
-    completion_tokens_details: CompletionTokensDetails | None = None
+    completion_tokens_details: OutputTokensDetails | None = None
     total_tokens: Count | None = None
 
 

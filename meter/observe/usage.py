@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .jsonio import as_dict, as_int
 
 if TYPE_CHECKING:
-    from .shapes import ChatUsage, ResponsesUsage
+    from .shapes import ChatUsage, InputTokensDetails, OutputTokensDetails, ResponsesUsage
 
 
 @dataclass(slots=True)
@@ -58,16 +58,7 @@ def usage_from_responses(usage: dict[str, Any]) -> Usage:
 def usage_from_shape(usage: ResponsesUsage) -> Usage:
     """`usage_from_responses` of a `usage` block msgspec decoded (`shapes.py`): its
     counts are already ints or None, its details already objects or None."""
-    details = usage.input_tokens_details
-    if details is not None:
-        cached, cache_write = details.cached_tokens, details.cache_write_tokens
-    else:
-        cached = cache_write = None
-    out_details = usage.output_tokens_details
-    return Usage(
-        usage.input_tokens, cached, cache_write, usage.output_tokens,
-        out_details.reasoning_tokens if out_details is not None else None, usage.total_tokens,
-    )
+    return _usage_of_shape(usage.input_tokens, usage.input_tokens_details, usage.output_tokens, usage.output_tokens_details, usage.total_tokens)
 
 
 def usage_from_chat(usage: dict[str, Any]) -> Usage:
@@ -86,16 +77,18 @@ def usage_from_chat(usage: dict[str, Any]) -> Usage:
 
 def usage_from_chat_shape(usage: ChatUsage) -> Usage:
     """`usage_from_chat` of a `usage` block msgspec decoded (`shapes.py`)."""
-    details = usage.prompt_tokens_details
+    return _usage_of_shape(usage.prompt_tokens, usage.prompt_tokens_details, usage.completion_tokens, usage.completion_tokens_details, usage.total_tokens)
+
+
+def _usage_of_shape(
+    inputs: int | None, details: InputTokensDetails | None, outputs: int | None, out_details: OutputTokensDetails | None, total: int | None
+) -> Usage:
+    """A decoded usage block's counts, whichever API's names they came under."""
     if details is not None:
         cached, cache_write = details.cached_tokens, details.cache_write_tokens
     else:
         cached = cache_write = None
-    out_details = usage.completion_tokens_details
-    return Usage(
-        usage.prompt_tokens, cached, cache_write, usage.completion_tokens,
-        out_details.reasoning_tokens if out_details is not None else None, usage.total_tokens,
-    )
+    return Usage(inputs, cached, cache_write, outputs, out_details.reasoning_tokens if out_details is not None else None, total)
 
 
 def cache_status_from_diagnostics(diagnostics: dict[str, Any]) -> tuple[str | None, int | None]:
