@@ -120,7 +120,7 @@ def read_create(data: bytes) -> tuple[RequestFacts, str | None] | None:
             return None
         facts = facts_from_create(shape)
         if facts is not None:
-            return facts, shape.stream_id if isinstance(shape.stream_id, str) else None
+            return facts, _lane(shape.stream_id)
     return read_create_generally(data)
 
 
