@@ -23,6 +23,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from decimal import Decimal
@@ -556,6 +557,71 @@ def test_a_slow_store_keeps_pending_bounded_and_spools_the_excess(tmp_path: Path
     assert sorted(str(r["id"]) for r in rows) == sorted(r.id for r in records)  # each once
 
 
+class HeldStore(DuckDBStore):
+    """Every write waits until `release` is set: a store that holds a lock."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.release = threading.Event()
+        self.largest_batch = 0
+
+    def write(self, records: list[Record]) -> None:
+        self.largest_batch = max(self.largest_batch, len(records))
+        self.release.wait()
+        super().write(records)
+
+
+def test_a_writer_that_wakes_late_takes_no_more_than_the_bound(tmp_path: Path) -> None:
+    """The writer thread can wake late (the machine busy, seen in CI): by then the queue
+    is past --ledger-max-pending.  The batch it takes into a store that holds it must
+    not be the whole queue, or those records sit in memory past the bound, where the
+    spill thread cannot reach them, for as long as the store holds."""
+    path = tmp_path / "l.duckdb"
+    spool = tmp_path / "spool.jsonl"
+    store = HeldStore(str(path))
+    writer = LedgerWriter(store, flush_interval=0.02, batch_size=500, max_pending=20, spool_path=spool)
+    writer.first_open()
+    records = [make_record() for _ in range(80)]
+    for record in records:  # all of them before the writer's first turn
+        writer.done(None, record)
+    writer.start_thread()
+    try:
+        deadline = time.monotonic() + 10
+        while writer.pending > 20 or writer.stats.spooled < 60:
+            assert time.monotonic() < deadline, f"{writer.pending} pending, {writer.stats.spooled} spooled, batch of {store.largest_batch}"
+            time.sleep(0.01)
+        assert store.largest_batch <= 20
+    finally:
+        store.release.set()
+    writer.close()
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)  # each once
+
+
+def test_a_batch_in_a_stores_hands_is_never_past_the_bound(tmp_path: Path) -> None:
+    """The test above passes whenever the spill thread takes the queue before the
+    writer takes its batch, as it does in-process; in `meter serve` the batch is
+    taken on the event loop, which can win (CI saw 80 records pending, none spooled).
+    Without a spool nothing races the writer: its batch must still stop at the bound."""
+    path = tmp_path / "l.duckdb"
+    store = HeldStore(str(path))
+    writer = LedgerWriter(store, flush_interval=0.02, batch_size=500, max_pending=20)
+    writer.first_open()
+    records = [make_record() for _ in range(80)]
+    for record in records:
+        writer.done(None, record)
+    writer.start_thread()
+    try:
+        deadline = time.monotonic() + 10
+        while not store.largest_batch:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert store.largest_batch == 20
+    finally:
+        store.release.set()
+    writer.close()
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)
+
+
 def test_serve_writes_into_a_ledger_holding_a_null_id(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
     ledger = tmp_path / "l.duckdb"
     store = DuckDBStore(str(ledger))
@@ -597,7 +663,8 @@ async def test_serve_on_a_slow_postgres_keeps_pending_bounded(upstream: Any, met
             spooled = len(Spool(spool).read()) if spool.exists() else 0
             if pending <= 20 and spooled >= 60:
                 break
-            assert time.monotonic() < deadline, f"{pending} records pending (bound 20), {spooled} spooled"
+            # meter's log says which thread stopped, if one did
+            assert time.monotonic() < deadline, f"{pending} records pending (bound 20), {spooled} spooled; meter's log ends:\n" + Path(meter.log_path).read_text(errors="replace")[-3000:]
             await asyncio.sleep(0.1)
         assert await loop.run_in_executor(None, metric, meter.admin_port, "meter_ledger_written_records_total") == 0  # slow, not failed
     finally:

@@ -222,7 +222,10 @@ class LedgerWriter:
             self._set_writing(min(len(self._retry), self.batch_size))
             batch, self._retry = self._retry[: self.batch_size], self._retry[self.batch_size :]
         else:
-            n = min(len(self._queue), self.batch_size)
+            # Never more than the bound: a writer that wakes late (a busy machine) finds
+            # the queue past it, and a batch held by a slow store is out of the spill
+            # thread's reach for as long as the store holds it.
+            n = min(len(self._queue), self.batch_size, self.max_pending)
             self._set_writing(n)
             batch = []
             if self._preparer is not None and not self._stopping:
@@ -417,8 +420,8 @@ class LedgerWriter:
         try:
             self.spool.append(spill)  # type: ignore[union-attr]
             self.stats.spooled += len(spill)
-        except OSError as exc:
-            log.error("could not spool %d records: %s", len(spill), exc)
+        except Exception as exc:  # noqa: BLE001 - any failure: the records go back, the spiller lives on
+            log.error("could not spool %d records: %s: %s", len(spill), type(exc).__name__, exc)
             self._queue.extendleft(reversed(queued))
             if old:
                 self._retry = old + self._retry
@@ -432,7 +435,10 @@ class LedgerWriter:
             self._spill.clear()
             if self._stopping:
                 break
-            self._spill_overflow(from_retry=False)
+            try:
+                self._spill_overflow(from_retry=False)
+            except Exception:  # a dead spiller would leave memory unbounded, silently
+                log.exception("spilling to the spool failed; trying again at the next record")
 
     def _run(self) -> None:
         backoff = self.flush_interval
