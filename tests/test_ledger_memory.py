@@ -108,3 +108,78 @@ async def test_ledger_process_stays_under_its_bound_and_keeps_every_record(upstr
     assert answered[0] > 5_000, summary  # enough load for several batches and a checkpoint
     assert rows == answered[0], f"{rows} rows for {answered[0]} answered requests"
     assert peak_kib < LEDGER_PEAK_MIB * 1024, summary
+
+
+# --- DuckDB's start-up code, handed back once the ledger is open (meter/ledger/footprint.py)
+
+CODE_RSS = """
+import sys
+from meter.ledger import DuckDBStore
+from meter.ledger.child_store import LEDGER_PROCESS_SETTINGS
+from meter.ledger.footprint import duckdb_library
+store = DuckDBStore(sys.argv[1], LEDGER_PROCESS_SETTINGS)
+store.open()
+library = duckdb_library()
+rss, mapped = 0, None
+for line in open("/proc/self/smaps"):
+    fields = line.split(maxsplit=5)
+    if "-" in fields[0] and len(fields[0]) > 8:
+        mapped = fields[5].rstrip("\\n") if len(fields) == 6 else None
+    elif fields[0] == "Rss:" and mapped == library:
+        rss += int(fields[1])
+assert library == sys.argv[2], library  # the copy, not the installed library
+print(rss)
+store.close()
+"""
+
+
+def _library_rss_kib(pid: int, library: str) -> int:
+    rss, mapped = 0, None
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if "-" in fields[0] and len(fields[0]) > 8:
+            mapped = fields[5] if len(fields) == 6 else None
+        elif fields[0] == "Rss:" and mapped == library:
+            rss += int(fields[1])
+    return rss
+
+
+def test_the_ledger_process_hands_back_duckdbs_start_up_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening a ledger runs much of DuckDB's code once; the ledger process keeps far
+    less of it resident than a process that opened a ledger the same way, and still
+    writes and reads.  A page another process maps stays (this one's DuckDB, after
+    other tests), so both processes load a copy of DuckDB's library of their own."""
+    import shutil
+    import subprocess
+    import sys
+
+    from meter.ledger import ChildProcessStore
+    from meter.ledger.footprint import duckdb_library
+
+    from .test_ledger_hostile import make_record
+
+    installed = duckdb_library()
+    assert installed is not None
+    copy = tmp_path / "lib"
+    copy.mkdir()
+    shutil.copy(installed, copy)
+    library = str((copy / Path(installed).name).resolve())
+    monkeypatch.setenv("PYTHONPATH", str(copy))  # found before the installed one, by both processes below
+    out = subprocess.run([sys.executable, "-c", CODE_RSS, str(tmp_path / "plain.duckdb"), library], capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+    plain_kib = int(out.stdout)
+    store = ChildProcessStore(str(tmp_path / "ledger.duckdb"))
+    store.open()
+    try:
+        assert store._proc is not None
+        assert library in Path(f"/proc/{store._proc.pid}/maps").read_text()  # its own copy, as the plain process's
+        ledger_kib = _library_rss_kib(store._proc.pid, library)
+        record = make_record()
+        store.write([record])
+        _, rows = store.query("SELECT id::VARCHAR FROM requests")
+    finally:
+        store.close()
+    summary = f"DuckDB's library resident: {ledger_kib // 1024} MiB in the ledger process, {plain_kib // 1024} MiB in a plain process"
+    print(summary)
+    assert plain_kib > 16 * 1024, summary  # the premise: opening touches that much
+    assert ledger_kib < plain_kib // 2, summary
+    assert rows == [(record.id,)]

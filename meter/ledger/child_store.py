@@ -45,6 +45,7 @@ from typing import Any
 from ..record import COLUMNS, Record
 from .alert_claims import AlertClaim
 from .duckdb_store import CostUpdate, DuckDBStore
+from .footprint import duckdb_library, page_out_code, yield_the_cpu
 from .prune import Pruned
 from .rows import EncodedBatch, decode_batch, decode_columns, encode_batch
 from .sanitise import Cuts, columns_need_nothing, sanitise_counting
@@ -256,6 +257,7 @@ class _Child:
             # After the migrations: from here on no statement reaches past the ledger
             # (`meter sql` runs here; the writes need nothing it shuts off).
             confine_duckdb(self.store.con)
+            page_out_code(duckdb_library())  # what opening ran is not needed again
             return None
         store = self.store
         assert store is not None, "the parent opens first"
@@ -353,24 +355,6 @@ def _serve(con: Connection, path: str) -> None:
                     break  # the parent starts a fresh process, which replays the WAL
     finally:
         child.close()
-
-
-def yield_the_cpu() -> None:
-    """Batch writes can wait; requests cannot.  SCHED_IDLE: the ledger process runs on
-    CPU no one else wants and gives way at once to a waking proxy, upstream or client.
-    At nice 10 a batch's insert (tens of ms) delayed whatever woke on its core by a
-    scheduler slice: p99 at one connection 2.6 ms, against 1.0 ms under SCHED_IDLE
-    (scripts/bench.py; the proxy pinned to one core, the rest on the other).  On a
-    machine kept busy to the last cycle the ledger process gets little, and records
-    wait in the proxy (bounded, then the spool), never lost; meter_ledger_pending_records
-    shows it.  Where SCHED_IDLE is refused, nice 19."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux, or refused
-        try:
-            os.nice(19)
-        except OSError:
-            pass
 
 
 def main() -> None:
