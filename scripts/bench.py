@@ -302,16 +302,21 @@ def status_kb(pid: int, field: str) -> int:
     return 0
 
 
+def tree_parts_kb(pid: int, field: str) -> list[int]:
+    """VmRSS or VmHWM of each process of the tree, the root first."""
+    parts = []
+    for one in process_tree(pid):
+        try:
+            parts.append(status_kb(one, field))
+        except OSError:
+            pass
+    return parts
+
+
 def tree_kb(pid: int, field: str) -> int:
     """VmRSS (now) or VmHWM (peak) summed over the process tree; the sum of peaks is an
     upper bound on the tree's peak."""
-    total = 0
-    for one in process_tree(pid):
-        try:
-            total += status_kb(one, field)
-        except OSError:
-            pass
-    return total
+    return sum(tree_parts_kb(pid, field))
 
 
 # --- the run ---------------------------------------------------------------------
@@ -483,14 +488,16 @@ def main() -> None:
         peaks = {name: tree_kb(pid, "VmHWM") for name, (_, pid, _) in targets.items()}
 
         # Memory: meter's tree RSS every 100,000 requests over --memory-requests more.
-        rss_series: list[tuple[int, int]] = [(0, tree_kb(meter.pid, "VmRSS"))]
+        # Each sample also process by process: the proxy, then its ledger process.
+        rss_series: list[tuple[int, int, list[int]]] = [(0, tree_kb(meter.pid, "VmRSS"), tree_parts_kb(meter.pid, "VmRSS"))]
         deadline = time.monotonic() + max(600, args.memory_requests / 1000)
         sent = 0
         while sent < args.memory_requests and time.monotonic() < deadline:
             sent += int(wrk(targets["meter"][0], False, 10, args.connections, work)["requests"])
             if sent - rss_series[-1][0] >= 100_000 or sent >= args.memory_requests:
-                rss_series.append((sent, tree_kb(meter.pid, "VmRSS")))
+                rss_series.append((sent, tree_kb(meter.pid, "VmRSS"), tree_parts_kb(meter.pid, "VmRSS")))
         meter_peak = tree_kb(meter.pid, "VmHWM")
+        meter_peaks = tree_parts_kb(meter.pid, "VmHWM")
 
         print()
         print("| call | target | req/s | CPU us/req (tree) | p50 / p99 ms, 1 conn | p50 / p99 ms, 32 conn paced | p50 / p99 ms, 32 conn flat out | peak RSS MiB (tree) |")
@@ -515,8 +522,10 @@ def main() -> None:
         print(f"meter's ledger caught up {spread(SETTLED, lambda v: f'{v:.2f}')} s after each flat-out run (then every target rests {args.rest:g} s before its latency runs)")
         print()
         grown = (rss_series[-1][1] - rss_series[1][1]) / 1024 if len(rss_series) > 2 else 0.0
-        print("meter's process tree RSS (MiB) by requests sent: " + ", ".join(f"{n:,}: {kb / 1024:.0f}" for n, kb in rss_series)
+        print("meter's process tree RSS (MiB) by requests sent: " + ", ".join(f"{n:,}: {kb / 1024:.0f}" for n, kb, _ in rss_series)
               + f"; {grown:+.1f} MiB after the first 100,000; peak {meter_peak / 1024:.0f} MiB")
+        print("  process by process (proxy / ledger process): " + ", ".join(f"{n:,}: {' / '.join(f'{kb / 1024:.0f}' for kb in parts)}" for n, _, parts in rss_series)
+              + "; peaks " + " / ".join(f"{kb / 1024:.0f}" for kb in meter_peaks) + " MiB")
         stop_processes([meter])
         procs.remove(meter)
         rows, answered = ledger_rows(ledger), ANSWERED[targets["meter"][0]]
