@@ -571,20 +571,26 @@ class HeldStore(DuckDBStore):
         super().write(records)
 
 
+def late_writer(path: Path, spool: Path | None) -> tuple[HeldStore, LedgerWriter, list[Record]]:
+    """A writer (bound 20 records, batches of up to 500) whose thread starts only after
+    80 records are queued, into a store that holds every write."""
+    store = HeldStore(str(path))
+    writer = LedgerWriter(store, flush_interval=0.02, batch_size=500, max_pending=20, spool_path=spool)
+    writer.first_open()
+    records = [make_record() for _ in range(80)]
+    for record in records:
+        writer.done(None, record)
+    writer.start_thread()
+    return store, writer, records
+
+
 def test_a_writer_that_wakes_late_takes_no_more_than_the_bound(tmp_path: Path) -> None:
     """The writer thread can wake late (the machine busy, seen in CI): by then the queue
     is past --ledger-max-pending.  The batch it takes into a store that holds it must
     not be the whole queue, or those records sit in memory past the bound, where the
     spill thread cannot reach them, for as long as the store holds."""
     path = tmp_path / "l.duckdb"
-    spool = tmp_path / "spool.jsonl"
-    store = HeldStore(str(path))
-    writer = LedgerWriter(store, flush_interval=0.02, batch_size=500, max_pending=20, spool_path=spool)
-    writer.first_open()
-    records = [make_record() for _ in range(80)]
-    for record in records:  # all of them before the writer's first turn
-        writer.done(None, record)
-    writer.start_thread()
+    store, writer, records = late_writer(path, tmp_path / "spool.jsonl")
     try:
         deadline = time.monotonic() + 10
         while writer.pending > 20 or writer.stats.spooled < 60:
@@ -603,13 +609,7 @@ def test_a_batch_in_a_stores_hands_is_never_past_the_bound(tmp_path: Path) -> No
     taken on the event loop, which can win (CI saw 80 records pending, none spooled).
     Without a spool nothing races the writer: its batch must still stop at the bound."""
     path = tmp_path / "l.duckdb"
-    store = HeldStore(str(path))
-    writer = LedgerWriter(store, flush_interval=0.02, batch_size=500, max_pending=20)
-    writer.first_open()
-    records = [make_record() for _ in range(80)]
-    for record in records:
-        writer.done(None, record)
-    writer.start_thread()
+    store, writer, records = late_writer(path, None)
     try:
         deadline = time.monotonic() + 10
         while not store.largest_batch:
