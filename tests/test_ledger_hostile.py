@@ -622,6 +622,30 @@ def test_a_batch_in_a_stores_hands_is_never_past_the_bound(tmp_path: Path) -> No
     assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)
 
 
+def test_a_replayed_spool_goes_to_the_store_a_bound_at_a_time(tmp_path: Path) -> None:
+    """The other way a batch is taken: from the records waiting for a retry, which the
+    spool of a previous run or an outage joins at open.  A batch of those held by a
+    slow store is out of the spill thread's reach too: it stops at the bound as well."""
+    path = tmp_path / "l.duckdb"
+    spool = tmp_path / "spool.jsonl"
+    records = [make_record() for _ in range(80)]
+    Spool(spool).append(records)
+    store = HeldStore(str(path))
+    writer = LedgerWriter(store, flush_interval=0.02, batch_size=500, max_pending=20, spool_path=spool)
+    writer.first_open()  # reads the spool back, ahead of anything newer
+    writer.start_thread()
+    try:
+        deadline = time.monotonic() + 10
+        while not store.largest_batch:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert store.largest_batch == 20
+    finally:
+        store.release.set()
+    writer.close()
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)
+
+
 def test_serve_writes_into_a_ledger_holding_a_null_id(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
     ledger = tmp_path / "l.duckdb"
     store = DuckDBStore(str(ledger))

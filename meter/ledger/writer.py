@@ -77,9 +77,12 @@ class LedgerWriter:
         rejected = rejected_path_for(store, spool_path)
         self.rejected = RejectedFile(rejected) if rejected is not None else None
         self.retry_max_interval = retry_max_interval
-        # Wake the writer at a full batch, or sooner when memory is bounded tighter,
-        # so that an outage spills to the spool before the queue outgrows the bound.
-        self._wake_at = min(batch_size, max_pending)
+        # A batch never holds more than the bound: one that a slow store holds (a locked
+        # table) is out of the spill thread's reach for as long as the store holds it,
+        # and a writer that wakes late finds the queue, or a replayed spool, past the
+        # bound.  The writer wakes at a full batch, so that an outage spills to the
+        # spool before the queue outgrows the bound.
+        self._batch_at_most = min(batch_size, max_pending)
         # Queue length past which the spill thread runs: `max_pending` less what the
         # writer holds (the batch in flight, a retry), kept current by the writer.
         self._spill_at = max_pending
@@ -106,7 +109,7 @@ class LedgerWriter:
         n = len(queue)
         # Each event is set once, not again while it is: a queue that stays long (the
         # ledger behind) would otherwise cost every request a lock and a notify.
-        if n >= self._wake_at and not self._wake.is_set():
+        if n >= self._batch_at_most and not self._wake.is_set():
             self._wake.set()
         if n > self._spill_at and not self._spill.is_set():
             self._spill.set()  # the store is slow or down: the spill thread bounds memory
@@ -218,14 +221,12 @@ class LedgerWriter:
         # The batch counts as being written before a record of it leaves the queue or
         # the retry list: `pending` must never dip while it is minted and sanitised
         # below, or a `flush()` begun meanwhile returns before these are written.
+        most = self._batch_at_most
         if self._retry:
-            self._set_writing(min(len(self._retry), self.batch_size))
-            batch, self._retry = self._retry[: self.batch_size], self._retry[self.batch_size :]
+            self._set_writing(min(len(self._retry), most))
+            batch, self._retry = self._retry[:most], self._retry[most:]
         else:
-            # Never more than the bound: a writer that wakes late (a busy machine) finds
-            # the queue past it, and a batch held by a slow store is out of the spill
-            # thread's reach for as long as the store holds it.
-            n = min(len(self._queue), self.batch_size, self.max_pending)
+            n = min(len(self._queue), most)
             self._set_writing(n)
             batch = []
             if self._preparer is not None and not self._stopping:
