@@ -113,27 +113,23 @@ async def test_ledger_process_stays_under_its_bound_and_keeps_every_record(upstr
 # --- DuckDB's start-up code, handed back once the ledger is open (meter/ledger/footprint.py)
 
 CODE_RSS = """
+import os
 import sys
 from meter.ledger import DuckDBStore
 from meter.ledger.child_store import LEDGER_PROCESS_SETTINGS
 from meter.ledger.footprint import duckdb_library
+from tests.test_ledger_memory import _library_rss_kib
 store = DuckDBStore(sys.argv[1], LEDGER_PROCESS_SETTINGS)
 store.open()
 library = duckdb_library()
-rss, mapped = 0, None
-for line in open("/proc/self/smaps"):
-    fields = line.split(maxsplit=5)
-    if "-" in fields[0] and len(fields[0]) > 8:
-        mapped = fields[5].rstrip("\\n") if len(fields) == 6 else None
-    elif fields[0] == "Rss:" and mapped == library:
-        rss += int(fields[1])
 assert library == sys.argv[2], library  # the copy, not the installed library
-print(rss)
+print(_library_rss_kib(os.getpid(), library))
 store.close()
 """
 
 
 def _library_rss_kib(pid: int, library: str) -> int:
+    """KiB of the file `library`'s mappings resident in process `pid`."""
     rss, mapped = 0, None
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         fields = line.split(maxsplit=5)
