@@ -489,14 +489,13 @@ def main() -> None:
 
         # Memory: meter's tree RSS every 100,000 requests over --memory-requests more.
         # Each sample also process by process: the proxy, then its ledger process.
-        rss_series: list[tuple[int, int, list[int]]] = [(0, tree_kb(meter.pid, "VmRSS"), tree_parts_kb(meter.pid, "VmRSS"))]
+        rss_series: list[tuple[int, list[int]]] = [(0, tree_parts_kb(meter.pid, "VmRSS"))]
         deadline = time.monotonic() + max(600, args.memory_requests / 1000)
         sent = 0
         while sent < args.memory_requests and time.monotonic() < deadline:
             sent += int(wrk(targets["meter"][0], False, 10, args.connections, work)["requests"])
             if sent - rss_series[-1][0] >= 100_000 or sent >= args.memory_requests:
-                rss_series.append((sent, tree_kb(meter.pid, "VmRSS"), tree_parts_kb(meter.pid, "VmRSS")))
-        meter_peak = tree_kb(meter.pid, "VmHWM")
+                rss_series.append((sent, tree_parts_kb(meter.pid, "VmRSS")))
         meter_peaks = tree_parts_kb(meter.pid, "VmHWM")
 
         print()
@@ -521,10 +520,10 @@ def main() -> None:
                 print(f"  {kind} vs {name}: meter's req/s {spread(q['rps'], lambda v: f'{v / 100:.1f}x')}")
         print(f"meter's ledger caught up {spread(SETTLED, lambda v: f'{v:.2f}')} s after each flat-out run (then every target rests {args.rest:g} s before its latency runs)")
         print()
-        grown = (rss_series[-1][1] - rss_series[1][1]) / 1024 if len(rss_series) > 2 else 0.0
-        print("meter's process tree RSS (MiB) by requests sent: " + ", ".join(f"{n:,}: {kb / 1024:.0f}" for n, kb, _ in rss_series)
-              + f"; {grown:+.1f} MiB after the first 100,000; peak {meter_peak / 1024:.0f} MiB")
-        print("  process by process (proxy / ledger process): " + ", ".join(f"{n:,}: {' / '.join(f'{kb / 1024:.0f}' for kb in parts)}" for n, _, parts in rss_series)
+        grown = (sum(rss_series[-1][1]) - sum(rss_series[1][1])) / 1024 if len(rss_series) > 2 else 0.0
+        print("meter's process tree RSS (MiB) by requests sent: " + ", ".join(f"{n:,}: {sum(parts) / 1024:.0f}" for n, parts in rss_series)
+              + f"; {grown:+.1f} MiB after the first 100,000; peak {sum(meter_peaks) / 1024:.0f} MiB")
+        print("  process by process (proxy / ledger process): " + ", ".join(f"{n:,}: {' / '.join(f'{kb / 1024:.0f}' for kb in parts)}" for n, parts in rss_series)
               + "; peaks " + " / ".join(f"{kb / 1024:.0f}" for kb in meter_peaks) + " MiB")
         stop_processes([meter])
         procs.remove(meter)
