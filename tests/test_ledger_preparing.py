@@ -79,6 +79,55 @@ def test_a_loop_that_never_runs_the_batch_leaves_the_queue_whole(monkeypatch: py
         idle.close()
 
 
+def test_a_failure_on_the_loop_still_hands_the_writer_its_batch(loop: asyncio.AbstractEventLoop) -> None:
+    """A slice that fails on the loop (its encoding here, as a MemoryError would) must not
+    leave the writer's thread waiting on the batch for ever, the ledger stopped: the batch
+    comes back with every record taken, as plain records for the writer and the store to
+    finish, never with a partial encoding that would drop rows silently."""
+    queue = deque(record(i) for i in range(100))
+
+    def encode(records):  # type: ignore[no-untyped-def]
+        raise MemoryError("no memory left for the encoding")
+
+    taken: list[list[Record]] = []
+    writer_thread = threading.Thread(target=lambda: taken.append(BatchPreparer(loop, queue, encode).take(100)), daemon=True)
+    writer_thread.start()
+    writer_thread.join(10)
+    assert not writer_thread.is_alive(), "the writer's thread is still waiting for its batch"
+    (batch,) = taken
+    assert len(batch) > 0 and len(batch) + len(queue) == 100  # nothing lost
+    assert [r.response_id for r in batch] == [f"resp_{i}" for i in range(len(batch))]
+    assert getattr(batch, "chunks", None) is None  # the store encodes the records itself
+
+
+async def test_a_serving_writer_writes_a_batch_whose_preparing_failed(tmp_path) -> None:
+    """End to end: the ledger process's encoding fails once on the loop; the writer gets
+    that batch as records, mints and sends them, and every record is written once."""
+    from meter.ledger import ChildProcessStore, LedgerWriter
+
+    from .conftest import ledger_rows
+
+    class FailingOnce(ChildProcessStore):
+        failures = 1
+
+        def encode(self, records):  # type: ignore[no-untyped-def,override]
+            if self.failures:
+                self.failures -= 1
+                raise MemoryError("no memory left for the encoding")
+            return encode_batch(records)
+
+    writer = LedgerWriter(FailingOnce(str(tmp_path / "l.duckdb")), flush_interval=0.05)
+    await writer.start()
+    try:
+        for i in range(500):
+            writer.done(None, record(i))
+        assert await asyncio.get_running_loop().run_in_executor(None, writer.flush, 20)
+    finally:
+        await writer.stop()
+    rows = ledger_rows(tmp_path / "l.duckdb")
+    assert writer.stats.written == 500 and len(rows) == 500 and len({row["id"] for row in rows}) == 500
+
+
 async def test_a_serving_writer_flushes_everything_it_was_handed(tmp_path) -> None:
     """With the loop taking the batches, a batch is counted as pending before its records
     leave the queue: flush() waited for a target that counted them twice and gave up

@@ -17,6 +17,7 @@ writer takes the rest itself, as it did without a loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -24,6 +25,8 @@ from collections.abc import Callable, Sequence
 from ..record import Record
 from .rows import Chunk, EncodedBatch
 from .schema import mint_ids
+
+log = logging.getLogger("meter.ledger")
 
 SLICE = 32  # records per callback on the loop: ~0.07 ms of work
 SLICES_PER_BATCH = 32
@@ -57,6 +60,7 @@ class _Take:
         self.batch = EncodedBatch()
         self.batch.chunks = [] if encoded else None
         self.batch.linked = False
+        self.unprepared: list[Record] | None = None  # the batch's records, if preparing them failed
         self.lock = threading.Lock()
         self.started = False
         self.cancelled = False
@@ -74,10 +78,11 @@ class BatchPreparer:
         self.queue = queue
         self.encode = encode
 
-    def take(self, n: int) -> EncodedBatch:
-        """Up to n records; none when the loop does not begin within `LOOP_WAIT` (closed,
-        or stuck: the caller takes them itself).  Once begun, the batch is waited for:
-        records it has taken are in it."""
+    def take(self, n: int) -> list[Record]:
+        """Up to n records, an `EncodedBatch`; none when the loop does not begin within
+        `LOOP_WAIT` (closed, or stuck: the caller takes them itself).  Once begun, the
+        batch is waited for: records it has taken are in it (a plain list of them if
+        preparing them failed)."""
         job = _Take(n, self.encode is not None)
         try:
             self.loop.call_soon_threadsafe(self._step, job)
@@ -89,7 +94,7 @@ class BatchPreparer:
                     job.cancelled = True
                     return job.batch
             job.done.wait()
-        return job.batch
+        return job.batch if job.unprepared is None else job.unprepared
 
     def _step(self, job: _Take) -> None:
         """On the loop: one slice off the queue's head, then the next slice in a later
@@ -101,12 +106,20 @@ class BatchPreparer:
                 job.started = True
         queue, batch = self.queue, job.batch
         records = pop_up_to(queue, min(job.slice, job.n - len(batch)))
-        mint_ids(records)
-        if not batch.linked:
-            batch.linked = any(record.session_of is not None for record in records)
-        batch.extend(records)
-        if batch.chunks is not None and records and self.encode is not None:
-            batch.chunks.extend(self.encode(records))
+        batch.extend(records)  # in the batch before anything below can fail: never lost
+        try:
+            mint_ids(records)
+            if not batch.linked:
+                batch.linked = any(record.session_of is not None for record in records)
+            if batch.chunks is not None and records and self.encode is not None:
+                batch.chunks.extend(self.encode(records))
+        except Exception:  # the writer's thread waits on `done`: it must get its batch
+            log.exception("could not prepare %d ledger records on the event loop; the writer takes them as they are", len(batch))
+            # As plain records, not a partly encoded batch: the writer mints what has no
+            # id yet and the store encodes them (what it does without a loop).
+            job.unprepared = list(batch)
+            job.done.set()
+            return
         if len(batch) < job.n and queue:
             try:
                 # Not at the next turn of the loop: a request takes a few turns, and one
