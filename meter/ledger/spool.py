@@ -60,11 +60,20 @@ def record_from_json(text: str) -> Record:
 
 
 class Spool:
-    """Append-only overflow file for records the store could not take in time."""
+    """Append-only overflow file for records the store could not take in time.
+
+    The writer takes it back a portion at a time (`take`), so a spool far larger than
+    `--ledger-max-pending` (a long outage) is replayed within that bound, and the file
+    stays until what was taken from it is written (`forget_taken`): a crash meanwhile
+    leaves it to be replayed again, which writes each record once (its id, minted
+    before it was spooled, travels with it).  Each line is read on its own, so a bad
+    byte costs at most its own line.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()  # the writer and the spiller both append
+        self._taken_to = 0  # bytes of the file taken back so far
 
     def append(self, records: Sequence[Record]) -> None:
         lines = "".join(record_to_json(record) + "\n" for record in records)
@@ -74,19 +83,55 @@ class Spool:
             os.fsync(f.fileno())
 
     def read(self) -> list[Record]:
-        if not self.path.exists():
-            return []
-        records = []
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    records.append(record_from_json(line))
-                except (ValueError, TypeError):
-                    log.error("skipping an unreadable spool line in %s", self.path)
+        """Every record in the file (what a person or a test reads; the writer takes)."""
+        return self._read_from(0, None)[0]
+
+    def take(self, n: int) -> list[Record]:
+        """Up to n records after those taken before; the file keeps them until `forget_taken`."""
+        with self._lock:
+            if self._size() < self._taken_to:  # a new file since (removed and spooled to again)
+                self._taken_to = 0
+            records, self._taken_to = self._read_from(self._taken_to, n)
         return records
+
+    def waiting(self) -> bool:
+        """Whether the file holds records not taken yet."""
+        return self._size() > self._taken_to
+
+    def forget_taken(self) -> None:
+        """What was taken is written: once that is the whole file, remove it."""
+        with self._lock:
+            if self._taken_to and self._size() <= self._taken_to:
+                self.clear()
+                self._taken_to = 0
+
+    def _size(self) -> int:
+        try:
+            return self.path.stat().st_size
+        except OSError:
+            return 0
+
+    def _read_from(self, offset: int, n: int | None) -> tuple[list[Record], int]:
+        """Up to n records (all with None) from byte `offset`, and the offset after them."""
+        records: list[Record] = []
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                for raw in f:
+                    offset += len(raw)
+                    line = raw.strip()
+                    if not line:
+                        continue
+                    try:
+                        # A byte that is not UTF-8 inside a value keeps its record, as U+FFFD.
+                        records.append(record_from_json(line.decode("utf-8", "replace")))
+                    except (ValueError, TypeError):
+                        log.error("skipping an unreadable spool line in %s", self.path)
+                    if n is not None and len(records) >= n:
+                        break
+        except FileNotFoundError:
+            return [], 0
+        return records, offset
 
     def clear(self) -> None:
         try:

@@ -192,22 +192,20 @@ class LedgerWriter:
         return True
 
     def _spool_waiting(self) -> bool:
-        try:
-            return self.spool is not None and self.spool.path.stat().st_size > 0
-        except OSError:
-            return False
+        return self.spool is not None and self.spool.waiting()
 
     def _replay_spool(self) -> None:
         """Records spooled earlier (an outage, a slow store, a previous run) go back in
-        line, ahead of anything newer."""
+        line, ahead of anything newer: half the bound at a time, so that with the queue
+        under the other half (`_flush_once`) memory stays within it however large the
+        spool.  The spool keeps them until they are written (`Spool.forget_taken`)."""
         if self.spool is None:
             return
         with self._spill_lock:
-            spooled = self.spool.read()
+            spooled = self.spool.take(max(1, self.max_pending // 2))
             if spooled:
                 log.info("replaying %d spooled records from %s", len(spooled), self.spool.path)
                 self._retry = spooled + self._retry
-            self.spool.clear()
 
     def _note_error(self, exc: Exception) -> None:
         self.stats.write_errors += 1
@@ -254,6 +252,8 @@ class LedgerWriter:
             if caught_up and self.stats.healthy and self._spool_waiting():
                 self._replay_spool()
             ok = self._write_due(drain)
+            if ok and not self._retry and self.spool is not None:
+                self.spool.forget_taken()  # what was replayed from it is written
             if not ok or not drain or not self._spool_waiting():
                 return ok
 
@@ -412,6 +412,7 @@ class LedgerWriter:
         except IndexError:
             pass
         spill = old + queued
+        mint_ids(spill)  # an id of its own in the spool: a spool replayed twice (a crash) writes it once
         # In hand now: counted exactly while the spool takes them (an fsync, 0.4 s on a
         # busy disk), not as the excess, which counts the batch being written and the
         # retry too (the spill thread takes from the queue alone).
@@ -476,6 +477,7 @@ class LedgerWriter:
         records = self._retry + list(self._queue)
         self._retry = []
         self._queue.clear()
+        mint_ids(records)
         try:
             self.spool.append(records)  # type: ignore[union-attr]
             self.stats.spooled += len(records)
