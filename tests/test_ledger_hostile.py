@@ -820,3 +820,36 @@ def test_a_replayed_record_leaves_the_spool_only_once_written(tmp_path: Path) ->
     assert rerun.flush(10)
     rerun.close()
     assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)
+
+
+def test_the_writer_thread_outlives_a_failure_that_is_not_the_stores(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Anything that fails in the writer's thread outside the store's own calls (here
+    the store's answer is not what the writer expects, once) ended the thread: records
+    queued for ever, the ledger stopped until a restart, silently.  The thread logs it,
+    counts it as a write error, keeps the batch it held and goes on."""
+
+    class OddAnswerOnce(DuckDBStore):
+        answered = False
+
+        def write(self, records: list[Record]) -> Any:
+            super().write(records)
+            if not self.answered:
+                self.answered = True
+                return 5  # not the (truncated, overflows) pair the writer counts
+            return None
+
+    path = tmp_path / "l.duckdb"
+    writer = LedgerWriter(OddAnswerOnce(str(path)), flush_interval=0.02, retry_max_interval=0.05)
+    writer.first_open()
+    writer.start_thread()
+    first = [make_record() for _ in range(10)]
+    for record in first:
+        writer.done(None, record)
+    assert writer.flush(10)
+    later = [make_record() for _ in range(10)]
+    for record in later:
+        writer.done(None, record)
+    assert writer.flush(10), "the writer's thread stopped"
+    writer.close()
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in first + later)  # each once
+    assert writer.stats.write_errors >= 1 and "ledger writer failed" in caplog.text

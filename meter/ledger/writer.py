@@ -232,13 +232,18 @@ class LedgerWriter:
                 batch = self._preparer.take(n)
             if not batch:  # no loop, or it did not answer: taken here
                 batch = pop_up_to(self._queue, n)
-        if not isinstance(batch, EncodedBatch):  # the preparer minted its batch's ids on the loop
-            mint_ids(batch)
-        # Off the event loop too, and idempotent: a retried batch is not counted twice.
-        # A store that sanitises in its own process (the DuckDB ledger process) answers
-        # what it cut instead, and the proxy's GIL is spared the work.
-        if not self._store_sanitises:
-            sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
+        try:
+            if not isinstance(batch, EncodedBatch):  # the preparer minted its batch's ids on the loop
+                mint_ids(batch)
+            # Off the event loop too, and idempotent: a retried batch is not counted twice.
+            # A store that sanitises in its own process (the DuckDB ledger process) answers
+            # what it cut instead, and the proxy's GIL is spared the work.
+            if not self._store_sanitises:
+                sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
+        except Exception:
+            self._retry = batch + self._retry  # taken: kept for the next try (see `_run`)
+            self._set_writing(0)
+            raise
         return batch
 
     def _flush_once(self, drain: bool = False) -> bool:
@@ -271,12 +276,20 @@ class LedgerWriter:
             batch = self._take_batch()
             due -= len(batch)
             self._set_writing(len(batch))
-            outage = self._settle_sessions(batch)
-            if outage is None:
-                outage = self._write_isolating(batch)
-            else:
+            try:
+                outage = self._settle_sessions(batch)
+                if outage is None:
+                    outage = self._write_isolating(batch)
+                else:
+                    self._retry = batch + self._retry
+            except Exception:
+                # Not the store failing (that is handled where it is called): the batch is
+                # kept for the next try (see `_run`), written again whole if part of it
+                # was: the ledger keeps a row once by its id.
                 self._retry = batch + self._retry
-            self._set_writing(0)
+                raise
+            finally:
+                self._set_writing(0)
             if outage is not None:
                 self._note_error(outage)
                 self._spill_overflow()
@@ -453,7 +466,12 @@ class LedgerWriter:
                 ok = False
                 self._spill_overflow()  # the store cannot even be opened: memory stays bounded
             else:
-                ok = self._flush_once(drain=stopping)
+                try:
+                    ok = self._flush_once(drain=stopping)
+                except Exception as exc:  # a dead writer thread would stop the ledger for good, silently
+                    log.exception("ledger writer failed; %d records wait for the next try", self.pending)
+                    self._note_error(exc)
+                    ok = False
             if stopping:
                 if not ok and self.spool is not None and self.pending:
                     self._spill_all()
