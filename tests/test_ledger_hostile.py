@@ -622,24 +622,30 @@ def test_a_batch_in_a_stores_hands_is_never_past_the_bound(tmp_path: Path) -> No
     assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)
 
 
+def replaying_into_a_held_store(tmp_path: Path, n: int, **limits: int) -> tuple[Path, Path, list[Record], HeldStore, LedgerWriter]:
+    """A spool of `n` records, replayed at open by a writer into a store that holds
+    every write; returned once the store holds the first batch (release it)."""
+    path, spool = tmp_path / "l.duckdb", tmp_path / "spool.jsonl"
+    records = [make_record() for _ in range(n)]
+    Spool(spool).append(records)
+    store = HeldStore(str(path))
+    writer = LedgerWriter(store, flush_interval=0.02, spool_path=spool, **limits)  # type: ignore[arg-type]
+    writer.first_open()  # reads the spool back, ahead of anything newer
+    writer.start_thread()
+    deadline = time.monotonic() + 10
+    while not store.largest_batch:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return path, spool, records, store, writer
+
+
 def test_a_replayed_spool_goes_to_the_store_a_bound_at_a_time(tmp_path: Path) -> None:
     """The other way a batch is taken: from the records waiting for a retry, which the
     spool of a previous run or an outage joins at open.  A batch of those held by a
     slow store is out of the spill thread's reach too: it stops at the bound as well
     (the spool is taken back half the bound at a time)."""
-    path = tmp_path / "l.duckdb"
-    spool = tmp_path / "spool.jsonl"
-    records = [make_record() for _ in range(80)]
-    Spool(spool).append(records)
-    store = HeldStore(str(path))
-    writer = LedgerWriter(store, flush_interval=0.02, batch_size=500, max_pending=20, spool_path=spool)
-    writer.first_open()  # reads the spool back, ahead of anything newer
-    writer.start_thread()
+    path, _, records, store, writer = replaying_into_a_held_store(tmp_path, 80, batch_size=500, max_pending=20)
     try:
-        deadline = time.monotonic() + 10
-        while not store.largest_batch:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         assert store.largest_batch <= 20
     finally:
         store.release.set()
@@ -794,19 +800,8 @@ def test_a_replayed_record_leaves_the_spool_only_once_written(tmp_path: Path) ->
     records they were in memory alone, and a crash (a SIGKILL, the power) lost them.
     The spool now stays until what was read from it is written, and a record replayed
     twice after a crash is written once (its id travels with it)."""
-    path = tmp_path / "l.duckdb"
-    spool = tmp_path / "spool.jsonl"
-    records = [make_record() for _ in range(50)]
-    Spool(spool).append(records)
-    store = HeldStore(str(path))
-    writer = LedgerWriter(store, flush_interval=0.02, spool_path=spool)
-    writer.first_open()
-    writer.start_thread()
+    path, spool, records, store, writer = replaying_into_a_held_store(tmp_path, 50)
     try:
-        deadline = time.monotonic() + 10
-        while not store.largest_batch:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         assert len(Spool(spool).read()) == 50  # being written: still on disk
     finally:
         store.release.set()
