@@ -752,7 +752,8 @@ def test_a_spool_with_a_bad_byte_is_replayed_line_by_line(tmp_path: Path, caplog
     Spool(spool).append([first, odd])
     raw = spool.read_bytes().replace(b"odd-\\u00e9", b"odd-\xe9")  # a Latin-1 byte where JSON has its escape
     assert b"odd-\xe9" in raw
-    spool.write_bytes(raw + b"\xff\xfe{not a record\n")
+    # Lines that are no record: not JSON, a JSON array, a cost that is not a number.
+    spool.write_bytes(raw + b"\xff\xfe{not a record\n[]\n" + b'{"id": "x", "cost_usd": "1.2\xff"}\n')
     Spool(spool).append([last])
     writer = LedgerWriter(DuckDBStore(str(path)), flush_interval=0.02, spool_path=spool)
     writer.first_open()
@@ -762,7 +763,49 @@ def test_a_spool_with_a_bad_byte_is_replayed_line_by_line(tmp_path: Path, caplog
     rows = {str(r["id"]): r["user_id"] for r in ledger_rows(path)}
     assert rows == {first.id: "first", odd.id: "odd-\ufffd", last.id: "last"}
     assert not spool.exists()
-    assert "unreadable spool line" in caplog.text
+    assert caplog.text.count("unreadable spool line") == 3
+
+
+def test_a_line_torn_by_a_crash_does_not_take_the_next_record_with_it(tmp_path: Path) -> None:
+    """A crash mid-append leaves a last line without its end; the next append began on
+    that same line, and the record it wrote was unreadable with the torn one."""
+    spool = tmp_path / "spool.jsonl"
+    first, after = make_record(user_id="first"), make_record(user_id="after")
+    Spool(spool).append([first])
+    with open(spool, "ab") as f:
+        f.write(b'{"id": "torn", "started_at": 1')  # the crash
+    Spool(spool).append([after])
+    assert [r.id for r in Spool(spool).read()] == [first.id, after.id]
+
+
+def test_a_spool_spooled_again_at_a_shutdown_is_written_once(tmp_path: Path) -> None:
+    """Replayed records stay in the spool until written; a shutdown while the store is
+    down spools them again, so the next start finds each twice, in one batch: the
+    DuckDB ledger (no primary key) kept both rows."""
+
+    class DownStore(DuckDBStore):
+        def write(self, records: list[Record]) -> None:
+            raise duckdb.IOException("IO Error: No space left on device")
+
+    path, spool = tmp_path / "l.duckdb", tmp_path / "spool.jsonl"
+    records = [make_record() for _ in range(100)]
+    Spool(spool).append(records)
+    down = LedgerWriter(DownStore(str(path)), flush_interval=0.02, retry_max_interval=0.05, spool_path=spool)
+    down.first_open()  # the spool's 100 records back in memory
+    down.start_thread()
+    deadline = time.monotonic() + 10
+    while not down.stats.write_errors:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    down.close()  # still down: spooled again
+    assert len(Spool(spool).read()) == 200
+    up = LedgerWriter(DuckDBStore(str(path)), flush_interval=0.02, spool_path=spool)
+    up.first_open()
+    up.start_thread()
+    assert up.flush(10)
+    up.close()
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)
+    assert not spool.exists()
 
 
 def test_a_large_spool_is_replayed_within_the_bound(tmp_path: Path) -> None:

@@ -466,6 +466,15 @@ class DuckDBStore:
         for seen, _ in self._recent:
             if not seen.isdisjoint(ids):
                 present.update(seen.intersection(ids))
+        if len(set(ids)) < len(ids):
+            # A record twice in one batch (a spool replayed, then spooled again whole at
+            # a shutdown while the store was down): its first row only.
+            keep = []
+            for i, id_ in enumerate(ids):
+                if id_ not in present:
+                    present.add(id_)
+                    keep.append(i)
+            return keep
         if not present:
             return None
         return [i for i, id_ in enumerate(ids) if id_ not in present]

@@ -105,9 +105,9 @@ class BatchPreparer:
                     return
                 job.started = True
         queue, batch = self.queue, job.batch
-        records = pop_up_to(queue, min(job.slice, job.n - len(batch)))
-        batch.extend(records)  # in the batch before anything below can fail: never lost
         try:
+            records = pop_up_to(queue, min(job.slice, job.n - len(batch)))
+            batch.extend(records)  # in the batch before anything below can fail: never lost
             mint_ids(records)
             if not batch.linked:
                 batch.linked = any(record.session_of is not None for record in records)

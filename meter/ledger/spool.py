@@ -77,10 +77,24 @@ class Spool:
 
     def append(self, records: Sequence[Record]) -> None:
         lines = "".join(record_to_json(record) + "\n" for record in records)
-        with self._lock, open_private(self.path) as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        with self._lock:
+            if not self._ends_a_line():
+                lines = "\n" + lines  # a line torn by a crash stays alone: it must not take the next one with it
+            with open_private(self.path) as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _ends_a_line(self) -> bool:
+        """Whether the file is absent, empty, or ends with a line end."""
+        try:
+            with open(self.path, "rb") as f:
+                if f.seek(0, os.SEEK_END) == 0:
+                    return True
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) == b"\n"
+        except FileNotFoundError:
+            return True
 
     def read(self) -> list[Record]:
         """Every record in the file (what a person or a test reads; the writer takes)."""
@@ -125,7 +139,7 @@ class Spool:
                     try:
                         # A byte that is not UTF-8 inside a value keeps its record, as U+FFFD.
                         records.append(record_from_json(line.decode("utf-8", "replace")))
-                    except (ValueError, TypeError):
+                    except Exception:  # noqa: BLE001 - any line that is no record (a bad cost, a JSON array...) is skipped, never the replay
                         log.error("skipping an unreadable spool line in %s", self.path)
                     if n is not None and len(records) >= n:
                         break

@@ -187,8 +187,11 @@ class LedgerWriter:
             # Records a previous run (or an outage before this first open) spooled.  A
             # reopen after a failed write must not read the spool back: during an outage
             # that bounced every spooled record into memory at each retry, past the bound.
+            # Nor a first open that comes late, with the queue already long: the flushes
+            # take the spool back once it is short again.
             self._replayed_at_open = True
-            self._replay_spool()
+            if self._caught_up():
+                self._replay_spool()
         return True
 
     def _spool_waiting(self) -> bool:
@@ -251,16 +254,22 @@ class LedgerWriter:
         the spill thread spool (when draining, until the spool is empty).  False when
         the store failed (records kept)."""
         while True:
-            # Caught up (nothing retried, the queue well under the bound): under a store
-            # that stays slower than the traffic the spool grows on disk, not in memory.
-            caught_up = not self._retry and (drain or len(self._queue) < self.max_pending // 2)
-            if caught_up and self.stats.healthy and self._spool_waiting():
+            # Caught up: under a store that stays slower than the traffic the spool grows
+            # on disk, not in memory.  When draining too: the queue is written first.
+            if self._caught_up() and self.stats.healthy and self._spool_waiting():
                 self._replay_spool()
             ok = self._write_due(drain)
             if ok and not self._retry and self.spool is not None:
                 self.spool.forget_taken()  # what was replayed from it is written
-            if not ok or not drain or not self._spool_waiting():
+            # Draining goes on while the spool has records and the store takes them; a
+            # store that is not healthy (nothing was written) leaves them for next time.
+            if not ok or not drain or not self.stats.healthy or not self._spool_waiting():
                 return ok
+
+    def _caught_up(self) -> bool:
+        """Nothing waits for a retry and the queue is under half the bound: half the
+        bound may be taken back from the spool."""
+        return not self._retry and len(self._queue) < self.max_pending // 2
 
     def _write_due(self, drain: bool) -> bool:
         """Write what was pending when called, and more only as whole batches (all of
