@@ -740,6 +740,15 @@ def test_a_lost_postgres_is_an_outage_at_once_not_bisected(postgres: Any, tmp_pa
     assert len(pg_rows(url)) == 64
 
 
+def replay_spool(store: DuckDBStore, spool: Path) -> None:
+    """A writer's start that replays `spool` into `store`, then its flush and close."""
+    writer = LedgerWriter(store, flush_interval=0.02, spool_path=spool)
+    writer.first_open()
+    writer.start_thread()
+    assert writer.flush(30)
+    writer.close()
+
+
 def test_a_spool_with_a_bad_byte_is_replayed_line_by_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A spool is meter's own file, but a disk or a hand can leave a byte in it that is
     not UTF-8.  Reading it whole as text failed at open (UnicodeDecodeError), so meter
@@ -755,11 +764,7 @@ def test_a_spool_with_a_bad_byte_is_replayed_line_by_line(tmp_path: Path, caplog
     # Lines that are no record: not JSON, a JSON array, a cost that is not a number.
     spool.write_bytes(raw + b"\xff\xfe{not a record\n[]\n" + b'{"id": "x", "cost_usd": "1.2\xff"}\n')
     Spool(spool).append([last])
-    writer = LedgerWriter(DuckDBStore(str(path)), flush_interval=0.02, spool_path=spool)
-    writer.first_open()
-    writer.start_thread()
-    assert writer.flush(10)
-    writer.close()
+    replay_spool(DuckDBStore(str(path)), spool)
     rows = {str(r["id"]): r["user_id"] for r in ledger_rows(path)}
     assert rows == {first.id: "first", odd.id: "odd-\ufffd", last.id: "last"}
     assert not spool.exists()
@@ -799,11 +804,7 @@ def test_a_spool_spooled_again_at_a_shutdown_is_written_once(tmp_path: Path) -> 
         time.sleep(0.01)
     down.close()  # still down: spooled again
     assert len(Spool(spool).read()) == 200
-    up = LedgerWriter(DuckDBStore(str(path)), flush_interval=0.02, spool_path=spool)
-    up.first_open()
-    up.start_thread()
-    assert up.flush(10)
-    up.close()
+    replay_spool(DuckDBStore(str(path)), spool)
     assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)
     assert not spool.exists()
 
@@ -852,11 +853,7 @@ def test_a_replayed_record_leaves_the_spool_only_once_written(tmp_path: Path) ->
     writer.close()
     assert not spool.exists()
     Spool(spool).append(records)  # what a crash before the removal would have left
-    rerun = LedgerWriter(DuckDBStore(str(path)), flush_interval=0.02, spool_path=spool)
-    rerun.first_open()
-    rerun.start_thread()
-    assert rerun.flush(10)
-    rerun.close()
+    replay_spool(DuckDBStore(str(path)), spool)
     assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in records)
 
 
