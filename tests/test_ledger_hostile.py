@@ -888,3 +888,13 @@ def test_the_writer_thread_outlives_a_failure_that_is_not_the_stores(tmp_path: P
     writer.close()
     assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in first + later)  # each once
     assert writer.stats.write_errors >= 1 and "ledger writer failed" in caplog.text
+
+
+def test_a_spooled_record_carries_its_id(tmp_path: Path) -> None:
+    """A record spilled from the queue has no id yet; spooled without one, a spool read
+    twice (a crash mid-replay) would give it a new id, and a second row, each time."""
+    spool = Spool(tmp_path / "spool.jsonl")
+    spool.append([make_record(id=None), make_record(id=None)])
+    first, again = spool.read(), spool.read()
+    assert all(r.id is not None for r in first) and [r.id for r in first] == [r.id for r in again]
+

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 from ..record import COLUMNS, Record
+from .schema import mint_ids
 from .store import LedgerUnusable
 
 log = logging.getLogger("meter.ledger")
@@ -76,6 +77,9 @@ class Spool:
         self._taken_to = 0  # bytes of the file taken back so far
 
     def append(self, records: Sequence[Record]) -> None:
+        """Append `records`, each with an id of its own (minted here where it has none),
+        so that a spool replayed twice (a crash mid-replay) writes each once."""
+        mint_ids(records)
         lines = "".join(record_to_json(record) + "\n" for record in records)
         with self._lock:
             if not self._ends_a_line():

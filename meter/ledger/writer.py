@@ -434,7 +434,6 @@ class LedgerWriter:
         except IndexError:
             pass
         spill = old + queued
-        mint_ids(spill)  # an id of its own in the spool: a spool replayed twice (a crash) writes it once
         # In hand now: counted exactly while the spool takes them (an fsync, 0.4 s on a
         # busy disk), not as the excess, which counts the batch being written and the
         # retry too (the spill thread takes from the queue alone).
@@ -504,7 +503,6 @@ class LedgerWriter:
         records = self._retry + list(self._queue)
         self._retry = []
         self._queue.clear()
-        mint_ids(records)
         try:
             self.spool.append(records)  # type: ignore[union-attr]
             self.stats.spooled += len(records)
