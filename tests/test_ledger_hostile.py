@@ -898,3 +898,39 @@ def test_a_spooled_record_carries_its_id(tmp_path: Path) -> None:
     first, again = spool.read(), spool.read()
     assert all(r.id is not None for r in first) and [r.id for r in first] == [r.id for r in again]
 
+def test_a_late_first_open_takes_no_spool_past_the_bound(tmp_path: Path) -> None:
+    """The first open replays the spool ahead of anything newer, but not on top of a
+    queue already half the bound long (the store came up late): the flushes take the
+    spool back once the queue is short."""
+    path, spool = tmp_path / "l.duckdb", tmp_path / "spool.jsonl"
+    spooled = [make_record() for _ in range(30)]
+    Spool(spool).append(spooled)
+    writer = LedgerWriter(DuckDBStore(str(path)), flush_interval=0.02, batch_size=10, max_pending=20, spool_path=spool)
+    queued = [make_record() for _ in range(15)]
+    for record in queued:
+        writer.done(None, record)
+    writer.first_open()
+    assert writer.pending == 15  # the queue alone, not 15 + 10 from the spool
+    writer.start_thread()
+    assert writer.flush(10)
+    writer.close()
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in spooled + queued)
+    assert not spool.exists()
+
+
+def test_a_writer_that_cannot_read_its_spool_still_closes(tmp_path: Path) -> None:
+    """A spool that cannot be read (here its path became a directory) fails the replay;
+    the writer lives on, not healthy, with nothing pending.  Its drain at close took the
+    spool as still waiting and went round for ever, until close gave up."""
+    spool = tmp_path / "spool.jsonl"
+    writer = LedgerWriter(DuckDBStore(str(tmp_path / "l.duckdb")), flush_interval=0.02, retry_max_interval=0.05, spool_path=spool)
+    writer.first_open()
+    writer.start_thread()
+    spool.mkdir()
+    deadline = time.monotonic() + 10
+    while writer.stats.healthy:  # the next flush tries to replay it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    began = time.monotonic()
+    writer.close(timeout=5)
+    assert time.monotonic() - began < 3
