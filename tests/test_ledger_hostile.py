@@ -934,3 +934,18 @@ def test_a_writer_that_cannot_read_its_spool_still_closes(tmp_path: Path) -> Non
     began = time.monotonic()
     writer.close(timeout=5)
     assert time.monotonic() - began < 3
+
+
+def test_a_record_that_breaks_the_writer_is_set_aside_and_the_rest_written(tmp_path: Path) -> None:
+    """A record whose values meter's own code cannot handle (a bug elsewhere left an int
+    where the writer slices text) fails its batch with an error that is neither the
+    store's nor a refusal.  Retried whole, that batch failed for ever and held every
+    later record back; the record is set aside with the error and the rest written."""
+    path = tmp_path / "l.duckdb"
+    bad = make_record(session_of=12345)  # `_settle_sessions` cuts it as text: TypeError
+    good = [make_record() for _ in range(50)]
+    writer = run_writer(ChildProcessStore(str(path)), [*good[:20], bad, *good[20:]], tmp_path)
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in good)
+    [rejected] = read_rejected(Path(str(path) + ".rejected.jsonl"))
+    assert rejected["record"]["id"] == bad.id and "TypeError" in rejected["reason"]
+    assert writer.stats.rejected == 1 and writer.stats.healthy

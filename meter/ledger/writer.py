@@ -14,7 +14,8 @@ answers what it cut.  A batch the store
 still refuses is split until the refused records are isolated; those go, with
 the store's reason, to the rejected file (`<ledger>.rejected.jsonl`, or
 `<spool>.rejected.jsonl` when the ledger is not a file) and the rest is
-written.  An outage (the store cannot be reached or written at all) is not a
+written; so does a record meter's own writing fails on (a bug), which would
+otherwise fail its batch on every retry.  An outage (the store cannot be reached or written at all) is not a
 refusal: records wait, then spool.
 """
 
@@ -33,7 +34,7 @@ from ..bounds import MAX_TEXT
 from ..record import Record
 from .preparing import BatchPreparer, pop_up_to
 from .rows import EncodedBatch
-from .sanitise import add_cuts, clean_text, new_overflows, new_truncated, sanitise_batch
+from .sanitise import Cuts, add_cuts, clean_text, new_overflows, new_truncated, sanitise_batch
 from .schema import mint_ids
 from .spool import RejectedFile, Spool, check_directory, rejected_path_for
 from .store import LedgerUnusable, Store, failure_kind
@@ -235,18 +236,6 @@ class LedgerWriter:
                 batch = self._preparer.take(n)
             if not batch:  # no loop, or it did not answer: taken here
                 batch = pop_up_to(self._queue, n)
-        try:
-            if not isinstance(batch, EncodedBatch):  # the preparer minted its batch's ids on the loop
-                mint_ids(batch)
-            # Off the event loop too, and idempotent: a retried batch is not counted twice.
-            # A store that sanitises in its own process (the DuckDB ledger process) answers
-            # what it cut instead, and the proxy's GIL is spared the work.
-            if not self._store_sanitises:
-                sanitise_batch(batch, self.stats.truncated, self.stats.overflows)
-        except Exception:
-            self._retry = batch + self._retry  # taken: kept for the next try (see `_run`)
-            self._set_writing(0)
-            raise
         return batch
 
     def _flush_once(self, drain: bool = False) -> bool:
@@ -286,11 +275,7 @@ class LedgerWriter:
             due -= len(batch)
             self._set_writing(len(batch))
             try:
-                outage = self._settle_sessions(batch)
-                if outage is None:
-                    outage = self._write_isolating(batch)
-                else:
-                    self._retry = batch + self._retry
+                outage = self._write_isolating(batch)
             except Exception:
                 # Not the store failing (that is handled where it is called): the batch is
                 # kept for the next try (see `_run`), written again whole if part of it
@@ -349,13 +334,19 @@ class LedgerWriter:
     def _write_isolating(self, batch: list[Record]) -> Exception | None:
         """Write `batch`, splitting a refused part in halves until the refused records
         are alone; those are set aside.  On an outage, what is not written goes back
-        to the head of the retry list and the outage is returned."""
+        to the head of the retry list and the outage is returned.
+
+        A part fails as refused, too, when meter's own work on it before the store
+        (`_write_part`) raises on a record's values: a bug, but one that would fail the
+        batch on every retry and hold every later record back for good.  The record
+        that fails alone goes to the rejected file with the error, like one the store
+        refused, and the rest is written."""
         parts = [batch]
         while parts:
             part = parts.pop()
             try:
-                cuts = self.store.write(part)
-            except Exception as exc:  # noqa: BLE001 - whatever the store raises, failure_kind says whose fault it is
+                cuts = self._write_part(part)
+            except Exception as exc:  # noqa: BLE001 - whatever is raised, failure_kind says whose fault it is
                 kind = failure_kind(exc)
                 if kind == "unknown" and len(part) == 1:
                     kind = self._probe_kind()
@@ -372,6 +363,23 @@ class LedgerWriter:
                 add_cuts(cuts, self.stats.truncated, self.stats.overflows)
             self.stats.written += len(part)
         return None
+
+    def _write_part(self, part: list[Record]) -> Cuts | None:
+        """Ready `part` for the store and write it: ids, the sanitising step, the
+        sessions of its chains, then `Store.write`.  Every step is idempotent, so a part
+        is readied again whole when it is retried or split.  An outage of the session
+        lookup is raised, as the write's would be."""
+        if not isinstance(part, EncodedBatch):  # the preparer minted its batch's ids on the loop
+            mint_ids(part)
+        # Off the event loop too, and idempotent: a retried batch is not counted twice.
+        # A store that sanitises in its own process (the DuckDB ledger process) answers
+        # what it cut instead, and the proxy's GIL is spared the work.
+        if not self._store_sanitises:
+            sanitise_batch(part, self.stats.truncated, self.stats.overflows)
+        outage = self._settle_sessions(part)
+        if outage is not None:
+            raise outage
+        return self.store.write(part)
 
     def _probe_kind(self) -> str:
         """One record failed with an error that does not say whose fault it is: if the
@@ -390,7 +398,7 @@ class LedgerWriter:
             return
         try:
             self.rejected.append(record, reason)
-        except OSError as exc2:
+        except Exception as exc2:  # noqa: BLE001 - a disk error, or values a bug left unwritable: counted and logged either way
             log.error("could not write the rejected record %s to %s: %s", record.id, self.rejected.path, exc2)
 
     def _reopen_later(self) -> None:
