@@ -49,8 +49,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -135,7 +136,7 @@ def run_bare(port: int, upstream: str, loop: str) -> None:
     run_event_loop(main(), uvloop=loop == "uvloop")
 
 
-async def serve_forever(handle, port: int, handler_cancellation: bool = True) -> None:  # type: ignore[no-untyped-def]
+async def serve_forever(handle: Callable[[Any], Awaitable[Any]], port: int, handler_cancellation: bool = True) -> None:
     """Serve `handle` on 127.0.0.1:`port`, say READY, and never return."""
     import asyncio
 
@@ -157,7 +158,7 @@ def start_meter_serve(upstream: str, port: int, admin_port: int, ledger: Path) -
     )
 
 
-def run_event_loop(coro, uvloop: bool = True) -> None:  # type: ignore[no-untyped-def]
+def run_event_loop(coro: Coroutine[Any, Any, None], uvloop: bool = True) -> None:
     """asyncio.run, on uvloop (as `meter serve` runs) unless told otherwise."""
     import asyncio
 
@@ -438,8 +439,9 @@ def main() -> None:
     if args.pin:
         if len(os.sched_getaffinity(0)) < 2:
             sys.exit("bench: --pin needs two CPUs")
-        target_cpu, LOAD_CPUS = {0}, {1}
-        os.sched_setaffinity(0, LOAD_CPUS)  # this script and what it starts, unless moved
+        target_cpu, load_cpus = {0}, {1}
+        LOAD_CPUS = load_cpus
+        os.sched_setaffinity(0, load_cpus)  # this script and what it starts, unless moved
     procs: list[subprocess.Popen] = []
     work = Path(tempfile.mkdtemp(prefix="meter-bench-"))
     ledger = work / "bench.duckdb"
@@ -471,7 +473,7 @@ def main() -> None:
                 if name != "direct":  # the upstream stays with the load
                     pin(pid, target_cpu)
             for child in process_tree(meter.pid)[1:]:
-                pin(child, LOAD_CPUS)  # the ledger process: the proxy alone on its core
+                pin(child, load_cpus)  # the ledger process: the proxy alone on its core
 
         runs: dict[tuple[str, str], list[dict[str, float]]] = {}
         for kind in KINDS:

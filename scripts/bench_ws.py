@@ -320,8 +320,8 @@ def main() -> None:
         print("| target | messages/s | relay CPU us/msg | round trip p50 ms | round trip p99 ms |")
         print("| --- | ---: | ---: | ---: | ---: |")
         for name, r in results.items():
-            cpu = "-" if name == "direct" else f"{r['cpu_us']:.2f}"
-            print(f"| {name} | {r['mps']:,.0f} | {cpu} | {r['p50']:.3f} | {r['p99']:.3f} |")
+            cpu_cell = "-" if name == "direct" else f"{r['cpu_us']:.2f}"
+            print(f"| {name} | {r['mps']:,.0f} | {cpu_cell} | {r['p50']:.3f} | {r['p99']:.3f} |")
         print()
         bare, relay, metered, met, direct = (results[k] for k in ("bare", "relay", "metered", "meter", "direct"))
         print(f"messages/s: meter at {100 * met['mps'] / bare['mps']:.1f}% of the bare relay (meter's relay alone {100 * relay['mps'] / bare['mps']:.1f}%, with metering but no sinks {100 * metered['mps'] / bare['mps']:.1f}%)")

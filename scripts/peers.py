@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 PEERS: tuple[str, ...] = ("litellm", "portkey")
 
@@ -161,7 +162,7 @@ def _installed_home(name: str) -> Path:
     return home
 
 
-def _start_litellm(home: Path, upstream: str, port: int, workdir: Path, log) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+def _start_litellm(home: Path, upstream: str, port: int, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
     config = workdir / "litellm.yaml"
     # LiteLLM does not pass the answer through: it parses it into its own Response model
     # and re-serialises it (new id, `data:` lines without `event:` for SSE).  An upstream
@@ -232,7 +233,7 @@ await import(%s);
 """
 
 
-def _start_portkey(home: Path, port: int, workdir: Path, log) -> subprocess.Popen:  # type: ignore[no-untyped-def]
+def _start_portkey(home: Path, port: int, workdir: Path, log: IO[bytes]) -> subprocess.Popen[bytes]:
     launcher = workdir / "portkey-start.mjs"
     launcher.write_text(_PORTKEY_LAUNCHER % json.dumps(_portkey_server(home).resolve().as_uri()))
     env = dict(os.environ)

@@ -324,9 +324,9 @@ def usage_record(response_id: str, *, input_tokens: int = 10, output_tokens: int
 def assert_rows_match(records: Sequence[Record], rows: Sequence[dict[str, Any]]) -> None:
     """Every column of every row equals its record, read back through a real ledger."""
     by_id = {str(row["id"]): row for row in rows}
-    assert sorted(by_id) == sorted(r.id for r in records)
+    assert sorted(by_id) == sorted(str(r.id) for r in records)
     for record in records:
-        row = by_id[record.id]
+        row = by_id[str(record.id)]
         assert list(row) == list(COLUMNS)
         for name in COLUMNS:
             want, got, kind = getattr(record, name), row[name], COLUMN_TYPES[name]
