@@ -947,5 +947,43 @@ def test_a_record_that_breaks_the_writer_is_set_aside_and_the_rest_written(tmp_p
     writer = run_writer(ChildProcessStore(str(path)), [*good[:20], bad, *good[20:]], tmp_path)
     assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in good)
     [rejected] = read_rejected(Path(str(path) + ".rejected.jsonl"))
-    assert rejected["record"]["id"] == bad.id and "TypeError" in rejected["reason"]
+    assert rejected["record"]["id"] == bad.id and "TypeError" in rejected["reason"] and "a bug in meter" in rejected["reason"]
     assert writer.stats.rejected == 1 and writer.stats.healthy
+
+
+class KeyErrorOnSlice(str):
+    """A session link whose slicing raises KeyError: an error `failure_kind` cannot
+    place, as a bug in meter's own code might raise on every record."""
+
+    def __getitem__(self, key: Any) -> str:
+        raise KeyError(key)
+
+
+class ProbeCountingStore(ChildProcessStore):
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.probes = 0
+
+    def probe(self) -> None:
+        self.probes += 1
+        super().probe()
+
+
+def test_a_bug_on_every_record_sets_them_aside_without_asking_the_store(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The worst case of the above: meter's own step fails on every record.  Each lone
+    record is known to be meter's fault, so the store is never probed for it (a write
+    each), the batch's records go to the rejected file in one append, and the log
+    has one traceback per batch, not one per record."""
+    path = tmp_path / "l.duckdb"
+    good = [make_record() for _ in range(40)]
+    bad = [make_record(session_of=KeyErrorOnSlice(f"resp_{i}")) for i in range(200)]
+    store = ProbeCountingStore(str(path))
+    with caplog.at_level("ERROR", logger="meter.ledger"):
+        writer = run_writer(store, [*good[:20], *bad, *good[20:]], tmp_path)
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in good)
+    rejected = read_rejected(Path(str(path) + ".rejected.jsonl"))
+    assert sorted(r["record"]["id"] for r in rejected) == sorted(r.id for r in bad)
+    assert all("KeyError" in r["reason"] and "a bug in meter" in r["reason"] for r in rejected)
+    assert writer.stats.rejected == 200 and store.probes == 0
+    tracebacks = [r for r in caplog.records if r.exc_info and "a bug in meter" in r.getMessage()]
+    assert 1 <= len(tracebacks) <= 20, len(tracebacks)  # one per batch the writer took

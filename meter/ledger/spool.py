@@ -165,12 +165,23 @@ class RejectedFile:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def append(self, record: Record, reason: str) -> None:
-        line = json.dumps({"rejected_at": datetime.now(UTC).isoformat(), "reason": reason, "record": json.loads(record_to_json(record))})
-        with open_private(self.path) as f:
-            f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def append(self, rejected: Sequence[tuple[Record, str]]) -> int:
+        """Append each (record, reason), with one fsync for them all; the number
+        written.  A record whose values cannot be written as JSON (only a bug can make
+        one) is skipped and logged, and the rest still go."""
+        now = datetime.now(UTC).isoformat()
+        lines = []
+        for record, reason in rejected:
+            try:
+                lines.append(json.dumps({"rejected_at": now, "reason": reason, "record": json.loads(record_to_json(record))}) + "\n")
+            except Exception as exc:  # noqa: BLE001 - one unwritable record must not cost the others their line
+                log.error("could not write the rejected record %s to %s: %s: %s", record.id, self.path, type(exc).__name__, exc)
+        if lines:
+            with open_private(self.path) as f:
+                f.write("".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
+        return len(lines)
 
 
 def rejected_path_for(store: object, spool_path: Path | None) -> Path | None:

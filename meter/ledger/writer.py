@@ -37,7 +37,7 @@ from .rows import EncodedBatch
 from .sanitise import Cuts, add_cuts, clean_text, new_overflows, new_truncated, sanitise_batch
 from .schema import mint_ids
 from .spool import RejectedFile, Spool, check_directory, rejected_path_for
-from .store import LedgerUnusable, Store, failure_kind
+from .store import LedgerRefused, LedgerUnusable, Store, failure_kind
 
 log = logging.getLogger("meter.ledger")
 
@@ -54,6 +54,19 @@ class LedgerStats:
     # start, so a reader on another thread can iterate while the writer counts.
     truncated: dict[str, int] = field(default_factory=new_truncated)
     overflows: dict[str, int] = field(default_factory=new_overflows)
+
+
+class MeterCouldNotPrepare(LedgerRefused):
+    """meter's own work on records before the store (ids, sanitising, sessions) raised
+    on their values: a bug in meter, handled as a refusal of those records (the store
+    is not at fault), its cause the original error."""
+
+
+def _reason(exc: Exception) -> str:
+    """A rejected record's reason, as its line in the rejected file says it."""
+    if isinstance(exc, MeterCouldNotPrepare):
+        return f"meter could not prepare the record (a bug in meter): {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class LedgerWriter:
@@ -221,8 +234,8 @@ class LedgerWriter:
 
     def _take_batch(self) -> list[Record]:
         # The batch counts as being written before a record of it leaves the queue or
-        # the retry list: `pending` must never dip while it is minted and sanitised
-        # below, or a `flush()` begun meanwhile returns before these are written.
+        # the retry list: `pending` must never dip while it is readied and written
+        # (`_write_part`), or a `flush()` begun meanwhile returns before these are written.
         most = self._batch_at_most
         if self._retry:
             self._set_writing(min(len(self._retry), most))
@@ -342,41 +355,51 @@ class LedgerWriter:
         that fails alone goes to the rejected file with the error, like one the store
         refused, and the rest is written."""
         parts = [batch]
-        while parts:
-            part = parts.pop()
-            try:
-                cuts = self._write_part(part)
-            except Exception as exc:  # noqa: BLE001 - whatever is raised, failure_kind says whose fault it is
-                kind = failure_kind(exc)
-                if kind == "unknown" and len(part) == 1:
-                    kind = self._probe_kind()
-                if kind == "outage":
-                    self._retry = part + [r for p in reversed(parts) for r in p] + self._retry
-                    return exc
-                if len(part) == 1:
-                    self._reject(part[0], exc)
-                else:
-                    mid = len(part) // 2
-                    parts += [part[mid:], part[:mid]]  # the first half is written first
-                continue
-            if cuts is not None:
-                add_cuts(cuts, self.stats.truncated, self.stats.overflows)
-            self.stats.written += len(part)
-        return None
+        rejected: list[tuple[Record, Exception]] = []
+        try:
+            while parts:
+                part = parts.pop()
+                try:
+                    cuts = self._write_part(part)
+                except Exception as exc:  # noqa: BLE001 - whatever is raised, failure_kind says whose fault it is
+                    kind = failure_kind(exc)
+                    if kind == "unknown" and len(part) == 1:
+                        kind = self._probe_kind()
+                    if kind == "outage":
+                        self._retry = part + [r for p in reversed(parts) for r in p] + self._retry
+                        return exc
+                    if len(part) == 1:
+                        rejected.append((part[0], exc))
+                    else:
+                        mid = len(part) // 2
+                        parts += [part[mid:], part[:mid]]  # the first half is written first
+                    continue
+                if cuts is not None:
+                    add_cuts(cuts, self.stats.truncated, self.stats.overflows)
+                self.stats.written += len(part)
+            return None
+        finally:
+            if rejected:
+                self._reject(rejected)
 
     def _write_part(self, part: list[Record]) -> Cuts | None:
         """Ready `part` for the store and write it: ids, the sanitising step, the
         sessions of its chains, then `Store.write`.  Every step is idempotent, so a part
         is readied again whole when it is retried or split.  An outage of the session
         lookup is raised, as the write's would be."""
-        if not isinstance(part, EncodedBatch):  # the preparer minted its batch's ids on the loop
-            mint_ids(part)
-        # Off the event loop too, and idempotent: a retried batch is not counted twice.
-        # A store that sanitises in its own process (the DuckDB ledger process) answers
-        # what it cut instead, and the proxy's GIL is spared the work.
-        if not self._store_sanitises:
-            sanitise_batch(part, self.stats.truncated, self.stats.overflows)
-        outage = self._settle_sessions(part)
+        try:
+            if not isinstance(part, EncodedBatch):  # the preparer minted its batch's ids on the loop
+                mint_ids(part)
+            # Off the event loop too, and idempotent: a retried batch is not counted twice.
+            # A store that sanitises in its own process (the DuckDB ledger process) answers
+            # what it cut instead, and the proxy's GIL is spared the work.
+            if not self._store_sanitises:
+                sanitise_batch(part, self.stats.truncated, self.stats.overflows)
+            outage = self._settle_sessions(part)
+        except Exception as exc:
+            if failure_kind(exc) == "outage":  # out of memory, say: not these records
+                raise
+            raise MeterCouldNotPrepare(f"{type(exc).__name__}: {exc}") from exc
         if outage is not None:
             raise outage
         return self.store.write(part)
@@ -390,16 +413,27 @@ class LedgerWriter:
             return "outage"
         return "refused"
 
-    def _reject(self, record: Record, exc: Exception) -> None:
-        reason = f"{type(exc).__name__}: {exc}"
-        self.stats.rejected += 1
-        log.warning("ledger refused record %s (%s); set aside in %s", record.id, reason, self.rejected.path if self.rejected else "the log only")
+    def _reject(self, rejected: list[tuple[Record, Exception]]) -> None:
+        """Set the records of one batch aside, each with its reason, in one append to the
+        rejected file (one fsync, however many).  A bug in meter is logged with its
+        traceback once per batch: at worst it fails every record, and thousands of
+        tracebacks would bury the one line that matters."""
+        self.stats.rejected += len(rejected)
+        where = self.rejected.path if self.rejected else "the log only"
+        bugs = [(record, exc) for record, exc in rejected if isinstance(exc, MeterCouldNotPrepare)]
+        if bugs:
+            first, bug = bugs[0]
+            more = f", and {len(bugs) - 1} more records of this batch for the same or another bug" if len(bugs) > 1 else ""
+            log.error("meter could not prepare record %s for the ledger (%s), a bug in meter%s; set aside in %s", first.id, bug, more, where, exc_info=bug.__cause__)
+        for record, refusal in rejected:
+            if not isinstance(refusal, MeterCouldNotPrepare):
+                log.warning("ledger refused record %s (%s: %s); set aside in %s", record.id, type(refusal).__name__, refusal, where)
         if self.rejected is None:
             return
         try:
-            self.rejected.append(record, reason)
-        except Exception as exc2:  # noqa: BLE001 - a disk error, or values a bug left unwritable: counted and logged either way
-            log.error("could not write the rejected record %s to %s: %s", record.id, self.rejected.path, exc2)
+            self.rejected.append([(record, _reason(exc)) for record, exc in rejected])
+        except OSError as err:
+            log.error("could not write %d rejected records to %s: %s", len(rejected), self.rejected.path, err)
 
     def _reopen_later(self) -> None:
         """After a failed write the connection may be unusable (DuckDB invalidates a
