@@ -213,6 +213,9 @@ PG_REFUSED = [
     "SELECT set_config('role', 'postgres', true)",
     "SELECT current_setting('data_directory')",
     "SELECT txid_current()",
+    'SELECT U&"lo\\005fcreate"(0)',  # a Unicode-escaped name: lo_create
+    'SELECT u&"current\\005fsetting"(\'server_version\')',
+    "SELECT U&'\\0070g_read_file'",  # an escaped string is refused too: nothing needs one
     "COPY requests TO PROGRAM 'id'",
     "COPY (SELECT 1) TO '/tmp/meter-sql-copy'",
     "COPY requests TO STDOUT",
@@ -290,6 +293,29 @@ def test_postgres_role_meter_relies_on_cannot_read_files(pg_url: str) -> None:  
 
     for sql in ("SELECT pg_read_file('/etc/passwd')", "SELECT lo_import('/etc/passwd')", "COPY (SELECT 1) TO PROGRAM 'id'"):
         assert asyncio.run(attempt(sql)) == "InsufficientPrivilegeError", sql
+
+
+def test_a_postgres_query_is_rolled_back_whatever_it_ran(pg_url: str) -> None:  # noqa: F811
+    """The name list is one wall; the other is that a reader's transaction never
+    commits.  PostgreSQL runs lo_create in a READ ONLY transaction: with the text
+    check bypassed, the large object it made is gone once the query is answered."""
+    import asyncio
+
+    import asyncpg
+
+    from meter.ledger.sql import _postgres_sql
+
+    async def large_objects() -> int:
+        con = await asyncpg.connect(pg_url)
+        try:
+            return int(await con.fetchval("SELECT count(*) FROM pg_largeobject_metadata"))
+        finally:
+            await con.close()
+
+    before = asyncio.run(large_objects())
+    result = asyncio.run(_postgres_sql(pg_url, "SELECT lo_create(0) AS made", 10, 10, 1 << 20, 10))
+    assert result.rows and result.rows[0][0] > 0  # it ran, and made one
+    assert asyncio.run(large_objects()) == before
 
 
 async def test_running_meter_on_postgres_answers_by_url(upstream, start_meter, pg_url: str) -> None:  # noqa: F811

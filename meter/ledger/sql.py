@@ -28,6 +28,7 @@ database's own first line.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from dataclasses import dataclass, field
@@ -146,11 +147,20 @@ _PG_REFUSED = re.compile(
 )
 
 
+# `U&"..."` and `U&'...'`: a name or string with Unicode escapes, in which any name
+# can be spelled past the list above (`U&"lo\005fcreate"` is lo_create).  A query of
+# the ledger never needs one.
+_PG_UNICODE_ESCAPES = re.compile(r"\bu&[\"']", re.IGNORECASE)
+
+
 def check_postgres_statement(sql: str) -> None:
     """Refuse what a READ ONLY transaction would still run: anything but a query, and
-    the functions that reach outside the ledger (in any quoting or case)."""
+    the functions that reach outside the ledger (in any quoting or case).  What gets
+    past this list still cannot stay: the transaction is rolled back (`_postgres_sql`)."""
     if not _PG_START.match(sql):
         raise SqlError("only a query is run: SELECT, WITH, VALUES or TABLE")
+    if _PG_UNICODE_ESCAPES.search(sql):
+        raise SqlError("refused: a U& (Unicode-escaped) name or string can spell any function")
     found = _PG_REFUSED.search(sql.replace('"', ""))
     if found:
         raise SqlError(f"refused: {found.group(1)}() reaches outside the ledger")
@@ -161,22 +171,32 @@ async def _postgres_sql(url: str, sql: str, limit: int, timeout: float, max_byte
 
     con = await asyncpg.connect(url, timeout=connect_timeout, command_timeout=timeout + 5)
     try:
-        async with con.transaction(readonly=True):
+        # READ ONLY, and never committed: PostgreSQL still runs some functions that
+        # change things in a read-only transaction (lo_create makes a large object), so
+        # whatever got past `check_postgres_statement` is rolled back with the rest.
+        transaction = con.transaction(readonly=True)
+        await transaction.start()
+        try:
             await con.execute(f"SET LOCAL statement_timeout = {max(1, int(timeout * 1000))}")
-            try:
-                statement = await con.prepare(sql)  # the extended protocol: one statement, never two
-                collector = _Collector([a.name for a in statement.get_attributes()], limit, max_bytes)
-                cursor = await statement.cursor()
-                while (batch := await cursor.fetch(min(limit + 1, 2048))) and collector.take([tuple(r) for r in batch]):
-                    pass
-            except asyncpg.QueryCanceledError:
-                raise SqlError(f"the query ran past its {timeout:g}s timeout") from None
-            except (asyncpg.PostgresSyntaxError, asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError) as exc:
-                raise SqlError(first_line(exc)) from None
-            except asyncpg.PostgresError as exc:
-                if type(exc).__name__.startswith(("Connection", "CannotConnect", "AdminShutdown")):
-                    raise
-                raise SqlError(first_line(exc)) from None
+            statement = await con.prepare(sql)  # the extended protocol: one statement, never two
+            collector = _Collector([a.name for a in statement.get_attributes()], limit, max_bytes)
+            cursor = await statement.cursor()
+            while (batch := await cursor.fetch(min(limit + 1, 2048))) and collector.take([tuple(r) for r in batch]):
+                pass
+        except asyncpg.QueryCanceledError:
+            raise SqlError(f"the query ran past its {timeout:g}s timeout") from None
+        except (asyncpg.PostgresSyntaxError, asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError) as exc:
+            raise SqlError(first_line(exc)) from None
+        except asyncpg.PostgresError as exc:
+            if type(exc).__name__.startswith(("Connection", "CannotConnect", "AdminShutdown")):
+                raise
+            raise SqlError(first_line(exc)) from None
+        finally:
+            # A connection that broke (or a rollback that fails) aborts the transaction
+            # as surely: the server ends it uncommitted when the connection closes.
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                if not con.is_closed():
+                    await transaction.rollback()
         return collector.result
     finally:
         await con.close()
