@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -84,23 +83,22 @@ def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
 
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_QUOTE_OR_COLON = re.compile(r"[:'\"]")
 
 
 class MalformedRequestLog(logging.Filter):
     """aiohttp's server logs each malformed request at ERROR with a traceback that
     quotes the offending bytes (a key, if a bad byte sat in `Authorization`).  A
     client's malformed request is not meter's error: this turns the record into one
-    WARNING line naming the client and what was wrong, never the bytes."""
+    WARNING line naming the client and the kind of error (aiohttp's class), never
+    the bytes.  Not even the start of aiohttp's message: for some errors the message
+    is the client's bytes themselves (an invalid request target is the target)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError) and record.levelno > logging.WARNING:
-            first_line = (exc.message or "").strip().split("\n", 1)[0]
-            what = _QUOTE_OR_COLON.split(first_line, 1)[0].strip()[:120] or "unparsable"
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg = "malformed request from %s refused (%s %s): %s"
-            record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "?", exc.code, type(exc).__name__, what)
+            record.msg = "malformed request from %s refused (%s %s)"
+            record.args = (record.args[0] if isinstance(record.args, tuple) and record.args else "?", exc.code, type(exc).__name__)
             record.exc_info = record.exc_text = None
         return True
 

@@ -479,6 +479,8 @@ async def test_malformed_requests_log_one_warning_line(upstream, meter_process, 
         b"GET garbage HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
         b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + SECRET_KEY.encode() + b"\x7f\r\n\r\n",
+        b"GET *" + SECRET_KEY.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # aiohttp's message is the target itself
+        b"GET garbage-" + SECRET_KEY.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n",
     ]
     for data in malformed:
         answer = await exchange(proc.port, data)
