@@ -65,23 +65,35 @@ _UNSENDABLE = frozenset({0, 1004, 1005, 1006, 1015})
 
 # --- the handshake -------------------------------------------------------------
 
-# The handshake answer of the current task's ws_connect: aiohttp's ws_connect drops
-# the body of a refused upgrade, so the response class hands it over here first.
+# The headers of the current task's accepted upgrade (the 101), which ws_connect keeps
+# to itself: the response class hands them over here.
 _HANDSHAKE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("meter_ws_handshake", default=None)
+
+
+class _Refused(Exception):
+    """The upstream answered the upgrade with something other than a 101: its answer, whole."""
+
+    def __init__(self, status: int, headers: Any, body: bytes) -> None:
+        super().__init__(status)
+        self.status, self.headers, self.body = status, headers, body
 
 
 class _HandshakeResponse(aiohttp.ClientResponse):
     async def start(self, connection: Any) -> aiohttp.ClientResponse:
         resp = await super().start(connection)
+        if self.status != 101:
+            # Raised here, before aiohttp's redirect handling sees the answer: ws_connect
+            # cannot be told not to follow a 3xx, and following one would send the client's
+            # key elsewhere.  It also keeps the body, which ws_connect's own error drops.
+            body = b""
+            try:
+                body = await self.read()
+            except (TimeoutError, aiohttp.ClientError):
+                pass
+            raise _Refused(self.status, self.headers, body)
         sink = _HANDSHAKE.get()
         if sink is not None:
-            body = b""
-            if self.status != 101:
-                try:
-                    body = await self.read()
-                except (TimeoutError, aiohttp.ClientError):
-                    pass
-            sink[:] = [self.headers, body]
+            sink[:] = [self.headers]
         return resp
 
 
@@ -303,10 +315,10 @@ class WebSocketRelay:
                 decode_text=False,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
             )
-        except aiohttp.WSServerHandshakeError as exc:
-            if exc.status == 101 or not sink:
-                return self._fail(flow, 502, "invalid_upstream_handshake", "The upstream answered the upgrade with an invalid WebSocket handshake.", "error")
-            return await self._refused(request, flow, exc.status, sink[0], sink[1])
+        except _Refused as refused:
+            return await self._refused(request, flow, refused.status, refused.headers, refused.body)
+        except aiohttp.WSServerHandshakeError:  # a 101 that is not a valid upgrade (a refusal is _Refused)
+            return self._fail(flow, 502, "invalid_upstream_handshake", "The upstream answered the upgrade with an invalid WebSocket handshake.", "error")
         except TimeoutError:
             return self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
         except Exception as exc:  # noqa: BLE001 - any failure to reach the upstream is a 502, never a bare 500

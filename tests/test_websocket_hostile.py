@@ -1,14 +1,22 @@
-"""A hostile WebSocket client cannot make meter miss a response's usage (SPEC §2b).
+"""A hostile WebSocket client cannot make meter miss a response's usage (SPEC §2b),
+and a hostile upstream cannot send the client's handshake elsewhere.
 
 Only events that can be attributed end a response: an upstream `error` that
 names no `stream_id` (the answer to a bogus client message) must not end the
 response that is running, whose real terminal event carries the usage.
+
+The handshake tests speak raw HTTP on both sides (an upstream that answers the
+upgrade with bytes of its choosing, a client that reads meter's answer byte for
+byte), since a WebSocket library would follow, or hide, what is being tested.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+from typing import Self
 
 from websockets.asyncio.client import connect as ws_connect
 
@@ -104,3 +112,119 @@ def test_a_terminal_message_past_the_limit_is_metered_from_its_ends() -> None:
     assert (rec.response_id, rec.outcome, rec.input_tokens, rec.output_tokens) == ("resp_img", "completed", 900, 4000)
     assert rec.response_bytes >= len(done)
     assert peak < 8 << 20, f"metering a 24 MiB message took {peak >> 20} MiB"
+
+
+# --- hostile handshakes ------------------------------------------------------------
+
+
+class RawUpstream:
+    """A server that reads each request's head, keeps it, waits `delay` seconds, then
+    writes `answer` (bytes of its choosing) and closes; `answer` may name `{other}`,
+    the port of a second listener that stands for "some other host"."""
+
+    def __init__(self, answer: bytes = b"", delay: float = 0.0) -> None:
+        self.answer, self.delay = answer, delay
+        self.heads: list[bytes] = []
+        self.hung_up = asyncio.Event()  # a connection ended before its answer was written
+        self.server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+            if self.delay:
+                try:
+                    await asyncio.wait_for(reader.read(1), self.delay)  # b"" once meter hangs up
+                    self.hung_up.set()
+                    return
+                except TimeoutError:
+                    pass
+            writer.write(self.answer)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+class OtherHost:
+    """A listener that keeps every byte sent to it: it must never receive any."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.connections = 0
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            self.received += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nlanded")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def upgrade(headers: dict[str, str]) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = ["GET /v1/responses HTTP/1.1", "Host: meter.test", "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def answer_to(meter_url: str, headers: dict[str, str]) -> tuple[bytes, dict[str, str], bytes]:
+    """meter's answer to a WebSocket upgrade: status line, headers (lower-cased names), body."""
+    host, port = meter_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(upgrade(headers))
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status, *lines = head.decode("latin-1").removesuffix("\r\n\r\n").split("\r\n")
+        fields = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines)}
+        body = await asyncio.wait_for(reader.readexactly(int(fields.get("content-length", "0"))), 10)
+        return status.encode("latin-1"), fields, body
+    finally:
+        writer.close()
+
+
+async def test_a_redirected_upgrade_is_relayed_never_followed(start_meter) -> None:
+    # The upstream answers the upgrade with a 302 to another host: meter must not go
+    # there (the client's key and project would go with it), and the client gets the
+    # upstream's own answer, as for any other refused upgrade.
+    async with OtherHost() as other:
+        location = f"http://localhost:{other.port}/landed"
+        body = b'{"moved":"elsewhere"}'
+        answer = b"HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (location.encode(), len(body), body)
+        async with RawUpstream(answer) as hostile:
+            meter = await start_meter(hostile.url)
+            status, fields, got = await answer_to(meter.url, {"api-key": SECRET_KEY, "OpenAI-Project": "proj_secret"})
+            await asyncio.sleep(0.2)  # a redirect meter followed would have reached the other host by now
+    assert other.connections == 0 and bytes(other.received) == b"", bytes(other.received)
+    assert len(hostile.heads) == 1
+    assert (status, fields["location"], fields["content-type"], got) == (b"HTTP/1.1 302 Found", location, "application/json", body)
+    [row] = await meter.rows()
+    assert (row["transport"], row["status_code"], row["outcome"]) == ("http", 302, "error")
+    assert row["response_bytes"] == len(body)
+
