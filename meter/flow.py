@@ -216,7 +216,7 @@ _STATUS_OUTCOME = {
 
 
 # Why meter could not read an answer to its end, though the client got all of it.
-_UNREAD_TO_THE_END = frozenset({"unknown_encoding", "metered_bytes_limit", "oversized_event"})
+_UNREAD_TO_THE_END = frozenset({"unknown_encoding", "unknown_content_type", "metered_bytes_limit", "oversized_event"})
 
 # What a record without usage reads its counts from (every one None); never written.
 _NO_USAGE = Usage()

@@ -109,3 +109,29 @@ async def test_concurrent_requests_each_get_one_row_even_when_meter_stops_right_
     assert counted == 64
     await meter.stop()  # no flush first: stopping drains and writes what is queued
     assert len(ledger_rows(meter.ledger_path)) == 64
+
+
+class Kept:
+    """An addon that keeps every record it hears."""
+
+    def __init__(self) -> None:
+        self.records: list[Record] = []
+
+    def done(self, flow: Any, record: Record) -> None:
+        self.records.append(record)
+
+
+async def test_a_streamed_call_answered_as_plain_text_is_completed_and_flagged_unmetered() -> None:
+    """Relayed whole, it is `completed` (not an `error` for a stream without its
+    terminal event), and says why it has no usage."""
+    kept = Kept()
+    finished = FinishedFlows(Addons([kept]), KeyIdentities())
+    observer = observer_for("responses", "text/plain; charset=utf-8", "")
+    observer.feed(b"data: not what meter reads\n\n")
+    one = flow("/v1/responses")
+    one.request_body = b'{"model": "gpt-4o", "input": "hi", "stream": true}'
+    one.status_code = 200
+    finished.add(one, observer)
+    await asyncio.sleep(0)
+    [record] = kept.records
+    assert (record.outcome, record.error_type, record.error_code, record.stream) == ("completed", "unmetered", "unknown_content_type", True)

@@ -152,6 +152,35 @@ def test_unknown_coding_is_unmetered_not_an_error() -> None:
     assert obs.unreadable is None and obs.error_type is None and obs.usage is None
 
 
+@pytest.mark.parametrize("content_type", ["Application/JSON", "APPLICATION/JSON; charset=UTF-8", "application/vnd.openai+JSON"])
+def test_a_json_content_type_is_read_in_any_case(content_type: str) -> None:
+    """Media types are case-insensitive (RFC 9110 8.3.1): an upstream's
+    `Application/JSON` answer was not observed at all, its usage lost unflagged."""
+    observer = observer_for("responses", content_type, "")
+    assert observer is not None
+    for part in _response_parts(10):
+        observer.feed(part)
+    _check_usage(observer.finish())
+
+
+def test_an_event_stream_content_type_is_read_in_any_case() -> None:
+    observer = observer_for("responses", "Text/Event-Stream", "")
+    assert isinstance(observer, SSEObserver)
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/html; charset=utf-8", "application/octet-stream"])
+def test_a_model_call_answered_in_another_type_is_flagged_unmetered(content_type: str) -> None:
+    """A model call's answer in a type meter does not read is relayed as it is, and its
+    row says why it has no usage (`unmetered`, `unknown_content_type`), as for a coding
+    meter cannot decode: before, the row was a plain `completed` with no usage."""
+    observer = observer_for("responses", content_type, "")
+    assert observer is not None
+    observer.feed(b'{"usage": {"input_tokens": 5}}')
+    obs = observer.finish()
+    assert obs.unmetered == "unknown_content_type"
+    assert obs.unreadable is None and obs.error_type is None and obs.usage is None
+
+
 def _gzip_parts(parts: Iterable[bytes]) -> Iterator[bytes]:
     c = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
     for part in parts:

@@ -71,7 +71,7 @@ def endpoint_for(method: str, path: str) -> str:
 
 
 class Unmetered:
-    """An answer meter cannot read (a content coding it does not know): relayed, not metered."""
+    """An answer meter cannot read (a content coding or type it does not know): relayed, not metered."""
 
     __slots__ = ("reason",)
     done = True
@@ -97,8 +97,8 @@ def observer_for(
     clock: Callable[[], float] = time.perf_counter,
     max_bytes: int = 64 << 20,
     budget: MeteringBudget | None = None,
-) -> SSEObserver | BodyCollector | Decompressing | Unmetered | None:
-    """The observer for an answer, or None when there is nothing to meter in it.
+) -> SSEObserver | BodyCollector | Decompressing | Unmetered:
+    """The observer for an answer.
 
     `kind` is `responses` or `chat` (Chat Completions and Embeddings share a shape).
     `max_bytes` bounds what is held of one body or event (`--max-metered-bytes`),
@@ -110,7 +110,16 @@ def observer_for(
     elif "json" in content_type or not content_type:
         inner = BodyCollector(kind, max_bytes, budget)
     else:
-        return None
+        # Media types are case-insensitive: lowered only here, past the usual spellings.
+        lowered = content_type.lower()
+        if "text/event-stream" in lowered:
+            inner = SSEObserver(kind, clock, max_bytes, budget)
+        elif "json" in lowered:
+            inner = BodyCollector(kind, max_bytes, budget)
+        else:
+            # A model call answered in a type meter does not read: relayed as it is, and
+            # its row says why it has no usage rather than passing for a call without.
+            return Unmetered("unknown_content_type")
     if not content_encoding:
         return inner
     if content_encoding in DECODERS:  # the usual case: one coding, as registered
