@@ -321,6 +321,11 @@ class WebSocketRelay:
             return self._fail(flow, 502, "invalid_upstream_handshake", "The upstream answered the upgrade with an invalid WebSocket handshake.", "error")
         except TimeoutError:
             return self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
+        except asyncio.CancelledError:
+            # The client hung up, or meter's grace period ended, before the upstream
+            # answered: still one row, as over HTTP.
+            self._gave_up(flow)
+            raise
         except Exception as exc:  # noqa: BLE001 - any failure to reach the upstream is a 502, never a bare 500
             log.warning("upstream WebSocket handshake failed for %s: upstream %s: %s", flow.path, self.upstream_host, type(exc).__name__)
             return self._fail(flow, 502, "upstream_unreachable", f"meter could not reach the upstream {self.upstream_host}: {type(exc).__name__}.")
@@ -338,6 +343,16 @@ class WebSocketRelay:
         flow.finished_at = time.perf_counter()
         self.record(flow)
         return web.Response(status=status, body=body, content_type="application/json")
+
+    def _gave_up(self, flow: Flow) -> None:
+        """The handshake was abandoned before any answer: no status, nothing sent to the client."""
+        flow.transport = "http"  # no socket was opened, like any other handshake that failed
+        if self.draining:  # told apart as `_end` does for an open socket
+            flow.outcome, flow.error_type, flow.error_code = "error", "meter_proxy_error", "shutting_down"
+        else:
+            flow.outcome = "client_disconnected"
+        flow.finished_at = time.perf_counter()
+        self.record(flow)
 
     async def _refused(self, request: web.BaseRequest, flow: Flow, status: int, headers: Any, body: bytes) -> web.StreamResponse:
         """The upstream refused the upgrade: the client gets its status, headers and body."""

@@ -16,11 +16,12 @@ import asyncio
 import base64
 import json
 import os
+import time
 from typing import Self
 
 from websockets.asyncio.client import connect as ws_connect
 
-from .conftest import SECRET_KEY
+from .conftest import SECRET_KEY, ledger_rows
 from .test_websocket import AUTH, create, until_terminal, ws_url
 
 USAGE = {"input_tokens": 40000, "cached_tokens": 0, "cache_write_tokens": 0, "output_tokens": 8000, "reasoning_tokens": 0}
@@ -228,3 +229,38 @@ async def test_a_redirected_upgrade_is_relayed_never_followed(start_meter) -> No
     assert (row["transport"], row["status_code"], row["outcome"]) == ("http", 302, "error")
     assert row["response_bytes"] == len(body)
 
+
+async def test_a_client_that_gives_up_during_the_handshake_is_recorded(start_meter) -> None:
+    # The upstream takes 3 s to answer the upgrade; the client hangs up after 1 s.  As
+    # over HTTP, that request is one row: client_disconnected.
+    async with RawUpstream(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", delay=3) as slow:
+        meter = await start_meter(slow.url)
+        host, port = meter.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(upgrade(AUTH))
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+        hung_up = time.monotonic()
+        await asyncio.wait_for(slow.hung_up.wait(), 1.5)  # meter gave up the upstream handshake too
+        assert time.monotonic() - hung_up < 1.5
+        rows = await meter.rows()
+    assert len(rows) == 1, f"expected the handshake's row, got {rows}"
+    [row] = rows
+    assert (row["outcome"], row["transport"], row["status_code"], row["endpoint"]) == ("client_disconnected", "http", None, "responses")
+    assert row["duration_ms"] >= 900
+
+
+async def test_a_handshake_cut_by_shutdown_is_recorded_as_such(start_meter) -> None:
+    # The same pending handshake, ended by meter's grace period instead of the client.
+    async with RawUpstream(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n", delay=3) as slow:
+        meter = await start_meter(slow.url, shutdown_grace=0.3)
+        host, port = meter.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(upgrade(AUTH))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        await meter.stop()
+        writer.close()
+    [row] = ledger_rows(meter.ledger_path)
+    assert (row["outcome"], row["error_type"], row["error_code"], row["status_code"]) == ("error", "meter_proxy_error", "shutting_down", None)
