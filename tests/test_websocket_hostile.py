@@ -264,3 +264,13 @@ async def test_a_handshake_cut_by_shutdown_is_recorded_as_such(start_meter) -> N
         writer.close()
     [row] = ledger_rows(meter.ledger_path)
     assert (row["outcome"], row["error_type"], row["error_code"], row["status_code"]) == ("error", "meter_proxy_error", "shutting_down", None)
+
+
+async def test_a_101_that_is_no_valid_upgrade_is_502(start_meter) -> None:
+    # Only a non-101 answer is relayed as the upstream's; a 101 meter cannot use is meter's 502.
+    async with RawUpstream(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: wrong\r\n\r\n") as broken:
+        meter = await start_meter(broken.url)
+        status, _, body = await answer_to(meter.url, AUTH)
+    assert status == b"HTTP/1.1 502 Bad Gateway" and json.loads(body)["error"]["code"] == "invalid_upstream_handshake"
+    [row] = await meter.rows()
+    assert (row["transport"], row["status_code"], row["outcome"]) == ("http", 502, "error")
