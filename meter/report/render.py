@@ -16,20 +16,27 @@ import csv
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
-from decimal import Decimal
+from decimal import Context, Decimal
 from typing import Any
 
 from .query import METRIC_COLUMNS, NANO, output_columns
 
 
 def format_cost(value: Decimal) -> str:
-    """Exactly 9 decimals, no exponent: `0.001234567`, `12.500000000`."""
-    return format(Decimal(value).quantize(NANO), "f")
+    """Exactly 9 decimals, no exponent: `0.001234567`, `12.500000000`.  Any width: the
+    context is as wide as the value (a DECIMAL(38,0) from `meter sql` is past the
+    default context's 28 digits, and a PostgreSQL numeric may be far wider); a value
+    that is not a number (NaN, Infinity: PostgreSQL's numeric has both) as its name."""
+    value = Decimal(value)
+    if not value.is_finite():
+        return str(value)
+    wide = Context(prec=max(28, value.adjusted() + 12))  # its integer digits, the 9 decimals, a margin
+    return format(value.quantize(NANO, context=wide), "f")
 
 
 def _json_value(value: Any) -> str:
     if isinstance(value, Decimal):
-        return format_cost(value)
+        return format_cost(value) if value.is_finite() else json.dumps(str(value))  # JSON has no NaN
     return json.dumps(value, ensure_ascii=False)
 
 

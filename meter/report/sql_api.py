@@ -78,6 +78,7 @@ class SqlAPI:
             if self.ledger_writer is not None:
                 await loop.run_in_executor(None, self.ledger_writer.flush, self.FLUSH_WAIT)
             result = await loop.run_in_executor(None, self.run, sql, limit, timeout)
+            answer = answer_json(result)  # in here: a value it cannot write is one line too, not a traceback page
         except SqlError as exc:
             return error(400, str(exc))
         except Exception as exc:  # noqa: BLE001 -- one line to the caller and the log, never a traceback page
@@ -85,4 +86,4 @@ class SqlAPI:
             log.warning("sql failed: %s: %s", type(exc).__name__, first_line(exc))
             what = "the ledger cannot be read now" if unavailable else "sql failed"
             return error(503 if unavailable else 500, f"{what}: {type(exc).__name__}: {first_line(exc)}")
-        return web.Response(text=answer_json(result), content_type="application/json")
+        return web.Response(text=answer, content_type="application/json")
