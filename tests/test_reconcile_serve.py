@@ -31,11 +31,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meter.config import load_settings
-from meter.ledger import store_for
+from meter.ledger import DuckDBStore, store_for
+from meter.reconcile import ProviderError
 from meter.reconcile.schedule import ReconcileSchedule, RunSummary, scheduled_run
 from meter.server import Meter
 
 from .conftest import ROOT, UpstreamProcess
+from .redirecting import redirect_elsewhere
 
 ADMIN_KEY = "sk-admin-" + "Zq7" * 12  # a made-up admin key: it must show up nowhere
 
@@ -323,3 +325,19 @@ def test_meter_serve_process_reconciles_on_its_own_and_stops_cleanly(
     log = (tmp_path / "meter0.log").read_text()
     assert "reconcile: 0 match, 1 meter_missing, 0 provider_missing, 0 differs" in log
     assert ADMIN_KEY not in log
+
+
+def test_a_redirecting_provider_never_gets_the_admin_key_sent_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run `meter serve --reconcile-every` schedules reads the provider as `meter
+    reconcile` does: a redirect fails the run, and the admin key goes nowhere else."""
+    monkeypatch.setenv("METER_TEST_ADMIN_KEY", ADMIN_KEY)
+    store = DuckDBStore(str(tmp_path / "ledger.duckdb"))
+    store.open()
+    try:
+        with redirect_elsewhere(302) as redirect:
+            run = scheduled_run(redirect.url, store, admin_key_env="METER_TEST_ADMIN_KEY")
+            with pytest.raises(ProviderError, match="answered HTTP 302.*does not follow redirects") as failed:
+                run()
+    finally:
+        store.close()
+    assert redirect.reached == [] and ADMIN_KEY not in str(failed.value)

@@ -7,7 +7,9 @@ bucket, `project_id`) and `GET /v1/organization/projects/{id}/api_keys`
 (`id`, `redacted_value`).  Pages are followed to the end (`has_more` with
 `next_page` for usage and costs, `last_id` as `after` for lists); a 429 waits
 its `Retry-After` (else a doubling backoff) and tries again.  The admin key
-goes into the Authorization header only: never into a message or a log.
+goes into the Authorization header only: never into a message or a log, and
+never to another host, as urllib's redirects would send it (`meter.outbound`
+refuses them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+
+from ..outbound import RedirectRefused, fetch
 
 RETRIES = 5
 TIMEOUT = 30.0
@@ -47,11 +51,13 @@ class ProviderClient:
         delay = 1.0
         for attempt in range(RETRIES + 1):
             try:
-                with urllib.request.urlopen(request, timeout=self._timeout) as answer:
-                    body = json.loads(answer.read().decode("utf-8"))
+                raw, _ = fetch(request, self._timeout)
+                body = json.loads(raw.decode("utf-8"))
                 if not isinstance(body, dict):
                     raise ProviderError(f"{path}: the answer is not a JSON object")
                 return body
+            except RedirectRefused as exc:
+                raise ProviderError(f"{path}: {self.base_url} {exc}") from None
             except urllib.error.HTTPError as exc:
                 if exc.code == 429 and attempt < RETRIES:
                     self.retried += 1
