@@ -33,6 +33,7 @@ from meter.ledger import DuckDBStore
 from meter.record import Record
 
 from .conftest import SECRET_KEY, clear_upstream_requests, upstream_requests
+from .redirecting import redirect_elsewhere, run_meter_env
 
 OTHER_KEY = "sk-other-0123456789abcdefOTHER"
 USAGE = {"x-fake-usage": json.dumps({"input_tokens": 1000, "output_tokens": 500})}
@@ -535,3 +536,18 @@ async def test_reads_between_full_reads_add_only_recent_rows_and_never_twice(tmp
     assert await sync.sync()
     assert budgets.states[0].spend == 31
     store.close()
+
+
+def test_url_a_redirect_is_refused_and_the_admin_token_stays_home() -> None:
+    with redirect_elsewhere(302) as redirect:
+        result = run_meter_env({"METER_ADMIN_TOKEN": "budgets-SECRET"}, "budgets", "--url", redirect.url)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result
+    assert result.stderr.startswith(f"meter: error: --url: {redirect.url} answered HTTP 302") and "does not follow redirects" in result.stderr
+    assert redirect.reached == [] and "budgets-SECRET" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://[::1", "http://exa mple"])
+def test_url_malformed_is_one_line_exit_2(url: str) -> None:
+    result = run_meter_env({}, "budgets", "--url", url)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result
+    assert result.stderr.startswith("meter: error: --url: ") and "Traceback" not in result.stderr

@@ -27,6 +27,7 @@ from meter.record import Record
 
 from .conftest import ROOT, MeterProcess, UpstreamProcess
 from .pg import pg_url, postgres  # noqa: F401
+from .redirecting import redirect_elsewhere, run_meter_env
 
 ADMIN = "sk-admin-test-Zq81"
 KEY_A = "sk-proj-aaaaaaaaaaaaaaaaaaaaAAA1"
@@ -354,3 +355,28 @@ def test_a_request_without_the_project_header_is_in_its_keys_project(provider: U
     chosen = reconcile(provider, ledger, "--by", "day", "--config", str(config))
     assert chosen.returncode == 0, chosen
     assert groups(chosen)[("2026-03-01",)]["provider_requests"] == 2
+
+
+def test_a_redirecting_provider_never_gets_the_admin_key_sent_on(tmp_path: Path) -> None:
+    """urllib follows a 302 to any host and sends the Authorization header (the org
+    admin key) again there: the provider's redirect is an error, and nothing leaves."""
+    ledger = seed(tmp_path / "m.duckdb", [record(D1)])
+    with redirect_elsewhere(302) as redirect:
+        result = run_meter_env({"OPENAI_ADMIN_KEY": "sk-admin-SECRET"}, "reconcile", "--ledger", ledger, "--upstream", redirect.url)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1, result
+    assert "answered HTTP 302" in result.stderr and "does not follow redirects" in result.stderr, result.stderr
+    assert redirect.reached == [] and "SECRET" not in result.stderr
+
+
+def test_url_a_redirecting_meter_never_gets_the_admin_token_sent_on(tmp_path: Path) -> None:
+    with redirect_elsewhere(307) as redirect:
+        env = {"OPENAI_ADMIN_KEY": ADMIN, "METER_ADMIN_TOKEN": "meter-SECRET"}
+        result = run_meter_env(env, "reconcile", "--url", redirect.url, "--upstream", "http://127.0.0.1:9")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result
+    assert "answered HTTP 307" in result.stderr and "does not follow redirects" in result.stderr, result.stderr
+    assert redirect.reached == [] and "SECRET" not in result.stderr
+
+
+def test_url_malformed_is_one_line_exit_2() -> None:
+    result = run_meter_env({"OPENAI_ADMIN_KEY": ADMIN}, "reconcile", "--url", "http://127.0.0.1:abc", "--upstream", "http://127.0.0.1:9")
+    assert result.returncode == 2 and result.stderr.startswith("meter: error: reconcile: --url: ") and result.stderr.count("\n") == 1, result

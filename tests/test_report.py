@@ -29,6 +29,7 @@ from meter.record import Record
 from meter.report import GROUP_FIELDS, METRIC_COLUMNS, output_columns, parse_when, report_sql
 
 from .conftest import ROOT, free_port, ledger_rows
+from .redirecting import redirect_elsewhere, run_meter_env
 
 UTC = dt.UTC
 D1 = dt.datetime(2026, 3, 1, tzinfo=UTC)
@@ -445,6 +446,21 @@ def test_bad_arguments_one_line(tmp_path: Path, ledger: Path) -> None:
     assert_one_line_error(run_meter("report", "--config", str(tmp_path / "nope.toml")), "config")
     assert_one_line_error(run_meter("report", "--ledger", "postgresql://meter:secretpw@127.0.0.1:1/x"), "ledger")
     assert "secretpw" not in run_meter("report", "--ledger", "postgresql://meter:secretpw@127.0.0.1:1/x").stderr
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_refused_and_the_admin_token_stays_home(status: int) -> None:
+    """urllib follows a redirect to any host and sends the Authorization header again:
+    the admin address must not be able to hand METER_ADMIN_TOKEN to another host."""
+    with redirect_elsewhere(status) as redirect:
+        result = run_meter_env({"METER_ADMIN_TOKEN": "report-SECRET"}, "report", "--url", redirect.url)
+    assert_one_line_error(result, "--url", redirect.url, f"HTTP {status}", "does not follow redirects")
+    assert redirect.reached == [] and "report-SECRET" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://[::1", "http://127.0.0.1:99999", "http://exa mple"])
+def test_a_malformed_url_is_one_line(url: str) -> None:
+    assert_one_line_error(run_meter("report", "--url", url), "--url")
 
 
 async def test_admin_without_report_api_is_one_line(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from meter.report.sql_command import sql_ledgers
 
 from .conftest import SECRET_KEY
 from .pg import pg_url, postgres  # noqa: F401
+from .redirecting import redirect_elsewhere, run_meter_env
 from .test_report import arun_meter, assert_one_line_error, run_meter, seed, seeded_records
 
 TOKEN = "sql-test-admin-token-0123456789"
@@ -329,3 +330,18 @@ async def test_running_meter_on_postgres_answers_by_url(upstream, start_meter, p
     assert status == 400
     direct = await arun_meter("sql", "SELECT count(*) AS n FROM requests", "--ledger", pg_url, "--format", "json")
     assert json.loads(direct.stdout) == [{"n": 3}]
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_a_redirect_is_refused_and_the_admin_token_stays_home(status: int) -> None:
+    """The query is a POST: urllib would follow a 302 as a GET (and a 307 as a POST),
+    sending METER_ADMIN_TOKEN to whatever host the admin address names."""
+    with redirect_elsewhere(status) as redirect:
+        result = run_meter_env({"METER_ADMIN_TOKEN": "sql-SECRET"}, "sql", "SELECT 1", "--url", redirect.url)
+    assert_one_line_error(result, "--url", redirect.url, f"HTTP {status}", "does not follow redirects")
+    assert redirect.reached == [] and "sql-SECRET" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:abc", "http://[::1", "http://exa mple"])
+def test_a_malformed_url_is_one_line(url: str) -> None:
+    assert_one_line_error(run_meter("sql", "SELECT 1", "--url", url), "--url")

@@ -1,7 +1,8 @@
 """`meter budgets`: each budget's window, spend, limit, remaining, share and state.
 
 - `--url http://ADMIN` asks a running meter (`GET /api/budgets`): its figures,
-  which include its own records not yet written;
+  which include its own records not yet written (a redirect is refused, never
+  followed: METER_ADMIN_TOKEN goes to that address only);
 - `--ledger PATH_OR_URL` (default: the configured ledger) reads the ledger
   directly with the budgets of `--config`: what every replica has written.
 
@@ -16,7 +17,6 @@ import argparse
 import json
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
@@ -24,6 +24,7 @@ from typing import Any
 
 from ..command import CommandError
 from ..config import load_settings, redact_url
+from ..outbound import RedirectRefused, fetch
 from ..report.render import render_csv
 
 COLUMNS = ("budget", "window", "window_start", "window_end", "mode", "spend_usd", "limit_usd", "remaining_usd", "share", "state")
@@ -69,15 +70,18 @@ def _parse(text: str) -> list[dict[str, Any]]:
 
 
 def budgets_from_url(base: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-    from ..report.client import ADMIN_TOKEN_ENV, admin_headers
+    from ..report.client import ADMIN_TOKEN_ENV, admin_endpoint, admin_headers, redirect_error
+    from ..report.window import ReportError
 
-    parsed = urllib.parse.urlsplit(base)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise CommandError(f"--url: expected the admin address as http://HOST:PORT, got {base!r}")
-    request = urllib.request.Request(base.rstrip("/") + "/api/budgets", headers=admin_headers())
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            body = resp.read().decode("utf-8")
+        url = admin_endpoint(base, "/api/budgets")
+    except ReportError as exc:
+        raise CommandError(str(exc)) from None
+    request = urllib.request.Request(url, headers=admin_headers())
+    try:
+        raw, _ = fetch(request, timeout)
+    except RedirectRefused as exc:
+        raise CommandError(redirect_error(base, exc)) from None
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             raise CommandError(f"--url: {base} answered 401: it needs its admin token ({ADMIN_TOKEN_ENV})") from None
@@ -85,7 +89,7 @@ def budgets_from_url(base: str, timeout: float = 30.0) -> list[dict[str, Any]]:
     except (urllib.error.URLError, OSError) as exc:
         raise CommandError(f"--url: cannot reach {base}: {getattr(exc, 'reason', exc)}") from None
     try:
-        return _parse(body)
+        return _parse(raw.decode("utf-8"))
     except (ValueError, KeyError, ArithmeticError):
         raise CommandError(f"--url: {base} did not answer with budgets") from None
 

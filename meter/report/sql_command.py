@@ -4,7 +4,7 @@ Where it runs:
 
 - `--url http://ADMIN`: a running meter's `POST /api/sql` (its DuckDB file is
   held open; sends METER_ADMIN_TOKEN as a bearer token when set, like `meter
-  report --url`);
+  report --url`; a redirect is refused, never followed);
 - `--ledger PATH`, or the configured ledger (`--config`): DuckDB files are
   attached read-only to an in-memory database confined before the query runs
   (`meter.ledger.sql.confine_duckdb`; a file a running meter holds is refused
@@ -23,7 +23,6 @@ import argparse
 import json
 import sys
 import urllib.error
-import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -31,8 +30,10 @@ from ..command import CommandError
 from ..config import load_settings, redact_url
 from ..ledger import LedgerReadError, is_postgres_url, open_reader
 from ..ledger.sql import DEFAULT_LIMIT, DEFAULT_TIMEOUT, SqlError, SqlResult, confine_duckdb, duckdb_sql, first_line, postgres_sql
-from .client import ADMIN_TOKEN_ENV, _error_detail, admin_headers
+from ..outbound import RedirectRefused, fetch
+from .client import ADMIN_TOKEN_ENV, _error_detail, admin_endpoint, admin_headers, redirect_error
 from .sql_render import as_objects, parse_answer, render_sql
+from .window import ReportError
 
 
 def sql_ledgers(ledgers: list[str], sql: str, limit: int, timeout: float) -> SqlResult:
@@ -61,14 +62,16 @@ def sql_ledgers(ledgers: list[str], sql: str, limit: int, timeout: float) -> Sql
 
 def sql_url(base: str, sql: str, limit: int, timeout: float) -> tuple[list[str], list[dict[str, Any]], str | None]:
     """Ask a running meter's `POST /api/sql`."""
-    parsed = urllib.parse.urlsplit(base)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise CommandError(f"--url: expected the admin address as http://HOST:PORT, got {base!r}")
-    body = json.dumps({"sql": sql, "limit": limit, "timeout": timeout}).encode()
-    request = urllib.request.Request(base.rstrip("/") + "/api/sql", data=body, headers={**admin_headers(), "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout + 30) as resp:
-            text = resp.read().decode("utf-8")
+        url = admin_endpoint(base, "/api/sql")
+    except ReportError as exc:
+        raise CommandError(str(exc)) from None
+    body = json.dumps({"sql": sql, "limit": limit, "timeout": timeout}).encode()
+    request = urllib.request.Request(url, data=body, headers={**admin_headers(), "Content-Type": "application/json"})
+    try:
+        raw, _ = fetch(request, timeout + 30)
+    except RedirectRefused as exc:
+        raise CommandError(redirect_error(base, exc)) from None
     except urllib.error.HTTPError as exc:
         if exc.code == 401:
             given = "was refused" if admin_headers() else "is not set"
@@ -82,7 +85,7 @@ def sql_url(base: str, sql: str, limit: int, timeout: float) -> tuple[list[str],
     except (urllib.error.URLError, OSError) as exc:
         raise CommandError(f"--url: cannot reach {base}: {getattr(exc, 'reason', exc)}") from None
     try:
-        return parse_answer(text)
+        return parse_answer(raw.decode("utf-8"))
     except ValueError:
         raise CommandError(f"--url: {base} did not answer with a query result") from None
 
