@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -140,6 +141,11 @@ def _run_keys_id() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Every file meter makes holds ledger rows or secrets (the ledger, its WAL, a
+    # prune's compacted copy, DuckDB's spill files, the spool): owner-only from the
+    # moment it exists, however the shell's umask is set.  A file that exists keeps
+    # the mode its operator gave it.
+    os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

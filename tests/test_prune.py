@@ -267,3 +267,42 @@ def test_a_span_is_counted_back_from_the_moment_prune_runs(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     cut = dt.datetime.fromisoformat(result.stdout.strip().rsplit(" ", 1)[1])
     assert abs((dt.datetime.now(dt.UTC) - dt.timedelta(days=180) - cut).total_seconds()) < 60, result.stdout
+
+
+def test_every_file_a_prune_makes_is_owner_only_while_it_runs(tmp_path: Path) -> None:
+    """The compacted copy, its WAL and the ledger's WAL hold the ledger's rows while a
+    prune runs (seconds on a large ledger).  Created by DuckDB under the shell's umask
+    they were 0644 until the copy was narrowed at the end: readable by any local user
+    meanwhile.  Watched as they appear, with a umask that lets others read."""
+    import subprocess
+    import sys
+    import threading
+
+    ledger = Path(duckdb_ledger(tmp_path / "big.duckdb", duckdb_rows("gpt-4o"), 400_000))
+    os.chmod(ledger, 0o600)
+    seen: dict[str, int] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for entry in os.scandir(tmp_path):
+                if entry.name != "big.duckdb":
+                    try:
+                        seen[entry.name] = seen.get(entry.name, 0) | (entry.stat().st_mode & 0o777)
+                    except FileNotFoundError:
+                        pass
+            done.wait(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "meter", "prune", "--older-than", "2026-01-05T00:00:00+00:00", "--ledger", str(ledger)],
+            capture_output=True, text=True, timeout=300, preexec_fn=lambda: os.umask(0o022),
+        )
+    finally:
+        done.set()
+        watcher.join()
+    assert result.returncode == 0, result.stderr
+    assert seen, "no file seen beside the ledger while it was pruned"
+    assert {name: oct(mode) for name, mode in seen.items() if mode & 0o077} == {}
