@@ -84,6 +84,18 @@ def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+# A request head up to this size is what any connection may hold, like its buffers;
+# past it (up to 128 fields of 64 KiB: ~8 MB, ~15 MiB once parsed) the head counts
+# against --max-buffered-request-bytes while its body is read.
+HEAD_HELD_FREE = 64 * 1024
+
+
+def _held_head_bytes(raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
+    """What a request head holds once past `HEAD_HELD_FREE`, else 0: twice its bytes,
+    the raw fields and their parsed copy (`request.headers`) both being kept."""
+    size = sum(len(name) + len(value) for name, value in raw_headers)
+    return 2 * size if size > HEAD_HELD_FREE else 0
+
 
 class MalformedRequestLog(logging.Filter):
     """aiohttp's server logs each malformed request at ERROR with a traceback that
@@ -243,6 +255,10 @@ class Proxy:
                 if not self._reserve(flow, len(body)):
                     return self._refuse_overloaded(flow)
             return body
+        # The head is held for as long as the body takes to arrive: a large one counts.
+        head = _held_head_bytes(request.raw_headers)
+        if head and not self._reserve(flow, head):
+            return self._refuse_overloaded(flow)
         if "Expect" in request.headers and request.version == HttpVersion11:
             await self._continue(request)
         return await self._read_slowly(request, flow, declared)

@@ -324,6 +324,45 @@ async def test_buffered_bodies_share_one_budget(upstream, start_meter) -> None:
     assert [r["error_code"] for r in rows if r["status_code"] == 503] == ["meter_overloaded"]
 
 
+async def read_answer(reader: asyncio.StreamReader) -> bytes:
+    """One answer with a Content-Length, without waiting for the connection to close
+    (with a body still unread, aiohttp lingers before it closes)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    return head + await reader.readexactly(length)
+
+
+async def test_a_large_head_held_while_its_body_arrives_counts_against_the_budget(upstream, start_meter) -> None:
+    """A request head is held for as long as its body takes to arrive.  Up to 128
+    headers of up to 64 KiB each: ~15 MiB per connection, uncounted, for as long as a
+    body trickled in (40 such connections took meter from 62 to 676 MB).  Past 64 KiB a
+    head is counted, twice (its bytes and its parsed copy), in the budget the body is."""
+    meter = await start_meter(upstream.url)
+    proxy = meter.meter.proxy
+    proxy.max_buffered_request_bytes, proxy.client_timeout = 1 << 20, 30
+    port = meter_port(meter)
+    big = {f"X-Filler-{i}": "f" * 60_000 for i in range(10)}  # 600 kB: 1.2 MB counted, past the 1 MiB budget
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("POST", "/v1/responses", {"Content-Type": "application/json", "Content-Length": "100", **big}) + b'{"model": "')
+        await writer.drain()
+        answer = await asyncio.wait_for(read_answer(reader), 5)  # at once, not when the body stalls
+    finally:
+        writer.close()
+    assert_meter_error(answer, 503, "meter_overloaded")
+    fits = {f"X-Filler-{i}": "f" * 60_000 for i in range(5)}  # 300 kB: 600 kB counted, and the body's 100
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request("POST", "/v1/responses", {"Content-Type": "application/json", "Content-Length": "100", **fits}) + b'{"model": "')
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        assert 600_000 < proxy.buffered_request_bytes < 700_000, proxy.buffered_request_bytes
+    finally:
+        writer.close()
+    await asyncio.sleep(0.3)
+    assert proxy.buffered_request_bytes == 0  # given back when the client left
+
+
 async def test_chunked_body_reserves_as_it_grows(upstream, start_meter) -> None:
     meter = await start_meter(upstream.url)
     proxy = meter.meter.proxy
