@@ -285,13 +285,14 @@ def test_providers_without_the_api_one_line_exit_2(provider: UpstreamProcess, tm
     )
     assert gateway.returncode == 2 and "no organisation usage API" in gateway.stderr and gateway.stderr.count("\n") == 1, gateway.stderr
     down = subprocess.run(
-        [sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", "http://127.0.0.1:9"],
+        [sys.executable, "-m", "meter", "reconcile", "--ledger", ledger, "--upstream", "http://gateway-user:gateway-secret@127.0.0.1:9"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         env=env,
     )
     assert down.returncode == 2 and "cannot reach" in down.stderr
+    assert "gateway-secret" not in down.stderr and "gateway-user:***@" in down.stderr  # the URL as errors show it
 
 
 def test_paging_is_followed_to_the_end(provider: UpstreamProcess, tmp_path: Path) -> None:

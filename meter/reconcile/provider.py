@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ..config import redact_url
 from ..outbound import RedirectRefused, fetch
 
 RETRIES = 5
@@ -40,6 +41,7 @@ class ProviderClient:
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
+        self.shown_url = redact_url(self.base_url)  # in errors: a gateway's URL may hold a password
         self._key = admin_key
         self._sleep = sleep
         self._timeout = timeout
@@ -57,7 +59,7 @@ class ProviderClient:
                     raise ProviderError(f"{path}: the answer is not a JSON object")
                 return body
             except RedirectRefused as exc:
-                raise ProviderError(f"{path}: {self.base_url} {exc}") from None
+                raise ProviderError(f"{path}: {self.shown_url} {exc}") from None
             except urllib.error.HTTPError as exc:
                 if exc.code == 429 and attempt < RETRIES:
                     self.retried += 1
@@ -66,14 +68,14 @@ class ProviderClient:
                     continue
                 if exc.code == 404:
                     raise ProviderError(
-                        f"{self.base_url} has no organisation usage API ({path} answered 404); reconcile works with OpenAI's API only"
+                        f"{self.shown_url} has no organisation usage API ({path} answered 404); reconcile works with OpenAI's API only"
                     ) from None
                 if exc.code in (401, 403):
                     raise ProviderError(f"{path}: the provider refused the admin key (HTTP {exc.code})") from None
                 raise ProviderError(f"{path}: HTTP {exc.code}") from None
             except (urllib.error.URLError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
-                raise ProviderError(f"cannot reach {self.base_url}: {reason}") from None
+                raise ProviderError(f"cannot reach {self.shown_url}: {reason}") from None
             except ValueError:
                 raise ProviderError(f"{path}: the answer is not JSON") from None
         raise ProviderError(f"{path}: still rate limited after {RETRIES} retries")
