@@ -19,8 +19,9 @@ What meter relies on:
 - `web.BaseRequest(message, payload, protocol, writer, task, loop, client_max_size=)`
   called positionally from `web.Server`'s `request_factory` (server.py).
 - `ClientResponse.start(connection)` called by `ws_connect` before it judges the
-  handshake, with the body still readable (websocket.py `_HandshakeResponse`
-  keeps a refused upgrade's body that way).
+  handshake or follows a redirect, with the body still readable (websocket.py
+  `_HandshakeResponse` raises a refused upgrade whole from there, its body kept
+  and no redirect followed).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import pytest
 from aiohttp import web
 from packaging.requirements import Requirement
 
-from meter.websocket import _HANDSHAKE, _ClientFrames, _HandshakeResponse, _parsed_messages
+from meter.websocket import _ClientFrames, _HandshakeResponse, _parsed_messages, _Refused
 
 from .conftest import ROOT, SECRET_KEY
 
@@ -211,22 +212,16 @@ async def test_request_factory_limits_a_chunked_body(upstream, start_meter, paus
 
 
 async def test_handshake_response_keeps_a_refused_upgrade_body(serve) -> None:
-    """`ws_connect` drops a refused upgrade's body; meter's response class must see it first."""
+    """`ws_connect` drops a refused upgrade's body, and follows a redirect: meter's
+    response class must see the answer first, and raise it whole (`_Refused`)."""
     refusal = b'{"error": {"message": "no", "type": "invalid_request_error", "code": "refused"}}'
 
     async def handler(request: web.BaseRequest) -> web.StreamResponse:
         return web.Response(status=403, body=refusal, content_type="application/json", headers={"x-request-id": "req_1"})
 
     url = await serve(handler)
-    sink: list[Any] = []
-    token = _HANDSHAKE.set(sink)
-    try:
-        async with aiohttp.ClientSession(response_class=_HandshakeResponse) as s:
-            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await s.ws_connect(url)
-    finally:
-        _HANDSHAKE.reset(token)
-    assert refused.value.status == 403
-    assert len(sink) == 2, "ws_connect no longer calls ClientResponse.start: the refusal's body is lost"
-    headers, body = sink
-    assert body == refusal and headers["x-request-id"] == "req_1"
+    async with aiohttp.ClientSession(response_class=_HandshakeResponse) as s:
+        with pytest.raises(_Refused) as refused:
+            await s.ws_connect(url)
+    assert refused.value.status == 403, "ws_connect no longer calls ClientResponse.start: the refusal's body is lost"
+    assert refused.value.body == refusal and refused.value.headers["x-request-id"] == "req_1"
