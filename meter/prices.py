@@ -233,7 +233,18 @@ class _Source:
                 for v in model.price_variants or ()
             ):
                 return None
-        return _Rates.from_model_price(model.get_prices(when, context))
+        prices = model.get_prices(when, context)
+        if any(getattr(prices, name, None) is not None for name in _MODALITY_PRICES):
+            return None
+        return _Rates.from_model_price(prices)
+
+
+# A price per audio or image token (gpt-audio, the realtime and image models): a usage
+# block's counts include those tokens, which cost several times a text token, and the
+# ledger keeps no count of them (nor could `meter reprice` read one), so such a model
+# cannot be priced honestly from the row: it is unpriced (NULL, counted), never priced
+# at the text rates (a gpt-audio call: $0.25 instead of $1.818).  An override prices it.
+_MODALITY_PRICES = ("input_audio_mtok", "cache_audio_read_mtok", "output_audio_mtok", "input_image_mtok", "cache_image_read_mtok", "output_image_mtok")
 
 
 class Pricer:

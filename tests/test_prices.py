@@ -507,11 +507,32 @@ def test_agrees_with_genai_prices_for_every_model() -> None:
 
 
 def test_unpriced_only_for_a_reason() -> None:
-    """Standard-tier `None` for a known model means its price lacks an input or output token rate."""
+    """Standard-tier `None` for a known model means its price lacks an input or output token
+    rate, or has a rate per audio or image token (see the test below)."""
     for provider, pricer, model in _every_model():
         if cost(pricer, model.id, None, NOV, input=1000, output=100) is None:
             prices = model.get_prices(datetime.fromtimestamp(NOV, UTC))
-            assert prices.input_mtok is None or prices.output_mtok is None, (provider.id, model.id)
+            by_modality = any(getattr(prices, name, None) is not None for name in MODALITY_PRICES)
+            assert prices.input_mtok is None or prices.output_mtok is None or by_modality, (provider.id, model.id)
+
+
+MODALITY_PRICES = ("input_audio_mtok", "cache_audio_read_mtok", "output_audio_mtok", "input_image_mtok", "cache_image_read_mtok", "output_image_mtok")
+
+
+@pytest.mark.parametrize("model", ["gpt-audio", "gpt-audio-mini-2025-10-06", "gpt-realtime", "gpt-image-1"])
+def test_a_model_priced_per_audio_or_image_token_is_unpriced(openai: Pricer, model: str) -> None:
+    """A usage block's counts include its audio (or image) tokens, which cost several times
+    a text token (gpt-audio: $32 against $2.50 per million in, $64 against $10 out), and
+    the ledger keeps no count of them: priced at the text rates, a gpt-audio call with
+    44,000 audio tokens of 64,000 in and 5,000 of 9,000 out was $0.25 instead of $1.818.
+    Such a model is unpriced (NULL, counted), never priced low; a config override prices it."""
+    assert cost(openai, model, None, NOV, input=64_000, output=9_000) is None
+    priced = Pricer(provider_id=None, upstream_url=OPENAI, overrides={model: PriceOverride(input_mtok=Decimal(32), output_mtok=Decimal(64))})
+    assert cost(priced, model, None, NOV, input=1_000_000, output=0) == Decimal(32)
+
+
+def test_a_text_model_that_reads_images_is_priced(openai: Pricer) -> None:
+    assert cost(openai, "gpt-4o", None, NOV, input=1_000_000, output=0) == Decimal("2.5")
 
 
 def test_warm_call_is_fast(openai: Pricer) -> None:
