@@ -15,7 +15,14 @@ import operator
 from .record import Record
 
 MAX_TEXT = 256
-BOUNDED_TEXT: tuple[str, ...] = ("model", "model_requested", "response_id", "previous_response_id", "upstream_request_id", "user_id", "project", "session_id")
+# Every text column whose value comes from outside: a client's request target, body or
+# headers, or the upstream's answer.  Each is cut to `MAX_TEXT`: a 40 MB
+# `service_tier` kept whole failed the DuckDB ledger's insert for memory, an outage
+# that held every later record back.
+BOUNDED_TEXT: tuple[str, ...] = (
+    "model", "model_requested", "response_id", "previous_response_id", "upstream_request_id", "user_id", "project", "session_id",
+    "method", "path", "service_tier_requested", "service_tier", "error_type", "error_code", "cache_status",
+)  # fmt: skip
 _bounded = operator.attrgetter(*BOUNDED_TEXT)
 
 

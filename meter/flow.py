@@ -386,9 +386,12 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     )
     # `keep_text_short`'s test of the usual record, all of whose bounded text fits, on the
     # values at hand; a value that is not text is left to it (and to `sanitise`).
+    # The client's method, path and asked tier are tested apart: they are not in that
+    # sum's budget, and usually far under their bound.
     try:
         short = (len(model or "") + len(model_requested or "") + len(response_id or "") + len(previous_response_id or "")
-                 + len(upstream_request_id or "") + len(user_id or "") + len(project or "") + len(session or "")) <= MAX_TEXT
+                 + len(upstream_request_id or "") + len(user_id or "") + len(project or "") + len(session or "")) <= MAX_TEXT and (
+            len(flow.path) <= MAX_TEXT and len(flow.method) <= MAX_TEXT and len(facts.service_tier or "") <= MAX_TEXT)
     except TypeError:
         short = False
     if not short:

@@ -5,8 +5,10 @@ Whatever a client or an upstream sent, a record leaves here with:
 - text that is valid UTF-8 without control characters: lone surrogates (which
   is how aiohttp keeps an invalid header byte, and how `json` reads "\\ud800"),
   C0/C1 control characters and DEL become U+FFFD; `tags` stays valid JSON;
-- `model`, `model_requested`, the ids, `user_id`, `project` and `session_id` cut to 256
-  characters, each cut counted per field;
+- every text column whose value comes from outside (`model`, `model_requested`, the
+  ids, `user_id`, `project`, `session_id`, the method and path, the tiers, the error
+  type and code, `cache_status`: `bounds.BOUNDED_TEXT`) cut to 256 characters, each
+  cut counted per field;
 - numbers the ledger's column types cannot hold (BIGINT, INTEGER,
   DECIMAL(18,9)) set to NULL, counted once per record by endpoint.
 
@@ -32,14 +34,11 @@ from typing import Any
 from ..bounds import BOUNDED_TEXT, MAX_TEXT, cut_bounded_text
 from ..record import ENDPOINTS, Record
 
-# The other VARCHAR columns whose text can come from outside: the request target, the
-# tiers (request and response JSON), the key's last characters, the upstream's error
-# type and code, the cache diagnosis, the method (aiohttp takes any token).  Not
-# checked, because meter makes them from its own constants, a hash, its configuration
-# or a number: endpoint, transport, outcome, key_id, key_name, trace_id.
-OTHER_TEXT: tuple[str, ...] = (
-    "method", "path", "service_tier_requested", "service_tier", "key_hint", "error_type", "error_code", "cache_status",
-)  # fmt: skip
+# The other VARCHAR column whose text can come from outside, cleaned but not cut: the
+# key's last characters (a few, by construction).  Not checked, because meter makes
+# them from its own constants, a hash, its configuration or a number: endpoint,
+# transport, outcome, key_id, key_name, trace_id.
+OTHER_TEXT: tuple[str, ...] = ("key_hint",)
 TEXT = BOUNDED_TEXT + OTHER_TEXT
 BIGINT: tuple[str, ...] = (
     "input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
