@@ -34,14 +34,24 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
+# Query parameters that carry a secret in a PostgreSQL URL (asyncpg and libpq read both).
+SECRET_QUERY_KEYS = ("password", "sslpassword")
+
+# The longest any timeout or grace period may be: a day.
+MAX_SECONDS = 86_400.0
+
+
 def redact_url(url: str) -> str:
-    """A URL fit for logs and errors: the password replaced."""
+    """A URL fit for logs and errors: the password replaced, in the userinfo or in the
+    query (`?password=`, which asyncpg takes as well)."""
     try:
         parsed = URL(url)
     except (ValueError, TypeError):
         return "<unparsable URL>"
     if parsed.password is not None:
         parsed = parsed.with_password("***")
+    if any(key in parsed.query for key in SECRET_QUERY_KEYS):
+        parsed = parsed.with_query([(k, "***" if k in SECRET_QUERY_KEYS else v) for k, v in parsed.query.items()])
     return str(parsed)
 
 
@@ -140,18 +150,20 @@ class Settings(BaseModel):
     ledger: str = "meter.duckdb"
     config: str | None = None
     spool: str | None = None  # default: beside the ledger file
-    connect_timeout: float = Field(10.0, gt=0)
-    upstream_timeout: float = Field(600.0, gt=0)  # longest silence between upstream bytes
+    # Timeouts are finite and at most a day: `inf` passed validation and broke the loop
+    # at the first request (an OverflowError, every request a 502).
+    connect_timeout: float = Field(10.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
+    upstream_timeout: float = Field(600.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)  # longest silence between upstream bytes
     max_request_bytes: int = Field(64 << 20, gt=0)
     max_buffered_request_bytes: int = Field(256 << 20, gt=0)  # all request bodies being held at once
-    client_timeout: float = Field(60.0, gt=0)  # longest silence while a client sends its body
+    client_timeout: float = Field(60.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False)  # longest silence while a client sends its body
     max_metered_bytes: int = Field(64 << 20, gt=0)  # bytes meter holds to meter one answer or event
     max_metered_bytes_total: int = Field(256 << 20, gt=0)  # what all answers being metered hold whole at once
     admin_token: str | None = None  # Bearer token for every admin path but /healthz and /readyz
     admin_insecure: bool = False  # allow a non-loopback admin address without a token
     flush_interval: float = Field(0.5, gt=0, le=1.0)
-    ledger_max_pending: int = Field(100_000, gt=0)
-    shutdown_grace: float = Field(30.0, ge=0)
+    ledger_max_pending: int = Field(100_000, ge=2)  # half of it is taken back from a spool at a time: at least 1
+    shutdown_grace: float = Field(30.0, ge=0, le=MAX_SECONDS, allow_inf_nan=False)
     metrics_max_keys: int = Field(100, ge=0)
     metrics_key_label: Literal["on", "off"] = "on"
     metrics_tag_labels: tuple[str, ...] = ()  # tag names whose values label the request, token and cost metrics

@@ -56,6 +56,29 @@ def test_bad_settings_end_startup_with_one_line(tmp_path: Path) -> None:
     assert_one_line_error(run_meter("bogus"))
 
 
+def test_settings_that_would_break_at_run_time_are_refused_at_start() -> None:
+    """Accepted before: `--connect-timeout inf` (every request then failed with 502, an
+    OverflowError in the loop) and `--ledger-max-pending 1` (half the bound is 0, so a
+    spool was never taken back, and shutdown spun for 30 s)."""
+    from meter.config import SettingError, load_settings
+
+    for flags in ({"connect_timeout": "inf"}, {"upstream_timeout": "inf"}, {"client_timeout": "nan"}, {"shutdown_grace": "inf"},
+                  {"connect_timeout": "1e300"}, {"ledger_max_pending": "1"}):
+        with pytest.raises(SettingError):
+            load_settings(flags, env={})
+    assert load_settings({"connect_timeout": "30", "ledger_max_pending": "2"}, env={}).ledger_max_pending == 2
+
+
+def test_a_password_in_a_ledger_urls_query_is_redacted() -> None:
+    """asyncpg takes `?password=` as well as `user:password@`: it was printed whole in
+    the start-up line and in every ledger error."""
+    from meter.config import redact_url
+
+    shown = redact_url("postgresql://meter@127.0.0.1:5432/meter?password=s3cret&sslpassword=k3y&sslmode=require")
+    assert "s3cret" not in shown and "k3y" not in shown and "sslmode=require" in shown and "password=***" in shown
+    assert redact_url("postgresql://meter:s3cret@db/meter") == "postgresql://meter:***@db/meter"
+
+
 def test_precedence_flags_env_file(tmp_path: Path) -> None:
     from meter.config import load_settings
 

@@ -151,9 +151,10 @@ def _password_of(url: str) -> str | None:
     from yarl import URL
 
     try:
-        return URL(url).password or None
+        parsed = URL(url)
     except (ValueError, TypeError):
         return None
+    return parsed.password or parsed.query.get("password") or None  # asyncpg takes either
 
 
 def _scrubbed(exc: BaseException, password: str | None) -> BaseException | None:
