@@ -57,6 +57,10 @@ log = logging.getLogger("meter")
 
 HEADER_LIMIT = 64 * 1024
 
+# Seconds a request handler still running after the shutdown grace period gets once
+# cancelled (see `Meter.start`).
+HANDLER_CANCEL_WAIT = 1.0
+
 
 def make_session(settings: Settings) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
@@ -280,7 +284,11 @@ class Meter:
             # closed after --client-timeout (aiohttp's own default is 75 s).
             keepalive_timeout=self.settings.client_timeout,
         )
-        self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=self.settings.shutdown_grace)
+        # `stop` waits the grace period for in-flight requests itself; the runner's own
+        # timeout is only what a handler still running after it gets once cancelled (to
+        # write its row).  aiohttp waits it twice per handler, before and after the
+        # cancel: with the grace here, a stop took three graces (6.1 s for 2 s).
+        self._proxy_runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=HANDLER_CANCEL_WAIT)
         await self._proxy_runner.setup()
         self._proxy_site = web.SockSite(self._proxy_runner, proxy_sock)
         await self._proxy_site.start()

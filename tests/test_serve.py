@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openai
@@ -292,3 +293,29 @@ def test_no_addon_holds_another(tmp_path: Path) -> None:
         held = [*getattr(addon, "__dict__", {}).values(), *slots]
         others = [type(v).__name__ for v in held if id(v) in ids and v is not addon]
         assert not others, f"{type(addon).__name__} holds {others}"
+
+
+def test_a_request_past_the_grace_period_does_not_hold_shutdown_three_times_as_long(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    """After meter's own wait of `--shutdown-grace` for in-flight requests, aiohttp's
+    runner waited the same again for each handler, then as long once more after
+    cancelling it: 6.1 s to exit with a grace of 2 s, past what the deployments allow
+    (terminationGracePeriodSeconds is the grace plus a flush margin) before SIGKILL."""
+    ledger = tmp_path / "l.duckdb"
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--shutdown-grace", "2")
+    body = b'{"model": "gpt-4o", "input": "hi"}'
+    stalled = socket.create_connection(("127.0.0.1", meter.port))
+    try:
+        stalled.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-fake-scenario: stall-before-headers\r\n"
+            b"x-fake-stall-s: 60\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        time.sleep(1)  # in flight, waiting on the upstream
+        started = time.monotonic()
+        meter.signal(signal.SIGTERM)
+        assert meter.wait(30) == 0
+        took = time.monotonic() - started
+    finally:
+        stalled.close()
+    assert took < 2 + 2.5, f"meter took {took:.1f} s to stop with a 2 s grace"
+    [row] = ledger_rows(ledger)  # the request cut short still has its row
+    assert row["path"] == "/v1/responses"
