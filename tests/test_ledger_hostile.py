@@ -987,3 +987,86 @@ def test_a_bug_on_every_record_sets_them_aside_without_asking_the_store(tmp_path
     assert writer.stats.rejected == 200 and store.probes == 0
     tracebacks = [r for r in caplog.records if r.exc_info and "a bug in meter" in r.getMessage()]
     assert 1 <= len(tracebacks) <= 20, len(tracebacks)  # one per batch the writer took
+
+
+# --- 8. a store that outlasts close -------------------------------------------------
+
+
+class HeldThenDown(HeldStore):
+    """A `HeldStore` whose held write, once released, commits or (`fail`) raises an
+    outage: a hung ledger process that comes back, or one whose call is given up."""
+
+    fail = False
+
+    def write(self, records: list[Record]) -> None:
+        if not self.fail:
+            super().write(records)
+            return
+        self.largest_batch = max(self.largest_batch, len(records))
+        self.release.wait()
+        raise duckdb.IOException("IO Error: the ledger process did not answer")
+
+
+def wait_for_a_held_batch(store: HeldStore) -> None:
+    deadline = time.monotonic() + 10
+    while not store.largest_batch:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("held_write", ["commits later", "fails later"])
+def test_a_store_that_outlasts_close_has_every_record_spooled(tmp_path: Path, caplog: pytest.LogCaptureFixture, held_write: str) -> None:
+    """close waited 30 s for the writer's thread, then returned: the thread is a daemon,
+    so the process exited with the queue, the records waiting for a retry and the batch
+    the store held neither written nor spooled, and nothing in the log (a `meter serve`
+    whose DuckDB ledger process was stopped kept 60 of 110 records).  Once the wait runs
+    out, every record not known to be written goes to the spool, the held batch too:
+    if its write commits after all, the replay writes each record once."""
+    path, spool = tmp_path / "l.duckdb", tmp_path / "spool.jsonl"
+    replayed = [make_record() for _ in range(20)]
+    Spool(spool).append(replayed)
+    store = HeldThenDown(str(path))
+    store.fail = held_write == "fails later"
+    writer = LedgerWriter(store, flush_interval=0.02, retry_max_interval=0.05, batch_size=10, spool_path=spool)
+    writer.first_open()  # the spool's 20 records wait for a retry
+    writer.start_thread()
+    wait_for_a_held_batch(store)  # 10 in the store's hands, 10 waiting
+    queued = [make_record() for _ in range(15)]
+    for record in queued:
+        writer.done(None, record)
+    thread = writer._thread
+    assert thread is not None
+    began = time.monotonic()
+    with caplog.at_level("ERROR", logger="meter.ledger"):
+        writer.close(timeout=0.5)
+    assert time.monotonic() - began < 5
+    # What the next start finds if the process ends now, as `meter serve` does.
+    assert {r.id for r in Spool(spool).read()} == {r.id for r in replayed + queued}
+    assert "35 records" in caplog.text and "did not answer" in caplog.text
+    store.release.set()  # the held write ends after all, in the thread close gave up on
+    thread.join(10)
+    assert not thread.is_alive()
+    replay_spool(DuckDBStore(str(path)), spool)
+    assert sorted(str(r["id"]) for r in ledger_rows(path)) == sorted(r.id for r in replayed + queued)  # each once
+    assert not spool.exists()
+
+
+def test_a_store_that_outlasts_close_without_a_spool_says_what_is_lost(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A writer with no spool (not `meter serve`, which always has one) cannot keep
+    what the store did not take in time: it says how many records are lost."""
+    path = tmp_path / "l.duckdb"
+    store = HeldStore(str(path))
+    writer = LedgerWriter(store, flush_interval=0.02, batch_size=10)
+    writer.first_open()
+    for _ in range(25):
+        writer.done(None, make_record())
+    writer.start_thread()
+    wait_for_a_held_batch(store)
+    thread = writer._thread
+    assert thread is not None
+    with caplog.at_level("ERROR", logger="meter.ledger"):
+        writer.close(timeout=0.5)
+    assert "25 records" in caplog.text and "lost" in caplog.text
+    store.release.set()
+    thread.join(10)
+    assert not thread.is_alive()

@@ -69,6 +69,17 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _pop_all(queue: deque[Record]) -> list[Record]:
+    """Every record off the queue, one at a time: copied then cleared, a record `done`
+    appended in between would be lost."""
+    records: list[Record] = []
+    try:
+        while True:
+            records.append(queue.popleft())
+    except IndexError:
+        return records
+
+
 class LedgerWriter:
     """Addon: batches records off the request path into a `Store`."""
 
@@ -104,10 +115,19 @@ class LedgerWriter:
         self._queue: deque[Record] = deque()
         self._retry: list[Record] = []  # a failed batch, written before anything newer
         self._writing = 0  # size of the batch the thread is writing right now
+        # The batch itself, from the moment its records leave `_queue` or `_retry` until
+        # its write has ended: what `close` spools if the store outlasts its wait.
+        self._in_flight: list[Record] = []
         self._spilling = 0  # records on their way to the spool
         self._wake = threading.Event()
         self._spill = threading.Event()  # set by `done` when the queue passes max_pending
         self._spill_lock = threading.Lock()  # one spiller at a time: the writer or the spill thread
+        # Held while the writer's thread moves records between `_queue`, `_retry` and
+        # `_in_flight`, and by `close` (with `_spill_lock`) when it gives up on the thread:
+        # every record is then in one of them (or in the spool), never only in the hands
+        # of a thread about to be left behind.  Only for moves in memory, never over I/O.
+        self._hand_lock = threading.Lock()
+        self._abandoned = False  # close gave up on the thread and spooled what it held
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._spill_thread: threading.Thread | None = None
@@ -177,16 +197,69 @@ class LedgerWriter:
             self._spill_thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Flush everything (or spool what cannot be written) and close the store."""
+        """Flush everything (or spool what cannot be written) and close the store.
+
+        The writer's thread gets `timeout` seconds.  A store that has not answered by
+        then (a hung ledger process waits up to `child_store.ANSWER_TIMEOUT`) is left
+        to it, and every record not known to be written goes to the spool: the queue,
+        the retry list and the batch the store holds.  If that write commits after all,
+        the replay writes its records once (both stores keep a row once by its id)."""
         self._stopping = True
         self._wake.set()
         self._spill.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
             self._thread = None
         if self._spill_thread is not None:
             self._spill_thread.join(timeout)
             self._spill_thread = None
+        if thread is not None and thread.is_alive():
+            self._abandon(timeout)
+
+    def _abandon(self, waited: float) -> None:
+        """The writer's thread is still in a store call (or stuck opening it): what it
+        has not written goes to the spool now, as the process is about to end.  The
+        locks keep every record in `_queue`, `_retry` or `_in_flight` while it is read,
+        and the thread, once it returns, neither puts records back nor writes more."""
+        if not self._spill_lock.acquire(timeout=waited):  # a spiller stuck in the spool's fsync
+            log.error(
+                "the ledger did not answer within %.0fs of shutdown and the spool is busy: %d records not known to be written are lost",
+                waited, self.pending,
+            )
+            return
+        try:
+            with self._hand_lock:
+                self._abandoned = True
+                held: list[Record] = []
+                seen: set[int] = set()
+                # The batch in flight is the oldest (taken off the head of the retry
+                # list), and may be in the retry list too for a moment (an outage puts it
+                # back before its write ends): each record once.
+                for record in [*self._in_flight, *self._retry]:
+                    if id(record) not in seen:
+                        seen.add(id(record))
+                        held.append(record)
+                self._retry = []
+                held += _pop_all(self._queue)
+            if not held:
+                return
+            if self.spool is None:
+                log.error("the ledger did not answer within %.0fs of shutdown and there is no spool: %d records not known to be written are lost", waited, len(held))
+                return
+            try:
+                self.spool.append(held)
+            except Exception as exc:  # noqa: BLE001 - any failure: said, with what it costs
+                log.error("the ledger did not answer within %.0fs of shutdown and the spool failed (%s: %s): %d records not known to be written are lost", waited, type(exc).__name__, exc, len(held))
+                return
+            self.stats.spooled += len(held)
+            log.error(
+                "the ledger did not answer within %.0fs of shutdown: %d records not known to be written spooled to %s, to be replayed at the next start "
+                "(any the store writes after all are not written twice)",
+                waited, len(held), self.spool.path,
+            )
+        finally:
+            self._spill_lock.release()
 
     def _open(self, raise_unusable: bool = False) -> bool:
         try:
@@ -236,20 +309,36 @@ class LedgerWriter:
         # The batch counts as being written before a record of it leaves the queue or
         # the retry list: `pending` must never dip while it is readied and written
         # (`_write_part`), or a `flush()` begun meanwhile returns before these are written.
+        # Each move under `_hand_lock`, the batch in `_in_flight` as its records leave:
+        # `close` may give up on this thread and spool what it holds (`_abandon`).
         most = self._batch_at_most
-        if self._retry:
-            self._set_writing(min(len(self._retry), most))
-            batch, self._retry = self._retry[:most], self._retry[most:]
-        else:
+        with self._hand_lock:
+            if self._abandoned:
+                return []
+            if self._retry:
+                self._set_writing(min(len(self._retry), most))
+                batch, self._retry = self._retry[:most], self._retry[most:]
+                self._in_flight = batch
+                return batch
             n = min(len(self._queue), most)
             self._set_writing(n)
-            batch = []
-            if self._preparer is not None and not self._stopping:
-                # Serving: taken, minted and encoded on the event loop (meter/ledger/preparing.py).
-                batch = self._preparer.take(n)
-            if not batch:  # no loop, or it did not answer: taken here
+        batch = []
+        if self._preparer is not None and not self._stopping:
+            # Serving: taken, minted and encoded on the event loop (meter/ledger/preparing.py).
+            # Never at shutdown, so never while `close` may give up on this thread.
+            batch = self._preparer.take(n)
+        with self._hand_lock:
+            if not batch and not self._abandoned:  # no loop, or it did not answer: taken here
                 batch = pop_up_to(self._queue, n)
+            self._in_flight = batch
         return batch
+
+    def _put_back(self, records: list[Record]) -> None:
+        """Records not written go back to the head of the retry list (from the batch in
+        flight, which `_write_due` then lets go); not once `close` has spooled them."""
+        with self._hand_lock:
+            if not self._abandoned:
+                self._retry = records + self._retry
 
     def _flush_once(self, drain: bool = False) -> bool:
         """Write what is due; once caught up, first take back what a slow store made
@@ -258,7 +347,7 @@ class LedgerWriter:
         while True:
             # Caught up: under a store that stays slower than the traffic the spool grows
             # on disk, not in memory.  When draining too: the queue is written first.
-            if self._caught_up() and self.stats.healthy and self._spool_waiting():
+            if self._caught_up() and self.stats.healthy and not self._abandoned and self._spool_waiting():
                 self._replay_spool()
             ok = self._write_due(drain)
             if ok and not self._retry and self.spool is not None:
@@ -285,6 +374,8 @@ class LedgerWriter:
         due = self.pending
         while (self._retry or self._queue) and (drain or due > 0 or len(self._queue) >= self.batch_size):
             batch = self._take_batch()
+            if not batch and self._abandoned:
+                return True  # `close` spooled what was left: nothing more to write
             due -= len(batch)
             self._set_writing(len(batch))
             try:
@@ -293,10 +384,12 @@ class LedgerWriter:
                 # Not the store failing (that is handled where it is called): the batch is
                 # kept for the next try (see `_run`), written again whole if part of it
                 # was: the ledger keeps a row once by its id.
-                self._retry = batch + self._retry
+                self._put_back(batch)
                 raise
             finally:
-                self._set_writing(0)
+                with self._hand_lock:
+                    self._in_flight = []
+                    self._set_writing(0)
             if outage is not None:
                 self._note_error(outage)
                 self._spill_overflow()
@@ -366,7 +459,7 @@ class LedgerWriter:
                     if kind == "unknown" and len(part) == 1:
                         kind = self._probe_kind()
                     if kind == "outage":
-                        self._retry = part + [r for p in reversed(parts) for r in p] + self._retry
+                        self._put_back(part + [r for p in reversed(parts) for r in p])
                         return exc
                     if len(part) == 1:
                         rejected.append((part[0], exc))
@@ -522,8 +615,8 @@ class LedgerWriter:
                     log.exception("ledger writer failed; %d records wait for the next try", self.pending)
                     self._note_error(exc)
                     ok = False
-            if stopping:
-                if not ok and self.spool is not None and self.pending:
+            if stopping or self._abandoned:
+                if not ok and self.spool is not None and self.pending and not self._abandoned:
                     self._spill_all()
                 break
             if ok:
@@ -542,15 +635,20 @@ class LedgerWriter:
                 log.error("closing the ledger failed: %s", exc)
 
     def _spill_all(self) -> None:
-        records = self._retry + list(self._queue)
-        self._retry = []
-        self._queue.clear()
-        try:
-            self.spool.append(records)  # type: ignore[union-attr]
-            self.stats.spooled += len(records)
-            log.warning("ledger unavailable at shutdown: %d records spooled to %s", len(records), self.spool.path)  # type: ignore[union-attr]
-        except OSError as exc:
-            log.error("could not spool %d records at shutdown: %s", len(records), exc)
+        with self._spill_lock:  # not while `close` gives up on this thread (`_abandon`)
+            with self._hand_lock:
+                if self._abandoned:
+                    return  # `close` spooled them
+                records = self._retry + _pop_all(self._queue)
+                self._retry = []
+            if not records:
+                return
+            try:
+                self.spool.append(records)  # type: ignore[union-attr]
+                self.stats.spooled += len(records)
+                log.warning("ledger unavailable at shutdown: %d records spooled to %s", len(records), self.spool.path)  # type: ignore[union-attr]
+            except OSError as exc:
+                log.error("could not spool %d records at shutdown: %s", len(records), exc)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything appended so far is written, set aside or spooled (tests, admin)."""
