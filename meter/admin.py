@@ -99,6 +99,45 @@ def unauthorized() -> web.Response:
     )
 
 
+# The probes are answered whatever name they were sent to: they carry nothing.
+_PROBES = frozenset({"/healthz", "/readyz"})
+
+_MISDIRECTED_BODY = json.dumps(
+    {
+        "error": {
+            "message": "without an admin token this port answers requests addressed to localhost or a loopback address only",
+            "type": "meter_admin_error",
+            "code": "not_a_loopback_host",
+            "param": None,
+        }
+    }
+).encode()
+
+
+def host_name(host_header: str) -> str:
+    """The name or address of a Host header, without its port (`[::1]:9464` is `::1`)."""
+    if host_header.startswith("["):
+        return host_header[1 : host_header.find("]")] if "]" in host_header else host_header
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def loopback_hosts_only() -> Any:
+    """Middleware for an admin port on loopback without a token: a request addressed to
+    any other name is refused (403).  A web page can have its own name resolve to
+    127.0.0.1 (DNS rebinding) and read this port as its own origin; the browser still
+    sends the page's name as Host, which is how it is told apart.  With a token there
+    is no need: a browser never sends one by itself."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is None or request.path in _PROBES or is_loopback_host(host_name(host)):
+            return await handler(request)
+        return web.Response(status=403, body=_MISDIRECTED_BODY, content_type="application/json")
+
+    return guard
+
+
 def bearer_auth(token: str) -> Any:
     """Middleware: `Authorization: Bearer <token>` on every admin path but the probes."""
     expected = token.encode("utf-8")

@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from .access_log import AccessLog
-from .admin import bearer_auth, check_admin_exposure
+from .admin import bearer_auth, check_admin_exposure, is_loopback_host, loopback_hosts_only
 from .attribution import SessionChains
 from .budgets.alerts import Alerter, AlertMetrics
 from .budgets.command import budget_rows_json
@@ -189,7 +189,15 @@ class Meter:
     def build_admin_app(self, report_api: ReportAPI) -> web.Application:
         # With a token, every admin path but the probes needs it (meter/admin.py).
         token = self.settings.admin_token
-        app = web.Application(middlewares=[bearer_auth(token)] if token else [])
+        # Without a token an admin port is on loopback (or --admin-insecure): on loopback,
+        # only requests addressed to it are answered (DNS rebinding: `loopback_hosts_only`).
+        if token:
+            guards = [bearer_auth(token)]
+        elif is_loopback_host(parse_host_port(self.settings.admin_listen)[0]):
+            guards = [loopback_hosts_only()]
+        else:
+            guards = []
+        app = web.Application(middlewares=guards)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)

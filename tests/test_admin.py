@@ -428,3 +428,50 @@ def test_unusable_ledger_exits_promptly_with_one_line(tmp_path: Path) -> None:
     result = run_meter("serve", "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}", "--ledger", str(ledger), timeout=30)
     assert time.monotonic() - started < 15
     assert_one_line_error(result, "ledger")
+
+
+def host_request(port: int, target: str, host: str, headers: dict[str, str] | None = None) -> int:
+    """The status of one GET whose Host header is `host`, as a browser sends it."""
+    lines = [f"GET {target} HTTP/1.1", f"Host: {host}", "Connection: close", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+async def test_a_tokenless_loopback_admin_answers_only_requests_addressed_to_loopback(upstream, tmp_path: Path) -> None:
+    """DNS rebinding: a web page the operator opens gets its own name resolved to
+    127.0.0.1, and the browser then reads the admin port as that page's own origin
+    (spend, key names, users, `/api/sql`).  The browser still sends the page's name as
+    Host: without a token, only a loopback name or address is answered."""
+    proc = MeterProcess(["--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb")], env=clean_env(), log_path=tmp_path / "m.log")
+    try:
+        proc.start()
+        port = proc.admin_port
+        loop = asyncio.get_running_loop()
+
+        def status(target: str, host: str) -> int:
+            return host_request(port, target, host)
+
+        for target in ("/api/report", "/api/requests", "/metrics", "/api/budgets"):
+            assert await loop.run_in_executor(None, status, target, "attacker.example") == 403, target
+            assert await loop.run_in_executor(None, status, target, f"attacker.example:{port}") == 403, target
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", f"127.0.0.2:{port}"):
+            assert await loop.run_in_executor(None, status, "/metrics", host) == 200, host
+        assert await loop.run_in_executor(None, status, "/healthz", "attacker.example") == 200  # the probes carry nothing
+    finally:
+        proc.stop()
+
+
+async def test_a_token_makes_the_host_name_free(upstream, tmp_path: Path) -> None:
+    """With a token the browser cannot send it by itself: any name reaches the admin port
+    (behind a load balancer, under a DNS name) with the token, as before."""
+    proc = MeterProcess(["--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb")], env=clean_env(METER_ADMIN_TOKEN=TOKEN), log_path=tmp_path / "m.log")
+    try:
+        proc.start()
+        code = await asyncio.get_running_loop().run_in_executor(None, lambda: host_request(proc.admin_port, "/metrics", "meter.internal.example", {"Authorization": f"Bearer {TOKEN}"}))
+        assert code == 200
+    finally:
+        proc.stop()
