@@ -207,7 +207,7 @@ def check_hostile_serve_rows(rows: list[dict[str, Any]]) -> None:
 
 
 def metrics_text(admin_port: int) -> str:
-    return raw_request(admin_port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n").decode("utf-8", "replace")
+    return raw_request(admin_port, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n").decode("utf-8", "replace")  # a loopback name: see test_admin.py
 
 
 def metric(admin_port: int, name: str, **labels: str) -> float:
