@@ -61,10 +61,12 @@ def assert_meter_error(answer: bytes, status: int, code: str) -> None:
 
 
 class Listener:
-    """A socket that stands for "some other host": it must never be connected to."""
+    """A socket that stands for "some other host": it must never be connected to, and
+    keeps the head of any request that reaches it all the same (`received`)."""
 
     def __init__(self) -> None:
         self.connections = 0
+        self.received = bytearray()
         self.server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -75,9 +77,14 @@ class Listener:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nnot-you")
-        await writer.drain()
-        writer.close()
+        try:
+            self.received += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\nConnection: close\r\n\r\nnot-you")
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+            pass
+        finally:
+            writer.close()
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None

@@ -22,6 +22,7 @@ from typing import Self
 from websockets.asyncio.client import connect as ws_connect
 
 from .conftest import SECRET_KEY, ledger_rows
+from .test_hostile_forwarding import Listener
 from .test_websocket import AUTH, create, until_terminal, ws_url
 
 USAGE = {"input_tokens": 40000, "cached_tokens": 0, "cache_write_tokens": 0, "output_tokens": 8000, "reasoning_tokens": 0}
@@ -157,36 +158,6 @@ class RawUpstream:
         self.server.close()
 
 
-class OtherHost:
-    """A listener that keeps every byte sent to it: it must never receive any."""
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.connections = 0
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            self.received += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nlanded")
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-
-
 def upgrade(headers: dict[str, str]) -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     lines = ["GET /v1/responses HTTP/1.1", "Host: meter.test", "Upgrade: websocket", "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
@@ -214,7 +185,7 @@ async def test_a_redirected_upgrade_is_relayed_never_followed(start_meter) -> No
     # The upstream answers the upgrade with a 302 to another host: meter must not go
     # there (the client's key and project would go with it), and the client gets the
     # upstream's own answer, as for any other refused upgrade.
-    async with OtherHost() as other:
+    async with Listener() as other:
         location = f"http://localhost:{other.port}/landed"
         body = b'{"moved":"elsewhere"}'
         answer = b"HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (location.encode(), len(body), body)
