@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
 from ..command import CommandError
 from ..config import load_settings, redact_url
-from ..outbound import RedirectRefused, fetch
 from ..report.render import render_csv
 
 COLUMNS = ("budget", "window", "window_start", "window_end", "mode", "spend_usd", "limit_usd", "remaining_usd", "share", "state")
@@ -70,24 +67,13 @@ def _parse(text: str) -> list[dict[str, Any]]:
 
 
 def budgets_from_url(base: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-    from ..report.client import ADMIN_TOKEN_ENV, admin_endpoint, admin_headers, redirect_error
+    from ..report.client import ask_admin
     from ..report.window import ReportError
 
     try:
-        url = admin_endpoint(base, "/api/budgets")
+        raw, _ = ask_admin(base, "/api/budgets", "budgets", timeout=timeout)
     except ReportError as exc:
         raise CommandError(str(exc)) from None
-    request = urllib.request.Request(url, headers=admin_headers())
-    try:
-        raw, _ = fetch(request, timeout)
-    except RedirectRefused as exc:
-        raise CommandError(redirect_error(base, exc)) from None
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            raise CommandError(f"--url: {base} answered 401: it needs its admin token ({ADMIN_TOKEN_ENV})") from None
-        raise CommandError(f"--url: HTTP {exc.code} from {base}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CommandError(f"--url: cannot reach {base}: {getattr(exc, 'reason', exc)}") from None
     try:
         return _parse(raw.decode("utf-8"))
     except (ValueError, KeyError, ArithmeticError):

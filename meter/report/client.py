@@ -49,9 +49,40 @@ def admin_endpoint(base: str, path: str) -> str:
     return base.rstrip("/") + path
 
 
-def redirect_error(base: str, exc: RedirectRefused) -> str:
-    """The one line for an admin address that answered with a redirect."""
-    return f"--url: {base} {exc}"
+class AdminRefused(ReportError):
+    """The admin API refused the request with its own error text (HTTP 400): `detail`."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"--url: {detail}")
+        self.detail = detail
+
+
+def ask_admin(base: str, path: str, api: str, *, query: list[tuple[str, str]] | None = None, data: bytes | None = None,
+              timeout: float) -> tuple[bytes, http.client.HTTPMessage]:
+    """The body and headers of a running meter's answer at `path` (a GET, or a POST of
+    JSON `data`), sent with `admin_headers()` and never redirected (`meter.outbound`).
+    Every failure is one line, a ReportError naming `--url`: a malformed address, a
+    redirect, a 401 (naming METER_ADMIN_TOKEN), no `api` API there (404, 405), the
+    meter's own error text (`AdminRefused` for a 400), or an address it cannot reach."""
+    url = admin_endpoint(base, path) + ("?" + urllib.parse.urlencode(query) if query else "")
+    headers = {**admin_headers(), "Content-Type": "application/json"} if data is not None else admin_headers()
+    request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
+    try:
+        return fetch(request, timeout)
+    except RedirectRefused as exc:
+        raise ReportError(f"--url: {base} {exc}") from None
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            given = "was refused" if admin_headers() else "is not set"
+            raise ReportError(f"--url: {base} answered 401: it needs its admin token, and {ADMIN_TOKEN_ENV} {given}") from None
+        detail = _error_detail(exc)
+        if exc.code in (404, 405) and not detail:
+            raise ReportError(f"--url: {base} has no {api} API (HTTP {exc.code}); is it a meter admin address?") from None
+        if exc.code == 400 and detail:
+            raise AdminRefused(detail) from None
+        raise ReportError(f"--url: {detail or f'HTTP {exc.code} from {base}'}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ReportError(f"--url: cannot reach {base}: {getattr(exc, 'reason', exc)}") from None
 
 
 def _first_line(text: str) -> str:
@@ -87,28 +118,8 @@ def report_url(base: str, args: ReportArgs, timeout: float = 60.0, key_names: Ma
     number of records the meter says are not yet in its ledger (None when it says none).
     With `key_names` (`--config`'s `[keys]`) the report is POSTed with them: they name
     keys over the meter's own config."""
-    query = report_query(args)
-    url = admin_endpoint(base, "/api/report") + ("?" + urllib.parse.urlencode(query) if query else "")
-    if key_names:
-        payload = json.dumps({"keys": dict(key_names)}).encode()
-        request = urllib.request.Request(url, data=payload, headers={**admin_headers(), "Content-Type": "application/json"}, method="POST")
-    else:
-        request = urllib.request.Request(url, headers=admin_headers())
-    try:
-        raw, headers = fetch(request, timeout)
-    except RedirectRefused as exc:
-        raise ReportError(redirect_error(base, exc)) from None
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            given = "was refused" if admin_headers() else "is not set"
-            raise ReportError(f"--url: {base} answered 401: it needs its admin token, and {ADMIN_TOKEN_ENV} {given}") from None
-        detail = _error_detail(exc)
-        if exc.code == 404 and not detail:
-            raise ReportError(f"--url: {base} has no report API (HTTP 404); is it a meter admin address?") from None
-        raise ReportError(f"--url: {detail or f'HTTP {exc.code} from {base}'}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ReportError(f"--url: cannot reach {base}: {reason}") from None
+    payload = json.dumps({"keys": dict(key_names)}).encode() if key_names else None
+    raw, headers = ask_admin(base, "/api/report", "report", query=report_query(args), data=payload, timeout=timeout)
     try:
         rows = parse_json_rows(raw.decode("utf-8"))
     except ValueError:

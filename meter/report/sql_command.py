@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 from ..command import CommandError
 from ..config import load_settings, redact_url
 from ..ledger import LedgerReadError, is_postgres_url, open_reader
 from ..ledger.sql import DEFAULT_LIMIT, DEFAULT_TIMEOUT, SqlError, SqlResult, confine_duckdb, duckdb_sql, first_line, postgres_sql
-from ..outbound import RedirectRefused, fetch
-from .client import ADMIN_TOKEN_ENV, _error_detail, admin_endpoint, admin_headers, redirect_error
+from .client import AdminRefused, ask_admin
 from .sql_render import as_objects, parse_answer, render_sql
 from .window import ReportError
 
@@ -62,28 +59,13 @@ def sql_ledgers(ledgers: list[str], sql: str, limit: int, timeout: float) -> Sql
 
 def sql_url(base: str, sql: str, limit: int, timeout: float) -> tuple[list[str], list[dict[str, Any]], str | None]:
     """Ask a running meter's `POST /api/sql`."""
+    body = json.dumps({"sql": sql, "limit": limit, "timeout": timeout}).encode()
     try:
-        url = admin_endpoint(base, "/api/sql")
+        raw, _ = ask_admin(base, "/api/sql", "SQL", data=body, timeout=timeout + 30)
+    except AdminRefused as exc:
+        raise SqlError(exc.detail) from None  # the statement's own error, as from a ledger
     except ReportError as exc:
         raise CommandError(str(exc)) from None
-    body = json.dumps({"sql": sql, "limit": limit, "timeout": timeout}).encode()
-    request = urllib.request.Request(url, data=body, headers={**admin_headers(), "Content-Type": "application/json"})
-    try:
-        raw, _ = fetch(request, timeout + 30)
-    except RedirectRefused as exc:
-        raise CommandError(redirect_error(base, exc)) from None
-    except urllib.error.HTTPError as exc:
-        if exc.code == 401:
-            given = "was refused" if admin_headers() else "is not set"
-            raise CommandError(f"--url: {base} answered 401: it needs its admin token, and {ADMIN_TOKEN_ENV} {given}") from None
-        detail = _error_detail(exc)
-        if exc.code == 400 and detail:
-            raise SqlError(detail) from None
-        if exc.code in (404, 405) and not detail:
-            raise CommandError(f"--url: {base} has no SQL API (HTTP {exc.code}); is it a meter admin address?") from None
-        raise CommandError(f"--url: {detail or f'HTTP {exc.code} from {base}'}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise CommandError(f"--url: cannot reach {base}: {getattr(exc, 'reason', exc)}") from None
     try:
         return parse_answer(raw.decode("utf-8"))
     except ValueError:
