@@ -120,9 +120,9 @@ def test_a_terminal_message_past_the_limit_is_metered_from_its_ends() -> None:
 
 
 class RawUpstream:
-    """A server that reads each request's head, keeps it, waits `delay` seconds, then
-    writes `answer` (bytes of its choosing) and closes; `answer` may name `{other}`,
-    the port of a second listener that stands for "some other host"."""
+    """A server that reads each request's head, keeps it, waits `delay` seconds (noting
+    in `hung_up` a client that leaves meanwhile), then writes `answer` (bytes of its
+    choosing) and closes."""
 
     def __init__(self, answer: bytes = b"", delay: float = 0.0) -> None:
         self.answer, self.delay = answer, delay
