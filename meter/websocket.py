@@ -362,7 +362,7 @@ class WebSocketRelay:
         flow.response_headers = headers
         flow.outcome = "error"
         observer = observer_for("responses", headers.get("Content-Type", ""), headers.get("Content-Encoding", ""), max_bytes=self.max_metered_bytes)
-        if observer is not None and body:
+        if body:
             observer.feed(body)
             flow.observation = observer.finish()
         out_headers = _end_to_end_headers(headers)
