@@ -19,11 +19,12 @@ import os
 import time
 from typing import Self
 
+import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from .conftest import SECRET_KEY, ledger_rows
 from .test_hostile_forwarding import Listener
-from .test_websocket import AUTH, create, until_terminal, ws_url
+from .test_websocket import AUTH, clear_ws_log, create, until_terminal, ws_log, ws_url
 
 USAGE = {"input_tokens": 40000, "cached_tokens": 0, "cache_write_tokens": 0, "output_tokens": 8000, "reasoning_tokens": 0}
 
@@ -245,3 +246,34 @@ async def test_a_101_that_is_no_valid_upgrade_is_502(start_meter) -> None:
     assert status == b"HTTP/1.1 502 Bad Gateway" and json.loads(body)["error"]["code"] == "invalid_upstream_handshake"
     [row] = await meter.rows()
     assert (row["transport"], row["status_code"], row["outcome"]) == ("http", 502, "error")
+
+
+# --- budgets -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        r'{"type":"response.\u0063reate","model":"gpt-4o","input":"two"}',  # an escape the upstream decodes
+        '{"type":"response.steer","type":"response.create","model":"gpt-4o","input":"two"}',  # the last of two keys counts
+    ],
+)
+async def test_a_response_create_in_another_spelling_is_still_refused_by_a_budget(upstream, start_meter, tmp_path, spelling: str) -> None:
+    # The upstream reads these as a `response.create`: meter must too, or an enforcing
+    # budget is dodged and the response runs (and is billed) past its limit.
+    config = tmp_path / "meter.toml"
+    config.write_text('[[budgets]]\nname = "ws"\nwindow = "day"\nlimit_usd = 0.001\nmode = "enforce"\n')
+    meter = await start_meter(upstream.url, config=str(config))
+    await clear_ws_log(upstream.url)
+    async with ws_connect(ws_url(meter.url), additional_headers=AUTH) as ws:
+        await ws.send(create(metadata={"fake_usage": {"input_tokens": 1000, "output_tokens": 500}}))
+        assert (await until_terminal(ws))[-1]["type"] == "response.completed"
+        assert meter.meter.budgets.blocked
+        await ws.send(spelling)
+        answer = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert (answer["type"], answer.get("status"), answer.get("error", {}).get("code")) == ("error", 429, "budget_exceeded"), answer
+    [socket] = await ws_log(upstream.url)
+    assert socket["messages"] == 1  # the refused one never reached the upstream
+    rows = await meter.rows()
+    assert [r["outcome"] for r in rows] == ["completed", "rejected"]
+    assert rows[1]["model_requested"] == "gpt-4o"
