@@ -173,6 +173,22 @@ async def test_a_failing_webhook_is_retried_until_it_accepts_and_never_delays_th
     assert "127.0.0.1" not in row["delivered"]  # fingerprints, never the URLs
 
 
+async def test_a_2xx_whose_body_is_slow_is_accepted_once_not_timed_out_and_resent(duckdb_store: DuckDBStore, receiver: UpstreamProcess) -> None:
+    # The receiver sends `200` and its headers at once and its body 30 s later (it
+    # streams its answer, or works before finishing it): the event was accepted.
+    await set_mode(receiver.url, stall=30)
+    alerter = Alerter(duckdb_store, [receiver.url], first_retry=0.1, timeout=1.0)
+    await alerter.start(owner="replica-a")
+    try:
+        alerter.crossed(crossing(0.8))
+        await wait_for(lambda: asyncio.sleep(0, result=bool(claims(duckdb_store)) and claims(duckdb_store)[0]["sent_at"] is not None), timeout=5, what="sent_at")
+        await asyncio.sleep(1.5)  # past the timeout: nothing is sent again
+    finally:
+        await alerter.stop()
+    assert len(await received(receiver.url)) == 1
+    assert alerter.sent == {"search-monthly": 1} and alerter.failures == {}
+
+
 def open_store(dialect: str, where: str) -> Store:
     store: Store = DuckDBStore(where) if dialect == "duckdb" else PostgresStore(where)
     store.open()

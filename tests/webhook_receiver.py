@@ -1,15 +1,16 @@
 """A webhook receiver for the budget alert tests: a real HTTP server in a process of its own.
 
-    python -m tests.webhook_receiver --port 0 [--fail 2] [--status 500] [--delay 0.5]
+    python -m tests.webhook_receiver --port 0 [--fail 2] [--status 500] [--delay 0.5] [--stall 30]
 
 prints `READY http://127.0.0.1:PORT` once listening (as `tests.conftest.UpstreamProcess`
 expects).  Every `POST` to any other path is recorded when it arrives (path,
 headers, body as sent, the JSON it parses to, the status it will get, when) and
 answered `200`, or `--status` for the first `--fail` POSTs, each after
-`--delay` seconds.
+`--delay` seconds; with `--stall`, the status line and headers go out at once
+and the answer's body only that many seconds later.
 
 - `GET /__received`: every POST so far, as a JSON list, accepted or not;
-- `PUT /__mode` with `{"fail": n, "status": s, "delay": d}`: change the answers from now on;
+- `PUT /__mode` with `{"fail": n, "status": s, "delay": d, "stall": t}`: change the answers from now on;
 - `DELETE /__received`: forget what was recorded.
 """
 
@@ -26,10 +27,11 @@ from aiohttp import web
 
 
 class Receiver:
-    def __init__(self, fail: int = 0, status: int = 500, delay: float = 0.0) -> None:
+    def __init__(self, fail: int = 0, status: int = 500, delay: float = 0.0, stall: float = 0.0) -> None:
         self.fail = fail
         self.status = status
         self.delay = delay
+        self.stall = stall
         self.received: list[dict[str, Any]] = []
 
     async def hook(self, request: web.Request) -> web.Response:
@@ -55,7 +57,14 @@ class Receiver:
         )
         if self.delay:
             await asyncio.sleep(self.delay)
-        return web.Response(status=status, text="ok" if status == 200 else "failing on purpose")
+        text = b"ok" if status == 200 else b"failing on purpose"
+        if self.stall:
+            answer = web.StreamResponse(status=status, headers={"Content-Type": "text/plain", "Content-Length": str(len(text))})
+            await answer.prepare(request)  # the status line and headers go out now, the body later
+            await asyncio.sleep(self.stall)
+            await answer.write(text)
+            return answer
+        return web.Response(status=status, body=text, content_type="text/plain")
 
     async def list_received(self, request: web.Request) -> web.Response:
         return web.json_response(self.received)
@@ -69,7 +78,8 @@ class Receiver:
         self.fail = int(change.get("fail", self.fail))
         self.status = int(change.get("status", self.status))
         self.delay = float(change.get("delay", self.delay))
-        return web.json_response({"fail": self.fail, "status": self.status, "delay": self.delay})
+        self.stall = float(change.get("stall", self.stall))
+        return web.json_response({"fail": self.fail, "status": self.status, "delay": self.delay, "stall": self.stall})
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -97,9 +107,10 @@ def main() -> None:
     parser.add_argument("--fail", type=int, default=0, help="answer the first N POSTs with --status")
     parser.add_argument("--status", type=int, default=500)
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    parser.add_argument("--stall", type=float, default=0.0, help="seconds between an answer's headers and its body")
     args = parser.parse_args()
     try:
-        asyncio.run(serve(args.host, args.port, Receiver(args.fail, args.status, args.delay)))
+        asyncio.run(serve(args.host, args.port, Receiver(args.fail, args.status, args.delay, args.stall)))
     except KeyboardInterrupt:
         pass
 
