@@ -531,28 +531,34 @@ def test_a_slow_store_keeps_pending_bounded_and_spools_the_excess(tmp_path: Path
     interval = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)  # as `meter serve` runs
     try:
-        for i, record in enumerate(records):
-            writer.done(None, record)
-            if i % 10 == 0:
-                time.sleep(0.001)  # ~ 5,000 records/s: far more than the slow store takes
-            peak = max(peak, writer.pending)
+        try:
+            for i, record in enumerate(records):
+                writer.done(None, record)
+                if i % 10 == 0:
+                    time.sleep(0.001)  # ~ 5,000 records/s: far more than the slow store takes
+                peak = max(peak, writer.pending)
+        finally:
+            sys.setswitchinterval(interval)
+        # The spill thread bounds the queue: what arrives while it waits for a CPU or an
+        # fsync waits for its next pass.  On an idle machine the peak is the bound plus
+        # ~100; with every core busy (a CI runner), a pass can come 100-200 ms late, at
+        # 5,000 records/s.  Either way far from the 3,000 a store that never fails let in.
+        assert peak <= 200 + 50 + 1000, peak
+        deadline = time.monotonic() + 10
+        while writer.pending > 200:  # and back to the bound while the store is still slow
+            assert time.monotonic() < deadline, writer.pending
+            time.sleep(0.01)
+        assert writer.stats.spooled > 0
+        # The store catches up: what was spooled is taken back and written, without a restart.
+        store.slow = False
+        deadline = time.monotonic() + 20
+        while (writer.pending or spool.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not spool.exists() and writer.pending == 0
     finally:
-        sys.setswitchinterval(interval)
-    # What arrives during one spill (an fsync, slow on a busy disk) waits for the next:
-    # the peak is the bound plus a little, not the 3,000 a store that never fails let in.
-    assert peak <= 200 + 50 + 250, peak
-    deadline = time.monotonic() + 10
-    while writer.pending > 200:  # and back to the bound while the store is still slow
-        assert time.monotonic() < deadline, writer.pending
-        time.sleep(0.01)
-    assert writer.stats.spooled > 0
-    # The store catches up: what was spooled is taken back and written, without a restart.
-    store.slow = False
-    deadline = time.monotonic() + 20
-    while (writer.pending or spool.exists()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not spool.exists() and writer.pending == 0
-    writer.close()
+        # Also on a failure: a writer thread left inside DuckDB when the interpreter exits
+        # aborts the whole test process.
+        writer.close()
     rows = ledger_rows(path)
     assert sorted(str(r["id"]) for r in rows) == sorted(r.id for r in records)  # each once
 
