@@ -319,6 +319,36 @@ def test_a_postgres_query_is_rolled_back_whatever_it_ran(pg_url: str) -> None:  
     assert asyncio.run(large_objects()) == before
 
 
+def test_postgres_sql_run_from_a_string_is_refused(postgres: Any, pg_url: str) -> None:  # noqa: F811
+    """Functions that run SQL given as text (ts_stat, ts_rewrite, tablefunc's crosstab and
+    connectby) take an expression, so any name can be assembled past the name list.  A
+    reader's rolled-back transaction undoes most of what that reaches, not everything:
+    pg_terminate_backend ends another session of the ledger's role at once, the
+    serving meter's writer here."""
+    from meter.ledger import PostgresStore
+
+    postgres.psql("CREATE EXTENSION tablefunc", pg_url.rsplit("/", 1)[1])
+    writer = PostgresStore(pg_url)
+    writer.open()
+    try:
+        backend = writer._writer.run(lambda con: con.fetchval("SELECT pg_backend_pid()"), "test")
+        terminate = f"to_tsvector(pg_terminate' || '_backend({backend})::text)"
+        attempts = [
+            f"SELECT * FROM ts_stat('SELECT {terminate}')",
+            f"SELECT * FROM pg_catalog.TS_STAT('SELECT {terminate}', 'a')",
+            f"SELECT ts_rewrite('a'::tsquery, 'SELECT ''a''::tsquery, {terminate}::text::tsquery')",
+            f"SELECT * FROM crosstab('SELECT 1::text, 1::text, {terminate}::text') AS t(a text, b text)",
+            "SELECT * FROM connectby('requests', 'id', 'id', '1', 0) AS t(a uuid, b uuid, c int)",
+        ]
+        for attempt in attempts:
+            with pytest.raises(SqlError, match="refused"):
+                sql_ledgers([pg_url], attempt, 10, 10)
+        # The writer's session is the one it had: nothing ended it.
+        assert writer._writer.run(lambda con: con.fetchval("SELECT pg_backend_pid()"), "test") == backend
+    finally:
+        writer.close()
+
+
 async def test_running_meter_on_postgres_answers_by_url(upstream, start_meter, pg_url: str) -> None:  # noqa: F811
     meter = await start_meter(upstream.url, ledger=pg_url)
     await traffic(meter.url, 3)

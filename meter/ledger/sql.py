@@ -137,10 +137,12 @@ def duckdb_sql(con: Any, sql: str, limit: int = DEFAULT_LIMIT, timeout: float = 
 
 _PG_START = re.compile(r"^\s*(?:--[^\n]*\n\s*|/\*.*?\*/\s*|\(\s*)*(select|with|values|table)\b", re.IGNORECASE | re.DOTALL)
 # Functions that reach past the ledger's tables: server files and programs, large
-# objects, other databases, settings, other sessions, or SQL run from a string.
+# objects, other databases, settings, other sessions, or SQL run from a string (which
+# takes an expression, so it can spell any name past this list: ts_stat, ts_rewrite,
+# tablefunc's crosstab and connectby, xml2's xpath_table, the *_to_xml family).
 _PG_REFUSED = re.compile(
     r"\b(pg_read_file|pg_read_binary_file|pg_ls_\w+|pg_stat_file|pg_file_\w+|lo_\w+|loread|lowrite|dblink\w*|"
-    r"\w+_to_xml\w*|query_to_xmlschema|xpath\w*|set_config|current_setting|pg_terminate_backend|pg_cancel_backend|"
+    r"\w+_to_xml\w*|query_to_xmlschema|xpath\w*|ts_stat|ts_rewrite|crosstab\w*|connectby|set_config|current_setting|pg_terminate_backend|pg_cancel_backend|"
     r"pg_reload_conf|pg_rotate_logfile|pg_logdir_ls|pg_promote|pg_switch_wal|pg_create_\w+|pg_drop_\w+|"
     r"pg_advisory\w*|pg_try_advisory\w*|pg_notify|pg_import_system_collations|txid_\w+|pg_logical_emit_message)\b",
     re.IGNORECASE,
