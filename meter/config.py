@@ -71,6 +71,9 @@ class PriceOverride(BaseModel):
 # What a budget may match on (SPEC §11), besides `tag:<name>`.
 BUDGET_MATCH_FIELDS = ("key", "project", "user", "model")
 _BUDGET_TAG = re.compile(r"tag:[A-Za-z0-9_-]{1,64}")
+# C0, DEL and C1: a budget's name is the `Meter-Budget` header of its refusals, where a
+# line break cannot be sent (the client saw a dropped connection) and clients refuse the rest.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class Budget(BaseModel):
@@ -86,6 +89,13 @@ class Budget(BaseModel):
     limit_usd: Decimal = Field(gt=0, max_digits=18, decimal_places=9)
     mode: Literal["observe", "enforce"] = "observe"
     alert_at: tuple[float, ...] = ()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if _CONTROL.search(value):
+            raise ValueError("a budget's name has no control characters (it is the Meter-Budget header of a refusal)")
+        return value
 
     @field_validator("match")
     @classmethod

@@ -91,6 +91,16 @@ def test_two_budgets_with_one_name_are_refused(tmp_path: Path, capsys: pytest.Ca
     assert "[[budgets]] 'same': a budget of that name is already defined" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["a\\nb", "a\\rb", "tab\\u0000", "del\\u007f", "c1\\u0085"])
+def test_a_budget_name_with_a_control_character_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str) -> None:
+    # The name is the `Meter-Budget` header of a refusal: with a line break there, the
+    # answer could not be sent and the SDK saw a connection error, not a RateLimitError.
+    config = write_config(tmp_path / "meter.toml", f'[[budgets]]\nname = "{name}"\nwindow = "day"\nlimit_usd = 1\nmode = "enforce"\n')
+    assert main(["budgets", "--config", config, "--ledger", str(tmp_path / "l.duckdb")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name: a budget's name has no control characters" in err, err
+
+
 # --- windows --------------------------------------------------------------------------
 
 
