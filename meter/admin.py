@@ -16,6 +16,9 @@ whoever can reach the pod:
 - `check_admin_exposure(settings)` runs before anything is bound: an admin
   address that is not loopback needs a token, or an explicit
   `--admin-insecure` (then one warning line).
+- Without a token, `loopback_hosts_only()` (on loopback: DNS rebinding) and
+  `same_origin_only()` (a cross-site form post or no-cors fetch) refuse what a
+  browser sends on behalf of another site's page.
 """
 
 from __future__ import annotations
@@ -134,6 +137,51 @@ def loopback_hosts_only() -> Any:
         if host is None or request.path in _PROBES or is_loopback_host(host_name(host)):
             return await handler(request)
         return web.Response(status=403, body=_MISDIRECTED_BODY, content_type="application/json")
+
+    return guard
+
+
+_CROSS_SITE_BODY = json.dumps(
+    {
+        "error": {
+            "message": "without an admin token this port answers no request a browser sent from another origin",
+            "type": "meter_admin_error",
+            "code": "cross_site_request",
+            "param": None,
+        }
+    }
+).encode()
+
+# Sec-Fetch-Site values of a request the console's own page made, or that a person typed.
+_OWN_FETCH_SITES = frozenset({"same-origin", "none"})
+
+
+def _cross_site(request: web.Request) -> bool:
+    """True when a browser says the request came from another origin's page: its
+    Sec-Fetch-Site, or an Origin that is not the address it was sent to."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site is not None and fetch_site.lower() not in _OWN_FETCH_SITES:
+        return True
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return False
+    _, _, netloc = origin.partition("://")
+    return netloc.lower() != request.headers.get("Host", "").lower()
+
+
+def same_origin_only() -> Any:
+    """Middleware for an admin port without a token: a request a browser sent for another
+    origin's page is refused (403), but for the probes and the console's page and files.
+    A page the operator opens can address 127.0.0.1 directly: a form's POST or a no-cors
+    fetch needs no preflight, so `/api/sql` ran its statement (the page sees how long it
+    took) and every report forced a flush and a full aggregate.  Clients that are no
+    browser send neither header; with a token there is no need (no browser sends it)."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if _is_open(request) or not _cross_site(request):
+            return await handler(request)
+        return web.Response(status=403, body=_CROSS_SITE_BODY, content_type="application/json")
 
     return guard
 

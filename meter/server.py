@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from .access_log import AccessLog
-from .admin import bearer_auth, check_admin_exposure, is_loopback_host, loopback_hosts_only
+from .admin import bearer_auth, check_admin_exposure, is_loopback_host, loopback_hosts_only, same_origin_only
 from .attribution import SessionChains
 from .budgets.alerts import Alerter, AlertMetrics
 from .budgets.command import budget_rows_json
@@ -190,13 +190,14 @@ class Meter:
         # With a token, every admin path but the probes needs it (meter/admin.py).
         token = self.settings.admin_token
         # Without a token an admin port is on loopback (or --admin-insecure): on loopback,
-        # only requests addressed to it are answered (DNS rebinding: `loopback_hosts_only`).
+        # only requests addressed to it are answered (DNS rebinding: `loopback_hosts_only`);
+        # either way none a browser sent for another origin's page (`same_origin_only`).
         if token:
             guards = [bearer_auth(token)]
         elif is_loopback_host(parse_host_port(self.settings.admin_listen)[0]):
-            guards = [loopback_hosts_only()]
+            guards = [loopback_hosts_only(), same_origin_only()]
         else:
-            guards = []
+            guards = [same_origin_only()]
         app = web.Application(middlewares=guards)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)

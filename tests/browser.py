@@ -43,6 +43,8 @@ class Browser:
     def __init__(self, width: int = 1400, height: int = 1000) -> None:
         self.width, self.height = width, height
         self.problems: list[str] = []
+        # (url, status) of every response the page received, in order: what the network panel lists.
+        self.responses: list[tuple[str, int]] = []
         self._profile = tempfile.mkdtemp(prefix="meter-chromium-")
         self._proc: subprocess.Popen[bytes] | None = None
         self._ws: Any = None
@@ -122,6 +124,8 @@ class Browser:
 
     def _note(self, method: str, params: dict[str, Any]) -> None:
         """What a person would see as an error in the browser's console or network panel."""
+        if method == "Network.responseReceived":
+            self.responses.append((params["response"]["url"], params["response"]["status"]))
         if method == "Runtime.exceptionThrown":
             details = params["exceptionDetails"]
             self.problems.append(f"exception: {details.get('exception', {}).get('description') or details.get('text')}")

@@ -475,3 +475,75 @@ async def test_a_token_makes_the_host_name_free(upstream, tmp_path: Path) -> Non
         assert code == 200
     finally:
         proc.stop()
+
+
+ATTACK_PAGE = """<!doctype html><title>a page the operator opens</title><link rel="icon" href="data:,"><script>
+// What any web page can do to a port on the operator's machine without reading the answer:
+// a simple POST (as a form would send it) and a simple GET. The answers are opaque to it,
+// but the statement runs, and how long it takes is visible (a timing oracle).
+window.attack = (admin) => Promise.all([
+  fetch(admin + "/api/sql", {method: "POST", mode: "no-cors", body: JSON.stringify({sql: "SELECT count(*) FROM requests"})}),
+  fetch(admin + "/api/report", {method: "POST", mode: "no-cors", body: JSON.stringify({keys: {}})}),
+  fetch(admin + "/api/report?by=key", {mode: "no-cors"}),
+]).then(() => "sent");
+</script>"""
+
+
+async def test_a_tokenless_admin_refuses_cross_site_requests(upstream, tmp_path: Path) -> None:
+    """Without a token the admin port is addressed as 127.0.0.1, so the loopback Host rule
+    lets any web page's request through: a page on another origin posts to `/api/sql`
+    (no preflight for a text/plain body) and the statement runs, its duration readable by
+    the page.  The browser tells such requests apart (Sec-Fetch-Site, Origin); the console's
+    own requests are same-origin and still answered, in a real chromium."""
+    from aiohttp import web
+
+    from .browser import Browser
+
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text=ATTACK_PAGE, content_type="text/html")
+
+    site_app = web.Application()
+    site_app.router.add_get("/", page)
+    runner = web.AppRunner(site_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    site_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    proc = MeterProcess(["--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb")], env=clean_env(), log_path=tmp_path / "m.log")
+    try:
+        proc.start()
+        admin = proc.admin_url
+        async with Browser() as browser:
+            # Another origin on the same machine (localhost is not 127.0.0.1 to a browser).
+            await browser.goto(f"http://localhost:{site_port}/")
+            assert await browser.evaluate(f"window.attack({json.dumps(admin)})") == "sent"
+            deadline = time.monotonic() + 10
+            while len([u for u, _ in browser.responses if u.startswith(admin)]) < 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            answered = [(u.removeprefix(admin), s) for u, s in browser.responses if u.startswith(admin)]
+            assert sorted(answered) == [("/api/report", 403), ("/api/report?by=key", 403), ("/api/sql", 403)], answered
+
+            # The console itself, opened at the admin port, still reads everything.
+            for origin in (admin, f"http://localhost:{proc.admin_port}"):
+                browser.problems.clear()
+                await browser.goto(origin + "/")
+                await browser.wait_for("Number(document.body.dataset.loaded || 0) >= 1")
+                assert await browser.evaluate("document.getElementById('error').hidden") is True, origin
+                assert browser.problems == [], browser.problems
+        # A client that is no browser (meter report --url, Prometheus, curl) sends neither header.
+        status, _, body = await araw(proc.admin_port, "/api/report")
+        assert status == 200 and [row["requests"] for row in json.loads(body)] == [0]
+        # What browsers send for a cross-site or cross-origin request, header by header.
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://attacker.example"},
+                        {"Origin": "null"}, {"Origin": f"http://127.0.0.1:{site_port}"}):
+            status, _, body = await araw(proc.admin_port, "/api/report", headers)
+            assert status == 403 and json.loads(body)["error"]["code"] == "cross_site_request", (headers, status, body)
+        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": proc.admin_url}, {"Sec-Fetch-Site": "none"}):
+            assert (await araw(proc.admin_port, "/api/report", headers))[0] == 200, headers
+        # A link from another site to the console's page still opens it (the page holds no data),
+        # and the probes answer anyone.
+        assert (await araw(proc.admin_port, "/", {"Sec-Fetch-Site": "cross-site"}))[0] == 200
+        assert (await araw(proc.admin_port, "/healthz", {"Sec-Fetch-Site": "cross-site"}))[0] == 200
+    finally:
+        proc.stop()
+        await runner.cleanup()
