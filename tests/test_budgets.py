@@ -419,6 +419,24 @@ async def test_spend_is_read_from_the_ledger_at_start_before_the_first_request(u
     assert again.meter.budgets.states[0].spend == row["cost_usd"]
 
 
+async def test_listing_stored_chat_completions_is_never_refused(upstream, start_meter, tmp_path: Path) -> None:
+    # GET /v1/chat/completions lists the stored completions: it is on a model call's path
+    # but adds nothing to spend, like a retrieve.
+    config = write_config(tmp_path / "meter.toml", '[[budgets]]\nname = "all"\nwindow = "day"\nlimit_usd = 0.000001\nmode = "enforce"\n')
+    meter = await start_meter(upstream.url, config=config)
+    client = sdk(meter.url)
+    await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert meter.meter.budgets.blocked
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "again"}])
+    await clear_upstream_requests(upstream.url)
+    with pytest.raises(openai.NotFoundError):  # the fake provider has no such list: its 404, not meter's 429
+        await client.chat.completions.list()
+    [listed] = await upstream_requests(upstream.url)
+    assert listed["method"] == "GET"
+    assert [r["outcome"] for r in await meter.rows()] == ["completed", "rejected", "error"]
+
+
 async def test_tag_and_model_matches_read_the_request(upstream, start_meter, tmp_path: Path) -> None:
     config = write_config(
         tmp_path / "meter.toml",

@@ -10,9 +10,11 @@ OpenAI-shaped error (`meter_budget_exceeded` / `budget_exceeded`), `Retry-After`
 (seconds until the window resets) and `Meter-Budget`; it never reaches the
 upstream.  A request admitted runs to its end: nothing is ever cut.
 
-Only model calls meter prices are refused (`ENFORCED`): retrieving, cancelling
-or deleting a response, counting input tokens and other paths add nothing to
-spend, and a client must still be able to fetch, or cancel, what it started.
+Only model calls meter prices are refused (`ENFORCED`, a POST or a WebSocket's
+`response.create`): retrieving, cancelling or deleting a response, listing
+stored chat completions (a GET on their path), counting input tokens and other
+paths add nothing to spend, and a client must still be able to fetch, or
+cancel, what it started.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ class BudgetGate:
     def admit(self, flow: Flow) -> Refusal | None:
         if not self.budgets.blocked or flow.endpoint not in ENFORCED:
             return None
+        if flow.method != "POST" and flow.transport != "websocket":
+            return None  # a GET on a model call's path (listing stored chat completions) adds nothing
         return self._check(flow)
 
     def _check(self, flow: Flow) -> Refusal | None:
