@@ -485,8 +485,8 @@ class WebSocketRelay:
                         # goes out whole between two of its batches.
                         frames.add(answer, TEXT)
                         frames.flush()
-                        continue
-                    await send(msg.data, TEXT)
+                    else:
+                        await send(msg.data, TEXT)
                 elif kind is BINARY:
                     await send(msg.data, BINARY)
                 elif kind is CLOSE:
@@ -499,6 +499,9 @@ class WebSocketRelay:
                     if socket.first("client", None, dropped=True):
                         await socket.relay_close(upstream, code=1001)
                     return
+                # Relayed: not held while the next message is awaited, which on an idle
+                # socket is for ever (a message may be up to --max-request-bytes).
+                del msg
         except (ConnectionError, aiohttp.ClientError):
             # The upstream went away under a send; its pump reports it.
             return
@@ -525,6 +528,7 @@ class WebSocketRelay:
                             on_upstream(msg.data)
                         except Exception:  # metering must never break the relay
                             log.exception("could not meter an upstream message")
+                    del msg  # not held while the next is awaited (an idle socket's last message)
                     continue
                 flush()
                 if kind is CLOSE:

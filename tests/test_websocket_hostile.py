@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import time
@@ -277,3 +278,29 @@ async def test_a_response_create_in_another_spelling_is_still_refused_by_a_budge
     rows = await meter.rows()
     assert [r["outcome"] for r in rows] == ["completed", "rejected"]
     assert rows[1]["model_requested"] == "gpt-4o"
+
+
+# --- memory ------------------------------------------------------------------------
+
+
+async def test_an_idle_socket_holds_no_message_it_relayed(upstream, meter_process, tmp_path) -> None:
+    # The fake echoes a binary message: 40 MiB each way, then the sockets idle.  What was
+    # relayed is gone; an idle socket waits for its next message holding nothing.
+    from .test_websocket import rss_bytes
+
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"))
+    assert meter.proc is not None
+    sockets, size = 4, 40 << 20
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(ws_connect(ws_url(meter.url), additional_headers=AUTH, max_size=None)) for _ in range(sockets)]
+        await conns[0].send(b"warm-up")
+        assert await asyncio.wait_for(conns[0].recv(), 5) == b"warm-up"
+        before = rss_bytes(meter.proc.pid)
+        for i, ws in enumerate(conns):
+            message = bytes([i]) * size
+            await ws.send(message)
+            assert await asyncio.wait_for(ws.recv(), 30) == message
+        del message
+        await asyncio.sleep(0.5)
+        grown = rss_bytes(meter.proc.pid) - before
+    assert grown < size, f"meter holds {grown >> 20} MiB for {sockets} idle sockets"
