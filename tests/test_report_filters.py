@@ -300,6 +300,42 @@ def test_key_named_after_its_first_requests_is_one_group(tmp_path: Path) -> None
     assert [(r["key"], r["requests"]) for r in bare] == [(ID_B, 1), ("alpha", 4)]
 
 
+def test_where_key_finds_a_key_renamed_without_a_config_as_by_key_names_it(tmp_path: Path, pg_url: str) -> None:
+    # Key A was used before any config named it, then named "search", then renamed
+    # "team-search"; the report runs without a config.  `--by key` shows one group
+    # "team-search" of all three rows, so `--where key=team-search` is those three rows,
+    # and "search" is no longer the key's name.  Within a window that ends before the
+    # rename, the newest name in the window is "search", for both.
+    a = {"key_id": ID_A, "key_hint": HINT_A}
+    records = [
+        make_record(at=D1, **a, input_tokens=1, output_tokens=0, cost_usd=Decimal("0.1")),
+        make_record(at=D1 + dt.timedelta(hours=1), **a, key_name="search", input_tokens=2, output_tokens=0, cost_usd=Decimal("0.2")),
+        make_record(at=D2, **a, key_name="team-search", input_tokens=4, output_tokens=0, cost_usd=Decimal("0.4")),
+        make_record(at=D2, key_id=ID_B, key_hint=HINT_B, key_name="ads", input_tokens=16, output_tokens=0),
+    ]
+    path = seed(tmp_path / "renamed.duckdb", records)
+    store = PostgresStore(pg_url)
+    store.open()
+    try:
+        store.write(records)
+    finally:
+        store.close()
+    before_rename = (D1 + dt.timedelta(hours=2)).isoformat()
+    for ledger in (str(path), pg_url):
+        [team] = [r for r in report_json("--ledger", ledger, "--by", "key") if r["key"] == "team-search"]
+        assert (team["requests"], team["input_tokens"], team["cost_usd"]) == (3, 7, Decimal("0.700000000"))
+        [row] = report_json("--ledger", ledger, "--where", "key=team-search")
+        assert (row["requests"], row["input_tokens"], row["cost_usd"]) == (3, 7, Decimal("0.700000000")), ledger
+        assert report_json("--ledger", ledger, "--where", "key=search")[0]["requests"] == 0, ledger
+        assert report_json("--ledger", ledger, "--where", "key=search", "--by", "key") == [], ledger
+        # in a window before the rename the key's newest name is "search"
+        [early] = report_json("--ledger", ledger, "--by", "key", "--until", before_rename, "--where", "key=search")
+        assert (early["key"], early["requests"], early["input_tokens"]) == ("search", 2, 3), ledger
+        assert report_json("--ledger", ledger, "--until", before_rename, "--where", "key=team-search")[0]["requests"] == 0, ledger
+        # other filters narrow the rows the name is read from, as they do for --by key
+        assert report_json("--ledger", ledger, "--where", "key=ads", "--where", "day=2026-03-02")[0]["requests"] == 1, ledger
+
+
 # --- a running meter: --url and /api/report ------------------------------------------------
 
 

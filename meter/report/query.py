@@ -18,7 +18,8 @@ Output decisions:
   it.  Rows are per key_id, so a key named after its first requests is one
   row, and two keys given one name stay two rows (told apart by their hints).
   `--where key=V` matches the key_id V, the key_ids the config names V, and
-  rows stored under the name V of keys the config does not name.
+  the keys the config does not name whose newest stored name (in the rows the
+  other conditions select) is V: the group `--by key` shows as V.
 - `model` is the model that served the request, else the one asked for (as in
   the metrics); `tier` is the tier that served it; `session` the `session_id`.
 - `tag:NAME` is that tag's value as text; a row without it (or with an empty
@@ -155,30 +156,55 @@ def _tag_expr(dialect: str, tag: str, params: _Params) -> str:
     return f"NULLIF(tags::jsonb ->> {params.add(tag)}, '')"
 
 
-def _key_condition(value: str | None, key_names: Mapping[str, str], params: _Params) -> str:
+def _key_condition(dialect: str, value: str | None, key_names: Mapping[str, str], params: _Params, scope: Sequence[str]) -> str:
     """`key=VALUE`: the key_id itself, a key_id the config names VALUE, or a key the config
-    does not name whose row was stored under the name VALUE."""
+    does not name whose newest stored name, over the rows the report's other conditions
+    (`scope`) select, is VALUE: the name `--by key` shows it under.  A key renamed
+    while it was used has rows stored under each name; matching each row by its own
+    name would split the one group `--by key` shows into rows of either name."""
     if value is None:
         return "key_id IS NULL"
     alternatives = [f"key_id = {params.add(value)}"]
     named = sorted(kid for kid, name in key_names.items() if name == value)
     if named:
         alternatives.append(f"key_id IN ({', '.join(params.add(kid) for kid in named)})")
-    stored = f"key_name = {params.add(value)}"
+    inner = ["key_id IS NOT NULL", *scope]
     if key_names:
-        stored += f" AND key_id NOT IN ({', '.join(params.add(kid) for kid in sorted(key_names))})"
-    alternatives.append(f"({stored})")
+        inner.append(f"key_id NOT IN ({', '.join(params.add(kid) for kid in sorted(key_names))})")
+    alternatives.append(
+        f"key_id IN (SELECT key_id FROM requests WHERE {' AND '.join(inner)} GROUP BY key_id HAVING {_STORED_NAME[dialect]} = {params.add(value)})"
+    )
     return "(" + " OR ".join(alternatives) + ")"
 
 
-def _condition(dialect: str, cond: Condition, exprs: Mapping[str, str], key_names: Mapping[str, str], params: _Params) -> str:
-    if cond.field == "key":
-        return _key_condition(cond.value, key_names, params)
+def _condition(dialect: str, cond: Condition, exprs: Mapping[str, str], params: _Params) -> str:
+    """Any condition but `key` (`_key_condition`)."""
     if cond.start is not None and cond.end is not None:  # day, hour: a range of started_at
         return f"(started_at >= {params.add(cond.start)} AND started_at < {params.add(cond.end)})"
     tag = tag_name(cond.field)
     expr = _tag_expr(dialect, tag, params) if tag is not None else exprs[cond.field]
     return f"{expr} IS NULL" if cond.value is None else f"{expr} = {params.add(cond.value)}"
+
+
+def _conditions(
+    dialect: str,
+    since: dt.datetime | None,
+    until: dt.datetime | None,
+    where: Sequence[Condition],
+    exprs: Mapping[str, str],
+    key_names: Mapping[str, str],
+    params: _Params,
+) -> list[str]:
+    """The WHERE conditions of the window and every `--where` (ANDed).  A key's name is
+    read from the rows every other condition selects, as `--by key` reads it."""
+    scope: list[str] = []
+    if since is not None:
+        scope.append(f"started_at >= {params.add(since)}")
+    if until is not None:
+        scope.append(f"started_at < {params.add(until)}")
+    scope += [_condition(dialect, cond, exprs, params) for cond in where if cond.field != "key"]
+    keys = [_key_condition(dialect, cond.value, key_names, params, scope) for cond in where if cond.field == "key"]
+    return scope + keys
 
 
 def report_sql(
@@ -233,12 +259,7 @@ def report_sql(
     select.append("count(*) FILTER (WHERE error_type = 'unmetered') AS unmetered_requests")
     ok = ", ".join(f"'{o}'" for o in OK_OUTCOMES)
     select.append(f"count(*) FILTER (WHERE outcome IS NULL OR outcome NOT IN ({ok})) AS errors")
-    conditions: list[str] = []
-    if since is not None:
-        conditions.append(f"started_at >= {params.add(since)}")
-    if until is not None:
-        conditions.append(f"started_at < {params.add(until)}")
-    conditions += [_condition(dialect, cond, exprs, names, params) for cond in where]
+    conditions = _conditions(dialect, since, until, where, exprs, names, params)
     sql = "SELECT " + ", ".join(select) + " FROM requests"
     if conditions:
         sql += " WHERE " + " AND ".join(conditions)
@@ -323,10 +344,5 @@ def filter_sql(
     dialect = _dialect(dialect)
     exprs = _group_exprs(dialect)
     params = _Params()
-    conditions: list[str] = []
-    if since is not None:
-        conditions.append(f"started_at >= {params.add(since)}")
-    if until is not None:
-        conditions.append(f"started_at < {params.add(until)}")
-    conditions += [_condition(dialect, cond, exprs, key_names or {}, params) for cond in where]
+    conditions = _conditions(dialect, since, until, where, exprs, key_names or {}, params)
     return (" AND ".join(conditions) or "true"), params.values
