@@ -20,7 +20,9 @@ output_tokens, num_model_requests}], "costs": [{day, project_id, line_item,
 value}], "keys": {project_id: [{id, redacted_value, name}]}, "page_days": N
 (buckets per page, at most the request's `limit`), "page_items": N (list items
 per page), "rate_limit_once": bool (the next API request gets 429 with
-`Retry-After: 1`)}; `GET /__fake/requests` lists {path_qs, status} of every API
+`Retry-After: 1`), "answers": {path: body} (an API path answered 200 with that
+JSON body, whatever the query: a provider's malformed or endless answers)};
+`GET /__fake/requests` lists {path_qs, status} of every API
 request since the last PUT.
 
 Run it with `python -m tests.fake_provider [--host H] [--port P]`: it prints
@@ -51,6 +53,7 @@ STATE: dict[str, Any] = {
     "page_days": 31,
     "page_items": 100,
     "rate_limit_once": False,
+    "answers": {},
 }
 REQUESTS: list[dict[str, Any]] = []
 
@@ -151,6 +154,8 @@ class Handler(BaseHTTPRequestHandler):
         if STATE["rate_limit_once"]:
             STATE["rate_limit_once"] = False
             return 429, {"error": {"message": "Rate limit reached", "type": "requests"}}, {"Retry-After": "1"}
+        if path in STATE["answers"]:
+            return 200, STATE["answers"][path], {}
         if path == "/v1/organization/usage/completions":
             return 200, _buckets(STATE["usage"], query, costs=False), {}
         if path == "/v1/organization/costs":

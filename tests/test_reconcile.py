@@ -59,6 +59,7 @@ def tell(provider: UpstreamProcess, **state: Any) -> None:
         "page_days": 31,
         "page_items": 100,
         "rate_limit_once": False,
+        "answers": {},
         **state,
     }
     req = urllib.request.Request(provider.url + "/__fake/state", data=json.dumps(body).encode(), method="PUT")
@@ -127,7 +128,7 @@ def seed(path: Path, records: list[Record]) -> str:
 
 
 def reconcile(
-    provider: UpstreamProcess, ledger: str, *args: str, key: str | None = ADMIN, fmt: str = "json"
+    provider: UpstreamProcess, ledger: str, *args: str, key: str | None = ADMIN, fmt: str = "json", timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_ADMIN_KEY", "METER_CONFIG", "METER_UPSTREAM")}
     if key is not None:
@@ -149,7 +150,7 @@ def reconcile(
         fmt,
         *args,
     ]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def groups(result: subprocess.CompletedProcess[str]) -> dict[tuple[Any, ...], dict[str, Any]]:
@@ -314,6 +315,57 @@ def test_a_429_is_waited_out_and_retried(provider: UpstreamProcess, tmp_path: Pa
     assert result.returncode == 0, result
     statuses = [r["status"] for r in seen(provider)]
     assert statuses[:2] == [429, 200]
+
+
+USAGE_PATH = "/v1/organization/usage/completions"
+COSTS_PATH = "/v1/organization/costs"
+PROJECTS_PATH = "/v1/organization/projects"
+
+
+def bucket(*results: Any, start: Any = None) -> dict[str, Any]:
+    return {"object": "bucket", "start_time": int(D1.timestamp()) if start is None else start, "results": list(results)}
+
+
+def page(*buckets: Any, more: bool = False, next_page: Any = None) -> dict[str, Any]:
+    return {"object": "page", "data": list(buckets), "has_more": more, "next_page": next_page}
+
+
+# (what the provider answers at a path, the --by asked): pages that never end (the same
+# cursor again), and answers that are JSON but not the documented shapes.
+HOSTILE_ANSWERS: list[tuple[dict[str, Any], str]] = [
+    ({USAGE_PATH: page(bucket(), more=True, next_page="again")}, "day"),
+    ({PROJECTS_PATH: {"object": "list", "data": [{"id": "p1"}], "has_more": True, "last_id": "p1"}}, "day,key"),
+    ({USAGE_PATH: {"object": "page", "data": "not buckets"}}, "day"),
+    ({USAGE_PATH: {"object": "page", "data": [1, 2]}}, "day"),
+    ({USAGE_PATH: page({"start_time": 0, "results": "none"})}, "day"),
+    ({USAGE_PATH: page({"start_time": 0, "results": ["x"]})}, "day"),
+    ({USAGE_PATH: page(bucket(start="yesterday"))}, "day"),
+    ({USAGE_PATH: page(bucket(start=10**20))}, "day"),
+    ({USAGE_PATH: page(bucket({"num_model_requests": "many"}))}, "day"),
+    ({USAGE_PATH: page(bucket({"input_tokens": [1]}))}, "day"),
+    ({USAGE_PATH: page(bucket({"num_model_requests": 1}), more=True, next_page={"p": 1})}, "day"),
+    ({COSTS_PATH: page(bucket({"amount": {"value": float("nan")}}))}, "day"),
+    ({COSTS_PATH: page(bucket({"amount": {"value": "a lot"}}))}, "day"),
+    ({COSTS_PATH: page(bucket({"amount": 5}))}, "day"),
+    ({PROJECTS_PATH: {"object": "list", "data": [7]}}, "day,key"),
+    ({f"{PROJECTS_PATH}/{PROJECT}/api_keys": {"object": "list", "data": {"id": "k"}}}, "day,key"),
+]
+
+
+def test_a_provider_answer_of_the_wrong_shape_or_endless_pages_is_one_line_exit_2(provider: UpstreamProcess, tmp_path: Path) -> None:
+    ledger = seed(tmp_path / "m.duckdb", [record(D1 + dt.timedelta(hours=5))])
+    for answers, by in HOSTILE_ANSWERS:
+        tell(provider, usage=[usage(D1)], costs=[cost(D1, 0.001)], answers=answers)
+        try:
+            result = reconcile(provider, ledger, "--by", by, timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"reconcile did not end: {answers}")
+        assert result.returncode == 2 and result.stdout == "", (answers, result)
+        assert result.stderr.startswith("meter: error: reconcile: ") and result.stderr.count("\n") == 1, (answers, result.stderr)
+        assert ADMIN not in result.stderr
+    # the same pages in the documented shape still reconcile
+    tell(provider, usage=[usage(D1)], costs=[cost(D1, 0.001)])
+    assert reconcile(provider, ledger, "--by", "day").returncode == 0
 
 
 def test_postgres_ledger(provider: UpstreamProcess, pg_url: str) -> None:  # noqa: F811

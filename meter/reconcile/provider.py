@@ -6,7 +6,11 @@ and the `group_by` fields), `GET /v1/organization/costs` (`amount.value` per
 bucket, `project_id`) and `GET /v1/organization/projects/{id}/api_keys`
 (`id`, `redacted_value`).  Pages are followed to the end (`has_more` with
 `next_page` for usage and costs, `last_id` as `after` for lists); a 429 waits
-its `Retry-After` (else a doubling backoff) and tries again.  The admin key
+its `Retry-After` (else a doubling backoff) and tries again.  An answer is
+checked against those shapes as it is read (lists of objects, whole-number
+counts, finite amounts, text group values, a cursor that is text): anything
+else is a `ProviderError`, one line, as are pages that do not end (a cursor
+given again, or past `MAX_PAGES`), which would otherwise be asked for ever.  The admin key
 goes into the Authorization header only: never into a message or a log, and
 never to another host, as urllib's redirects would send it (`meter.outbound`
 refuses them).
@@ -21,6 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
 from typing import Any
 
 from ..config import redact_url
@@ -28,6 +33,11 @@ from ..outbound import RedirectRefused, fetch
 
 RETRIES = 5
 TIMEOUT = 30.0
+# Pages of one listing: a year of daily buckets is 12, an organisation's keys 100 a page.
+MAX_PAGES = 10_000
+# What compare reads of a usage result: the counts, and the group_by values it joins on.
+USAGE_COUNTS = ("input_tokens", "input_cached_tokens", "output_tokens", "num_model_requests")
+GROUP_VALUES = ("model", "project_id", "api_key_id", "service_tier")
 
 
 class ProviderError(Exception):
@@ -81,32 +91,36 @@ class ProviderClient:
         raise ProviderError(f"{path}: still rate limited after {RETRIES} retries")
 
     def _buckets(self, path: str, query: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+        cursors = _Cursors(path)
         page: str | None = None
         while True:
             body = self._get(path, query + ([("page", page)] if page else []))
-            yield from body.get("data") or []
-            page = body.get("next_page")
-            if not body.get("has_more") or not page:
+            yield from _objects(path, body.get("data"), "data")
+            page = cursors.next(body.get("has_more"), body.get("next_page"))
+            if page is None:
                 return
 
     def usage(self, since: dt.datetime, until: dt.datetime, group_by: list[str], project_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Daily completions usage results, each with its bucket's `start_time` as `day` (YYYY-MM-DD, UTC)."""
+        path = "/organization/usage/completions"
         query = _window(since, until) + [("group_by", g) for g in group_by] + [("project_ids", p) for p in project_ids]
-        return _flatten(self._buckets("/organization/usage/completions", query))
+        return _flatten(path, self._buckets(path, query), _check_usage)
 
     def costs(self, since: dt.datetime, until: dt.datetime, group_by: list[str], project_ids: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Daily cost results (`amount.value` in USD), each with `day`."""
+        path = "/organization/costs"
         query = _window(since, until) + [("group_by", g) for g in group_by] + [("project_ids", p) for p in project_ids]
-        return _flatten(self._buckets("/organization/costs", query))
+        return _flatten(path, self._buckets(path, query), _check_cost)
 
     def _list(self, path: str) -> Iterator[dict[str, Any]]:
+        cursors = _Cursors(path)
         after: str | None = None
         while True:
             body = self._get(path, [("limit", "100")] + ([("after", after)] if after else []))
-            data = body.get("data") or []
+            data = _objects(path, body.get("data"), "data")
             yield from data
-            after = body.get("last_id") or (data[-1].get("id") if data else None)
-            if not body.get("has_more") or not after:
+            after = cursors.next(body.get("has_more"), body.get("last_id") or (data[-1].get("id") if data else None))
+            if after is None:
                 return
 
     def projects(self) -> list[str]:
@@ -130,9 +144,86 @@ def _window(since: dt.datetime, until: dt.datetime) -> list[tuple[str, str]]:
     return [("start_time", str(int(since.timestamp()))), ("end_time", str(int(until.timestamp()))), ("bucket_width", "1d"), ("limit", "31")]
 
 
-def _flatten(buckets: Iterator[dict[str, Any]]) -> list[dict[str, Any]]:
+def _shape(path: str, what: str) -> ProviderError:
+    return ProviderError(f"{path}: the answer is not in the documented shape ({what})")
+
+
+def _objects(path: str, value: Any, what: str) -> list[dict[str, Any]]:
+    """A list of JSON objects (absent: none)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise _shape(path, f"{what} is not a list of objects")
+    return value
+
+
+class _Cursors:
+    """The cursors one listing is paged with: each is text, new, and there are at most
+    `MAX_PAGES` of them.  A provider that hands back a cursor it gave before, or never
+    stops, would be asked for ever, its pages held in memory meanwhile."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.seen: set[str] = set()
+
+    def next(self, has_more: Any, cursor: Any) -> str | None:
+        """The cursor of the next page, None when this page is the last."""
+        if not has_more or cursor is None or cursor == "":
+            return None
+        if not isinstance(cursor, str):
+            raise _shape(self.path, "its page cursor is not text")
+        if cursor in self.seen:
+            raise ProviderError(f"{self.path}: the pages do not end (a page cursor came again)")
+        if len(self.seen) >= MAX_PAGES:
+            raise ProviderError(f"{self.path}: the pages do not end (more than {MAX_PAGES})")
+        self.seen.add(cursor)
+        return cursor
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_usage(path: str, result: dict[str, Any]) -> None:
+    for name in USAGE_COUNTS:
+        if result.get(name) is not None and not _is_int(result[name]):
+            raise _shape(path, f"{name} is not a whole number")
+    for name in GROUP_VALUES:
+        if result.get(name) is not None and not isinstance(result[name], str):
+            raise _shape(path, f"{name} is not text")
+
+
+def _check_cost(path: str, result: dict[str, Any]) -> None:
+    if result.get("project_id") is not None and not isinstance(result["project_id"], str):
+        raise _shape(path, "project_id is not text")
+    amount = result.get("amount")
+    if amount is None:
+        return
+    if not isinstance(amount, dict):
+        raise _shape(path, "amount is not an object")
+    value = amount.get("value")
+    if value is None:
+        return
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, (int, float, str)) and Decimal(str(value)).is_finite()
+    except ArithmeticError:  # a string that is no number
+        finite = False
+    if not finite:
+        raise _shape(path, "amount.value is not a number")
+
+
+def _flatten(path: str, buckets: Iterator[dict[str, Any]], check: Callable[[str, dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Every bucket's results, each checked by `check` and given its bucket's UTC `day`."""
     rows = []
     for bucket in buckets:
-        day = dt.datetime.fromtimestamp(int(bucket.get("start_time", 0)), dt.UTC).strftime("%Y-%m-%d")
-        rows += [{**result, "day": day} for result in bucket.get("results") or []]
+        start = bucket.get("start_time", 0)
+        try:
+            if not _is_int(start):
+                raise ValueError(start)
+            day = dt.datetime.fromtimestamp(start, dt.UTC).strftime("%Y-%m-%d")
+        except (ValueError, OverflowError, OSError):
+            raise _shape(path, "a bucket's start_time is not a time in seconds") from None
+        for result in _objects(path, bucket.get("results"), "a bucket's results"):
+            check(path, result)
+            rows.append({**result, "day": day})
     return rows
