@@ -283,6 +283,34 @@ async def test_a_response_create_in_another_spelling_is_still_refused_by_a_budge
 # --- memory ------------------------------------------------------------------------
 
 
+async def test_a_large_response_create_is_not_held_while_its_response_runs(upstream, meter_process, tmp_path) -> None:
+    # A Codex turn carries its whole input; over HTTP a body held until its record is
+    # made counts against --max-buffered-request-bytes, and a socket's responses must
+    # not hold theirs uncounted for as long as each runs (minutes, for an agent turn).
+    from .test_websocket import rss_bytes
+
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"))
+    assert meter.proc is not None
+    sockets, size = 4, 40 << 20
+    headers = {**AUTH, "x-fake-deltas": "100", "x-fake-chunk-delay-ms": "50"}  # each response runs ~5 s
+    async with contextlib.AsyncExitStack() as stack:
+        conns = [await stack.enter_async_context(ws_connect(ws_url(meter.url), additional_headers=headers, max_size=None)) for _ in range(sockets)]
+        await conns[0].send(create())  # warm-up: meter's own first-response costs are not the question
+        await until_terminal(conns[0])
+        before = rss_bytes(meter.proc.pid)
+        for ws in conns:
+            await ws.send(create(input="x" * size))
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "response.created"
+        await asyncio.sleep(0.5)
+        grown = rss_bytes(meter.proc.pid) - before
+        for ws in conns:
+            assert (await until_terminal(ws))[-1]["type"] == "response.completed"
+    assert grown < size, f"meter holds {grown >> 20} MiB while {sockets} responses of {size >> 20} MiB requests run"
+    meter.stop()
+    rows = [r for r in ledger_rows(tmp_path / "l.duckdb") if r["request_bytes"] > size]
+    assert len(rows) == sockets and all(r["outcome"] == "completed" for r in rows)
+
+
 async def test_an_idle_socket_holds_no_message_it_relayed(upstream, meter_process, tmp_path) -> None:
     # The fake echoes a binary message: 40 MiB each way, then the sockets idle.  What was
     # relayed is gone; an idle socket waits for its next message holding nothing.

@@ -192,7 +192,9 @@ class SocketMeter:
             return None  # not JSON, or not a `response.create`: relayed, and nothing to meter
         facts, lane = created
         flow = self._new_flow()
-        flow.request_body = data
+        # The facts are read now and the message is relayed: the flow keeps its size, not
+        # its bytes (a Codex turn's whole input, held for as long as the response runs,
+        # and counted against no bound).
         flow.request_bytes = len(data)
         facts.stream = True  # stream is implicit over a WebSocket
         if facts.model is None:
