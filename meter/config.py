@@ -190,12 +190,13 @@ class Settings(BaseModel):
     @field_validator("upstream")
     @classmethod
     def _upstream(cls, value: str) -> str:
+        # The value is quoted as redact_url shows it: a gateway's URL may hold user:password@.
         try:
             url = URL(value)
         except (ValueError, TypeError) as exc:
-            raise ValueError(f"not a URL: {value!r}") from exc
+            raise ValueError(f"not a URL: {redact_url(value)!r}") from exc
         if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"expected an http(s) URL with a host, got {value!r}")
+            raise ValueError(f"expected an http(s) URL with a host, got {redact_url(value)!r}")
         return value.rstrip("/")
 
     @field_validator("metrics_tag_labels", mode="before")

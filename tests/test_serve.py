@@ -80,6 +80,26 @@ def test_a_password_in_a_ledger_urls_query_is_redacted() -> None:
     assert redact_url("postgresql://meter:s3cret@db/meter") == "postgresql://meter:***@db/meter"
 
 
+def test_a_bad_upstream_url_is_refused_without_its_password(tmp_path: Path) -> None:
+    """A gateway URL may carry user:password@; refused for its scheme, or as unparsable,
+    the line quoted it whole, from a flag, a variable or the config file alike."""
+    config = tmp_path / "meter.toml"
+    config.write_text('upstream = "ftp://gw-user:gw-s3cret@gateway.example"\n')
+    for args in (
+        ("serve", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example", "--ledger", str(tmp_path / "l.duckdb")),
+        ("serve", "--upstream", "http://gw-user:gw-s3cret@", "--ledger", str(tmp_path / "l.duckdb")),
+        ("serve", "--upstream", "http://gw-user:gw-s3cret@[::1", "--ledger", str(tmp_path / "l.duckdb")),
+        ("serve", "--config", str(config), "--ledger", str(tmp_path / "l.duckdb")),
+        ("reconcile", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example"),
+        ("reprice", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example"),
+    ):
+        result = run_meter(*args)
+        assert_one_line_error(result, "upstream")
+        assert "gw-s3cret" not in result.stderr, result.stderr
+    shown = run_meter("serve", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example")
+    assert "ftp://gw-user:***@gateway.example" in shown.stderr  # still says what was given
+
+
 def test_precedence_flags_env_file(tmp_path: Path) -> None:
     from meter.config import load_settings
 
