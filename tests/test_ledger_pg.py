@@ -253,6 +253,32 @@ def test_lost_server_raises_without_password_then_reconnects(postgres: PostgresS
     assert len(read_rows(url)) == 2
 
 
+def test_a_read_after_the_server_restarted_answers(postgres: PostgresServer) -> None:
+    """A reader's connection that the server ended while it was idle (a restart, a
+    failover, a DBA's pg_terminate_backend) is found dead only when it is next used:
+    a report, the console or the budgets' spend read must not fail for it while the
+    database is up again."""
+    url = postgres.new_database()
+    store = opened(url)
+    try:
+        store.write([bare_record(0)])
+        assert store.query("SELECT count(*) FROM requests")[1] == [(1,)]
+        postgres.stop()
+        postgres.start()
+        assert store.query("SELECT count(*) FROM requests")[1] == [(1,)]
+        # Ended by hand while idle, as a DBA or a pooler would.
+        execute(url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'meter' AND pid <> pg_backend_pid()")
+        assert store.query("SELECT count(*) FROM requests")[1] == [(1,)]
+        postgres.stop()
+        try:
+            with pytest.raises(PostgresLedgerError):  # a server that is down is still an error, once
+                store.query("SELECT count(*) FROM requests")
+        finally:
+            postgres.start()
+    finally:
+        store.close()
+
+
 def test_a_schema_lost_under_a_running_store_is_recreated(pg_url: str) -> None:
     store = opened(pg_url)
     try:

@@ -62,16 +62,29 @@ class PostgresSession:
         self._con: Any = None
         self._lock = threading.RLock()
 
-    def run(self, call: Callable[[Any], Awaitable[T]], what: str) -> T:
+    def run(self, call: Callable[[Any], Awaitable[T]], what: str, *, again_if_lost: bool = False) -> T:
         """`call(connection)` run to completion; a failure drops the connection and raises
-        `PostgresLedgerError` saying `what` failed, with a safe message."""
+        `PostgresLedgerError` saying `what` failed, with a safe message.
+
+        With `again_if_lost` (a call that may safely run twice: a read), a connection kept
+        from an earlier call that turns out to be gone is replaced and the call made once
+        more.  The session's loop runs only during calls, so a connection the server
+        ended while it sat idle (a restart, a failover, pg_terminate_backend) is found
+        dead only by the next call, which would otherwise fail with the server up."""
         if _loop_running_here():
-            return _in_thread(self.run, call, what)
+            return _in_thread(lambda: self.run(call, what, again_if_lost=again_if_lost))
         with self._lock:
             if self._loop is None or self._loop.is_closed():
                 self._loop = asyncio.new_event_loop()
             try:
-                return self.wait(call(self._connection()))
+                kept = self._con is not None and not self._con.is_closed()
+                try:
+                    return self.wait(call(self._connection()))
+                except Exception as exc:
+                    if not (again_if_lost and kept and _connection_lost(exc)):
+                        raise
+                    self._drop()
+                    return self.wait(call(self._connection()))
             except Exception as exc:  # noqa: BLE001 - every driver failure becomes one safe message
                 self._drop()
                 message = f"{what} on {self.safe_url} failed: {type(exc).__name__}: {exc}"
@@ -145,6 +158,14 @@ def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     it would on a DuckDB cursor."""
     with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="meter-pg") as pool:
         return pool.submit(fn, *args).result()
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """The connection itself is gone (SQLSTATE class 08, the server shut the session
+    down, or the socket failed), not the statement."""
+    import asyncpg
+
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.exceptions.AdminShutdownError, ConnectionError))
 
 
 def _password_of(url: str) -> str | None:

@@ -162,7 +162,7 @@ class PostgresStore:
     def query(self, sql: str, params: Sequence[Any] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
         """One statement in a read-only transaction (a report cannot change the ledger by
         mistake).  Types as DuckDB gives them: uuid.UUID, aware datetime, Decimal, JSON as text."""
-        return self._reader.run(lambda con: _query(con, sql, list(params)), "query")
+        return self._reader.run(lambda con: _query(con, sql, list(params)), "query", again_if_lost=True)
 
     def iter_query(self, sql: str, params: Sequence[Any] = (), *, batch_rows: int = 50_000) -> Iterator[list[tuple[Any, ...]]]:
         session = self._session(self.command_timeout)
