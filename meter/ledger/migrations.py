@@ -121,10 +121,18 @@ _TRACKING = {
     "duckdb": "CREATE TABLE IF NOT EXISTS _meter_migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT current_timestamp)",
     "postgresql": "CREATE TABLE IF NOT EXISTS _meter_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
 }
-_PRESENT = (
-    "SELECT table_name FROM information_schema.tables "
-    "WHERE table_schema = current_schema() AND table_name IN ('_meter_migrations', 'schema_version')"
-)
+# On PostgreSQL from the catalog: information_schema lists only what the role has a
+# privilege on, and a replica's role need not have one on the view (see the module doc).
+_PRESENT = {
+    "duckdb": (
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_schema = current_schema() AND table_name IN ('_meter_migrations', 'schema_version')"
+    ),
+    "postgresql": (
+        "SELECT relname::text FROM pg_catalog.pg_class "
+        "WHERE relnamespace = current_schema()::regnamespace AND relname IN ('_meter_migrations', 'schema_version')"
+    ),
+}
 _VERSION_VIEW = "CREATE OR REPLACE VIEW schema_version AS SELECT count(*) AS version, max(name) AS latest FROM _meter_migrations"
 
 
@@ -135,7 +143,7 @@ def migrate(con: MigrationConnection, where: str) -> list[str]:
     if locked:
         con.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
-        present = set(con.column(_PRESENT))
+        present = set(con.column(_PRESENT[con.dialect]))
         if "_meter_migrations" not in present:
             con.execute(_TRACKING[con.dialect])
         done = set(con.column("SELECT name FROM _meter_migrations"))
