@@ -6,6 +6,7 @@ raises `SettingError` naming the setting, which the CLI prints as one line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -267,6 +268,10 @@ def parse_interval(value: Any) -> float | None:
     elif isinstance(value, str) and (match := _INTERVAL.fullmatch(value)):
         seconds = float(match.group(1)) * _INTERVAL_SECONDS[match.group(2).lower()]
     else:
+        raise ValueError(f"expected an interval such as 1h, 30m or 90s, got {value!r}")
+    if not math.isfinite(seconds):
+        # TOML has nan and inf: nan slipped past both tests below and ran reconciliations
+        # back to back (the wait after one, max(0, nan - elapsed), is 0).
         raise ValueError(f"expected an interval such as 1h, 30m or 90s, got {value!r}")
     if seconds == 0:
         return None

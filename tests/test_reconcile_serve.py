@@ -218,6 +218,18 @@ def test_a_bad_interval_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "reconcile_every" in proc.stderr.replace("-", "_"), proc.stderr
+    # TOML has nan and inf: nan passed every check and ran reconciliations back to back
+    # (the wait after a run, max(0, nan - elapsed), is 0), inf ran once and never again
+    for value in ("nan", "inf", "-inf"):
+        config = tmp_path / f"{value}.toml"
+        config.write_text(f"reconcile_every = {value}\n")
+        proc = subprocess.run(
+            [sys.executable, "-m", "meter", "serve", "--config", str(config), "--ledger", str(tmp_path / "l.duckdb")],
+            cwd=ROOT, env={**os.environ, "OPENAI_ADMIN_KEY": ADMIN_KEY}, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 2, (value, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and "reconcile_every" in proc.stderr.replace("-", "_"), proc.stderr
+    assert not (tmp_path / "l.duckdb").exists()
 
 
 async def test_books_against_the_fake_provider_end_to_end(
