@@ -349,6 +349,8 @@ class Meter:
                 await asyncio.wait_for(self.proxy.idle.wait(), self.settings.shutdown_grace)
             except TimeoutError:
                 log.warning("%d requests still in flight after the grace period; closing them", self.proxy.in_flight)
+                if self.websocket_relay is not None:
+                    self.websocket_relay.close_all()  # with a close frame (1001), before the runner cancels them
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
         if self.proxy is not None:

@@ -269,6 +269,13 @@ class WebSocketRelay:
         for live in list(self._live):
             self._drain(live)
 
+    def close_all(self) -> None:
+        """The grace period is over: every socket still open closes now (1001), its
+        responses recorded as cut by the shutdown.  Left to the server, the handler would be
+        cancelled a second later and its connection dropped without a close frame."""
+        for live in list(self._live):
+            live.close_soon()
+
     def _drain(self, live: _Live) -> None:
         if live.meter is None or live.meter.idle:
             live.close_soon()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import re
+import signal
 import time
 from typing import Any
 
@@ -403,6 +404,31 @@ async def test_stop_closes_idle_sockets_without_waiting_for_the_grace_period(ups
         with pytest.raises(websockets.ConnectionClosedOK):
             await asyncio.wait_for(ws.recv(), 1)
         assert ws.close_code == 1001
+
+
+async def test_a_response_past_the_grace_period_is_closed_1001_and_recorded(upstream, meter_process, tmp_path) -> None:
+    # SIGTERM with two responses that outlast --shutdown-grace: when the grace ends the
+    # client gets meter's close frame (1001, as an idle socket does), within a second,
+    # not a dropped connection two seconds later; each response is its row.
+    ledger = tmp_path / "l.duckdb"
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--shutdown-grace", "1")
+    headers = {**AUTH, "x-fake-deltas": "400", "x-fake-chunk-delay-ms": "50"}  # 20 s each
+    async with ws_connect(ws_url(meter.url), additional_headers=headers) as ws:
+        await ws.send(create(stream_id="a"))
+        await ws.send(create(stream_id="b"))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "response.created"
+        t0 = time.monotonic()
+        meter.signal(signal.SIGTERM)
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 10)
+        cut = time.monotonic() - t0
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001, closed.value
+    assert 1 <= cut < 2, f"the socket ended {cut:.1f} s after SIGTERM, with a grace of 1 s"
+    assert await asyncio.get_running_loop().run_in_executor(None, meter.wait) == 0
+    rows = ledger_rows(ledger)
+    assert len(rows) == 2 and all(r["response_id"] for r in rows)
+    assert {(r["outcome"], r["error_type"], r["error_code"]) for r in rows} == {("error", "meter_proxy_error", "shutting_down")}
 
 
 # --- refused and unreachable --------------------------------------------------------
