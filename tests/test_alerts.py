@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import openai
 import pytest
 
@@ -285,6 +286,35 @@ async def test_replicas_racing_on_postgresql_send_each_alert_once(pg_url: str, r
     assert len(rows) == len(thresholds) and all(r["sent_at"] is not None for r in rows)
     for store in stores:
         store.close()
+
+
+async def test_alerts_waiting_on_a_ledger_that_does_not_answer_leave_the_loops_threads_free(pg_url: str, receiver: UpstreamProcess) -> None:
+    # The event loop's default executor also resolves the upstream's host name for a
+    # new connection (aiohttp's threaded resolver, loop.getaddrinfo): alerts waiting on
+    # a ledger that does not answer must not fill it, or requests wait behind them.
+    store = PostgresStore(pg_url, command_timeout=2)
+    store.open()
+    locker = await asyncpg.connect(pg_url)
+    held = locker.transaction()
+    await held.start()
+    await locker.execute("LOCK TABLE alert_claims IN ACCESS EXCLUSIVE MODE")  # every claim waits
+    alerter = Alerter(store, [receiver.url], first_retry=0.2)
+    await alerter.start(owner="replica-a")
+    thresholds = [n / 40 for n in range(1, 41)]  # more than the default executor's 32 threads at most
+    try:
+        for threshold in thresholds:
+            alerter.crossed(crossing(threshold))
+        await asyncio.sleep(3)  # the first scan of the ledger has timed out: the 40 claims are on their way
+        started = time.monotonic()
+        await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo("localhost", 80), 30)
+        assert time.monotonic() - started < 1
+        await held.rollback()  # the ledger answers again: every alert goes out, once
+        await wait_for(lambda: _at_least(receiver.url, len(thresholds)), timeout=60, what="every alert")
+    finally:
+        await locker.close()
+        await alerter.stop()
+        store.close()
+    assert sorted(p["json"]["threshold"] for p in await received(receiver.url)) == thresholds
 
 
 # --- end to end: crossings from the budget tracker of real meters -----------------------------
