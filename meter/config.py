@@ -137,7 +137,15 @@ class Alerts(BaseModel):
             except (ValueError, TypeError):
                 parsed = None
             if parsed is None or parsed.scheme not in ("http", "https") or not parsed.host:
-                raise ValueError(f"webhooks[{i}]: expected an http(s) URL with a host, got {redact_url(url)!r}")
+                # Never the URL itself: a webhook's often holds its secret in the path
+                # (Slack's), and a missing https:// left the whole of it in the logs.
+                if parsed is None:
+                    got = "one that cannot be read"
+                elif parsed.scheme not in ("http", "https"):
+                    got = f"scheme {parsed.scheme!r}" if parsed.scheme else "no scheme"
+                else:
+                    got = "no host"
+                raise ValueError(f"webhooks[{i}]: expected an http(s) URL with a host, got {got} (the URL is not shown: it may hold a secret)")
         return value
 
 

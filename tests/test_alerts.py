@@ -425,8 +425,9 @@ async def test_a_hanging_webhook_delays_neither_requests_nor_stop(upstream, star
 @pytest.mark.parametrize(
     ("table", "says"),
     [
-        ('webhooks = ["https://ok.example.com/x", "ftp://files.example.com/x"]', "config: [alerts] webhooks[1]: expected an http(s) URL with a host, got 'ftp://files.example.com/x'"),
-        ('webhooks = ["https://user:hunter2@/x"]', "config: [alerts] webhooks[0]: expected an http(s) URL with a host, got '<unparsable URL>'"),
+        ('webhooks = ["https://ok.example.com/x", "ftp://files.example.com/x"]', "config: [alerts] webhooks[1]: expected an http(s) URL with a host, got scheme 'ftp' (the URL is not shown: it may hold a secret)"),
+        ('webhooks = ["https://user:hunter2@/x"]', "config: [alerts] webhooks[0]: expected an http(s) URL with a host, got one that cannot be read (the URL is not shown: it may hold a secret)"),
+        ('webhooks = ["https:///services/T000/B000/SECRET"]', "config: [alerts] webhooks[0]: expected an http(s) URL with a host, got no host (the URL is not shown: it may hold a secret)"),
         ('webhooks = ["https://ok.example.com", 3]', "config: [alerts] webhooks[1]: Input should be a valid string"),
         ('webhook = ["https://ok.example.com"]', "config: [alerts] webhook: Extra inputs are not permitted"),
     ],
@@ -440,9 +441,13 @@ def test_a_bad_webhook_is_refused_with_one_line_naming_it(tmp_path: Path, table:
 
 
 def test_a_bad_webhook_exits_2_from_the_real_command(tmp_path: Path) -> None:
+    # A Slack webhook without its scheme: the path is the secret, and stderr goes to the logs.
     path = tmp_path / "meter.toml"
-    path.write_text('[alerts]\nwebhooks = ["hooks.example.com/no-scheme"]\n')
+    path.write_text('[alerts]\nwebhooks = ["hooks.slack.com/services/T000/B000/XXXXSECRET"]\n')
     done = subprocess.run([sys.executable, "-m", "meter", "serve", "--config", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["meter: error: config: [alerts] webhooks[0]: expected an http(s) URL with a host, got 'hooks.example.com/no-scheme'"]
+    assert done.stderr.strip().splitlines() == [
+        "meter: error: config: [alerts] webhooks[0]: expected an http(s) URL with a host, got no scheme (the URL is not shown: it may hold a secret)"
+    ]
+    assert "SECRET" not in done.stderr
     assert load_settings({}, env={}).alerts.webhooks == ()
