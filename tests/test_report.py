@@ -310,6 +310,10 @@ def test_windows(ledger: Path) -> None:
         (["--since", "2026-03-01T12:00:00+01:00", "--until", "2026-03-01T12:00:00+00:00"], 2),  # 11:00Z .. 12:00Z
         (["--since", "2026-03-01T23:59:59Z", "--until", "2026-03-02T00:10:00Z"], 1),
         (["--since", "2026-04-01"], 0),
+        # a bare date in any ISO form includes that day as --until, as 2026-03-01 does
+        (["--until", "20260301"], 5),
+        (["--since", "20260301", "--until", "20260301"], 5),
+        (["--since", "2026-W09-7", "--until", "2026W097"], 5),  # 2026-03-01 as an ISO week date
     ]
     results = reports_json(*(["--ledger", str(ledger), *args] for args, _ in cases))
     for (args, expected), [row] in zip(cases, results):
@@ -345,6 +349,8 @@ def test_parse_when() -> None:
     assert parse_when("2026-05-01", end_of_day=True) == dt.datetime(2026, 5, 2, tzinfo=UTC)
     assert parse_when("2026-05-01T10:00:00+02:00") == dt.datetime(2026, 5, 1, 8, tzinfo=UTC)
     assert parse_when("2026-05-01 10:00") == dt.datetime(2026, 5, 1, 10, tzinfo=UTC)
+    assert parse_when("20260501", end_of_day=True) == dt.datetime(2026, 5, 2, tzinfo=UTC)
+    assert parse_when("20260501T0000", end_of_day=True) == dt.datetime(2026, 5, 1, tzinfo=UTC)  # a time: not moved
 
 
 # --- formats -------------------------------------------------------------------------------

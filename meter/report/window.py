@@ -61,7 +61,16 @@ class ReportArgs:
 
 _SPAN = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
 _SPAN_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _iso_date(text: str) -> dt.date | None:
+    """The date `text` is in any ISO form without a time (2026-05-01, 20260501,
+    2026-W18-5), else None.  Every form is a bare date: one `--until` includes
+    whole, not only the form a report prints."""
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        return None
 
 
 def parse_when(value: str, *, name: str = "--since", end_of_day: bool = False, now: dt.datetime | None = None) -> dt.datetime:
@@ -78,11 +87,11 @@ def parse_when(value: str, *, name: str = "--since", end_of_day: bool = False, n
         span = _SPAN.match(text)
         if span:
             return now - dt.timedelta(**{_SPAN_UNITS[span.group(2).lower()]: int(span.group(1))})
+        day = _iso_date(text)
+        if day is not None:
+            when = dt.datetime(day.year, day.month, day.day, tzinfo=UTC)
+            return when + dt.timedelta(days=1) if end_of_day else when
         try:
-            if _DATE.match(text):
-                day = dt.date.fromisoformat(text)
-                when = dt.datetime(day.year, day.month, day.day, tzinfo=UTC)
-                return when + dt.timedelta(days=1) if end_of_day else when
             when = dt.datetime.fromisoformat(text)
         except ValueError:
             raise ReportError(
@@ -147,7 +156,7 @@ def parse_by(values: str | Iterable[str] | None) -> list[str]:
 def _hour(value: str) -> dt.datetime:
     text = value.strip()
     try:
-        if _DATE.match(text):
+        if _iso_date(text) is not None:
             raise ValueError(text)  # a date is not an hour
         when = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -168,10 +177,7 @@ def parse_condition(text: str) -> Condition:
     fld = parse_field(name, "--where")
     try:
         if fld == "day":
-            try:
-                day = dt.date.fromisoformat(value.strip()) if _DATE.match(value.strip()) else None
-            except ValueError:
-                day = None
+            day = _iso_date(value.strip())
             if day is None:
                 raise ReportError(f"--where: day={value!r} is not a date (2026-03-01)")
             start = dt.datetime(day.year, day.month, day.day, tzinfo=UTC)
