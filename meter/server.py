@@ -313,7 +313,7 @@ class Meter:
         self.accepting = True
         log.info(
             "meter forwarding http://%s:%d -> %s; admin and console on http://%s:%d/; ledger %s",
-            *self.proxy_address, self.settings.upstream, *self.admin_address, redact_url(self.settings.ledger),
+            *self.proxy_address, redact_url(self.settings.upstream), *self.admin_address, redact_url(self.settings.ledger),
         )
 
     async def _abandon_start(self, *socks: socket.socket) -> None:

@@ -100,6 +100,19 @@ def test_a_bad_upstream_url_is_refused_without_its_password(tmp_path: Path) -> N
     assert "ftp://gw-user:***@gateway.example" in shown.stderr  # still says what was given
 
 
+async def test_the_start_up_line_shows_the_upstream_without_its_password(upstream, meter_process, tmp_path: Path) -> None:
+    """The INFO line a started meter logs named the upstream whole, user:password@ and all."""
+    gateway = upstream.url.replace("http://", "http://gw-user:gw-s3cret@", 1)
+    proc = meter_process("--upstream", gateway, "--ledger", str(tmp_path / "l.duckdb"))
+    async with aiohttp.ClientSession() as http, http.get(proc.admin_url + "/healthz") as r:
+        assert r.status == 200
+    proc.stop()
+    assert proc.log_path is not None
+    log = proc.log_path.read_text()
+    assert "meter forwarding" in log and "gw-user:***@" in log, log
+    assert "gw-s3cret" not in log, log
+
+
 def test_precedence_flags_env_file(tmp_path: Path) -> None:
     from meter.config import load_settings
 
