@@ -42,6 +42,17 @@ SECRET_QUERY_KEYS = ("password", "sslpassword")
 MAX_SECONDS = 86_400.0
 
 
+def clean_admin_token(value: str) -> str:
+    """The admin token as every client sends it (ValueError, never quoting it, when no
+    client can): without surrounding whitespace, which a token kept in a file ends with
+    (a line break) and no header carries, and printable ASCII, the only characters a
+    browser, urllib and curl all send as the same bytes."""
+    token = value.strip()
+    if not token or not all(" " <= c <= "~" for c in token):
+        raise ValueError("the admin token must be printable ASCII, with no line break or other control character inside it")
+    return token
+
+
 def redact_url(url: str) -> str:
     """A URL fit for logs and errors: the password replaced, in the userinfo or in the
     query (`?password=`, which asyncpg takes as well)."""
@@ -219,6 +230,11 @@ class Settings(BaseModel):
     @classmethod
     def _reconcile_every(cls, value: Any) -> float | None:
         return parse_interval(value)
+
+    @field_validator("admin_token")
+    @classmethod
+    def _admin_token(cls, value: str | None) -> str | None:
+        return clean_admin_token(value) if value else value
 
     @field_validator("listen", "admin_listen")
     @classmethod

@@ -18,6 +18,7 @@ Every test drives a real `meter serve` (or, for the start-up clean-up, a real
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
@@ -269,6 +270,33 @@ async def test_report_url_sends_the_admin_token(upstream, meter_process, tmp_pat
     assert ok.returncode == 0 and ok.stderr == "", ok.stderr
     [row] = json.loads(ok.stdout)
     assert (row["model"].startswith("gpt-4o"), row["requests"], row["input_tokens"]) == (True, 3, 21)
+
+
+async def test_an_admin_token_read_from_a_file_with_its_line_break(upstream, meter_process, tmp_path: Path) -> None:
+    """A token kept in a file (a Kubernetes Secret made --from-file, `$(cat token)` of an
+    editor's file) ends in a line break.  meter served it as part of the token, which no
+    client can send (a header value has no line break: Prometheus and curl send it
+    trimmed), so every admin path was a 401 for good; and `meter report|sql|budgets --url`
+    died on it with a traceback that printed the token whole.  Surrounding whitespace is
+    no part of a token, as it already was not of the one presented."""
+    padded = f"{TOKEN}\n"
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), env=clean_env(METER_ADMIN_TOKEN=padded))
+    await send_requests(proc.url, 2)
+    status, _, body = await araw(proc.admin_port, "/api/report", {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 200 and json.loads(body)[0]["requests"] == 2, (status, body[:300])
+    for args in (("report", "--format", "json"), ("sql", "SELECT count(*) AS n FROM requests", "--format", "json"), ("budgets", "--format", "json")):
+        result = await arun_meter(*args[:1], "--url", proc.admin_url, *args[1:], env=clean_env(METER_ADMIN_TOKEN=padded))
+        assert result.returncode == 0 and TOKEN not in result.stderr, (args, result.stderr[-2000:])
+    # A control character inside a token cannot be sent at all: one line and exit 2 from
+    # both ends, never the token.
+    broken = "adm-\x01-inside-TOKEN"
+    refused = assert_one_line_error(await arun_meter("serve", "--upstream", upstream.url, "--ledger", str(tmp_path / "b.duckdb"),
+                                                     env=clean_env(METER_ADMIN_TOKEN=broken)), "admin-token")
+    assert "inside-TOKEN" not in refused
+    # ... nor a character outside ASCII the same way by every client (urllib's traceback).
+    for token, args in itertools.product((broken, "adm-\u20ac-inside-TOKEN"), (("report",), ("sql", "SELECT 1"), ("budgets",))):
+        line = assert_one_line_error(await arun_meter(*args[:1], "--url", proc.admin_url, *args[1:], env=clean_env(METER_ADMIN_TOKEN=token)), "METER_ADMIN_TOKEN")
+        assert "inside-TOKEN" not in line
 
 
 # --- 5. inputs out of range; a report that cannot see every record ---------------------

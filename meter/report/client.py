@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
+from ..config import clean_admin_token
 from ..outbound import RedirectRefused, fetch
 from .render import parse_json_rows
 from .window import ReportArgs, ReportError
@@ -32,7 +33,15 @@ PENDING_HEADER = "Meter-Report-Pending"
 def admin_headers() -> dict[str, str]:
     """Headers for a request to a meter's admin API: the bearer token from METER_ADMIN_TOKEN, if set."""
     token = os.environ.get(ADMIN_TOKEN_ENV, "")
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    if not token:
+        return {}
+    try:
+        # As meter serve reads it: a file's line break is no part of it (urllib refused the
+        # header with a traceback that printed the token).
+        token = clean_admin_token(token)
+    except ValueError as exc:
+        raise ReportError(f"{ADMIN_TOKEN_ENV}: {exc}") from None
+    return {"Authorization": f"Bearer {token}"}
 
 
 def admin_endpoint(base: str, path: str) -> str:
