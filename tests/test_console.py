@@ -238,6 +238,51 @@ async def test_page_loads_without_the_token_and_data_does_not(meter_process: Any
             assert r.status == 400 and "colour" in (await r.json())["error"]
 
 
+async def test_console_says_when_records_are_not_in_the_ledger(upstream: Any, postgres: Any, meter_process: Any, tmp_path: Path) -> None:
+    """A report that cannot see every record says so (SPEC: `Meter-Report-Pending`; the
+    CLI warns on stderr).  The console drew the partial figures as if they were all:
+    with inserts held up, a page showing 2 requests when 5 were served said nothing."""
+    import asyncpg
+
+    url = postgres.new_database()
+    meter = meter_process("--upstream", upstream.url, "--ledger", url, "--spool", str(tmp_path / "spool.jsonl"), "--flush-interval", "0.1", env=_env())
+    client = openai.AsyncOpenAI(base_url=meter.url + "/v1", api_key="sk-console-search-0001", max_retries=0)
+    usage = {"x-fake-usage": json.dumps({"input_tokens": 10, "output_tokens": 2})}
+    for _ in range(2):
+        await client.responses.create(model="gpt-4o-mini", input="hi", extra_headers=usage)
+    async with Browser() as browser:
+        await browser.goto(meter.admin_url + "/")
+        await browser.wait_for("Number(document.body.dataset.loaded || 0) >= 1")
+        assert await browser.evaluate("document.getElementById('total-requests').textContent") == "2"
+        assert await browser.evaluate("document.getElementById('pending').hidden") is True
+        # Hold the table: reads go on (EXCLUSIVE admits ACCESS SHARE), inserts wait.
+        holder = await asyncpg.connect(url)
+        tx = holder.transaction()
+        await tx.start()
+        try:
+            await holder.execute("LOCK TABLE requests IN EXCLUSIVE MODE")
+            for _ in range(3):
+                await client.responses.create(model="gpt-4o-mini", input="hi", extra_headers=usage)
+            loads = await _loads(browser)
+            await browser.evaluate("document.querySelector('#filters button').click()")
+            await browser.wait_for(f"Number(document.body.dataset.loaded || 0) > {loads}", timeout=30)
+            assert await browser.evaluate("document.getElementById('total-requests').textContent") == "2"
+            assert await browser.evaluate("document.getElementById('pending').hidden") is False
+            warning = await browser.evaluate("document.getElementById('pending').textContent")
+            assert "3 requests" in warning and "not in these figures" in warning, warning
+        finally:
+            await tx.rollback()
+            await holder.close()
+        # Written: the whole figure, and the warning gone.
+        loads = await _loads(browser)
+        await browser.evaluate("document.querySelector('#filters button').click()")
+        await browser.wait_for(f"Number(document.body.dataset.loaded || 0) > {loads}", timeout=30)
+        assert await browser.evaluate("document.getElementById('total-requests').textContent") == "5"
+        assert await browser.evaluate("document.getElementById('pending').hidden") is True
+        assert browser.problems == []
+    await client.close()
+
+
 def test_console_files_ship_in_the_package() -> None:
     """A non-editable `pip install .` serves the same page: pyproject's package-data
     covers every file the console serves."""

@@ -11,14 +11,26 @@
 
   function token() { return sessionStorage.getItem(TOKEN_KEY); }
 
-  async function api(path) {
+  // A report that cannot see every record says how many it misses (Meter-Report-Pending:
+  // the ledger is failing or behind); `notes.pending` keeps the largest count seen.
+  async function api(path, notes) {
     const headers = {};
     if (needsToken) headers.Authorization = "Bearer " + (token() || "");
     const res = await fetch(path, { headers });
     if (res.status === 401) throw new Unauthorized("the admin token was refused");
     const body = await res.json();
     if (!res.ok) throw new Error(body.error || res.statusText);
+    const pending = res.headers.get("Meter-Report-Pending");
+    if (notes && pending !== null) notes.pending = Math.max(notes.pending || 0, Number(pending));
     return body;
+  }
+
+  function showPending(count) {
+    const note = $("pending");
+    note.hidden = count === undefined;
+    note.textContent = count === undefined ? ""
+      : count > 0 ? `${fmtInt(count)} requests are not in the ledger yet (it is failing or behind): they are not in these figures.`
+      : "The ledger is failing: requests meter could not write yet are not in these figures.";
   }
 
   // ---- formatting ----------------------------------------------------------
@@ -269,10 +281,11 @@
     const split = $("split").value.trim() || "key";
     $("status").textContent = "loading…";
     $("error").hidden = true;
+    const notes = {};
     try {
       const [series, table, budgets, latest] = await Promise.all([
-        api("/api/report?" + query([["by", kind], ["by", split]])),
-        api("/api/report?" + query([["by", "key"], ["by", "model"]])),
+        api("/api/report?" + query([["by", kind], ["by", split]]), notes),
+        api("/api/report?" + query([["by", "key"], ["by", "model"]]), notes),
         api("/api/budgets"),
         api("/api/requests?" + query([["limit", "50"]])),
       ]);
@@ -281,11 +294,13 @@
       drawTable(table);
       drawBudgets(budgets);
       drawLatest(latest);
+      showPending(notes.pending);
       $("status").textContent = "updated " + new Date().toISOString().slice(11, 19) + " UTC";
       document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
     } catch (err) {
       if (err instanceof Unauthorized) return signOut("The admin token was refused; sign in again.");
       $("status").textContent = "";
+      showPending(undefined);
       $("error").textContent = err.message;
       $("error").hidden = false;
       document.body.dataset.loaded = String(Number(document.body.dataset.loaded || 0) + 1);
