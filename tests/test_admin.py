@@ -299,6 +299,36 @@ async def test_an_admin_token_read_from_a_file_with_its_line_break(upstream, met
         assert "inside-TOKEN" not in line
 
 
+HOSTILE_SQL_BODIES = [
+    b'{"sql": "SELECT 1", "limit": 1e400}',  # a float that is infinite: int() raised OverflowError
+    b'{"sql": "SELECT 1", "limit": -Infinity}',
+    b'{"sql": "SELECT 1", "limit": NaN}',
+    b'{"sql": "SELECT 1", "timeout": Infinity}',
+    b"[" * 100_000,  # nesting past the JSON reader's recursion limit
+    b'{"sql": "SELECT 1 -- \\ud800"}',  # a lone surrogate: no string DuckDB or PostgreSQL can take
+    b"\xff\xfe",
+]
+
+
+async def test_hostile_sql_bodies_are_a_400_and_one_line(upstream, meter_process, tmp_path: Path) -> None:
+    """SPEC: admin API inputs out of range are a 400 with a one-line message.  An infinite
+    limit and a deeply nested body were a bare 500 with a traceback in the log; a lone
+    surrogate in the statement reached the ledger process and came back as a 503 saying
+    the ledger could not be read."""
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), env=clean_env())
+    async with aiohttp.ClientSession() as http:
+        for body in HOSTILE_SQL_BODIES:
+            async with http.post(proc.admin_url + "/api/sql", data=body) as r:
+                text = await r.text()
+                assert r.status == 400, (body[:40], r.status, text[:300])
+                error = json.loads(text)["error"]
+                assert error and "\n" not in error, (body[:40], error)
+        async with http.post(proc.admin_url + "/api/sql", json={"sql": "SELECT 1 AS one"}) as r:
+            assert r.status == 200 and (await r.json())["rows"] == [{"one": 1}]
+    log = (tmp_path / "meter0.log").read_text()
+    assert "Traceback" not in log and "sql failed" not in log, log[-3000:]
+
+
 # --- 5. inputs out of range; a report that cannot see every record ---------------------
 
 

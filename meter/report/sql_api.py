@@ -69,9 +69,11 @@ class SqlAPI:
             timeout = float(body.get("timeout") or DEFAULT_TIMEOUT)
             if not isinstance(sql, str) or not sql.strip():
                 raise ValueError("sql must be a non-empty string")
+            sql.encode("utf-8")  # UnicodeEncodeError for a lone surrogate, which no store takes
             if not 0 < limit <= MAX_LIMIT or not 0 < timeout <= MAX_TIMEOUT:
                 raise ValueError(f"limit is 1..{MAX_LIMIT}, timeout 0..{MAX_TIMEOUT:g} seconds")
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        # OverflowError: an infinite limit (1e400) to int(); RecursionError: a body nested too deep.
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
             return error(400, f'expected a JSON body {{"sql": "SELECT ...", "limit": N, "timeout": S}}: {first_line(exc)}')
         loop = asyncio.get_running_loop()
         try:
