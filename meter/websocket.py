@@ -39,7 +39,7 @@ from .flow import Addons, Flow, finished_record
 from .identity import KeyIdentities
 from .observe import observer_for
 from .observe.socket import SocketMeter
-from .proxy import end_to_end_headers, error_body, forwardable_request_headers
+from .proxy import READ_ON_AFTER_HANGUP, end_to_end_headers, error_body, forwardable_request_headers
 
 log = logging.getLogger("meter")
 
@@ -188,13 +188,22 @@ def _parsed_messages(ws: _Upstream) -> Any:
 class _Socket:
     """Who closed the socket first, and how."""
 
-    __slots__ = ("closed_by", "closing", "code", "dropped")
+    __slots__ = ("closed_by", "closing", "code", "dropped", "hang_up_close", "read_on_until", "reading_on")
 
     def __init__(self) -> None:
         self.closed_by: str | None = None  # "client", "upstream" or "meter" (shutting down)
         self.code: int | None = None
         self.dropped = False  # ended without a close frame
         self.closing: asyncio.Future[bool] | None = None  # the close relayed to the other side
+        # The client left right after its output: the upstream is read on, relaying
+        # nothing, until this is done (every response ended, or the upstream's side did).
+        self.reading_on: asyncio.Future[None] | None = None
+        self.read_on_until = 0.0  # the loop's time when reading on gives up
+        self.hang_up_close: dict[str, Any] = {}  # the client's close, relayed once reading on ends
+
+    def read_on_done(self) -> None:
+        if self.reading_on is not None and not self.reading_on.done():
+            self.reading_on.set_result(None)
 
     def first(self, side: str, code: int | None, dropped: bool = False) -> bool:
         if self.closed_by is not None:
@@ -427,8 +436,12 @@ class WebSocketRelay:
             except TimeoutError:
                 pass  # wait_for cancelled it
         except asyncio.CancelledError:
-            # The client's connection is gone (or meter's grace period is over): close the upstream now.
-            socket.first("meter" if self.draining else "client", None, dropped=True)
+            # The client's connection is gone (or meter's grace period is over): close the
+            # upstream now, or, right after the output, once the usage is in.
+            first = socket.first("meter" if self.draining else "client", None, dropped=True)
+            if (first and not self.draining) or socket.reading_on is not None:
+                with contextlib.suppress(BaseException):  # deaf to a second cancellation: the first is re-raised
+                    await self._read_on_cancelled(upstream, meter, socket)
             pump.cancel()
             await self._settle(upstream, client, socket)
             raise
@@ -443,6 +456,17 @@ class WebSocketRelay:
             self._end(flow, meter, socket)
         return client
 
+    async def _read_on_cancelled(self, upstream: _Upstream, meter: SocketMeter | None, socket: _Socket) -> None:
+        """`_hang_up` in a handler aiohttp cancelled for the client's lost connection: the
+        reads and the close are meter's own, so the cancellation waits for them (the
+        caller re-raises it after)."""
+        task = asyncio.current_task()
+        if meter is None or task is None or (socket.reading_on is None and not meter.output_finished):
+            return
+        if task.cancelling():
+            task.uncancel()
+        await self._hang_up(upstream, meter, socket, code=1001)
+
     async def _settle(self, upstream: _Upstream, client: web.WebSocketResponse, socket: _Socket) -> None:
         """Torn down mid-relay: let a close already on its way finish, then close what is open."""
         # Best effort, bounded, and deaf to a second cancellation: the caller re-raises the first.
@@ -453,6 +477,27 @@ class WebSocketRelay:
             if not ws.closed:
                 with contextlib.suppress(BaseException):
                     await asyncio.wait_for(ws.close(code=1001), CLOSE_TIMEOUT)
+
+    @staticmethod
+    async def _hang_up(upstream: _Upstream, meter: SocketMeter | None, socket: _Socket, **close: Any) -> None:
+        """The client left first: relay its close to the upstream, which ends what runs
+        there.  Right after the output of every response in flight, the client has whole
+        answers, which the provider bills: first read on, relaying nothing, for at most
+        READ_ON_AFTER_HANGUP, to meter their terminal events (SPEC §2's rule, on a socket).
+        Called again when aiohttp cancelled the handler meanwhile (the client's connection
+        ended after its close frame): it waits out the same read-on."""
+        loop = asyncio.get_running_loop()
+        if socket.reading_on is None and meter is not None and meter.client_left():
+            socket.reading_on = loop.create_future()
+            socket.read_on_until = loop.time() + READ_ON_AFTER_HANGUP
+            socket.hang_up_close = close
+            meter.on_idle = socket.read_on_done  # the pump ends the wait too, when it ends
+        if socket.reading_on is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(socket.reading_on), max(0.0, socket.read_on_until - loop.time()))
+            close = socket.hang_up_close
+        if socket.closing is None:
+            await socket.relay_close(upstream, **close)
 
     def _end(self, flow: Flow, meter: SocketMeter | None, socket: _Socket) -> None:
         if socket.closed_by == "upstream":
@@ -498,13 +543,13 @@ class WebSocketRelay:
                     await send(msg.data, BINARY)
                 elif kind is CLOSE:
                     if socket.first("client", msg.data):
-                        await socket.relay_close(upstream, **_close_args(msg.data, msg.extra))
+                        await self._hang_up(upstream, meter, socket, **_close_args(msg.data, msg.extra))
                     return
                 elif kind is CLOSING:
                     return  # the upstream closed first; its pump is closing us
                 else:  # CLOSED or ERROR: the client's connection is gone
                     if socket.first("client", None, dropped=True):
-                        await socket.relay_close(upstream, code=1001)
+                        await self._hang_up(upstream, meter, socket, code=1001)
                     return
                 # Relayed: not held while the next message is awaited, which on an idle
                 # socket is for ever (a message may be up to --max-request-bytes).
@@ -525,11 +570,12 @@ class WebSocketRelay:
                 msg = await receive()
                 kind = msg.type
                 if kind is TEXT or kind is BINARY:
-                    add(msg.data, kind)
-                    if not parsed:  # the pump waits next: write what it gathered first
-                        flush()
-                        if frames.congested:
-                            await frames.drain()
+                    if socket.reading_on is None:
+                        add(msg.data, kind)
+                        if not parsed:  # the pump waits next: write what it gathered first
+                            flush()
+                            if frames.congested:
+                                await frames.drain()
                     if on_upstream is not None and kind is TEXT:
                         try:
                             on_upstream(msg.data)
@@ -537,7 +583,8 @@ class WebSocketRelay:
                             log.exception("could not meter an upstream message")
                     del msg  # not held while the next is awaited (an idle socket's last message)
                     continue
-                flush()
+                if socket.reading_on is None:
+                    flush()
                 if kind is CLOSE:
                     if socket.first("upstream", msg.data):
                         await socket.relay_close(client, **_close_args(msg.data, msg.extra))
@@ -558,3 +605,5 @@ class WebSocketRelay:
             log.exception("WebSocket relay (upstream to client) failed")
             if socket.first("upstream", None, dropped=True):
                 await socket.relay_close(client, code=1011, message=b"relay error")
+        finally:
+            socket.read_on_done()  # nothing more comes from the upstream to wait for

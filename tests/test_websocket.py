@@ -319,6 +319,36 @@ async def test_client_hangs_up_mid_response(upstream, start_meter, how: str) -> 
     assert row["ttft_ms"] is not None
 
 
+@pytest.mark.parametrize("how", ["close", "drop"])
+async def test_client_hangs_up_after_the_output_and_the_usage_is_still_recorded(upstream, start_meter, how: str) -> None:
+    # The client has the whole answer once the output's last `.done` event is in, and
+    # the provider bills it: meter reads on, relaying nothing, for the terminal event's
+    # usage, as over HTTP (SPEC §2), then closes the upstream's side.
+    meter = await start_meter(upstream.url)
+    await clear_ws_log(upstream.url)
+    usage = {"input_tokens": 900, "output_tokens": 300}
+    ws = await ws_connect(ws_url(meter.url), additional_headers={**AUTH, "x-fake-deltas": "5", "x-fake-chunk-delay-ms": "150"})
+    await ws.send(create(metadata={"fake_usage": usage}))
+    while json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] != "response.output_item.done":
+        pass
+    hung_up = time.time()
+    if how == "close":
+        await ws.close()
+    else:
+        ws.transport.abort()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        [entry] = await ws_log(upstream.url)
+        if entry["closed_at"] is not None:
+            break
+        await asyncio.sleep(0.05)
+    assert entry["closed_at"] is not None and entry["closed_at"] - hung_up < 2.5
+    [row] = await meter.rows()
+    assert row["outcome"] == "client_disconnected" and row["transport"] == "websocket"
+    assert (row["input_tokens"], row["output_tokens"]) == (900, 300)
+    assert row["cost_usd"] is not None
+
+
 @pytest.mark.parametrize("action,code,reason", [("drop", 1011, None), ("close", 1011, "fake close")])
 async def test_upstream_ends_mid_response(upstream, start_meter, action: str, code: int, reason: str | None) -> None:
     meter = await start_meter(upstream.url)
@@ -680,6 +710,33 @@ def test_socket_end_closes_what_is_in_flight() -> None:
     assert not m.open and not m.pending
 
 
+def test_output_finished_once_every_response_has_sent_its_last_done_event() -> None:
+    # What decides reading on after a hang-up: each response's last event a `.done` one
+    # (fast path or not, on either lane), no delta after it, no create waiting.
+    m, _ = socket_meter()
+    assert not m.output_finished  # nothing in flight
+    m.on_client(create(stream_id="a").encode())
+    m.on_client(create(stream_id="b").encode())
+    m.on_upstream(event("response.created", "a", response=response("resp_a")))
+    m.on_upstream(event("response.output_text.delta", "a", delta="x"))
+    m.on_upstream(event("response.output_item.done", "a", item={"type": "message"}))
+    assert not m.output_finished  # "b" asked, not started: it would start generating
+    m.on_upstream(event("response.created", "b", response=response("resp_b")))
+    m.on_upstream(event("response.output_text.delta", "b", delta="y"))
+    assert not m.output_finished  # "b" is generating
+    m.on_upstream(event("response.output_text.done", "b", text="y"))
+    assert m.output_finished
+    m.on_upstream(event("response.output_item.added", "b", item={"type": "message"}))
+    assert not m.output_finished  # something came after "b"'s `.done`: more output may follow
+    m.on_upstream(event("response.completed", "b", response=response("resp_b", "completed", {"input_tokens": 2, "output_tokens": 1})))
+    m.on_upstream(event("response.output_text.delta", "a", delta="z"))  # "a" alone now: the fast path
+    assert not m.output_finished
+    m.on_upstream(event("response.content_part.done", "a", part={"type": "output_text"}))
+    assert m.output_finished and m.client_left()
+    m.on_upstream(event("response.completed", "a", response=response("resp_a", "completed", {"input_tokens": 5, "output_tokens": 3})))
+    assert m.idle and not m.done_at
+
+
 def test_messages_not_led_by_type_are_still_metered() -> None:
     m, sink = socket_meter()
     m.on_client(b'{"model": "gpt-4o", "type": "response.create", "input": "hi"}')
@@ -739,9 +796,10 @@ def test_a_record_that_cannot_be_built_still_gives_its_row() -> None:
 
 
 def test_the_fast_path_never_skips_an_event_the_interpreter_decodes() -> None:
-    # The per-message fast path counts `{"type":"response.o…` and `…r…` without reading
-    # them: no event type the Responses interpreter decodes may start so.
+    # The per-message fast path counts deltas (`{"type":"response.output_text.delta"…`)
+    # without reading them: no event type the Responses interpreter decodes may start so.
     from meter.observe.responses import DECODED
-    from meter.observe.socket import _COUNTED_ONLY
+    from meter.observe.socket import _DELTA_HEADS, _DONE_HEADS
 
-    assert not [t for t in DECODED for prefix in _COUNTED_ONLY if (b'{"type":"' + t + b'"').startswith(prefix)]
+    heads = _DELTA_HEADS + _DONE_HEADS
+    assert not [t for t in DECODED for prefix in heads if (b'{"type":"' + t + b'"').startswith(prefix)]

@@ -35,16 +35,15 @@ ERROR = b"error"
 DECODED = EARLY | FINAL | {ERROR}
 DELTA = b".delta"  # the suffix of output and reasoning deltas: the first one is the first token
 DELTA_TYPE = DELTA.decode()
-# The `event:` lines of the deltas OpenAI streams, as they open an SSE event: a delta
-# is told by this fixed head without reading its name (`sse.py`'s fast path).  Any
+# The deltas OpenAI streams (`response.<name>.delta`), told by a fixed head without
+# reading their name: the `event:` lines that open an SSE event (`sse.py`'s fast path)
+# and the messages that state their type first on a WebSocket (`socket.py`'s).  Any
 # other delta is told by its name's suffix, as before; these only save the work.
-DELTA_LINES = tuple(
-    b"event: response.%s.delta\n" % name
-    for name in (
-        b"output_text", b"reasoning_summary_text", b"reasoning_text", b"function_call_arguments", b"refusal", b"audio",
-        b"audio.transcript", b"code_interpreter_call_code", b"custom_tool_call_input", b"mcp_call_arguments",
-    )
-)
+DELTA_NAMES = (
+    b"output_text", b"reasoning_summary_text", b"reasoning_text", b"function_call_arguments", b"refusal", b"audio",
+    b"audio.transcript", b"code_interpreter_call_code", b"custom_tool_call_input", b"mcp_call_arguments",
+)  # fmt: skip
+DELTA_LINES = tuple(b"event: response.%s.delta\n" % name for name in DELTA_NAMES)
 TEXT_DELTA_LINE = DELTA_LINES[0]  # the commonest by far: output text
 # The same lines without their LF, as `bytes.split` hands them over.
 DELTA_HEADS = frozenset(line[:-1] for line in DELTA_LINES)

@@ -43,6 +43,7 @@ from .responses import (
     DECODED,
     DECODED_TYPES,
     DELTA,
+    DELTA_NAMES,
     DELTA_TYPE,
     EARLY_TYPES,
     ERROR,
@@ -55,15 +56,24 @@ from .responses import (
 from .shapes import decode_create
 from .shapes import decode_event as decode_event_shape
 
-# Output and reasoning events (`response.output_*`, `response.reasoning_*`): no type
-# the interpreter decodes starts so (a test keeps that true).
-_COUNTED_ONLY = (b'{"type":"response.o', b'{"type":"response.r')
+# The deltas, as a message that states its type first opens: nearly every message, and
+# all a delta changes is the byte count.  Every other event, `.done` ones included, is
+# read by its type, which says when a response's output is done (`output_finished`).
+_DELTA_HEADS = tuple(b'{"type":"response.%s.delta"' % name for name in DELTA_NAMES)
+# The `.done` events of the same parts, and of the output items and content parts
+# around them: several per output item, counted on the same fast path, noting where the
+# output stood (`done_at`).  Any other `.done` event is noted the same, more slowly.
+_DONE_HEADS = tuple(
+    b'{"type":"response.%s.done"' % name for name in (b"output_item", b"content_part", b"reasoning_summary_part", *DELTA_NAMES)
+)
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
 _STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 SHAPED_TYPES = EARLY_TYPES | FINAL_TYPES  # the response events read through `shapes.Event`
 _CREATE = b'"response.create"'
 _ESCAPE = b"\\u"  # the start of a JSON string escape (\uXXXX), which can spell any character
 _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
+_DONE = b".done"  # the suffix of the events that end a part of the output
+_DONE_TYPE = _DONE.decode()
 
 
 class _Hooks(Protocol):
@@ -144,7 +154,8 @@ class SocketMeter:
     """Per-socket metering state: responses waiting, open, and the last one per lane."""
 
     __slots__ = (
-        "ended", "handshake_model", "last", "on_idle", "only", "open", "orphans", "pending", "relay", "response_headers", "session", "template",
+        "done_at", "ended", "handshake_model", "last", "on_idle", "only", "open", "orphans", "pending", "relay", "response_headers", "session",
+        "template",
     )  # fmt: skip
 
     def __init__(self, relay: Relay, template: Flow, handshake_model: str | None, response_headers: Any) -> None:
@@ -162,10 +173,34 @@ class SocketMeter:
         # The socket's session (SPEC §10): its first response's id, which every later
         # response that names no conversation, Meter-Session or previous response follows.
         self.session: str | None = None
+        # Each running response's byte count when its last `.done` event was counted, by
+        # id(flow): equal to its count now, nothing came after that event.
+        self.done_at: dict[int, int] = {}
 
     @property
     def idle(self) -> bool:
         return not self.open and not self.pending and not self.orphans
+
+    @property
+    def output_finished(self) -> bool:
+        """Responses are running, each has sent its output to the end (its last event a
+        `.done` one, no delta after it) and no `response.create` waits: a client that
+        goes now has whole answers, which the provider bills, and only their terminal
+        events, with the usage, are still to come."""
+        if not self.open or self.pending or self.orphans:
+            return False
+        done_at = self.done_at
+        return all(done_at.get(id(flow)) == flow.response_bytes for flow in self.open.values())
+
+    def client_left(self) -> bool:
+        """The client closed or dropped the socket: True when meter should read on for the
+        usage (`output_finished`).  The responses running then end `client_disconnected`,
+        as they would without reading on, but with the usage their terminal events bring."""
+        if not self.output_finished:
+            return False
+        for flow in self.open.values():
+            flow.outcome = "client_disconnected"
+        return True
 
     def _new_flow(self) -> Flow:
         t = self.template
@@ -227,13 +262,17 @@ class SocketMeter:
     # upstream -> client
 
     def on_upstream(self, data: bytes) -> None:
-        # Nearly every message is an output or reasoning event of the one running
-        # response, past its first token: all it changes is the byte count.  One
-        # prefix test, no parsing.
+        # Nearly every message is a delta of the one running response, past its first
+        # token: all it changes is the byte count.  One prefix test, no parsing.
         flow = self.only
-        if flow is not None and flow.first_token_at is not None and data.startswith(_COUNTED_ONLY):
-            flow.response_bytes += len(data)
-            return
+        if flow is not None and flow.first_token_at is not None:
+            if data.startswith(_DELTA_HEADS):
+                flow.response_bytes += len(data)
+                return
+            if data.startswith(_DONE_HEADS):
+                flow.response_bytes += len(data)
+                self.done_at[id(flow)] = flow.response_bytes
+                return
         try:
             self._on_event(data)
         finally:
@@ -256,6 +295,8 @@ class SocketMeter:
                     flow = self._flow_of(data)
                     if flow is not None:
                         flow.response_bytes += len(data)
+                        if etype.endswith(_DONE):
+                            self.done_at[id(flow)] = flow.response_bytes
                 return
         limit = self.relay.max_metered_bytes
         if etype is not None and etype != ERROR and len(data) <= limit:
@@ -287,6 +328,8 @@ class SocketMeter:
                 flow.response_bytes += len(data)
                 if kind.endswith(DELTA_TYPE) and flow.first_token_at is None:
                     flow.first_token_at = time.perf_counter()
+                elif kind.endswith(_DONE_TYPE):
+                    self.done_at[id(flow)] = flow.response_bytes
             return
         if kind == "error":
             self._on_error(lane, obj, len(data))
@@ -394,6 +437,7 @@ class SocketMeter:
 
     def _finish(self, flow: Flow, now: float) -> None:
         flow.finished_at = now
+        self.done_at.pop(id(flow), None)
         obs = flow.observation
         # The socket's first response keeps its own rules; every later one without a
         # session source follows it (see meter.flow's session rules).
