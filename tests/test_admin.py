@@ -310,17 +310,26 @@ HOSTILE_SQL_BODIES = [
 ]
 
 
-async def test_hostile_sql_bodies_are_a_400_and_one_line(upstream, meter_process, tmp_path: Path) -> None:
+def hostile_report_bodies() -> list[bytes]:
+    """Bodies of `POST /api/report` (key names over meter's own) no report can take."""
+    from meter.identity import key_id
+
+    return [b"[" * 100_000, b'{"keys": {"%s": "team-\\ud800"}}' % key_id(SECRET_KEY).encode()]
+
+
+async def test_hostile_admin_bodies_are_a_400_and_one_line(upstream, meter_process, tmp_path: Path) -> None:
     """SPEC: admin API inputs out of range are a 400 with a one-line message.  An infinite
     limit and a deeply nested body were a bare 500 with a traceback in the log; a lone
     surrogate in the statement reached the ledger process and came back as a 503 saying
-    the ledger could not be read."""
+    the ledger could not be read; the same nesting posted to `/api/report`, or a key
+    named with a lone surrogate there, was a 500 too."""
     proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), env=clean_env())
+    await send_requests(proc.url, 1)
     async with aiohttp.ClientSession() as http:
-        for body in HOSTILE_SQL_BODIES:
-            async with http.post(proc.admin_url + "/api/sql", data=body) as r:
+        for path, body in [*(("/api/sql", b) for b in HOSTILE_SQL_BODIES), *(("/api/report?by=key", b) for b in hostile_report_bodies())]:
+            async with http.post(proc.admin_url + path, data=body) as r:
                 text = await r.text()
-                assert r.status == 400, (body[:40], r.status, text[:300])
+                assert r.status == 400, (path, body[:40], r.status, text[:300])
                 error = json.loads(text)["error"]
                 assert error and "\n" not in error, (body[:40], error)
         async with http.post(proc.admin_url + "/api/sql", json={"sql": "SELECT 1 AS one"}) as r:

@@ -41,12 +41,16 @@ log = logging.getLogger("meter.report")
 def posted_key_names(body: bytes) -> dict[str, str]:
     """`{"keys": {key_id: name, ...}}`, checked as the config's `[keys]` is."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = json.loads(body)  # RecursionError: nested past the reader's limit
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ReportError('keys: the body must be JSON: {"keys": {"<key_id>": "<name>", ...}}') from None
     table = data.get("keys") if isinstance(data, dict) else None
     if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
         raise ReportError('keys: the body must be JSON: {"keys": {"<key_id>": "<name>", ...}}')
+    try:
+        "".join(table.values()).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON's \ud800): no answer can be written with it
+        raise ReportError("keys: a name is not valid Unicode (a lone surrogate)") from None
     try:
         return keys_from_toml(table)
     except SettingError as exc:
