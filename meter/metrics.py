@@ -3,7 +3,8 @@
 `Metrics` is an addon.  `request(flow)` raises the in-flight gauge of the flow's
 endpoint; `done(flow, record)` lowers it again and counts the record: requests,
 tokens by type, cost, web searches, cache misses, anomalies, unpriced and
-unmetered requests, and the latency histograms.  Nothing is counted per chunk.
+unmetered requests (read from the record, as the report reads them), and the
+latency histograms.  Nothing is counted per chunk.
 
 What the ledger writer thread counts (pending, written, refused and truncated
 records, numbers past the ledger's types) is `LedgerMetrics`, a collector of its
@@ -447,9 +448,11 @@ class Metrics:
             raised = flow.state.pop("metrics.in_flight", None)
             if raised is not None:
                 raised[0] -= 1
-            observation = flow.observation
-            if observation is not None and observation.unmetered is not None:
-                self._count_unmetered(endpoint, observation.unmetered)
+        if record.error_type == "unmetered":
+            # From the record, as the report counts it (`unmetered_requests`): only a model
+            # call answered 2xx is unmetered there, whatever the observer said of an error
+            # page, a cancel or a delete, so the metric and the report always agree.
+            self._count_unmetered(endpoint, record.error_code)
         model_raw = record.model or record.model_requested or ""
         tier_raw = record.service_tier or ""
         # A value too long to be a label is `other` before it is hashed for the lookup

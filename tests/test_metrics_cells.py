@@ -6,7 +6,7 @@ pin what the exposition then says: the cost counter is the exact sum of the
 records' `cost_usd` (as the ledger sums it, made a float once), a duration equal
 to a bucket's bound falls in that bucket (`le` is inclusive), a token type never
 reported has no series while a reported zero has one, negative counts are left
-out, and the in-flight gauge and the unmetered count follow the flow.
+out, the in-flight gauge follows the flow and the unmetered count the record.
 """
 
 from __future__ import annotations
@@ -80,16 +80,19 @@ def test_token_types_appear_when_reported_and_negatives_are_left_out() -> None:
     assert got.value("meter_requests_total", status_code="200", outcome="completed") == 2
 
 
-def test_in_flight_and_unmetered_follow_the_flow() -> None:
+def test_in_flight_follows_the_flow_and_unmetered_the_record() -> None:
     m = metrics()
     flows = [Flow(method="POST", path="/v1/responses", endpoint="responses", headers={}) for _ in range(3)]
     for flow in flows:
         m.request(flow)
     assert scraped(m).value("meter_in_flight_requests", endpoint="responses") == 3
-    flows[0].observation = SimpleNamespace(unmetered="metered_bytes_limit")  # type: ignore[assignment]
-    m.done(flows[0], record())
-    m.done(flows[0], record())  # a second done for one flow lowers nothing more
-    m.done(flows[1], record())  # no observation at all
+    unmetered = record(error_type="unmetered", error_code="metered_bytes_limit")
+    m.done(flows[0], unmetered)
+    m.done(flows[0], unmetered)  # a second done for one flow lowers nothing more
+    # What the observer said is not what counts: the record the report reads is.
+    flows[1].observation = SimpleNamespace(unmetered="unknown_content_type")  # type: ignore[assignment]
+    m.done(flows[1], record(status_code=400))
+    m.done(None, record(error_type="unmetered", error_code="no_include_usage"))  # a WebSocket response's record
     got = scraped(m)
     assert got.value("meter_in_flight_requests", endpoint="responses") == 1
-    assert got.by("meter_unmetered_requests_total", "reason") == {"metered_bytes_limit": 2}
+    assert got.by("meter_unmetered_requests_total", "reason") == {"metered_bytes_limit": 2, "no_include_usage": 1}

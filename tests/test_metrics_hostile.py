@@ -15,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Self
 
+import aiohttp
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
@@ -221,9 +223,11 @@ def test_unmetered_reasons_bounded() -> None:
     reasons = [f"reason-{i}" for i in range(100)] + ["r" * 4000]
     for reason in reasons:
         flow = Flow(method="POST", path="/v1/chat/completions", endpoint="chat.completions", headers={})
-        flow.observation = SimpleNamespace(unmetered=reason)  # type: ignore[assignment]
         now = time.time()
-        record = Record(id=None, started_at=now, finished_at=now, method="POST", path=flow.path, endpoint=flow.endpoint, status_code=200)
+        record = Record(
+            id=None, started_at=now, finished_at=now, method="POST", path=flow.path, endpoint=flow.endpoint, status_code=200,
+            error_type="unmetered", error_code=reason,
+        )
         metrics.done(flow, record)
     m = parse(metrics.render().decode())
     counted = m.by("meter_unmetered_requests_total", "reason", endpoint="chat.completions")
@@ -231,6 +235,76 @@ def test_unmetered_reasons_bounded() -> None:
     assert len(counted) == MAX_UNMETERED_REASONS + 1
     assert counted["other"] == len(reasons) - MAX_UNMETERED_REASONS
     assert longest_label_value(m) <= MAX_LABEL_CHARS
+
+
+class ScriptedUpstream:
+    """A raw-socket upstream that answers each request with the bytes `answers` holds
+    under the request's `x-answer` header, then closes."""
+
+    def __init__(self, answers: dict[str, bytes]) -> None:
+        self.answers = answers
+        self.server: asyncio.AbstractServer | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            fields = dict(line.split(": ", 1) for line in head.split("\r\n")[1:] if ": " in line)
+            fields = {name.lower(): value for name, value in fields.items()}
+            await reader.readexactly(int(fields.get("content-length", "0")))
+            writer.write(self.answers[fields["x-answer"]])
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+def raw_answer(status: str, content_type: str, body: bytes, *extra: str) -> bytes:
+    head = [f"HTTP/1.1 {status}", f"Content-Type: {content_type}", f"Content-Length: {len(body)}", "Connection: close", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def test_unmetered_metric_counts_what_the_report_counts(start_meter) -> None:
+    """The metric and the report's `unmetered_requests` count the same rows (SPEC §2b):
+    only a model call answered 2xx without usage meter could read is unmetered, not an
+    error answered in HTML, nor a cancel or a delete, which carry no usage anyway."""
+    html = b"<html><body>busy</body></html>"
+    answers = {
+        "error-html": raw_answer("400 Bad Request", "text/html", html),
+        "cancel-html": raw_answer("200 OK", "text/html", html),
+        "delete-weird": raw_answer("200 OK", "application/json", b"\x00\x01garbled", "Content-Encoding: x-weird"),
+        "call-html": raw_answer("200 OK", "text/html", html),
+    }
+    calls = [
+        ("POST", "/v1/responses", "error-html"),
+        ("POST", "/v1/responses/resp_1/cancel", "cancel-html"),
+        ("DELETE", "/v1/responses/resp_1", "delete-weird"),
+        ("POST", "/v1/responses", "call-html"),
+    ]
+    async with ScriptedUpstream(answers) as scripted:
+        meter = await start_meter(scripted.url)
+        async with aiohttp.ClientSession(auto_decompress=False) as s:
+            for method, path, answer in calls:
+                headers = {**bearer("sk-unmetered-aaaaaaaaaaaaaaaa"), "x-answer": answer}
+                async with s.request(method, meter.url + path, json={"model": "gpt-4o", "input": "x"}, headers=headers) as r:
+                    await r.read()
+        rows = await meter.rows()
+    assert len(rows) == len(calls)
+    recorded = Counter((r["endpoint"], r["error_code"]) for r in rows if r["error_type"] == "unmetered")
+    assert recorded == {("responses", "unknown_content_type"): 1}
+    m = await scrape(meter.admin_url)
+    counted = {(labels["endpoint"], labels["reason"]): n for name, labels, n in m.samples if name == "meter_unmetered_requests_total"}
+    assert counted == recorded
 
 
 # --- end to end, once the observer and the ledger report them -----------------------------------
