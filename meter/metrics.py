@@ -353,6 +353,9 @@ class LedgerMetrics:
             GaugeMetricFamily(
                 "meter_ledger_pending_records", "Records waiting to be written to the ledger.", value=value(ledger, "pending"),
             ),
+            GaugeMetricFamily(
+                "meter_ledger_spooled_records", "Records in the spool file, waiting to be written to the ledger.", value=value(ledger, "spooled"),
+            ),
             CounterMetricFamily("meter_ledger_written_records", "Records written to the ledger.", value=value(stats, "written")),
             CounterMetricFamily("meter_ledger_write_errors", "Failed ledger writes (batches).", value=value(stats, "write_errors")),
             CounterMetricFamily(

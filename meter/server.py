@@ -409,6 +409,6 @@ class Meter:
         body = {
             "ready": ready,
             "ledger": "ok" if stats.healthy else "failing",
-            "ledger_pending_records": self.ledger.pending,
+            "ledger_pending_records": self.ledger.unwritten,
         }
         return web.json_response(body, status=200 if ready else 503)

@@ -423,6 +423,48 @@ async def test_a_report_that_cannot_see_every_record_says_so(upstream, postgres,
     assert clean.returncode == 0 and clean.stderr == ""
 
 
+async def test_a_report_counts_the_records_waiting_in_the_spool(upstream, postgres, meter_process, tmp_path: Path) -> None:
+    """Records spilled to the spool while the ledger is held up are not in the ledger
+    either: the report's Meter-Report-Pending, /readyz and the pending gauge count them,
+    not only the few still in memory (--ledger-max-pending)."""
+    import asyncpg
+
+    url = postgres.new_database()
+    spool = tmp_path / "spool.jsonl"
+    proc = meter_process("--upstream", upstream.url, "--ledger", url, "--spool", str(spool), "--flush-interval", "0.1", "--ledger-max-pending", "2")
+    deadline = time.monotonic() + 30
+    while not json.loads((await araw(proc.admin_port, "/readyz"))[2]).get("ready"):  # the ledger's tables are made
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    holder = await asyncpg.connect(url)
+    tx = holder.transaction()
+    await tx.start()
+    try:
+        await holder.execute("LOCK TABLE requests IN EXCLUSIVE MODE")
+        await send_requests(proc.url, 8)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (not spool.exists() or len(spool.read_text().splitlines()) < 5):
+            await asyncio.sleep(0.05)
+        assert len(spool.read_text().splitlines()) >= 5  # most of them are in the spool, not in memory
+        status, headers, body = await araw(proc.admin_port, "/api/report")
+        assert status == 200, body
+        assert headers.get("meter-report-pending") == "8", headers
+        assert json.loads((await araw(proc.admin_port, "/readyz"))[2])["ledger_pending_records"] == 8
+        metrics = (await araw(proc.admin_port, "/metrics"))[2].decode()
+        pending, spooled = (float(line.split()[-1]) for name in ("pending", "spooled") for line in metrics.splitlines() if line.startswith(f"meter_ledger_{name}_records "))
+        assert pending <= 2 + 1 and pending + spooled == 8  # in memory: the bound and the batch held in the insert
+    finally:
+        await tx.rollback()
+        await holder.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status, headers, body = await araw(proc.admin_port, "/api/report")
+        if "meter-report-pending" not in headers:
+            break
+        await asyncio.sleep(0.2)
+    assert status == 200 and "meter-report-pending" not in headers and json.loads(body)[0]["requests"] == 8
+
+
 async def test_a_ledger_report_names_records_still_in_the_spool(upstream, meter_process, tmp_path: Path) -> None:
     """A stopped meter whose ledger was down left records in its spool: `--ledger` says they are not counted."""
     from meter.ledger import Spool

@@ -52,6 +52,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "meter_in_flight_requests": ("gauge", frozenset({"endpoint"})),
     "meter_unpriced_requests_total": ("counter", frozenset({"model"})),
     "meter_ledger_pending_records": ("gauge", frozenset()),
+    "meter_ledger_spooled_records": ("gauge", frozenset()),
     "meter_ledger_written_records_total": ("counter", frozenset()),
     "meter_ledger_write_errors_total": ("counter", frozenset()),
     "meter_ledger_rejected_records_total": ("counter", frozenset()),

@@ -1076,3 +1076,23 @@ def test_a_store_that_outlasts_close_without_a_spool_says_what_is_lost(tmp_path:
     store.release.set()
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_a_spool_counts_the_records_it_holds_until_they_are_taken_back(tmp_path: Path) -> None:
+    """What a report says it leaves out (`LedgerWriter.unwritten`) counts the spool's
+    records: a previous run's from the start, an unreadable line until it is read past."""
+    path = tmp_path / "spool.jsonl"
+    Spool(path).append([make_record() for _ in range(3)])
+    with open(path, "ab") as f:
+        f.write(b"{not a record\n\n")
+    spool = Spool(path)  # as a new run finds it
+    assert spool.untaken == 4
+    spool.append([make_record() for _ in range(2)])
+    assert spool.untaken == 6
+    assert len(spool.take(2)) == 2 and spool.untaken == 4
+    assert len(spool.take(10)) == 3 and spool.untaken == 0  # the unreadable line read past, and counted
+    spool.forget_taken()
+    assert not path.exists() and spool.untaken == 0
+    path.write_text("")  # a new file since: counted afresh
+    spool.append([make_record()])
+    assert spool.untaken == 1

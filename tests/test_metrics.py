@@ -36,6 +36,7 @@ SPEC_FAMILIES = {
     "meter_in_flight_requests": ("gauge", {"endpoint"}),
     "meter_unpriced_requests": ("counter", {"model"}),
     "meter_ledger_pending_records": ("gauge", set()),
+    "meter_ledger_spooled_records": ("gauge", set()),
     "meter_ledger_written_records": ("counter", set()),
     "meter_ledger_write_errors": ("counter", set()),
     "meter_ledger_rejected_records": ("counter", set()),

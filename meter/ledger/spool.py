@@ -75,6 +75,9 @@ class Spool:
         self.path = path
         self._lock = threading.Lock()  # the writer and the spiller both append
         self._taken_to = 0  # bytes of the file taken back so far
+        # Lines in the file not taken back yet, a previous run's included: records not in
+        # the ledger, which a report must say it leaves out (SPEC §2b).
+        self.untaken = self._lines_from(0)
 
     def append(self, records: Sequence[Record]) -> None:
         """Append `records`, each with an id of its own (minted here where it has none),
@@ -88,6 +91,7 @@ class Spool:
                 f.write(lines)
                 f.flush()
                 os.fsync(f.fileno())
+            self.untaken += len(records)
 
     def _ends_a_line(self) -> bool:
         """Whether the file is absent, empty, or ends with a line end."""
@@ -104,12 +108,26 @@ class Spool:
         """Every record in the file (what a person or a test reads; the writer takes)."""
         return self._read_from(0, None)[0]
 
+    def _lines_from(self, offset: int) -> int:
+        """Lines holding something from byte `offset` on: a count, reading a block at a time."""
+        count = 0
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                for raw in f:
+                    count += bool(raw.strip())
+        except FileNotFoundError:
+            return 0
+        return count
+
     def take(self, n: int) -> list[Record]:
         """Up to n records after those taken before; the file keeps them until `forget_taken`."""
         with self._lock:
             if self._size() < self._taken_to:  # a new file since (removed and spooled to again)
                 self._taken_to = 0
-            records, self._taken_to = self._read_from(self._taken_to, n)
+                self.untaken = self._lines_from(0)
+            records, self._taken_to, lines = self._read_from(self._taken_to, n)
+            self.untaken = max(0, self.untaken - lines)
         return records
 
     def waiting(self) -> bool:
@@ -129,9 +147,11 @@ class Spool:
         except OSError:
             return 0
 
-    def _read_from(self, offset: int, n: int | None) -> tuple[list[Record], int]:
-        """Up to n records (all with None) from byte `offset`, and the offset after them."""
+    def _read_from(self, offset: int, n: int | None) -> tuple[list[Record], int, int]:
+        """Up to n records (all with None) from byte `offset`, the offset after them, and
+        the lines read (an unreadable one is skipped, and counted)."""
         records: list[Record] = []
+        lines = 0
         try:
             with open(self.path, "rb") as f:
                 f.seek(offset)
@@ -140,6 +160,7 @@ class Spool:
                     line = raw.strip()
                     if not line:
                         continue
+                    lines += 1
                     try:
                         # A byte that is not UTF-8 inside a value keeps its record, as U+FFFD.
                         records.append(record_from_json(line.decode("utf-8", "replace")))
@@ -148,14 +169,15 @@ class Spool:
                     if n is not None and len(records) >= n:
                         break
         except FileNotFoundError:
-            return [], 0
-        return records, offset
+            return [], 0, 0
+        return records, offset, lines
 
     def clear(self) -> None:
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
+        self.untaken = 0
 
 
 class RejectedFile:

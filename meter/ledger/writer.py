@@ -175,6 +175,16 @@ class LedgerWriter:
         leave the queue), so 0 means every record handed over has settled."""
         return len(self._queue) + len(self._retry) + self._writing + self._spilling
 
+    @property
+    def spooled(self) -> int:
+        """Records in the spool not taken back yet (an outage's, or a previous run's)."""
+        return self.spool.untaken if self.spool is not None else 0
+
+    @property
+    def unwritten(self) -> int:
+        """Records not in the ledger, which a report leaves out: `pending` and `spooled`."""
+        return self.pending + self.spooled
+
     # thread ---------------------------------------------------------------------
 
     def first_open(self) -> None:

@@ -114,11 +114,11 @@ class ReportAPI:
 
     def unwritten(self) -> int | None:
         """Records that finished but are not in the ledger (None when the report can see
-        every one): still queued after the flush, or the ledger failing."""
+        every one): still queued after the flush, in the spool, or the ledger failing."""
         writer = self.ledger_writer
         if writer is None:
             return None
-        pending = int(writer.pending)
+        pending = int(writer.unwritten)
         if pending > 0 or not writer.stats.healthy:
             return pending
         return None
