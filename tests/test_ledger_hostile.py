@@ -449,7 +449,13 @@ def test_start_fails_on_a_duckdb_file_that_is_not_a_meter_ledger(tmp_path: Path)
 
 def test_start_fails_on_a_missing_directory_and_creates_none(tmp_path: Path) -> None:
     ledger = tmp_path / "no" / "such" / "l.duckdb"
-    assert_one_line_exit_2(serve_once("--ledger", str(ledger)), str(tmp_path / "no" / "such"))
+    line = assert_one_line_exit_2(serve_once("--ledger", str(ledger)), str(tmp_path / "no" / "such"))
+    # The ledger's setting is named, not the spool's or the rejected file's beside it
+    # (also when either is elsewhere).
+    assert line.startswith("meter: error: ledger ") and "spool" not in line, line
+    other = tmp_path / "elsewhere.jsonl"
+    line = assert_one_line_exit_2(serve_once("--ledger", str(ledger), "--spool", str(other)), str(tmp_path / "no" / "such"))
+    assert line.startswith("meter: error: ledger ") and "rejected" not in line, line
     assert not (tmp_path / "no").exists()
     spool = tmp_path / "gone" / "spool.jsonl"
     assert_one_line_exit_2(serve_once("--ledger", str(tmp_path / "l.duckdb"), "--spool", str(spool)), str(spool.parent))

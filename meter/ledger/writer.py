@@ -189,6 +189,10 @@ class LedgerWriter:
 
     def first_open(self) -> None:
         """Open the store now; raise `LedgerUnusable` if it never can be."""
+        if getattr(self.store, "dialect", None) == "duckdb" and self.store.path != ":memory:":  # type: ignore[attr-defined]
+            # The ledger's directory first: the spool's and the rejected file's are beside
+            # it by default, and a missing one is the ledger's setting to name, not theirs.
+            check_directory(self.store.path, "ledger")  # type: ignore[attr-defined]
         if self.spool is not None:
             check_directory(self.spool.path, "spool")
         if self.rejected is not None:
