@@ -381,6 +381,10 @@ def keys_from_toml(table: Mapping[Any, Any]) -> dict[str, str]:
             )
         if not _KEY_ID.fullmatch(kid):
             raise SettingError(f"config: [keys] entry {i} ({kid!r}): a key_id is 16 lower-case hex digits, from `meter keys id`")
+        if _CONTROL.search(name):
+            # It is every row's key_name, a metric label and a report's group: PostgreSQL
+            # refuses a NUL in text, so each of that key's records would be set aside.
+            raise SettingError(f"config: [keys] entry {i} ({kid}): a key's name has no control characters")
         out[kid] = name
     return out
 

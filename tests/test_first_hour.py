@@ -229,6 +229,17 @@ def test_a_raw_key_in_keys_is_refused_without_being_echoed(tmp_path: Path, entry
     assert not (tmp_path / "l.duckdb").exists()
 
 
+@pytest.mark.parametrize("name", ["team\\u0000a", "team\\nsearch", "team\\u0085"])
+def test_a_key_name_with_a_control_character_is_refused(tmp_path: Path, name: str) -> None:
+    # Every row's key_name and a metric label: PostgreSQL refuses a NUL in text, so each
+    # of that key's records would go to the rejected file instead of the ledger.
+    config = tmp_path / "meter.toml"
+    config.write_text(f'[keys]\n"{key_id("a")}" = "ok"\n"{key_id("b")}" = "{name}"\n')
+    line = one_error_line(run_meter("serve", "--config", str(config), "--ledger", str(tmp_path / "l.duckdb")))
+    assert line == f"meter: error: config: [keys] entry 2 ({key_id('b')}): a key's name has no control characters", line
+    assert not (tmp_path / "l.duckdb").exists()
+
+
 def test_long_team_names_are_not_taken_for_keys(tmp_path: Path) -> None:
     from meter.config import load_settings
 
