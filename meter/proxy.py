@@ -124,6 +124,13 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def answered_too_late(exc: BaseException) -> bool:
+    """Whether an upstream request failed by timing out once connected (504).  aiohttp's
+    `ConnectionTimeoutError` is a `TimeoutError` too, but an upstream meter could not
+    connect to is unreachable (502, SPEC §2), as when it refuses the connection."""
+    return isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ConnectionTimeoutError)
+
+
 def _upstream_failure(exc: BaseException) -> str:
     """Why the upstream request failed, for the log.  Only a socket error's text is
     kept (it names the upstream's host and the OS error); other errors may quote the
@@ -355,10 +362,10 @@ class Proxy:
                     allow_redirects=False,
                     skip_auto_headers=skip,
                 )
-            except TimeoutError:
-                client_response = self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
-                return client_response
-            except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets a 502, never a bare 500
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the client gets a 502 (or 504), never a bare 500
+                if answered_too_late(exc):
+                    client_response = self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
+                    return client_response
                 self._log_unreachable(flow, exc)
                 message = f"meter could not reach the upstream {self.upstream_host}: {type(exc).__name__}."
                 client_response = self._fail(flow, 502, "upstream_unreachable", message)

@@ -39,7 +39,7 @@ from .flow import Addons, Flow, finished_record
 from .identity import KeyIdentities
 from .observe import observer_for
 from .observe.socket import SocketMeter
-from .proxy import READ_ON_AFTER_HANGUP, end_to_end_headers, error_body, forwardable_request_headers
+from .proxy import READ_ON_AFTER_HANGUP, answered_too_late, end_to_end_headers, error_body, forwardable_request_headers
 
 log = logging.getLogger("meter")
 
@@ -335,14 +335,14 @@ class WebSocketRelay:
             return await self._refused(request, flow, refused.status, refused.headers, refused.body)
         except aiohttp.WSServerHandshakeError:  # a 101 that is not a valid upgrade (a refusal is _Refused)
             return self._fail(flow, 502, "invalid_upstream_handshake", "The upstream answered the upgrade with an invalid WebSocket handshake.", "error")
-        except TimeoutError:
-            return self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
         except asyncio.CancelledError:
             # The client hung up, or meter's grace period ended, before the upstream
             # answered: still one row, as over HTTP.
             self._gave_up(flow)
             raise
-        except Exception as exc:  # noqa: BLE001 - any failure to reach the upstream is a 502, never a bare 500
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the upstream is a 502 (or 504), never a bare 500
+            if answered_too_late(exc):
+                return self._fail(flow, 504, "upstream_timeout", "The upstream did not answer in time.")
             log.warning("upstream WebSocket handshake failed for %s: upstream %s: %s", flow.path, self.upstream_host, type(exc).__name__)
             return self._fail(flow, 502, "upstream_unreachable", f"meter could not reach the upstream {self.upstream_host}: {type(exc).__name__}.")
         finally:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any, Self
@@ -237,6 +238,56 @@ async def test_any_failure_to_send_upstream_is_502(upstream, start_meter) -> Non
     assert_meter_error(answer, 502, "upstream_unreachable")
     [row] = await meter.rows()
     assert row["status_code"] == 502 and row["outcome"] == "upstream_unreachable"
+
+
+class FullBacklog:
+    """A listener that never accepts and whose backlog is full: a connection to it is
+    never set up (the kernel drops its SYN), so connecting times out."""
+
+    async def __aenter__(self) -> Self:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(0)
+        self.port = self.listener.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):  # the backlog holds one or two; the rest are left pending
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(filler)
+        await asyncio.sleep(0.2)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for s in (*self.fillers, self.listener):
+            s.close()
+
+
+async def test_a_connect_timeout_is_502_unreachable_not_504(start_meter) -> None:
+    # SPEC §2: an upstream meter cannot connect to is unreachable (502); 504 is an
+    # upstream that connected and then did not answer in time.
+    async with FullBacklog() as full:
+        meter = await start_meter(f"http://127.0.0.1:{full.port}", connect_timeout=1, upstream_timeout=30)
+        started = time.monotonic()
+        answer = await exchange(meter_port(meter), request("GET", "/v1/models"), timeout=20)
+        assert time.monotonic() - started < 10  # the connect timeout, not the upstream one
+        assert_meter_error(answer, 502, "upstream_unreachable")
+        # The WebSocket handshake connects the same way, and fails the same way.
+        key = base64.b64encode(os.urandom(16)).decode()
+        handshake = request("GET", "/v1/responses", {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13"})
+        reader, writer = await asyncio.open_connection("127.0.0.1", meter_port(meter))
+        try:
+            writer.write(handshake.replace(b"Connection: close\r\n", b""))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
+            length = int(re.search(rb"(?i)\r\ncontent-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            answer = head + await asyncio.wait_for(reader.readexactly(length), 5)
+        finally:
+            writer.close()
+        assert_meter_error(answer, 502, "upstream_unreachable")
+        rows = await meter.rows()
+    assert [(r["status_code"], r["outcome"], r["error_type"], r["error_code"]) for r in rows] == [
+        (502, "upstream_unreachable", "meter_proxy_error", "upstream_unreachable"),
+    ] * 2
 
 
 # --- 2. classification on the normalised path ---------------------------------
