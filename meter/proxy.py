@@ -179,6 +179,10 @@ class Proxy:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+        # Set by `Meter.stop` once the shutdown grace period is over: a handler cancelled
+        # after that is cut by meter, not by its client (which during the grace period
+        # may still hang up, and is then `client_disconnected` as ever).
+        self.shutting_down = False
         # aiohttp's server (proxy and admin ports) logs a client's malformed request as one line.
         logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUEST_LOG)
 
@@ -385,8 +389,12 @@ class Proxy:
             read_through, observer = observer, None
             return client_response
         except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError) as exc:
-            # The client went away; closing our upstream response cancels the upstream request.
-            flow.outcome = "client_disconnected"
+            # The client went away, or meter's shutdown cut the answer (recorded as the
+            # WebSocket relay records it); closing our upstream response cancels the upstream request.
+            if self.shutting_down and isinstance(exc, asyncio.CancelledError):
+                flow.outcome, flow.error_type, flow.error_code = "error", "meter_proxy_error", "shutting_down"
+            else:
+                flow.outcome = "client_disconnected"
             if upstream is not None:
                 upstream.close()
             if isinstance(exc, asyncio.CancelledError):

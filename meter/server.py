@@ -351,6 +351,8 @@ class Meter:
                 log.warning("%d requests still in flight after the grace period; closing them", self.proxy.in_flight)
                 if self.websocket_relay is not None:
                     self.websocket_relay.close_all()  # with a close frame (1001), before the runner cancels them
+        if self.proxy is not None:
+            self.proxy.shutting_down = True  # what the runner cancels now is cut by meter
         if self._proxy_runner is not None:
             await self._proxy_runner.cleanup()
         if self.proxy is not None:

@@ -352,3 +352,40 @@ def test_a_request_past_the_grace_period_does_not_hold_shutdown_three_times_as_l
     assert took < 2 + 2.5, f"meter took {took:.1f} s to stop with a 2 s grace"
     [row] = ledger_rows(ledger)  # the request cut short still has its row
     assert row["path"] == "/v1/responses"
+
+
+def test_a_stream_cut_by_the_shutdown_is_recorded_as_meter_s_not_the_client_s(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    """SPEC §4: `client_disconnected` is the client's doing.  A stream still running when
+    `--shutdown-grace` ends is cut by meter, and recorded as a WebSocket response is then
+    (`error`, `meter_proxy_error`, `shutting_down`); a client that hangs up during the
+    grace period is still `client_disconnected`."""
+    ledger = tmp_path / "l.duckdb"
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--shutdown-grace", "1.5")
+    body = b'{"model": "gpt-4o", "input": "hi", "stream": true}'
+
+    def slow_stream(session: str) -> socket.socket:
+        client = socket.create_connection(("127.0.0.1", meter.port), timeout=15)
+        client.sendall(
+            b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nx-fake-deltas: 12\r\n"
+            b"x-fake-chunk-delay-ms: 500\r\nMeter-Session: %s\r\nContent-Length: %d\r\n\r\n%s" % (session.encode(), len(body), body)
+        )
+        assert client.recv(65536).startswith(b"HTTP/1.1 200")  # streaming: about 6 s to go
+        return client
+
+    cut, leaving = slow_stream("cut"), slow_stream("leaving")
+    try:
+        meter.signal(signal.SIGTERM)
+        time.sleep(0.5)
+        leaving.close()  # the client's own hang-up, within the grace period
+        relayed = b""
+        while chunk := cut.recv(65536):  # meter closes the stream when the grace ends
+            relayed += chunk
+        assert meter.wait(30) == 0
+    finally:
+        cut.close()
+    assert b"response.completed" not in relayed  # the client was cut
+    rows = {r["session_id"]: r for r in ledger_rows(ledger)}
+    assert (rows["cut"]["status_code"], rows["cut"]["outcome"], rows["cut"]["error_type"], rows["cut"]["error_code"]) == (
+        200, "error", "meter_proxy_error", "shutting_down",
+    )
+    assert (rows["leaving"]["outcome"], rows["leaving"]["error_type"], rows["leaving"]["error_code"]) == ("client_disconnected", None, None)
