@@ -201,3 +201,24 @@ async def test_header_tags_label_the_metrics_and_win_over_metadata(upstream, sta
     m = await scrape(meter.admin_url)
     assert m.by("meter_requests_total", "tag_team") == {"search": 1, "support": 1}
     assert m.by("meter_tokens_total", "tag_feature", type="input") == {"": U3["input_tokens"], "autocomplete": U3["input_tokens"]}
+
+
+async def test_metadata_keys_are_tag_names_in_lower_case_as_reports_and_budgets_read_them(upstream, start_meter) -> None:
+    # A report's `tag:Team` is `tag:team` (names are case-insensitive): a metadata key
+    # kept as `Team` was reachable by no report, budget or metric label, and beside a
+    # `Meter-Tag-Team` header the row held both, the header not winning.
+    meter = await start_meter(upstream.url, metrics_tag_labels="team")
+    client = sdk(meter.url)
+    await client.responses.create(model="gpt-4o", input="hi", metadata={"Team": "search", "APP": "crm", "app": "dropped"})
+    await client.responses.create(model="gpt-4o", input="hi", metadata={"Team": "body"}, extra_headers={"Meter-Tag-Team": "header"})
+    first, second = await meter.rows()
+    assert json.loads(first["tags"]) == {"team": "search", "app": "crm"}  # of two keys one but for case, the first
+    assert json.loads(second["tags"]) == {"team": "header"}
+    assert (await scrape(meter.admin_url)).by("meter_requests_total", "tag_team") == {"search": 1, "header": 1}
+    from .test_admin import arun_meter
+
+    await meter.stop()
+    result = await arun_meter("report", "--ledger", str(meter.ledger_path), "--by", "tag:Team", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    groups = {g["tag:team"]: g["requests"] for g in json.loads(result.stdout) if g.get("tag:team") is not None}
+    assert groups == {"search": 1, "header": 1}

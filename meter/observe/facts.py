@@ -203,13 +203,22 @@ def _json_text(value: Any) -> str:
 
 
 def bounded_tags(metadata: dict[str, Any]) -> tuple[dict[str, str], bool]:
-    """The first 16 pairs, keys cut to 64 characters, values to 512, every value a
-    string (non-strings as their JSON text); and whether anything was cut."""
+    """The first 16 pairs, keys lower-cased and cut to 64 characters, values to 512,
+    every value a string (non-strings as their JSON text); and whether anything was cut.
+
+    Tag names are case-insensitive and stored lower-case (SPEC §10): a report's or a
+    budget's `tag:Team` is `tag:team`, which a key kept as `Team` would never match.
+    Of two keys that differ only by case, the first is kept (as of two headers)."""
     tags: dict[str, str] = {}
     cut = len(metadata) > TAG_PAIRS
     for i, (key, value) in enumerate(metadata.items()):
         if i == TAG_PAIRS:
             break
+        if not key.islower():
+            key = key.lower()
+        if key in tags:
+            cut = True
+            continue
         if len(key) > TAG_KEY_CHARS:
             key, cut = key[:TAG_KEY_CHARS], True
         if not isinstance(value, str):
