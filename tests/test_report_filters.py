@@ -421,6 +421,30 @@ def test_where_values_with_odd_text(tmp_path: Path) -> None:
         assert row["input_tokens"] == inp, where
 
 
+def test_a_filter_value_with_a_character_the_ledger_cannot_hold_matches_as_stored(tmp_path: Path, pg_url: str) -> None:
+    # The ledger stores a NUL (or a lone surrogate) as U+FFFD; a filter naming the value
+    # as the client sent it finds that row, on both stores.  PostgreSQL refused the NUL
+    # as a parameter: the report (and the console, through /api/report) answered 503.
+    records = [
+        make_record(id=str(uuid.uuid4()), model="m\x00x", user_id="u\ud800", tags=json.dumps({"team": "t\x00"}), input_tokens=3, output_tokens=0),
+        make_record(id=str(uuid.uuid4()), model="other", input_tokens=5, output_tokens=0),
+    ]
+    from meter.ledger.sanitise import sanitise_counting
+
+    sanitise_counting(records)  # as the ledger writer stores them
+    duck = seed(tmp_path / "odd.duckdb", records)
+    store = PostgresStore(pg_url)
+    store.open()
+    try:
+        store.write(records)
+    finally:
+        store.close()
+    for where in (["model=m\x00x"], ["user=u\ud800"], ["tag:team=t\x00"], ["model=m\ufffdx"]):
+        for ledger in (pg_url, str(duck)):
+            [row] = run_report([ledger], "", where)
+            assert row["input_tokens"] == 3, (where, ledger)
+
+
 def old_ledger_sql(dialect: str) -> str:
     """The requests table as a meter before sessions made it (no session_id column)."""
     from meter.ledger.migrations import _requests_table

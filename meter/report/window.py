@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ..ledger.sanitise import clean_text
+
 UTC = dt.UTC
 
 GROUP_FIELDS = ("key", "model", "tier", "endpoint", "project", "user", "session", "day", "hour")
@@ -189,7 +191,9 @@ def parse_condition(text: str) -> Condition:
         raise
     except (OverflowError, ValueError):
         raise ReportError(f"--where: {fld}={value!r} is out of range; times run from 0001-01-01 to 9999-12-31 UTC") from None
-    return Condition(fld, value if value != "" else None)
+    # As the ledger stored the value: a character it cannot hold (a NUL, which
+    # PostgreSQL refuses in a parameter too) is U+FFFD there, and so is it here.
+    return Condition(fld, clean_text(value) if value != "" else None)
 
 
 def parse_where(values: str | Iterable[str] | None) -> list[Condition]:
