@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from .conftest import SECRET_KEY, load_fixture
+from .test_metrics import scrape
 
 AUTH = {"Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
 USAGE = {"input_tokens": 50, "cached_tokens": 10, "cache_write_tokens": 0, "output_tokens": 20, "reasoning_tokens": 4}
@@ -103,6 +104,30 @@ async def test_cancel_and_delete_recorded_without_usage(upstream, start_meter) -
         assert row["status_code"] == 200 and no_usage(row)
     assert [r["method"] for r in delete_rows] == ["DELETE", "DELETE"]
     assert delete_rows[1]["path"] == f"/openai/v1/responses/{created.id}"  # the query is not kept
+
+
+async def test_only_a_final_response_names_the_tier_that_served_it(upstream, start_meter) -> None:
+    """SPEC §3: the served tier is read from the final response.  A queued POST, an
+    in-progress retrieve and a response cancelled before it ran all say `auto`, the tier
+    still to be chosen: none served them, so their rows name none (no `auto` group in
+    `meter report --by tier`, no `auto` metric label)."""
+    meter = await start_meter(upstream.url)
+    client = sdk(meter.url)
+    headers = {"x-fake-usage": json.dumps(USAGE), "x-fake-polls": "1"}
+    created = await client.responses.create(model="gpt-4o", input="bg", background=True, extra_headers=headers)
+    polled = await client.responses.retrieve(created.id, extra_headers=headers)
+    done = await client.responses.retrieve(created.id, extra_headers=headers)
+    other = await client.responses.create(model="gpt-4o", input="bg", background=True, extra_headers={**headers, "x-fake-polls": "3"})
+    cancelled = await client.responses.cancel(other.id)
+    # What the upstream said, so that each row below is read from an `auto` answer but the one.
+    said = [(r.status, r.service_tier) for r in (created, polled, done, other, cancelled)]
+    assert said == [("queued", "auto"), ("in_progress", "auto"), ("completed", "default"), ("queued", "auto"), ("cancelled", "auto")]
+    rows = await meter.rows()
+    assert [(r["endpoint"], r["service_tier"]) for r in rows] == [
+        ("responses", None), ("responses.retrieve", None), ("responses.retrieve", "default"), ("responses", None), ("responses.cancel", None),
+    ]
+    m = await scrape(meter.admin_url)
+    assert m.label_values("meter_requests_total", "service_tier") == {"", "default"}
 
 
 async def test_background_stream_resumed_counts_usage_once(upstream, start_meter) -> None:

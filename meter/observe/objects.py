@@ -25,6 +25,12 @@ from .usage import (
     usage_from_shape,
 )
 
+# The statuses of a response that has ended: only such a response names the tier that
+# served it (SPEC §3).  Before, a response says `auto`, the tier still to be chosen (or
+# the tier asked for); one cancelled before it ran says `auto` to the end.
+FINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
+UNCHOSEN_TIER = "auto"
+
 
 @dataclass(slots=True)
 class Observation:
@@ -57,7 +63,10 @@ def observe_response_object(obs: Observation, response: dict[str, Any], final: b
     """Read a Responses API `response` object (a JSON body or a stream event's payload).
 
     `final` is False for early stream events, whose service_tier is the placeholder
-    `auto` rather than the tier that served the request.  A member is taken only
+    `auto` rather than the tier that served the request; a whole response read (a
+    JSON answer) names its served tier only once it has ended (`FINAL_STATUSES`;
+    a response without a status counts as ended), and never as `auto`, which serves
+    nothing (`UNCHOSEN_TIER`).  A member is taken only
     when it is a non-empty string (or a bool, or an object, as said); the checks
     are written out, not called, since this runs for every answer.
     """
@@ -71,16 +80,18 @@ def observe_response_object(obs: Observation, response: dict[str, Any], final: b
     value = get("previous_response_id")
     if isinstance(value, str) and value:
         obs.previous_response_id = value
-    value = get("status")
-    if isinstance(value, str) and value:
-        obs.status = value
+    status = get("status")
+    if isinstance(status, str) and status:
+        obs.status = status
+    else:
+        status = None
     value = get("background")
     if value is True or value is False:
         obs.background = value
     if not final:
         return
     value = get("service_tier")
-    if isinstance(value, str) and value:
+    if isinstance(value, str) and value and value != UNCHOSEN_TIER and (status is None or status in FINAL_STATUSES):
         obs.service_tier = value
     value = get("error")
     if value is not None:
@@ -111,16 +122,16 @@ def observe_response_shape(obs: Observation, response: Response, final: bool = T
     value = response.previous_response_id
     if value:
         obs.previous_response_id = value
-    value = response.status
-    if value:
-        obs.status = value
+    status = response.status
+    if status:
+        obs.status = status
     background = response.background
     if background is not None:
         obs.background = background
     if not final:
         return
     value = response.service_tier
-    if value:
+    if value and value != UNCHOSEN_TIER and (not status or status in FINAL_STATUSES):
         obs.service_tier = value
     error = response.error
     if error is not None:
