@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .attribution import DROPPED_TAG, header_session, header_tags, merge_tags
-from .bounds import MAX_TEXT, keep_text_short
+from .bounds import MAX_TEXT, keep_text_short, note_overflow
 from .identity import KeyIdentities
-from .observe import Observation, RequestFacts, Usage, request_facts, usage_anomalies
+from .observe import Observation, RequestFacts, Usage, request_facts, unfit_counts, usage_anomalies
 from .observe.facts import tags_json
 from .record import Record
 
@@ -371,7 +371,15 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
     user_id = facts.user_id
     ttfb_at = flow.ttfb_at
     started = flow.started_at
-    counts = usage if usage is not None else _NO_USAGE
+    # The ledger's ranges hold from here on (SPEC §2b): a count it cannot keep is NULL
+    # before pricing, metrics and budgets read the record, so they all count what it keeps.
+    overflowed: str | None = None
+    anomalies: tuple[str, ...] = ()
+    counts = _NO_USAGE
+    if usage is not None:
+        overflowed = unfit_counts(usage)
+        anomalies = usage_anomalies(usage, endpoint != "embeddings")
+        counts = usage
     record = Record(
         flow.id, started, started + (finished - t0), flow.method, flow.path, endpoint, flow.transport, status,
         outcome, stream, background, model_requested, model, response_id,
@@ -382,8 +390,10 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
         (ttfb_at - t0) * 1000.0 if ttfb_at is not None else None,
         (first_token - t0) * 1000.0 if first_token is not None else None,
         (finished - t0) * 1000.0, processing_ms, flow.request_bytes, flow.response_bytes, error_type, error_code, flow.trace_id,
-        usage_anomalies(usage, endpoint != "embeddings") if usage is not None else (), False, cut, session_of,
+        anomalies, False, cut, session_of,
     )
+    if overflowed is not None:
+        note_overflow(record, overflowed)
     # `keep_text_short`'s test of the usual record, all of whose bounded text fits, on the
     # values at hand; a value that is not text is left to it (and to `sanitise`).
     # The client's method, path and asked tier are tested apart: they are not in that

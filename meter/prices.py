@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 from genai_prices import data_snapshot
 from genai_prices.types import ModelInfo, ModelPrice, PriceContext, Provider, TieredPrices, TimeOfDateConstraint
 
+from .bounds import COST_LIMIT, note_overflow
 from .config import PriceOverride
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ _DATE_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{8})$")
 _TIER_KEY = "service_tier"
 _DAY_CACHE_MAX = 16384
 _EXACT = 10**27  # nano-dollar counts below this make exact Decimals in the default 28-digit context
+_COST_LIMIT_NANOS = int(COST_LIMIT / _NANO)
+# What `_Rates.price` answers for a cost the ledger's DECIMAL(18,9) cannot hold: no
+# price, and an `overflow` anomaly (`price_record`).  Compared by identity.
+TOO_LARGE = Decimal("Infinity")
 
 
 class _Rates:
@@ -82,7 +87,7 @@ class _Rates:
     price of its own.
     """
 
-    __slots__ = ("bands", "down", "exact_below", "exponent", "request", "starts", "up", "web_call")
+    __slots__ = ("bands", "down", "exact_below", "exponent", "fits_below", "request", "starts", "up", "web_call")
 
     def __init__(
         self,
@@ -111,6 +116,9 @@ class _Rates:
         # Below this total, the nano-dollar count and `_NANO * nanos` stay within the
         # Decimal context's 28 digits, so the product is exact (see `usd`).
         self.exact_below = _EXACT // self.up
+        # Below this total, the cost is also one the ledger holds (under COST_LIMIT):
+        # `price`'s usual case, where no other test of the cost's size is made.
+        self.fits_below = min(self.exact_below, -(-_COST_LIMIT_NANOS // self.up))
 
     @classmethod
     def from_model_price(cls, mp: ModelPrice) -> _Rates:
@@ -134,7 +142,8 @@ class _Rates:
 
     def price(self, inp: int, cached: int, cache_write: int, out: int, reasoning: int, searches: int) -> Decimal | None:
         """The cost of one usage (counts, 0 when absent); `None` for impossible usage
-        (SPEC §3 invariants), whatever the rates, or a unit it has but no rate for."""
+        (SPEC §3 invariants), whatever the rates, or a unit it has but no rate for;
+        `TOO_LARGE` for a cost past what the ledger's DECIMAL(18,9) holds."""
         if cached < 0 or cache_write < 0 or reasoning < 0 or searches < 0 or cached + cache_write > inp or reasoning > out:
             return None
         bands = self.bands
@@ -161,9 +170,10 @@ class _Rates:
             total += self.web_call * searches
         if self.request is not None:
             total += self.request
-        if self.down == 1 and type(total) is int and 0 <= total < self.exact_below:
+        if self.down == 1 and type(total) is int and 0 <= total < self.fits_below:
             return _NANO * (total * self.up)  # `usd`'s usual case, without the call
-        return self.usd(total)
+        cost = self.usd(total)
+        return cost if -COST_LIMIT < cost < COST_LIMIT else TOO_LARGE
 
     def usd(self, total: int) -> Decimal:
         """`total` (a count of 10**exponent USD) in USD to 9 places, rounded half-even.
@@ -290,12 +300,14 @@ class Pricer:
         rates = self._day_rates(model, service_tier, started_at)
         if rates is _UNPRICED:
             return None
-        return rates.price(
+        cost = rates.price(
             input_tokens or 0, cached_tokens or 0, cache_write_tokens or 0, output_tokens or 0, reasoning_tokens or 0, web_search_calls or 0,
         )
+        return None if cost is TOO_LARGE else cost
 
     def price_record(self, record: Record) -> None:
-        """Set `cost_usd` and `priced` on a finished record (skips rows without usage or with anomalies).
+        """Set `cost_usd` and `priced` on a finished record (skips rows without usage or with anomalies;
+        a cost too large for the ledger is none, and an anomaly: `note_overflow`).
 
         `cost()` on the record's fields, read once each: this runs for every request.
         """
@@ -315,6 +327,11 @@ class Pricer:
         cost = rates.price(
             inp or 0, record.cached_tokens or 0, record.cache_write_tokens or 0, out or 0, record.reasoning_tokens or 0, record.web_search_calls or 0,
         )
+        if cost is TOO_LARGE:
+            # Bounded here, not only by the ledger: metrics and budgets add this cost up
+            # before the ledger sees it (12.5 billion dollars once, against a NULL row).
+            note_overflow(record, "cost_usd")
+            cost = None
         record.cost_usd = cost
         record.priced = cost is not None
 

@@ -190,6 +190,23 @@ async def test_a_2xx_whose_body_is_slow_is_accepted_once_not_timed_out_and_resen
     assert alerter.sent == {"search-monthly": 1} and alerter.failures == {}
 
 
+async def test_a_spend_past_the_claims_column_is_claimed_and_sent(duckdb_store: DuckDBStore, receiver: UpstreamProcess) -> None:
+    # Spend is a sum of rows, each within DECIMAL(18,9), and can pass the column itself
+    # (12.5 billion here): the claim must still be written, or the alert is retried for ever.
+    alerter = Alerter(duckdb_store, [receiver.url], first_retry=0.1)
+    await alerter.start(owner="replica-a")
+    try:
+        alerter.crossed(crossing(1.0, spend="12500000000.000238750"))
+        await wait_for(lambda: asyncio.sleep(0, result=bool(claims(duckdb_store)) and claims(duckdb_store)[0]["sent_at"] is not None), timeout=10, what="sent_at")
+    finally:
+        await alerter.stop()
+    [post] = await received(receiver.url)
+    [row] = claims(duckdb_store)
+    largest = Decimal("999999999.999999999")  # what DECIMAL(18,9) holds at most
+    assert row["spend_usd"] == largest and post["json"]["spend_usd"] == float(largest)
+    assert row["limit_usd"] == Decimal(500) and alerter.failures == {}
+
+
 def open_store(dialect: str, where: str) -> Store:
     store: Store = DuckDBStore(where) if dialect == "duckdb" else PostgresStore(where)
     store.open()

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import aiohttp
 from prometheus_client.core import CounterMetricFamily, Metric
 
+from ..bounds import storable_cost
 from ..ledger.alert_claims import AlertClaim
 from ..ledger.store import Store
 from .webhook import body_and_headers, fingerprint, host_of, iso_utc, post
@@ -222,7 +223,10 @@ class Alerter:
         while self._waiting:
             c = self._waiting.popleft()
             try:
-                alert = AlertClaim(c.budget, c.window_start.astimezone(UTC), float(c.threshold), Decimal(c.spend_usd), Decimal(c.limit_usd), c.mode)
+                # Within the claim's DECIMAL(18,9) columns: a spend past them (a sum of
+                # costs can pass what each cost fits) made a claim no retry could write.
+                spend, limit = storable_cost(Decimal(c.spend_usd)), storable_cost(Decimal(c.limit_usd))
+                alert = AlertClaim(c.budget, c.window_start.astimezone(UTC), float(c.threshold), spend, limit, c.mode)
             except (TypeError, ValueError, ArithmeticError, AttributeError) as exc:  # a caller's bug must not end the worker
                 log.error("budget alerts: a crossing that cannot be sent (%s): %r", type(exc).__name__, c)
                 continue

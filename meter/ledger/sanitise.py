@@ -10,7 +10,10 @@ Whatever a client or an upstream sent, a record leaves here with:
   type and code, `cache_status`: `bounds.BOUNDED_TEXT`) cut to 256 characters, each
   cut counted per field;
 - numbers the ledger's column types cannot hold (BIGINT, INTEGER,
-  DECIMAL(18,9)) set to NULL, counted once per record by endpoint.
+  DECIMAL(18,9): the ranges in `meter.bounds`) set to NULL, counted once per
+  record by endpoint.  A record the proxy made has none left (it was held to
+  the same ranges when it was built and priced); this is the last guard, for
+  every other way a record reaches a store.
 
 It runs in the ledger writer's thread, once per batch, and is idempotent (a
 retried batch changes nothing and counts nothing again).  Nearly every record is
@@ -31,7 +34,7 @@ from decimal import Decimal
 from itertools import chain
 from typing import Any
 
-from ..bounds import BOUNDED_TEXT, MAX_TEXT, cut_bounded_text
+from ..bounds import BIGINT_MAX, BIGINT_MIN, BOUNDED_TEXT, COST_LIMIT, COST_QUANTUM, INT_MAX, INT_MIN, MAX_TEXT, cut_bounded_text
 from ..record import ENDPOINTS, Record
 
 # The other VARCHAR column whose text can come from outside, cleaned but not cut: the
@@ -45,11 +48,6 @@ BIGINT: tuple[str, ...] = (
     "total_tokens", "web_search_calls", "cache_missed_tokens", "request_bytes", "response_bytes",
 )  # fmt: skip
 INTEGER: tuple[str, ...] = ("status_code",)
-
-BIGINT_MIN, BIGINT_MAX = -(2**63), 2**63 - 1
-INT_MIN, INT_MAX = -(2**31), 2**31 - 1
-COST_LIMIT = Decimal(10) ** 9  # DECIMAL(18,9): 9 digits before the point
-COST_QUANTUM = Decimal(1).scaleb(-9)
 
 _text_and_tags = operator.attrgetter(*TEXT, "tags")
 _bigints = operator.attrgetter(*BIGINT)

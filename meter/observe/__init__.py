@@ -22,7 +22,7 @@ from .endpoints import METERED_KIND, endpoint_for, observer_for
 from .facts import RequestFacts, request_facts
 from .objects import Observation, observe_json_body
 from .sse import SSEObserver
-from .usage import Usage, usage_anomalies
+from .usage import Usage, unfit_counts, usage_anomalies
 
 __all__ = [
     "METERED_KIND",
@@ -36,5 +36,6 @@ __all__ = [
     "observe_json_body",
     "observer_for",
     "request_facts",
+    "unfit_counts",
     "usage_anomalies",
 ]

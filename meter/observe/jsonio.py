@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from ..bounds import BIGINT_MAX
+
 # orjson alone, for the few callers on every answer's path that save `loads`'s call
 # around it: on its ValueError they call `loads`, which reads what orjson refuses.
 orjson_loads = _orjson_loads = orjson.loads
@@ -38,9 +40,20 @@ def loads(data: bytes | bytearray | memoryview | str) -> Any:
             raise ValueError("JSON nested too deep") from None
 
 
+# What a count that is a JSON number but no integer is read as: a float (1.5, 1e30, or an
+# integer past 64 bits, which orjson reads as a float).  It is an int past every count
+# the ledger holds, so that the one range test of a record's counts
+# (`usage.unfit_counts`) makes it NULL and an `overflow` anomaly, whatever its size or
+# type: read as nothing, it left the row priced from the other counts (an input of
+# 2**64 tokens was priced as 0).  Never stored.
+NOT_AN_INT = BIGINT_MAX + 1
+
+
 def as_int(value: Any) -> int | None:
-    # bool is an int subclass; a token count of `true` is not a count.
-    return value if type(value) is int else None
+    """A count: an int as it is, any other number `NOT_AN_INT`, anything else None."""
+    if type(value) is int:  # bool is an int subclass; a token count of `true` is not a count
+        return value
+    return NOT_AN_INT if type(value) is float else None
 
 
 def as_str(value: Any) -> str | None:

@@ -15,8 +15,8 @@ json), as before.  So whenever `decode_body`, `decode_chat_body` or
 `decode_event` give a value, the readers see exactly what they would have read
 from orjson's dicts (tests/test_observe_shapes.py checks it on hostile input):
 
-- a count is an int orjson keeps as an int: orjson reads an integer outside
-  64 bits as a float, which meter does not count, so one past int64 is refused;
+- a count is an int within the ledger's BIGINT: a float, or an integer past
+  it, is refused here and read the general way, where it is an overflow;
 - a duplicated key is the last one, as with orjson (msgspec keeps the last,
   an object replacing the earlier one whole);
 - a lone surrogate escape, NaN, Infinity, a number out of float range, trailing
@@ -32,12 +32,14 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from ..bounds import BIGINT_MAX, BIGINT_MIN
+
 T = TypeVar("T")
 
-# An int orjson reads as an int (it reads one outside 64 bits as a float, which
-# `as_int` refuses).  msgspec's bounds stop at int64: a count in orjson's uint64
-# range above it is read the general way.
-Count = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]
+# An int the ledger's BIGINT holds, so that a count decoded here needs no other check
+# (`usage.Usage.bounded`).  Any other number (a float, an int past BIGINT: orjson reads
+# one past 64 bits as a float) is read the general way, which records it as an overflow.
+Count = Annotated[int, msgspec.Meta(ge=BIGINT_MIN, le=BIGINT_MAX)]
 
 
 class InputTokensDetails(msgspec.Struct, gc=False):

@@ -7,9 +7,11 @@ SPEC §3's invariants a usage block breaks: reported, never corrected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import operator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..bounds import BIGINT_MAX, BIGINT_MIN
 from .jsonio import as_dict, as_int
 
 if TYPE_CHECKING:
@@ -27,13 +29,17 @@ class Usage:
     web_search_calls: int | None = None
     cache_status: str | None = None
     cache_missed_tokens: int | None = None
+    # Every count is known to be within BIGINT: msgspec decoded them (`shapes.Count` is
+    # bounded so), and `unfit_counts` has nothing to look at.
+    bounded: bool = field(default=False, compare=False)  # how it was read, not what it says
 
 
 def usage_from_responses(usage: dict[str, Any]) -> Usage:
     """Normalise a Responses API `usage` block (SPEC §3).
 
-    Read once per answer: the counts are checked inline (an int, not a bool: see
-    `as_int`) and passed by position, which costs half what keywords do.
+    Read once per answer: the counts are checked inline (an int as it is, an absent
+    one None, anything else through `as_int`) and passed by position, which costs
+    half what keywords do.
     """
     get = usage.get
     details = get("input_tokens_details")
@@ -46,12 +52,12 @@ def usage_from_responses(usage: dict[str, Any]) -> Usage:
         reasoning = details.get("reasoning_tokens")
     input_tokens, output_tokens, total = get("input_tokens"), get("output_tokens"), get("total_tokens")
     return Usage(
-        input_tokens if type(input_tokens) is int else None,
-        cached if type(cached) is int else None,
-        cache_write if type(cache_write) is int else None,
-        output_tokens if type(output_tokens) is int else None,
-        reasoning if type(reasoning) is int else None,
-        total if type(total) is int else None,
+        input_tokens if type(input_tokens) is int else None if input_tokens is None else as_int(input_tokens),
+        cached if type(cached) is int else None if cached is None else as_int(cached),
+        cache_write if type(cache_write) is int else None if cache_write is None else as_int(cache_write),
+        output_tokens if type(output_tokens) is int else None if output_tokens is None else as_int(output_tokens),
+        reasoning if type(reasoning) is int else None if reasoning is None else as_int(reasoning),
+        total if type(total) is int else None if total is None else as_int(total),
     )
 
 
@@ -88,7 +94,7 @@ def _usage_of_shape(
         cached, cache_write = details.cached_tokens, details.cache_write_tokens
     else:
         cached = cache_write = None
-    return Usage(inputs, cached, cache_write, outputs, out_details.reasoning_tokens if out_details is not None else None, total)
+    return Usage(inputs, cached, cache_write, outputs, out_details.reasoning_tokens if out_details is not None else None, total, None, None, None, True)
 
 
 def cache_status_from_diagnostics(diagnostics: dict[str, Any]) -> tuple[str | None, int | None]:
@@ -107,6 +113,40 @@ def cache_status(kind: object, reason: object, missed: int | None) -> tuple[str 
     if isinstance(kind, str):
         return kind, None
     return None, None
+
+
+# Every count of a `Usage`: each is a BIGINT column of the same name.
+COUNTS: tuple[str, ...] = (
+    "input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens", "total_tokens",
+    "web_search_calls", "cache_missed_tokens",
+)  # fmt: skip
+_counts = operator.attrgetter(*COUNTS)
+
+
+def unfit_counts(usage: Usage) -> str | None:
+    """Set to None every count the ledger's BIGINT cannot hold (past its range, or read
+    from a number that is no integer: `jsonio.NOT_AN_INT`); the first of them, or None.
+
+    Once per record, before anything reads its counts.  Usage msgspec decoded (the
+    usual answer) is `bounded`; other usage of small counts, none negative, is told at
+    once by their bitwise or: it is within BIGINT exactly when each is and none is
+    negative (a third of what a sum in C costs).
+    """
+    if usage.bounded:
+        return None
+    try:
+        either = ((usage.input_tokens or 0) | (usage.cached_tokens or 0) | (usage.cache_write_tokens or 0) | (usage.output_tokens or 0)
+                  | (usage.reasoning_tokens or 0) | (usage.total_tokens or 0) | (usage.web_search_calls or 0) | (usage.cache_missed_tokens or 0))
+        if 0 <= either <= BIGINT_MAX:
+            return None
+    except TypeError:  # not an int (the readers make none): looked at one by one
+        pass
+    first = None
+    for name, value in zip(COUNTS, _counts(usage)):
+        if value is not None and not (type(value) is int and BIGINT_MIN <= value <= BIGINT_MAX):
+            setattr(usage, name, None)
+            first = first or name
+    return first
 
 
 def usage_anomalies(usage: Usage, has_output: bool = True) -> tuple[str, ...]:

@@ -3,8 +3,9 @@
 `reprice(store, since, repricer)` reads every row with usage (from `since` on)
 through `store.iter_query` one batch at a time, computes each row's cost with
 the proxy's own `Pricer` and usage invariants (a row that breaks one stays
-unpriced), and hands the rows whose cost changed (NULL <-> value included) to
-`store.set_costs` as a generator, which writes them in one transaction.  Rows
+unpriced, as does one that held a number too large for the ledger), and hands
+the rows whose cost changed (NULL <-> value included) to `store.set_costs` as
+a generator, which writes them in one transaction.  Rows
 are never all in memory: reading, pricing and writing move together, so the
 memory a reprice takes does not grow with the ledger (scripts/bench_reprice.py
 measures it on a million rows on each store).  A dry run only counts what the
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from ..bounds import OVERFLOW_ERROR
 from ..ledger import HAS_USAGE_SQL, Store
 from ..observe import Usage, usage_anomalies
 from ..prices import Pricer
@@ -48,7 +50,9 @@ def reprice_select_sql(dialect: str, since: dt.datetime | None) -> tuple[str, li
     """The rows with usage, in `REPRICE_COLUMNS` order: the id as text, `started_at` as epoch seconds."""
     epoch = "epoch(started_at)" if dialect == "duckdb" else "extract(epoch FROM started_at)::float8"
     cols = [("id::VARCHAR" if dialect == "duckdb" else "id::text") + " AS id", f"{epoch} AS started_at", *REPRICE_COLUMNS[2:]]
-    sql = f"SELECT {', '.join(cols)} FROM requests WHERE {HAS_USAGE_SQL}"
+    # A row that held a number too large for the ledger has it NULL (`bounds.note_overflow`):
+    # priced from the counts that remain, it would cost less than it did.  It stays unpriced.
+    sql = f"SELECT {', '.join(cols)} FROM requests WHERE {HAS_USAGE_SQL} AND error_type IS DISTINCT FROM '{OVERFLOW_ERROR}'"
     params: list[Any] = []
     if since is not None:
         params.append(since)
