@@ -91,6 +91,9 @@ class Record:
     priced: bool = False  # cost_usd was computed (False with usage = unpriced)
     cut: tuple[str, ...] = ()  # values cut before the record was made ("tags", "request"), counted by the ledger
     session_of: str | None = None  # a previous_response_id whose session is still to find (the ledger writer asks the store)
+    # A retrieve carrying a background response's usage: the response whose creating row
+    # it is still to be credited to (meter.attribution.Attribution; the writer asks the store).
+    attribution_of: str | None = None
 
     @property
     def has_usage(self) -> bool:
@@ -112,5 +115,5 @@ FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record))
 # of the cost of pickling the dataclass, which matters when batches cross processes.
 record_row = operator.attrgetter(*FIELDS)
 
-_NOT_COLUMNS = {"anomalies", "priced", "cut", "session_of"}
+_NOT_COLUMNS = {"anomalies", "priced", "cut", "session_of", "attribution_of"}
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Record) if f.name not in _NOT_COLUMNS)

@@ -15,7 +15,7 @@ import aiohttp
 import openai
 import pytest
 
-from meter.attribution import SessionChains, header_tags, request_tags, resolve_sessions, take_meter_headers
+from meter.attribution import SessionChains, header_tags, request_tags, resolve_links, take_meter_headers
 from meter.record import Record
 
 from .conftest import SECRET_KEY, clear_upstream_requests, upstream_requests
@@ -241,7 +241,10 @@ def test_resolve_sessions_in_batch_order_then_the_store_then_the_fallback() -> N
     a = _record("b", prev="a", session="b")
     b = _record("c", prev="b", session="c")
     c = _record("d", prev="gone", session="d")
-    resolve_sessions([a, b, c], {"a": "S", "b": "not this: b is settled in the batch"})
+    # The store's rows newest first: each response's earliest row with a session wins.
+    stored = [("a", "responses.retrieve", "not this: a later row", None, None, None, None), ("a", "responses", "S", None, None, None, None),
+              ("a", "responses", None, None, None, None, None), ("b", "responses", "not this: b is settled in the batch", None, None, None, None)]
+    assert resolve_links([a, b, c], stored) == 0
     assert [r.session_id for r in (a, b, c)] == ["S", "S", "d"]
     assert all(r.session_of is None for r in (a, b, c))
 

@@ -110,7 +110,7 @@ class BatchPreparer:
             batch.extend(records)  # in the batch before anything below can fail: never lost
             mint_ids(records)
             if not batch.linked:
-                batch.linked = any(record.session_of is not None for record in records)
+                batch.linked = any(record.session_of is not None or record.attribution_of is not None for record in records)
             if batch.chunks is not None and records and self.encode is not None:
                 batch.chunks.extend(self.encode(records))
         except Exception:  # the writer's thread waits on `done`: it must get its batch

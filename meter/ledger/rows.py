@@ -40,7 +40,7 @@ class EncodedBatch(list[Record]):
     loop, a slice at a time); `chunks` is None once a record changed since."""
 
     chunks: list[Chunk] | None = None
-    linked: bool | None = None  # whether a record has a `session_of` to settle; None: not known
+    linked: bool | None = None  # whether a record has a `session_of` or `attribution_of` to settle; None: not known
 
 
 def encode_batch(records: Sequence[Record]) -> list[Chunk]:

@@ -47,10 +47,12 @@ def record_to_json(record: Record) -> str:
         row["cost_usd"] = str(row["cost_usd"])
     if record.session_of is not None:
         row["session_of"] = record.session_of  # a chain still to settle from the ledger when replayed
+    if record.attribution_of is not None:
+        row["attribution_of"] = record.attribution_of  # so is a background response's creator
     return json.dumps(row, separators=(",", ":"))
 
 
-_COLUMN_SET = frozenset((*COLUMNS, "session_of"))
+_COLUMN_SET = frozenset((*COLUMNS, "session_of", "attribution_of"))
 
 
 def record_from_json(text: str) -> Record:

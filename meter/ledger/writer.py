@@ -28,9 +28,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..attribution import resolve_sessions, sessions_query
-from ..bounds import MAX_TEXT
+from ..attribution import DROPPED_TAG, links_asked, links_query, resolve_links
 from ..record import Record
 from .preparing import BatchPreparer, pop_up_to
 from .rows import EncodedBatch
@@ -419,30 +419,27 @@ class LedgerWriter:
         return True
 
     def _settle_sessions(self, batch: list[Record]) -> Exception | None:
-        """The sessions of chains the request path did not know (a response another
-        replica or an earlier run recorded): one query for the batch, here in the
-        writer's thread, never on the request path.  An outage is returned (the batch
-        waits, unsettled); any other failure leaves each row its fallback session."""
+        """What the request path did not know (a response another replica or an earlier
+        run recorded): the sessions of chains, and the creators of background responses
+        whose usage a retrieve carries (`meter.attribution.resolve_links`).  One query for
+        the batch, here in the writer's thread, never on the request path.  An outage is
+        returned (the batch waits, unsettled); any other failure leaves each row its own."""
         if isinstance(batch, EncodedBatch) and batch.linked is False:
-            return None  # the preparer saw no chain to settle: no loop over the batch here
-        for record in batch:
-            if record.session_of is not None:
-                # The id as the ledger keeps it (valid text, cut), which is how rows are found.
-                record.session_of = clean_text(record.session_of[:MAX_TEXT])
-        ask = sorted({r.session_of for r in batch if r.session_of is not None})
+            return None  # the preparer saw no link to settle: no loop over the batch here
+        ask = links_asked(batch, clean_text)
         if ask and isinstance(batch, EncodedBatch):
             batch.chunks = None  # the records change below: encoded again when written
-        stored: dict[str, str | None] = {}
+        rows: list[tuple[Any, ...]] = []
         if ask:
             try:
-                _, rows = self.store.query(sessions_query(ask), ask)
+                _, rows = self.store.query(links_query(ask), ask)
             except Exception as exc:  # noqa: BLE001 - failure_kind says whose fault it is
                 if failure_kind(exc) == "outage":
                     return exc
-                log.warning("could not look up the sessions of %d earlier responses (%s); those rows keep their own", len(ask), type(exc).__name__)
-            else:
-                stored = {rid: sid for rid, sid in rows}
-        resolve_sessions(batch, stored)
+                log.warning("could not look up %d earlier responses (%s); the rows that follow them keep their own sessions and attribution", len(ask), type(exc).__name__)
+        dropped = resolve_links(batch, rows)
+        if dropped:  # a retrieve's own tags past what its row may hold; counted here, as a batch may be sanitised already
+            self.stats.truncated[DROPPED_TAG] += dropped
         return None
 
     def _set_writing(self, n: int) -> None:
