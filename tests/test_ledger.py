@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import uuid
@@ -431,8 +432,9 @@ def test_open_reader_says_in_one_line_why_it_cannot(tmp_path: Path) -> None:
             ([str(other)], True, "has no requests table"),
             (["mysql://u:hunter2@db/x"], False, "a ledger is a DuckDB file or a postgresql:// URL"),
             (["postgresql://u:hunter2@db/x", str(held)], False, "give it alone"),
-            ([str(held)], False, f"is open in a running meter (held by PID {holder._proc.pid}); ask the running meter with --url"),  # type: ignore[union-attr]
-            ([str(held)], True, "is open in a running meter (held by PID"),
+            # DuckDB names the ledger child; the message names the process that started it.
+            ([str(held)], False, f"is open in a running meter, held by meter serve (pid {os.getpid()}); ask the running meter with --url"),
+            ([str(held)], True, f"is open in a running meter, held by meter serve (pid {os.getpid()})"),
         ]
         for ledgers, writable, needle in cases:
             with pytest.raises(LedgerReadError) as failed:

@@ -470,6 +470,29 @@ def test_start_fails_on_a_ledger_another_meter_holds(upstream: Any, meter_proces
     assert f"in use by meter serve (pid {first.proc.pid})" in line
 
 
+def test_commands_name_the_meter_serve_that_holds_a_ledger_not_its_child(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    """DuckDB names the process with the file open, meter's ledger child: each command
+    that reads a file names the `meter serve` the user can see and stop (SPEC §2b)."""
+    ledger = tmp_path / "l.duckdb"
+    first = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    metric(first.admin_port, "meter_ledger_pending_records")  # it serves: its ledger is open
+    # The thread that started the ledger child is not the main one: read every thread's children.
+    [child] = [int(pid) for task in Path(f"/proc/{first.proc.pid}/task").iterdir() for pid in (task / "children").read_text().split()]
+    config = tmp_path / "budgets.toml"  # `meter budgets` reads the ledger only for a budget
+    config.write_text('[[budgets]]\nname = "all"\nwindow = "day"\nlimit_usd = 1\n')
+    commands = [
+        ["report"], ["sql", "SELECT 1"], ["reprice"], ["prune", "--older-than", "180d"], ["budgets", "--config", str(config)], ["reconcile"],
+    ]
+    env = {**os.environ, "OPENAI_ADMIN_KEY": "sk-admin-not-used", "METER_UPSTREAM": "http://127.0.0.1:9"}
+    for command in commands:
+        done = subprocess.run(
+            [sys.executable, "-m", "meter", *command, "--ledger", str(ledger)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 2, (command, done.returncode, done.stderr[-2000:])
+        [line] = [line for line in done.stderr.splitlines() if line.strip()]
+        assert f"held by meter serve (pid {first.proc.pid})" in line and f"pid {child}" not in line, (command, line)
+
+
 def test_postgres_down_at_start_is_not_a_start_up_failure(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
     down = f"postgresql://meter:pw@127.0.0.1:{free_port()}/meter"
     meter = meter_process("--upstream", upstream.url, "--ledger", down, "--spool", str(tmp_path / "s.jsonl"))

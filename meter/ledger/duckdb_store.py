@@ -594,12 +594,19 @@ def lock_holder(pid: int) -> str:
         return f"process {pid}"
 
 
+def holder_named(text: str) -> str | None:
+    """Who holds the file, as `lock_holder` names it, when DuckDB's error `text` is a
+    lock held by another process; else None."""
+    held = _LOCK_PID.search(text)
+    return lock_holder(int(held.group(1))) if held else None
+
+
 def unusable_from_duckdb(path: str, exc: Exception) -> Exception:
     """DuckDB's open error as start-up's one line, or as is if it is not about the file."""
     text = str(exc)
-    held = _LOCK_PID.search(text)
-    if held:
-        return LedgerUnusable(f"ledger {path} is in use by {lock_holder(int(held.group(1)))}")
+    holder = holder_named(text)
+    if holder is not None:
+        return LedgerUnusable(f"ledger {path} is in use by {holder}")
     if "not a valid DuckDB database file" in text:
         return LedgerUnusable(f"ledger {path} is not a DuckDB database (not a meter ledger)")
     if "No such file or directory" in text or "Permission denied" in text or "Is a directory" in text:

@@ -13,13 +13,12 @@ it first.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from typing import Any
 
 from ..config import Settings, redact_url
 from .child_store import ChildProcessStore
-from .duckdb_store import DuckDBStore
+from .duckdb_store import DuckDBStore, holder_named
 from .store import LedgerReadError, Store
 
 
@@ -122,8 +121,9 @@ def _duckdb_error(path: str, exc: Any, *, writable: bool) -> LedgerReadError:
     message = str(exc)
     if "lock" in message.lower():
         hint = "; stop that meter first" if writable else "; ask the running meter with --url http://ADMIN instead"
-        pid = re.search(r"PID (\d+)", message)
-        held = f" (held by PID {pid.group(1)})" if pid else ""
+        # DuckDB names its holder: for meter, the ledger child; say the `meter serve` to stop or ask.
+        holder = holder_named(message)
+        held = f", held by {holder}" if holder else ""
         return LedgerReadError(f"ledger: {path} is open in a running meter{held}{hint}")
     first = message.splitlines()[0] if message else type(exc).__name__
     return LedgerReadError(f"ledger: cannot read {path}: {first}")
