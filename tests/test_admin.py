@@ -18,6 +18,7 @@ Every test drives a real `meter serve` (or, for the start-up clean-up, a real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -381,8 +383,24 @@ async def test_out_of_range_windows_are_a_400_and_one_cli_line(upstream, meter_p
     assert wide.returncode == 0 and json.loads(wide.stdout)[0]["requests"] == 1, wide.stderr
 
 
-async def test_a_report_that_cannot_see_every_record_says_so(upstream, postgres, meter_process, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def inserts_held(url: str) -> AsyncIterator[None]:
+    """The ledger's table held for the block: reads go on (EXCLUSIVE admits ACCESS
+    SHARE), inserts wait."""
     import asyncpg
+
+    holder = await asyncpg.connect(url)
+    tx = holder.transaction()
+    await tx.start()
+    try:
+        await holder.execute("LOCK TABLE requests IN EXCLUSIVE MODE")
+        yield
+    finally:
+        await tx.rollback()
+        await holder.close()
+
+
+async def test_a_report_that_cannot_see_every_record_says_so(upstream, postgres, meter_process, tmp_path: Path) -> None:
 
     url = postgres.new_database()
     proc = meter_process("--upstream", upstream.url, "--ledger", url, "--spool", str(tmp_path / "spool.jsonl"), "--flush-interval", "0.1")
@@ -390,12 +408,7 @@ async def test_a_report_that_cannot_see_every_record_says_so(upstream, postgres,
     status, headers, body = await araw(proc.admin_port, "/api/report")
     assert status == 200 and "meter-report-pending" not in headers and json.loads(body)[0]["requests"] == 2
 
-    # Hold the table: reads go on (EXCLUSIVE admits ACCESS SHARE), inserts wait.
-    holder = await asyncpg.connect(url)
-    tx = holder.transaction()
-    await tx.start()
-    try:
-        await holder.execute("LOCK TABLE requests IN EXCLUSIVE MODE")
+    async with inserts_held(url):
         await send_requests(proc.url, 3)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and json.loads((await araw(proc.admin_port, "/readyz"))[2])["ledger_pending_records"] != 3:
@@ -414,9 +427,6 @@ async def test_a_report_that_cannot_see_every_record_says_so(upstream, postgres,
                 assert json.loads(result.stdout)[0]["requests"] == 2
             else:
                 assert result.stdout.splitlines()[0].startswith("requests,") and result.stdout.splitlines()[1].startswith("2,")
-    finally:
-        await tx.rollback()
-        await holder.close()
     status, headers, body = await araw(proc.admin_port, "/api/report")
     assert status == 200 and "meter-report-pending" not in headers and json.loads(body)[0]["requests"] == 5
     clean = await arun_meter("report", "--url", proc.admin_url, "--format", "json")
@@ -427,7 +437,6 @@ async def test_a_report_counts_the_records_waiting_in_the_spool(upstream, postgr
     """Records spilled to the spool while the ledger is held up are not in the ledger
     either: the report's Meter-Report-Pending, /readyz and the pending gauge count them,
     not only the few still in memory (--ledger-max-pending)."""
-    import asyncpg
 
     url = postgres.new_database()
     spool = tmp_path / "spool.jsonl"
@@ -436,11 +445,7 @@ async def test_a_report_counts_the_records_waiting_in_the_spool(upstream, postgr
     while not json.loads((await araw(proc.admin_port, "/readyz"))[2]).get("ready"):  # the ledger's tables are made
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
-    holder = await asyncpg.connect(url)
-    tx = holder.transaction()
-    await tx.start()
-    try:
-        await holder.execute("LOCK TABLE requests IN EXCLUSIVE MODE")
+    async with inserts_held(url):
         await send_requests(proc.url, 8)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and (not spool.exists() or len(spool.read_text().splitlines()) < 5):
@@ -453,9 +458,6 @@ async def test_a_report_counts_the_records_waiting_in_the_spool(upstream, postgr
         metrics = (await araw(proc.admin_port, "/metrics"))[2].decode()
         pending, spooled = (float(line.split()[-1]) for name in ("pending", "spooled") for line in metrics.splitlines() if line.startswith(f"meter_ledger_{name}_records "))
         assert pending <= 2 + 1 and pending + spooled == 8  # in memory: the bound and the batch held in the insert
-    finally:
-        await tx.rollback()
-        await holder.close()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         status, headers, body = await araw(proc.admin_port, "/api/report")

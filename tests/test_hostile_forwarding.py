@@ -24,6 +24,7 @@ import pytest
 from meter.paths import normalised_path, origin_form, target_for_record
 
 from .conftest import SECRET_KEY, clear_upstream_requests, ledger_rows, upstream_requests
+from .socket_server import SocketServer
 
 # --- raw HTTP helpers ---------------------------------------------------------
 
@@ -61,22 +62,16 @@ def assert_meter_error(answer: bytes, status: int, code: str) -> None:
     assert error["type"] == "meter_proxy_error" and error["code"] == code and error["param"] is None
 
 
-class Listener:
+class Listener(SocketServer):
     """A socket that stands for "some other host": it must never be connected to, and
     keeps the head of any request that reaches it all the same (`received`)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.connections = 0
         self.received = bytearray()
-        self.server: asyncio.AbstractServer | None = None
-        self.port = 0
 
-    async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         try:
             self.received += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -86,11 +81,6 @@ class Listener:
             pass
         finally:
             writer.close()
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
 
 
 def meter_port(meter: Any) -> int:
@@ -446,21 +436,15 @@ async def test_chunked_body_reserves_as_it_grows(upstream, start_meter) -> None:
 # --- 5. Expect: 100-continue ----------------------------------------------------
 
 
-class StrictUpstream:
+class StrictUpstream(SocketServer):
     """A raw-socket upstream that honours `Expect: 100-continue` the strict way: it
     waits for the body without ever sending `100 Continue` (what a client that
     forwarded the header would wait for), then answers 200 with a JSON body."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.heads: list[bytes] = []
         self.bodies: list[bytes] = []
-        self.server: asyncio.AbstractServer | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -484,10 +468,6 @@ class StrictUpstream:
             pass
         finally:
             writer.close()
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
 
 async def test_expect_100_continue_answered_by_meter(start_meter) -> None:
@@ -591,28 +571,18 @@ async def test_malformed_requests_log_one_warning_line(upstream, meter_process, 
     assert SECRET_KEY not in text and SECRET_KEY[:-4] not in text
 
 
-class GarbageUpstream:
+class GarbageUpstream(SocketServer):
     """An upstream that answers every request with bytes that are not HTTP."""
 
     def __init__(self, answer: bytes) -> None:
+        super().__init__()
         self.answer = answer
-        self.server: asyncio.AbstractServer | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
         writer.write(self.answer)
         await writer.drain()
         writer.close()
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
 
 async def test_malformed_upstream_answer_is_502_and_one_warning_line(meter_process, tmp_path: Path) -> None:

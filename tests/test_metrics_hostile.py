@@ -17,7 +17,7 @@ import json
 import time
 from collections import Counter
 from types import SimpleNamespace
-from typing import Any, Self
+from typing import Any
 
 import aiohttp
 import pytest
@@ -30,6 +30,7 @@ from meter.metrics import MAX_LABEL_CHARS, MAX_SCRAPED_LABELS, MAX_TIERS, MAX_UN
 from meter.observe import Observation
 from meter.record import Record
 
+from .socket_server import SocketServer
 from .test_metrics import Scrape, parse, scrape
 
 REFUSED = {"x-fake-scenario": "status:401"}
@@ -237,19 +238,13 @@ def test_unmetered_reasons_bounded() -> None:
     assert longest_label_value(m) <= MAX_LABEL_CHARS
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(SocketServer):
     """A raw-socket upstream that answers each request with the bytes `answers` holds
     under the request's `x-answer` header, then closes."""
 
     def __init__(self, answers: dict[str, bytes]) -> None:
+        super().__init__()
         self.answers = answers
-        self.server: asyncio.AbstractServer | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -263,10 +258,6 @@ class ScriptedUpstream:
             pass
         finally:
             writer.close()
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
 
 def raw_answer(status: str, content_type: str, body: bytes, *extra: str) -> bytes:

@@ -88,13 +88,17 @@ def make_record(**fields: Any) -> Record:
     return Record(**base)
 
 
-def seed(path: Path | str, records: Iterable[Record]) -> Path:
-    store = DuckDBStore(str(path))
+def write_all(store: Any, records: Iterable[Record]) -> None:
+    """Open `store` (DuckDB or PostgreSQL), write `records` in one batch, close it."""
     store.open()
     try:
         store.write(list(records))
     finally:
         store.close()
+
+
+def seed(path: Path | str, records: Iterable[Record]) -> Path:
+    write_all(DuckDBStore(str(path)), records)
     return Path(path)
 
 

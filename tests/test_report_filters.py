@@ -43,6 +43,7 @@ from .test_report import (
     seed,
     seeded_records,
     totals,
+    write_all,
 )
 
 UTC = dt.UTC
@@ -219,12 +220,7 @@ def test_top(ledger: Path) -> None:
 
 
 def test_filters_on_postgres_equal_duckdb(pg_url: str, ledger: Path) -> None:
-    store = PostgresStore(pg_url)
-    store.open()
-    try:
-        store.write(seeded_records())
-    finally:
-        store.close()
+    write_all(PostgresStore(pg_url), seeded_records())
     for where, by in WHERE_CASES:
         assert run_report([pg_url], by, where) == run_report([str(ledger)], by, where), (where, by)
     for by, top in (("key,model", "3"), ("session", "2"), ("tag:team", "1"), ("tag:feature,user", "4")):
@@ -314,12 +310,7 @@ def test_where_key_finds_a_key_renamed_without_a_config_as_by_key_names_it(tmp_p
         make_record(at=D2, key_id=ID_B, key_hint=HINT_B, key_name="ads", input_tokens=16, output_tokens=0),
     ]
     path = seed(tmp_path / "renamed.duckdb", records)
-    store = PostgresStore(pg_url)
-    store.open()
-    try:
-        store.write(records)
-    finally:
-        store.close()
+    write_all(PostgresStore(pg_url), records)
     before_rename = (D1 + dt.timedelta(hours=2)).isoformat()
     for ledger in (str(path), pg_url):
         [team] = [r for r in report_json("--ledger", ledger, "--by", "key") if r["key"] == "team-search"]
@@ -433,12 +424,7 @@ def test_a_filter_value_with_a_character_the_ledger_cannot_hold_matches_as_store
 
     sanitise_counting(records)  # as the ledger writer stores them
     duck = seed(tmp_path / "odd.duckdb", records)
-    store = PostgresStore(pg_url)
-    store.open()
-    try:
-        store.write(records)
-    finally:
-        store.close()
+    write_all(PostgresStore(pg_url), records)
     for where in (["model=m\x00x"], ["user=u\ud800"], ["tag:team=t\x00"], ["model=m\ufffdx"]):
         for ledger in (pg_url, str(duck)):
             [row] = run_report([ledger], "", where)

@@ -291,6 +291,23 @@ async def test_close_codes_cross_in_both_directions(upstream, start_meter) -> No
     assert row["outcome"] == "completed"
 
 
+async def hang_up(ws: Any, how: str, upstream_url: str) -> float:
+    """Close (`close`) or drop (`drop`) the client's socket; the seconds until the
+    upstream's side of it ended (the fake upstream's log of its only socket)."""
+    hung_up = time.time()
+    if how == "close":
+        await ws.close()
+    else:
+        ws.transport.abort()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        [entry] = await ws_log(upstream_url)
+        if entry["closed_at"] is not None:
+            return float(entry["closed_at"] - hung_up)
+        await asyncio.sleep(0.05)
+    raise AssertionError("the upstream's side of the socket is still open")
+
+
 @pytest.mark.parametrize("how", ["close", "drop"])
 async def test_client_hangs_up_mid_response(upstream, start_meter, how: str) -> None:
     meter = await start_meter(upstream.url)
@@ -300,19 +317,8 @@ async def test_client_hangs_up_mid_response(upstream, start_meter, how: str) -> 
     await ws.send(create(metadata={"fake_usage": USAGE_A}))
     while json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] != "response.output_text.delta":
         pass
-    hung_up = time.time()
-    if how == "close":
-        await ws.close()
-    else:
-        ws.transport.abort()
     # The upstream's side of the socket ends within a second of the hang-up.
-    deadline = time.monotonic() + 3
-    while time.monotonic() < deadline:
-        [entry] = await ws_log(upstream.url)
-        if entry["closed_at"] is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert entry["closed_at"] is not None and entry["closed_at"] - hung_up < 1.0
+    assert await hang_up(ws, how, upstream.url) < 1.0
     [row] = await meter.rows()
     assert row["outcome"] == "client_disconnected" and row["transport"] == "websocket"
     assert row["response_id"] is not None and row["input_tokens"] is None  # the terminal event never came
@@ -331,18 +337,7 @@ async def test_client_hangs_up_after_the_output_and_the_usage_is_still_recorded(
     await ws.send(create(metadata={"fake_usage": usage}))
     while json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] != "response.output_item.done":
         pass
-    hung_up = time.time()
-    if how == "close":
-        await ws.close()
-    else:
-        ws.transport.abort()
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
-        [entry] = await ws_log(upstream.url)
-        if entry["closed_at"] is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert entry["closed_at"] is not None and entry["closed_at"] - hung_up < 2.5
+    assert await hang_up(ws, how, upstream.url) < 2.5
     [row] = await meter.rows()
     assert row["outcome"] == "client_disconnected" and row["transport"] == "websocket"
     assert (row["input_tokens"], row["output_tokens"]) == (900, 300)

@@ -18,12 +18,12 @@ import contextlib
 import json
 import os
 import time
-from typing import Self
 
 import pytest
 from websockets.asyncio.client import connect as ws_connect
 
 from .conftest import SECRET_KEY, ledger_rows
+from .socket_server import SocketServer
 from .test_hostile_forwarding import Listener
 from .test_websocket import AUTH, clear_ws_log, create, until_terminal, ws_log, ws_url
 
@@ -121,22 +121,16 @@ def test_a_terminal_message_past_the_limit_is_metered_from_its_ends() -> None:
 # --- hostile handshakes ------------------------------------------------------------
 
 
-class RawUpstream:
+class RawUpstream(SocketServer):
     """A server that reads each request's head, keeps it, waits `delay` seconds (noting
     in `hung_up` a client that leaves meanwhile), then writes `answer` (bytes of its
     choosing) and closes."""
 
     def __init__(self, answer: bytes = b"", delay: float = 0.0) -> None:
+        super().__init__()
         self.answer, self.delay = answer, delay
         self.heads: list[bytes] = []
         self.hung_up = asyncio.Event()  # a connection ended before its answer was written
-        self.server: asyncio.AbstractServer | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> Self:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -154,10 +148,6 @@ class RawUpstream:
             pass
         finally:
             writer.close()
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.server is not None
-        self.server.close()
 
 
 def upgrade(headers: dict[str, str]) -> bytes:

@@ -1,0 +1,31 @@
+"""A loopback TCP server for tests whose upstream must speak raw bytes: malformed HTTP,
+a strict `Expect` handshake, an answer scripted per request, a host that must never
+be reached.  A subclass answers each connection in `_serve`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Self
+
+
+class SocketServer:
+    """`async with` it: listening on 127.0.0.1 at `port` (`url`) until the block ends."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self.url = ""
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
