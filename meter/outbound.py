@@ -13,6 +13,7 @@ caller's one `except URLError` covers every way the server cannot be read.
 from __future__ import annotations
 
 import http.client
+import time
 import urllib.error
 import urllib.request
 from typing import IO, NoReturn
@@ -39,15 +40,39 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_RefuseRedirects)
 
 
-def fetch(request: urllib.request.Request, timeout: float) -> tuple[bytes, http.client.HTTPMessage]:
+def fetch(
+    request: urllib.request.Request, timeout: float, *, max_bytes: int | None = None, within: float | None = None
+) -> tuple[bytes, http.client.HTTPMessage]:
     """The answer's body and headers.  Raises `RedirectRefused` on a redirect,
     `HTTPError` on any other status from 400 on, `URLError` when the server
-    cannot be reached or read."""
+    cannot be reached or read.
+
+    `timeout` bounds each wait on the socket; an answer read in the process that
+    serves (`--reconcile-every`) may also be bounded in size (`max_bytes`) and in
+    time as a whole (`within` seconds): a server that trickles a byte a little
+    inside `timeout`, or sends without end, is then a `URLError` too."""
     try:
         with _OPENER.open(request, timeout=timeout) as answer:
-            return answer.read(), answer.headers
+            if max_bytes is None and within is None:
+                return answer.read(), answer.headers
+            return _read_bounded(answer, max_bytes, time.monotonic() + within if within is not None else None), answer.headers
     except http.client.HTTPException as exc:  # InvalidURL, BadStatusLine, IncompleteRead: not OSErrors
         raise urllib.error.URLError(_one_line(exc)) from None
+
+
+def _read_bounded(answer: http.client.HTTPResponse, max_bytes: int | None, deadline: float | None) -> bytes:
+    # read1: what one read of the socket gives, so that the bounds are checked as the
+    # bytes come, not once a large read has waited for all of them.
+    parts: list[bytes] = []
+    size = 0
+    while chunk := answer.read1(1 << 16):
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise urllib.error.URLError(f"its answer is larger than {max_bytes >> 20} MiB")
+        if deadline is not None and time.monotonic() > deadline:
+            raise urllib.error.URLError("its answer took too long to arrive")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _one_line(exc: Exception) -> str:

@@ -8,11 +8,13 @@ exit status and the requests the fake received.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -28,6 +30,7 @@ from meter.record import Record
 from .conftest import ROOT, MeterProcess, UpstreamProcess
 from .pg import pg_url, postgres  # noqa: F401
 from .redirecting import redirect_elsewhere, run_meter_env
+from .socket_server import SocketServer
 
 ADMIN = "sk-admin-test-Zq81"
 KEY_A = "sk-proj-aaaaaaaaaaaaaaaaaaaaAAA1"
@@ -433,3 +436,47 @@ def test_url_a_redirecting_meter_never_gets_the_admin_token_sent_on(tmp_path: Pa
 def test_url_malformed_is_one_line_exit_2() -> None:
     result = run_meter_env({"OPENAI_ADMIN_KEY": ADMIN}, "reconcile", "--url", "http://127.0.0.1:abc", "--upstream", "http://127.0.0.1:9")
     assert result.returncode == 2 and result.stderr.startswith("meter: error: reconcile: --url: ") and result.stderr.count("\n") == 1, result
+
+
+class PageServer(SocketServer):
+    """A provider that answers every request 200 with `size` bytes of body, a byte every
+    `pause` seconds (a trickle) or all at once (`pause` 0)."""
+
+    def __init__(self, size: int, pause: float) -> None:
+        super().__init__()
+        self.size, self.pause = size, pause
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % self.size)
+            if self.pause:
+                for _ in range(self.size):
+                    writer.write(b" ")
+                    await writer.drain()
+                    await asyncio.sleep(self.pause)
+            else:
+                block = b" " * (1 << 20)
+                for _ in range(self.size >> 20):
+                    writer.write(block)
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize(("size", "pause", "says"), [(70 << 20, 0.0, "larger than 64 MiB"), (1000, 0.2, "took too long")])
+async def test_a_provider_page_is_bounded_in_size_and_in_time(size: int, pause: float, says: str) -> None:
+    # `serve --reconcile-every` reads the provider's pages in the serving process: a page
+    # without end, or one trickled a byte inside each socket timeout, was read whole
+    # (70 MiB held, then 'not JSON') or waited on for as long as it trickled (200 s here).
+    from meter.reconcile.provider import ProviderClient, ProviderError
+
+    async with PageServer(size, pause) as server:
+        client = ProviderClient(server.url, ADMIN, timeout=1.0)  # a page within 10 s, as a whole
+        started = time.monotonic()
+        with pytest.raises(ProviderError) as failed:
+            await asyncio.get_running_loop().run_in_executor(None, client.usage, D1, D2, ["model"])
+    assert says in str(failed.value) and ADMIN not in str(failed.value)
+    assert time.monotonic() - started < 15

@@ -32,7 +32,12 @@ from ..config import redact_url
 from ..outbound import RedirectRefused, fetch
 
 RETRIES = 5
-TIMEOUT = 30.0
+TIMEOUT = 30.0  # each wait on the socket
+# One page of usage or costs, as a whole: far past any real page (a month of daily
+# buckets grouped by model, project, key and tier), short of what could hurt the
+# process that serves when it reconciles (`--reconcile-every`).
+PAGE_MAX_BYTES = 64 << 20
+PAGE_WAITS = 10  # a page as a whole within this many socket waits (300 s by default)
 # Pages of one listing: a year of daily buckets is 12, an organisation's keys 100 a page.
 MAX_PAGES = 10_000
 # What compare reads of a usage result: the counts, and the group_by values it joins on.
@@ -63,7 +68,7 @@ class ProviderClient:
         delay = 1.0
         for attempt in range(RETRIES + 1):
             try:
-                raw, _ = fetch(request, self._timeout)
+                raw, _ = fetch(request, self._timeout, max_bytes=PAGE_MAX_BYTES, within=PAGE_WAITS * self._timeout)
                 body = json.loads(raw.decode("utf-8"))
                 if not isinstance(body, dict):
                     raise ProviderError(f"{path}: the answer is not a JSON object")
