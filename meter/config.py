@@ -10,7 +10,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -342,7 +342,22 @@ def settings_from_toml(path: str) -> dict[str, Any]:
             out[key] = value
         else:
             raise SettingError(f"config: unknown setting {name!r} in {path}")
+    check_budget_keys(out.get("budgets", ()), out.get("keys", {}))
     return out
+
+
+def check_budget_keys(budgets: Iterable[Budget], keys: Mapping[str, str]) -> None:
+    """A budget's `match.key` names a key: a key_id, or a name in `[keys]`.  Anything else
+    (a typo, a name never configured, a raw key pasted in) matches no request, so the
+    budget would show $0 and never refuse: it is refused at start, the value unquoted."""
+    names = set(keys.values())
+    for budget in budgets:
+        key = budget.match.get("key")
+        if key is not None and not _KEY_ID.fullmatch(key) and key not in names:
+            raise SettingError(
+                f"config: [[budgets]] {budget.name!r}: match.key is neither a key_id (16 lower-case hex digits, `meter keys id`) "
+                "nor a name in [keys], so it would match no request"
+            )
 
 
 _KEY_ID = re.compile(r"[0-9a-f]{16}")

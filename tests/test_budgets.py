@@ -84,6 +84,24 @@ def test_a_bad_budget_exits_2_from_the_real_command(tmp_path: Path) -> None:
     assert proc.stderr.strip().count("\n") == 0 and "[[budgets]] 'x': window" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("key", ["team-serach", "sk-proj-Zq8Wm3Lp9Xr2Tb7NkQ4v"])
+def test_a_budget_whose_key_matches_no_key_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str], key: str) -> None:
+    # A typo of a name in [keys] (or a raw key pasted in) matched no request: the budget
+    # showed $0 and never refused.  A key_id or a configured name is taken, in any order.
+    keys = '[keys]\n"aa323243373c9b74" = "team-search"\n'
+    budget = f'[[budgets]]\nname = "b"\nmatch = {{ key = "{key}" }}\nwindow = "day"\nlimit_usd = 1\n'
+    config = write_config(tmp_path / "meter.toml", budget + keys)
+    assert main(["budgets", "--config", config, "--ledger", str(tmp_path / "l.duckdb")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[[budgets]] 'b': match.key is neither a key_id" in err and key not in err, err
+    from meter.config import load_settings
+
+    for good in ("team-search", "aa323243373c9b74", "0123456789abcdef"):
+        config = write_config(tmp_path / "ok.toml", budget.replace(key, good) + keys)
+        [taken] = load_settings({"config": config}, env={}).budgets
+        assert taken.match == {"key": good}
+
+
 def test_two_budgets_with_one_name_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     one = '[[budgets]]\nname = "same"\nwindow = "day"\nlimit_usd = 1\n'
     config = write_config(tmp_path / "meter.toml", one + one)
