@@ -477,4 +477,7 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"]) or "settings"
         message = error["msg"].removeprefix("Value error, ")
-        raise SettingError(f"{where.replace('_', '-')}: {message}") from None
+        # The setting's name as its flag spells it; what follows it (a model's name under
+        # price_overrides, say) is the user's own text, shown as written.
+        setting, dot, rest = where.partition(".")
+        raise SettingError(f"{setting.replace('_', '-')}{dot}{rest}: {message}") from None

@@ -20,6 +20,7 @@ import random
 import timeit
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pydantic
 import pytest
@@ -625,3 +626,16 @@ def test_price_record_is_cost_on_every_model_and_usage_shape() -> None:
             compared += 1
             priced += want is not None
     assert compared > 5000 and priced > 2000
+
+
+def test_a_bad_price_override_is_named_as_written(tmp_path: Path) -> None:
+    # Only the setting's own name is spelled as its flag is (price-overrides); the model's
+    # name after it is the user's text: 'my_model' was shown as 'my-model', a model the
+    # config does not name.
+    from meter.config import SettingError, load_settings
+
+    config = tmp_path / "meter.toml"
+    config.write_text('[prices]\n"my_model_x" = { input = "bad", output = 1 }\n')
+    with pytest.raises(SettingError) as refused:
+        load_settings({"config": str(config)}, env={})
+    assert str(refused.value).startswith("price-overrides.my_model_x."), refused.value
