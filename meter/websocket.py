@@ -218,6 +218,20 @@ class _Socket:
         return asyncio.shield(self.closing)
 
 
+def _start_reading_on(meter: SocketMeter | None, socket: _Socket, close: dict[str, Any]) -> bool:
+    """Whether the upstream is to be read on now that the client has left (right after
+    the output of every response running: `SocketMeter.client_left`); if so, the
+    socket says until when, and which close to relay to the upstream after."""
+    if meter is None or not meter.client_left():
+        return False
+    loop = asyncio.get_running_loop()
+    socket.reading_on = loop.create_future()
+    socket.read_on_until = loop.time() + READ_ON_AFTER_HANGUP
+    socket.hang_up_close = close
+    meter.on_idle = socket.read_on_done  # the pump ends the wait too, when it ends
+    return True
+
+
 class _Live:
     """An accepted socket, as `WebSocketRelay.shutdown` needs to see it."""
 
@@ -265,14 +279,15 @@ class WebSocketRelay:
         self.max_metered_bytes = max_metered_bytes  # a larger message is relayed, and metered from its ends
         self._handshakes: aiohttp.ClientSession | None = None
         self._live: set[_Live] = set()
-        self.draining = False
+        self.draining = False  # shutting down: sockets close as their responses end
+        self.grace_over = False  # the grace period has ended: what is still open is meter's to cut
 
     def shutdown(self) -> None:
         """meter is stopping: close each socket (1001) once the responses on it have ended.
 
         Sockets with nothing in flight close now; the others right after their last
         response's terminal event has been relayed.  Whatever is still open when the
-        grace period ends is cancelled with the server, and recorded as such.
+        grace period ends is closed by `close_all`, and recorded as cut by the shutdown.
         """
         self.draining = True
         for live in list(self._live):
@@ -282,6 +297,7 @@ class WebSocketRelay:
         """The grace period is over: every socket still open closes now (1001), its
         responses recorded as cut by the shutdown.  Left to the server, the handler would be
         cancelled a second later and its connection dropped without a close frame."""
+        self.grace_over = True
         for live in list(self._live):
             live.close_soon()
 
@@ -363,7 +379,7 @@ class WebSocketRelay:
     def _gave_up(self, flow: Flow) -> None:
         """The handshake was abandoned before any answer: no status, nothing sent to the client."""
         flow.transport = "http"  # no socket was opened, like any other handshake that failed
-        if self.draining:  # told apart as `_end` does for an open socket
+        if self.grace_over:  # told apart as `_end` does for an open socket
             flow.outcome, flow.error_type, flow.error_code = "error", "meter_proxy_error", "shutting_down"
         else:
             flow.outcome = "client_disconnected"
@@ -438,8 +454,9 @@ class WebSocketRelay:
         except asyncio.CancelledError:
             # The client's connection is gone (or meter's grace period is over): close the
             # upstream now, or, right after the output, once the usage is in.
-            first = socket.first("meter" if self.draining else "client", None, dropped=True)
-            if (first and not self.draining) or socket.reading_on is not None:
+            # During the grace period a cancellation is the client's hang-up; after it, meter's.
+            first = socket.first("meter" if self.grace_over else "client", None, dropped=True)
+            if (first and not self.grace_over) or socket.reading_on is not None:
                 with contextlib.suppress(BaseException):  # deaf to a second cancellation: the first is re-raised
                     await self._read_on_cancelled(upstream, meter, socket)
             pump.cancel()
@@ -487,17 +504,30 @@ class WebSocketRelay:
         Called again when aiohttp cancelled the handler meanwhile (the client's connection
         ended after its close frame): it waits out the same read-on."""
         loop = asyncio.get_running_loop()
-        if socket.reading_on is None and meter is not None and meter.client_left():
-            socket.reading_on = loop.create_future()
-            socket.read_on_until = loop.time() + READ_ON_AFTER_HANGUP
-            socket.hang_up_close = close
-            meter.on_idle = socket.read_on_done  # the pump ends the wait too, when it ends
+        if socket.reading_on is None:
+            _start_reading_on(meter, socket, close)
         if socket.reading_on is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(socket.reading_on), max(0.0, socket.read_on_until - loop.time()))
             close = socket.hang_up_close
         if socket.closing is None:
             await socket.relay_close(upstream, **close)
+
+    @staticmethod
+    async def _meter_the_rest(upstream: _Upstream, meter: SocketMeter, socket: _Socket) -> None:
+        """Reading on in the upstream's pump: meter what comes, relay nothing, until every
+        response running has ended or `read_on_until`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(socket.read_on_until):
+                while not meter.idle:
+                    msg = await upstream.receive()
+                    if msg.type is TEXT:
+                        try:
+                            meter.on_upstream(msg.data)
+                        except Exception:  # metering must never break the relay
+                            log.exception("could not meter an upstream message")
+                    elif msg.type is not BINARY:
+                        return  # the upstream closed or dropped too
 
     def _end(self, flow: Flow, meter: SocketMeter | None, socket: _Socket) -> None:
         if socket.closed_by == "upstream":
@@ -570,17 +600,19 @@ class WebSocketRelay:
                 msg = await receive()
                 kind = msg.type
                 if kind is TEXT or kind is BINARY:
+                    # Metered before it is written: a write that finds the client gone
+                    # must not cost the message (a terminal event's usage) its metering.
+                    if on_upstream is not None and kind is TEXT:
+                        try:
+                            on_upstream(msg.data)
+                        except Exception:  # metering must never break the relay
+                            log.exception("could not meter an upstream message")
                     if socket.reading_on is None:
                         add(msg.data, kind)
                         if not parsed:  # the pump waits next: write what it gathered first
                             flush()
                             if frames.congested:
                                 await frames.drain()
-                    if on_upstream is not None and kind is TEXT:
-                        try:
-                            on_upstream(msg.data)
-                        except Exception:  # metering must never break the relay
-                            log.exception("could not meter an upstream message")
                     del msg  # not held while the next is awaited (an idle socket's last message)
                     continue
                 if socket.reading_on is None:
@@ -596,9 +628,14 @@ class WebSocketRelay:
                         await socket.relay_close(client, code=1011, message=b"upstream connection lost")
                     return
         except (ConnectionError, aiohttp.ClientError):
-            # The client went away under a send; its pump (or the cancellation) reports it.
+            # The client went away under a send.  Seen here first, the hang-up follows the
+            # same rule as when the client's pump sees it (`_hang_up`), this pump doing the
+            # reading on itself.
             if socket.first("client", None, dropped=True):
-                await socket.relay_close(upstream, code=1001)
+                if _start_reading_on(meter, socket, {"code": 1001}):
+                    await self._meter_the_rest(upstream, meter, socket)  # type: ignore[arg-type]
+                if socket.closing is None:
+                    await socket.relay_close(upstream, code=1001)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -14,6 +14,7 @@ import random
 import re
 import signal
 import time
+import types
 from typing import Any
 
 import aiohttp
@@ -456,6 +457,24 @@ async def test_a_response_past_the_grace_period_is_closed_1001_and_recorded(upst
     assert {(r["outcome"], r["error_type"], r["error_code"]) for r in rows} == {("error", "meter_proxy_error", "shutting_down")}
 
 
+async def test_a_client_that_drops_during_the_grace_period_is_recorded_as_its_own_hang_up(upstream, meter_process, tmp_path) -> None:
+    # meter is draining (SIGTERM, 10 s of grace) when the client drops its socket: that is
+    # the client's hang-up, as over HTTP, not a response cut by the shutdown, which only
+    # what is still open when the grace period ends is.
+    ledger = tmp_path / "l.duckdb"
+    meter = meter_process("--upstream", upstream.url, "--ledger", str(ledger), "--shutdown-grace", "10")
+    ws = await ws_connect(ws_url(meter.url), additional_headers={**AUTH, "x-fake-deltas": "400", "x-fake-chunk-delay-ms": "50"})
+    await ws.send(create())
+    while json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] != "response.output_text.delta":
+        pass
+    meter.signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)  # draining now
+    ws.transport.abort()
+    assert await asyncio.get_running_loop().run_in_executor(None, meter.wait) == 0
+    [row] = ledger_rows(ledger)
+    assert (row["outcome"], row["error_type"], row["error_code"]) == ("client_disconnected", None, None)
+
+
 # --- refused and unreachable --------------------------------------------------------
 
 
@@ -730,6 +749,60 @@ def test_output_finished_once_every_response_has_sent_its_last_done_event() -> N
     assert m.output_finished and m.client_left()
     m.on_upstream(event("response.completed", "a", response=response("resp_a", "completed", {"input_tokens": 5, "output_tokens": 3})))
     assert m.idle and not m.done_at
+
+
+class ClosedTransport:
+    """The client's transport once its connection has ended: every write is refused."""
+
+    def is_closing(self) -> bool:
+        return True
+
+    def writelines(self, parts: Any) -> None:  # pragma: no cover - never reached
+        raise AssertionError("written to a closed transport")
+
+
+class ScriptedUpstreamSocket:
+    """The upstream side of a socket, as the relay's pump reads it: the messages given,
+    then nothing (the upstream says no more); every close asked of it, kept."""
+
+    def __init__(self, *texts: bytes) -> None:
+        self.messages = [aiohttp.WSMessage(aiohttp.WSMsgType.TEXT, t, None) for t in texts]
+        self.closes: list[dict[str, Any]] = []
+        self.close_code = None
+
+    async def receive(self) -> aiohttp.WSMessage:
+        if self.messages:
+            return self.messages.pop(0)
+        await asyncio.sleep(30)
+        raise AssertionError("read past the script")
+
+    async def close(self, **close: Any) -> bool:
+        self.closes.append(close)
+        return True
+
+
+async def test_a_terminal_event_the_pump_cannot_write_is_still_metered_and_read_on() -> None:
+    # The client's connection ended just as the upstream's terminal event arrived: the
+    # pump's write fails before the client's pump has seen the hang-up.  The event was
+    # written before it was metered, so its usage was lost, and the pump closed the
+    # upstream at once, skipping the read-on that keeps the usage the provider bills.
+    from meter.websocket import _ClientFrames, _Socket
+
+    m, sink = socket_meter()
+    m.on_client(create().encode())
+    m.on_upstream(event("response.created", response=response("resp_r")))
+    m.on_upstream(event("response.output_text.delta", delta="x"))
+    usage = {"input_tokens": 900, "output_tokens": 300}
+    upstream = ScriptedUpstreamSocket(
+        event("response.output_item.done", item={"type": "message"}),
+        event("response.completed", response=response("resp_r", "completed", usage)),
+    )
+    frames = _ClientFrames(types.SimpleNamespace(transport=ClosedTransport(), protocol=types.SimpleNamespace(_paused=False)))  # type: ignore[arg-type]
+    socket = _Socket()
+    await asyncio.wait_for(m.relay._upstream_to_client(upstream, None, frames, m, socket), 5)  # type: ignore[attr-defined,arg-type]
+    [record] = sink.records
+    assert (record.response_id, record.input_tokens, record.output_tokens) == ("resp_r", 900, 300)
+    assert socket.closed_by == "client" and upstream.closes == [{"code": 1001}] and m.idle
 
 
 def test_messages_not_led_by_type_are_still_metered() -> None:
