@@ -294,8 +294,9 @@ class Pricer:
         reasoning_tokens: int | None = None,
         web_search_calls: int | None = None,
     ) -> Decimal | None:
-        """USD for one request, to 9 decimal places; `None` when it cannot be priced honestly."""
-        if not model or (input_tokens is None and output_tokens is None):
+        """USD for one request, to 9 decimal places; `None` when it cannot be priced honestly
+        (no model; no input count, which every usage has: see `price_record`)."""
+        if not model or input_tokens is None:
             return None
         rates = self._day_rates(model, service_tier, started_at)
         if rates is _UNPRICED:
@@ -314,8 +315,11 @@ class Pricer:
         inp = record.input_tokens
         out = record.output_tokens
         model = record.model or record.model_requested
-        # No input and no output count: `cost()` prices nothing (with or without a total).
-        if (inp is None and out is None) or record.anomalies or not model:
+        # No input count, no price: every usage meter reads has one (embeddings have
+        # nothing else), so a row without it is one whose count was too large to keep
+        # (`note_overflow`), and priced from its output alone it would cost less than it
+        # did; `meter reprice` sees such a row without the anomaly that says so.
+        if inp is None or record.anomalies or not model:
             record.cost_usd = None
             record.priced = False
             return

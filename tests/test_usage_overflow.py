@@ -170,6 +170,25 @@ def test_reprice_leaves_an_overflowed_row_unpriced(tmp_path: Path) -> None:
     assert row["cost_usd"] is None and tally.changed == 0  # never priced from the output alone
 
 
+def test_reprice_leaves_an_overflowed_row_of_a_failed_response_unpriced(tmp_path: Path) -> None:
+    # A row that says the upstream's own error keeps it, so nothing stored says its input
+    # count overflowed: reprice priced it from the output alone.  No input count, no price.
+    ledger = tmp_path / "l.duckdb"
+    record = record_of("responses", responses_body({"input_tokens": BIG, "output_tokens": 1000, "total_tokens": BIG + 1000}))
+    record.id = "00000000-0000-4000-8000-000000000002"
+    record.error_type, record.error_code = "server_error", "overloaded"
+    store = DuckDBStore(str(ledger))
+    store.open()
+    try:
+        store.write([record])
+        tally = reprice(store, None, Repricer(Pricer()))
+    finally:
+        store.close()
+    [row] = ledger_rows(ledger)
+    assert row["input_tokens"] is None and row["output_tokens"] == 1000 and row["error_type"] == "server_error"
+    assert row["cost_usd"] is None and tally.changed == 0
+
+
 # --- end to end: the ledger, the metrics and a budget agree ------------------------------------
 
 
