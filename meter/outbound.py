@@ -48,9 +48,11 @@ def fetch(
     cannot be reached or read.
 
     `timeout` bounds each wait on the socket; an answer read in the process that
-    serves (`--reconcile-every`) may also be bounded in size (`max_bytes`) and in
-    time as a whole (`within` seconds): a server that trickles a byte a little
-    inside `timeout`, or sends without end, is then a `URLError` too."""
+    serves (`--reconcile-every`) may also have its body bounded in size
+    (`max_bytes`) and in time (`within` seconds, from the request): a server that
+    trickles a body a byte a little inside `timeout`, or sends one without end, is
+    then a `URLError` too.  The status line and headers are http.client's to read,
+    under `timeout` alone."""
     try:
         with _OPENER.open(request, timeout=timeout) as answer:
             if max_bytes is None and within is None:

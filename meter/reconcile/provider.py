@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from decimal import Decimal
 from typing import Any
 
+from ..bounds import short_key
 from ..config import redact_url
 from ..outbound import RedirectRefused, fetch
 
@@ -177,11 +178,12 @@ class _Cursors:
             return None
         if not isinstance(cursor, str):
             raise _shape(self.path, "its page cursor is not text")
-        if cursor in self.seen:
+        key = short_key(cursor)  # what is kept of it: a long cursor as its digest
+        if key in self.seen:
             raise ProviderError(f"{self.path}: the pages do not end (a page cursor came again)")
         if len(self.seen) >= MAX_PAGES:
             raise ProviderError(f"{self.path}: the pages do not end (more than {MAX_PAGES})")
-        self.seen.add(cursor)
+        self.seen.add(key)
         return cursor
 
 
