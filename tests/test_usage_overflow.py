@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from meter.config import PriceOverride
@@ -154,10 +155,15 @@ def test_gpt_4o_with_a_quadrillion_tokens_is_unpriced() -> None:
     assert_overflow(record, "cost_usd")
 
 
-def test_reprice_leaves_an_overflowed_row_unpriced(tmp_path: Path) -> None:
+@pytest.mark.parametrize("upstream_error", [None, ("server_error", "overloaded")])
+def test_reprice_leaves_an_overflowed_row_unpriced(tmp_path: Path, upstream_error: tuple[str, str] | None) -> None:
+    # Never priced from the output alone.  A row that says the upstream's own error keeps
+    # it, so nothing stored says its input count overflowed: no input count, no price.
     ledger = tmp_path / "l.duckdb"
     record = record_of("responses", responses_body({"input_tokens": BIG, "output_tokens": 1000, "total_tokens": BIG + 1000}))
     record.id = "00000000-0000-4000-8000-000000000001"
+    if upstream_error is not None:
+        record.error_type, record.error_code = upstream_error
     store = DuckDBStore(str(ledger))
     store.open()
     try:
@@ -166,26 +172,8 @@ def test_reprice_leaves_an_overflowed_row_unpriced(tmp_path: Path) -> None:
     finally:
         store.close()
     [row] = ledger_rows(ledger)
-    assert row["input_tokens"] is None and row["output_tokens"] == 1000 and row["error_type"] == "usage_overflow"
-    assert row["cost_usd"] is None and tally.changed == 0  # never priced from the output alone
-
-
-def test_reprice_leaves_an_overflowed_row_of_a_failed_response_unpriced(tmp_path: Path) -> None:
-    # A row that says the upstream's own error keeps it, so nothing stored says its input
-    # count overflowed: reprice priced it from the output alone.  No input count, no price.
-    ledger = tmp_path / "l.duckdb"
-    record = record_of("responses", responses_body({"input_tokens": BIG, "output_tokens": 1000, "total_tokens": BIG + 1000}))
-    record.id = "00000000-0000-4000-8000-000000000002"
-    record.error_type, record.error_code = "server_error", "overloaded"
-    store = DuckDBStore(str(ledger))
-    store.open()
-    try:
-        store.write([record])
-        tally = reprice(store, None, Repricer(Pricer()))
-    finally:
-        store.close()
-    [row] = ledger_rows(ledger)
-    assert row["input_tokens"] is None and row["output_tokens"] == 1000 and row["error_type"] == "server_error"
+    error_type = upstream_error[0] if upstream_error is not None else "usage_overflow"
+    assert row["input_tokens"] is None and row["output_tokens"] == 1000 and row["error_type"] == error_type
     assert row["cost_usd"] is None and tally.changed == 0
 
 
