@@ -1,11 +1,16 @@
-"""A loopback TCP server for tests whose upstream must speak raw bytes: malformed HTTP,
-a strict `Expect` handshake, an answer scripted per request, a host that must never
-be reached.  A subclass answers each connection in `_serve`."""
+"""Loopback servers for tests: a raw TCP one whose upstream must speak raw bytes
+(malformed HTTP, a strict `Expect` handshake, an answer scripted per request, a host
+that must never be reached; a subclass answers each connection in `_serve`), and
+`serving`, an aiohttp application for the length of a block."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Self
+
+from aiohttp import web
 
 
 class SocketServer:
@@ -29,3 +34,16 @@ class SocketServer:
         assert self.server is not None
         self.server.close()
         await self.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[int]:
+    """An aiohttp application served on 127.0.0.1 for the block: its port."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    finally:
+        await runner.cleanup()

@@ -609,52 +609,48 @@ async def test_a_tokenless_admin_refuses_cross_site_requests(upstream, tmp_path:
     from aiohttp import web
 
     from .browser import Browser
+    from .socket_server import serving
 
     async def page(_: web.Request) -> web.Response:
         return web.Response(text=ATTACK_PAGE, content_type="text/html")
 
     site_app = web.Application()
     site_app.router.add_get("/", page)
-    runner = web.AppRunner(site_app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    site_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    proc = MeterProcess(["--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb")], env=clean_env(), log_path=tmp_path / "m.log")
-    try:
-        proc.start()
-        admin = proc.admin_url
-        async with Browser() as browser:
-            # Another origin on the same machine (localhost is not 127.0.0.1 to a browser).
-            await browser.goto(f"http://localhost:{site_port}/")
-            assert await browser.evaluate(f"window.attack({json.dumps(admin)})") == "sent"
-            deadline = time.monotonic() + 10
-            while len([u for u, _ in browser.responses if u.startswith(admin)]) < 3 and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            answered = [(u.removeprefix(admin), s) for u, s in browser.responses if u.startswith(admin)]
-            assert sorted(answered) == [("/api/report", 403), ("/api/report?by=key", 403), ("/api/sql", 403)], answered
+    async with serving(site_app) as site_port:
+        proc = MeterProcess(["--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb")], env=clean_env(), log_path=tmp_path / "m.log")
+        try:
+            proc.start()
+            admin = proc.admin_url
+            async with Browser() as browser:
+                # Another origin on the same machine (localhost is not 127.0.0.1 to a browser).
+                await browser.goto(f"http://localhost:{site_port}/")
+                assert await browser.evaluate(f"window.attack({json.dumps(admin)})") == "sent"
+                deadline = time.monotonic() + 10
+                while len([u for u, _ in browser.responses if u.startswith(admin)]) < 3 and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                answered = [(u.removeprefix(admin), s) for u, s in browser.responses if u.startswith(admin)]
+                assert sorted(answered) == [("/api/report", 403), ("/api/report?by=key", 403), ("/api/sql", 403)], answered
 
-            # The console itself, opened at the admin port, still reads everything.
-            for origin in (admin, f"http://localhost:{proc.admin_port}"):
-                browser.problems.clear()
-                await browser.goto(origin + "/")
-                await browser.wait_for("Number(document.body.dataset.loaded || 0) >= 1")
-                assert await browser.evaluate("document.getElementById('error').hidden") is True, origin
-                assert browser.problems == [], browser.problems
-        # A client that is no browser (meter report --url, Prometheus, curl) sends neither header.
-        status, _, body = await araw(proc.admin_port, "/api/report")
-        assert status == 200 and [row["requests"] for row in json.loads(body)] == [0]
-        # What browsers send for a cross-site or cross-origin request, header by header.
-        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://attacker.example"},
-                        {"Origin": "null"}, {"Origin": f"http://127.0.0.1:{site_port}"}):
-            status, _, body = await araw(proc.admin_port, "/api/report", headers)
-            assert status == 403 and json.loads(body)["error"]["code"] == "cross_site_request", (headers, status, body)
-        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": proc.admin_url}, {"Sec-Fetch-Site": "none"}):
-            assert (await araw(proc.admin_port, "/api/report", headers))[0] == 200, headers
-        # A link from another site to the console's page still opens it (the page holds no data),
-        # and the probes answer anyone.
-        assert (await araw(proc.admin_port, "/", {"Sec-Fetch-Site": "cross-site"}))[0] == 200
-        assert (await araw(proc.admin_port, "/healthz", {"Sec-Fetch-Site": "cross-site"}))[0] == 200
-    finally:
-        proc.stop()
-        await runner.cleanup()
+                # The console itself, opened at the admin port, still reads everything.
+                for origin in (admin, f"http://localhost:{proc.admin_port}"):
+                    browser.problems.clear()
+                    await browser.goto(origin + "/")
+                    await browser.wait_for("Number(document.body.dataset.loaded || 0) >= 1")
+                    assert await browser.evaluate("document.getElementById('error').hidden") is True, origin
+                    assert browser.problems == [], browser.problems
+            # A client that is no browser (meter report --url, Prometheus, curl) sends neither header.
+            status, _, body = await araw(proc.admin_port, "/api/report")
+            assert status == 200 and [row["requests"] for row in json.loads(body)] == [0]
+            # What browsers send for a cross-site or cross-origin request, header by header.
+            for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://attacker.example"},
+                            {"Origin": "null"}, {"Origin": f"http://127.0.0.1:{site_port}"}):
+                status, _, body = await araw(proc.admin_port, "/api/report", headers)
+                assert status == 403 and json.loads(body)["error"]["code"] == "cross_site_request", (headers, status, body)
+            for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": proc.admin_url}, {"Sec-Fetch-Site": "none"}):
+                assert (await araw(proc.admin_port, "/api/report", headers))[0] == 200, headers
+            # A link from another site to the console's page still opens it (the page holds no data),
+            # and the probes answer anyone.
+            assert (await araw(proc.admin_port, "/", {"Sec-Fetch-Site": "cross-site"}))[0] == 200
+            assert (await araw(proc.admin_port, "/healthz", {"Sec-Fetch-Site": "cross-site"}))[0] == 200
+        finally:
+            proc.stop()

@@ -476,20 +476,15 @@ def test_a_malformed_url_is_one_line(url: str) -> None:
 async def test_admin_without_report_api_is_one_line(tmp_path: Path) -> None:
     from aiohttp import web
 
+    from .socket_server import serving
+
     app = web.Application()
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
+    async with serving(app) as port:
         assert_one_line_error(await arun_meter("report", "--url", f"http://127.0.0.1:{port}"), "--url", "report API")
-    finally:
-        await runner.cleanup()
 
 
 def test_report_sql_dialects() -> None:
