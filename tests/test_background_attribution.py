@@ -29,15 +29,12 @@ import pytest
 
 from meter.record import Record
 
-from .conftest import ROOT, SECRET_KEY, ledger_rows
+from .conftest import ROOT, ledger_rows
 from .test_metrics import scrape
+from .test_tags_sessions import a_response_of_a_previous_run, sdk
 
 FOREGROUND = {"input_tokens": 1000, "output_tokens": 500}
 BACKGROUND = {"input_tokens": 3000, "output_tokens": 2000}
-
-
-def sdk(base_url: str, **headers: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=base_url + "/v1", api_key=SECRET_KEY, max_retries=0, default_headers=headers or None)
 
 
 def usage(u: dict[str, int], polls: int = 1) -> dict[str, str]:
@@ -143,13 +140,9 @@ async def test_the_creator_is_found_in_the_ledger_after_a_restart(upstream, star
 async def test_a_creator_in_the_same_batch_is_found_there(upstream, start_meter, tmp_path) -> None:
     """The creating POST follows a chain this process does not know, so the request path
     holds no link for it: the writer finds the creator in the batch it is writing."""
-    ledger = str(tmp_path / "batch.duckdb")
-    before = await start_meter(upstream.url, ledger=ledger)
-    first = await sdk(before.url, **{"Meter-Session": "batch-run"}).responses.create(model="gpt-4o", input="hi")
-    await before.stop()
-    after = await start_meter(upstream.url, ledger=ledger, flush_interval=1.0)
+    first_id, after = await a_response_of_a_previous_run(upstream.url, start_meter, str(tmp_path / "batch.duckdb"), "batch-run")
     client = sdk(after.url)
-    rid = await create_background(client, previous_response_id=first.id)
+    rid = await create_background(client, previous_response_id=first_id)
     await poll_to_the_end(client, rid)
     assert_credited(await after.rows(), rid, session="batch-run")
 

@@ -146,16 +146,22 @@ async def test_a_chain_keeps_its_session_across_a_restart(upstream, start_meter,
     assert [(r["response_id"], r["session_id"]) for r in rows] == [(first.id, "agent-run-7"), (second.id, "agent-run-7"), (third.id, "agent-run-7")]
 
 
+async def a_response_of_a_previous_run(upstream_url: str, start_meter: Any, ledger: str, session: str) -> tuple[str, Any]:
+    """A response made in `session` by a meter now stopped, and a new meter on the same
+    ledger (writing once a second, so that what follows is most often one batch): the
+    response's id and the new meter."""
+    before = await start_meter(upstream_url, ledger=ledger)
+    first = await sdk(before.url, **{"Meter-Session": session}).responses.create(model="gpt-4o", input="hi")
+    await before.stop()
+    return first.id, await start_meter(upstream_url, ledger=ledger, flush_interval=1.0)
+
+
 async def test_a_chain_unknown_to_the_request_path_is_settled_by_the_writer(upstream, start_meter, tmp_path) -> None:
     """Both links unknown to the request path (no flush between them: most often one
     batch, where the second link finds the first in the batch itself)."""
-    ledger = str(tmp_path / "batch.duckdb")
-    before = await start_meter(upstream.url, ledger=ledger)
-    first = await sdk(before.url, **{"Meter-Session": "batch-run"}).responses.create(model="gpt-4o", input="hi")
-    await before.stop()
-    after = await start_meter(upstream.url, ledger=ledger, flush_interval=1.0)
+    first_id, after = await a_response_of_a_previous_run(upstream.url, start_meter, str(tmp_path / "batch.duckdb"), "batch-run")
     client = sdk(after.url)
-    second = await client.responses.create(model="gpt-4o", input="hi", previous_response_id=first.id)
+    second = await client.responses.create(model="gpt-4o", input="hi", previous_response_id=first_id)
     third = await client.responses.create(model="gpt-4o", input="hi", previous_response_id=second.id)
     rows = await after.rows()
     assert [(r["response_id"], r["session_id"]) for r in rows][1:] == [(second.id, "batch-run"), (third.id, "batch-run")]
