@@ -478,11 +478,11 @@ class WebSocketRelay:
         reads and the close are meter's own, so the cancellation waits for them (the
         caller re-raises it after)."""
         task = asyncio.current_task()
-        if meter is None or task is None or (socket.reading_on is None and not meter.output_finished):
-            return
+        if task is None or (socket.reading_on is None and not _start_reading_on(meter, socket, {"code": 1001})):
+            return  # nothing to read on for: the caller closes what is open
         if task.cancelling():
             task.uncancel()
-        await self._hang_up(upstream, meter, socket, code=1001)
+        await self._hang_up(upstream, meter, socket)
 
     async def _settle(self, upstream: _Upstream, client: web.WebSocketResponse, socket: _Socket) -> None:
         """Torn down mid-relay: let a close already on its way finish, then close what is open."""
