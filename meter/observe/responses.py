@@ -35,6 +35,10 @@ ERROR = b"error"
 DECODED = EARLY | FINAL | {ERROR}
 DELTA = b".delta"  # the suffix of output and reasoning deltas: the first one is the first token
 DELTA_TYPE = DELTA.decode()
+# The suffix of the events that end a part of the output: once the last event is one of
+# them, no delta after it, the client has the whole answer (SPEC §2's hang-up rule).
+DONE = b".done"
+DONE_TYPE = DONE.decode()
 # The deltas OpenAI streams (`response.<name>.delta`), told by a fixed head without
 # reading their name: the `event:` lines that open an SSE event (`sse.py`'s fast path)
 # and the messages that state their type first on a WebSocket (`socket.py`'s).  Any

@@ -45,6 +45,8 @@ from .responses import (
     DELTA,
     DELTA_NAMES,
     DELTA_TYPE,
+    DONE,
+    DONE_TYPE,
     EARLY_TYPES,
     ERROR,
     FINAL_TYPES,
@@ -72,8 +74,6 @@ SHAPED_TYPES = EARLY_TYPES | FINAL_TYPES  # the response events read through `sh
 _CREATE = b'"response.create"'
 _ESCAPE = b"\\u"  # the start of a JSON string escape (\uXXXX), which can spell any character
 _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
-_DONE = b".done"  # the suffix of the events that end a part of the output
-_DONE_TYPE = _DONE.decode()
 
 
 class _Hooks(Protocol):
@@ -295,7 +295,7 @@ class SocketMeter:
                     flow = self._flow_of(data)
                     if flow is not None:
                         flow.response_bytes += len(data)
-                        if etype.endswith(_DONE):
+                        if etype.endswith(DONE):
                             self.done_at[id(flow)] = flow.response_bytes
                 return
         limit = self.relay.max_metered_bytes
@@ -328,7 +328,7 @@ class SocketMeter:
                 flow.response_bytes += len(data)
                 if kind.endswith(DELTA_TYPE) and flow.first_token_at is None:
                     flow.first_token_at = time.perf_counter()
-                elif kind.endswith(_DONE_TYPE):
+                elif kind.endswith(DONE_TYPE):
                     self.done_at[id(flow)] = flow.response_bytes
             return
         if kind == "error":

@@ -25,6 +25,7 @@ from .responses import (
     DELTA_HEADS,
     DELTA_LINES,
     DELTA_TYPE,
+    DONE,
     TEXT_DELTA_HEAD,
     TEXT_DELTA_LINE,
     decode_event,
@@ -132,7 +133,7 @@ class SSEObserver(SSELines):
                 # is one to decode with a `data: ` line as usual, read at once.
                 name = chunk[7:nl]
                 if name not in DECODED:
-                    self.output_done = name.endswith(b".done")
+                    self.output_done = name.endswith(DONE)
                     if name.endswith(DELTA):
                         self._first_token()
                 elif chunk[nl + 1 : nl + 7] == b"data: " and chunk[n - 3] != 13 and n - nl - 9 <= self._max:
@@ -255,7 +256,7 @@ class SSEObserver(SSELines):
             if name in DECODED:  # none ends in `.done` or `.delta`
                 self.output_done = False
             else:
-                self.output_done = name.endswith(b".done")
+                self.output_done = name.endswith(DONE)
                 if name.endswith(DELTA):
                     self._first_token()
                     return
@@ -290,7 +291,7 @@ class SSEObserver(SSELines):
 
     def _on_event_name(self, name: bytes) -> None:
         self._event = name
-        self.output_done = name.endswith(b".done")
+        self.output_done = name.endswith(DONE)
         if name.endswith(DELTA):
             self._first_token()
             self._skip = True  # deltas carry no usage
