@@ -34,6 +34,10 @@ WebSocket, the handshake's headers and per-response `metadata`):
     x-fake-scenario: reset-mid-stream | stall | stall-before-headers | truncated-json | non-utf8 |
                      no-terminal | big-body | gzip | slow-stream | status:<code>
 
+On a WebSocket, `metadata.fake_action` also asks for `error` (an error event instead
+of the response), `drop`/`close` (hang up after two deltas) or `stall-terminal` (the
+output and its `.done` events, then no terminal event).
+
 Control routes: `GET /__fake/health`; `GET /__fake/requests` lists the last 10,000
 HTTP requests ({method, path_qs, headers: [[name, value], ...] as received,
 body_b64}), `DELETE` clears them; `GET /__fake/ws` lists WebSocket handshakes
@@ -1255,8 +1259,12 @@ class SocketSession:
                     break
                 await self.emit(active, *plan.delta_event(i))
                 active.words_sent = i + 1
-            for kind, fields in plan.closing_events():
+            closing = plan.closing_events()
+            stall = action == "stall-terminal"  # the output's `.done` events, then silence: no terminal event
+            for kind, fields in closing[:-1] if stall else closing:
                 await self.emit(active, kind, fields)
+            if stall:
+                await asyncio.sleep(3600)
         finally:
             self.active.pop(plan.id, None)
         if active.steer is not None:

@@ -345,6 +345,22 @@ async def test_client_hangs_up_after_the_output_and_the_usage_is_still_recorded(
     assert row["cost_usd"] is not None
 
 
+async def test_reading_on_after_a_hang_up_gives_up_after_two_seconds(upstream, start_meter) -> None:
+    # The upstream sends the output's `.done` events and then nothing: meter reads on for
+    # the terminal event no longer than over HTTP (2 s), then closes the upstream's side;
+    # the row is the client's hang-up, without usage.
+    meter = await start_meter(upstream.url)
+    await clear_ws_log(upstream.url)
+    ws = await ws_connect(ws_url(meter.url), additional_headers={**AUTH, "x-fake-deltas": "3"})
+    await ws.send(create(metadata={"fake_action": "stall-terminal"}))
+    while json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] != "response.output_item.done":
+        pass
+    waited = await hang_up(ws, "close", upstream.url)
+    assert 1.5 < waited < 3.5, waited
+    [row] = await meter.rows()
+    assert row["outcome"] == "client_disconnected" and row["input_tokens"] is None
+
+
 @pytest.mark.parametrize("action,code,reason", [("drop", 1011, None), ("close", 1011, "fake close")])
 async def test_upstream_ends_mid_response(upstream, start_meter, action: str, code: int, reason: str | None) -> None:
     meter = await start_meter(upstream.url)
