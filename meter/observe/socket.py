@@ -72,7 +72,7 @@ _TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
 _STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 SHAPED_TYPES = EARLY_TYPES | FINAL_TYPES  # the response events read through `shapes.Event`
 _CREATE = b'"response.create"'
-_ESCAPE = b"\\u"  # the start of a JSON string escape (\uXXXX), which can spell any character
+_ESCAPE = b"\\u"  # the start of a JSON string escape (\u and four hex digits), which can spell any character
 _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
 
 
