@@ -136,9 +136,10 @@ class SSELines(ABC):
         if line == _IN_DATA:
             data = self._data
             assert isinstance(data, Capped)
-            if self._cr:
+            if self._cr and end > start:  # the CR held back was no CRLF's: data after all
                 data.add(b"\r")
                 self._cr = False
+            # (none before the line's end: it was its CRLF's, dropped by `_line_ends`)
             if end > start and chunk[end - 1] == 13:  # perhaps the CR of a CRLF: hold it back
                 self._cr = True
                 end -= 1
