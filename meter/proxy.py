@@ -82,6 +82,25 @@ def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
     return end_to_end_headers(headers)
 
 
+# Fields aiohttp's server adds to any answer that lacks them (a default Content-Type
+# for a body, its own name as Server): not the upstream's, so never relayed.  Date it
+# adds too, and stays: RFC 9110 §6.6.1 has a proxy add one to an answer without it.
+_INVENTED_BY_AIOHTTP = ("Content-Type", "Server")
+
+
+class RelayedResponse(web.StreamResponse):
+    """The upstream's answer as the client gets it: its status, reason and fields,
+    and no field the upstream did not send."""
+
+    async def _prepare_headers(self) -> None:
+        # aiohttp's (private) last step before the head is written: the one place to
+        # take back what it added.
+        absent = [name for name in _INVENTED_BY_AIOHTTP if name not in self.headers]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # A request head up to this size is what any connection may hold, like its buffers;
@@ -377,7 +396,7 @@ class Proxy:
             flow.ttfb_at = time.perf_counter()
             flow.status_code = upstream.status
             flow.response_headers = upstream.headers
-            client_response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=forwardable_response_headers(upstream.headers))
+            client_response = RelayedResponse(status=upstream.status, reason=upstream.reason, headers=forwardable_response_headers(upstream.headers))
             kind = METERED_KIND.get(flow.endpoint)
             if kind is not None and self.observe:
                 headers = upstream.headers

@@ -1,0 +1,182 @@
+"""What crosses meter, byte for byte, on both sides of an HTTP exchange (SPEC §2).
+
+A raw-socket upstream keeps every request exactly as it arrived and answers each
+with bytes the test wrote, so both sides are compared as bytes: the request line,
+header fields in their order and repeats, bodies; the status line, the answer's
+headers, its body still encoded.  Clients are raw sockets too, for what an HTTP
+library would tidy up (an HTTP/1.0 request, pipelining, a reset connection).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import re
+from typing import Any
+
+import brotli
+import zstandard
+
+from .socket_server import SocketServer
+
+# One answer step: bytes to send, or seconds to wait before the next step.
+Step = bytes | float
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
+
+
+class RecordingUpstream(SocketServer):
+    """Keeps each request as it arrived (`requests`: head and body bytes, in arrival
+    order) and answers it with the next of `answers` (the last one once they run out);
+    the connection closes after an answer that is a list (its steps run in order)."""
+
+    def __init__(self, *answers: bytes | list[Step]) -> None:
+        super().__init__()
+        self.answers = list(answers) or [OK]
+        self.requests: list[bytes] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+                body = await reader.readexactly(int(length.group(1))) if length else b""
+                self.requests.append(head + body)
+                answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+                for step in answer if isinstance(answer, list) else [answer]:
+                    if isinstance(step, float):
+                        await asyncio.sleep(step)
+                    else:
+                        writer.write(step)
+                        await writer.drain()
+                if isinstance(answer, list):
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def host(self) -> bytes:
+        return b"127.0.0.1:%d" % self.port
+
+
+async def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Raw bytes to meter; everything it sends back until it closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+def port_of(meter: Any) -> int:
+    return meter.meter.proxy_address[1]
+
+
+def head_fields(answer: bytes) -> list[tuple[bytes, bytes]]:
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    return [tuple(line.split(b": ", 1)) for line in head.split(b"\r\n")[1:]]  # type: ignore[misc]
+
+
+# --- request side ----------------------------------------------------------------
+
+
+async def test_requests_reach_the_upstream_as_sent(start_meter) -> None:
+    """Target, fields and body as the client wrote them; only the hop-by-hop fields
+    (and those `Connection` names) go, `Host` becomes the upstream's, and a chunked
+    upload arrives as the same bytes with a length."""
+    async with RecordingUpstream() as upstream:
+        meter = await start_meter(upstream.url)
+        port = port_of(meter)
+        target = b"/v1/a%2Fb/../c/%E2%82%AC/?x=1&x=2&y=&z&q=%20+%2B"
+        await exchange(
+            port,
+            b"GET " + target + b" HTTP/1.1\r\nHost: meter.test\r\nX-A: 1\r\nX-B: two  words\r\nX-A: 3\r\n"
+            b"Connection: close, X-Drop\r\nX-Drop: d\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Connection: x\r\nX-Empty:\r\n\r\n",
+        )
+        body = bytes(range(256)) + b"\r\n\r\n"
+        await exchange(port, b"POST /v1/files HTTP/1.1\r\nHost: h\r\nContent-Type: application/octet-stream\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        await exchange(port, b"POST /v1/files HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2;ext=1\r\n\x00\xff\r\n0\r\n\r\n")
+        await exchange(port, b"GET http://elsewhere.test/v1/models?a=%2F HTTP/1.1\r\nHost: elsewhere.test\r\nConnection: close\r\n\r\n")
+        await exchange(port, b"GET /v1/models HTTP/1.0\r\n\r\n")
+        host = b"Host: " + upstream.host() + b"\r\n"
+        assert upstream.requests == [
+            b"GET " + target + b" HTTP/1.1\r\n" + host + b"X-A: 1\r\nX-B: two  words\r\nX-A: 3\r\nX-Empty: \r\n\r\n",
+            b"POST /v1/files HTTP/1.1\r\n" + host + b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+            b"POST /v1/files HTTP/1.1\r\n" + host + b"Content-Length: 5\r\n\r\nabc\x00\xff",
+            b"GET /v1/models?a=%2F HTTP/1.1\r\n" + host + b"\r\n",
+            b"GET /v1/models HTTP/1.1\r\n" + host + b"\r\n",
+        ]
+
+
+async def test_pipelined_requests_are_answered_in_order(start_meter) -> None:
+    async with RecordingUpstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\none", b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\ntwo", b"HTTP/1.1 202 Accepted\r\nContent-Length: 5\r\n\r\nthree"
+    ) as upstream:
+        meter = await start_meter(upstream.url)
+        answer = await exchange(
+            port_of(meter),
+            b"GET /v1/one HTTP/1.1\r\nHost: h\r\n\r\nPOST /v1/two HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /v1/three HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        assert [line.split(b" ", 1)[0] for line in upstream.requests] == [b"GET", b"POST", b"GET"]
+        assert upstream.requests[1].endswith(b"\r\n\r\nabc")
+        assert re.findall(rb"HTTP/1.1 (\d+ \w+)\r\n", answer) == [b"200 OK", b"201 Created", b"202 Accepted"]
+        assert answer.endswith(b"\r\n\r\nthree") and b"\r\n\r\none" in answer and b"\r\n\r\ntwo" in answer
+
+
+# --- answer side -----------------------------------------------------------------
+
+
+async def test_the_answer_head_is_the_upstreams(start_meter) -> None:
+    """Status, reason and every end-to-end field in order (repeated `Set-Cookie` too),
+    and no field the upstream did not send: aiohttp's `Server` and its default
+    `Content-Type: application/octet-stream` are not the upstream's.  (`Date` may be
+    added: RFC 9110 §6.6.1 has a proxy add it to an answer without one.)"""
+    sent = [(b"Set-Cookie", b"a=1"), (b"X-Z", b"1"), (b"Set-Cookie", b"b=2; Path=/"), (b"x-lower", b"v"), (b"X-Empty", b"")]
+    fields = b"".join(b"%s: %s\r\n" % field for field in sent)
+    async with RecordingUpstream(
+        b"HTTP/1.1 201 Very Created\r\n" + fields + b"Connection: close, X-Hop\r\nX-Hop: h\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 299 \r\nServer: upstream/1\r\nContent-Type: text/x-upstream\r\nContent-Length: 2\r\n\r\nok",
+    ) as upstream:
+        meter = await start_meter(upstream.url)
+        request = b"GET /v1/models HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        first, chunked, named = [await exchange(port_of(meter), request) for _ in range(3)]
+    assert first.startswith(b"HTTP/1.1 201 Very Created\r\n") and first.endswith(b"\r\n\r\nok")
+    kept = [(name, value) for name, value in head_fields(first) if name not in (b"Date", b"Connection")]
+    assert kept == [*sent, (b"Content-Length", b"2")]
+    assert [name for name, _ in head_fields(chunked) if name not in (b"Date", b"Connection")] == [b"Transfer-Encoding"]
+    assert named.startswith(b"HTTP/1.1 299 \r\n")
+    assert [(n, v) for n, v in head_fields(named) if n in (b"Server", b"Content-Type")] == [(b"Server", b"upstream/1"), (b"Content-Type", b"text/x-upstream")]
+
+
+def response_body(usage: dict[str, int]) -> bytes:
+    return json.dumps({"id": "resp_1", "object": "response", "model": "gpt-4o", "status": "completed", "output": [], "usage": usage}).encode()
+
+
+ENCODERS = {"gzip": gzip.compress, "br": brotli.compress, "zstd": zstandard.ZstdCompressor().compress}
+
+
+async def test_encoded_answers_reach_the_client_undecoded(start_meter) -> None:
+    """gzip, br and zstd answers: the client gets the upstream's encoded bytes; meter
+    decodes only its own copy, to meter the usage."""
+    usage = {"input_tokens": 11, "output_tokens": 7, "total_tokens": 18}
+    encoded = {coding: encode(response_body(usage)) for coding, encode in ENCODERS.items()}
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\nContent-Length: %d\r\n\r\n%s" % (coding.encode(), len(body), body)
+        for coding, body in encoded.items()
+    ]
+    async with RecordingUpstream(*answers) as upstream:
+        meter = await start_meter(upstream.url)
+        request = b'POST /v1/responses HTTP/1.1\r\nHost: h\r\nAccept-Encoding: gzip, br, zstd\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}'
+        through = [await exchange(port_of(meter), request) for _ in encoded]
+    for coding, answer in zip(encoded, through, strict=True):
+        assert (b"Content-Encoding", coding.encode()) in head_fields(answer)
+        assert answer.split(b"\r\n\r\n", 1)[1] == encoded[coding]
+    rows = await meter.rows()
+    assert [(row["input_tokens"], row["output_tokens"], row["response_bytes"]) for row in rows] == [(11, 7, len(body)) for body in encoded.values()]
+
