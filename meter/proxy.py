@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -101,6 +103,10 @@ class RelayedResponse(web.StreamResponse):
             self.headers.popall(name, None)
 
 
+# SO_LINGER on, zero seconds: closing the socket sends a reset, not an orderly FIN.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 # A request head up to this size is what any connection may hold, like its buffers;
@@ -141,6 +147,14 @@ def _one_line(exc: BaseException) -> str:
     """An exception as one short log line: its type and the first line of its text."""
     text = str(exc).strip().split("\n", 1)[0][:200]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _framing_shows_the_end(client: web.StreamResponse, request: web.BaseRequest) -> bool:
+    """Whether the client can tell a cut answer from a whole one by its framing: a
+    Content-Length it did not get all of, or chunks without the last one (HTTP/1.1
+    without a length is always chunked).  An HTTP/1.0 answer without a length ends
+    where the connection does."""
+    return client.content_length is not None or request.version >= HttpVersion11
 
 
 def answered_too_late(exc: BaseException) -> bool:
@@ -501,9 +515,17 @@ class Proxy:
         flow.error_type = error_type
         flow.error_code = code
         client.force_close()
-        transport = client._req.transport if client._req is not None else None  # aiohttp has no public handle on it
-        if transport is not None:
-            transport.abort()
+        request = client._req  # aiohttp has no public handle on the transport
+        transport = request.transport if request is not None else None
+        if request is None or transport is None:
+            return
+        if not _framing_shows_the_end(client, request):
+            # The answer ends where the connection does: a FIN would make the part sent
+            # look whole, a reset says it was cut.
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        transport.abort()
 
     def _fail(self, flow: Flow, status: int, code: str, message: str, outcome: str | None = None) -> web.Response:
         flow.status_code = status

@@ -16,6 +16,7 @@ import re
 from typing import Any
 
 import brotli
+import pytest
 import zstandard
 
 from .socket_server import SocketServer
@@ -180,3 +181,24 @@ async def test_encoded_answers_reach_the_client_undecoded(start_meter) -> None:
     rows = await meter.rows()
     assert [(row["input_tokens"], row["output_tokens"], row["response_bytes"]) for row in rows] == [(11, 7, len(body)) for body in encoded.values()]
 
+
+async def test_a_cut_answer_never_looks_whole(start_meter) -> None:
+    """An upstream that closes mid-body: whatever framing the client gets, it must be
+    able to tell.  With a length or chunks the framing shows it; an HTTP/1.0 client
+    reads an answer without a length until the connection closes, so only a reset
+    tells it the answer was cut.  The row says the upstream broke off."""
+    cut_chunked = [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n7\r\npartial\r\n"]
+    async with RecordingUpstream(cut_chunked) as upstream:
+        meter = await start_meter(upstream.url)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(meter))
+        writer.write(b"GET /v1/models HTTP/1.0\r\n\r\n")
+        received = bytearray()
+        with pytest.raises(ConnectionResetError):
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                received += chunk
+        writer.close()
+        answer_11 = await exchange(port_of(meter), b"GET /v1/models HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert received.startswith(b"HTTP/1.0 200 OK\r\n") and b"Content-Length" not in received
+    assert answer_11.endswith(b"\r\n\r\n7\r\npartial\r\n")  # no last chunk: cut
+    rows = await meter.rows()
+    assert [(row["status_code"], row["outcome"], row["error_type"], row["response_bytes"]) for row in rows] == [(200, "error", "upstream_disconnected", 7)] * 2
