@@ -1,5 +1,7 @@
 """Reading usage out of answers in the framings and shapes SSE and the APIs allow.
 
+The SSE standard (WHATWG HTML, "Server-sent events") ends a line with CRLF, LF
+or a lone CR, and drops one U+FEFF byte order mark at the start of a stream.
 Each test feeds the same events in another framing or cut, and expects what
 the usual LF framing reads.
 """
@@ -14,6 +16,7 @@ import pytest
 
 from meter.observe import Observation, SSEObserver
 
+BOM = b"\xef\xbb\xbf"
 TEXT = "h\u00e9llo \u2713 \u65e5\u672c"  # two- and three-byte UTF-8 characters, for cuts inside one
 RESPONSES_USAGE = {
     "input_tokens": 100,
@@ -98,13 +101,56 @@ def test_the_lf_framing_reads_usage_identity_and_the_first_token(kind: str) -> N
 
 
 @pytest.mark.parametrize("kind", STREAMS)
-@pytest.mark.parametrize("eol", ["\r\n"], ids=["crlf"])
+@pytest.mark.parametrize("eol", ["\r", "\r\n"], ids=["cr", "crlf"])
 def test_lines_ended_by_cr_or_crlf_read_as_lf_at_every_cut(kind: str, eol: str) -> None:
     events, done = STREAMS[kind]
     expected = reading(kind, [framed(events(), done=done)])
     data = framed(events(), eol, done)
     for pieces in every_cut(data):
         assert reading(kind, pieces) == expected, [len(p) for p in pieces]
+
+
+@pytest.mark.parametrize("kind", STREAMS)
+def test_a_stream_of_mixed_line_ends_reads_as_lf(kind: str) -> None:
+    """The standard lets one stream mix them; each event here ends its lines its own way."""
+    events, done = STREAMS[kind]
+    expected = reading(kind, [framed(events(), done=done)])
+    mixed = b"".join(framed([e], eol) for e, eol in zip(events(), ["\r", "\n", "\r\n", "\r"])) + (b"data: [DONE]\r\r" if done else b"")
+    for pieces in every_cut(mixed):
+        assert reading(kind, pieces) == expected, [len(p) for p in pieces]
+
+
+@pytest.mark.parametrize("eol", ["\r", "\n", "\r\n"], ids=["cr", "lf", "crlf"])
+def test_the_last_event_without_its_blank_line_is_read(eol: str) -> None:
+    events, _ = STREAMS["responses"]
+    expected = reading("responses", [framed(events())])
+    data = framed(events(), eol)[: -len(eol)]
+    assert reading("responses", [data]) == expected
+    assert reading("responses", [data[: len(data) // 2], data[len(data) // 2 :]]) == expected
+
+
+def single_chunk_chat() -> bytes:
+    """A whole Chat Completions answer in one chunk, usage included, as some upstreams stream a short one."""
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06", "service_tier": "default",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 4, "completion_tokens": 1, "total_tokens": 5}}  # fmt: skip
+    return framed([(None, chunk)], done=True)
+
+
+@pytest.mark.parametrize("kind,data", [("chat", single_chunk_chat()), ("chat", framed(chat_events(), done=True)), ("responses", framed(responses_events()))],
+                         ids=["chat-one-chunk", "chat", "responses"])  # fmt: skip
+def test_a_byte_order_mark_at_the_start_is_dropped_at_every_cut(kind: str, data: bytes) -> None:
+    expected = reading(kind, [data])
+    assert expected["usage"] is not None and expected["model"] is not None
+    for pieces in every_cut(BOM + data):
+        assert reading(kind, pieces) == expected, [len(p) for p in pieces]
+
+
+def test_a_byte_order_mark_after_the_start_is_no_mark() -> None:
+    """Only the stream's first bytes can be one: later, the bytes are a line's own."""
+    data = framed(chat_events()[:3]) + BOM + framed(chat_events()[3:], done=True)
+    read = reading("chat", [data])
+    assert read["usage"] is None and read["unmetered"] == "no_include_usage"
 
 
 @pytest.mark.parametrize("include_usage", [True, False], ids=["usage", "no-usage"])

@@ -1,6 +1,8 @@
 """The observer of a Server-Sent Events answer: Responses API or Chat Completions.
 
-Events may be split at any byte, use `\\n` or `\\r\\n`, and carry comments.  Only
+Events may be split at any byte, use `\\n` or `\\r\\n`, and carry comments; a stream
+whose lines end with a lone `\\r` (the standard allows it) is read as LF-ended, and
+a byte order mark at its start is dropped (see `_as_lf`).  Only
 events that carry identity or usage are JSON-decoded: a Responses event is
 judged by its name against the interpreter's sets (`responses.py`), which
 also says what a decoded one means; a Chat Completions chunk by whether it
@@ -40,6 +42,11 @@ _TEXT_DATA = len(TEXT_DELTA_LINE)  # where the data line of an output text delta
 # identity.  Not a `b"\n"` constant: loaded from cached bytecode, marshal makes that
 # an object of its own, and the shortcut would never hold.
 _LF = b"\n\n".split(b"\n", 1)[1]
+_BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8: dropped once at a stream's start, as the SSE standard says
+# How the stream's lines end (`_eol`), as far as read: LF or CRLF, which the line
+# parser reads (0, so that the usual case is one falsy test); nothing read yet (a
+# byte order mark may come); no line end yet; some end with a lone CR.
+_EOL_LF, _EOL_START, _EOL_UNKNOWN, _EOL_CR = 0, 1, 2, 3
 
 
 def _holds_usage_object(buf: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
@@ -72,7 +79,9 @@ class SSEObserver(SSELines):
     event it belongs to may matter, decoded only when it does.
     """
 
-    __slots__ = ("_between", "_chat_quiet", "_clock", "_oversized", "_quiet", "_ttft_pending", "kind", "obs", "output_done")
+    __slots__ = (
+        "_between", "_chat_quiet", "_clock", "_cr_held", "_eol", "_held", "_oversized", "_quiet", "_ttft_pending", "kind", "obs", "output_done",
+    )  # fmt: skip
 
     def __init__(self, kind: str, clock: Callable[[], float] = time.perf_counter, max_bytes: int = 64 << 20, budget: MeteringBudget | None = None) -> None:
         SSELines.__init__(self, max_bytes, budget)
@@ -87,6 +96,9 @@ class SSEObserver(SSELines):
         self._between = True  # no event is begun and more is to be read: see feed
         self._quiet = False  # between events, first token noted, output not done: see feed
         self._chat_quiet = False  # the same for Chat Completions, with the model known
+        self._eol = _EOL_START
+        self._held = b""  # the stream's first bytes, while they may be a byte order mark or a CRLF's CR
+        self._cr_held = False  # the last chunk ended with a CR (made LF): an LF first in the next is its CRLF's
 
     @property
     def done(self) -> bool:
@@ -124,6 +136,10 @@ class SSEObserver(SSELines):
             i = chunk.rfind(b'"usage"')
             if i < 0 or chunk.startswith(b":null", i + 7):
                 return
+        if self._eol:  # the stream's line ends are not yet known to be LF or CRLF
+            chunk = self._as_lf(chunk)
+            if not chunk:
+                return
         if self._between:
             n = len(chunk)
             if (chunk[:7] == b"event: " and self.kind == "responses" and chunk.find(b"\n", (nl := chunk.find(b"\n", 7)) + 1) == n - 2
@@ -159,11 +175,54 @@ class SSEObserver(SSELines):
             else:
                 self._parse_lines(chunk, 0, len(chunk))
                 self._between = self._idle()
-        quiet = self._between and not self._ttft_pending and not self.output_done
+        # (never with lone CRs: the shortcuts above read a chunk before `_as_lf` does)
+        quiet = self._between and not self._ttft_pending and not self.output_done and not self._eol
         if self.kind == "chat":
             self._chat_quiet = quiet and self.obs.model is not None
         else:
             self._quiet = quiet
+
+    def _as_lf(self, chunk: bytes) -> bytes:
+        """The chunk with its line ends as the line parser reads them, until the stream's
+        first line end shows they are LF or CRLF (as every upstream sends), from then
+        on the chunk itself.
+
+        The SSE standard also ends a line with a lone CR; such a stream's every line end
+        is made LF here (a CRLF one LF), or none of its events would be read.  A UTF-8
+        byte order mark before the stream's first line is dropped, as the standard
+        says: kept, it hid that line's field (a Chat Completions answer in one chunk
+        lost its usage).  Bytes that may yet be either are held, at most three.
+        """
+        if self._eol == _EOL_CR:
+            return self._cr_to_lf(chunk)
+        if self._held:
+            chunk = self._held + chunk
+            self._held = b""
+        if self._eol == _EOL_START:
+            if len(chunk) < 3 and _BOM.startswith(chunk):
+                self._held = chunk
+                return b""
+            self._eol = _EOL_UNKNOWN
+            if chunk.startswith(_BOM):
+                chunk = chunk[3:]
+        cr = chunk.find(b"\r")
+        lf = chunk.find(b"\n", 0, cr + 2 if cr >= 0 else len(chunk))
+        if cr < 0 or 0 <= lf <= cr + 1:  # the first line end is an LF, or a CRLF
+            if lf >= 0 or cr >= 0:
+                self._eol = _EOL_LF
+            return chunk
+        if cr == len(chunk) - 1:  # a CR last: the next chunk says whether an LF is its pair
+            self._held = b"\r"
+            return chunk[:-1]
+        self._eol = _EOL_CR
+        return self._cr_to_lf(chunk)
+
+    def _cr_to_lf(self, chunk: bytes) -> bytes:
+        """A chunk of a stream with lone CRs, each line end made LF."""
+        if self._cr_held and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._cr_held = chunk[-1:] == b"\r"
+        return chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
     def _idle(self) -> bool:
         """Between events, and not done: what `_between` says, worked out from the state."""
