@@ -42,7 +42,7 @@ from .migrations import migrate
 from .prune import PRESENT_TABLES_SQL, Pruned, statements, tally
 from .schema import COLUMN_TYPES, claim_usage, needs_claim, select_from_batch
 from .spool import check_directory
-from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnusable, chunks
+from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnavailable, LedgerUnusable, chunks
 
 # How a batch is staged: UUIDs and JSON as text, timestamps as epoch seconds
 # (`schema.select_from_batch` converts each to the table's type); the rest as is.
@@ -326,6 +326,9 @@ class DuckDBStore:
         # ledger process adds its memory bounds (`child_store.LEDGER_PROCESS_SETTINGS`).
         self.settings: dict[str, str | bool | int | float | list[str]] = {"threads": 1, **(settings or {})}
         self._staging: _Staging | None = None  # made at the first write, on `con`
+        # The file opened, as (device, inode): see `_check_same_file`.  None for a store
+        # over a connection made elsewhere or in memory.
+        self._file: tuple[int, int] | None = None
         # Which rows the ledger may have already (`_new_rows`): the ids and newest start
         # of the last batches written, and an upper bound of every other row's
         # started_at (epoch seconds); None: not known, asked at the next write.
@@ -360,6 +363,7 @@ class DuckDBStore:
             self.con = duckdb.connect(self.path, config=self.settings)
         except duckdb.IOException as exc:
             raise unusable_from_duckdb(self.path, exc) from None
+        self._file = _file_identity(self.path) if self.path != ":memory:" else None
         if created:
             # The ledger child sets a umask so DuckDB creates its files 0600; in any
             # other process the new file is narrowed here.  An existing file keeps the
@@ -400,6 +404,7 @@ class DuckDBStore:
         try:
             columns = prepare(con)
             self._insert_new(con, columns)
+            self._check_same_file()
             con.execute("COMMIT")
         except Exception:
             self._settled = None  # whatever a failed COMMIT left, asked again
@@ -407,6 +412,18 @@ class DuckDBStore:
                 con.execute("ROLLBACK")
             raise
         self._saw(columns[_ID], columns[_STARTED_AT])
+
+    def _check_same_file(self) -> None:
+        """The file at the ledger's path is still the one open: a ledger deleted (by
+        mistake) or moved aside (a rotation by `mv`) stays open, and every batch
+        committed to it afterwards would be lost with it or land in the wrong file,
+        with nothing said.  An outage instead: the writer closes this file and opens
+        the one at the path (a new ledger if there is none), and the batch goes there."""
+        if self._file is not None and _file_identity(self.path) != self._file:
+            raise LedgerFileGone(
+                f"the ledger file {self.path} was deleted or replaced while meter had it open; "
+                "its records go to the file now at that path (a new ledger if there is none)"
+            )
 
     @staticmethod
     def _claim_usage(con: Any, records: Sequence[Record]) -> None:
@@ -574,6 +591,19 @@ class DuckDBStore:
         if con is None:
             raise LedgerNotOpen(f"the ledger {self.path} is not open")
         return con
+
+
+class LedgerFileGone(LedgerUnavailable):
+    """The file at the ledger's path is no longer the one the store has open."""
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 _LOCK_PID = re.compile(r"Conflicting lock is held in .*?\(PID (\d+)\)")
