@@ -8,13 +8,22 @@ the usual LF framing reads.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import zlib
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
+import aiohttp
+import openai
 import pytest
 
 from meter.observe import Observation, SSEObserver
+
+from .conftest import SECRET_KEY
+from .socket_server import SocketServer
 
 BOM = b"\xef\xbb\xbf"
 TEXT = "h\u00e9llo \u2713 \u65e5\u672c"  # two- and three-byte UTF-8 characters, for cuts inside one
@@ -165,3 +174,84 @@ def test_a_crlf_data_line_cut_between_its_cr_and_lf_keeps_no_cr(include_usage: b
     read = reading("chat", [data[:cut], data[cut:]])
     assert read["terminal"]
     assert read["unmetered"] == (None if include_usage else "no_include_usage")
+
+
+# --- through a running meter ------------------------------------------------------------
+
+Step = bytes | float  # bytes to write, or seconds to wait
+
+
+class ScriptedUpstream(SocketServer):
+    """Answers every request on a connection with the same scripted steps."""
+
+    def __init__(self, answer: list[Step]) -> None:
+        super().__init__()
+        self.answer = answer
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                for step in self.answer:
+                    if isinstance(step, float):
+                        await asyncio.sleep(step)
+                    else:
+                        writer.write(step)
+                        await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def sse_answer(body: bytes, coding: str | None, piece: int) -> list[Step]:
+    """An HTTP answer streaming `body` (encoded with `coding`, flushed as it goes) in
+    `piece`-byte writes, chunked, then the connection closed."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n"
+    if coding is not None:
+        head += b"Content-Encoding: %s\r\n" % coding.encode()
+    parts = [body[i : i + piece] for i in range(0, len(body), piece)]
+    if coding == "gzip":
+        packer = zlib.compressobj(wbits=31)
+        parts = [packer.compress(p) + packer.flush(zlib.Z_SYNC_FLUSH) for p in parts] + [packer.flush()]
+    steps: list[Step] = [head + b"\r\n"]
+    steps += [b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p]
+    steps.append(b"0\r\n\r\n")
+    return steps
+
+
+@pytest.mark.parametrize("coding", [None, "gzip"])
+async def test_a_cr_framed_stream_through_meter_is_relayed_as_sent_and_metered(start_meter: Any, coding: str | None) -> None:
+    """The official SDK reads a stream whose lines end with a lone CR (its decoder
+    follows the standard); meter relays it untouched and meters its usage."""
+    body = BOM + framed(responses_events(), "\r")
+    answer = sse_answer(body, coding, 37)
+    sent = b"".join(step.split(b"\r\n", 1)[1][:-2] for step in answer[1:-1] if isinstance(step, bytes))  # the body, unchunked
+    async with ScriptedUpstream(answer) as upstream:
+        meter = await start_meter(upstream.url)
+        client = openai.AsyncOpenAI(base_url=meter.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+        stream = await client.responses.create(model="gpt-5", input="hi", stream=True, service_tier="priority")
+        kinds = [event.type async for event in stream]
+        await client.close()
+        headers = {"Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as http,
+            http.post(meter.url + "/v1/responses", data=b'{"model":"gpt-5","stream":true}', headers=headers) as r,
+        ):
+            relayed = await r.read()
+    assert kinds == ["response.created", "response.output_text.delta", "response.output_text.done", "response.completed"]
+    assert relayed == sent
+    row, again = await meter.rows()
+    assert again["input_tokens"] == 100 and again["service_tier"] == "priority"
+    assert (row["outcome"], row["error_type"], row["model"], row["service_tier_requested"], row["service_tier"]) == (
+        "completed", None, "gpt-5-2025-08-07", "priority", "priority",
+    )  # fmt: skip
+    assert (row["input_tokens"], row["cached_tokens"], row["cache_write_tokens"], row["output_tokens"], row["reasoning_tokens"]) == (100, 40, 10, 20, 5)
+    assert row["web_search_calls"] == 2 and row["ttft_ms"] is not None
+    # gpt-5 on the priority tier (genai-prices): $2.50 per million input tokens, $0.25
+    # cached (cache writes, which it has no rate for, at the input rate), $20 output
+    # (reasoning included), $10 per thousand web searches.
+    expected = (Decimal("2.5") * 50 + Decimal("0.25") * 40 + Decimal("2.5") * 10 + Decimal(20) * 20) / 10**6 + Decimal("0.01") * 2
+    assert row["cost_usd"] == expected
