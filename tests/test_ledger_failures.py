@@ -8,13 +8,19 @@ answered against what the ledger holds: nothing lost, nothing twice.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
+from meter.ledger.duckdb_store import DuckDBStore
+from meter.ledger.schema import mint_ids
+from meter.record import Record
+
 from .conftest import SECRET_KEY, ledger_rows
+from .test_ledger_hostile import assert_one_line_exit_2, serve_once
 
 
 async def answered(client: openai.AsyncOpenAI, n: int, text: str) -> list[str]:
@@ -51,3 +57,34 @@ async def test_a_ledger_file_taken_away_while_serving_loses_no_record(upstream: 
         assert sorted(response_ids(moved)) == sorted(before)  # the rotated file keeps its own rows, and no more
     assert any("deleted or replaced" in r.getMessage() for r in caplog.records)
 
+
+def damaged_ledger(tmp_path: Path, damage: str) -> Path:
+    """A meter ledger with rows, then cut short or with a block overwritten (a disk
+    fault, a copy that stopped half-way)."""
+    path = tmp_path / "ledger.duckdb"
+    store = DuckDBStore(str(path))
+    store.open()
+    records = [Record(id=None, started_at=1_777_636_800.0 + i, finished_at=1_777_636_801.0 + i, method="POST", path="/v1/responses", endpoint="responses") for i in range(2000)]
+    mint_ids(records)
+    store.write(records)
+    store.close()
+    size = path.stat().st_size
+    if damage == "cut short":
+        os.truncate(path, size // 2)
+    else:
+        with open(path, "r+b") as f:
+            f.seek(3 * 4096)  # past the headers: the first blocks of the catalog
+            f.write(b"\x5a" * 8192)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["cut short", "a block overwritten"])
+def test_start_fails_on_a_damaged_ledger(tmp_path: Path, damage: str) -> None:
+    """A ledger DuckDB cannot read can never be written: start-up ends with one line
+    naming it (SPEC §2b), instead of serving with every record waiting for a ledger
+    that will never open, and leaves the file as it is for a person to look at."""
+    ledger = damaged_ledger(tmp_path, damage)
+    kept = ledger.read_bytes()
+    done = serve_once("--ledger", str(ledger), timeout=20)
+    assert_one_line_exit_2(done, str(ledger), "damaged")
+    assert ledger.read_bytes() == kept

@@ -361,7 +361,7 @@ class DuckDBStore:
             created = not os.path.exists(self.path)
         try:
             self.con = duckdb.connect(self.path, config=self.settings)
-        except duckdb.IOException as exc:
+        except duckdb.Error as exc:
             raise unusable_from_duckdb(self.path, exc) from None
         self._file = _file_identity(self.path) if self.path != ":memory:" else None
         if created:
@@ -372,6 +372,12 @@ class DuckDBStore:
         try:
             _check_is_meter_ledger(self.con, self.path)
             migrate(_Migrating(self.con), self.path)
+        except duckdb.Error as exc:
+            self.close()
+            damaged = _damaged(self.path, exc)
+            if damaged is None:
+                raise
+            raise damaged from None
         except BaseException:
             self.close()
             raise
@@ -631,12 +637,30 @@ def holder_named(text: str) -> str | None:
     return lock_holder(int(held.group(1))) if held else None
 
 
+# DuckDB's words for a file it cannot read back: cut short, or a block whose checksum
+# fails.  Neither goes away by waiting; the file needs a person (a backup, or moving
+# it aside for a new ledger).
+_DAMAGE = ("Corrupt database file", "Could not read enough bytes")
+
+
+def _damaged(path: str, exc: Exception) -> LedgerUnusable | None:
+    """The one line for a ledger file DuckDB cannot read back; None for any other error."""
+    text = str(exc)
+    if not any(words in text for words in _DAMAGE):
+        return None
+    first = text.splitlines()[0].removeprefix("IO Error: ") if text else type(exc).__name__
+    return LedgerUnusable(f"ledger {path} is damaged ({first}); restore it from a backup, or move it aside to start a new one")
+
+
 def unusable_from_duckdb(path: str, exc: Exception) -> Exception:
     """DuckDB's open error as start-up's one line, or as is if it is not about the file."""
     text = str(exc)
     holder = holder_named(text)
     if holder is not None:
         return LedgerUnusable(f"ledger {path} is in use by {holder}")
+    damaged = _damaged(path, exc)
+    if damaged is not None:
+        return damaged
     if "not a valid DuckDB database file" in text:
         return LedgerUnusable(f"ledger {path} is not a DuckDB database (not a meter ledger)")
     if "No such file or directory" in text or "Permission denied" in text or "Is a directory" in text:
