@@ -30,6 +30,7 @@ from .finishing import FinishedFlows
 from .flow import Addons, Flow, Refusal
 from .identity import KeyIdentities
 from .observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for
+from .observe.codings import DECODERS
 from .paths import normalised_path, origin_form, target_for_record
 
 log = logging.getLogger("meter")
@@ -120,6 +121,50 @@ def _held_head_bytes(raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
     the raw fields and their parsed copy (`request.headers`) both being kept."""
     size = sum(len(name) + len(value) for name, value in raw_headers)
     return 2 * size if size > HEAD_HELD_FREE else 0
+
+
+# The largest piece a decoder hands on at once while meter decodes its copy of a body.
+_DECODE_STEP = 256 << 10
+
+
+class _DecodedTooLarge(Exception):
+    """meter's decoded copy of a request body grew past what it may hold."""
+
+
+def _codings(content_encoding: str) -> list[str]:
+    return [c for c in (part.strip().lower() for part in content_encoding.split(",")) if c and c != "identity"]
+
+
+def decoded_copy(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """meter's copy of a request body sent with a content coding, decoded to read its
+    facts (the upstream gets the body as sent): the codings undone last first, or
+    b"" (facts unknown) for a coding meter cannot undo, a body that is not what its
+    coding says, or one that decodes to more than `limit` bytes (a bomb)."""
+    codings = _codings(content_encoding)
+    if any(coding not in DECODERS for coding in codings):
+        return b""
+    data = body
+    try:
+        for coding in reversed(codings):
+            data = _decode_one(DECODERS[coding](_DECODE_STEP), data, limit)
+    except Exception:  # noqa: BLE001 - too large, or whatever a decoder makes of a broken body: the facts stay unknown
+        return b""
+    return data
+
+
+def _decode_one(decoder: Any, data: bytes, limit: int) -> bytes:
+    pieces: list[bytes] = []
+    size = 0
+
+    def keep(piece: bytes) -> None:
+        nonlocal size
+        size += len(piece)
+        if size > limit:
+            raise _DecodedTooLarge
+        pieces.append(piece)
+
+    decoder.decode(data, keep)
+    return b"".join(pieces)
 
 
 class MalformedRequestLog(logging.Filter):
@@ -337,6 +382,18 @@ class Proxy:
             return response
         return b"".join(chunks)
 
+    def _readable_copy(self, request: web.BaseRequest, flow: Flow, body: bytes) -> bytes:
+        """The body meter reads the request's facts from: as sent, or decoded when sent
+        with a content coding.  A decoded copy counts against the shared budget for
+        request bodies while the flow lasts; one that does not fit is not made."""
+        content_encoding = ", ".join(request.headers.getall("Content-Encoding", ()))
+        if not body or not _codings(content_encoding):
+            return body
+        room = min(self.max_request_bytes, self.max_buffered_request_bytes - self.buffered_request_bytes)
+        decoded = decoded_copy(body, content_encoding, room)
+        self._reserve(flow, len(decoded))  # fits: decoded within the room left
+        return decoded
+
     def _reserve(self, flow: Flow, size: int) -> bool:
         if self.buffered_request_bytes + size > self.max_buffered_request_bytes:
             return False
@@ -383,7 +440,7 @@ class Proxy:
             if isinstance(body, web.Response):
                 client_response = body
                 return body
-            flow.request_body = body
+            flow.request_body = self._readable_copy(request, flow, body)
             flow.request_bytes = len(body)
             refusal = self.addons.admit(flow)
             if refusal is not None:  # a budget: answered here, never forwarded

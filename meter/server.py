@@ -292,6 +292,9 @@ class Meter:
             # An idle connection, or one stalled mid-way through its request head, is
             # closed after --client-timeout (aiohttp's own default is 75 s).
             keepalive_timeout=self.settings.client_timeout,
+            # A compressed request body is forwarded as sent, still compressed: aiohttp
+            # would decode it (and refuse a coding it lacks, such as zstd).
+            auto_decompress=False,
         )
         # `stop` waits the grace period for in-flight requests itself; the runner's own
         # timeout is only what a handler still running after it gets once cancelled (to

@@ -202,3 +202,27 @@ async def test_a_cut_answer_never_looks_whole(start_meter) -> None:
     assert answer_11.endswith(b"\r\n\r\n7\r\npartial\r\n")  # no last chunk: cut
     rows = await meter.rows()
     assert [(row["status_code"], row["outcome"], row["error_type"], row["response_bytes"]) for row in rows] == [(200, "error", "upstream_disconnected", 7)] * 2
+
+
+async def test_a_compressed_upload_reaches_the_upstream_as_sent(start_meter) -> None:
+    """A request body with a Content-Encoding is forwarded encoded, as it came (the
+    upstream decodes it, or refuses it); meter decodes only its own copy, to read the
+    request's metadata.  A body that is not what its coding says goes on untouched
+    too: it is the upstream's to refuse, and so does one that decodes to more than
+    meter takes in a request (a bomb), its metadata unread."""
+    request_json = json.dumps({"model": "gpt-4o", "input": "hi", "metadata": {"team": "zipped"}}).encode()
+    bomb = gzip.compress(json.dumps({"model": "gpt-4o", "input": " " * (1 << 20), "metadata": {"team": "zipped"}}).encode())
+    answer = response_body({"input_tokens": 3, "output_tokens": 1, "total_tokens": 4})
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(answer), answer)
+    uploads = [(coding, encode(request_json)) for coding, encode in ENCODERS.items()] + [("gzip", b"not gzip at all"), ("gzip", bomb)]
+    async with RecordingUpstream(ok) as upstream:
+        meter = await start_meter(upstream.url, max_request_bytes=1 << 16)
+        for coding, body in uploads:
+            head = b"POST /v1/responses HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nContent-Encoding: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            through = await exchange(port_of(meter), head % (coding.encode(), len(body)) + body)
+            assert through.startswith(b"HTTP/1.1 200 OK\r\n"), through[:300]
+    assert [request.split(b"\r\n\r\n", 1)[1] for request in upstream.requests] == [body for _, body in uploads]
+    rows = await meter.rows()
+    assert [json.loads(row["tags"] or "{}") for row in rows] == [{"team": "zipped"}] * 3 + [{}, {}]
+    assert [row["request_bytes"] for row in rows] == [len(body) for _, body in uploads]
+    assert meter.meter.proxy.buffered_request_bytes == 0  # the decoded copies' share is given back
