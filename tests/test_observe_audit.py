@@ -255,3 +255,44 @@ async def test_a_cr_framed_stream_through_meter_is_relayed_as_sent_and_metered(s
     # (reasoning included), $10 per thousand web searches.
     expected = (Decimal("2.5") * 50 + Decimal("0.25") * 40 + Decimal("2.5") * 10 + Decimal(20) * 20) / 10**6 + Decimal("0.01") * 2
     assert row["cost_usd"] == expected
+
+
+def first_token_chunk(kind: str, events: list[tuple[str | None, dict[str, Any]]]) -> float | None:
+    """At which chunk (1-based, one event each) the first token was noted."""
+    fed = [0]
+    observer = SSEObserver(kind, clock=lambda: float(fed[0]))
+    for event in events:
+        fed[0] += 1
+        observer.feed(framed([event]))
+    return observer.finish().first_token_at
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": ""}},  # the functions API
+        {"role": "assistant", "audio": {"id": "audio_1", "data": "UklGR", "transcript": ""}},  # an audio model
+        {"role": "assistant", "content": None, "reasoning": "Thinking"},  # a gateway's reasoning model
+    ],
+    ids=["function_call", "audio", "reasoning"],
+)
+def test_a_chat_stream_notes_its_first_token_at_its_first_output_of_any_kind(delta: dict[str, Any]) -> None:
+    """`ttft_ms` is the first output delta (SPEC §3), not the first text: a stream of a
+    legacy function call, of audio or of reasoning first had its first token noted
+    late, or never."""
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06"}
+    events: list[tuple[str | None, dict[str, Any]]] = [
+        (None, {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}),
+        (None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        (None, {**base, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}),
+    ]
+    assert first_token_chunk("chat", events) == 1.0
+
+
+def test_a_chat_stream_role_chunk_is_no_first_token() -> None:
+    base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "gpt-4o-2024-08-06"}
+    events: list[tuple[str | None, dict[str, Any]]] = [
+        (None, {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "function_call": None, "audio": None}}]}),
+        (None, {**base, "choices": [{"index": 0, "delta": {"content": "Hi"}}]}),
+    ]
+    assert first_token_chunk("chat", events) == 2.0

@@ -42,6 +42,11 @@ _TEXT_DATA = len(TEXT_DELTA_LINE)  # where the data line of an output text delta
 # identity.  Not a `b"\n"` constant: loaded from cached bytecode, marshal makes that
 # an object of its own, and the shortcut would never hold.
 _LF = b"\n\n".split(b"\n", 1)[1]
+# The members of a Chat Completions delta that carry output: the first chunk with one
+# of them non-empty is the first token.  A role chunk has none (`content` "" or null):
+# text, tool and legacy function calls, refusals, audio, and the reasoning some
+# OpenAI-compatible servers stream (`reasoning_content`, `reasoning`).
+_CHAT_OUTPUT = ("content", "tool_calls", "function_call", "refusal", "audio", "reasoning_content", "reasoning")
 _BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8: dropped once at a stream's start, as the SSE standard says
 # How the stream's lines end (`_eol`), as far as read: LF or CRLF, which the line
 # parser reads (0, so that the usual case is one falsy test); nothing read yet (a
@@ -433,7 +438,7 @@ class SSEObserver(SSELines):
         if self._ttft_pending:
             for choice in obj.get("choices") or ():
                 delta = choice.get("delta") if isinstance(choice, dict) else None
-                if isinstance(delta, dict) and (delta.get("content") or delta.get("tool_calls") or delta.get("reasoning_content") or delta.get("refusal")):
+                if isinstance(delta, dict) and any(delta.get(key) for key in _CHAT_OUTPUT):
                     self._first_token()
                     break
 
