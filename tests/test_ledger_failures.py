@@ -8,7 +8,11 @@ answered against what the ledger holds: nothing lost, nothing twice.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import pytest
 
 from meter.ledger.duckdb_store import DuckDBStore
 from meter.ledger.schema import mint_ids
+from meter.ledger.spool import RejectedFile, Spool
 from meter.record import Record
 
 from .conftest import SECRET_KEY, ledger_rows
@@ -88,3 +93,70 @@ def test_start_fails_on_a_damaged_ledger(tmp_path: Path, damage: str) -> None:
     done = serve_once("--ledger", str(ledger), timeout=20)
     assert_one_line_exit_2(done, str(ledger), "damaged")
     assert ledger.read_bytes() == kept
+
+
+class SmallDisk:
+    """A 4 MiB tmpfs that can be filled (ENOSPC), to the last byte or but a few KiB."""
+
+    def __init__(self, mount: Path) -> None:
+        self.mount = mount
+        self.filler = mount / "filler"
+
+    def fill(self, leave: int = 0) -> None:
+        with open(self.filler, "ab", buffering=0) as f:  # unbuffered: ENOSPC surfaces at write
+            for size in (1 << 20, 4096, 1):  # down to the last byte
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * size)
+        if leave:
+            os.truncate(self.filler, self.filler.stat().st_size - leave)
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)], capture_output=True, text=True)
+    assert done.returncode == 0, f"this test needs to mount a tmpfs (run as root): {done.stderr.strip()}"
+    try:
+        yield SmallDisk(mount)
+    finally:  # whatever the test did, the mount goes
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def some_records(n: int) -> list[Record]:
+    records = [Record(id=None, started_at=time.time(), finished_at=time.time(), method="POST", path="/v1/responses", endpoint="responses", model="gpt-4o", user_id="u" * 200) for _ in range(n)]
+    mint_ids(records)
+    return records
+
+
+def test_a_spool_append_the_disk_cannot_hold_leaves_no_part_behind(small_disk: SmallDisk) -> None:
+    """An append that runs out of space part-way fails whole: the records are still the
+    writer's to keep, so the lines that did fit must not stay (each would be replayed
+    a second time, and the torn last one read as an unreadable line)."""
+    spool = Spool(small_disk.mount / "l.duckdb.spool.jsonl")
+    first = some_records(10)
+    spool.append(first)
+    kept = spool.path.read_bytes()
+    small_disk.fill(leave=16 * 1024)
+    with pytest.raises(OSError):
+        spool.append(some_records(500))  # ~150 KiB
+    assert spool.path.read_bytes() == kept
+    assert spool.untaken == 10
+    small_disk.free()
+    later = some_records(5)
+    spool.append(later)
+    assert [r.id for r in spool.read()] == [r.id for r in first + later]
+
+
+def test_a_rejected_file_append_the_disk_cannot_hold_leaves_no_part_behind(small_disk: SmallDisk) -> None:
+    rejected = RejectedFile(small_disk.mount / "l.duckdb.rejected.jsonl")
+    rejected.append([(r, "refused") for r in some_records(3)])
+    kept = rejected.path.read_bytes()
+    small_disk.fill(leave=16 * 1024)
+    with pytest.raises(OSError):
+        rejected.append([(r, "refused") for r in some_records(500)])
+    assert rejected.path.read_bytes() == kept

@@ -11,6 +11,7 @@ synced to disk before the records count as kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,7 +20,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import IO
 
 from ..record import COLUMNS, Record
 from .schema import mint_ids
@@ -35,10 +35,28 @@ def check_directory(path: str | Path, what: str) -> None:
         raise LedgerUnusable(f"{what} {path}: directory {parent} does not exist")
 
 
-def open_private(path: Path) -> IO[str]:
-    """Append to `path`, creating it readable and writable by its owner only."""
+def append_synced(path: Path, text: str) -> None:
+    """Append `text` to `path` (created owner-only) and sync it to disk, or nothing.
+
+    A disk that fills part-way through takes some of the lines and refuses the rest:
+    the caller keeps every record of a failed append, so the part that fit is cut off
+    again, or it would be replayed a second time, its torn last line read as an
+    unreadable one."""
+    data = text.encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    return open(fd, "a", encoding="utf-8")
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the append's own error is the one to raise
+                os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 def record_to_json(record: Record) -> str:
@@ -89,10 +107,7 @@ class Spool:
         with self._lock:
             if not self._ends_a_line():
                 lines = "\n" + lines  # a line torn by a crash stays alone: it must not take the next one with it
-            with open_private(self.path) as f:
-                f.write(lines)
-                f.flush()
-                os.fsync(f.fileno())
+            append_synced(self.path, lines)
             self.untaken += len(records)
 
     def _ends_a_line(self) -> bool:
@@ -201,10 +216,7 @@ class RejectedFile:
             except Exception as exc:  # noqa: BLE001 - one unwritable record must not cost the others their line
                 log.error("could not write the rejected record %s to %s: %s: %s", record.id, self.path, type(exc).__name__, exc)
         if lines:
-            with open_private(self.path) as f:
-                f.write("".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
+            append_synced(self.path, "".join(lines))
         return len(lines)
 
 
