@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import struct
 import time
@@ -91,6 +92,11 @@ def forwardable_response_headers(headers: Any) -> CIMultiDict[str]:
 _INVENTED_BY_AIOHTTP = ("Content-Type", "Server")
 
 
+# Control characters (all but HTAB) are invalid in a reason phrase or field value, and
+# aiohttp's writer refuses them; its client's parser lets all but NUL, CR and LF through.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 class RelayedResponse(web.StreamResponse):
     """The upstream's answer as the client gets it: its status, reason and fields,
     and no field the upstream did not send."""
@@ -102,6 +108,19 @@ class RelayedResponse(web.StreamResponse):
         await super()._prepare_headers()
         for name in absent:
             self.headers.popall(name, None)
+
+    async def _write_headers(self) -> None:
+        try:
+            await super()._write_headers()
+        except ValueError:
+            # A control character aiohttp will not write (nothing was): each becomes a
+            # space, as RFC 9110 §5.5 lets a recipient forward such a field, rather than
+            # the answer failing here.  Checked only on failure: the usual head pays nothing.
+            self._reason = _CONTROL.sub(" ", self._reason)
+            fields = [(name, _CONTROL.sub(" ", value)) for name, value in self._headers.items()]
+            self._headers.clear()
+            self._headers.extend(fields)
+            await super()._write_headers()
 
 
 # SO_LINGER on, zero seconds: closing the socket sends a reset, not an orderly FIN.

@@ -226,3 +226,19 @@ async def test_a_compressed_upload_reaches_the_upstream_as_sent(start_meter) -> 
     assert [json.loads(row["tags"] or "{}") for row in rows] == [{"team": "zipped"}] * 3 + [{}, {}]
     assert [row["request_bytes"] for row in rows] == [len(body) for _, body in uploads]
     assert meter.meter.proxy.buffered_request_bytes == 0  # the decoded copies' share is given back
+
+
+async def test_control_characters_in_the_answer_head_become_spaces(start_meter) -> None:
+    """A control character in the upstream's reason phrase or a field value (invalid,
+    and refused by aiohttp's writer): the answer is relayed with each one replaced by
+    a space, as RFC 9110 §5.5 allows a recipient to, its body and row intact.  A tab
+    is valid there, and stays."""
+    answer = b"HTTP/1.1 200 A\x01B\tC\r\nX-Ctl: a\x02b\x7fc\x1fd\te\r\nContent-Length: 2\r\n\r\nok"
+    async with RecordingUpstream(answer) as upstream:
+        meter = await start_meter(upstream.url)
+        through = await exchange(port_of(meter), b"GET /v1/models HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert through.startswith(b"HTTP/1.1 200 A B\tC\r\n"), through[:200]
+    assert (b"X-Ctl", b"a b c d\te") in head_fields(through)
+    assert through.endswith(b"\r\n\r\nok")
+    [row] = await meter.rows()
+    assert (row["status_code"], row["outcome"], row["response_bytes"]) == (200, "completed", 2)
