@@ -25,13 +25,13 @@ once: a request costs a dict lookup and a few additions under one uncontended
 lock.  A thread of the addon's own turns the cells into the SDK's
 `MetricsData` every `OTEL_METRIC_EXPORT_INTERVAL` for the SDK's OTLP/HTTP
 exporter (`OTEL_EXPORTER_OTLP_[METRICS_]*`), with the traces' resource;
-`stop()` exports what is left.  Temporality: cumulative, or delta when
+`stop()` exports what is left, waiting for it only briefly
+(`tracing.finish_in_background`).  Temporality: cumulative, or delta when
 `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE` says `delta`/`lowmemory`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -55,7 +55,7 @@ from yarl import URL
 
 from .config import StartupError
 from .record import Record
-from .tracing import MODEL_CALLS, OK_OUTCOMES, make_resource
+from .tracing import MODEL_CALLS, OK_OUTCOMES, finish_in_background, make_resource
 
 log = logging.getLogger("meter")
 
@@ -337,8 +337,9 @@ class OtelMetrics:
                 _observe(series.ttfc, record.ttft_ms / 1000.0, SECONDS_BUCKETS)
 
     async def stop(self) -> None:
-        # Joins the thread, exports what is left and shuts the exporters: off the event loop.
-        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
+        # Joins the thread, exports what is left and shuts the exporters: off the event loop,
+        # and not in the way of the ledger's last flush when the collector does not answer.
+        await finish_in_background(self._shutdown, "metrics")
 
     # internals ----------------------------------------------------------------------
 

@@ -35,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from opentelemetry.context import Context
@@ -61,6 +63,31 @@ OK_OUTCOMES = frozenset({"completed", "in_progress"})
 _SPAN_KEY = "tracing.span"
 _ROOT = Context()
 _TRUE = ("true", "1", "yes", "on")
+# How long, at stop, the last export may hold up what stops after it: the ledger's
+# last flush.  A collector that is down or silent would hold it for the exporter's
+# whole timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s an export, retries included; the span
+# processor's shutdown waits up to 30 s), for traces and again for metrics: past an
+# orchestrator's grace period the process is killed with records still in memory.  A
+# collector that answers takes milliseconds.
+LAST_EXPORT_WAIT = 0.5  # seconds
+
+
+async def finish_in_background(work: Callable[[], None], what: str, wait: float = LAST_EXPORT_WAIT) -> None:
+    """Run `work` (an exporter's shutdown: the last export, then closing) in a thread of
+    its own, and wait for it at most `wait` seconds.  Whatever is left goes on while
+    meter stops; the thread is not a daemon, so the process exits once it ends (within
+    the exporter's own timeout), after the ledger is flushed."""
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name=f"meter-{what}-shutdown", daemon=False).start()
+    if not await asyncio.get_running_loop().run_in_executor(None, finished.wait, wait):
+        log.warning("%s: the collector has not taken the last export in %.1fs; it goes on while meter stops", what, wait)
 
 
 def _env(name: str) -> str:
@@ -160,8 +187,9 @@ class Tracing:
         span.end(end_time=end)
 
     async def stop(self) -> None:
-        # shutdown() flushes the batch processor and joins its thread: off the event loop.
-        await asyncio.get_running_loop().run_in_executor(None, self.provider.shutdown)
+        # shutdown() flushes the batch processor and joins its thread: off the event loop,
+        # and not in the way of the ledger's last flush when the collector does not answer.
+        await finish_in_background(self.provider.shutdown, "traces")
 
     # internals ----------------------------------------------------------------------
 
