@@ -22,6 +22,7 @@ import pytest
 from meter.ledger.duckdb_store import DuckDBStore
 from meter.ledger.schema import mint_ids
 from meter.ledger.spool import RejectedFile, Spool
+from meter.ledger.writer import LedgerWriter
 from meter.record import Record
 
 from .conftest import SECRET_KEY, ledger_rows
@@ -127,8 +128,8 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def some_records(n: int) -> list[Record]:
-    records = [Record(id=None, started_at=time.time(), finished_at=time.time(), method="POST", path="/v1/responses", endpoint="responses", model="gpt-4o", user_id="u" * 200) for _ in range(n)]
+def some_records(n: int, user_id: str | None = "u" * 200) -> list[Record]:
+    records = [Record(id=None, started_at=time.time(), finished_at=time.time(), method="POST", path="/v1/responses", endpoint="responses", model="gpt-4o", user_id=user_id) for _ in range(n)]
     mint_ids(records)
     return records
 
@@ -160,3 +161,37 @@ def test_a_rejected_file_append_the_disk_cannot_hold_leaves_no_part_behind(small
     with pytest.raises(OSError):
         rejected.append([(r, "refused") for r in some_records(500)])
     assert rejected.path.read_bytes() == kept
+
+
+def test_a_spool_on_the_full_disk_keeps_the_records_and_says_so_once(small_disk: SmallDisk, caplog: pytest.LogCaptureFixture) -> None:
+    """The spool is beside the ledger by default: when their disk fills, neither takes
+    a record.  The records stay in memory, the log says so once (not once per try,
+    with every request past the bound), and when space comes back each is written once."""
+    ledger = small_disk.mount / "l.duckdb"
+    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, max_pending=100, spool_path=Path(f"{ledger}.spool.jsonl"), retry_max_interval=0.2)
+    writer.first_open()
+    writer.start_thread()
+    records = some_records(500, user_id=None)  # ~0.3 MiB in the spool: room for them all once freed
+    try:
+        for record in records[:10]:
+            writer.done(None, record)
+        assert writer.flush(10)
+        small_disk.fill()
+        for i in range(10, len(records), 10):  # 1,000 requests a second for half a second
+            for record in records[i : i + 10]:
+                writer.done(None, record)
+            time.sleep(0.01)
+        assert writer.stats.write_errors >= 1 and not writer.stats.healthy
+        assert writer.stats.written + writer.pending == len(records)  # none lost, none spooled
+        spool_failures = [r for r in caplog.records if "could not spool" in r.getMessage()]
+        assert len(spool_failures) == 1, [r.getMessage() for r in spool_failures]
+        assert "in memory" in spool_failures[0].getMessage()
+    finally:
+        small_disk.free()
+    assert writer.flush(20)
+    writer.close()
+    assert sorted(map(str, row_ids(ledger))) == sorted(r.id for r in records)
+
+
+def row_ids(ledger: Path) -> list[Any]:
+    return [row["id"] for row in ledger_rows(ledger)]

@@ -122,6 +122,14 @@ class LedgerWriter:
         self._wake = threading.Event()
         self._spill = threading.Event()  # set by `done` when the queue passes max_pending
         self._spill_lock = threading.Lock()  # one spiller at a time: the writer or the spill thread
+        # A spool that failed (its disk full too, as it is beside the ledger by default)
+        # is not tried again before `_spool_retry_at`, with a backoff like the store's:
+        # every request past the bound would wake the spill thread to encode thousands
+        # of records for a write that fails, under the proxy's GIL, and log it each time.
+        self._spool_failing = False
+        self._spool_backoff = 0.0
+        self._spool_retry_at = 0.0
+        self._closing = threading.Event()  # set by `close`: ends a spill thread's wait
         # Held while the writer's thread moves records between `_queue`, `_retry` and
         # `_in_flight`, and by `close` (with `_spill_lock`) when it gives up on the thread:
         # every record is then in one of them (or in the spool), never only in the hands
@@ -219,6 +227,7 @@ class LedgerWriter:
         the retry list and the batch the store holds.  If that write commits after all,
         the replay writes its records once (both stores keep a row once by its id)."""
         self._stopping = True
+        self._closing.set()
         self._wake.set()
         self._spill.set()
         thread = self._thread
@@ -554,7 +563,7 @@ class LedgerWriter:
         records); the spill thread without (it takes from the queue alone).  Records
         the spool cannot take go back where they came from, in order.
         """
-        if self.spool is None or self.pending <= self.max_pending:
+        if self.spool is None or self.pending <= self.max_pending or time.monotonic() < self._spool_retry_at:
             return
         with self._spill_lock:
             # Down to half the bound, not to the bound: records keep arriving while the
@@ -590,10 +599,27 @@ class LedgerWriter:
             self.spool.append(spill)  # type: ignore[union-attr]
             self.stats.spooled += len(spill)
         except Exception as exc:  # noqa: BLE001 - any failure: the records go back, the spiller lives on
-            log.error("could not spool %d records: %s: %s", len(spill), type(exc).__name__, exc)
             self._queue.extendleft(reversed(queued))
             if old:
                 self._retry = old + self._retry
+            self._spool_failed(exc, len(spill))
+            return
+        if self._spool_failing:
+            log.info("the spool %s takes records again: %d spooled", self.spool.path, len(spill))  # type: ignore[union-attr]
+        self._spool_failing = False
+        self._spool_backoff = 0.0
+
+    def _spool_failed(self, exc: Exception, n: int) -> None:
+        """Said once until the spool takes records again; tried again after a backoff."""
+        self._spool_backoff = min(self.retry_max_interval, max(self._spool_backoff * 2, self.flush_interval))
+        self._spool_retry_at = time.monotonic() + self._spool_backoff
+        if not self._spool_failing:
+            self._spool_failing = True
+            log.error(
+                "could not spool %d records (%s: %s): records wait in memory, past --ledger-max-pending, until the ledger "
+                "or the spool takes them (meter_ledger_pending_records); said again once the spool works",
+                n, type(exc).__name__, exc,
+            )
 
     def _run_spiller(self) -> None:
         """While the writer waits on a slow store, records keep arriving: this thread
@@ -601,6 +627,9 @@ class LedgerWriter:
         when no write ever fails."""
         while not self._stopping:
             self._spill.wait()
+            # The spool failed lately: not before its backoff, however many records arrive
+            # meanwhile (the event stays set, so they do not wake this thread again).
+            self._closing.wait(max(0.0, self._spool_retry_at - time.monotonic()))
             self._spill.clear()
             if self._stopping:
                 break
