@@ -69,7 +69,7 @@ _TRUE = ("true", "1", "yes", "on")
 # processor's shutdown waits up to 30 s), for traces and again for metrics: past an
 # orchestrator's grace period the process is killed with records still in memory.  A
 # collector that answers takes milliseconds.
-LAST_EXPORT_WAIT = 0.5  # seconds
+LAST_EXPORT_WAIT = 1.0  # seconds
 
 
 async def finish_in_background(work: Callable[[], None], what: str, wait: float = LAST_EXPORT_WAIT) -> None:

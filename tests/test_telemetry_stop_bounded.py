@@ -21,7 +21,7 @@ import aiohttp
 
 from .conftest import SECRET_KEY, ledger_rows
 
-COLLECTOR_TIMEOUT_S = 4
+COLLECTOR_TIMEOUT_S = 5
 
 
 @contextlib.asynccontextmanager
