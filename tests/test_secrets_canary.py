@@ -232,7 +232,7 @@ async def test_canary_keys_reach_no_output_and_files_are_owner_only(upstream, we
     outputs["the spool"] = spooled
     outputs["spans"] = json.dumps([[s.name, s.attributes, s.resource, s.status_message, s.trace_state] for s in otlp.spans], default=str).encode()
     outputs["metric points"] = json.dumps([[p.name, p.attributes, p.resource] for p in otlp.points], default=str).encode()
-    outputs["webhook bodies"] = json.dumps([hook["body"] for hook in await received(webhook.url)]).encode()
+    outputs["webhook bodies"] = json.dumps([[hook["body"], hook["headers"]] for hook in await received(webhook.url)]).encode()
     for command in (
         ["report", "--ledger", str(ledger), "--by", "key,model,user,endpoint,tag:x", "--format", "json"],
         ["sql", "--ledger", str(ledger), "--format", "json", "SELECT * FROM requests"],
