@@ -256,6 +256,10 @@ class Proxy:
         self.upstream = upstream.rstrip("/")
         parsed = URL(self.upstream)
         self.upstream_host = f"{parsed.host}:{parsed.port}"  # named in a 502 and its log line; never the userinfo
+        # A gateway's user:password@ becomes a Basic Authorization, for requests without
+        # their own: aiohttp refuses to send both (a 502 for every keyed request), and the
+        # client's Authorization is forwarded as sent.
+        self.upstream_without_userinfo = str(URL(self.upstream, encoded=True).with_user(None))
         # An outage fails every request: one warning line per UNREACHABLE_LOG_EVERY seconds, with a count of the rest.
         self._unreachable_logged_at = -UNREACHABLE_LOG_EVERY
         self._unreachable_unlogged = 0
@@ -283,8 +287,9 @@ class Proxy:
         # aiohttp's server (proxy and admin ports) logs a client's malformed request as one line.
         logging.getLogger("aiohttp.server").addFilter(MALFORMED_REQUEST_LOG)
 
-    def upstream_url(self, raw_path: str) -> URL:
-        return URL(self.upstream + raw_path, encoded=True)
+    def upstream_url(self, raw_path: str, own_authorization: bool = False) -> URL:
+        base = self.upstream_without_userinfo if own_authorization else self.upstream
+        return URL(base + raw_path, encoded=True)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw_path = request.raw_path
@@ -469,7 +474,7 @@ class Proxy:
             try:
                 upstream = await self.session.request(
                     request.method,
-                    self.upstream_url(raw_path),
+                    self.upstream_url(raw_path, own_authorization="Authorization" in flow.upstream_headers),
                     headers=flow.upstream_headers,
                     data=body if body or request.body_exists else None,
                     allow_redirects=False,

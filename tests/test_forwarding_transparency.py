@@ -242,3 +242,19 @@ async def test_control_characters_in_the_answer_head_become_spaces(start_meter) 
     assert through.endswith(b"\r\n\r\nok")
     [row] = await meter.rows()
     assert (row["status_code"], row["outcome"], row["response_bytes"]) == (200, "completed", 2)
+
+
+async def test_an_upstream_with_userinfo_takes_the_clients_authorization(start_meter) -> None:
+    """`--upstream http://user:password@gateway`: a request without Authorization goes
+    with the gateway's credentials (Basic), one with its own Authorization goes with
+    that, as sent, instead of failing on the two (a 502 for every API call)."""
+    async with RecordingUpstream() as upstream:
+        meter = await start_meter(upstream.url.replace("http://", "http://gw:s3cret@"))
+        keyed = await exchange(port_of(meter), b"GET /v1/models HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer sk-own-key\r\nConnection: close\r\n\r\n")
+        bare = await exchange(port_of(meter), b"GET /v1/models HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert keyed.startswith(b"HTTP/1.1 200 OK\r\n") and bare.startswith(b"HTTP/1.1 200 OK\r\n"), keyed[:300]
+    host = b"Host: " + upstream.host() + b"\r\n"
+    assert upstream.requests == [
+        b"GET /v1/models HTTP/1.1\r\n" + host + b"Authorization: Bearer sk-own-key\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\n" + host + b"Authorization: Basic Z3c6czNjcmV0\r\n\r\n",
+    ]
