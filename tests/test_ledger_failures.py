@@ -195,3 +195,23 @@ def test_a_spool_on_the_full_disk_keeps_the_records_and_says_so_once(small_disk:
 
 def row_ids(ledger: Path) -> list[Any]:
     return [row["id"] for row in ledger_rows(ledger)]
+
+
+def test_a_shutdown_that_can_keep_records_nowhere_says_how_many_are_lost(small_disk: SmallDisk, caplog: pytest.LogCaptureFixture) -> None:
+    """SIGTERM while the ledger's disk is full and the spool on it too: the records
+    cannot be kept, and the log says that they are lost, and how many."""
+    ledger = small_disk.mount / "l.duckdb"
+    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, spool_path=Path(f"{ledger}.spool.jsonl"))
+    writer.first_open()
+    writer.start_thread()
+    small_disk.fill()
+    records = some_records(300, user_id=None)
+    for record in records:
+        writer.done(None, record)
+    deadline = time.monotonic() + 10
+    while writer.stats.write_errors == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not writer.stats.healthy
+    writer.close()
+    lost = [r for r in caplog.records if r.levelname == "ERROR" and "at shutdown" in r.getMessage()]
+    assert len(lost) == 1 and "300 records" in lost[0].getMessage() and "lost" in lost[0].getMessage(), [r.getMessage() for r in lost]

@@ -688,7 +688,10 @@ class LedgerWriter:
                 self.stats.spooled += len(records)
                 log.warning("ledger unavailable at shutdown: %d records spooled to %s", len(records), self.spool.path)  # type: ignore[union-attr]
             except OSError as exc:
-                log.error("could not spool %d records at shutdown: %s", len(records), exc)
+                log.error(
+                    "the ledger is unavailable at shutdown and the spool %s failed (%s: %s): %d records not written are lost",
+                    self.spool.path, type(exc).__name__, exc, len(records),  # type: ignore[union-attr]
+                )
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything appended so far is written, set aside or spooled (tests, admin)."""
