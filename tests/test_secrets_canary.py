@@ -5,14 +5,14 @@ then everything meter wrote or answered is searched for them.
 Each channel has a key of its own (`CANARIES`), so a failure names the channel that
 leaked.  A key counts as found when it appears whole, without its last four
 characters (the documented `key_hint` shows those four), or as any 12 characters of
-its random part.  Searched: every file meter created (ledger, WAL, spool, DuckDB's
-spill files), meter's log at debug level with the access log on, `/metrics`,
-`/readyz`, the admin API and the console, the spans and metric points the real OTLP
-receiver got, the budget webhook's bodies, and `meter report` / `meter sql` /
-`meter budgets` over the ledger.  The same run checks that every file and directory
-meter created is owner-only although it started under umask 000, and that the
-admin token, the collector's header and the webhook's secret path stay out of it
-too.
+its random part.  Searched: the files meter leaves beside the ledger and the spool
+(read while it exists), meter's log at debug level with the access log on,
+`/metrics`, `/readyz`, the admin API and the console, the spans and metric points
+the real OTLP receiver got, the budget webhook's requests, and `meter report` /
+`meter sql` / `meter budgets` over the ledger.  The same run checks that every file
+and directory meter created (the WAL and DuckDB's spill files included, seen while
+they exist) is owner-only although it started under umask 000, and that the admin
+token, the collector's header and the webhook's secret path stay out of it too.
 
 Several phases share one meter (start-up is the slow part): ordinary traffic, a
 client that hangs up mid-stream, an oversized body, malformed JSON, malformed
