@@ -258,3 +258,18 @@ async def test_an_upstream_with_userinfo_takes_the_clients_authorization(start_m
         b"GET /v1/models HTTP/1.1\r\n" + host + b"Authorization: Bearer sk-own-key\r\n\r\n",
         b"GET /v1/models HTTP/1.1\r\n" + host + b"Authorization: Basic Z3c6czNjcmV0\r\n\r\n",
     ]
+
+
+@pytest.mark.parametrize("status", [b"302 Found", b"307 Temporary Redirect", b"308 Permanent Redirect"])
+async def test_an_upstream_redirect_is_relayed_never_followed(start_meter, status: bytes) -> None:
+    """The client gets the redirect as sent; the host it names is never contacted
+    (a followed redirect would carry the client's key there)."""
+    async with RecordingUpstream() as elsewhere:
+        answer = b"HTTP/1.1 %s\r\nLocation: %s/v1/models\r\nContent-Length: 0\r\n\r\n" % (status, elsewhere.url.encode())
+        async with RecordingUpstream(answer) as upstream:
+            meter = await start_meter(upstream.url)
+            request = b"POST /v1/models HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer sk-key\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+            through = await exchange(port_of(meter), request)
+    assert through.startswith(b"HTTP/1.1 " + status + b"\r\n")
+    assert (b"Location", elsewhere.url.encode() + b"/v1/models") in head_fields(through)
+    assert len(upstream.requests) == 1 and elsewhere.requests == []
