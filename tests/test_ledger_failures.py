@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -215,3 +216,36 @@ def test_a_shutdown_that_can_keep_records_nowhere_says_how_many_are_lost(small_d
     writer.close()
     lost = [r for r in caplog.records if r.levelname == "ERROR" and "at shutdown" in r.getMessage()]
     assert len(lost) == 1 and "300 records" in lost[0].getMessage() and "lost" in lost[0].getMessage(), [r.getMessage() for r in lost]
+
+
+def ledger_processes_of(pid: int) -> list[int]:
+    """The ledger processes (`python -m meter.ledger`) whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if parent == pid and b"meter.ledger" in command:
+            found.append(int(entry.name))
+    return found
+
+
+async def test_a_killed_ledger_process_is_named_in_the_log_and_loses_nothing(upstream: Any, start_meter: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The kernel's OOM killer ends a process with SIGKILL, which leaves no traceback:
+    the log says how the ledger process ended, and a fresh one writes every record once."""
+    meter = await start_meter(upstream.url)
+    client = openai.AsyncOpenAI(base_url=meter.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    ids = await answered(client, 2, "before")
+    await meter.flush()
+    [child] = ledger_processes_of(os.getpid())
+    os.kill(child, signal.SIGKILL)
+    ids += await answered(client, 2, "after")
+    await meter.flush()
+    await meter.stop()
+    assert sorted(response_ids(meter.ledger_path)) == sorted(ids)
+    lost = [r.getMessage() for r in caplog.records if "ledger process" in r.getMessage()]
+    assert lost and "SIGKILL" in lost[0], lost

@@ -154,9 +154,11 @@ class ChildProcessStore:
         chunks = records.chunks if isinstance(records, EncodedBatch) else None
         try:
             cuts: Cuts = self._call(("write", chunks if chunks is not None else encode_batch(records)))
-        except LedgerChildLost:
-            self._discard()  # a fresh child is started at the writer's next open()
-            raise
+        except LedgerChildLost as exc:
+            ended = self._discard()  # a fresh child is started at the writer's next open()
+            if ended is None:
+                raise
+            raise LedgerChildLost(f"{exc}: {ended}") from None
         return cuts
 
     def probe(self) -> None:
@@ -226,18 +228,32 @@ class ChildProcessStore:
                 log.error("closing the ledger process: %s", exc)
         self._discard(wait=True)
 
-    def _discard(self, wait: bool = False) -> None:
+    def _discard(self, wait: bool = False) -> str | None:
+        """Let the child go; how it ended, for the log (None: there was none)."""
         if self.con is not None:
             self.con.close()
             self.con = None
         proc, self._proc = self._proc, None
         if proc is None:
-            return
+            return None
         try:
-            proc.wait(30 if wait else 5)
+            return _how_it_ended(proc.wait(30 if wait else 5))
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            return "it did not exit once its socket closed, and was killed"
+
+
+def _how_it_ended(status: int) -> str:
+    """A child's exit status in words.  A SIGKILL leaves no traceback in the log: it is
+    what the kernel's OOM killer sends, so it is named."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"it was killed by {name}" + (", as the kernel's OOM killer does" if name == "SIGKILL" else "")
+    return f"it exited with status {status}"
 
 
 class _Child:
