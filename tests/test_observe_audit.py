@@ -20,7 +20,7 @@ import aiohttp
 import openai
 import pytest
 
-from meter.observe import Observation, SSEObserver
+from meter.observe import Observation, SSEObserver, observe_json_body, observer_for
 
 from .conftest import SECRET_KEY
 from .socket_server import SocketServer
@@ -296,3 +296,88 @@ def test_a_chat_stream_role_chunk_is_no_first_token() -> None:
         (None, {**base, "choices": [{"index": 0, "delta": {"content": "Hi"}}]}),
     ]
     assert first_token_chunk("chat", events) == 2.0
+
+
+# --- a model call that ended without usage ------------------------------------------------
+
+
+def responses_body(status: str, usage: dict[str, Any] | None, **more: Any) -> bytes:
+    return json.dumps({"id": "resp_1", "object": "response", "model": "gpt-4o-2024-08-06", "status": status, "usage": usage, **more}).encode()
+
+
+CHAT_BODY = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-2024-08-06", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}}]}
+EMBEDDINGS_BODY = {"object": "list", "model": "text-embedding-3-small", "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}]}
+
+
+@pytest.mark.parametrize(
+    "kind,body,unmetered",
+    [
+        ("responses", responses_body("completed", None), "no_usage"),
+        ("responses", responses_body("incomplete", None), "no_usage"),
+        ("chat", json.dumps(CHAT_BODY).encode(), "no_usage"),
+        ("chat", json.dumps({**CHAT_BODY, "usage": None}).encode(), "no_usage"),
+        ("chat", json.dumps(EMBEDDINGS_BODY).encode(), "no_usage"),
+        # What is no consumption, or says why there is none: nothing to count.
+        ("responses", responses_body("completed", RESPONSES_USAGE), None),
+        ("chat", json.dumps({**CHAT_BODY, "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}).encode(), None),
+        ("responses", responses_body("queued", None, background=True), None),  # a background POST: usage comes later
+        ("responses", responses_body("in_progress", None), None),
+        ("responses", responses_body("failed", None, error={"code": "server_error", "message": "boom"}), None),
+        ("responses", b'{"error": {"type": "invalid_request_error", "code": null, "message": "no"}}', None),
+        ("chat", b'{"error": {"type": "invalid_request_error", "code": "bad", "message": "no"}}', None),
+    ],
+    ids=[
+        "responses-completed", "responses-incomplete", "chat", "chat-usage-null", "embeddings",
+        "responses-usage", "chat-usage", "background-queued", "in-progress", "failed-with-error", "responses-error", "chat-error",
+    ],
+)  # fmt: skip
+def test_a_json_answer_that_ended_without_usage_is_unmetered(kind: str, body: bytes, unmetered: str | None) -> None:
+    """A model call that ended without reporting usage is counted (SPEC §2b: usage is
+    never lost silently), not recorded as one that used nothing: its row was neither
+    unpriced (no usage) nor unmetered."""
+    observer = observer_for(kind, "application/json", "")
+    observer.feed(body)
+    assert observer.finish().unmetered == unmetered
+    assert observe_json_body(kind, body).unmetered == unmetered
+
+
+def test_a_responses_stream_whose_terminal_event_has_no_usage_is_unmetered() -> None:
+    events = responses_events()
+    final = events[-1][1]
+    events[-1] = (events[-1][0], {**final, "response": {**final["response"], "usage": None}})
+    read = reading("responses", [framed(events)])
+    assert read["terminal"] and read["usage"] is None and read["unmetered"] == "no_usage"
+
+
+async def test_an_answer_without_usage_through_meter_is_counted_unmetered(upstream: Any, start_meter: Any) -> None:
+    meter = await start_meter(upstream.url)
+    client = openai.AsyncOpenAI(base_url=meter.url + "/v1", api_key=SECRET_KEY, max_retries=0, default_headers={"x-fake-usage": "null"})
+    await client.responses.create(model="gpt-4o", input="hi")
+    await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    await client.close()
+    rows = await meter.rows()
+    assert [(r["endpoint"], r["outcome"], r["input_tokens"], r["error_type"], r["error_code"]) for r in rows] == [
+        ("responses", "completed", None, "unmetered", "no_usage"),
+        ("chat.completions", "completed", None, "unmetered", "no_usage"),
+    ]
+
+
+async def test_a_websocket_response_without_usage_is_counted_unmetered(upstream: Any, start_meter: Any) -> None:
+    """Over a WebSocket as over HTTP; a warm-up (`generate: false`) carries no consumption
+    and is not counted."""
+    meter = await start_meter(upstream.url)
+    client = openai.AsyncOpenAI(base_url=meter.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    async with client.responses.connect() as conn:
+        await conn.response.create(model="gpt-4o", input="warm up", generate=False)  # type: ignore[call-arg]
+        async for event in conn:
+            if event.type == "response.completed":
+                break
+        # The fake reads `fake_usage` as JSON; `null`: a response that reports no usage.
+        await conn.response.create(model="gpt-4o", input="hi", metadata={"fake_usage": "null"})
+        async for event in conn:
+            if event.type == "response.completed":
+                break
+    await client.close()
+    warm_up, answer = await meter.rows()
+    assert (warm_up["outcome"], warm_up["input_tokens"], warm_up["error_type"]) == ("completed", None, None)
+    assert (answer["outcome"], answer["input_tokens"], answer["error_type"], answer["error_code"]) == ("completed", None, "unmetered", "no_usage")

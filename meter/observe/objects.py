@@ -30,6 +30,10 @@ from .usage import (
 # the tier asked for); one cancelled before it ran says `auto` to the end.
 FINAL_STATUSES = frozenset({"completed", "incomplete", "failed", "cancelled"})
 UNCHOSEN_TIER = "auto"
+# The statuses of a response that ran to its end and reports what it used: one without
+# usage is a model call whose consumption is unknown (`note_missing_usage`).  A failed
+# one says why in its error; a cancelled one is not consumption (SPEC §3).
+RAN_STATUSES = frozenset({"completed", "incomplete"})
 
 
 @dataclass(slots=True)
@@ -50,6 +54,17 @@ class Observation:
     # metered_bytes_limit, oversized_event, unknown_encoding, no_include_usage,
     # no_terminal_event.  Counted, so that nothing goes unmetered silently.
     unmetered: str | None = None
+
+
+def note_missing_usage(obs: Observation, kind: str) -> None:
+    """A model call that ended, without an error, and reported no usage: `unmetered`
+    says so (`no_usage`), so that it is counted rather than taken for a call that
+    used nothing.  `kind` `chat` (Chat Completions, Embeddings): any whole answer;
+    `responses`: one whose status says it ran (`RAN_STATUSES`), not a background
+    response still queued."""
+    if (obs.usage is None and obs.terminal and obs.unmetered is None and obs.error_type is None and obs.error_code is None
+            and (kind == "chat" or obs.status in RAN_STATUSES)):
+        obs.unmetered = "no_usage"
 
 
 def observe_error(obs: Observation, error: Any) -> None:
@@ -195,6 +210,8 @@ def observe_json_body(kind: str, body: bytes | bytearray) -> Observation:
             observe_chat_shape(obs, shape)
         else:
             observe_response_shape(obs, shape)  # type: ignore[arg-type]
+        if obs.usage is None:
+            note_missing_usage(obs, kind)
         return obs
     try:
         obj = orjson_loads(body)  # the usual answer, without `loads`'s call around it
@@ -215,4 +232,6 @@ def observe_json_body(kind: str, body: bytes | bytearray) -> Observation:
         observe_response_object(obs, obj)
     else:
         observe_chat_object(obs, obj)
+    if obs.usage is None:
+        note_missing_usage(obs, kind)
     return obs

@@ -38,7 +38,7 @@ from ..bounds import MAX_TEXT, short_key
 from ..flow import Flow, Refusal
 from .facts import RequestFacts, facts_from_create, facts_from_request
 from .jsonio import DecodeError
-from .objects import Observation
+from .objects import Observation, note_missing_usage
 from .responses import (
     DECODED,
     DECODED_TYPES,
@@ -444,8 +444,11 @@ class SocketMeter:
         flow.socket_session = self.session
         if self.session is None and obs is not None and obs.response_id is not None:
             self.session = obs.response_id[:MAX_TEXT]
-        if obs is not None and not flow.request_facts().generate:
-            obs.usage = None  # a warm-up (`generate: false`) carries no consumption
+        if obs is not None:
+            if not flow.request_facts().generate:
+                obs.usage = None  # a warm-up (`generate: false`) carries no consumption
+            elif obs.usage is None:
+                note_missing_usage(obs, "responses")  # it ended without saying what it used
         self.relay.record(flow)
 
     def end(self, outcome: str, error_type: str | None = None, error_code: str | None = None) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from .bodies import MeteringBudget
 from .ends import CHAT_HEAD, CHAT_TAIL, partial_object
 from .jsonio import DecodeError, orjson_loads
-from .objects import Observation, observe_chat_object, observe_error
+from .objects import Observation, note_missing_usage, observe_chat_object, observe_error
 from .responses import (
     DECODED,
     DELTA,
@@ -490,4 +490,6 @@ class SSEObserver(SSELines):
                 obs.unmetered = "no_terminal_event"
             elif self.kind == "chat":
                 obs.unmetered = "no_include_usage"  # the SDK's default: no usage chunk was asked for
+            else:
+                note_missing_usage(obs, self.kind)  # a terminal event without usage
         return obs
