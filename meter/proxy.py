@@ -221,6 +221,35 @@ def _framing_shows_the_end(client: web.StreamResponse, request: web.BaseRequest)
     return client.content_length is not None or request.version >= HttpVersion11
 
 
+def _connection_end(upstream: aiohttp.ClientResponse, method: str) -> asyncio.Future[None] | None:
+    """How the upstream's connection ends, for an answer that ends where it does (no
+    length, no chunks): aiohttp reads a reset there as the end of the body, which it
+    cuts instead.  None for any other answer."""
+    headers = upstream.headers
+    if method == "HEAD" or upstream.status in (204, 304) or "Content-Length" in headers:
+        return None
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        return None
+    connection = upstream.connection
+    closed = connection.protocol.closed if connection is not None and connection.protocol is not None else None
+    if closed is not None:
+        closed.add_done_callback(_retrieved)  # looked at or not, never "exception was never retrieved"
+    return closed
+
+
+def _retrieved(closed: asyncio.Future[None]) -> None:
+    if not closed.cancelled():
+        closed.exception()
+
+
+def _reset_that_ended(closed: asyncio.Future[None] | None) -> BaseException | None:
+    """The error that ended the connection (a reset), once the body has ended with it."""
+    if closed is None or not closed.done() or closed.cancelled():
+        return None
+    exc = closed.exception()
+    return (exc.__cause__ or exc) if exc is not None else None  # aiohttp's wrapper, caused by the OSError
+
+
 def answered_too_late(exc: BaseException) -> bool:
     """Whether an upstream request failed by timing out once connected (504).  aiohttp's
     `ConnectionTimeoutError` is a `TimeoutError` too, but an upstream meter could not
@@ -542,6 +571,7 @@ class Proxy:
     async def _relay(self, upstream: aiohttp.ClientResponse, client: web.StreamResponse, observer: Any, flow: Flow) -> None:
         content = upstream.content
         feed = observer.feed if observer is not None else None
+        ending = _connection_end(upstream, flow.method)
         sent = 0
         try:
             while True:
@@ -557,9 +587,7 @@ class Proxy:
             self._abort_midway(client, flow, "upstream_timeout", "upstream_timeout")
             return
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            log.warning("upstream answer to %s %s broke off after %d bytes: %s", flow.method, flow.path, sent, _upstream_failure(exc))
-            flow.response_bytes = sent
-            self._abort_midway(client, flow, "error", "upstream_disconnected", type(exc).__name__)
+            self._broke_off(client, flow, sent, exc)
             return
         except (ConnectionResetError, asyncio.CancelledError):
             # The client went away.  Mid-output, the upstream is cancelled at once (the
@@ -571,7 +599,16 @@ class Proxy:
                 await self._read_to_the_end(content, observer, flow)
             raise
         flow.response_bytes = sent
+        reset = _reset_that_ended(ending)
+        if reset is not None:
+            self._broke_off(client, flow, sent, reset)
+            return
         await client.write_eof()
+
+    def _broke_off(self, client: web.StreamResponse, flow: Flow, sent: int, exc: BaseException) -> None:
+        log.warning("upstream answer to %s %s broke off after %d bytes: %s", flow.method, flow.path, sent, _upstream_failure(exc))
+        flow.response_bytes = sent
+        self._abort_midway(client, flow, "error", "upstream_disconnected", type(exc).__name__)
 
     @staticmethod
     async def _read_to_the_end(content: aiohttp.StreamReader, observer: Any, flow: Flow) -> None:

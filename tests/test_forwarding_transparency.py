@@ -13,6 +13,8 @@ import asyncio
 import gzip
 import json
 import re
+import socket
+import struct
 from typing import Any
 
 import brotli
@@ -273,3 +275,38 @@ async def test_an_upstream_redirect_is_relayed_never_followed(start_meter, statu
     assert through.startswith(b"HTTP/1.1 " + status + b"\r\n")
     assert (b"Location", elsewhere.url.encode() + b"/v1/models") in head_fields(through)
     assert len(upstream.requests) == 1 and elsewhere.requests == []
+
+
+class ResettingUpstream(SocketServer):
+    """Sends `answer`, waits a moment, then resets the connection (or, with `reset`
+    False, closes it the orderly way)."""
+
+    def __init__(self, answer: bytes, *, reset: bool = True) -> None:
+        super().__init__()
+        self.answer = answer
+        self.reset = reset
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(self.answer)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the answer's bytes first, on their own
+        if self.reset:
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["reset", "closed"])
+async def test_an_answer_that_ends_with_its_connection_is_cut_by_a_reset(start_meter, reset: bool) -> None:
+    """An answer without a length or chunks ends where its connection does: an orderly
+    close ends it whole, a reset cuts it, and the client must see the cut (no last
+    chunk) and the row say the upstream broke off."""
+    async with ResettingUpstream(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\npartial", reset=reset) as upstream:
+        meter = await start_meter(upstream.url)
+        through = await exchange(port_of(meter), b"GET /v1/models HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert through.split(b"\r\n\r\n", 1)[1] == (b"7\r\npartial\r\n" if reset else b"7\r\npartial\r\n0\r\n\r\n")
+    [row] = await meter.rows()
+    outcome = ("error", "upstream_disconnected") if reset else ("completed", None)
+    assert (row["outcome"], row["error_type"], row["response_bytes"]) == (*outcome, 7)
