@@ -23,18 +23,15 @@ import zstandard
 
 from .socket_server import SocketServer
 
-# One answer step: bytes to send, or seconds to wait before the next step.
-Step = bytes | float
-
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 
 
 class RecordingUpstream(SocketServer):
     """Keeps each request as it arrived (`requests`: head and body bytes, in arrival
     order) and answers it with the next of `answers` (the last one once they run out);
-    the connection closes after an answer that is a list (its steps run in order)."""
+    an answer given as a list is sent piece by piece, and then the connection closes."""
 
-    def __init__(self, *answers: bytes | list[Step]) -> None:
+    def __init__(self, *answers: bytes | list[bytes]) -> None:
         super().__init__()
         self.answers = list(answers) or [OK]
         self.requests: list[bytes] = []
@@ -47,12 +44,9 @@ class RecordingUpstream(SocketServer):
                 body = await reader.readexactly(int(length.group(1))) if length else b""
                 self.requests.append(head + body)
                 answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-                for step in answer if isinstance(answer, list) else [answer]:
-                    if isinstance(step, float):
-                        await asyncio.sleep(step)
-                    else:
-                        writer.write(step)
-                        await writer.drain()
+                for piece in answer if isinstance(answer, list) else [answer]:
+                    writer.write(piece)
+                    await writer.drain()
                 if isinstance(answer, list):
                     return
         except (asyncio.IncompleteReadError, ConnectionError):
