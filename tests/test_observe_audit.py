@@ -381,3 +381,38 @@ async def test_a_websocket_response_without_usage_is_counted_unmetered(upstream:
     warm_up, answer = await meter.rows()
     assert (warm_up["outcome"], warm_up["input_tokens"], warm_up["error_type"]) == ("completed", None, None)
     assert (answer["outcome"], answer["input_tokens"], answer["error_type"], answer["error_code"]) == ("completed", None, "unmetered", "no_usage")
+
+
+# --- an `error` event in a Responses stream ----------------------------------------------------
+
+
+def error_event(nested: bool) -> tuple[str, dict[str, Any]]:
+    """An `error` event: its error in an object, or (the older shape) its code and message at the top."""
+    error = {"code": "server_error", "message": "The server had an error.", "param": None}
+    if nested:
+        return "error", {"type": "error", "sequence_number": 2, "error": {"type": "server_error", **error}}
+    return "error", {"type": "error", "sequence_number": 2, **error}
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["error-object", "top-level"])
+def test_an_error_event_then_response_failed_keeps_the_usage_it_reports(nested: bool) -> None:
+    """SSE's terminal events are `response.completed`, `.incomplete` and `.failed` (SPEC
+    §3): a `response.failed` after an `error` event still brings the usage billed."""
+    created, delta, _, completed = responses_events()
+    failed = {**completed[1]["response"], "status": "failed", "service_tier": "default", "error": {"code": "server_error", "message": "The server had an error."}}
+    events = [created, delta, error_event(nested), ("response.failed", {"type": "response.failed", "sequence_number": 3, "response": failed})]
+    for pieces in ([framed(events)], [framed([e]) for e in events]):
+        read = reading("responses", pieces)
+        assert read["status"] == "failed" and read["terminal"] and read["unmetered"] is None
+        assert read["usage"] is not None and read["usage"].input_tokens == 100 and read["service_tier"] == "default"
+    observer = SSEObserver("responses")
+    observer.feed(framed(events))
+    assert observer.finish().error_code == "server_error"
+
+
+def test_an_error_event_alone_ends_the_response_failed() -> None:
+    created, delta, _, _ = responses_events()
+    observer = SSEObserver("responses")
+    observer.feed(framed([created, delta, error_event(True)]))
+    obs = observer.finish()
+    assert (obs.status, obs.terminal, obs.error_type, obs.error_code, obs.usage, obs.unmetered) == ("failed", True, "server_error", "server_error", None, None)

@@ -28,6 +28,7 @@ from .responses import (
     DELTA_LINES,
     DELTA_TYPE,
     DONE,
+    ERROR,
     TEXT_DELTA_HEAD,
     TEXT_DELTA_LINE,
     decode_event,
@@ -47,6 +48,10 @@ _LF = b"\n\n".split(b"\n", 1)[1]
 # text, tool and legacy function calls, refusals, audio, and the reasoning some
 # OpenAI-compatible servers stream (`reasoning_content`, `reasoning`).
 _CHAT_OUTPUT = ("content", "tool_calls", "function_call", "refusal", "audio", "reasoning_content", "reasoning")
+# An `error` event ends its response as failed, but reading goes on: over SSE the
+# terminal events are `response.completed`, `.incomplete` and `.failed` (SPEC §3), and
+# a `response.failed` after an error brings the usage billed.
+_ERROR_TYPE = ERROR.decode()
 _BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8: dropped once at a stream's start, as the SSE standard says
 # How the stream's lines end (`_eol`), as far as read: LF or CRLF, which the line
 # parser reads (0, so that the usual case is one falsy test); nothing read yet (a
@@ -410,7 +415,7 @@ class SSEObserver(SSELines):
         if not isinstance(obj, dict):
             return
         kind = obj.get("type")
-        if isinstance(kind, str) and observe_event(self.obs, kind, obj):
+        if isinstance(kind, str) and observe_event(self.obs, kind, obj) and kind != _ERROR_TYPE:
             self._done = True
 
     def _decode(self, payload: bytes | bytearray) -> dict[str, Any] | None:
@@ -460,7 +465,7 @@ class SSEObserver(SSELines):
             return
         if kind.endswith(DELTA_TYPE):
             self._first_token()
-        elif observe_event(obs, kind, found):
+        elif observe_event(obs, kind, found) and kind != _ERROR_TYPE:
             self._done = True
 
     def cut(self) -> None:
