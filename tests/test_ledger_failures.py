@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from meter.ledger.writer import LedgerWriter
 from meter.record import Record
 
 from .conftest import SECRET_KEY, ledger_rows
-from .test_ledger_hostile import assert_one_line_exit_2, serve_once
+from .test_ledger_hostile import assert_one_line_exit_2, metric, serve_once
 
 
 async def answered(client: openai.AsyncOpenAI, n: int, text: str) -> list[str]:
@@ -249,3 +250,39 @@ async def test_a_killed_ledger_process_is_named_in_the_log_and_loses_nothing(ups
     assert sorted(response_ids(meter.ledger_path)) == sorted(ids)
     lost = [r.getMessage() for r in caplog.records if "ledger process" in r.getMessage()]
     assert lost and "SIGKILL" in lost[0], lost
+
+
+def written(admin_port: int) -> float:
+    return metric(admin_port, "meter_ledger_written_records_total")
+
+
+def test_a_restart_after_a_sigkill_waits_for_the_old_ledger_process(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    """`meter serve` killed with SIGKILL (the OOM killer, a `kill -9`) leaves its ledger
+    process to end its last write and let go of the file, which takes seconds on a
+    busy machine (it runs under SCHED_IDLE).  A restart at once (systemd, Kubernetes)
+    waits for it, instead of failing start-up with "in use"."""
+    ledger = tmp_path / "l.duckdb"
+    first = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    client = openai.OpenAI(base_url=first.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    ids = [client.responses.create(model="gpt-4o", input="before").id for _ in range(3)]
+    deadline = time.monotonic() + 10
+    while written(first.admin_port) < len(ids):
+        assert time.monotonic() < deadline, "the first meter never wrote its records"
+        time.sleep(0.02)
+    [old] = ledger_processes_of(first.proc.pid)
+    os.kill(old, signal.SIGSTOP)  # its last write is slow: it holds the file on
+    released = threading.Timer(2.0, os.kill, (old, signal.SIGCONT))
+    try:
+        first.proc.kill()
+        first.wait()
+        released.start()
+        second = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+        client = openai.OpenAI(base_url=second.url + "/v1", api_key=SECRET_KEY, max_retries=0, timeout=30)
+        ids.append(client.responses.create(model="gpt-4o", input="after").id)
+        assert second.proc.poll() is None, "the restart gave up on its ledger"
+    finally:
+        released.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)
+    second.stop()
+    assert sorted(response_ids(ledger)) == sorted(ids)

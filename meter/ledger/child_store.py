@@ -20,8 +20,8 @@ so the next call never takes it for its own.  A failure comes back with its kind
 (`refused`: these records; `outage`: the store; `unusable`: the ledger file
 cannot be used at all), decided in the child where the exception's class is known.
 
-The child runs as `python -m meter.ledger --fd N --ledger PATH` (`__main__`), started
-by the parent only.
+The child runs as `python -m meter.ledger --fd N --ledger PATH --parent PID` (`__main__`),
+started by the parent only.
 """
 
 from __future__ import annotations
@@ -107,7 +107,10 @@ class ChildProcessStore:
         parent, child = socket.socketpair()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "meter.ledger", "--fd", str(child.fileno()), "--ledger", self.path],
+                # --parent: who started it, so that a process that finds it holding the
+                # ledger can tell a live meter's from one whose meter was killed
+                # (`duckdb_store.orphaned_ledger_process`).
+                [sys.executable, "-m", "meter.ledger", "--fd", str(child.fileno()), "--ledger", self.path, "--parent", str(os.getpid())],
                 pass_fds=(child.fileno(),),
                 stdin=subprocess.DEVNULL,
             )
@@ -377,7 +380,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="meter's DuckDB ledger process (started by meter serve)")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--ledger", required=True)
+    parser.add_argument("--parent", type=int, help="the meter serve that started it (read by other processes, see ChildProcessStore.open)")
     args = parser.parse_args()
+    # Its few warnings (`DuckDBStore.open` waiting for a killed meter's ledger process)
+    # share the parent's stderr: in the parent's format (`cli._setup_logging`).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # The parent decides when to stop; a Ctrl-C to the process group must not
     # kill the ledger before the parent has flushed into it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

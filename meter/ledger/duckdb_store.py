@@ -25,10 +25,12 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import logging
 import math
 import operator
 import os
 import re
+import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
@@ -43,6 +45,8 @@ from .prune import PRESENT_TABLES_SQL, Pruned, statements, tally
 from .schema import COLUMN_TYPES, claim_usage, needs_claim, select_from_batch
 from .spool import check_directory
 from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnavailable, LedgerUnusable, chunks
+
+log = logging.getLogger("meter.ledger")
 
 # How a batch is staged: UUIDs and JSON as text, timestamps as epoch seconds
 # (`schema.select_from_batch` converts each to the table's type); the rest as is.
@@ -359,10 +363,7 @@ class DuckDBStore:
         if self.path != ":memory:":
             check_directory(self.path, "ledger")  # never created: a typo must not make a tree
             created = not os.path.exists(self.path)
-        try:
-            self.con = duckdb.connect(self.path, config=self.settings)
-        except duckdb.Error as exc:
-            raise unusable_from_duckdb(self.path, exc) from None
+        self.con = self._connect()
         self._file = _file_identity(self.path) if self.path != ":memory:" else None
         if created:
             # The ledger child sets a umask so DuckDB creates its files 0600; in any
@@ -381,6 +382,29 @@ class DuckDBStore:
         except BaseException:
             self.close()
             raise
+
+    def _connect(self) -> Any:
+        """The DuckDB connection; while the ledger process of a `meter serve` that was
+        killed (SIGKILL: the OOM killer, a `kill -9`) still holds the file, ending its
+        last write, waited for up to `ORPHAN_WAIT`: a restart at once (systemd,
+        Kubernetes) would otherwise fail start-up with "in use".  Any other holder
+        fails at once, as start-up must."""
+        import duckdb
+
+        deadline: float | None = None
+        while True:
+            try:
+                return duckdb.connect(self.path, config=self.settings)
+            except duckdb.Error as exc:
+                orphan = orphaned_ledger_process(str(exc))
+                if orphan is None:
+                    raise unusable_from_duckdb(self.path, exc) from None
+                if deadline is None:
+                    deadline = time.monotonic() + ORPHAN_WAIT
+                    log.warning("ledger %s is still held by %s; waiting up to %.0fs for it to let go", self.path, lock_holder(orphan), ORPHAN_WAIT)
+                if time.monotonic() >= deadline:
+                    raise LedgerUnusable(f"ledger {self.path} is in use by {lock_holder(orphan)}, which did not let go within {ORPHAN_WAIT:.0f}s") from None
+                time.sleep(0.05)
 
     def probe(self) -> None:
         """An empty batch through the whole write path: succeeds while the store works."""
@@ -615,19 +639,56 @@ def _file_identity(path: str) -> tuple[int, int] | None:
 _LOCK_PID = re.compile(r"Conflicting lock is held in .*?\(PID (\d+)\)")
 
 
+# Seconds a ledger held by the ledger process of a killed `meter serve` is waited for
+# at open.  That process ends its last write, sees its socket closed and closes the
+# file: measured 1.5-4 s with the restarted meter starting beside it (it runs under
+# SCHED_IDLE, so gets the CPU last); a checkpoint of a full WAL may add seconds.
+ORPHAN_WAIT = 30.0
+
+
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _started_by(cmdline: list[bytes]) -> int | None:
+    """The `--parent` a ledger process was started with (`ChildProcessStore.open`)."""
+    try:
+        return int(cmdline[cmdline.index(b"--parent") + 1])
+    except (ValueError, IndexError):
+        return None  # started by an older meter
+
+
 def lock_holder(pid: int) -> str:
     """Who holds a ledger: DuckDB names the process with the file open, which for
-    meter is the ledger child of another `meter serve`; name that `meter serve`."""
+    meter is the ledger child of another `meter serve`; name that `meter serve`, or
+    say that it has ended (the child, reparented, outlives it for a moment)."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         if b"meter.ledger" in cmdline:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            return f"meter serve (pid {ppid})"
+            started_by = _started_by(cmdline)
+            if started_by is not None and started_by != _parent_of(pid):
+                return f"the ledger process (pid {pid}) of a meter serve that has ended (pid {started_by})"
+            return f"meter serve (pid {_parent_of(pid)})"
         name = Path(f"/proc/{pid}/comm").read_text().strip()
         return f"{name} (pid {pid})"
     except (OSError, ValueError, IndexError):
         return f"process {pid}"
+
+
+def orphaned_ledger_process(text: str) -> int | None:
+    """The pid holding the file, when DuckDB's error `text` is a lock held by the ledger
+    process of a `meter serve` that has ended (its parent is no longer the one that
+    started it); else None."""
+    held = _LOCK_PID.search(text)
+    if held is None:
+        return None
+    pid = int(held.group(1))
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        started_by = _started_by(cmdline) if b"meter.ledger" in cmdline else None
+        return pid if started_by is not None and started_by != _parent_of(pid) else None
+    except (OSError, ValueError, IndexError):
+        return None  # gone meanwhile: the next try opens the file
 
 
 def holder_named(text: str) -> str | None:
