@@ -39,7 +39,7 @@ from .flow import Addons, Flow, finished_record
 from .identity import KeyIdentities
 from .observe import observer_for
 from .observe.socket import SocketMeter
-from .proxy import READ_ON_AFTER_HANGUP, answered_too_late, end_to_end_headers, error_body, forwardable_request_headers
+from .proxy import READ_ON_AFTER_HANGUP, RelayedResponse, answered_too_late, end_to_end_headers, error_body, forwardable_request_headers
 
 log = logging.getLogger("meter")
 
@@ -73,9 +73,9 @@ _HANDSHAKE: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("m
 class _Refused(Exception):
     """The upstream answered the upgrade with something other than a 101: its answer, whole."""
 
-    def __init__(self, status: int, headers: Any, body: bytes) -> None:
+    def __init__(self, status: int, reason: str | None, headers: Any, body: bytes) -> None:
         super().__init__(status)
-        self.status, self.headers, self.body = status, headers, body
+        self.status, self.reason, self.headers, self.body = status, reason, headers, body
 
 
 class _HandshakeResponse(aiohttp.ClientResponse):
@@ -90,7 +90,7 @@ class _HandshakeResponse(aiohttp.ClientResponse):
                 body = await self.read()
             except (TimeoutError, aiohttp.ClientError):
                 pass
-            raise _Refused(self.status, self.headers, body)
+            raise _Refused(self.status, self.reason, self.headers, body)
         sink = _HANDSHAKE.get()
         if sink is not None:
             sink[:] = [self.headers]
@@ -272,6 +272,9 @@ class WebSocketRelay:
         base = URL(upstream.rstrip("/"))
         self.upstream_host = f"{base.host}:{base.port}"  # named in a 502 and its log line; never the userinfo
         self.upstream = str(base.with_scheme({"https": "wss", "http": "ws"}.get(base.scheme, base.scheme)))
+        # A gateway's user:password@ is a Basic Authorization for handshakes without their
+        # own: aiohttp refuses to send both, and the client's goes as sent (as over HTTP).
+        self.upstream_without_userinfo = str(URL(self.upstream, encoded=True).with_user(None))
         self.session = session
         self.addons = addons
         self.identities = identities
@@ -332,13 +335,15 @@ class WebSocketRelay:
         if not web.WebSocketResponse(protocols=_protocols(request.headers)).can_prepare(request).ok:
             return self._fail(flow, 400, "invalid_websocket_handshake", "The WebSocket handshake is not valid.", "error")
         raw_path = request.raw_path
+        headers = _upstream_headers(request.headers)
+        base = self.upstream_without_userinfo if "Authorization" in headers else self.upstream
         sink: list[Any] = []
         token = _HANDSHAKE.set(sink)
         try:
             upstream = await self._handshake_session().ws_connect(
-                URL(self.upstream + raw_path, encoded=True),
+                URL(base + raw_path, encoded=True),
                 method=request.method,
-                headers=_upstream_headers(request.headers),
+                headers=headers,
                 protocols=_protocols(request.headers),
                 autoclose=True,
                 autoping=True,
@@ -348,7 +353,7 @@ class WebSocketRelay:
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
             )
         except _Refused as refused:
-            return await self._refused(request, flow, refused.status, refused.headers, refused.body)
+            return await self._refused(request, flow, refused)
         except aiohttp.WSServerHandshakeError:  # a 101 that is not a valid upgrade (a refusal is _Refused)
             return self._fail(flow, 502, "invalid_upstream_handshake", "The upstream answered the upgrade with an invalid WebSocket handshake.", "error")
         except asyncio.CancelledError:
@@ -386,8 +391,10 @@ class WebSocketRelay:
         flow.finished_at = time.perf_counter()
         self.record(flow)
 
-    async def _refused(self, request: web.BaseRequest, flow: Flow, status: int, headers: Any, body: bytes) -> web.StreamResponse:
-        """The upstream refused the upgrade: the client gets its status, headers and body."""
+    async def _refused(self, request: web.BaseRequest, flow: Flow, refused: _Refused) -> web.StreamResponse:
+        """The upstream refused the upgrade: the client gets its status line, headers and
+        body, and no field the upstream did not send."""
+        status, headers, body = refused.status, refused.headers, refused.body
         flow.transport = "http"
         flow.ttfb_at = time.perf_counter()
         flow.status_code = status
@@ -400,7 +407,7 @@ class WebSocketRelay:
         out_headers = _end_to_end_headers(headers)
         if "Content-Length" in headers:
             out_headers["Content-Length"] = str(len(body))
-        response = web.StreamResponse(status=status, headers=out_headers)
+        response = RelayedResponse(status=status, reason=refused.reason, headers=out_headers)
         try:
             await response.prepare(request)
             await response.write(body)

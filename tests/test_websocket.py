@@ -887,3 +887,46 @@ def test_the_fast_path_never_skips_an_event_the_interpreter_decodes() -> None:
 
     heads = _DELTA_HEADS + _DONE_HEADS
     assert not [t for t in DECODED for prefix in heads if (b'{"type":"' + t + b'"').startswith(prefix)]
+
+
+# --- the handshake against a gateway ---------------------------------------------------
+
+
+async def test_an_upstream_with_userinfo_takes_the_clients_authorization(upstream, start_meter) -> None:
+    """`--upstream http://user:password@gateway`, as over HTTP: a handshake with its own
+    Authorization goes with it, as sent (aiohttp refuses to send both, which made every
+    keyed handshake a 502)."""
+    meter = await start_meter(upstream.url.replace("http://", "http://gw:s3cret@"))
+    async with ws_connect(ws_url(meter.url), additional_headers=AUTH) as ws:
+        await ws.send(create())
+        events = await until_terminal(ws)
+    assert events[-1]["type"] == "response.completed"
+    [row] = await meter.rows()
+    assert (row["transport"], row["outcome"], row["status_code"]) == ("websocket", "completed", 101)
+
+
+async def test_a_refused_upgrade_keeps_the_upstreams_reason_and_adds_no_field(start_meter) -> None:
+    """The refusal the client gets is the upstream's head: its reason phrase, and no
+    `Server` or `Content-Type` of aiohttp's own."""
+    from .socket_server import SocketServer
+
+    class Refusing(SocketServer):
+        async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 403 Nope Not Here\r\nContent-Length: 2\r\nX-Why: policy\r\n\r\nno")
+            await writer.drain()
+            writer.close()
+
+    async with Refusing() as refusing:
+        meter = await start_meter(refusing.url)
+        reader, writer = await asyncio.open_connection("127.0.0.1", meter.meter.proxy_address[1])
+        writer.write(
+            b"GET /v1/responses HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        writer.close()
+    status_line, *fields = answer[:-4].split(b"\r\n")
+    names = {line.split(b":", 1)[0].lower() for line in fields}
+    assert status_line == b"HTTP/1.1 403 Nope Not Here"
+    assert b"x-why" in names and not names & {b"server", b"content-type"}, answer
