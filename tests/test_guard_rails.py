@@ -22,6 +22,13 @@ What meter relies on:
   handshake or follows a redirect, with the body still readable (websocket.py
   `_HandshakeResponse` raises a refused upgrade whole from there, its body kept
   and no redirect followed).
+- `StreamResponse._prepare_headers()`, `_write_headers()`, `_reason` and `_headers`
+  (proxy.py `RelayedResponse`): the last step before the head is written, where the
+  fields aiohttp adds are taken back and a control character becomes a space.
+- `ResponseHandler.closed` (the upstream connection's protocol, proxy.py
+  `_connection_end`): a future that fails when the connection ends in a reset.
+- `auto_decompress=` of `web.Server`, passed on to each connection's
+  `RequestHandler` (server.py): a compressed request body is forwarded as sent.
 """
 
 from __future__ import annotations
@@ -225,3 +232,16 @@ async def test_handshake_response_keeps_a_refused_upgrade_body(serve) -> None:
             await s.ws_connect(url)
     assert refused.value.status == 403, "ws_connect no longer calls ClientResponse.start: the refusal's body is lost"
     assert refused.value.body == refusal and refused.value.headers["x-request-id"] == "req_1"
+
+
+def test_the_response_and_connection_internals_the_relay_uses() -> None:
+    """What `RelayedResponse`, `_connection_end` and the proxy's server settings call:
+    a renamed one would fail a request (or every connection) only at run time."""
+    from aiohttp import client_proto, web_protocol
+
+    assert inspect.iscoroutinefunction(web.StreamResponse._prepare_headers)
+    assert inspect.iscoroutinefunction(web.StreamResponse._write_headers)
+    response = web.StreamResponse(status=403, reason="Nope")
+    assert response._reason == "Nope" and response._headers is response.headers
+    assert isinstance(client_proto.ResponseHandler.closed, property)
+    assert "auto_decompress" in inspect.signature(web_protocol.RequestHandler.__init__).parameters
