@@ -439,8 +439,11 @@ class Proxy:
         """The body meter reads the request's facts from: as sent, or decoded when sent
         with a content coding.  A decoded copy counts against the shared budget for
         request bodies while the flow lasts; one that does not fit is not made."""
-        content_encoding = ", ".join(request.headers.getall("Content-Encoding", ()))
-        if not body or not _codings(content_encoding):
+        headers = request.headers
+        if not body or "Content-Encoding" not in headers:  # the usual request: one lookup
+            return body
+        content_encoding = ", ".join(headers.getall("Content-Encoding"))
+        if not _codings(content_encoding):
             return body
         room = min(self.max_request_bytes, self.max_buffered_request_bytes - self.buffered_request_bytes)
         decoded = decoded_copy(body, content_encoding, room)
