@@ -416,3 +416,18 @@ def test_an_error_event_alone_ends_the_response_failed() -> None:
     observer.feed(framed([created, delta, error_event(True)]))
     obs = observer.finish()
     assert (obs.status, obs.terminal, obs.error_type, obs.error_code, obs.usage, obs.unmetered) == ("failed", True, "server_error", "server_error", None, None)
+
+
+def test_events_without_names_whose_type_comes_last_are_read() -> None:
+    """A stream of `data:` lines only, its events' keys sorted (as a server that decodes
+    and re-encodes them may write them: `type` last, after a large `response`): the
+    type was looked for only near the start, so the terminal event went unread."""
+    events = [(None, data) for _, data in responses_events()]
+    expected = reading("responses", [framed(events)])
+    assert expected["usage"] is not None and expected["first_token"]
+    body = b"".join(b"data: " + json.dumps(data, sort_keys=True).encode() + b"\n\n" for _, data in events)
+    assert body.find(b'"type"') > 96
+    for pieces in every_cut(body):
+        assert reading("responses", pieces) == expected, [len(p) for p in pieces]
+    body_done = body + b"data: [DONE]\n\n"  # as some gateways end a Responses stream
+    assert reading("responses", [body_done]) == expected

@@ -52,6 +52,8 @@ _CHAT_OUTPUT = ("content", "tool_calls", "function_call", "refusal", "audio", "r
 # terminal events are `response.completed`, `.incomplete` and `.failed` (SPEC §3), and
 # a `response.failed` after an error brings the usage billed.
 _ERROR_TYPE = ERROR.decode()
+# How a delta ends whose keys are sorted: its last member is its `type`.
+_DELTA_LAST = DELTA + b'"}'
 _BOM = b"\xef\xbb\xbf"  # U+FEFF in UTF-8: dropped once at a stream's start, as the SSE standard says
 # How the stream's lines end (`_eol`), as far as read: LF or CRLF, which the line
 # parser reads (0, so that the usual case is one falsy test); nothing read yet (a
@@ -398,10 +400,12 @@ class SSEObserver(SSELines):
         if event is None:
             # No `event:` line: peek at the type near the start before decoding.
             head = payload[:96]
-            if DELTA in head:
+            if DELTA in head or payload.endswith(_DELTA_LAST):
                 self._first_token()
                 return
             if b'"response.' not in head and b'"error"' not in head:
+                if b"{" in head:
+                    self._late_typed_payload(payload)
                 return
         done = observe_usual_event(self.obs, payload)  # the usual event, decoded into what is read of it
         if done is not None:
@@ -416,6 +420,24 @@ class SSEObserver(SSELines):
             return
         kind = obj.get("type")
         if isinstance(kind, str) and observe_event(self.obs, kind, obj) and kind != _ERROR_TYPE:
+            self._done = True
+
+    def _late_typed_payload(self, payload: bytes | bytearray) -> None:
+        """An event without a name whose `type` is not near its start: its keys in another
+        order than OpenAI writes them (sorted, as a server that decodes and re-encodes
+        events may write them, `type` after a large `response`).  Decoded to know it."""
+        try:
+            obj = orjson_loads(payload)
+        except ValueError:
+            obj = self._decode(payload)
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            return
+        if kind.endswith(DELTA_TYPE):
+            self._first_token()
+        elif observe_event(self.obs, kind, obj) and kind != _ERROR_TYPE:
             self._done = True
 
     def _decode(self, payload: bytes | bytearray) -> dict[str, Any] | None:
