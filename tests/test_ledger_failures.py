@@ -259,8 +259,8 @@ def written(admin_port: int) -> float:
 def test_a_restart_after_a_sigkill_waits_for_the_old_ledger_process(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
     """`meter serve` killed with SIGKILL (the OOM killer, a `kill -9`) leaves its ledger
     process to end its last write and let go of the file, which takes seconds on a
-    busy machine (it runs under SCHED_IDLE).  A restart at once (systemd, Kubernetes)
-    waits for it, instead of failing start-up with "in use"."""
+    busy machine (it runs under SCHED_IDLE).  A restart at once (a supervisor that
+    restarts only the process) waits for it, instead of failing start-up with "in use"."""
     ledger = tmp_path / "l.duckdb"
     first = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
     client = openai.OpenAI(base_url=first.url + "/v1", api_key=SECRET_KEY, max_retries=0)

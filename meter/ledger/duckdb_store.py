@@ -386,9 +386,10 @@ class DuckDBStore:
     def _connect(self) -> Any:
         """The DuckDB connection; while the ledger process of a `meter serve` that was
         killed (SIGKILL: the OOM killer, a `kill -9`) still holds the file, ending its
-        last write, waited for up to `ORPHAN_WAIT`: a restart at once (systemd,
-        Kubernetes) would otherwise fail start-up with "in use".  Any other holder
-        fails at once, as start-up must."""
+        last write, waited for up to `ORPHAN_WAIT`: a restart at once (a supervisor
+        that restarts only the process, an operator's `kill -9` then start) would
+        otherwise fail start-up with "in use".  Any other holder fails at once, as
+        start-up must."""
         import duckdb
 
         deadline: float | None = None
