@@ -14,6 +14,7 @@ import signal
 import subprocess
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -286,3 +287,24 @@ def test_a_restart_after_a_sigkill_waits_for_the_old_ledger_process(upstream: An
             os.kill(old, signal.SIGCONT)
     second.stop()
     assert sorted(response_ids(ledger)) == sorted(ids)
+
+
+def test_spooling_many_large_records_holds_a_slice_of_them_as_text_not_all(tmp_path: Path) -> None:
+    """A spill takes half of --ledger-max-pending at once, and a shutdown everything
+    waiting: written as one text of every line (and its bytes), that doubled and
+    tripled the memory the records themselves hold (docs/security.md bounds those),
+    at the moment the ledger is down and memory is already at its bound."""
+    records = some_records(2000)
+    for record in records:
+        record.tags = '{"note": "' + "x" * 8000 + '"}'  # near the bound a record's text may reach
+    spool = Spool(tmp_path / "spool.jsonl")
+    tracemalloc.start()
+    try:
+        spool.append(records)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    written = spool.path.stat().st_size
+    assert written > 16_000_000
+    assert peak < written / 4, f"spooling {written / 1e6:.0f} MB held {peak / 1e6:.0f} MB at its peak"
+    assert len(spool.read()) == len(records)

@@ -12,11 +12,12 @@ synced to disk before the records count as kept.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -35,21 +36,29 @@ def check_directory(path: str | Path, what: str) -> None:
         raise LedgerUnusable(f"{what} {path}: directory {parent} does not exist")
 
 
-def append_synced(path: Path, text: str) -> None:
-    """Append `text` to `path` (created owner-only) and sync it to disk, or nothing.
+# Text encoded and written at a time by `append_synced`: a spill is half of
+# --ledger-max-pending records, a shutdown's everything waiting, and their lines as
+# one text (and its bytes) would hold two more copies of them, when the ledger is
+# down and memory is at its bound already.
+APPEND_CHUNK_CHARS = 1 << 20
+
+
+def append_synced(path: Path, lines: Iterable[str]) -> None:
+    """Append `lines` to `path` (created owner-only), a slice at a time, and sync them
+    to disk; or nothing.
 
     A disk that fills part-way through takes some of the lines and refuses the rest:
     the caller keeps every record of a failed append, so the part that fit is cut off
     again, or it would be replayed a second time, its torn last line read as an
     unreadable one."""
-    data = text.encode("utf-8")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         size = os.fstat(fd).st_size
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            for text in _slices(lines):
+                view = memoryview(text.encode("utf-8"))
+                while view:
+                    view = view[os.write(fd, view) :]
             os.fsync(fd)
         except BaseException:
             with contextlib.suppress(OSError):  # the append's own error is the one to raise
@@ -57,6 +66,20 @@ def append_synced(path: Path, text: str) -> None:
             raise
     finally:
         os.close(fd)
+
+
+def _slices(lines: Iterable[str]) -> Iterator[str]:
+    """The lines joined into texts of about `APPEND_CHUNK_CHARS` (one line may be longer)."""
+    held: list[str] = []
+    length = 0
+    for line in lines:
+        held.append(line)
+        length += len(line)
+        if length >= APPEND_CHUNK_CHARS:
+            yield "".join(held)
+            held, length = [], 0
+    if held:
+        yield "".join(held)
 
 
 def record_to_json(record: Record) -> str:
@@ -103,10 +126,10 @@ class Spool:
         """Append `records`, each with an id of its own (minted here where it has none),
         so that a spool replayed twice (a crash mid-replay) writes each once."""
         mint_ids(records)
-        lines = "".join(record_to_json(record) + "\n" for record in records)
+        lines: Iterable[str] = (record_to_json(record) + "\n" for record in records)
         with self._lock:
             if not self._ends_a_line():
-                lines = "\n" + lines  # a line torn by a crash stays alone: it must not take the next one with it
+                lines = itertools.chain(["\n"], lines)  # a line torn by a crash stays alone: it must not take the next one with it
             append_synced(self.path, lines)
             self.untaken += len(records)
 
@@ -216,7 +239,7 @@ class RejectedFile:
             except Exception as exc:  # noqa: BLE001 - one unwritable record must not cost the others their line
                 log.error("could not write the rejected record %s to %s: %s: %s", record.id, self.path, type(exc).__name__, exc)
         if lines:
-            append_synced(self.path, "".join(lines))
+            append_synced(self.path, lines)
         return len(lines)
 
 
