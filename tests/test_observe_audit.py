@@ -1,9 +1,15 @@
 """Reading usage out of answers in the framings and shapes SSE and the APIs allow.
 
-The SSE standard (WHATWG HTML, "Server-sent events") ends a line with CRLF, LF
-or a lone CR, and drops one U+FEFF byte order mark at the start of a stream.
-Each test feeds the same events in another framing or cut, and expects what
-the usual LF framing reads.
+- Framing: the SSE standard (WHATWG HTML, "Server-sent events") ends a line with
+  CRLF, LF or a lone CR, and drops one U+FEFF byte order mark at the start of a
+  stream.  The same events in another framing, cut anywhere, read as the usual
+  LF framing does.
+- The first token is the first output of any kind; an unnamed event is read by
+  its `type` wherever that is; an `error` event does not hide a
+  `response.failed` after it.
+- A model call that ended without reporting usage is counted unmetered, not
+  taken for one that used nothing.
+- End to end, through a running meter: relayed as sent, metered and priced.
 """
 
 from __future__ import annotations
