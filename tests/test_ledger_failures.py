@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -28,7 +29,7 @@ from meter.ledger.spool import RejectedFile, Spool
 from meter.ledger.writer import LedgerWriter
 from meter.record import Record
 
-from .conftest import SECRET_KEY, ledger_rows
+from .conftest import ROOT, SECRET_KEY, free_port, ledger_rows
 from .test_ledger_hostile import assert_one_line_exit_2, metric, serve_once
 
 
@@ -308,3 +309,22 @@ def test_spooling_many_large_records_holds_a_slice_of_them_as_text_not_all(tmp_p
     assert written > 16_000_000
     assert peak < written / 4, f"spooling {written / 1e6:.0f} MB held {peak / 1e6:.0f} MB at its peak"
     assert len(spool.read()) == len(records)
+
+
+def test_start_fails_when_the_ledger_process_cannot_start(tmp_path: Path) -> None:
+    """meter started by a launcher that finds meter where `python -m meter.ledger`
+    does not (here: another `meter` first on the child's path) has no ledger process.
+    That ledger can never be written: start-up ends (exit 2) naming it, instead of
+    serving every request unrecorded."""
+    shadow = tmp_path / "shadow" / "meter"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('not the meter you are looking for')\n")
+    ledger = tmp_path / "l.duckdb"
+    launcher = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from meter.cli import main; sys.exit(main())"
+    done = subprocess.run(
+        [sys.executable, "-c", launcher, "serve", "--ledger", str(ledger), "--listen", f"127.0.0.1:{free_port()}", "--admin-listen", f"127.0.0.1:{free_port()}", "--upstream", "http://127.0.0.1:9"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(shadow.parent)}, capture_output=True, text=True, timeout=20,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("meter: error: ledger ") and str(ledger) in last and "ledger process" in last, last

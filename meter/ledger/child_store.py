@@ -119,6 +119,13 @@ class ChildProcessStore:
         self.con = Connection(parent.detach())
         try:
             self._call(("open",), timeout=self.open_timeout)
+        except LedgerChildLost:
+            status = self._discard()
+            if status is None:
+                raise  # it did not answer in time, and was stopped: an outage
+            # It ended before it could answer (it cannot even import meter, say): this
+            # ledger can never be written, which fails start-up; after start, an outage.
+            raise LedgerUnusable(f"ledger {self.path}: the ledger process ended before it opened the file ({_how_it_ended(status)}; its error, if any, is above)") from None
         except LedgerChildError as exc:
             self._discard()
             if exc.kind == "unusable":
@@ -158,10 +165,10 @@ class ChildProcessStore:
         try:
             cuts: Cuts = self._call(("write", chunks if chunks is not None else encode_batch(records)))
         except LedgerChildLost as exc:
-            ended = self._discard()  # a fresh child is started at the writer's next open()
-            if ended is None:
+            status = self._discard()  # a fresh child is started at the writer's next open()
+            if status is None:
                 raise
-            raise LedgerChildLost(f"{exc}: {ended}") from None
+            raise LedgerChildLost(f"{exc}: {_how_it_ended(status)}") from None
         return cuts
 
     def probe(self) -> None:
@@ -231,8 +238,9 @@ class ChildProcessStore:
                 log.error("closing the ledger process: %s", exc)
         self._discard(wait=True)
 
-    def _discard(self, wait: bool = False) -> str | None:
-        """Let the child go; how it ended, for the log (None: there was none)."""
+    def _discard(self, wait: bool = False) -> int | None:
+        """Let the child go; its exit status (None: there was none, or it did not end
+        once its socket closed and was killed here)."""
         if self.con is not None:
             self.con.close()
             self.con = None
@@ -240,11 +248,11 @@ class ChildProcessStore:
         if proc is None:
             return None
         try:
-            return _how_it_ended(proc.wait(30 if wait else 5))
+            return proc.wait(30 if wait else 5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            return "it did not exit once its socket closed, and was killed"
+            return None
 
 
 def _how_it_ended(status: int) -> str:
