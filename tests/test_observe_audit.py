@@ -437,3 +437,17 @@ def test_events_without_names_whose_type_comes_last_are_read() -> None:
         assert reading("responses", pieces) == expected, [len(p) for p in pieces]
     body_done = body + b"data: [DONE]\n\n"  # as some gateways end a Responses stream
     assert reading("responses", [body_done]) == expected
+
+
+def test_an_unnamed_event_past_the_limit_whose_type_comes_last_is_read() -> None:
+    """Past `max_bytes` an event is read from its ends: its type from its tail when its
+    keys are sorted (`type` last, after the large `response`)."""
+    events = [(None, data) for _, data in responses_events()]
+    final = events[-1][1]
+    big = {**final, "response": {**final["response"], "instructions": "x" * 50_000}}
+    body = b"".join(b"data: " + json.dumps(data, sort_keys=True).encode() + b"\n\n" for data in [e[1] for e in events[:-1]] + [big])
+    observer = SSEObserver("responses", max_bytes=4096)
+    for i in range(0, len(body), 1000):
+        observer.feed(body[i : i + 1000])
+    obs = observer.finish()
+    assert obs.usage is not None and obs.usage.input_tokens == 100 and obs.service_tier == "priority" and obs.unmetered is None

@@ -132,6 +132,12 @@ def event_from_ends(head: bytes, tail: bytes | bytearray, kind: str | None = Non
                 event[key] = value
     if kind is not None:
         event["type"] = kind
+    elif "type" not in event:
+        # Not in the head: its keys are in another order than OpenAI's (which puts
+        # `type` first), sorted say, with `type` the last member of all.
+        value = last_member(tail, "type", is_str)
+        if value is not NOTHING:
+            event["type"] = value
     if "stream_id" not in event:
         value = last_member(tail, "stream_id", is_str)
         if value is not NOTHING:
