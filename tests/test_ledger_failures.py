@@ -23,6 +23,7 @@ from typing import Any
 import openai
 import pytest
 
+from meter.ledger import duckdb_store
 from meter.ledger.duckdb_store import DuckDBStore
 from meter.ledger.schema import mint_ids
 from meter.ledger.spool import RejectedFile, Spool
@@ -328,3 +329,27 @@ def test_start_fails_when_the_ledger_process_cannot_start(tmp_path: Path) -> Non
     assert done.returncode == 2, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("meter: error: ledger ") and str(ledger) in last and "ledger process" in last, last
+
+
+def test_a_killed_meters_ledger_process_that_never_lets_go_is_ended(upstream: Any, meter_process: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed meter's ledger process that still holds the file after the wait (hung:
+    stopped here) would keep every later start from the ledger for good.  The records
+    it was given are its meter's (spooled, or gone with it), so it is ended and the
+    ledger opened; the wait is shortened here from its 30 s."""
+    monkeypatch.setattr(duckdb_store, "ORPHAN_WAIT", 0.3)
+    ledger = tmp_path / "l.duckdb"
+    first = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    written(first.admin_port)  # serving: its ledger is open
+    [old] = ledger_processes_of(first.proc.pid)
+    os.kill(old, signal.SIGSTOP)
+    try:
+        first.proc.kill()
+        first.wait()
+        store = DuckDBStore(str(ledger))
+        store.open()
+        store.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)
+    state = Path(f"/proc/{old}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{old}").exists() else "gone"
+    assert state in ("Z", "gone"), state

@@ -30,6 +30,7 @@ import math
 import operator
 import os
 import re
+import signal
 import time
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -386,13 +387,14 @@ class DuckDBStore:
     def _connect(self) -> Any:
         """The DuckDB connection; while the ledger process of a `meter serve` that was
         killed (SIGKILL: the OOM killer, a `kill -9`) still holds the file, ending its
-        last write, waited for up to `ORPHAN_WAIT`: a restart at once (a supervisor
-        that restarts only the process, an operator's `kill -9` then start) would
-        otherwise fail start-up with "in use".  Any other holder fails at once, as
-        start-up must."""
+        last write, waited for up to `ORPHAN_WAIT`, then ended: a restart at once (a
+        supervisor that restarts only the process, an operator's `kill -9` then start)
+        would otherwise fail start-up with "in use", and one after a leftover that
+        hangs, for good.  Any other holder fails at once, as start-up must."""
         import duckdb
 
         deadline: float | None = None
+        ended = False
         while True:
             try:
                 return duckdb.connect(self.path, config=self.settings)
@@ -400,11 +402,19 @@ class DuckDBStore:
                 orphan = orphaned_ledger_process(str(exc))
                 if orphan is None:
                     raise unusable_from_duckdb(self.path, exc) from None
+                holder = lock_holder(orphan)
                 if deadline is None:
                     deadline = time.monotonic() + ORPHAN_WAIT
-                    log.warning("ledger %s is still held by %s; waiting up to %.0fs for it to let go", self.path, lock_holder(orphan), ORPHAN_WAIT)
+                    log.warning("ledger %s is still held by %s; waiting up to %.0fs for it to let go", self.path, holder, ORPHAN_WAIT)
                 if time.monotonic() >= deadline:
-                    raise LedgerUnusable(f"ledger {self.path} is in use by {lock_holder(orphan)}, which did not let go within {ORPHAN_WAIT:.0f}s") from None
+                    if ended:  # it outlived a SIGKILL: stuck in the kernel (a dead network disk)
+                        raise LedgerUnusable(f"ledger {self.path} is in use by {holder}, which did not let go even when killed") from None
+                    # Hung: it would hold the ledger from every later start for good.  What
+                    # it was given is its meter's (spooled at a shutdown that gave up on
+                    # it, or gone with a meter that was killed): ending it costs nothing more.
+                    log.warning("%s did not let go of ledger %s within %.0fs: ending it", holder, self.path, ORPHAN_WAIT)
+                    _end_orphan(orphan)
+                    ended, deadline = True, time.monotonic() + ORPHAN_END_WAIT
                 time.sleep(0.05)
 
     def probe(self) -> None:
@@ -645,6 +655,7 @@ _LOCK_PID = re.compile(r"Conflicting lock is held in .*?\(PID (\d+)\)")
 # file: measured 1.5-4 s with the restarted meter starting beside it (it runs under
 # SCHED_IDLE, so gets the CPU last); a checkpoint of a full WAL may add seconds.
 ORPHAN_WAIT = 30.0
+ORPHAN_END_WAIT = 5.0  # then, once it is sent SIGKILL, for the kernel to release the file
 
 
 def _parent_of(pid: int) -> int:
@@ -684,12 +695,32 @@ def orphaned_ledger_process(text: str) -> int | None:
     if held is None:
         return None
     pid = int(held.group(1))
+    return pid if _is_orphaned_ledger_process(pid) else None
+
+
+def _is_orphaned_ledger_process(pid: int) -> bool:
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         started_by = _started_by(cmdline) if b"meter.ledger" in cmdline else None
-        return pid if started_by is not None and started_by != _parent_of(pid) else None
+        return started_by is not None and started_by != _parent_of(pid)
     except (OSError, ValueError, IndexError):
-        return None  # gone meanwhile: the next try opens the file
+        return False  # gone meanwhile: the next try opens the file
+
+
+def _end_orphan(pid: int) -> None:
+    """SIGKILL the leftover ledger process `pid`, through a pidfd taken before it is
+    checked once more: the pid may have ended and been reused since it was found, and
+    a pidfd's signal never reaches a process that merely took its number."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # gone meanwhile
+    try:
+        if _is_orphaned_ledger_process(pid):
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
 
 
 def holder_named(text: str) -> str | None:
