@@ -89,7 +89,9 @@ async def test_bad_upstream_bodies_relayed_exactly_and_recorded(upstream, start_
     if scenario == "truncated-json":
         assert row["outcome"] == "error" and row["error_type"] == "upstream_disconnected" and row["input_tokens"] is None
     elif scenario == "non-utf8":
-        assert row["outcome"] == "completed" and row["error_type"] == "meter_unreadable_response" and row["input_tokens"] is None
+        # A model call answered whole whose usage meter cannot read is unmetered: counted, never silent.
+        assert row["outcome"] == "completed" and (row["error_type"], row["error_code"]) == ("unmetered", "unreadable_response")
+        assert row["input_tokens"] is None
     elif scenario == "no-terminal":
         assert row["outcome"] == "error" and row["input_tokens"] is None and row["response_id"] is not None
     else:
