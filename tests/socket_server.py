@@ -1,7 +1,8 @@
 """Loopback servers for tests: a raw TCP one whose upstream must speak raw bytes
 (malformed HTTP, a strict `Expect` handshake, an answer scripted per request, a host
 that must never be reached; a subclass answers each connection in `_serve`), and
-`serving`, an aiohttp application for the length of a block."""
+`serving`, an aiohttp application for the length of a block; and `exchange`, the raw
+client to go with them."""
 
 from __future__ import annotations
 
@@ -47,3 +48,15 @@ async def serving(app: web.Application) -> AsyncIterator[int]:
         yield site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     finally:
         await runner.cleanup()
+
+
+async def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes to 127.0.0.1:`port`; everything it sends back until it closes
+    the connection (requests say `Connection: close`)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()

@@ -21,7 +21,7 @@ import brotli
 import pytest
 import zstandard
 
-from .socket_server import SocketServer
+from .socket_server import SocketServer, exchange
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok"
 
@@ -56,17 +56,6 @@ class RecordingUpstream(SocketServer):
 
     def host(self) -> bytes:
         return b"127.0.0.1:%d" % self.port
-
-
-async def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
-    """Raw bytes to meter; everything it sends back until it closes the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
 
 
 def port_of(meter: Any) -> int:

@@ -24,20 +24,9 @@ import pytest
 from meter.paths import normalised_path, origin_form, target_for_record
 
 from .conftest import SECRET_KEY, clear_upstream_requests, ledger_rows, upstream_requests
-from .socket_server import SocketServer
+from .socket_server import SocketServer, exchange
 
 # --- raw HTTP helpers ---------------------------------------------------------
-
-
-async def exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
-    """Send raw bytes, read until the server closes (requests say `Connection: close`)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
 
 
 def request(method: str, target: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
