@@ -353,3 +353,19 @@ def test_a_killed_meters_ledger_process_that_never_lets_go_is_ended(upstream: An
             os.kill(old, signal.SIGCONT)
     state = Path(f"/proc/{old}/stat").read_text().rsplit(")", 1)[1].split()[0] if Path(f"/proc/{old}").exists() else "gone"
     assert state in ("Z", "gone"), state
+
+
+async def test_a_ledger_process_lost_at_shutdown_is_replaced_not_spooled(upstream: Any, start_meter: Any) -> None:
+    """SIGTERM flushes every record before exit (SPEC §4).  A ledger process found dead
+    by the final flush (killed a moment before) is started afresh, as during serving,
+    and the records written, rather than left in the spool for a next start that a
+    meter being moved or retired never gets."""
+    meter = await start_meter(upstream.url, flush_interval=1.0)
+    client = openai.AsyncOpenAI(base_url=meter.url + "/v1", api_key=SECRET_KEY, max_retries=0)
+    await meter.flush()  # the ledger process is up and idle
+    ids = await answered(client, 3, "last")
+    [child] = ledger_processes_of(os.getpid())
+    os.kill(child, signal.SIGKILL)
+    await meter.stop()
+    assert sorted(response_ids(meter.ledger_path)) == sorted(ids)
+    assert not Path(f"{meter.ledger_path}.spool.jsonl").exists()

@@ -50,7 +50,7 @@ from .prune import Pruned
 from .rows import EncodedBatch, decode_batch, decode_columns, encode_batch
 from .sanitise import Cuts, columns_need_nothing, sanitise_counting
 from .sql import SqlError, SqlResult, confine_duckdb, duckdb_sql
-from .store import COST_CHUNK_ROWS, LedgerNotOpen, LedgerUnavailable, LedgerUnusable, chunks, failure_kind
+from .store import COST_CHUNK_ROWS, LedgerLost, LedgerNotOpen, LedgerUnavailable, LedgerUnusable, chunks, failure_kind
 
 log = logging.getLogger("meter.ledger")
 
@@ -82,7 +82,7 @@ class LedgerChildError(LedgerUnavailable):
         self.kind = kind
 
 
-class LedgerChildLost(LedgerChildError):
+class LedgerChildLost(LedgerChildError, LedgerLost):
     """The child is gone or stopped answering: a fresh one must be started."""
 
     def __init__(self, message: str) -> None:

@@ -100,6 +100,11 @@ class LedgerUnavailable(Exception):
     kind = "outage"  # what the writer makes of it (see `failure_kind`)
 
 
+class LedgerLost(LedgerUnavailable):
+    """The store's own process or connection is gone (the ledger process was killed):
+    a fresh open is expected to work, so even a shutdown tries one."""
+
+
 class LedgerNotOpen(LedgerUnavailable):
     """The store has not been opened yet (or was closed after a failure)."""
 

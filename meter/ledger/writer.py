@@ -37,7 +37,7 @@ from .rows import EncodedBatch
 from .sanitise import Cuts, add_cuts, clean_text, new_overflows, new_truncated, sanitise_batch
 from .schema import mint_ids
 from .spool import RejectedFile, Spool, check_directory, rejected_path_for
-from .store import LedgerRefused, LedgerUnusable, Store, failure_kind
+from .store import LedgerLost, LedgerRefused, LedgerUnusable, Store, failure_kind
 
 log = logging.getLogger("meter.ledger")
 
@@ -136,6 +136,7 @@ class LedgerWriter:
         # of a thread about to be left behind.  Only for moves in memory, never over I/O.
         self._hand_lock = threading.Lock()
         self._abandoned = False  # close gave up on the thread and spooled what it held
+        self._store_lost = False  # the last failure lost the store's process or connection (`LedgerLost`)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._spill_thread: threading.Thread | None = None
@@ -321,6 +322,7 @@ class LedgerWriter:
                 self._retry = spooled + self._retry
 
     def _note_error(self, exc: Exception) -> None:
+        self._store_lost = isinstance(exc, LedgerLost)
         self.stats.write_errors += 1
         self.stats.healthy = False
         message = f"{type(exc).__name__}: {exc}"
@@ -640,6 +642,7 @@ class LedgerWriter:
 
     def _run(self) -> None:
         backoff = self.flush_interval
+        reopened_at_stop = False
         while True:
             began = time.monotonic()
             stopping = self._stopping
@@ -656,6 +659,12 @@ class LedgerWriter:
                     self._note_error(exc)
                     ok = False
             if stopping or self._abandoned:
+                if not ok and self._store_lost and not reopened_at_stop and not self._abandoned:
+                    # The final flush found the ledger process gone (killed a moment
+                    # before): a fresh one takes the records, as during serving, rather
+                    # than the spool, which only a next start on this ledger reads.
+                    reopened_at_stop = True
+                    continue
                 if not ok and self.spool is not None and self.pending and not self._abandoned:
                     self._spill_all()
                 break
