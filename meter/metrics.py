@@ -37,6 +37,9 @@ Labels stay bounded whatever clients and the upstream send (SPEC §2b):
 - `tag_<name>` (only with `metrics_tag_labels`, on requests, tokens and cost):
   the record's tag of that name, `""` when absent; each tag has a budget of
   `metrics_max_keys` like `key` (see `meter.tag_labels`).
+- A value from outside is the text the ledger stores (`clean_text`: a lone
+  surrogate or a control character is U+FFFD), so that the exposition always
+  encodes as UTF-8 and a label equals its rows' value.
 - `endpoint` is from the fixed list of SPEC §4; a missing value is `""`.
   Unmetered reasons and the field names of truncated values are meter's own
   words, bounded all the same.
@@ -70,6 +73,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, GCC
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
+from .ledger.sanitise import clean_text
 from .record import Record
 from .tag_labels import TagReader, tag_label_name
 
@@ -512,7 +516,8 @@ class Metrics:
                 self.anomalies.cell((endpoint, kind))[0] += 1
         status = record.cache_status
         if status is not None and status.startswith("miss:"):
-            self.cache_misses.cell((series._labels[1], self._reasons(status[5:], _accepted(record))))[0] += 1
+            reason = self._reasons(clean_text(status[5:]), _accepted(record))
+            self.cache_misses.cell((series._labels[1], reason))[0] += 1
 
         # The histograms, written out rather than called (a call each per request):
         # `le` is inclusive, and bisect_left puts a value equal to a bound in its bucket.
@@ -538,8 +543,10 @@ class Metrics:
     def _new_series(self, ident: tuple[Any, ...], admit: bool) -> _Series:
         """The series of a request whose raw values are not all labels yet: through the budgets."""
         endpoint, model_raw, tier_raw, status, outcome, key_raw, stream, tags_raw = ident
-        model = self._models(model_raw, admit)
-        tier = self._tiers(tier_raw, admit)
+        # As the ledger stores them (SPEC §2b): a lone surrogate in a label would make every
+        # later scrape fail to encode, and a control character would differ from the row.
+        model = self._models(clean_text(model_raw), admit)
+        tier = self._tiers(clean_text(tier_raw), admit)
         key = self._keys(key_raw, admit) if key_raw is not None else None
         tags = tuple(bound(value, admit) for bound, value in zip(self._tag_bounds, tags_raw))
         labels = (endpoint, model, tier, status, outcome, key, stream, tags)
@@ -553,7 +560,7 @@ class Metrics:
         return series
 
     def _count_unmetered(self, endpoint: str, reason: Any) -> None:
-        label = self._unmetered_reasons(reason) if isinstance(reason, str) else OTHER
+        label = self._unmetered_reasons(clean_text(reason)) if isinstance(reason, str) else OTHER
         self.unmetered.cell((endpoint, label))[0] += 1
 
     # WebSocket relay -----------------------------------------------------------

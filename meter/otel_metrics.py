@@ -15,7 +15,9 @@ when the call did not complete), `gen_ai.client.operation.time_to_first_chunk`
 (`s`; streamed calls, to the first output delta, as on the spans).  Only model
 calls are recorded.  Attributes come from the record, never a header, so no
 key reaches them; values from outside (models, tiers, error types) are bounded
-as the Prometheus labels are, past a budget `_OTHER` (the conventions' fallback).
+as the Prometheus labels are, past a budget `_OTHER` (the conventions' fallback),
+and their text is what the ledger stores (a lone surrogate or a control
+character is U+FFFD).
 
 Hot path: the SDK's `Histogram.record` cleans and hashes the attributes on
 every call, about 10 µs each, 40 µs per streamed call (the Prometheus addon
@@ -54,6 +56,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from yarl import URL
 
 from .config import StartupError
+from .ledger.sanitise import clean_text
 from .record import Record
 from .tracing import MODEL_CALLS, OK_OUTCOMES, finish_in_background, make_resource
 
@@ -331,7 +334,7 @@ class OtelMetrics:
                 return  # a poll: its usage counts, its duration is not the operation's
             if record.duration_ms is not None:
                 error = _error_type(record)
-                cell = series.duration if error is None else series.failed(self._errors(error, True))
+                cell = series.duration if error is None else series.failed(self._errors(clean_text(error), True))
                 _observe(cell, record.duration_ms / 1000.0, SECONDS_BUCKETS)
             if record.stream and record.ttft_ms is not None:
                 _observe(series.ttfc, record.ttft_ms / 1000.0, SECONDS_BUCKETS)
@@ -346,9 +349,11 @@ class OtelMetrics:
     def _new_series(self, operation: str, r: Record) -> _Series:
         """The series of a call whose raw values are not all attribute values yet: through the budgets."""
         admit = _accepted(r)
-        requested = None if r.model_requested is None else self._models(r.model_requested, admit)
-        served = None if r.model is None else self._models(r.model, admit)
-        tier = None if r.service_tier is None else self._tiers(r.service_tier, admit)
+        # Text as the ledger stores it: one lone surrogate in an attribute made every later
+        # export fail to encode (the cumulative cells keep it), so nothing was exported again.
+        requested = None if r.model_requested is None else self._models(clean_text(r.model_requested), admit)
+        served = None if r.model is None else self._models(clean_text(r.model), admit)
+        tier = None if r.service_tier is None else self._tiers(clean_text(r.service_tier), admit)
         bounded = (operation, requested, served, tier)
         series = self._series.get(bounded)
         if series is None:

@@ -20,10 +20,13 @@ hashed.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 
 import orjson
+
+from .ledger.sanitise import clean_text
 
 # SPEC §10: a tag name is letters, digits, `_` and `-`, up to 64 characters.
 TAG_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -71,7 +74,8 @@ class TagReader:
 
     `raw(tags_json)` is what the request sent, already cut to label-sized
     strings: `""` for a missing tag (or tags that are not a JSON object),
-    `other` for a value too long or not a string.  `meter.metrics` then maps
+    `other` for a value too long or not a string, and a lone surrogate or a
+    control character as U+FFFD, as the ledger stores it.  `meter.metrics` then maps
     each through its tag's bound of distinct values.
     """
 
@@ -89,7 +93,12 @@ class TagReader:
         try:
             tags = orjson.loads(tags_json)
         except orjson.JSONDecodeError:
-            return self.none
+            # orjson refuses a lone surrogate, which tags may hold until the ledger cleans
+            # them (`meter.observe.facts.tags_json`); json reads it, so no other tag is lost.
+            try:
+                tags = json.loads(tags_json)
+            except (ValueError, RecursionError):
+                return self.none
         if not isinstance(tags, dict) or not tags:
             return self.none
         other, max_chars = self._other, self._max_chars
@@ -101,5 +110,5 @@ class TagReader:
             elif not isinstance(value, str) or len(value) > max_chars:
                 out.append(other)
             else:
-                out.append(value)
+                out.append(clean_text(value))  # the value the ledger stores, always valid UTF-8
         return tuple(out)

@@ -24,7 +24,9 @@ span is its child through the `traceparent` meter sends.  Model calls
 (Responses, its compact form, Chat Completions, Embeddings) are named
 `{gen_ai.operation.name} {gen_ai.request.model}`; everything else gets a plain
 HTTP span `{method} {endpoint}`.  Attributes come only from the record (never
-from a header), so the API key cannot reach a span.
+from a header), so the API key cannot reach a span; their text is what the
+ledger stores (a lone surrogate or a control character is U+FFFD), which the
+exporter can always encode.
 
 The WebSocket relay reuses the same two hooks per response: give `request` a
 Flow whose `started_at` is the response's start, and `done` its Record.
@@ -47,6 +49,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from yarl import URL
 
+from .ledger.sanitise import clean_text
 from .record import Record
 
 log = logging.getLogger("meter")
@@ -212,7 +215,7 @@ class Tracing:
         model_call = MODEL_CALLS.get(r.endpoint)
         if model_call is not None:
             operation, api_type = model_call
-            span.update_name(f"{operation} {r.model_requested}" if r.model_requested else operation)
+            span.update_name(f"{operation} {clean_text(r.model_requested)}" if r.model_requested else operation)
             attrs["gen_ai.operation.name"] = operation
             attrs["gen_ai.provider.name"] = "openai"
             if api_type is not None:
@@ -234,20 +237,22 @@ class Tracing:
             span.update_name(f"{r.method} {r.endpoint}")
         _put(attrs, "server.address", self.server_address)
         _put(attrs, "server.port", self.server_port)
-        attrs["http.request.method"] = r.method
+        _put(attrs, "http.request.method", r.method)
         _put(attrs, "http.response.status_code", r.status_code)
-        attrs["url.path"] = self.path_prefix + r.path  # the path sent upstream; never the query
+        _put(attrs, "url.path", self.path_prefix + r.path)  # the path sent upstream; never the query
         if r.cost_usd is not None:
             attrs["meter.cost_usd"] = float(r.cost_usd)
         outcome = r.outcome
         if outcome not in OK_OUTCOMES:
             status = r.status_code
-            attrs["error.type"] = r.error_type or (str(status) if status is not None and status >= 400 else outcome)
+            _put(attrs, "error.type", r.error_type or (str(status) if status is not None and status >= 400 else outcome))
         span.set_attributes(attrs)
         if outcome in ERROR_OUTCOMES:
-            span.set_status(Status(StatusCode.ERROR, r.error_code or outcome))
+            span.set_status(Status(StatusCode.ERROR, clean_text(r.error_code or outcome)))
 
 
 def _put(attrs: dict[str, Any], name: str, value: Any) -> None:
     if value is not None:
-        attrs[name] = value
+        # Text as the ledger stores it: the exporter encodes a span's strings as UTF-8, and
+        # one lone surrogate (valid JSON: "\ud800") made it drop the whole batch of spans.
+        attrs[name] = clean_text(value) if isinstance(value, str) else value
