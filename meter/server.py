@@ -381,12 +381,18 @@ class Meter:
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT."""
-        await self.start()
-        settle_after_start()  # the collector, now that start-up's objects are made
+        # The handlers come first: start-up binds the ports before it opens the ledger
+        # (which may wait for a killed meter's ledger process), and a signal meanwhile
+        # must not kill meter with clients queued on them.  One that came during
+        # start-up stops meter in order as soon as it has started.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        settle_after_start()  # the collector, now that start-up's objects are made
+        if stop.is_set():
+            log.info("asked to stop during start-up")
         await stop.wait()
         log.info("stopping")
         await self.stop()

@@ -369,3 +369,36 @@ async def test_a_ledger_process_lost_at_shutdown_is_replaced_not_spooled(upstrea
     await meter.stop()
     assert sorted(response_ids(meter.ledger_path)) == sorted(ids)
     assert not Path(f"{meter.ledger_path}.spool.jsonl").exists()
+
+
+def test_a_sigterm_during_start_up_stops_meter_in_order(upstream: Any, meter_process: Any, tmp_path: Path) -> None:
+    """A SIGTERM while start-up is still under way (here: waiting for a killed meter's
+    ledger process to let go of the file) ends meter the orderly way once it has
+    started, exit status 0, instead of killing it with its ports bound and clients
+    queued on them."""
+    ledger = tmp_path / "l.duckdb"
+    first = meter_process("--upstream", upstream.url, "--ledger", str(ledger))
+    openai.OpenAI(base_url=first.url + "/v1", api_key=SECRET_KEY, max_retries=0).responses.create(model="gpt-4o", input="x")
+    deadline = time.monotonic() + 10
+    while written(first.admin_port) < 1:
+        assert time.monotonic() < deadline, "the first meter never wrote its record"
+        time.sleep(0.02)
+    [old] = ledger_processes_of(first.proc.pid)
+    os.kill(old, signal.SIGSTOP)  # holds the file until let go below
+    released = threading.Timer(1.5, os.kill, (old, signal.SIGCONT))
+    try:
+        first.proc.kill()
+        first.wait()
+        second = meter_process("--upstream", upstream.url, "--ledger", str(ledger))  # returns once its ports are bound
+        deadline = time.monotonic() + 10
+        while "waiting up to" not in second.log_path.read_text():
+            assert time.monotonic() < deadline, second.log_path.read_text()
+            time.sleep(0.02)
+        second.signal(signal.SIGTERM)
+        released.start()
+        assert second.wait() == 0, second.log_path.read_text()
+    finally:
+        released.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)
+    assert "stopping" in second.log_path.read_text()
