@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -36,8 +37,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import yaml
 
-from .conftest import ROOT, UpstreamProcess, free_port
+from .conftest import ROOT, SECRET_KEY, UpstreamProcess, free_port
 from .dashboard_queries import all_values, label_names_match, load_dashboards, panel_queries, pick_label_name, substitute, variables
 from .test_metrics import U3, drive_mixed_traffic, fake_usage, scrape, sdk
 
@@ -190,6 +192,27 @@ async def send_tagged(meter_url: str) -> int:
     return len(TAGS) + 2
 
 
+async def send_disconnected(meter_url: str) -> int:
+    """A stream the client leaves after its first bytes: outcome `client_disconnected`, not an error."""
+    headers = {"Authorization": f"Bearer {SECRET_KEY}", "x-fake-deltas": "50", "x-fake-chunk-delay-ms": "20"}
+    async with aiohttp.ClientSession() as s, s.post(meter_url + "/v1/responses", json={"model": "gpt-4o", "input": "hi", "stream": True}, headers=headers) as r:
+        assert r.status == 200
+        await r.content.readany()  # leaving unread closes the connection
+    return 1
+
+
+def alert_error_ratio() -> str:
+    """The ratio MeterHighErrorRatio compares with its threshold."""
+    [rule] = [r for group in yaml.safe_load(ALERT_RULES.read_text())["groups"] for r in group["rules"] if r.get("alert") == "MeterHighErrorRatio"]
+    expr = rule["expr"]
+    return expr[: expr.index(") >") + 1]
+
+
+def over_totals(promql: str) -> str:
+    """`promql` with each `rate(counter[window])` read as the counter itself: the same ratio over all time."""
+    return re.sub(r"\brate\(([^\[\]]*)\[[^\]]*\]\)", r"\1", promql)
+
+
 async def test_every_dashboard_panel_returns_data(upstream, webhook, start_meter, prometheus_for) -> None:
     boards = load_dashboards(DASHBOARDS)
     assert any(panel_queries(board) for board in boards), f"no panel queries found under {DASHBOARDS}"
@@ -200,10 +223,11 @@ async def test_every_dashboard_panel_returns_data(upstream, webhook, start_meter
     host, port = meter.meter.admin_address
     prom = await prometheus_for(f"{host}:{port}")
     sent = await drive_mixed_traffic(meter.url)
-    tagged = await send_tagged(meter.url)
+    tagged = await send_tagged(meter.url) + await send_disconnected(meter.url)
     await meter.flush()
     local = await scrape(meter.admin_url)
     assert local.value("meter_requests_total") == sent.total + tagged
+    assert local.value("meter_requests_total", outcome="client_disconnected") == 1
     assert local.value("meter_budget_rejections_total", budget="blocked-team") == 1
 
     async with aiohttp.ClientSession() as s:
@@ -250,6 +274,16 @@ async def test_every_dashboard_panel_returns_data(upstream, webhook, start_meter
                     if not set(TAGS) <= got:
                         failures.append(f"[{dash_title}] {title!r}: {label_vars[name]} values {sorted(got)}, expected {TAGS}\n    {promql}")
         assert not failures, f"{len(failures)} of {len(queries)} panel queries failed:\n" + "\n".join(failures)
+
+        # The error ratio a dashboard shows is the one the alert rule watches (its description
+        # sends the reader to it): neither a client that left nor a budget's refusal is an error.
+        # Both over the counters' totals (each series' rate is 0 here: it appeared at its final count).
+        [(_, _, ratio_promql, _)] = [q for q in queries if q[1] == "Error ratio"]
+        shown, watched = await prom.value(s, over_totals(ratio_promql)), await prom.value(s, over_totals(alert_error_ratio()))
+        errors = sum(local.value("meter_requests_total", outcome=o) for o in ("error", "failed", "upstream_unreachable", "upstream_timeout"))
+        expected = errors / (local.value("meter_requests_total") - local.value("meter_requests_total", outcome="rejected"))
+        assert watched == pytest.approx(expected, abs=1e-12) and 0 < expected < 1
+        assert shown == pytest.approx(expected, abs=1e-12), (shown, expected)
 
         # deploy's alerting rules, evaluated by this Prometheus on the same series: the budgets
         # past their limits and the unpriced model fire (no `for`); nothing about the ledger does.
