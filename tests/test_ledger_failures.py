@@ -173,7 +173,8 @@ def test_a_spool_on_the_full_disk_keeps_the_records_and_says_so_once(small_disk:
     a record.  The records stay in memory, the log says so once (not once per try,
     with every request past the bound), and when space comes back each is written once."""
     ledger = small_disk.mount / "l.duckdb"
-    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, max_pending=100, spool_path=Path(f"{ledger}.spool.jsonl"), retry_max_interval=0.2)
+    # 500 records, within twice --ledger-max-pending (past that the oldest are dropped: below)
+    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, max_pending=300, spool_path=Path(f"{ledger}.spool.jsonl"), retry_max_interval=0.2)
     writer.first_open()
     writer.start_thread()
     records = some_records(500, user_id=None)  # ~0.3 MiB in the spool: room for them all once freed
@@ -196,6 +197,38 @@ def test_a_spool_on_the_full_disk_keeps_the_records_and_says_so_once(small_disk:
     assert writer.flush(20)
     writer.close()
     assert sorted(map(str, row_ids(ledger))) == sorted(r.id for r in records)
+
+
+def test_records_past_twice_the_bound_with_the_spool_failing_too_are_dropped_and_counted(small_disk: SmallDisk, caplog: pytest.LogCaptureFixture) -> None:
+    """Neither the ledger nor the spool takes a record (their disk is full): memory stays
+    bounded at twice --ledger-max-pending, the oldest records past it dropped, counted
+    (`stats.dropped`, meter_ledger_dropped_records_total) and said in the log, rather
+    than growing until the kernel's OOM killer ends meter and every record with it."""
+    ledger = small_disk.mount / "l.duckdb"
+    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, max_pending=50, spool_path=Path(f"{ledger}.spool.jsonl"), retry_max_interval=0.1)
+    writer.first_open()
+    writer.start_thread()
+    records = some_records(600, user_id=None)
+    try:
+        small_disk.fill()
+        for i in range(0, len(records), 20):
+            for record in records[i : i + 20]:
+                writer.done(None, record)
+            time.sleep(0.005)
+        deadline = time.monotonic() + 10
+        while writer.pending > 2 * writer.max_pending:
+            assert time.monotonic() < deadline, f"{writer.pending} records held in memory, past twice the bound"
+            time.sleep(0.02)
+        dropped = writer.stats.dropped
+        assert dropped > 0 and writer.stats.written + writer.pending + dropped == len(records)
+        assert any("dropped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+    finally:
+        small_disk.free()
+    assert writer.flush(20)
+    writer.close()
+    kept = sorted(map(str, row_ids(ledger)))
+    assert len(kept) == len(records) - dropped
+    assert set(kept) <= {r.id for r in records} and records[-1].id in kept  # the oldest went, the newest stay
 
 
 def row_ids(ledger: Path) -> list[Any]:

@@ -49,11 +49,19 @@ class LedgerStats:
     healthy: bool = True
     last_error: str | None = None
     rejected: int = 0  # records a store refused, set aside in the rejected file
+    dropped: int = 0  # records lost while neither the store nor the spool took them (`HARD_BOUND`)
     # Per bounded text field, values cut to their bound; per endpoint, records with a
     # number the ledger's types cannot hold (stored NULL).  Every key is there from the
     # start, so a reader on another thread can iterate while the writer counts.
     truncated: dict[str, int] = field(default_factory=new_truncated)
     overflows: dict[str, int] = field(default_factory=new_overflows)
+
+
+# While neither the store nor the spool takes records (their disk full: the spool sits
+# beside the ledger by default), records wait in memory up to this many times
+# `max_pending`; past that the oldest are dropped, counted and logged.  Unbounded, the
+# queue grew until the kernel's OOM killer ended meter, every record in memory with it.
+HARD_BOUND = 2
 
 
 class MeterCouldNotPrepare(LedgerRefused):
@@ -601,10 +609,23 @@ class LedgerWriter:
             self.spool.append(spill)  # type: ignore[union-attr]
             self.stats.spooled += len(spill)
         except Exception as exc:  # noqa: BLE001 - any failure: the records go back, the spiller lives on
+            # `pending` counts `spill` still (as `_spilling`): past the hard bound, the
+            # oldest of it (the retry's first, then the queue's) is dropped, not put back.
+            lost = max(0, min(len(spill), self.pending - HARD_BOUND * self.max_pending))
+            if lost:
+                from_old = min(lost, len(old))
+                old, queued = old[from_old:], queued[lost - from_old :]
             self._queue.extendleft(reversed(queued))
             if old:
                 self._retry = old + self._retry
             self._spool_failed(exc, len(spill))
+            if lost:
+                self.stats.dropped += lost
+                log.error(
+                    "dropped the %d oldest records waiting for the ledger: neither the ledger nor the spool %s takes them, and "
+                    "memory holds at most twice --ledger-max-pending (%d in all dropped so far; meter_ledger_dropped_records_total)",
+                    lost, self.spool.path, self.stats.dropped,  # type: ignore[union-attr]
+                )
             return
         if self._spool_failing:
             log.info("the spool %s takes records again: %d spooled", self.spool.path, len(spill))  # type: ignore[union-attr]
@@ -618,8 +639,9 @@ class LedgerWriter:
         if not self._spool_failing:
             self._spool_failing = True
             log.error(
-                "could not spool %d records (%s: %s): records wait in memory, past --ledger-max-pending, until the ledger "
-                "or the spool takes them (meter_ledger_pending_records); said again once the spool works",
+                "could not spool %d records (%s: %s): records wait in memory, past --ledger-max-pending and up to twice it "
+                "(then the oldest are dropped), until the ledger or the spool takes them (meter_ledger_pending_records); "
+                "said again once the spool works",
                 n, type(exc).__name__, exc,
             )
 
