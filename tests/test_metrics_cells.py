@@ -6,7 +6,8 @@ pin what the exposition then says: the cost counter is the exact sum of the
 records' `cost_usd` (as the ledger sums it, made a float once), a duration equal
 to a bucket's bound falls in that bucket (`le` is inclusive), a token type never
 reported has no series while a reported zero has one, negative counts are left
-out, the in-flight gauge follows the flow and the unmetered count the record.
+out, the in-flight gauge follows the flow and the unmetered count the record,
+and the text `render` writes itself is prometheus-client's to the byte.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from meter.flow import Flow
-from meter.metrics import LATENCY_BUCKETS, Metrics
+from meter.metrics import LATENCY_BUCKETS, LedgerMetrics, Metrics
 from meter.record import Record
 
 from .test_metrics import Scrape, parse
 
 
 def metrics() -> Metrics:
-    return Metrics(SimpleNamespace(metrics_key_label="on", metrics_max_keys=10), None)
+    return Metrics(SimpleNamespace(metrics_key_label="on", metrics_max_keys=10))
 
 
 def record(**fields: Any) -> Record:
@@ -96,3 +99,27 @@ def test_in_flight_follows_the_flow_and_unmetered_the_record() -> None:
     got = scraped(m)
     assert got.value("meter_in_flight_requests", endpoint="responses") == 1
     assert got.by("meter_unmetered_requests_total", "reason") == {"metered_bytes_limit": 2, "no_include_usage": 1}
+
+
+def test_the_exposition_is_what_prometheus_client_writes_of_the_same_families() -> None:
+    """`render` writes the plain-number families itself (for speed); every byte of them must
+    be what prometheus-client's own `generate_latest` makes of the registry's families,
+    escapes, number formats, sorted labels, `le` places and the ledger's counts included."""
+    m = Metrics(SimpleNamespace(metrics_key_label="on", metrics_max_keys=10, metrics_tag_labels=("team", "a-b")))
+    ledger = SimpleNamespace(
+        pending=3, spooled=0,
+        stats=SimpleNamespace(written=7, write_errors=1, rejected=0, overflows={"responses": 2, "embeddings": 0}, truncated={"model": 4, "tags": 0}),
+    )
+    m.register(LedgerMetrics(ledger))
+    m.request(Flow(method="POST", path="/v1/responses", endpoint="responses", headers={}))
+    tags = '{"team":"se\\"a\\\\rch","a-b":"é"}'
+    m.done(None, record(key_name='na"me\\x', tags=tags, input_tokens=5_000_000, output_tokens=12, cost_usd=Decimal("0.000000001"), duration_ms=0.5))
+    m.done(None, record(model="", service_tier="flex", status_code=None, outcome="upstream_unreachable", duration_ms=1e9))
+    m.done(None, record(stream=True, ttft_ms=300.0, ttfb_ms=10.0, duration_ms=700.0, anomalies=("total_mismatch",), cache_status="miss:model_changed"))
+    m.done(None, record(endpoint="embeddings", input_tokens=3, error_type="unmetered", error_code="no_usage", web_search_calls=1_234_567))
+    text = m.render().decode()
+    own = [line for line in text.splitlines() if line.startswith(("meter_", "# HELP meter_", "# TYPE meter_"))]
+    reference = [line for line in generate_latest(m.registry).decode().splitlines() if line.startswith(("meter_", "# HELP meter_", "# TYPE meter_"))]
+    assert own == reference
+    assert 'key="na\\"me\\\\x"' in text and 'tag_team="se\\"a\\\\rch"' in text and "5e+06" in text
+    assert any(line.startswith("meter_usage_anomalies_total{endpoint=\"responses\",kind=\"overflow\"} 2.0") for line in own)

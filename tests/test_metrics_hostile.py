@@ -220,7 +220,7 @@ async def test_ledger_and_unmetered_families_exported(upstream, start_meter) -> 
 
 def test_unmetered_reasons_bounded() -> None:
     """The reason comes from meter's own observer, a fixed small set; it is bounded all the same."""
-    metrics = Metrics(SimpleNamespace(metrics_key_label="on", metrics_max_keys=10), None)
+    metrics = Metrics(SimpleNamespace(metrics_key_label="on", metrics_max_keys=10))
     reasons = [f"reason-{i}" for i in range(100)] + ["r" * 4000]
     for reason in reasons:
         flow = Flow(method="POST", path="/v1/chat/completions", endpoint="chat.completions", headers={})

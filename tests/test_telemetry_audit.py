@@ -14,9 +14,13 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
+
+from meter.record import Record
 
 from .conftest import SECRET_KEY
 from .otlp_receiver import OTLPReceiver
@@ -93,3 +97,56 @@ async def test_span_and_otlp_metrics_of_bad_text_are_exported_as_the_ledger_hold
     }:
         assert time.monotonic() < deadline, "the GenAI client metrics of both calls were never exported"
         await asyncio.sleep(0.05)
+
+
+# --- a scrape of many series --------------------------------------------------------
+
+
+def priced_record(model: str, key_id: str) -> Record:
+    now = time.time()
+    return Record(
+        id=None, started_at=now, finished_at=now, method="POST", path="/v1/responses", endpoint="responses", status_code=200,
+        outcome="completed", model=model, service_tier="default", key_id=key_id, input_tokens=10, cached_tokens=2, output_tokens=5,
+        reasoning_tokens=1, cost_usd=Decimal("0.000125"), duration_ms=420.0, ttfb_ms=80.0, ttft_ms=120.0, stream=True,
+    )
+
+
+async def test_a_scrape_of_many_series_holds_the_proxy_briefly(upstream, start_meter) -> None:
+    """/metrics is rendered on the event loop that relays every request: 8,000 label
+    combinations (80 models, 100 keys: well within the budgets) must not hold it for the
+    time prometheus-client takes to write them (it held it 1.6 s at 30,000)."""
+    meter = await start_meter(upstream.url)
+    metrics = meter.meter.metrics
+    for m in range(80):
+        for k in range(100):
+            metrics.done(None, priced_record(f"model-{m}", f"{k:016x}"))
+    started = time.perf_counter()
+    reference = generate_latest(metrics.registry)  # the same families, through prometheus-client
+    reference_seconds = time.perf_counter() - started
+
+    longest_gap = 0.0
+    scraping = True
+
+    async def ticker() -> None:
+        nonlocal longest_gap
+        last = time.perf_counter()
+        while scraping:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            longest_gap, last = max(longest_gap, now - last), now
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    async with aiohttp.ClientSession() as s, s.get(meter.admin_url + "/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    scraping = False
+    await ticking
+    assert text.count("\nmeter_requests_total{") == 8000
+    assert longest_gap < reference_seconds / 3, (longest_gap, reference_seconds)
+    assert meter_families(text) == meter_families(reference.decode())
+
+
+def meter_families(text: str) -> list[str]:
+    """The lines of meter's own families (the process and collector families change between two reads)."""
+    return [line for line in text.splitlines() if line.startswith(("meter_", "# HELP meter_", "# TYPE meter_"))]
