@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import difflib
 import logging
 import os
 import sys
@@ -31,6 +32,36 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         command = self.prog.removeprefix("meter").strip()
         self.exit(EXIT_USAGE, f"meter: error: {command + ': ' if command else ''}{message}\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        # argparse reports what no parser took from the top parser, so `serve --upstrem`
+        # named no command and no option to use instead: the command that was given
+        # reports it, with the option nearest what was typed.
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = chosen_command(self, parsed)
+            hint = nearest_option(command, extras)
+            help_line = f"`{command.prog} --help` lists the options"
+            command.error(f"unrecognized arguments: {' '.join(extras)} ({f'did you mean {hint}? ' if hint else ''}{help_line})")
+        return parsed
+
+
+def chosen_command(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost (sub)command parser the parsed arguments went through."""
+    for action in parser._actions:  # argparse has no public walk of its subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(parsed, action.dest, None) or "")
+            if chosen is not None:
+                return chosen_command(chosen, parsed)
+    return parser
+
+
+def nearest_option(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str | None:
+    """The option of `parser` closest to the first unknown one given (`--upstrem`), if any is close."""
+    flags = [word.partition("=")[0] for word in extras if word.startswith("--")]
+    options = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--") and opt != "--help"]
+    matches = difflib.get_close_matches(flags[0], options, n=1) if flags else []
+    return matches[0] if matches else None
 
 
 def installed_version() -> str:

@@ -303,7 +303,7 @@ def test_serve_honours_every_variable_its_help_names() -> None:
 @pytest.mark.parametrize(
     ("args", "prefix"),
     [
-        (("serve", "--no-such-flag"), "meter: error: unrecognized arguments: --no-such-flag"),
+        (("serve", "--no-such-flag"), "meter: error: serve: unrecognized arguments: --no-such-flag"),
         (("serve", "--log-level", "loud"), "meter: error: serve: argument --log-level: invalid choice"),
         (("serve", "--max-request-bytes", "many"), "meter: error: serve: argument --max-request-bytes: invalid int value"),
         (("report", "--format", "xml"), "meter: error: report: argument --format: invalid choice"),
@@ -317,3 +317,27 @@ def test_every_usage_error_has_one_prefix(args: tuple[str, ...], prefix: str) ->
     line = one_error_line(run_meter(*args))
     assert line.startswith(prefix), line
     assert line.count("error:") == 1, line
+
+
+# 9. a typo'd flag ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ("serve", "--upstrem", "http://127.0.0.1:1"),
+            "meter: error: serve: unrecognized arguments: --upstrem http://127.0.0.1:1 (did you mean --upstream? `meter serve --help` lists the options)",
+        ),
+        (
+            ("report", "--sinse=7d"),
+            "meter: error: report: unrecognized arguments: --sinse=7d (did you mean --since? `meter report --help` lists the options)",
+        ),
+        (("keys", "id", "--hex"), "meter: error: keys id: unrecognized arguments: --hex (`meter keys id --help` lists the options)"),
+        (("report", "7d"), "meter: error: report: unrecognized arguments: 7d (`meter report --help` lists the options)"),
+    ],
+)
+def test_an_unknown_flag_is_named_with_its_command_and_the_closest_option(args: tuple[str, ...], line: str) -> None:
+    # argparse reports it from the top parser, with no command and no hint: a user who
+    # typed `--upstrem` was left to read `meter --help`, which lists no option of serve.
+    assert one_error_line(run_meter(*args)) == line
