@@ -445,6 +445,20 @@ class _Registry(CollectorRegistry):
         yield from super().collect()
 
 
+class _Reserved:
+    """The plain-number families' names, registered so that no other collector takes them
+    (the registry refuses a second collector of a name); their samples come from `_Registry`."""
+
+    def __init__(self, families: _Families) -> None:
+        self.families = families
+
+    def describe(self) -> list[Metric]:
+        return self.families.describe()
+
+    def collect(self) -> list[Metric]:
+        return []
+
+
 class _Registered:
     """The collectors registered on a `_Registry`, without its plain-number families."""
 
@@ -556,6 +570,7 @@ class Metrics:
         )
         self.in_flight = _Gauge("meter_in_flight_requests", "Requests being forwarded now.", ["endpoint"])
         self.unpriced = _Counter("meter_unpriced_requests", "Requests with usage but no price (cost_usd NULL).", ["model"])
+        r.register(_Reserved(self._families))
         self.websockets = Gauge("meter_websocket_connections", "Open client WebSocket connections.", registry=r)
         # The proxy process's own: its memory and CPU, and what the cyclic collector did
         # (read at scrape time from /proc and gc.get_stats(); nothing per request).
