@@ -6,6 +6,7 @@ raises `SettingError` naming the setting, which the CLI prints as one line.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -317,6 +318,7 @@ def settings_from_toml(path: str) -> dict[str, Any]:
         raise SettingError(f"config: cannot read {path}: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise SettingError(f"config: {path} is not valid TOML: {exc}") from exc
+    check_no_setting_inside_a_table(data)
     out: dict[str, Any] = {}
     for name, value in data.items():
         key = name.replace("-", "_")
@@ -341,9 +343,47 @@ def settings_from_toml(path: str) -> dict[str, Any]:
         elif key in _SCALAR_SETTINGS:
             out[key] = value
         else:
-            raise SettingError(f"config: unknown setting {name!r} in {path}")
+            raise SettingError(f"config: unknown setting {name!r} in {path}{nearest_setting(name)}")
     check_budget_keys(out.get("budgets", ()), out.get("keys", {}))
     return out
+
+
+# The config file's tables, as their headers are written.
+_TABLE_HEADERS = {"keys": "[keys]", "prices": "[prices]", "budgets": "[[budgets]]", "alerts": "[alerts]", "reconcile": "[reconcile]"}
+
+
+def check_no_setting_inside_a_table(data: Mapping[str, Any]) -> None:
+    """A setting written below a `[table]` header belongs, to TOML, to that table: it was
+    reported as a bad key_id or a price without its fields, never as the misplaced
+    setting it is.  No entry of any table is named like a setting with a plain value."""
+    for label, table in _config_tables(data):
+        for entry, value in table.items():
+            if str(entry).replace("-", "_") in _SCALAR_SETTINGS and not isinstance(value, dict):
+                raise SettingError(
+                    f"config: {entry} = ... is inside {label}: TOML reads every line after a [table] header "
+                    "as part of that table; move the settings above the first [table]"
+                )
+
+
+def _config_tables(data: Mapping[str, Any]) -> Iterable[tuple[str, Mapping[Any, Any]]]:
+    """Each table of the file as its header is written: `[keys]`, each `[[budgets]]`, each `[prices."model"]`..."""
+    for name, value in data.items():
+        header = _TABLE_HEADERS.get(name.replace("-", "_"))
+        for table in value if isinstance(value, list) else [value]:
+            if header is None or not isinstance(table, dict):
+                continue
+            yield header, table
+            if header == "[prices]":
+                yield from ((f'[prices."{model}"]', prices) for model, prices in table.items() if isinstance(prices, dict))
+
+
+def nearest_setting(name: str) -> str:
+    """` (did you mean 'upstream'?)` for a misspelt setting, spelt with dashes if `name` is."""
+    known = [*_SCALAR_SETTINGS, *_TABLE_HEADERS]
+    matches = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
+    if not matches:
+        return ""
+    return f" (did you mean {(matches[0].replace('_', '-') if '-' in name else matches[0])!r}?)"
 
 
 def check_budget_keys(budgets: Iterable[Budget], keys: Mapping[str, str]) -> None:

@@ -341,3 +341,54 @@ def test_an_unknown_flag_is_named_with_its_command_and_the_closest_option(args: 
     # argparse reports it from the top parser, with no command and no hint: a user who
     # typed `--upstrem` was left to read `meter --help`, which lists no option of serve.
     assert one_error_line(run_meter(*args)) == line
+
+
+# 10. the config file's usual mistakes ----------------------------------------
+
+MISPLACED = "TOML reads every line after a [table] header as part of that table; move the settings above the first [table]"
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        # TOML puts every line after a [table] header into that table: the setting was
+        # reported as a bad key_id, or as a price missing, never as the setting it is.
+        (
+            f'[keys]\n"{key_id("a")}" = "team-search"\nupstream = "http://127.0.0.1:1"\n',
+            f"meter: error: config: upstream = ... is inside [keys]: {MISPLACED}",
+        ),
+        (
+            '[prices]\nprovider = "openai"\nledger = "meter.duckdb"\n',
+            f"meter: error: config: ledger = ... is inside [prices]: {MISPLACED}",
+        ),
+        (
+            '[[budgets]]\nname = "all"\nwindow = "day"\nlimit_usd = 1\nflush_interval = 0.1\n',
+            f"meter: error: config: flush_interval = ... is inside [[budgets]]: {MISPLACED}",
+        ),
+        # A misspelt setting names the one it is closest to.
+        ('upstrem = "http://127.0.0.1:1"\n', "meter: error: config: unknown setting 'upstrem' in meter.toml (did you mean 'upstream'?)"),
+        ('admin-listn = "127.0.0.1:9464"\n', "meter: error: config: unknown setting 'admin-listn' in meter.toml (did you mean 'admin-listen'?)"),
+        ("colour = 1\n", "meter: error: config: unknown setting 'colour' in meter.toml"),
+    ],
+)
+def test_a_config_mistake_is_named_as_the_user_made_it(tmp_path: Path, text: str, line: str) -> None:
+    (tmp_path / "meter.toml").write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "meter", "serve", "--config", "meter.toml", "--ledger", "l.duckdb"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert one_error_line(result) == line
+    assert not (tmp_path / "l.duckdb").exists()
+
+
+def test_a_setting_below_a_models_price_is_named_too(tmp_path: Path) -> None:
+    from meter.config import SettingError, load_settings
+
+    config = tmp_path / "meter.toml"
+    config.write_text('[prices."my-finetune"]\ninput_mtok = 2.5\noutput_mtok = 10\nlisten = "127.0.0.1:8081"\n')
+    with pytest.raises(SettingError) as refused:
+        load_settings({"config": str(config)}, env={})
+    assert str(refused.value).startswith('config: listen = ... is inside [prices."my-finetune"]: '), refused.value
+    # A model's own table is a model's, whatever its name.
+    config.write_text('[prices."listen"]\ninput_mtok = 2.5\noutput_mtok = 10\n')
+    assert set(load_settings({"config": str(config)}, env={}).price_overrides) == {"listen"}
