@@ -514,6 +514,10 @@ class LedgerMetrics:
                 "meter_ledger_rejected_records", "Records the store refused, appended to <ledger>.rejected.jsonl.",
                 value=value(stats, "rejected"),
             ),
+            CounterMetricFamily(
+                "meter_ledger_dropped_records", "Records dropped while neither the ledger nor the spool took them, past twice --ledger-max-pending.",
+                value=value(stats, "dropped"),
+            ),
         ]
 
 

@@ -56,6 +56,7 @@ SPEC_METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "meter_ledger_written_records_total": ("counter", frozenset()),
     "meter_ledger_write_errors_total": ("counter", frozenset()),
     "meter_ledger_rejected_records_total": ("counter", frozenset()),
+    "meter_ledger_dropped_records_total": ("counter", frozenset()),
     "meter_unmetered_requests_total": ("counter", frozenset({"endpoint", "reason"})),
     "meter_values_truncated_total": ("counter", frozenset({"field"})),
     "meter_budget_spend_usd": ("gauge", frozenset({"budget"})),

@@ -40,6 +40,7 @@ SPEC_FAMILIES = {
     "meter_ledger_written_records": ("counter", set()),
     "meter_ledger_write_errors": ("counter", set()),
     "meter_ledger_rejected_records": ("counter", set()),
+    "meter_ledger_dropped_records": ("counter", set()),
     "meter_unmetered_requests": ("counter", {"endpoint", "reason"}),
     "meter_values_truncated": ("counter", {"field"}),
 }
