@@ -301,3 +301,117 @@ def test_every_price_override_key_is_in_the_config_doc() -> None:
     missing = [name for name in override.model_fields if table_row(prices, name) is None]
     assert not missing, f'[prices."model"] keys missing from the Prices table of docs/config.md: {missing}'
     assert "`[keys]`" in doc("config.md") and "`[prices]" in doc("config.md")
+
+
+# --- the reverse: what the docs name exists, and the pages that list commands list them all --
+
+
+def leaf_commands() -> list[tuple[str, list[str]]]:
+    return [(" ".join(("meter", *path)), options) for path, options, leaf in commands(build_parser()) if leaf]
+
+
+def test_every_option_the_cli_doc_names_exists() -> None:
+    # The other direction of the check above: an option renamed or removed in the code
+    # stays in a table a user copies from.
+    text = doc("cli.md")
+    stale = []
+    seen = 0
+    for command, options in leaf_commands():
+        documented = set(re.findall(r"^\| `(--[a-z][a-z-]*)", section(text, command), re.MULTILINE))
+        seen += len(documented)
+        stale += [f"{command} {option}" for option in sorted(documented - set(options))]
+    assert seen >= 40, "too few option rows found: the check would prove nothing"
+    assert not stale, f"docs/cli.md names options the command does not take: {stale}"
+
+
+def test_every_setting_and_variable_the_docs_name_exists() -> None:
+    settings = set(Settings.model_fields)
+    config = doc("config.md")
+    rows = re.findall(r"^\| `([a-z_]+)` \| `--", section(config, "Settings"), re.MULTILINE)
+    assert rows, "no setting rows found: the check would prove nothing"
+    stale = [f"setting {name}" for name in rows if name not in settings]
+    variables = {"METER_" + name.upper() for name in settings}
+    readme = (DOCS.parent / "README.md").read_text()
+    for page, text in [("README.md", readme)] + [(path.name, path.read_text()) for path in sorted(DOCS.glob("*.md"))]:
+        stale += [f"{page}: {name}" for name in sorted(set(re.findall(r"\bMETER_[A-Z_]*[A-Z]\b", text)) - variables)]
+    assert not stale, f"the docs name settings or variables meter does not have: {stale}"
+
+
+def test_the_cli_doc_synopsis_and_the_docs_index_name_every_command() -> None:
+    synopsis = re.search(r"```\n(meter .*?)```", doc("cli.md"), re.DOTALL)
+    assert synopsis, "docs/cli.md has no synopsis block"
+    index_row = next((line for line in doc("README.md").splitlines() if line.startswith("| [cli.md]")), "")
+    missing = []
+    for command, _ in leaf_commands():
+        if not re.search(rf"^{re.escape(command)}\b", synopsis.group(1), re.MULTILINE):
+            missing.append(f"docs/cli.md synopsis: {command}")
+        if f"`{command}`" not in index_row:
+            missing.append(f"docs/README.md's cli.md row: {command}")
+    assert not missing, missing
+
+
+def test_each_clients_variable_row_names_every_command_that_reads_it() -> None:
+    table = section(doc("config.md"), "Variables the clients read")
+    parsers = {" ".join(("meter", *path)): sub for path, sub in subparsers(build_parser())}
+    missing = []
+    for command, _ in leaf_commands():
+        if command == "meter serve":
+            continue
+        parser = parsers[command]
+        for variable in sorted({v for h in help_texts(parser) for v in re.findall(r"METER_[A-Z_]+", h)}):
+            row = next((line for line in table.splitlines() if line.startswith("|") and f"`{variable}`" in line.split("|")[1]), None)
+            if row is None or f"`{command}" not in row.split("|")[2]:
+                missing.append(f"{variable}: {command}")
+    assert not missing, f"the 'Variables the clients read' table of docs/config.md misses: {missing}"
+
+
+def subparsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from subparsers(sub, (*path, name))
+
+
+def documented_default(cell: str) -> str:
+    """The default a Settings row shows: its first `value` (`none`/`off` as written)."""
+    shown = re.match(r"`([^`]*)`", cell)
+    return shown.group(1) if shown else cell.split()[0]
+
+
+def code_default(value: object) -> str:
+    if value is None or value == ():
+        return "none"
+    if value is False:
+        return "off"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def test_every_settings_default_in_the_config_doc_is_the_codes() -> None:
+    table = section(doc("config.md"), "Settings")
+    wrong = []
+    checked = 0
+    for name, field in Settings.model_fields.items():
+        row = table_row(table, name)
+        if row is None or name in ("spool", "reconcile_every"):  # spool: beside the ledger; reconcile_every: None is off
+            continue
+        checked += 1
+        if documented_default(row[3]) != code_default(field.default):
+            wrong.append(f"{name}: the doc says {row[3]}, the code {field.default!r}")
+    assert checked >= 20 and not wrong, wrong
+
+
+def test_every_table_in_the_docs_has_its_header() -> None:
+    # A paragraph dropped into a table leaves the rows after it as text with pipes.
+    broken = []
+    for path in [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]:
+        lines = path.read_text().splitlines()
+        fenced = False
+        for i, line in enumerate(lines):
+            fenced ^= line.startswith("```")
+            starts_table = line.startswith("|") and not fenced and (i == 0 or not lines[i - 1].startswith("|"))
+            if starts_table and not (i + 1 < len(lines) and re.match(r"\|( *:?-+:? *\|)+$", lines[i + 1])):
+                broken.append(f"{path.name}:{i + 1}: {line[:60]}")
+    assert not broken, f"table rows without a header and separator line: {broken}"
