@@ -8,7 +8,9 @@ request's key, project and, if a budget needs them, the body's facts and tags
 (the row will need them anyway).  A refused request gets `429` with an
 OpenAI-shaped error (`meter_budget_exceeded` / `budget_exceeded`), `Retry-After`
 (seconds until the window resets) and `Meter-Budget`; it never reaches the
-upstream.  A request admitted runs to its end: nothing is ever cut.
+upstream.  When several refuse it, the refusal names the one whose window ends
+last, and its `Retry-After` is that reset: before it the request would be refused
+again.  A request admitted runs to its end: nothing is ever cut.
 
 Only model calls meter prices are refused (`ENFORCED`, a POST or a WebSocket's
 `response.create`): retrieving, cancelling or deleting a response, listing
@@ -55,15 +57,22 @@ class BudgetGate:
         budgets.roll(now)  # a window that ended lets its requests through again
         headers = flow.upstream_headers if flow.upstream_headers is not None else flow.headers
         key_id: Any = _UNREAD
+        # Of the budgets that refuse it, the one whose window ends last: the request is
+        # refused until then, whatever the others' resets (a day's ends before its month's).
+        refusing: BudgetState | None = None
         for state in budgets.blocked:
+            if refusing is not None and state.end_ts <= refusing.end_ts:
+                continue
             matcher = state.matcher
             if matcher.key_ids is not None and key_id is _UNREAD:
                 key = key_from_headers(headers)
                 key_id = self.identities.lookup(key)[0] if key else None
             if matcher.matches_request(None if key_id is _UNREAD else key_id, headers.get("OpenAI-Project"), flow.request_facts, flow.request_tags):
-                state.rejections += 1
-                return _refusal(state, now)
-        return None
+                refusing = state
+        if refusing is None:
+            return None
+        refusing.rejections += 1
+        return _refusal(refusing, now)
 
     def done(self, flow: object, record: Record) -> None:
         self.budgets.add(record)
