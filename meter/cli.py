@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from .budgets.command import add_budgets_command
 from .command import EXIT_USAGE, CommandError
-from .config import SettingError, load_settings
+from .config import SettingError, load_settings, misspelt_variables
 from .reconcile.command import add_reconcile_command
 from .report.commands import add_report_commands
 from .report.sql_command import add_sql_command
@@ -179,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.umask(0o077)
     parser = build_parser()
     args = parser.parse_args(argv)
+    for warning in misspelt_variables(os.environ):
+        print(f"meter: warning: {warning}", file=sys.stderr)
     try:
         if args.command == "serve":
             return _run_serve(args)

@@ -499,6 +499,21 @@ def settings_from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def misspelt_variables(env: Mapping[str, str]) -> list[str]:
+    """Warnings for the `METER_*` variables that are no setting's but nearly one's name
+    (`METER_LEDGR`): ignored without a word, meter ran on the default the user meant to
+    change.  Only near-namesakes: other tools' `METER_*` variables are their own business.
+    The value is never shown (it may be a token)."""
+    known = [ENV_PREFIX + name.upper() for name in _SCALAR_SETTINGS]
+    warnings = []
+    for name in sorted(env):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if nearest:
+                warnings.append(f"{name} is not a meter variable and is ignored; did you mean {nearest[0]}?")
+    return warnings
+
+
 def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Merge defaults < file < environment < flags; flags with value None are unset."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}

@@ -392,3 +392,22 @@ def test_a_setting_below_a_models_price_is_named_too(tmp_path: Path) -> None:
     # A model's own table is a model's, whatever its name.
     config.write_text('[prices."listen"]\ninput_mtok = 2.5\noutput_mtok = 10\n')
     assert set(load_settings({"config": str(config)}, env={}).price_overrides) == {"listen"}
+
+
+# 11. a misspelt variable -----------------------------------------------------
+
+
+def test_a_misspelt_variable_is_named_not_silently_ignored(tmp_path: Path) -> None:
+    # METER_LEDGR was ignored without a word: meter wrote meter.duckdb in the working
+    # directory, and the ledger the user named stayed empty.  Its value is never shown
+    # (METER_ADMIN_TOKN holds a secret).
+    env = {"METER_LEDGR": "mine.duckdb", "METER_ADMIN_TOKN": "s3cret-token", "METER_PG_BIN": "/usr/lib/postgresql/15/bin"}
+    result = run_meter("sql", "--ledger", str(tmp_path / "none.duckdb"), "SELECT 1", env=env)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("meter: warning: ")]
+    assert warnings == [
+        "meter: warning: METER_ADMIN_TOKN is not a meter variable and is ignored; did you mean METER_ADMIN_TOKEN?",
+        "meter: warning: METER_LEDGR is not a meter variable and is ignored; did you mean METER_LEDGER?",
+    ], result.stderr
+    assert "s3cret-token" not in result.stderr
+    clean = run_meter("keys", "id", env={"METER_PG_BIN": "/usr/lib/postgresql/15/bin"})  # no setting's near-namesake: not a typo
+    assert "warning" not in clean.stderr, clean.stderr
