@@ -415,3 +415,20 @@ def test_every_table_in_the_docs_has_its_header() -> None:
             if starts_table and not (i + 1 < len(lines) and re.match(r"\|( *:?-+:? *\|)+$", lines[i + 1])):
                 broken.append(f"{path.name}:{i + 1}: {line[:60]}")
     assert not broken, f"table rows without a header and separator line: {broken}"
+
+
+def test_every_default_serve_help_states_is_the_codes() -> None:
+    # `meter serve --help` is the other place a default is written down by hand.
+    serve = dict(subparsers(build_parser()))[("serve",)]
+    wrong = []
+    checked = 0
+    for action in serve._actions:
+        stated = re.search(r"default ([^;)]*)\)", action.help or "")
+        if not stated or action.dest not in Settings.model_fields or action.dest in ("spool", "reconcile_every"):
+            continue
+        checked += 1
+        mib = re.fullmatch(r"(\d+) MiB", stated.group(1))
+        shown = str(int(mib.group(1)) << 20) if mib else stated.group(1)
+        if shown != code_default(Settings.model_fields[action.dest].default):
+            wrong.append(f"--{action.dest}: help says {stated.group(1)}, the code {Settings.model_fields[action.dest].default!r}")
+    assert checked >= 18 and not wrong, (checked, wrong)
