@@ -30,7 +30,7 @@ from collections.abc import Awaitable
 from typing import Any, Literal
 
 import aiohttp
-from aiohttp import WSMsgType, web
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -188,11 +188,12 @@ def _parsed_messages(ws: _Upstream) -> Any:
 class _Socket:
     """Who closed the socket first, and how."""
 
-    __slots__ = ("closed_by", "closing", "code", "dropped", "hang_up_close", "read_on_until", "reading_on")
+    __slots__ = ("closed_by", "closing", "code", "dropped", "hang_up_close", "meter_reason", "read_on_until", "reading_on")
 
     def __init__(self) -> None:
-        self.closed_by: str | None = None  # "client", "upstream" or "meter" (shutting down)
+        self.closed_by: str | None = None  # "client", "upstream" or "meter"
         self.code: int | None = None
+        self.meter_reason = "shutting_down"  # why meter closed it: the error_code of what was in flight
         self.dropped = False  # ended without a close frame
         self.closing: asyncio.Future[bool] | None = None  # the close relayed to the other side
         # The client left right after its output: the upstream is read on, relaying
@@ -210,6 +211,17 @@ class _Socket:
             return False
         self.closed_by, self.code, self.dropped = side, code, dropped
         return True
+
+    def client_gone(self, client: web.WebSocketResponse) -> bool:
+        """The client's connection ended without its close frame, or meter's server closed
+        it: `first`, with who it was.  A message past --max-request-bytes is closed 1009
+        by meter, a refusal like an HTTP 413, not the client's hang-up."""
+        # aiohttp keeps the error it closed the socket for (its close code is the client's answer, or 1006).
+        error = client.exception()
+        if isinstance(error, WebSocketError) and error.code == WSCloseCode.MESSAGE_TOO_BIG and self.closed_by is None:
+            self.meter_reason = "request_too_large"
+            return self.first("meter", WSCloseCode.MESSAGE_TOO_BIG)
+        return self.first("client", None, dropped=True)
 
     def relay_close(self, ws: Any, **close: Any) -> Awaitable[bool]:
         """Close `ws` in a task of its own: the handler is cancelled as soon as the client's
@@ -462,7 +474,7 @@ class WebSocketRelay:
             # The client's connection is gone (or meter's grace period is over): close the
             # upstream now, or, right after the output, once the usage is in.
             # During the grace period a cancellation is the client's hang-up; after it, meter's.
-            first = socket.first("meter" if self.grace_over else "client", None, dropped=True)
+            first = socket.first("meter", None, dropped=True) if self.grace_over else socket.client_gone(client)
             if (first and not self.grace_over) or socket.reading_on is not None:
                 with contextlib.suppress(BaseException):  # deaf to a second cancellation: the first is re-raised
                     await self._read_on_cancelled(upstream, meter, socket)
@@ -540,7 +552,7 @@ class WebSocketRelay:
         if socket.closed_by == "upstream":
             outcome, error_type, code = "error", "upstream_disconnected", str(socket.code) if socket.code is not None else None
         elif socket.closed_by == "meter":
-            outcome, error_type, code = "error", "meter_proxy_error", "shutting_down"
+            outcome, error_type, code = "error", "meter_proxy_error", socket.meter_reason
         else:
             outcome, error_type, code = "client_disconnected", None, None
         if meter is not None:
@@ -584,8 +596,8 @@ class WebSocketRelay:
                     return
                 elif kind is CLOSING:
                     return  # the upstream closed first; its pump is closing us
-                else:  # CLOSED or ERROR: the client's connection is gone
-                    if socket.first("client", None, dropped=True):
+                else:  # CLOSED or ERROR: the client's connection is gone, or meter's server closed it
+                    if socket.client_gone(client):
                         await self._hang_up(upstream, meter, socket, code=1001)
                     return
                 # Relayed: not held while the next message is awaited, which on an idle
@@ -638,7 +650,7 @@ class WebSocketRelay:
             # The client went away under a send.  Seen here first, the hang-up follows the
             # same rule as when the client's pump sees it (`_hang_up`), this pump doing the
             # reading on itself.
-            if socket.first("client", None, dropped=True):
+            if socket.client_gone(client):
                 if _start_reading_on(meter, socket, {"code": 1001}):
                     await self._meter_the_rest(upstream, meter, socket)  # type: ignore[arg-type]
                 if socket.closing is None:

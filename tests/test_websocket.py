@@ -815,7 +815,7 @@ async def test_a_terminal_event_the_pump_cannot_write_is_still_metered_and_read_
     )
     frames = _ClientFrames(types.SimpleNamespace(transport=ClosedTransport(), protocol=types.SimpleNamespace(_paused=False)))  # type: ignore[arg-type]
     socket = _Socket()
-    await asyncio.wait_for(m.relay._upstream_to_client(upstream, None, frames, m, socket), 5)  # type: ignore[attr-defined,arg-type]
+    await asyncio.wait_for(m.relay._upstream_to_client(upstream, types.SimpleNamespace(exception=lambda: None), frames, m, socket), 5)  # type: ignore[attr-defined,arg-type]
     [record] = sink.records
     assert (record.response_id, record.input_tokens, record.output_tokens) == ("resp_r", 900, 300)
     assert socket.closed_by == "client" and upstream.closes == [{"code": 1001}] and m.idle

@@ -1,0 +1,37 @@
+"""WebSocket mode (SPEC §2a), what a second look found: how a socket meter itself
+closes, or an upstream closes without a status, is recorded as what it was.
+
+Real parts throughout: meter's own server, the fake provider's WebSocket (or a
+small aiohttp upstream for what the fake cannot send), a `websockets` client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosedError
+
+from .test_websocket import AUTH, create, ws_url
+
+SLOW = {**AUTH, "x-fake-deltas": "40", "x-fake-chunk-delay-ms": "20"}
+
+
+async def test_a_message_past_the_limit_is_meters_refusal_not_the_clients_hang_up(upstream, start_meter) -> None:
+    """A client message past --max-request-bytes makes meter close the socket (1009):
+    the response in flight is cut by meter, as a body past it over HTTP is a 413, and
+    its row says so rather than blaming the client."""
+    meter = await start_meter(upstream.url, max_request_bytes=2000)
+    async with ws_connect(ws_url(meter.url), additional_headers=SLOW) as ws:
+        await ws.send(create())
+        assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "response.created"
+        await ws.send(json.dumps({"type": "response.create", "input": "x" * 4000}))
+        try:
+            while True:
+                await asyncio.wait_for(ws.recv(), 5)
+        except ConnectionClosedError:
+            pass
+        assert ws.close_code == 1009
+    [row] = await meter.rows()
+    assert (row["outcome"], row["error_type"], row["error_code"]) == ("error", "meter_proxy_error", "request_too_large")
