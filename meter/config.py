@@ -32,7 +32,9 @@ class SettingError(Exception):
 def parse_host_port(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT, got {value!r}")
+        # `--listen 8080` is the usual first try; `:8080` would listen on every interface.
+        alone = f"; a port alone is not an address: 127.0.0.1:{value} listens on this machine only" if value.isdigit() else ""
+        raise ValueError(f"expected HOST:PORT, got {value!r}{alone}")
     return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
@@ -217,7 +219,7 @@ class Settings(BaseModel):
         except (ValueError, TypeError) as exc:
             raise ValueError(f"not a URL: {redact_url(value)!r}") from exc
         if url.scheme not in ("http", "https") or not url.host:
-            raise ValueError(f"expected an http(s) URL with a host, got {redact_url(value)!r}")
+            raise ValueError(f"expected an http(s) URL with a host, got {_shown_upstream(value)!r}{_with_a_scheme(value)}")
         return value.rstrip("/")
 
     @field_validator("metrics_tag_labels", mode="before")
@@ -262,6 +264,32 @@ class Settings(BaseModel):
         if self.ledger_is_postgres or self.ledger == ":memory:":
             return Path("meter-spool.jsonl")
         return Path(self.ledger + ".spool.jsonl")
+
+
+def _shown_upstream(value: str) -> str:
+    """An upstream as an error may show it: a gateway's password masked, with or without
+    the scheme (`user:pass@host` without one is no URL to `redact_url`, which showed it whole)."""
+    if "://" in value:
+        return redact_url(value)
+    userinfo, at, rest = value.rpartition("@")
+    if at and ":" in userinfo:
+        return f"{userinfo.split(':', 1)[0]}:***@{rest}"
+    return value
+
+
+def _with_a_scheme(value: str) -> str:
+    """`; did you mean http://localhost:8000?` for an upstream written without its scheme:
+    http for this machine (a local gateway or model server), https for any other host."""
+    if "://" in value or not value or value.startswith("/"):
+        return ""
+    try:
+        host = URL(f"http://{value}").host or ""
+    except (ValueError, TypeError):
+        return ""
+    if not host:
+        return ""
+    scheme = "http" if host in ("localhost", "::1") or host.startswith("127.") else "https"
+    return f"; did you mean {redact_url(f'{scheme}://{value}')}?"
 
 
 def upstream_path_warning(upstream: str) -> str | None:

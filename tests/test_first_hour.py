@@ -411,3 +411,26 @@ def test_a_misspelt_variable_is_named_not_silently_ignored(tmp_path: Path) -> No
     assert "s3cret-token" not in result.stderr
     clean = run_meter("keys", "id", env={"METER_PG_BIN": "/usr/lib/postgresql/15/bin"})  # no setting's near-namesake: not a typo
     assert "warning" not in clean.stderr, clean.stderr
+
+
+# 12. an address or URL written the short way ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "line"),
+    [
+        ("--listen", "8080", "meter: error: listen: expected HOST:PORT, got '8080'; a port alone is not an address: 127.0.0.1:8080 listens on this machine only"),
+        ("--admin-listen", "9464", "meter: error: admin-listen: expected HOST:PORT, got '9464'; a port alone is not an address: 127.0.0.1:9464 listens on this machine only"),
+        ("--upstream", "localhost:8000", "meter: error: upstream: expected an http(s) URL with a host, got 'localhost:8000'; did you mean http://localhost:8000?"),
+        ("--upstream", "api.openai.com", "meter: error: upstream: expected an http(s) URL with a host, got 'api.openai.com'; did you mean https://api.openai.com?"),
+        ("--upstream", "ftp://example.com", "meter: error: upstream: expected an http(s) URL with a host, got 'ftp://example.com'"),
+        # A gateway's password is masked, with the scheme or without it (it was shown whole).
+        (
+            "--upstream",
+            "gw:s3cret@gw.example.com",
+            "meter: error: upstream: expected an http(s) URL with a host, got 'gw:***@gw.example.com'; did you mean https://gw:***@gw.example.com?",
+        ),
+    ],
+)
+def test_an_address_written_the_short_way_says_how_to_write_it(tmp_path: Path, flag: str, value: str, line: str) -> None:
+    assert one_error_line(run_meter("serve", flag, value, "--ledger", str(tmp_path / "l.duckdb"))) == line
