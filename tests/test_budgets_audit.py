@@ -9,14 +9,21 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from decimal import Decimal
 from pathlib import Path
 
 import openai
 import pytest
 
+from meter.budgets.matching import matcher_for
+from meter.budgets.spend import Budgets
+from meter.budgets.sync import read_spend
 from meter.budgets.windows import window_bounds
+from meter.config import Budget
+from meter.ledger import DuckDBStore
+from meter.ledger.schema import random_uuids
 
-from .test_budgets import USAGE, sdk, write_config
+from .test_budgets import USAGE, record, sdk, write_config
 
 
 async def test_a_request_refused_by_several_budgets_is_told_the_latest_reset(upstream, start_meter, tmp_path: Path) -> None:
@@ -44,3 +51,30 @@ async def test_a_request_refused_by_several_budgets_is_told_the_latest_reset(ups
     assert "monthly" in refused.value.message or headers["Meter-Budget"] == "daily"
     states = {s.name: s.rejections for s in meter.meter.budgets.states}
     assert sum(states.values()) == 1 and states[headers["Meter-Budget"]] == 1
+
+
+def test_a_model_asked_as_empty_text_is_matched_alike_in_memory_and_in_the_ledger(tmp_path: Path) -> None:
+    # `"model": ""` is a model asked (the empty one), as the request check and the ledger's
+    # coalesce() read it; counting it as the model that served it made this replica's
+    # spend differ from the ledger's (and from every other replica's) for good.
+    t = time.time()
+    budget = Budget(name="m", window="month", limit_usd=Decimal(1), match={"model": "gpt-4o"})
+    rows = [
+        record(0, "0.25", t, model_requested="", model="gpt-4o"),
+        record(1, "0.5", t, model_requested=None, model="gpt-4o"),  # a retrieve: the model that served it
+        record(2, "0.125", t, model_requested="gpt-4o", model="gpt-4o-2024-08-06"),
+    ]
+    in_memory = Budgets([budget], {}, now=t)
+    for r in rows:
+        r.id = random_uuids(1)[0]  # unmarked: counted by the ledger read only
+    store = DuckDBStore(str(tmp_path / "m.duckdb"))
+    store.open()
+    try:
+        store.write(rows)
+        [in_ledger] = read_spend(store, [matcher_for(budget, {})], [window_bounds("month", t)], None)
+    finally:
+        store.close()
+    for r in rows:
+        r.id = None
+        in_memory.add(r)
+    assert in_ledger == in_memory.states[0].spend == Decimal("0.625")

@@ -60,8 +60,11 @@ class Matcher:
             return False
         if self.user is not None and record.user_id != self.user:
             return False
-        if self.model is not None and (record.model_requested or record.model) != self.model:
-            return False
+        if self.model is not None:
+            # As SQL's coalesce(): an empty model asked is asked (the request check saw it).
+            asked = record.model_requested
+            if (asked if asked is not None else record.model) != self.model:
+                return False
         if self.tags:
             have = record_tags(record)
             return all(have.get(name) == value for name, value in self.tags)
