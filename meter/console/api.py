@@ -27,7 +27,7 @@ from aiohttp import web
 
 from ..ledger import LedgerNotOpen, LedgerUnavailable
 from ..report import ReportAPI
-from ..report.query import NANO, filter_sql, one_line
+from ..report.query import NANO, filter_sql, key_label, one_line, stored_key_names_sql
 from ..report.window import ReportError, parse_args
 
 log = logging.getLogger("meter.console")
@@ -45,7 +45,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 
 _REQUEST_COLUMNS = (
-    "started_at, key_id, key_hint, key_name, COALESCE(model, model_requested) AS model, service_tier, endpoint, "
+    "started_at, key_id, key_hint, COALESCE(model, model_requested) AS model, service_tier, endpoint, "
     "status_code, outcome, error_type, input_tokens, cached_tokens, output_tokens, reasoning_tokens, cost_usd, "
     "ttft_ms, duration_ms"
 )
@@ -117,11 +117,20 @@ class Console:
         condition, params = filter_sql(api.store.dialect, since, until, where, api.key_names)
         sql = f"SELECT {_REQUEST_COLUMNS} FROM requests WHERE {condition} ORDER BY started_at DESC LIMIT {int(limit)}"
         names, raw = api.store.query(sql, params)
+        # Each key under the name a report gives it over the same rows (its newest stored
+        # name), not the name stored on each row: a key renamed while it was used is one name.
+        stored = self.stored_names(since, until, where) if raw else {}
         out: list[dict[str, Any]] = []
         for values in raw:
             row = dict(zip(names, values))
             kid = row.pop("key_id")
-            stored = row.pop("key_name")
-            row = {"key": (api.key_names.get(kid) or stored or kid) if kid is not None else None, "key_hint": row.pop("key_hint"), **row}
+            row = {"key": key_label(kid, api.key_names, stored), "key_hint": row.pop("key_hint"), **row}
             out.append({k: _json_value(v) for k, v in row.items()})
         return out
+
+    def stored_names(self, since: dt.datetime | None, until: dt.datetime | None, where: Any) -> dict[str, str]:
+        """key_id -> its newest stored name over the rows a report with these filters selects."""
+        api = self.report_api
+        sql, params = stored_key_names_sql(api.store.dialect, since, until, where, api.key_names)
+        _, rows = api.store.query(sql, params)
+        return {kid: name for kid, name in rows if kid is not None and name is not None}

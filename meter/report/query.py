@@ -14,8 +14,9 @@ same objects.
 Output decisions:
 - `key` is the name the config in force gives the key_id (the reporting
   side's config: `--config`, or the running meter's for the admin API), else
-  the newest name stored in its rows, else the key_id; `key_hint` sits beside
-  it.  Rows are per key_id, so a key named after its first requests is one
+  the newest name stored in its rows (over every row the report selects, not
+  only the group's: split by day or model too, a key renamed while it was used
+  is one name in every group), else the key_id; `key_hint` sits beside it.  Rows are per key_id, so a key named after its first requests is one
   row, and two keys given one name stay two rows (told apart by their hints).
   `--where key=V` matches the key_id V, the key_ids the config names V, and
   the keys the config does not name whose newest stored name (in the rows the
@@ -221,7 +222,7 @@ def report_sql(
 ) -> tuple[str, list[Any]]:
     """The report query over `requests` and its parameters (`$1`, `$2`: every store takes them).
 
-    `key` selects `key_id`, `key_hint` and the newest stored `key_name`; the
+    `key` selects `key_id` and `key_hint` (its stored name is `stored_key_names_sql`'s); the
     field at position n of `by` is `gn` (no name from the caller is SQL text).
     Groups are named by position (a parameter in a grouped expression,
     `tag:NAME`'s name, is then given once).
@@ -238,8 +239,7 @@ def report_sql(
         if name == "key":
             select += ["key_id AS key_id", "key_hint AS key_hint"]
             group += [str(len(select) - 1), str(len(select))]
-            select.append(f"{_STORED_NAME[dialect]} AS key_name")
-            outer += ["key_id", "key_hint", "key_name"]
+            outer += ["key_id", "key_hint"]
             continue
         outer.append(f"g{n}")
         tag = tag_name(name)
@@ -279,17 +279,31 @@ def report_sql(
     return sql, params.values
 
 
-def shape_rows(raw: Iterable[Mapping[str, Any]], by: Sequence[str], key_names: Mapping[str, str] | None = None, top: int | None = None) -> list[dict[str, Any]]:
-    """Query rows -> report rows: exact columns, key names applied, sorted by the group
-    fields (with `top`: by cost, then requests, highest first)."""
+def key_label(kid: str | None, key_names: Mapping[str, str], stored_names: Mapping[str, str]) -> str | None:
+    """A key as a report shows it: the config's name, else the newest stored one, else the key_id."""
+    if kid is None:
+        return None
+    return key_names.get(kid) or stored_names.get(kid) or kid
+
+
+def shape_rows(
+    raw: Iterable[Mapping[str, Any]],
+    by: Sequence[str],
+    key_names: Mapping[str, str] | None = None,
+    top: int | None = None,
+    stored_names: Mapping[str, str] | None = None,
+) -> list[dict[str, Any]]:
+    """Query rows -> report rows: exact columns, key names applied (`stored_names`: the
+    newest name stored per key_id, `stored_key_names`), sorted by the group fields (with
+    `top`: by cost, then requests, highest first)."""
     names = key_names or {}
+    stored = stored_names or {}
     out: list[dict[str, Any]] = []
     for r in raw:
         row: dict[str, Any] = {}
         for n, name in enumerate(by):
             if name == "key":
-                kid = r["key_id"]
-                row["key"] = (names.get(kid) or r["key_name"] or kid) if kid is not None else None
+                row["key"] = key_label(r["key_id"], names, stored)
                 row["key_hint"] = r["key_hint"]
             else:
                 row[name] = r[f"g{n}"]
@@ -324,7 +338,38 @@ def report(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None =
         has_sessions = "session_id" in columns
     sql, params = report_sql(store.dialect, args.by, args.since, args.until, args.where, args.top, key_names, has_sessions)
     names, rows = store.query(sql, params)
-    return shape_rows((dict(zip(names, row)) for row in rows), args.by, key_names, args.top)
+    stored = stored_key_names(store, args, key_names, has_sessions) if "key" in args.by else {}
+    return shape_rows((dict(zip(names, row)) for row in rows), args.by, key_names, args.top, stored)
+
+
+def stored_key_names_sql(
+    dialect: str,
+    since: dt.datetime | None = None,
+    until: dt.datetime | None = None,
+    where: Sequence[Condition] = (),
+    key_names: Mapping[str, str] | None = None,
+    has_sessions: bool = True,
+) -> tuple[str, list[Any]]:
+    """(key_id, newest stored key_name) of each key the config does not name, over every
+    row the window and filters select.  Over the whole selection, not per group: taken
+    per group, a key named after its first requests was its key_id on the groups (days,
+    models) before and its name on those after, and `--where key=NAME` (which reads the
+    name over the same rows) selected groups labelled with the key_id."""
+    dialect = _dialect(dialect)
+    names = key_names or {}
+    params = _Params()
+    conditions = ["key_name IS NOT NULL", *_conditions(dialect, since, until, where, _group_exprs(dialect, has_sessions), names, params)]
+    if names:
+        conditions.append(f"key_id NOT IN ({', '.join(params.add(kid) for kid in sorted(names))})")
+    sql = f"SELECT key_id, {_STORED_NAME[dialect]} AS key_name FROM requests WHERE {' AND '.join(conditions)} GROUP BY key_id"
+    return sql, params.values
+
+
+def stored_key_names(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None = None, has_sessions: bool = True) -> dict[str, str]:
+    """key_id -> the newest name stored in the rows a report with `args` selects."""
+    sql, params = stored_key_names_sql(store.dialect, args.since, args.until, args.where, key_names, has_sessions)
+    _, rows = store.query(sql, params)
+    return {kid: name for kid, name in rows if kid is not None and name is not None}
 
 
 def one_line(exc: BaseException) -> str:

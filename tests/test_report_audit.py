@@ -1,0 +1,121 @@
+"""Reports asked the same question several ways (`meter report --ledger`, the admin
+API, the console's latest requests) over real DuckDB files seeded with meter's own
+writer: one key is one name in a report, and the table keeps one line per group."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import unicodedata
+from decimal import Decimal
+from pathlib import Path
+
+from meter.config import load_settings
+from meter.console.api import Console
+from meter.ledger import DuckDBStore
+from meter.record import Record
+from meter.report import ReportAPI
+from meter.report.window import parse_args
+
+from .test_report import make_record, report_json, run_meter, seed, write_all
+
+UTC = dt.UTC
+DAY1 = dt.datetime(2026, 3, 1, 10, tzinfo=UTC)
+DAY2 = DAY1 + dt.timedelta(days=1)
+
+
+def _renamed_key_records() -> list[Record]:
+    """Key k1 used unnamed on day 1 (and for gpt-4o only), then named `team-x` on day 2:
+    a ledger reported without the config that named it."""
+    key = {"key_id": "k1", "key_hint": "sk-...0001"}
+    return [
+        make_record(at=DAY1, **key, model="gpt-4o", input_tokens=10, output_tokens=1, cost_usd=Decimal("0.001")),
+        make_record(at=DAY2, **key, key_name="team-x", model="gpt-4o-mini", input_tokens=20, output_tokens=2, cost_usd=Decimal("0.002")),
+    ]
+
+
+def _renamed_key_ledger(tmp_path: Path) -> Path:
+    return seed(tmp_path / "renamed.duckdb", _renamed_key_records())
+
+
+def _report(ledger: Path, *args: str) -> list[dict[str, object]]:
+    result = run_meter("report", "--ledger", str(ledger), "--format", "json", *args)
+    assert result.returncode == 0, result.stderr
+    rows: list[dict[str, object]] = json.loads(result.stdout)
+    return rows
+
+
+def test_a_key_has_one_name_whatever_else_groups_it(tmp_path: Path) -> None:
+    ledger = _renamed_key_ledger(tmp_path)
+    assert [r["key"] for r in _report(ledger, "--by", "key")] == ["team-x"]
+    # Split by day or model too, the key is still the one group `--by key` names: its
+    # day-1 rows (stored before it had a name) are not under its key_id.
+    for by in ("key,day", "key,model", "day,key"):
+        rows = _report(ledger, "--by", by)
+        assert [r["key"] for r in rows] == ["team-x", "team-x"], (by, rows)
+    # Filtered by that name, every group it selects shows that name.
+    rows = _report(ledger, "--by", "key,day", "--where", "key=team-x")
+    assert [(r["key"], r["requests"]) for r in rows] == [("team-x", 1), ("team-x", 1)]
+
+
+def test_a_key_has_one_name_on_postgresql_too(pg_url: str) -> None:
+    from meter.ledger import PostgresStore
+
+    write_all(PostgresStore(pg_url), _renamed_key_records())
+    rows = report_json("--ledger", pg_url, "--by", "key,model")
+    assert [(r["key"], r["model"]) for r in rows] == [("team-x", "gpt-4o"), ("team-x", "gpt-4o-mini")]
+
+
+def test_latest_requests_name_keys_as_the_report_does(tmp_path: Path) -> None:
+    ledger = _renamed_key_ledger(tmp_path)
+    store = DuckDBStore(str(ledger))
+    store.open()
+    try:
+        console = Console(ReportAPI(load_settings({"ledger": str(ledger)}), store, None), token_required=False)
+        args = parse_args(None, None, None, ["key=team-x"])
+        latest = console.latest(args.since, args.until, args.where, 50)
+    finally:
+        store.close()
+    assert [(r["key"], r["model"]) for r in latest] == [("team-x", "gpt-4o-mini"), ("team-x", "gpt-4o")]
+
+
+def _odd_names_ledger(tmp_path: Path) -> Path:
+    """Key names and tag values a client chose: commas, quotes, a line break, a tab, a
+    bell, non-ASCII and wide characters."""
+    return seed(tmp_path / "odd.duckdb", [
+        make_record(at=DAY1, key_id="k1", key_hint="sk-...0001", key_name='ops, "night"\nshift', model="gpt-4o",
+                    input_tokens=10, output_tokens=1, cost_usd=Decimal("0.001"), tags=json.dumps({"team": "a\tb\u0007 é"})),
+        make_record(at=DAY1, key_id="k2", key_hint="sk-...0002", key_name="検索チーム", model="gpt-4o",
+                    input_tokens=20, output_tokens=2, cost_usd=Decimal("0.002"), tags=json.dumps({"team": "search"})),
+    ])
+
+
+def test_the_table_keeps_one_line_per_group_and_its_columns_aligned(tmp_path: Path) -> None:
+    ledger = _odd_names_ledger(tmp_path)
+    result = run_meter("report", "--ledger", str(ledger), "--by", "key,tag:team")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5, result.stdout  # header, two groups, the rule, the total
+    # A control character is written as its escape, so the line stays one line.
+    assert lines[1].startswith('ops, "night"\\nshift  sk-...0001  a\\tb\\x07 é'), lines[1]
+    # A wide character takes two columns of a terminal: the hint column starts at the
+    # same column on the header and both group lines.
+    starts = [_columns(line[: line.index(marker)]) for line, marker in zip(lines, ("key_hint", "sk-...0001", "sk-...0002"))]
+    assert len(set(starts)) == 1, (starts, result.stdout)
+
+
+def _columns(text: str) -> int:
+    """Terminal columns of `text`: two for an East Asian wide or full-width character."""
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
+def test_csv_and_json_keep_every_character(tmp_path: Path) -> None:
+    ledger = _odd_names_ledger(tmp_path)
+    import csv
+    import io
+
+    result = run_meter("report", "--ledger", str(ledger), "--by", "key,tag:team", "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(r["key"], r["tag:team"]) for r in rows] == [('ops, "night"\nshift', "a\tb\u0007 é"), ("検索チーム", "search")]
+    assert [(r["key"], r["tag:team"]) for r in _report(ledger, "--by", "key,tag:team")] == [(row["key"], row["tag:team"]) for row in rows]
