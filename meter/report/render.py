@@ -7,7 +7,11 @@ number with exactly 9 decimals written from the decimal, never through a float;
 in CSV the same digits; in the table trimmed to at most 9 places.  A group with
 no priced row has no cost: `null` in JSON, an empty CSV cell, a blank table
 cell (never 0).  Only the table has a total row: the sum of the rows shown (its
-cost blank when none of them has one).
+cost blank when none of them has one).  The table is for a terminal: a control
+character in a group value (a line break in a key name or tag value a client
+chose) is written as its escape (`\\n`), so each group stays one line, and
+columns are aligned by the width a terminal gives each character (two for a
+wide one); CSV and JSON keep every value as it is.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Context, Decimal
 from typing import Any
@@ -86,6 +91,30 @@ def _table_cost(value: Decimal | None) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
+def _table_text(value: Any) -> str:
+    """A group value as one table cell: a control character (C0, DEL, C1, a line or
+    paragraph separator) as its escape, so a value cannot break the row or move the cursor."""
+    if value is None:
+        return "-"
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _width(text: str) -> int:
+    """Columns a terminal gives `text`: two for a wide or full-width character, none for a
+    combining mark."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
+
+
+def _pad(text: str, width: int, right: bool) -> str:
+    fill = " " * (width - _width(text))
+    return fill + text if right else text + fill
+
+
 def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     """Aligned columns; the last row is the total (without --by it is the only row)."""
     group_cols = [c for c in columns if c not in METRIC_COLUMNS]
@@ -98,7 +127,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
                 totals[c] += row[c]
             elif row[c] is not None:
                 totals[c] = row[c] + (totals[c] or 0)
-        cells = [("-" if row[c] is None else str(row[c])) for c in group_cols]
+        cells = [_table_text(row[c]) for c in group_cols]
         cells += [_table_cost(row[c]) if c == "cost_usd" else str(row[c]) for c in METRIC_COLUMNS]
         body.append(cells)
     total = ["total"] + [""] * (len(group_cols) - 1) if group_cols else ["total"]
@@ -106,11 +135,11 @@ def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     if not group_cols:
         body = []  # the one row of totals is the total row
     lines = [header, *body, total]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    widths = [max(_width(line[i]) for line in lines) for i in range(len(header))]
     first_metric = len(header) - len(METRIC_COLUMNS)
     out = []
     for n, line in enumerate(lines):
-        cells = [cell.rjust(w) if i >= first_metric else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        cells = [_pad(cell, w, right=i >= first_metric) for i, (cell, w) in enumerate(zip(line, widths))]
         if n == len(lines) - 1 and len(lines) > 1:
             out.append("  ".join("-" * w for w in widths))
         out.append("  ".join(cells).rstrip())
