@@ -61,6 +61,7 @@ _PACK_64 = struct.Struct("!BBQ").pack
 
 # Close codes that may not be sent in a close frame (RFC 6455 §7.4.1), or none at all.
 _UNSENDABLE = frozenset({0, 1004, 1005, 1006, 1015})
+NO_STATUS = 1005  # the code of a close frame that carries none (RFC 6455 §7.1.5)
 
 
 # --- the handshake -------------------------------------------------------------
@@ -637,7 +638,8 @@ class WebSocketRelay:
                 if socket.reading_on is None:
                     flush()
                 if kind is CLOSE:
-                    if socket.first("upstream", msg.data):
+                    # aiohttp reads a close frame with no code as 0; RFC 6455 calls that 1005.
+                    if socket.first("upstream", msg.data or NO_STATUS):
                         await socket.relay_close(client, **_close_args(msg.data, msg.extra))
                     return
                 elif kind is CLOSING:

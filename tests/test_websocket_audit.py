@@ -8,10 +8,11 @@ small aiohttp upstream for what the fake cannot send), a `websockets` client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosedError
+from websockets.exceptions import ConnectionClosed, ConnectionClosedError
 
 from .test_websocket import AUTH, create, ws_url
 
@@ -35,3 +36,34 @@ async def test_a_message_past_the_limit_is_meters_refusal_not_the_clients_hang_u
         assert ws.close_code == 1009
     [row] = await meter.rows()
     assert (row["outcome"], row["error_type"], row["error_code"]) == ("error", "meter_proxy_error", "request_too_large")
+
+
+async def test_an_upstream_close_without_a_status_is_recorded_as_no_status(start_meter) -> None:
+    """A close frame with no code is RFC 6455's 1005 ("no status received"): the
+    response it cut names that code, not a 0 that is no close code at all."""
+    from aiohttp import WSMsgType, web
+
+    from .socket_server import serving
+
+    async def answer_then_close_without_status(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()  # the response.create
+        created = {"type": "response.created", "response": {"id": "resp_cut", "object": "response", "status": "in_progress", "model": "gpt-4o"}}
+        await ws.send_str(json.dumps(created))
+        await ws.send_frame(b"", WSMsgType.CLOSE)  # a close frame with an empty body
+        await asyncio.sleep(0.5)  # the peer's close answer ends it
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/responses", answer_then_close_without_status)
+    async with serving(app) as port:
+        meter = await start_meter(f"http://127.0.0.1:{port}")
+        async with ws_connect(ws_url(meter.url), additional_headers=AUTH) as ws:
+            await ws.send(create())
+            assert json.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "response.created"
+            with contextlib.suppress(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+        [row] = await meter.rows()
+    assert (row["response_id"], row["outcome"], row["error_type"]) == ("resp_cut", "error", "upstream_disconnected")
+    assert row["error_code"] == "1005"
