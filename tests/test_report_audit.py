@@ -119,3 +119,19 @@ def test_csv_and_json_keep_every_character(tmp_path: Path) -> None:
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     assert [(r["key"], r["tag:team"]) for r in rows] == [('ops, "night"\nshift', "a\tb\u0007 é"), ("検索チーム", "search")]
     assert [(r["key"], r["tag:team"]) for r in _report(ledger, "--by", "key,tag:team")] == [(row["key"], row["tag:team"]) for row in rows]
+
+
+def test_meter_sql_writes_a_decimal_inside_a_list_or_struct(tmp_path: Path) -> None:
+    ledger = _renamed_key_ledger(tmp_path)
+    query = "SELECT list(cost_usd ORDER BY started_at) AS costs, {'most': max(cost_usd)} AS s FROM requests"
+    result = run_meter("sql", "--ledger", str(ledger), "--format", "json", query)
+    assert result.returncode == 0, result.stderr
+    # Exact, as every cost meter writes: never through a float.
+    assert json.loads(result.stdout, parse_float=Decimal) == [{"costs": [Decimal("0.001"), Decimal("0.002")], "s": {"most": Decimal("0.002")}}]
+    assert '"costs": [0.001000000, 0.002000000]' in result.stdout
+    result = run_meter("sql", "--ledger", str(ledger), "--format", "csv", query)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["costs,s", '"[0.001000000, 0.002000000]","{""most"": 0.002000000}"']
+    result = run_meter("sql", "--ledger", str(ledger), query)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[2].split() == ["[0.001000000,", "0.002000000]", '{"most":', "0.002000000}"]

@@ -39,9 +39,15 @@ def format_cost(value: Decimal) -> str:
     return format(value.quantize(NANO, context=wide), "f")
 
 
-def _json_value(value: Any) -> str:
+def json_value(value: Any) -> str:
+    """One value as JSON text, a Decimal exact (`format_cost`) at any depth: a list or an
+    object from `meter sql` (`list(cost_usd)`) may hold one, which json.dumps refuses."""
     if isinstance(value, Decimal):
         return format_cost(value) if value.is_finite() else json.dumps(str(value))  # JSON has no NaN
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k), ensure_ascii=False)}: {json_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(json_value(v) for v in value) + "]"
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -49,7 +55,7 @@ def render_json(rows: Sequence[Mapping[str, Any]]) -> str:
     """A JSON list, one object per line; `cost_usd` written from the decimal, never through a float."""
     if not rows:
         return "[]\n"
-    objects = ["{" + ", ".join(f"{json.dumps(k)}: {_json_value(v)}" for k, v in row.items()) + "}" for row in rows]
+    objects = ["{" + ", ".join(f"{json.dumps(k)}: {json_value(v)}" for k, v in row.items()) + "}" for row in rows]
     return "[\n  " + ",\n  ".join(objects) + "\n]\n"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from uuid import UUID
 
 from ..ledger.sql import SqlResult
-from .render import format_cost, render_csv, render_json
+from .render import format_cost, json_value, render_csv, render_json
 
 
 def plain(value: Any) -> Any:
@@ -77,7 +77,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, Decimal):
         return format_cost(value).rstrip("0").rstrip(".")
     if isinstance(value, (dict, list)):
-        return json.dumps(value, ensure_ascii=False)
+        return json_value(value)
     return str(value)
 
 
@@ -98,5 +98,5 @@ def render_sql(columns: Sequence[str], rows: Sequence[dict[str, Any]], fmt: str)
     if fmt == "json":
         return render_json(rows)
     if fmt == "csv":
-        return render_csv([{c: (json.dumps(v) if isinstance(v, (dict, list)) else v) for c, v in row.items()} for row in rows], columns)
+        return render_csv([{c: (json_value(v) if isinstance(v, (dict, list)) else v) for c, v in row.items()} for row in rows], columns)
     return render_grid(columns, rows)
