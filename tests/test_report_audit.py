@@ -135,3 +135,15 @@ def test_meter_sql_writes_a_decimal_inside_a_list_or_struct(tmp_path: Path) -> N
     result = run_meter("sql", "--ledger", str(ledger), query)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[2].split() == ["[0.001000000,", "0.002000000]", '{"most":', "0.002000000}"]
+
+
+def test_meter_sql_table_keeps_one_line_per_row_and_its_columns_aligned(tmp_path: Path) -> None:
+    ledger = _odd_names_ledger(tmp_path)
+    result = run_meter("sql", "--ledger", str(ledger), "SELECT key_name, key_hint FROM requests ORDER BY key_id")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4, result.stdout  # header, rule, two rows
+    assert lines[2].startswith('ops, "night"\\nshift  sk-...0001'), lines[2]
+    rows = (lines[0], lines[2], lines[3])
+    starts = [_columns(line[: line.index(marker)]) for line, marker in zip(rows, ("key_hint", "sk-...0001", "sk-...0002"))]
+    assert len(set(starts)) == 1, (starts, result.stdout)

@@ -97,7 +97,7 @@ def _table_cost(value: Decimal | None) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
-def _table_text(value: Any) -> str:
+def table_text(value: Any) -> str:
     """A group value as one table cell: a control character (C0, DEL, C1, a line or
     paragraph separator) as its escape, so a value cannot break the row or move the cursor."""
     if value is None:
@@ -108,7 +108,7 @@ def _table_text(value: Any) -> str:
     return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii") for ch in text)
 
 
-def _width(text: str) -> int:
+def display_width(text: str) -> int:
     """Columns a terminal gives `text`: two for a wide or full-width character, none for a
     combining mark."""
     if text.isascii():
@@ -116,8 +116,8 @@ def _width(text: str) -> int:
     return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
 
 
-def _pad(text: str, width: int, right: bool) -> str:
-    fill = " " * (width - _width(text))
+def pad(text: str, width: int, right: bool) -> str:
+    fill = " " * (width - display_width(text))
     return fill + text if right else text + fill
 
 
@@ -133,7 +133,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
                 totals[c] += row[c]
             elif row[c] is not None:
                 totals[c] = row[c] + (totals[c] or 0)
-        cells = [_table_text(row[c]) for c in group_cols]
+        cells = [table_text(row[c]) for c in group_cols]
         cells += [_table_cost(row[c]) if c == "cost_usd" else str(row[c]) for c in METRIC_COLUMNS]
         body.append(cells)
     total = ["total"] + [""] * (len(group_cols) - 1) if group_cols else ["total"]
@@ -141,11 +141,11 @@ def render_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     if not group_cols:
         body = []  # the one row of totals is the total row
     lines = [header, *body, total]
-    widths = [max(_width(line[i]) for line in lines) for i in range(len(header))]
+    widths = [max(display_width(line[i]) for line in lines) for i in range(len(header))]
     first_metric = len(header) - len(METRIC_COLUMNS)
     out = []
     for n, line in enumerate(lines):
-        cells = [_pad(cell, w, right=i >= first_metric) for i, (cell, w) in enumerate(zip(line, widths))]
+        cells = [pad(cell, w, right=i >= first_metric) for i, (cell, w) in enumerate(zip(line, widths))]
         if n == len(lines) - 1 and len(lines) > 1:
             out.append("  ".join("-" * w for w in widths))
         out.append("  ".join(cells).rstrip())

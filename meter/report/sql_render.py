@@ -21,7 +21,7 @@ from typing import Any
 from uuid import UUID
 
 from ..ledger.sql import SqlResult
-from .render import format_cost, json_value, render_csv, render_json
+from .render import display_width, format_cost, json_value, pad, render_csv, render_json, table_text
 
 
 def plain(value: Any) -> Any:
@@ -77,19 +77,21 @@ def _cell(value: Any) -> str:
     if isinstance(value, Decimal):
         return format_cost(value).rstrip("0").rstrip(".")
     if isinstance(value, (dict, list)):
-        return json_value(value)
-    return str(value)
+        return table_text(json_value(value))
+    return table_text(value)
 
 
 def render_grid(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
-    """Aligned columns, numbers to the right; NULL is blank."""
+    """Aligned columns (by the width a terminal gives each character), numbers to the
+    right; NULL is blank, a control character in a value its escape (one line per row)."""
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     numeric = [all(isinstance(row.get(c), (int, float, Decimal)) and not isinstance(row.get(c), bool) for row in rows if row.get(c) is not None) for c in columns]
-    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(columns)]
-    lines = [list(columns), ["-" * w for w in widths], *cells]
+    header = [table_text(c) for c in columns]
+    widths = [max([display_width(c), *(display_width(line[i]) for line in cells)]) for i, c in enumerate(header)]
+    lines = [header, ["-" * w for w in widths], *cells]
     out = []
     for line in lines:
-        out.append("  ".join(cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(line, widths, numeric)).rstrip())
+        out.append("  ".join(pad(cell, w, right=num) for cell, w, num in zip(line, widths, numeric)).rstrip())
     return "\n".join(out) + "\n"
 
 
