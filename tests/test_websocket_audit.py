@@ -67,3 +67,34 @@ async def test_an_upstream_close_without_a_status_is_recorded_as_no_status(start
         [row] = await meter.rows()
     assert (row["response_id"], row["outcome"], row["error_type"]) == ("resp_cut", "error", "upstream_disconnected")
     assert row["error_code"] == "1005"
+
+
+def test_a_lane_the_upstream_writes_with_escapes_still_gets_its_deltas() -> None:
+    """Lanes are compared as the strings they spell: an upstream that writes a lane
+    `"\\u00e9"` (Python's json.dumps does) names lane "é" in every event, deltas included,
+    while another lane runs beside it."""
+    from .test_websocket import response, socket_meter
+
+    def escaped(kind: str, lane: str, **fields: object) -> bytes:
+        return json.dumps({"type": kind, "sequence_number": 1, **fields, "stream_id": lane}).encode()  # ensure_ascii
+
+    m, sink = socket_meter()
+    for lane in ("é", "a"):
+        m.on_client(json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "stream_id": lane}, ensure_ascii=False).encode())
+    sent = {"é": 0, "a": 0}
+    for lane, message in [
+        ("é", escaped("response.created", "é", response=response("resp_e"))),
+        ("a", escaped("response.created", "a", response=response("resp_a"))),
+        ("é", escaped("response.output_text.delta", "é", delta="x" * 50)),
+        ("a", escaped("response.output_text.delta", "a", delta="y")),
+        ("é", escaped("response.output_text.done", "é", text="x" * 50)),
+        ("é", escaped("response.completed", "é", response=response("resp_e", "completed", {"input_tokens": 3, "output_tokens": 2}))),
+        ("a", escaped("response.completed", "a", response=response("resp_a", "completed", {"input_tokens": 1, "output_tokens": 1}))),
+    ]:
+        assert b"\\u00e9" in message or lane == "a"
+        m.on_upstream(message)
+        sent[lane] += len(message)
+    e, a = sink.records
+    assert (e.response_id, e.input_tokens, e.output_tokens) == ("resp_e", 3, 2)
+    assert e.ttft_ms is not None
+    assert (e.response_bytes, a.response_bytes) == (sent["é"], sent["a"])

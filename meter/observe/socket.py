@@ -72,6 +72,7 @@ _TYPE = re.compile(rb'"type"\s*:\s*"([^"\\]*)"')
 _STREAM_ID = re.compile(rb'"stream_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
 SHAPED_TYPES = EARLY_TYPES | FINAL_TYPES  # the response events read through `shapes.Event`
 _CREATE = b'"response.create"'
+_BACKSLASH = b"\\"  # in a JSON string, what starts an escape
 _ESCAPE = b"\\u"  # the start of a JSON string escape (\u and four hex digits), which can spell any character
 _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
 
@@ -116,6 +117,17 @@ def _event_type(data: bytes) -> bytes | None:
 
 def _lane(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _lane_of(raw: bytes) -> str | None:
+    """The lane a `stream_id` string's raw bytes spell: escapes decoded, as the events
+    decoded whole (and the `response.create`) have them, so `"\\u00e9"` is lane "é"."""
+    if _BACKSLASH not in raw:
+        return raw.decode(errors="replace")
+    try:
+        return _lane(json.loads(b'"' + raw + b'"'))
+    except ValueError:
+        return None
 
 
 def read_create(data: bytes) -> tuple[RequestFacts, str | None] | None:
@@ -355,7 +367,7 @@ class SocketMeter:
         if self.only is not None:
             return self.only
         m = _STREAM_ID.search(data)
-        return self.open.get(m.group(1).decode() if m else None)
+        return self.open.get(_lane_of(m.group(1)) if m else None)
 
     def _open_flow(self, lane: str | None, rid: str | None) -> Flow:
         """The running response `rid` on `lane`, starting it if this is its first event."""
