@@ -78,3 +78,41 @@ def test_a_model_asked_as_empty_text_is_matched_alike_in_memory_and_in_the_ledge
         r.id = None
         in_memory.add(r)
     assert in_ledger == in_memory.states[0].spend == Decimal("0.625")
+
+
+def test_the_ledger_sums_of_every_match_agree_on_postgresql_and_duckdb(pg_url: str, tmp_path: Path) -> None:
+    # The spend query is one text for both ledgers; every match field, a tag named with a
+    # dash and digits, non-ASCII values and absent values sum the same rows on each.
+    from meter.identity import key_id
+    from meter.ledger import PostgresStore
+
+    from .conftest import SECRET_KEY
+    from .test_budgets import MATCHES
+
+    kid = key_id(SECRET_KEY)
+    t = time.time()
+    shapes: list[dict[str, str | None]] = [
+        {"key_id": kid, "model_requested": "gpt-4o", "model": "gpt-4o-2024-08-06", "tags": '{"team": "search", "cost-centre-7": "café"}'},
+        {"key_id": "0123456789abcdef", "project": "proj_a", "user_id": "u1", "model": "gpt-4o"},
+        {"key_id": kid, "model_requested": "", "model": "gpt-4o", "tags": '{"team": "Search"}'},
+        {"project": "proj_a", "user_id": "u2", "tags": '{"team": "search"}'},
+        {"key_id": kid, "model_requested": "gpt-4o", "user_id": "ü", "tags": "{}"},
+    ]
+    matches = [*MATCHES, {"tag:cost-centre-7": "café"}, {"user": "ü"}, {"tag:absent": ""}]
+    budgets = [Budget(name=f"b{i}", window="month", limit_usd=Decimal(1), match=m) for i, m in enumerate(matches)]
+    matchers = [matcher_for(b, {kid: "team-search"}) for b in budgets]
+    windows = [window_bounds("month", t)] * len(budgets)
+    sums = []
+    for store in (DuckDBStore(str(tmp_path / "m.duckdb")), PostgresStore(pg_url)):
+        rows = [record(i, f"0.{i + 1}", t, **shape) for i, shape in enumerate(shapes)]
+        for r, id_ in zip(rows, random_uuids(len(rows)), strict=True):
+            r.id = id_
+        store.open()
+        try:
+            store.write(rows)
+            sums.append(read_spend(store, matchers, windows, None))
+        finally:
+            store.close()
+    in_memory = [sum((r.cost_usd or 0 for r in rows if m.matches_record(r)), Decimal(0)) for m in matchers]
+    assert sums[0] == sums[1] == in_memory
+    assert in_memory[-3:] == [Decimal("0.1"), Decimal("0.5"), Decimal(0)]
