@@ -1,8 +1,9 @@
-"""Budgets and alerts (SPEC §11): several budgets on one request, windows, alerts.
+"""Budgets (SPEC §11): a request several budgets refuse, and the three ways of matching
+(before forwarding, on the finished record, in the ledger's SQL) agreeing on edge values.
 
 A real meter (in-process, as tests/conftest.py starts it) against the fake
-provider, DuckDB ledgers on disk, the official SDK, and the webhook receiver
-process for alerts.
+provider and the official SDK; DuckDB ledgers on disk and a real PostgreSQL
+server (tests/pg.py) for the spend query.
 """
 
 from __future__ import annotations
