@@ -67,6 +67,12 @@ async def _traffic(url: str) -> None:
             model=model, input="hello", extra_headers={"x-fake-usage": json.dumps(usage), "Meter-Tag-Team": team}
         )
         assert resp.usage is not None and resp.usage.input_tokens == inp
+    # An embedding of a few tokens costs under a millionth of a dollar: the console shows
+    # the report's digits for it, never 0.000000.
+    embedding = await clients["sk-console-search-0001"].embeddings.create(
+        model="text-embedding-3-small", input="hi", extra_headers={"x-fake-usage": json.dumps({"input_tokens": 5})}
+    )
+    assert embedding.usage.prompt_tokens == 5
     with pytest.raises(openai.InternalServerError):  # one failed request: the errors column
         await clients["sk-console-mobile-0002"].responses.create(model="gpt-4o-mini", input="x", extra_headers={"x-fake-scenario": "status:500"})
     for client in clients.values():
@@ -85,10 +91,17 @@ async def _report(admin_url: str, *args: str) -> list[dict[str, Any]]:
 
 
 # What a person reads in the "By key and model" table: key (without its hint), model,
-# requests, cost (as shown: 6 decimals), errors.
+# requests, cost (as `meter report`'s table shows it), errors.
 TABLE_JS = """[...document.querySelectorAll('#by-key-model tbody tr')].filter(tr => tr.cells.length > 1).map(tr => ({
   key: tr.cells[0].dataset.key, model: tr.cells[1].dataset.model, requests: tr.cells[2].textContent,
   cost: tr.cells[7].textContent, errors: tr.cells[9].textContent}))"""
+
+
+def _shown_cost(cost: Decimal) -> str:
+    """A cost as `meter report`'s table writes it: every digit to the ninth decimal, trailing
+    zeros dropped down to two decimals."""
+    whole, _, frac = f"{cost:.9f}".rstrip("0").partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
 
 
 def _expected(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -97,7 +110,7 @@ def _expected(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             "key": row["key"] or "",
             "model": row["model"] or "",
             "requests": f"{row['requests']:,}",
-            "cost": "" if row["cost_usd"] is None else f"{row['cost_usd']:.6f}",
+            "cost": "" if row["cost_usd"] is None else _shown_cost(row["cost_usd"]),
             "errors": f"{row['errors']:,}",
         }
         for row in rows
@@ -116,7 +129,9 @@ async def test_console_in_chromium(upstream: Any, meter_process: Any, tmp_path: 
     await _traffic(meter.url)
     by_key_model = await _report(meter.admin_url, "--by", "key,model")
     assert {r["key"] for r in by_key_model} == {"team-search", "team-mobile"}
-    assert sum(r["requests"] for r in by_key_model) == len(TRAFFIC) + 1
+    assert sum(r["requests"] for r in by_key_model) == len(TRAFFIC) + 2
+    tiny = [r["cost_usd"] for r in by_key_model if r["model"] == "text-embedding-3-small"]
+    assert len(tiny) == 1 and Decimal(0) < tiny[0] < Decimal("0.0000005"), tiny
 
     async with Browser() as browser:
         await browser.goto(meter.admin_url + "/")
@@ -137,7 +152,7 @@ async def test_console_in_chromium(upstream: Any, meter_process: Any, tmp_path: 
         total_requests = sum(r["requests"] for r in by_key_model)
         assert await browser.evaluate("document.getElementById('total-requests').textContent") == str(total_requests)
         total_cost = sum((r["cost_usd"] for r in by_key_model if r["cost_usd"] is not None), Decimal(0))
-        assert await browser.evaluate("document.querySelector('#by-key-model tfoot td:nth-child(8)').textContent") == f"{total_cost:.6f}"
+        assert await browser.evaluate("document.querySelector('#by-key-model tfoot td:nth-child(8)').textContent") == _shown_cost(total_cost)
         assert await browser.evaluate("document.getElementById('total-errors').textContent") == "1"
         # The unpriced model: no cost shown (never 0), counted as unpriced.
         unpriced = [r for r in by_key_model if r["model"] == HOSTILE_MODEL]
@@ -170,12 +185,15 @@ async def test_console_in_chromium(upstream: Any, meter_process: Any, tmp_path: 
         loads = await _loads(browser)
         await browser.evaluate(
             "document.getElementById('f-model').value = ''; document.getElementById('f-tag').value = 'team=search';"
-            "document.getElementById('split').value = 'model'; document.querySelector('#filters button').click()"
+            "document.getElementById('split').value = 'Model'; document.querySelector('#filters button').click()"
         )
         await browser.wait_for(f"Number(document.body.dataset.loaded || 0) > {loads}")
         tagged = await _report(meter.admin_url, "--by", "key,model", "--where", "tag:team=search")
         assert await browser.evaluate(TABLE_JS) == _expected(tagged)
         assert {r["key"] for r in tagged} == {"team-search"}
+        # The split typed in capitals is the report's field all the same: one series per model.
+        legend = await browser.evaluate("[...document.querySelectorAll('#chart .legend text')].map(t => t.textContent)")
+        assert set(legend) == {r["model"] for r in tagged}, legend
 
         # The last 24 hours, per hour: the report's over that window, the chart's bars by hour.
         loads = await _loads(browser)

@@ -36,7 +36,25 @@
   // ---- formatting ----------------------------------------------------------
   const int = new Intl.NumberFormat("en-US");
   const fmtInt = (n) => int.format(n || 0);
-  const fmtCost = (v) => (v === null || v === undefined ? "" : Number(v).toFixed(6));
+  // A cost as `meter report`'s table writes it: every digit to the ninth decimal (the
+  // ledger's), trailing zeros dropped down to two.  Held as whole nano-dollars (a BigInt)
+  // so a total is exact: a float sum, or 6 decimals, differed from the report's figure.
+  const NANO = 1000000000n;
+  function nanos(v) {
+    // The report's JSON numbers arrive as floats; 9 decimals of any cost below a million
+    // dollars are within a float's digits, so toFixed(9) gives back the ledger's value.
+    const text = typeof v === "number" ? v.toFixed(9) : String(v);
+    const negative = text.startsWith("-");
+    const [whole, frac = ""] = text.replace("-", "").split(".");
+    const n = BigInt(whole || "0") * NANO + BigInt((frac + "000000000").slice(0, 9));
+    return negative ? -n : n;
+  }
+  function fmtNanos(n) {
+    const negative = n < 0n, size = negative ? -n : n;
+    const frac = String(size % NANO).padStart(9, "0").replace(/0+$/, "").padEnd(2, "0");
+    return (negative ? "-" : "") + String(size / NANO) + "." + frac;
+  }
+  const fmtCost = (v) => (v === null || v === undefined ? "" : fmtNanos(nanos(v)));
   const fmtMoney = (v) => "$" + (v >= 100 ? v.toFixed(2) : v.toFixed(4));
   const pct = (part, whole) => (whole > 0 ? ((100 * part) / whole).toFixed(1) + "%" : "–");
   function fmtShort(v) {
@@ -160,7 +178,7 @@
   function drawTable(rows) {
     const body = $("by-key-model").tBodies[0];
     body.textContent = "";
-    const total = { requests: 0, input_tokens: 0, cached_tokens: 0, output_tokens: 0, reasoning_tokens: 0, cost: 0, priced: false, unpriced: 0, errors: 0 };
+    const total = { requests: 0, input_tokens: 0, cached_tokens: 0, output_tokens: 0, reasoning_tokens: 0, cost: 0n, priced: false, unpriced: 0, errors: 0 };
     for (const r of rows) {
       const tr = document.createElement("tr");
       keyCell(tr, r.key, r.key_hint);
@@ -177,7 +195,7 @@
       cell(tr, fmtInt(r.errors), r.errors ? "num outcome-bad" : "num");
       body.appendChild(tr);
       for (const k of ["requests", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens"]) total[k] += r[k];
-      if (r.cost_usd !== null) { total.cost += Number(r.cost_usd); total.priced = true; }
+      if (r.cost_usd !== null) { total.cost += nanos(r.cost_usd); total.priced = true; }
       total.unpriced += r.unpriced_requests;
       total.errors += r.errors;
     }
@@ -196,11 +214,11 @@
     cell(tr, fmtInt(total.output_tokens), "num");
     cell(tr, pct(total.cached_tokens, total.input_tokens), "num");
     cell(tr, pct(total.reasoning_tokens, total.output_tokens), "num");
-    cell(tr, total.priced ? total.cost.toFixed(6) : "", "num");
+    cell(tr, total.priced ? fmtNanos(total.cost) : "", "num");
     cell(tr, fmtInt(total.unpriced), "num");
     cell(tr, fmtInt(total.errors), "num");
     foot.appendChild(tr);
-    $("total-cost").textContent = total.priced ? fmtMoney(total.cost) : "–";
+    $("total-cost").textContent = total.priced ? fmtMoney(Number(total.cost) / 1e9) : "–";
     $("total-requests").textContent = fmtInt(total.requests);
     $("total-tokens").textContent = fmtInt(total.input_tokens + total.output_tokens);
     $("total-errors").textContent = fmtInt(total.errors);
@@ -278,7 +296,8 @@
 
   async function load() {
     const kind = bucket();
-    const split = $("split").value.trim() || "key";
+    // As the report names its column: `Model` or `tag:Team` typed is `model`, `tag:team`.
+    const split = ($("split").value.trim() || "key").toLowerCase();
     $("status").textContent = "loading…";
     $("error").hidden = true;
     const notes = {};
