@@ -161,10 +161,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_key() -> str:
+    """One key from standard input.  At a terminal, asked for and not echoed: run with
+    nothing piped in, `meter keys id` waited without a word, and a pasted key stayed
+    on the screen and in the terminal's scrollback."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().strip()
+    import getpass
+
+    return getpass.getpass("API key (not shown): ", stream=sys.stderr).strip()
+
+
 def _run_keys_id() -> int:
     from .identity import key_id
 
-    text = sys.stdin.readline().strip()
+    text = _read_key()
     if not text:
         raise CommandError("keys id: no key on standard input")
     print(key_id(text))

@@ -434,3 +434,57 @@ def test_a_misspelt_variable_is_named_not_silently_ignored(tmp_path: Path) -> No
 )
 def test_an_address_written_the_short_way_says_how_to_write_it(tmp_path: Path, flag: str, value: str, line: str) -> None:
     assert one_error_line(run_meter("serve", flag, value, "--ledger", str(tmp_path / "l.duckdb"))) == line
+
+
+# 13. `meter keys id` at a terminal ---------------------------------------------
+
+
+def test_keys_id_at_a_terminal_asks_for_the_key_and_does_not_show_it() -> None:
+    # Run as `meter keys id` with nothing piped in, it waited without a word, and the
+    # key pasted into it was echoed on the screen and into the terminal's scrollback.
+    import pty
+    import select
+    import signal
+    import time
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: meter, with the pseudo-terminal as its controlling terminal
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, "-m", "meter", "keys", "id"])
+
+    def read_until(wanted: bytes, timeout: float = 30) -> bytes:
+        seen = b""
+        while wanted not in seen:
+            ready, _, _ = select.select([terminal], [], [], timeout)
+            if not ready:
+                break
+            try:
+                chunk = os.read(terminal, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        return seen
+
+    def reap(pid: int) -> int:
+        """The child's wait status; killed if it is still waiting for its key after 5 s."""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+        return os.waitpid(pid, 0)[1]
+
+    try:
+        prompt = read_until(b": ", timeout=5)
+        os.write(terminal, SECRET_KEY.encode() + b"\n")
+        rest = read_until(key_id(SECRET_KEY).encode())
+    finally:
+        status = reap(pid)
+        os.close(terminal)
+    assert prompt.decode().strip() == "API key (not shown):", prompt
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert key_id(SECRET_KEY).encode() in rest and SECRET_KEY.encode() not in prompt + rest, rest
