@@ -189,12 +189,18 @@ def _parsed_messages(ws: _Upstream) -> Any:
 class _Socket:
     """Who closed the socket first, and how."""
 
-    __slots__ = ("closed_by", "closing", "code", "dropped", "hang_up_close", "meter_reason", "read_on_until", "reading_on")
+    __slots__ = (
+        "bytes_down", "bytes_up", "closed_by", "closing", "code", "dropped", "hang_up_close", "meter_reason", "read_on_until", "reading_on",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.closed_by: str | None = None  # "client", "upstream" or "meter"
         self.code: int | None = None
         self.meter_reason = "shutting_down"  # why meter closed it: the error_code of what was in flight
+        # Message bytes relayed each way on a socket meter does not meter: its one row's
+        # request and response bytes (a metered socket counts them per response).
+        self.bytes_up = 0
+        self.bytes_down = 0
         self.dropped = False  # ended without a close frame
         self.closing: asyncio.Future[bool] | None = None  # the close relayed to the other side
         # The client left right after its output: the upstream is read on, relaying
@@ -561,6 +567,7 @@ class WebSocketRelay:
             return
         # A socket on another path is one request: one row for its whole life.
         flow.finished_at = time.perf_counter()
+        flow.request_bytes, flow.response_bytes = socket.bytes_up, socket.bytes_down
         flow.outcome = "error" if socket.closed_by == "upstream" and socket.dropped else "completed"
         self.record(flow)
 
@@ -581,6 +588,8 @@ class WebSocketRelay:
                             answer = on_client(msg.data)
                         except Exception:  # metering must never break the relay
                             log.exception("could not meter a client message")
+                    else:
+                        socket.bytes_up += len(msg.data)
                     if answer is not None:
                         # Refused (a budget): never sent upstream; the client gets an `error`
                         # event.  The upstream pump flushes before it waits, so this frame
@@ -590,6 +599,8 @@ class WebSocketRelay:
                     else:
                         await send(msg.data, TEXT)
                 elif kind is BINARY:
+                    if on_client is None:
+                        socket.bytes_up += len(msg.data)
                     await send(msg.data, BINARY)
                 elif kind is CLOSE:
                     if socket.first("client", msg.data):
@@ -622,7 +633,9 @@ class WebSocketRelay:
                 if kind is TEXT or kind is BINARY:
                     # Metered before it is written: a write that finds the client gone
                     # must not cost the message (a terminal event's usage) its metering.
-                    if on_upstream is not None and kind is TEXT:
+                    if on_upstream is None:
+                        socket.bytes_down += len(msg.data)
+                    elif kind is TEXT:
                         try:
                             on_upstream(msg.data)
                         except Exception:  # metering must never break the relay

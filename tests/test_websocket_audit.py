@@ -49,7 +49,10 @@ async def test_an_upstream_close_without_a_status_is_recorded_as_no_status(start
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         await ws.receive()  # the response.create
-        created = {"type": "response.created", "response": {"id": "resp_cut", "object": "response", "status": "in_progress", "model": "gpt-4o"}}
+        created = {
+            "type": "response.created",
+            "response": {"id": "resp_cut", "object": "response", "status": "in_progress", "model": "gpt-4o"},
+        }
         await ws.send_str(json.dumps(created))
         await ws.send_frame(b"", WSMsgType.CLOSE)  # a close frame with an empty body
         await asyncio.sleep(0.5)  # the peer's close answer ends it
@@ -80,7 +83,9 @@ def test_a_lane_the_upstream_writes_with_escapes_still_gets_its_deltas() -> None
 
     m, sink = socket_meter()
     for lane in ("é", "a"):
-        m.on_client(json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "stream_id": lane}, ensure_ascii=False).encode())
+        m.on_client(
+            json.dumps({"type": "response.create", "model": "gpt-4o", "input": "hi", "stream_id": lane}, ensure_ascii=False).encode()
+        )
     sent = {"é": 0, "a": 0}
     for lane, message in [
         ("é", escaped("response.created", "é", response=response("resp_e"))),
@@ -98,3 +103,43 @@ def test_a_lane_the_upstream_writes_with_escapes_still_gets_its_deltas() -> None
     assert (e.response_id, e.input_tokens, e.output_tokens) == ("resp_e", 3, 2)
     assert e.ttft_ms is not None
     assert (e.response_bytes, a.response_bytes) == (sent["é"], sent["a"])
+
+
+async def test_a_socket_on_another_path_records_the_bytes_it_relayed(start_meter) -> None:
+    """A socket meter does not meter (not the Responses API) is one row: its
+    request_bytes and response_bytes are the messages relayed each way, as a
+    request's are its body and answer; they were 0 however much went through."""
+    from aiohttp import WSMsgType, web
+
+    from .socket_server import serving
+
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                await ws.send_frame(msg.data if msg.type is WSMsgType.BINARY else msg.data.encode(), msg.type)
+                if msg.type is WSMsgType.TEXT:
+                    await ws.send_str("and one more")  # the answer is not a copy of the request
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/realtime", echo)
+    sent: list[str | bytes] = ["hello", b"\x00\x01\x02", json.dumps({"type": "session.update"})]
+    async with serving(app) as port:
+        meter = await start_meter(f"http://127.0.0.1:{port}")
+        async with ws_connect(ws_url(meter.url, "/v1/realtime"), additional_headers=AUTH) as ws:
+            received = []
+            for message in sent:
+                await ws.send(message)
+                received.append(await asyncio.wait_for(ws.recv(), 5))
+                if isinstance(message, str):
+                    received.append(await asyncio.wait_for(ws.recv(), 5))
+        [row] = await meter.rows()
+
+    def size(message: str | bytes) -> int:
+        return len(message.encode() if isinstance(message, str) else message)
+
+    assert (row["endpoint"], row["outcome"]) == ("other", "completed")
+    assert row["request_bytes"] == sum(map(size, sent)) > 0
+    assert row["response_bytes"] == sum(map(size, received)) > row["request_bytes"]
