@@ -1,5 +1,7 @@
-"""WebSocket mode (SPEC §2a), what a second look found: how a socket meter itself
-closes, or an upstream closes without a status, is recorded as what it was.
+"""WebSocket mode (SPEC §2a), what a second look found: a socket meter itself
+closes, or an upstream closes without a status, is recorded as what it was; a
+lane written with escapes is still one lane; a socket meter does not meter still
+records the bytes it relayed.
 
 Real parts throughout: meter's own server, the fake provider's WebSocket (or a
 small aiohttp upstream for what the fake cannot send), a `websockets` client.
