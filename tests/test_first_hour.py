@@ -488,3 +488,14 @@ def test_keys_id_at_a_terminal_asks_for_the_key_and_does_not_show_it() -> None:
     assert prompt.decode().strip() == "API key (not shown):", prompt
     assert os.waitstatus_to_exitcode(status) == 0
     assert key_id(SECRET_KEY).encode() in rest and SECRET_KEY.encode() not in prompt + rest, rest
+
+
+def test_a_file_setting_spelt_as_its_flag_and_an_empty_variable_are_as_documented(tmp_path: Path) -> None:
+    # docs/config.md: the file takes `admin-listen` as well as `admin_listen`, and an
+    # empty variable (`METER_LISTEN=` left in a shell) counts as unset.
+    from meter.config import load_settings
+
+    config = tmp_path / "meter.toml"
+    config.write_text('admin-listen = "127.0.0.1:2222"\nlisten = "127.0.0.1:1111"\n')
+    settings = load_settings({"config": str(config)}, env={"METER_LISTEN": "", "METER_ADMIN_LISTEN": ""})
+    assert (settings.admin_listen, settings.listen) == ("127.0.0.1:2222", "127.0.0.1:1111")
