@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 import unicodedata
 from decimal import Decimal
 from pathlib import Path
@@ -147,3 +148,23 @@ def test_meter_sql_table_keeps_one_line_per_row_and_its_columns_aligned(tmp_path
     rows = (lines[0], lines[2], lines[3])
     starts = [_columns(line[: line.index(marker)]) for line, marker in zip(rows, ("key_hint", "sk-...0001", "sk-...0002"))]
     assert len(set(starts)) == 1, (starts, result.stdout)
+
+
+def test_a_request_in_two_of_the_ledgers_given_is_warned_of(tmp_path: Path) -> None:
+    ledger = _renamed_key_ledger(tmp_path)
+    copy = tmp_path / "copy.duckdb"
+    shutil.copy(ledger, copy)  # a backup given beside the file it copies
+    other = seed(tmp_path / "replica2.duckdb", [make_record(at=DAY1, model="gpt-4o", input_tokens=1, output_tokens=1)])
+    # Replicas' own files share no request: nothing to say.
+    result = run_meter("report", "--ledger", str(ledger), "--ledger", str(other), "--format", "json")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert json.loads(result.stdout)[0]["requests"] == 3
+    result = run_meter("report", "--ledger", str(ledger), "--ledger", str(copy), "--ledger", str(other), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["requests"] == 5  # stdout keeps its shape
+    warning = "meter: warning: 2 requests are in more than one of the ledgers given (a copy of one?) and are counted once per file"
+    assert result.stderr.splitlines() == [warning]
+    # Only the rows the report selects: day 1 holds one of them.
+    result = run_meter("report", "--ledger", str(ledger), "--ledger", str(copy), "--until", DAY1.date().isoformat())
+    assert result.returncode == 0, result.stderr
+    assert "1 requests are in more than one" in result.stderr

@@ -14,7 +14,8 @@ over
   records are not yet in its ledger, one warning line goes to stderr; stdout
   keeps its shape.  A `--ledger` report warns the same way when the ledger's
   spool still holds records a meter could not write (they are replayed at its
-  next start).
+  next start), and when a request is in more than one of the files given (a
+  copy of one beside it): each copy is summed.
 
 `meter reprice` (`meter.report.reprice`) prints `repriced N of M rows; cost +$X`
 (M: rows with usage in the window); `--dry-run` says the same without writing.
@@ -35,10 +36,10 @@ from typing import Any
 
 from ..command import CommandError
 from ..config import Settings, load_settings, redact_url
-from ..ledger import LedgerReadError, is_postgres_url, open_reader
+from ..ledger import LedgerReadError, Store, is_postgres_url, open_reader
 from ..prices import Pricer
 from .client import report_url
-from .query import one_line, report
+from .query import filter_sql, has_session_column, one_line, report
 from .render import render
 from .reprice import Repricer, format_delta, reprice
 from .window import GROUP_FIELDS, ReportArgs, ReportError, parse_args, parse_window
@@ -50,19 +51,31 @@ def _load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings({"config": args.config, **extra})
 
 
-def report_ledgers(ledgers: Sequence[str], args: ReportArgs, key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def report_ledgers(ledgers: Sequence[str], args: ReportArgs, key_names: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], int]:
     """The report over `--ledger` values (DuckDB files read as one, or one PostgreSQL URL),
-    keys named by `key_names` (the `--config` in force)."""
+    keys named by `key_names` (the `--config` in force), and how many of the requests it
+    selects are in more than one of the files (each copy is counted)."""
     try:
         store = open_reader(ledgers)
     except LedgerReadError as exc:
         raise CommandError(str(exc)) from None
     try:
-        return report(store, args, key_names)
+        rows = report(store, args, key_names)
+        return rows, (shared_requests(store, args, key_names) if len(ledgers) > 1 else 0)
     except Exception as exc:  # noqa: BLE001 -- whatever the store raises is one line, never a traceback
         raise CommandError(f"ledger: cannot report from {', '.join(map(redact_url, ledgers))}: {one_line(exc)}") from None
     finally:
         store.close()
+
+
+def shared_requests(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None) -> int:
+    """Requests (ids) in more than one of the files read as one, among the rows the report
+    selects.  Replicas never share one; a copy of a file given beside it (a backup, a file
+    moved between machines) shares them all, and every copy of a row is summed."""
+    condition, params = filter_sql(store.dialect, args.since, args.until, args.where, key_names, has_session_column(store, args))
+    sql = f"SELECT count(*) FROM (SELECT id FROM requests WHERE {condition} GROUP BY id HAVING count(*) > 1) AS shared"
+    _, rows = store.query(sql, params)
+    return int(rows[0][0]) if rows else 0
 
 
 def run_report(args: argparse.Namespace) -> int:
@@ -79,7 +92,9 @@ def run_report(args: argparse.Namespace) -> int:
         else:
             settings = _load_settings(args)
             ledgers = args.ledger or [settings.ledger]
-            rows = report_ledgers(ledgers, wanted, settings.keys)
+            rows, shared = report_ledgers(ledgers, wanted, settings.keys)
+            if shared:
+                print(f"meter: warning: {shared} requests are in more than one of the ledgers given (a copy of one?) and are counted once per file", file=sys.stderr)
             for warning in spool_warnings(ledgers, settings):
                 print(_WARNING + warning, file=sys.stderr)
     except ReportError as exc:

@@ -332,14 +332,20 @@ def shape_rows(
 
 def report(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """The report rows over one store (of either dialect); the store's own errors pass through."""
-    has_sessions = True
-    if "session" in args.by or any(c.field == "session" for c in args.where):
-        columns, _ = store.query("SELECT * FROM requests LIMIT 0")
-        has_sessions = "session_id" in columns
+    has_sessions = has_session_column(store, args)
     sql, params = report_sql(store.dialect, args.by, args.since, args.until, args.where, args.top, key_names, has_sessions)
     names, rows = store.query(sql, params)
     stored = stored_key_names(store, args, key_names, has_sessions) if "key" in args.by else {}
     return shape_rows((dict(zip(names, row)) for row in rows), args.by, key_names, args.top, stored)
+
+
+def has_session_column(store: Store, args: ReportArgs) -> bool:
+    """Whether the ledger has `session_id`, when the report asks for sessions (a ledger no
+    meter has opened since sessions were recorded has none: its rows have no session)."""
+    if "session" in args.by or any(c.field == "session" for c in args.where):
+        columns, _ = store.query("SELECT * FROM requests LIMIT 0")
+        return "session_id" in columns
+    return True
 
 
 def stored_key_names_sql(
@@ -384,12 +390,13 @@ def filter_sql(
     until: dt.datetime | None = None,
     where: Sequence[Condition] = (),
     key_names: Mapping[str, str] | None = None,
+    has_sessions: bool = True,
 ) -> tuple[str, list[Any]]:
     """The WHERE text (`true` when nothing is asked) and its `$n` parameters that a report
     with this window and these filters selects rows by: the console lists the very rows
     the report sums."""
     dialect = _dialect(dialect)
-    exprs = _group_exprs(dialect)
+    exprs = _group_exprs(dialect, has_sessions)
     params = _Params()
     conditions = _conditions(dialect, since, until, where, exprs, key_names or {}, params)
     return (" AND ".join(conditions) or "true"), params.values
