@@ -368,6 +368,9 @@ def settings_from_toml(path: str) -> dict[str, Any]:
             out["alerts"] = alerts_from_toml(value)
         elif key == "reconcile":
             out["reconcile"] = reconcile_from_toml(value)
+        elif key == "config":
+            # Dropped without a word before, so the other file's settings never applied.
+            raise SettingError(f"config: {path} names another config file (config = ...); a config file is given only by --config or METER_CONFIG")
         elif key in _SCALAR_SETTINGS:
             out[key] = value
         else:
@@ -407,7 +410,7 @@ def _config_tables(data: Mapping[str, Any]) -> Iterable[tuple[str, Mapping[Any, 
 
 def nearest_setting(name: str) -> str:
     """` (did you mean 'upstream'?)` for a misspelt setting, spelt with dashes if `name` is."""
-    known = [*_SCALAR_SETTINGS, *_TABLE_HEADERS]
+    known = [name for name in (*_SCALAR_SETTINGS, *_TABLE_HEADERS) if name != "config"]  # a file cannot name one
     matches = difflib.get_close_matches(name.replace("-", "_"), known, n=1)
     if not matches:
         return ""

@@ -499,3 +499,16 @@ def test_a_file_setting_spelt_as_its_flag_and_an_empty_variable_are_as_documente
     config.write_text('admin-listen = "127.0.0.1:2222"\nlisten = "127.0.0.1:1111"\n')
     settings = load_settings({"config": str(config)}, env={"METER_LISTEN": "", "METER_ADMIN_LISTEN": ""})
     assert (settings.admin_listen, settings.listen) == ("127.0.0.1:2222", "127.0.0.1:1111")
+
+
+def test_a_config_file_that_names_another_is_refused(tmp_path: Path) -> None:
+    # `config = "other.toml"` in a file was dropped without a word: the settings the user
+    # put in other.toml never applied.
+    from meter.config import SettingError, load_settings
+
+    (tmp_path / "other.toml").write_text('listen = "127.0.0.1:1111"\n')
+    config = tmp_path / "meter.toml"
+    config.write_text(f'config = "{tmp_path / "other.toml"}"\n')
+    with pytest.raises(SettingError) as refused:
+        load_settings({"config": str(config)}, env={})
+    assert str(refused.value) == f"config: {config} names another config file (config = ...); a config file is given only by --config or METER_CONFIG"
