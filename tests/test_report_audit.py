@@ -168,3 +168,20 @@ def test_a_request_in_two_of_the_ledgers_given_is_warned_of(tmp_path: Path) -> N
     result = run_meter("report", "--ledger", str(ledger), "--ledger", str(copy), "--until", DAY1.date().isoformat())
     assert result.returncode == 0, result.stderr
     assert "1 requests are in more than one" in result.stderr
+
+
+def test_a_background_response_whose_usage_two_replicas_kept_is_warned_of(tmp_path: Path) -> None:
+    """Each replica keeps a background response's usage on its own first row after the end
+    (its ledger's claim): polls that reached both put it in both files."""
+    poll = {"model": "gpt-4o", "background": True, "response_id": "resp_shared", "method": "GET", "path": "/v1/responses/resp_shared",
+            "endpoint": "responses.retrieve", "input_tokens": 100, "output_tokens": 10, "cost_usd": Decimal("0.0004")}
+    first = seed(tmp_path / "replica1.duckdb", [make_record(at=DAY1, **poll)])
+    second = seed(tmp_path / "replica2.duckdb", [make_record(at=DAY1 + dt.timedelta(seconds=5), **poll),
+                                                 make_record(at=DAY1, model="gpt-4o", input_tokens=1, output_tokens=1)])
+    result = run_meter("report", "--ledger", str(first), "--ledger", str(second), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)[0]["input_tokens"] == 201  # what the files hold
+    assert result.stderr.splitlines() == [
+        ("meter: warning: 1 background responses have their usage in more than one of the ledgers given"
+        " (polls reached several replicas) and it is counted once per file")
+    ]

@@ -14,8 +14,8 @@ over
   records are not yet in its ledger, one warning line goes to stderr; stdout
   keeps its shape.  A `--ledger` report warns the same way when the ledger's
   spool still holds records a meter could not write (they are replayed at its
-  next start), and when a request is in more than one of the files given (a
-  copy of one beside it): each copy is summed.
+  next start), and when several files count something twice (`counted_twice`: a
+  copy of a file given beside it, a background response polled on several replicas).
 
 `meter reprice` (`meter.report.reprice`) prints `repriced N of M rows; cost +$X`
 (M: rows with usage in the window); `--dry-run` says the same without writing.
@@ -36,7 +36,7 @@ from typing import Any
 
 from ..command import CommandError
 from ..config import Settings, load_settings, redact_url
-from ..ledger import LedgerReadError, Store, is_postgres_url, open_reader
+from ..ledger import HAS_USAGE_SQL, LedgerReadError, Store, is_postgres_url, open_reader
 from ..prices import Pricer
 from .client import report_url
 from .query import filter_sql, has_session_column, one_line, report
@@ -51,33 +51,48 @@ def _load_settings(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings({"config": args.config, **extra})
 
 
-def report_ledgers(ledgers: Sequence[str], args: ReportArgs, key_names: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], int]:
+def report_ledgers(ledgers: Sequence[str], args: ReportArgs, key_names: Mapping[str, str] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """The report over `--ledger` values (DuckDB files read as one, or one PostgreSQL URL),
-    keys named by `key_names` (the `--config` in force), and how many of the requests it
-    selects are in more than one of the files (each copy is counted)."""
+    keys named by `key_names` (the `--config` in force), and warnings of what several
+    files count twice (`counted_twice`)."""
     try:
         store = open_reader(ledgers)
     except LedgerReadError as exc:
         raise CommandError(str(exc)) from None
     try:
         rows = report(store, args, key_names)
-        return rows, (shared_requests(store, args, key_names) if len(ledgers) > 1 else 0)
+        return rows, (counted_twice(store, args, key_names) if len(ledgers) > 1 else [])
     except Exception as exc:  # noqa: BLE001 -- whatever the store raises is one line, never a traceback
         raise CommandError(f"ledger: cannot report from {', '.join(map(redact_url, ledgers))}: {one_line(exc)}") from None
     finally:
         store.close()
 
 
-def shared_requests(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None) -> int:
-    """Requests (ids) in more than one of the files read as one, among the rows the report
-    selects.  Replicas never share one; a copy of a file given beside it (a backup, a file
-    moved between machines) shares them all, and every copy of a row is summed."""
+def counted_twice(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None) -> list[str]:
+    """What several files read as one sum more than once, among the rows the report selects.
+
+    - a request (its id) in more than one file: replicas never share one, but a copy of a
+      file given beside it (a backup, a file moved between machines) shares them all;
+    - a background response whose usage is on rows of more than one file: each replica's
+      ledger keeps it once, on its own first row after the end, so polls that reached
+      several replicas put it in each of their files.
+    """
     condition, params = filter_sql(store.dialect, args.since, args.until, args.where, key_names, has_session_column(store, args))
-    sql = f"SELECT count(*) FROM (SELECT id FROM requests WHERE {condition} GROUP BY id HAVING count(*) > 1) AS shared"
+    sql = (
+        f"SELECT (SELECT count(*) FROM (SELECT id FROM requests WHERE {condition} GROUP BY id HAVING count(*) > 1) AS ids), "
+        f"(SELECT count(*) FROM (SELECT response_id FROM requests WHERE {condition} AND background AND response_id IS NOT NULL "
+        f"AND {HAS_USAGE_SQL} GROUP BY response_id HAVING count(DISTINCT id) > 1) AS responses)"
+    )
     _, rows = store.query(sql, params)
-    return int(rows[0][0]) if rows else 0
-
-
+    shared, responses = (int(n) for n in rows[0])
+    warnings = []
+    if shared:
+        warnings.append(f"{shared} requests are in more than one of the ledgers given (a copy of one?) and are counted once per file")
+    if responses:
+        warnings.append(
+            f"{responses} background responses have their usage in more than one of the ledgers given (polls reached several replicas) and it is counted once per file"
+        )
+    return warnings
 def run_report(args: argparse.Namespace) -> int:
     try:
         wanted = parse_args(args.by, args.since, args.until, args.where, args.top)
@@ -92,9 +107,9 @@ def run_report(args: argparse.Namespace) -> int:
         else:
             settings = _load_settings(args)
             ledgers = args.ledger or [settings.ledger]
-            rows, shared = report_ledgers(ledgers, wanted, settings.keys)
-            if shared:
-                print(f"meter: warning: {shared} requests are in more than one of the ledgers given (a copy of one?) and are counted once per file", file=sys.stderr)
+            rows, twice = report_ledgers(ledgers, wanted, settings.keys)
+            for warning in twice:
+                print(f"meter: warning: {warning}", file=sys.stderr)
             for warning in spool_warnings(ledgers, settings):
                 print(_WARNING + warning, file=sys.stderr)
     except ReportError as exc:
