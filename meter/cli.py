@@ -60,7 +60,7 @@ def nearest_option(parser: argparse.ArgumentParser, extras: Sequence[str]) -> st
     """The option of `parser` closest to the first unknown one given (`--upstrem`), if any is close."""
     flags = [word.partition("=")[0] for word in extras if word.startswith("--")]
     options = [opt for action in parser._actions for opt in action.option_strings if opt.startswith("--") and opt != "--help"]
-    matches = difflib.get_close_matches(flags[0], options, n=1) if flags else []
+    matches = difflib.get_close_matches(flags[0], options, n=1, cutoff=0.75) if flags else []  # a typo, not any option
     return matches[0] if matches else None
 
 
@@ -129,7 +129,8 @@ def build_parser() -> Parser:
     serve = sub.add_parser("serve", help="run the proxy", description="Forward every request to the upstream unchanged and meter it.")
     _serve_args(serve)
     keys = sub.add_parser("keys", help="key utilities")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, parser_class=Parser)
+    # metavar: the error for `meter keys` alone names the missing command, not the attribute it lands in
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="id", required=True, parser_class=Parser)
     keys_sub.add_parser("id", help="print the key_id of a key read from standard input", description="Reads one API key from standard input and prints its key_id, for naming keys in the config.")
     add_report_commands(sub)
     add_sql_command(sub)

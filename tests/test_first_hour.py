@@ -308,7 +308,7 @@ def test_serve_honours_every_variable_its_help_names() -> None:
         (("serve", "--max-request-bytes", "many"), "meter: error: serve: argument --max-request-bytes: invalid int value"),
         (("report", "--format", "xml"), "meter: error: report: argument --format: invalid choice"),
         (("report", "--since", "yesterday-ish"), "meter: error: "),
-        (("keys",), "meter: error: keys: the following arguments are required"),
+        (("keys",), "meter: error: keys: the following arguments are required: id"),
         (("bogus",), "meter: error: argument command: invalid choice"),
         ((), "meter: error: the following arguments are required: command"),
     ],
@@ -334,6 +334,8 @@ def test_every_usage_error_has_one_prefix(args: tuple[str, ...], prefix: str) ->
             "meter: error: report: unrecognized arguments: --sinse=7d (did you mean --since? `meter report --help` lists the options)",
         ),
         (("keys", "id", "--hex"), "meter: error: keys id: unrecognized arguments: --hex (`meter keys id --help` lists the options)"),
+        # Nothing near it: no option is offered (`--spool` was, for `--foo`).
+        (("serve", "--foo"), "meter: error: serve: unrecognized arguments: --foo (`meter serve --help` lists the options)"),
         (("report", "7d"), "meter: error: report: unrecognized arguments: 7d (`meter report --help` lists the options)"),
     ],
 )
