@@ -55,7 +55,7 @@ def _env() -> dict[str, str]:
 def _config(tmp_path: Path) -> Path:
     cfg = tmp_path / "meter.toml"
     keys = "\n".join(f'"{key_id(k)}" = "{name}"' for k, name in KEYS.items())
-    cfg.write_text(f'[keys]\n{keys}\n\n[[budgets]]\nname = "search-daily"\nmatch = {{ key = "team-search" }}\nwindow = "day"\nlimit_usd = 0.01\n')
+    cfg.write_text(f'[keys]\n{keys}\n\n[[budgets]]\nname = "search-daily"\nmatch = {{ key = "team-search" }}\nwindow = "day"\nlimit_usd = 0.0125\n')
     return cfg
 
 
@@ -165,7 +165,9 @@ async def test_console_in_chromium(upstream: Any, meter_process: Any, tmp_path: 
         assert len(latest) == total_requests
         assert latest[0] == ["team-mobile", "gpt-4o-mini"]  # the failed request came last
         # The budget against its limit, and the chart's bars.
-        assert "search-daily" in await browser.evaluate("document.getElementById('budgets').textContent")
+        # Its spend and limit with the report's digits: a limit of $0.0125 is not "$0.01".
+        budgets = await browser.evaluate("document.getElementById('budgets').textContent")
+        assert "search-daily" in budgets and "of $0.0125 (" in budgets, budgets
         assert await browser.evaluate("document.querySelectorAll('#chart svg rect').length") >= 2
         legend = await browser.evaluate("[...document.querySelectorAll('#chart .legend text')].map(t => t.textContent)")
         assert set(legend) == {"team-search", "team-mobile"}

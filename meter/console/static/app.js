@@ -259,7 +259,7 @@
       fill.style.width = Math.min(100, 100 * b.share).toFixed(1) + "%";
       bar.appendChild(fill);
       const text = document.createElement("div");
-      text.textContent = `$${Number(b.spend_usd).toFixed(4)} of $${Number(b.limit_usd).toFixed(2)} (${(100 * b.share).toFixed(1)}%) ${b.state}`;
+      text.textContent = `$${fmtCost(b.spend_usd)} of $${fmtCost(b.limit_usd)} (${(100 * b.share).toFixed(1)}%) ${b.state}`;  // the report's digits: $0.001 is not $0.00
       row.append(name, bar, text);
       box.appendChild(row);
     }
