@@ -32,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import StartupError, parse_host_port
+from .config import ADMIN_CHALLENGE, StartupError, parse_host_port
 from .console import PAGE_PATHS
 
 log = logging.getLogger("meter")
@@ -98,7 +98,7 @@ def unauthorized() -> web.Response:
         status=401,
         body=_UNAUTHORIZED_BODY,
         content_type="application/json",
-        headers={"WWW-Authenticate": 'Bearer realm="meter admin"'},
+        headers={"WWW-Authenticate": ADMIN_CHALLENGE},
     )
 
 

@@ -45,6 +45,11 @@ SECRET_QUERY_KEYS = ("password", "sslpassword")
 MAX_SECONDS = 86_400.0
 
 
+# How meter's admin API asks for its token (the 401's `WWW-Authenticate`): a client
+# sends the token only to an address that asked for it so (`meter.report.client`).
+ADMIN_CHALLENGE = 'Bearer realm="meter admin"'
+
+
 def clean_admin_token(value: str) -> str:
     """The admin token as every client sends it (ValueError, never quoting it, when no
     client can): without surrounding whitespace, which a token kept in a file ends with

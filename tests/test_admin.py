@@ -274,6 +274,24 @@ async def test_report_url_sends_the_admin_token(upstream, meter_process, tmp_pat
     assert (row["model"].startswith("gpt-4o"), row["requests"], row["input_tokens"]) == (True, 3, 21)
 
 
+async def test_the_admin_token_never_goes_to_an_address_that_did_not_ask_for_it(upstream, meter_process, tmp_path: Path) -> None:
+    """`--url` given the proxy's port instead of the admin's: the request is forwarded
+    to the upstream, and with it the admin token, to a third party.  The token goes only
+    to an address that asked for it as meter's admin API does (a 401 with its realm)."""
+    from .conftest import clear_upstream_requests, upstream_requests
+
+    proc = meter_process("--upstream", upstream.url, "--ledger", str(tmp_path / "l.duckdb"), env=clean_env(METER_ADMIN_TOKEN=TOKEN))
+    await clear_upstream_requests(upstream.url)
+    for args in (("report", "--format", "json"), ("sql", "SELECT 1 AS n", "--format", "json"), ("budgets", "--format", "json")):
+        result = await arun_meter(*args[:1], "--url", proc.url, *args[1:], env=clean_env(METER_ADMIN_TOKEN=TOKEN))
+        assert result.returncode != 0 and TOKEN not in result.stderr + result.stdout
+    seen = json.dumps(await upstream_requests(upstream.url))
+    assert TOKEN not in seen
+    # The admin address still gets it, and answers.
+    ok = await arun_meter("report", "--url", proc.admin_url, "--format", "json", env=clean_env(METER_ADMIN_TOKEN=TOKEN))
+    assert ok.returncode == 0, ok.stderr
+
+
 async def test_an_admin_token_read_from_a_file_with_its_line_break(upstream, meter_process, tmp_path: Path) -> None:
     """A token kept in a file (a Kubernetes Secret made --from-file, `$(cat token)` of an
     editor's file) ends in a line break.  meter served it as part of the token, which no

@@ -2,8 +2,10 @@
 
 A running meter holds its DuckDB file open, so its report is asked for at
 `GET /api/report` on the admin address.  The request carries
-`Authorization: Bearer $METER_ADMIN_TOKEN` when that variable is set; a 401 is
-one line naming it.  When the meter answers `Meter-Report-Pending: N` (records
+`Authorization: Bearer $METER_ADMIN_TOKEN` when that variable is set and the
+address asked for it as meter's admin API does (a 401 with its challenge, to a
+first request without it): an `--url` given the proxy's port instead would
+forward the token to the upstream.  A 401 is one line naming the variable.  When the meter answers `Meter-Report-Pending: N` (records
 it has not yet written: the ledger is failing or behind), the caller gets N to
 warn with; the rows are the same objects a `--ledger` report gives.  A
 redirect is refused, never followed (`meter.outbound`): the token goes to the
@@ -21,7 +23,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from ..config import clean_admin_token
+from ..config import ADMIN_CHALLENGE, clean_admin_token
 from ..outbound import RedirectRefused, fetch
 from .render import parse_json_rows
 from .window import ReportArgs, ReportError
@@ -42,6 +44,36 @@ def admin_headers() -> dict[str, str]:
     except ValueError as exc:
         raise ReportError(f"{ADMIN_TOKEN_ENV}: {exc}") from None
     return {"Authorization": f"Bearer {token}"}
+
+
+# Per admin address asked this run: whether it asked for the token (`_token_for`).
+_ASKED: dict[str, bool] = {}
+
+
+def _token_for(base: str, timeout: float) -> dict[str, str]:
+    """`admin_headers()` for an address that asks for the token as meter's admin API does,
+    else none: the token goes nowhere else (the proxy's port forwards to the upstream)."""
+    headers = admin_headers()
+    if not headers:
+        return {}
+    asked = _ASKED.get(base)
+    if asked is None:
+        asked = _ASKED[base] = _asks_for_the_token(base, timeout)
+    return headers if asked else {}
+
+
+def _asks_for_the_token(base: str, timeout: float) -> bool:
+    """Whether `GET /api/budgets` at `base`, sent without the token, is answered 401 with
+    meter's admin challenge.  Any other answer: no token is sent, and the request itself
+    says what is wrong (an admin API without a token answers it; anything else is not one)."""
+    request = urllib.request.Request(admin_endpoint(base, "/api/budgets"), method="GET")
+    try:
+        fetch(request, timeout)
+    except urllib.error.HTTPError as exc:
+        return exc.code == 401 and exc.headers.get("WWW-Authenticate", "").strip() == ADMIN_CHALLENGE
+    except (RedirectRefused, urllib.error.URLError, OSError):
+        return False
+    return False
 
 
 def admin_endpoint(base: str, path: str) -> str:
@@ -69,20 +101,23 @@ class AdminRefused(ReportError):
 def ask_admin(base: str, path: str, api: str, *, query: list[tuple[str, str]] | None = None, data: bytes | None = None,
               timeout: float) -> tuple[bytes, http.client.HTTPMessage]:
     """The body and headers of a running meter's answer at `path` (a GET, or a POST of
-    JSON `data`), sent with `admin_headers()` and never redirected (`meter.outbound`).
+    JSON `data`), sent with the token where asked for it (`_token_for`) and never redirected (`meter.outbound`).
     Every failure is one line, a ReportError naming `--url`: a malformed address, a
     redirect, a 401 (naming METER_ADMIN_TOKEN), no `api` API there (404, 405), the
     meter's own error text (`AdminRefused` for a 400), or an address it cannot reach."""
     url = admin_endpoint(base, path) + ("?" + urllib.parse.urlencode(query) if query else "")
-    headers = {**admin_headers(), "Content-Type": "application/json"} if data is not None else admin_headers()
+    token = _token_for(base, timeout)
+    headers = {**token, "Content-Type": "application/json"} if data is not None else token
     request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data is not None else "GET")
     try:
         return fetch(request, timeout)
     except RedirectRefused as exc:
         raise ReportError(f"--url: {base} {exc}") from None
     except urllib.error.HTTPError as exc:
+        if exc.code == 401 and exc.headers.get("WWW-Authenticate", "").strip() != ADMIN_CHALLENGE:
+            raise ReportError(f"--url: {base} answered 401 as no meter admin API does (the proxy's address?); {ADMIN_TOKEN_ENV} was not sent") from None
         if exc.code == 401:
-            given = "was refused" if admin_headers() else "is not set"
+            given = "was refused" if token else "is not set"
             raise ReportError(f"--url: {base} answered 401: it needs its admin token, and {ADMIN_TOKEN_ENV} {given}") from None
         detail = _error_detail(exc)
         if exc.code in (404, 405) and not detail:
