@@ -557,11 +557,17 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
     from_env = settings_from_env(env)
     config_path = flags.get("config") or from_env.get("config")
     merged: dict[str, Any] = {}
+    source: dict[str, str] = {}  # where a value not given as a flag was set, for its error
     if config_path:
-        merged.update(settings_from_toml(config_path))
+        from_file = settings_from_toml(config_path)
+        merged.update(from_file)
+        source.update(dict.fromkeys(from_file, f"set in {config_path}"))
         merged["config"] = config_path
     merged.update(from_env)
+    source.update({name: f"set by {ENV_PREFIX}{name.upper()}" for name in from_env})
     merged.update(flags)
+    for name in flags:
+        source.pop(name, None)
     try:
         return Settings(**merged)
     except ValidationError as exc:
@@ -569,6 +575,8 @@ def load_settings(flags: Mapping[str, Any] | None = None, env: Mapping[str, str]
         where = ".".join(str(p) for p in error["loc"]) or "settings"
         message = error["msg"].removeprefix("Value error, ")
         # The setting's name as its flag spells it; what follows it (a model's name under
-        # price_overrides, say) is the user's own text, shown as written.
+        # price_overrides, say) is the user's own text, shown as written.  A value from the
+        # environment or the file says which: in a container no flag was given.
         setting, dot, rest = where.partition(".")
-        raise SettingError(f"{setting.replace('_', '-')}{dot}{rest}: {message}") from None
+        origin = source.get(setting)
+        raise SettingError(f"{setting.replace('_', '-')}{dot}{rest}: {message}" + (f" ({origin})" if origin else "")) from None

@@ -534,3 +534,21 @@ def test_a_config_file_that_names_another_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SettingError) as refused:
         load_settings({"config": str(config)}, env={})
     assert str(refused.value) == f"config: {config} names another config file (config = ...); a config file is given only by --config or METER_CONFIG"
+
+
+def test_a_bad_value_names_where_it_was_set(tmp_path: Path) -> None:
+    """A value from the environment or the config file is named with its source: in a
+    container, `flush-interval: ...` alone leaves the user looking for a flag nobody gave."""
+    from meter.config import SettingError, load_settings
+
+    with pytest.raises(SettingError) as from_env:
+        load_settings({}, env={"METER_FLUSH_INTERVAL": "abc"})
+    assert str(from_env.value).startswith("flush-interval: ") and str(from_env.value).endswith(" (set by METER_FLUSH_INTERVAL)")
+    config = tmp_path / "meter.toml"
+    config.write_text("flush_interval = 7\n")
+    with pytest.raises(SettingError) as from_file:
+        load_settings({"config": str(config)}, env={})
+    assert str(from_file.value).endswith(f" (set in {config})")
+    with pytest.raises(SettingError) as from_flag:
+        load_settings({"flush_interval": "abc"}, env={"METER_FLUSH_INTERVAL": "0.5"})
+    assert str(from_flag.value).endswith("unable to parse string as a number")  # the flag just typed: named as it is

@@ -184,7 +184,8 @@ def test_meter_serve_refuses_a_bad_name_in_one_line(source: str, tmp_path: Path)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["meter: error: metrics-tag-labels: 'bad!' is not a tag name (letters, digits, _ and -, up to 64 characters)"], proc.stderr
+    origin = {"flag": "", "env": " (set by METER_METRICS_TAG_LABELS)"}.get(source, f" (set in {tmp_path / 'meter.toml'})")
+    assert lines == ["meter: error: metrics-tag-labels: 'bad!' is not a tag name (letters, digits, _ and -, up to 64 characters)" + origin], proc.stderr
     assert not (tmp_path / "l.duckdb").exists(), "nothing started"
 
 
