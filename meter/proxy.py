@@ -289,6 +289,7 @@ class Proxy:
         # their own: aiohttp refuses to send both (a 502 for every keyed request), and the
         # client's Authorization is forwarded as sent.
         self.upstream_without_userinfo = str(URL(self.upstream, encoded=True).with_user(None))
+        self.upstream_has_userinfo = parsed.user is not None
         # An outage fails every request: one warning line per UNREACHABLE_LOG_EVERY seconds, with a count of the rest.
         self._unreachable_logged_at = -UNREACHABLE_LOG_EVERY
         self._unreachable_unlogged = 0
@@ -435,10 +436,13 @@ class Proxy:
             return response
         return b"".join(chunks)
 
-    def _readable_copy(self, request: web.BaseRequest, flow: Flow, body: bytes) -> bytes:
+    async def _readable_copy(self, request: web.BaseRequest, flow: Flow, body: bytes) -> bytes:
         """The body meter reads the request's facts from: as sent, or decoded when sent
         with a content coding.  A decoded copy counts against the shared budget for
-        request bodies while the flow lasts; one that does not fit is not made."""
+        request bodies while the flow lasts; one that does not fit is not made.
+
+        Decoded in a thread: a few KB of zstd or gzip can expand to the limit (64 MiB),
+        which takes a tenth of a second or more, and every stream on the loop would wait."""
         headers = request.headers
         if not body or "Content-Encoding" not in headers:  # the usual request: one lookup
             return body
@@ -446,9 +450,9 @@ class Proxy:
         if not _codings(content_encoding):
             return body
         room = min(self.max_request_bytes, self.max_buffered_request_bytes - self.buffered_request_bytes)
-        decoded = decoded_copy(body, content_encoding, room)
-        self._reserve(flow, len(decoded))  # fits: decoded within the room left
-        return decoded
+        decoded = await asyncio.to_thread(decoded_copy, body, content_encoding, room)
+        # Other bodies may have taken the room meanwhile: a copy that no longer fits is dropped.
+        return decoded if self._reserve(flow, len(decoded)) else b""
 
     def _reserve(self, flow: Flow, size: int) -> bool:
         if self.buffered_request_bytes + size > self.max_buffered_request_bytes:
@@ -496,7 +500,7 @@ class Proxy:
             if isinstance(body, web.Response):
                 client_response = body
                 return body
-            flow.request_body = self._readable_copy(request, flow, body)
+            flow.request_body = await self._readable_copy(request, flow, body)
             flow.request_bytes = len(body)
             refusal = self.addons.admit(flow)
             if refusal is not None:  # a budget: answered here, never forwarded
@@ -506,7 +510,7 @@ class Proxy:
             try:
                 upstream = await self.session.request(
                     request.method,
-                    self.upstream_url(raw_path, own_authorization="Authorization" in flow.upstream_headers),
+                    self.upstream_url(raw_path, own_authorization=self.upstream_has_userinfo and "Authorization" in flow.upstream_headers),
                     headers=flow.upstream_headers,
                     data=body if body or request.body_exists else None,
                     allow_redirects=False,
@@ -521,6 +525,9 @@ class Proxy:
                 client_response = self._fail(flow, 502, "upstream_unreachable", message)
                 return client_response
             flow.ttfb_at = time.perf_counter()
+            # Before anything else awaits: how the connection ends can only be watched
+            # from before it does (a reset that came with the head itself goes unseen).
+            ending = _connection_end(upstream, flow.method)
             flow.status_code = upstream.status
             flow.response_headers = upstream.headers
             client_response = RelayedResponse(status=upstream.status, reason=upstream.reason, headers=forwardable_response_headers(upstream.headers))
@@ -531,7 +538,7 @@ class Proxy:
                     kind, headers.get("Content-Type", ""), headers.get("Content-Encoding", ""), max_bytes=self.max_metered_bytes, budget=self.metering_budget
                 )
             await client_response.prepare(request)
-            await self._relay(upstream, client_response, observer, flow)
+            await self._relay(upstream, client_response, observer, flow, ending)
             read_through, observer = observer, None
             return client_response
         except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError) as exc:
@@ -571,10 +578,11 @@ class Proxy:
             f" ({more} more failed since the last such line)" if more else "",
         )
 
-    async def _relay(self, upstream: aiohttp.ClientResponse, client: web.StreamResponse, observer: Any, flow: Flow) -> None:
+    async def _relay(
+        self, upstream: aiohttp.ClientResponse, client: web.StreamResponse, observer: Any, flow: Flow, ending: asyncio.Future[None] | None = None
+    ) -> None:
         content = upstream.content
         feed = observer.feed if observer is not None else None
-        ending = _connection_end(upstream, flow.method)
         sent = 0
         try:
             while True:

@@ -213,6 +213,41 @@ async def test_a_compressed_upload_reaches_the_upstream_as_sent(start_meter) -> 
     assert meter.meter.proxy.buffered_request_bytes == 0  # the decoded copies' share is given back
 
 
+async def test_a_compressed_upload_is_decoded_off_the_event_loop(start_meter) -> None:
+    """A few KB of gzip expand to meter's limit (64 MiB): decoding its copy takes a tenth
+    of a second or more, which every stream on the loop would wait through."""
+    import time
+
+    from meter.proxy import decoded_copy
+
+    # Past the limit once decoded: the copy is decoded up to the limit and then dropped,
+    # so no parse of it follows (reading a large body's facts is the loop's, as for any body).
+    body = gzip.compress(b'{"model": "gpt-4o", "input": "hi"}' + b" " * (60 << 20), compresslevel=9)
+    started = time.perf_counter()
+    assert decoded_copy(body, "gzip", 32 << 20) == b""
+    decoding = time.perf_counter() - started  # what the loop would be held for, on this machine now
+    async with RecordingUpstream() as upstream:
+        meter = await start_meter(upstream.url, max_request_bytes=32 << 20)
+        gaps: list[float] = []
+        done = asyncio.Event()
+
+        async def watch() -> None:  # the loop's longest wait between two turns
+            last = time.perf_counter()
+            while not done.is_set():
+                await asyncio.sleep(0.002)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        watcher = asyncio.create_task(watch())
+        head = b"POST /v1/responses HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+        through = await exchange(port_of(meter), head % len(body) + body)
+        done.set()
+        await watcher
+    assert through.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert max(gaps) < decoding / 2, f"the loop waited {max(gaps) * 1000:.0f} ms; decoding alone takes {decoding * 1000:.0f} ms"
+
+
 async def test_control_characters_in_the_answer_head_become_spaces(start_meter) -> None:
     """A control character in the upstream's reason phrase or a field value (invalid,
     and refused by aiohttp's writer): the answer is relayed with each one replaced by
@@ -273,7 +308,7 @@ class ResettingUpstream(SocketServer):
         await reader.readuntil(b"\r\n\r\n")
         writer.write(self.answer)
         await writer.drain()
-        await asyncio.sleep(0.05)  # the answer's bytes first, on their own
+        await asyncio.sleep(0.3)  # the answer's bytes first, on their own (a loaded machine's meter may be slow to read them)
         if self.reset:
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             writer.transport.abort()
