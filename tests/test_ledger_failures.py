@@ -231,6 +231,37 @@ def test_records_past_twice_the_bound_with_the_spool_failing_too_are_dropped_and
     assert set(kept) <= {r.id for r in records} and records[-1].id in kept  # the oldest went, the newest stay
 
 
+def test_the_bound_holds_while_the_failing_spool_waits_for_its_next_try(small_disk: SmallDisk) -> None:
+    """Between two tries of a failing spool (its backoff grows to --ledger-retry-max-interval)
+    records keep arriving: twice the bound holds meanwhile too, not only at each try."""
+    ledger = small_disk.mount / "l.duckdb"
+    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, max_pending=50, spool_path=Path(f"{ledger}.spool.jsonl"), retry_max_interval=60)
+    writer.first_open()
+    writer.start_thread()
+    records = some_records(600, user_id=None)
+    try:
+        small_disk.fill()
+        for record in records[:200]:
+            writer.done(None, record)
+        deadline = time.monotonic() + 10
+        while not writer._spool_failing:  # the first try failed: a backoff runs
+            assert time.monotonic() < deadline, "the spool was never tried"
+            time.sleep(0.01)
+        writer._spool_retry_at = time.monotonic() + 60  # the backoff at its longest
+        for record in records[200:]:
+            writer.done(None, record)
+        deadline = time.monotonic() + 5
+        while writer.pending > 2 * writer.max_pending:
+            assert time.monotonic() < deadline, f"{writer.pending} records held while the spool waits for its next try"
+            time.sleep(0.02)
+        assert writer.stats.dropped > 0 and writer.stats.written + writer.pending + writer.stats.dropped == len(records)
+        writer._spool_retry_at = 0.0
+    finally:
+        small_disk.free()
+    assert writer.flush(20)
+    writer.close()
+
+
 def row_ids(ledger: Path) -> list[Any]:
     return [row["id"] for row in ledger_rows(ledger)]
 

@@ -62,6 +62,7 @@ class LedgerStats:
 # `max_pending`; past that the oldest are dropped, counted and logged.  Unbounded, the
 # queue grew until the kernel's OOM killer ended meter, every record in memory with it.
 HARD_BOUND = 2
+_DROP_LOG_EVERY = 10.0  # seconds between two ERROR lines about dropped records (each drop is counted)
 
 
 class MeterCouldNotPrepare(LedgerRefused):
@@ -137,6 +138,8 @@ class LedgerWriter:
         self._spool_failing = False
         self._spool_backoff = 0.0
         self._spool_retry_at = 0.0
+        self._dropped_logged_at = -_DROP_LOG_EVERY
+        self._dropped_unlogged = 0
         self._closing = threading.Event()  # set by `close`: ends a spill thread's wait
         # Held while the writer's thread moves records between `_queue`, `_retry` and
         # `_in_flight`, and by `close` (with `_spill_lock`) when it gives up on the thread:
@@ -620,17 +623,39 @@ class LedgerWriter:
                 self._retry = old + self._retry
             self._spool_failed(exc, len(spill))
             if lost:
-                self.stats.dropped += lost
-                log.error(
-                    "dropped the %d oldest records waiting for the ledger: neither the ledger nor the spool %s takes them, and "
-                    "memory holds at most twice --ledger-max-pending (%d in all dropped so far; meter_ledger_dropped_records_total)",
-                    lost, self.spool.path, self.stats.dropped,  # type: ignore[union-attr]
-                )
+                self._count_dropped(lost)
             return
         if self._spool_failing:
             log.info("the spool %s takes records again: %d spooled", self.spool.path, len(spill))  # type: ignore[union-attr]
         self._spool_failing = False
         self._spool_backoff = 0.0
+
+    def _drop_past_hard_bound(self) -> None:
+        """While the spool's backoff runs (it failed: neither it nor the store takes
+        records), the oldest queued records past `HARD_BOUND` times the bound go."""
+        excess = self.pending - HARD_BOUND * self.max_pending
+        if excess <= 0:
+            return
+        dropped = 0
+        with self._spill_lock, contextlib.suppress(IndexError):
+            while dropped < excess:
+                self._queue.popleft()
+                dropped += 1
+        if dropped:
+            self._count_dropped(dropped)
+
+    def _count_dropped(self, n: int) -> None:
+        """Counted each time, said at most once every `_DROP_LOG_EVERY` seconds."""
+        self.stats.dropped += n
+        self._dropped_unlogged += n
+        now = time.monotonic()
+        if now - self._dropped_logged_at >= _DROP_LOG_EVERY:
+            log.error(
+                "dropped the %d oldest records waiting for the ledger: neither the ledger nor the spool %s takes them, and "
+                "memory holds at most twice --ledger-max-pending (%d in all dropped so far; meter_ledger_dropped_records_total)",
+                self._dropped_unlogged, self.spool.path if self.spool is not None else "(none)", self.stats.dropped,
+            )
+            self._dropped_logged_at, self._dropped_unlogged = now, 0
 
     def _spool_failed(self, exc: Exception, n: int) -> None:
         """Said once until the spool takes records again; tried again after a backoff."""
@@ -652,8 +677,12 @@ class LedgerWriter:
         while not self._stopping:
             self._spill.wait()
             # The spool failed lately: not before its backoff, however many records arrive
-            # meanwhile (the event stays set, so they do not wake this thread again).
-            self._closing.wait(max(0.0, self._spool_retry_at - time.monotonic()))
+            # meanwhile (the event stays set, so they do not wake this thread again); but
+            # memory stays within twice the bound meanwhile, a flush interval at a time.
+            while (remaining := self._spool_retry_at - time.monotonic()) > 0:
+                if self._closing.wait(min(remaining, self.flush_interval)):
+                    break
+                self._drop_past_hard_bound()
             self._spill.clear()
             if self._stopping:
                 break
