@@ -185,3 +185,22 @@ def test_a_background_response_whose_usage_two_replicas_kept_is_warned_of(tmp_pa
         ("meter: warning: 1 background responses have their usage in more than one of the ledgers given"
         " (polls reached several replicas) and it is counted once per file")
     ]
+
+
+def test_stored_names_are_asked_only_for_the_keys_a_page_shows(tmp_path: Path) -> None:
+    """The latest requests name their keys over the whole window, but only the page's
+    keys are looked up: every key of a busy week grouped per page load ran in the ledger
+    process, beside its writes."""
+    from meter.report.query import stored_key_names_sql
+
+    records = [*_renamed_key_records(), make_record(at=DAY2, key_id="k2", key_hint="sk-...0002", key_name="team-y", model="gpt-4o")]
+    ledger = seed(tmp_path / "two.duckdb", records)
+    store = DuckDBStore(str(ledger))
+    store.open()
+    try:
+        every = dict(store.query(*stored_key_names_sql("duckdb"))[1])
+        only = dict(store.query(*stored_key_names_sql("duckdb", only=["k1"]))[1])
+        none = store.query(*stored_key_names_sql("duckdb", only=[]))[1]
+    finally:
+        store.close()
+    assert every == {"k1": "team-x", "k2": "team-y"} and only == {"k1": "team-x"} and none == []

@@ -119,7 +119,9 @@ class Console:
         names, raw = api.store.query(sql, params)
         # Each key under the name a report gives it over the same rows (its newest stored
         # name), not the name stored on each row: a key renamed while it was used is one name.
-        stored = self.stored_names(since, until, where) if raw else {}
+        kid_at = names.index("key_id")
+        shown = [values[kid_at] for values in raw if values[kid_at] is not None]
+        stored = self.stored_names(since, until, where, shown) if shown else {}
         out: list[dict[str, Any]] = []
         for values in raw:
             row = dict(zip(names, values))
@@ -128,9 +130,10 @@ class Console:
             out.append({k: _json_value(v) for k, v in row.items()})
         return out
 
-    def stored_names(self, since: dt.datetime | None, until: dt.datetime | None, where: Any) -> dict[str, str]:
-        """key_id -> its newest stored name over the rows a report with these filters selects."""
+    def stored_names(self, since: dt.datetime | None, until: dt.datetime | None, where: Any, only: list[str]) -> dict[str, str]:
+        """key_id -> its newest stored name over the rows a report with these filters
+        selects, for the key_ids `only` (the page's: a few dozen, not every key of the window)."""
         api = self.report_api
-        sql, params = stored_key_names_sql(api.store.dialect, since, until, where, api.key_names)
+        sql, params = stored_key_names_sql(api.store.dialect, since, until, where, api.key_names, only=only)
         _, rows = api.store.query(sql, params)
         return {kid: name for kid, name in rows if kid is not None and name is not None}

@@ -355,9 +355,10 @@ def stored_key_names_sql(
     where: Sequence[Condition] = (),
     key_names: Mapping[str, str] | None = None,
     has_sessions: bool = True,
+    only: Sequence[str] | None = None,
 ) -> tuple[str, list[Any]]:
-    """(key_id, newest stored key_name) of each key the config does not name, over every
-    row the window and filters select.  Over the whole selection, not per group: taken
+    """(key_id, newest stored key_name) of each key the config does not name (of the
+    key_ids `only`, when given), over every row the window and filters select.  Over the whole selection, not per group: taken
     per group, a key named after its first requests was its key_id on the groups (days,
     models) before and its name on those after, and `--where key=NAME` (which reads the
     name over the same rows) selected groups labelled with the key_id."""
@@ -367,6 +368,8 @@ def stored_key_names_sql(
     conditions = ["key_name IS NOT NULL", *_conditions(dialect, since, until, where, _group_exprs(dialect, has_sessions), names, params)]
     if names:
         conditions.append(f"key_id NOT IN ({', '.join(params.add(kid) for kid in sorted(names))})")
+    if only is not None:
+        conditions.append(f"key_id IN ({', '.join(params.add(kid) for kid in sorted(set(only)))})" if only else "FALSE")
     sql = f"SELECT key_id, {_STORED_NAME[dialect]} AS key_name FROM requests WHERE {' AND '.join(conditions)} GROUP BY key_id"
     return sql, params.values
 
