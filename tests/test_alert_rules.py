@@ -231,6 +231,11 @@ def unit_tests() -> list[dict[str, Any]]:
             {'meter_ledger_rejected_records_total{instance="a"}': "0 0 0 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5"},
             [("2m", "MeterLedgerRejectedRecords", []), ("4m", "MeterLedgerRejectedRecords", [firing("MeterLedgerRejectedRecords", "", instance="a")])],
         ),
+        # Records dropped: neither the ledger nor the spool took them.
+        case(
+            {'meter_ledger_dropped_records_total{instance="a"}': "0 0 0 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7"},
+            [("2m", "MeterLedgerDroppedRecords", []), ("4m", "MeterLedgerDroppedRecords", [firing("MeterLedgerDroppedRecords", "", instance="a")])],
+        ),
     ]
 
 
