@@ -33,6 +33,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Self
@@ -220,7 +221,12 @@ async def test_canary_keys_reach_no_output_and_files_are_owner_only(upstream, we
             async with aiohttp.ClientSession() as http:
                 headers = {"Authorization": "Bearer " + CANARIES["sigterm"], "x-fake-chunk-delay-ms": "50"}
                 in_flight = asyncio.create_task(post(http, meter.url, headers, stream=True))
-                await asyncio.sleep(0.3)
+                deadline = time.monotonic() + 10
+                while b"meter_in_flight_requests{" not in (metrics := await admin_get(http, meter.admin_url + "/metrics", admin)) or not any(
+                    line.startswith(b"meter_in_flight_requests{") and not line.endswith(b" 0.0") for line in metrics.splitlines()
+                ):
+                    assert time.monotonic() < deadline, "the stream never reached meter"
+                    await asyncio.sleep(0.02)
                 meter.signal(signal.SIGTERM)
                 assert await in_flight == 200
                 assert await asyncio.get_running_loop().run_in_executor(None, meter.wait) == 0

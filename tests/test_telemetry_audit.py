@@ -143,7 +143,7 @@ async def test_a_scrape_of_many_series_holds_the_proxy_briefly(upstream, start_m
     scraping = False
     await ticking
     assert text.count("\nmeter_requests_total{") == 8000
-    assert longest_gap < reference_seconds / 3, (longest_gap, reference_seconds)
+    assert longest_gap < reference_seconds / 2, (longest_gap, reference_seconds)  # ~1/6 measured: room for a loaded machine
     assert meter_families(text) == meter_families(reference.decode())
 
 

@@ -21,7 +21,7 @@ import aiohttp
 
 from .conftest import SECRET_KEY, ledger_rows
 
-COLLECTOR_TIMEOUT_S = 5
+COLLECTOR_TIMEOUT_S = 8  # each export waits this long: the old stop took at least that
 
 
 @contextlib.asynccontextmanager
@@ -58,7 +58,8 @@ async def test_a_silent_collector_does_not_hold_back_the_ledger_at_stop(upstream
         started = time.monotonic()
         await meter.stop()
         took = time.monotonic() - started
-    # Less than one exporter's timeout, let alone the two of them one after the other.
-    assert took < COLLECTOR_TIMEOUT_S - 1, f"stop took {took:.1f}s"
+    # Less than one exporter's timeout, let alone the two of them one after the other
+    # (2 s of it are the last exports' own moment; the rest is room for a loaded machine).
+    assert took < COLLECTOR_TIMEOUT_S - 2, f"stop took {took:.1f}s"
     [row] = ledger_rows(meter.ledger_path)  # flushed, and the ledger closed
     assert row["status_code"] == 200
