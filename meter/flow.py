@@ -349,7 +349,7 @@ def build_record(flow: Flow, identities: KeyIdentities) -> Record:
             # report counts it (`unmetered_requests`), so nothing goes unmetered silently.
             error_type, error_code = "unmetered", obs.unmetered
         if obs.unreadable and error_type is None and endpoint != "other":
-            if obs.usage is None and (status or 0) < 300 and endpoint not in _NOT_CONSUMPTION:
+            if obs.usage is None and 200 <= (status or 0) < 300 and endpoint not in _NOT_CONSUMPTION:
                 # A model call answered whole whose answer meter could not read: its usage
                 # is unknown, so it is unmetered (counted), not only marked unreadable.
                 error_type, error_code = "unmetered", "unreadable_response"

@@ -46,20 +46,14 @@ def admin_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-# Per admin address asked this run: whether it asked for the token (`_token_for`).
-_ASKED: dict[str, bool] = {}
-
-
 def _token_for(base: str, timeout: float) -> dict[str, str]:
     """`admin_headers()` for an address that asks for the token as meter's admin API does,
     else none: the token goes nowhere else (the proxy's port forwards to the upstream)."""
     headers = admin_headers()
     if not headers:
         return {}
-    asked = _ASKED.get(base)
-    if asked is None:
-        asked = _ASKED[base] = _asks_for_the_token(base, timeout)
-    return headers if asked else {}
+    # Asked each time, not remembered: what answers at an address can change between two calls.
+    return headers if _asks_for_the_token(base, timeout) else {}
 
 
 def _asks_for_the_token(base: str, timeout: float) -> bool:
