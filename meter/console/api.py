@@ -27,8 +27,8 @@ from aiohttp import web
 
 from ..ledger import LedgerNotOpen, LedgerUnavailable
 from ..report import ReportAPI
-from ..report.query import NANO, filter_sql, key_label, one_line, stored_key_names_sql
-from ..report.window import ReportError, parse_args
+from ..report.query import NANO, filter_sql, key_label, one_line, stored_key_names
+from ..report.window import ReportArgs, ReportError, parse_args
 
 log = logging.getLogger("meter.console")
 
@@ -121,7 +121,8 @@ class Console:
         # name), not the name stored on each row: a key renamed while it was used is one name.
         kid_at = names.index("key_id")
         shown = [values[kid_at] for values in raw if values[kid_at] is not None]
-        stored = self.stored_names(since, until, where, shown) if shown else {}
+        window = ReportArgs(since=since, until=until, where=list(where))
+        stored = stored_key_names(api.store, window, api.key_names, only=shown) if shown else {}
         out: list[dict[str, Any]] = []
         for values in raw:
             row = dict(zip(names, values))
@@ -129,11 +130,3 @@ class Console:
             row = {"key": key_label(kid, api.key_names, stored), "key_hint": row.pop("key_hint"), **row}
             out.append({k: _json_value(v) for k, v in row.items()})
         return out
-
-    def stored_names(self, since: dt.datetime | None, until: dt.datetime | None, where: Any, only: list[str]) -> dict[str, str]:
-        """key_id -> its newest stored name over the rows a report with these filters
-        selects, for the key_ids `only` (the page's: a few dozen, not every key of the window)."""
-        api = self.report_api
-        sql, params = stored_key_names_sql(api.store.dialect, since, until, where, api.key_names, only=only)
-        _, rows = api.store.query(sql, params)
-        return {kid: name for kid, name in rows if kid is not None and name is not None}

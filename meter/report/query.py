@@ -358,10 +358,11 @@ def stored_key_names_sql(
     only: Sequence[str] | None = None,
 ) -> tuple[str, list[Any]]:
     """(key_id, newest stored key_name) of each key the config does not name (of the
-    key_ids `only`, when given), over every row the window and filters select.  Over the whole selection, not per group: taken
-    per group, a key named after its first requests was its key_id on the groups (days,
-    models) before and its name on those after, and `--where key=NAME` (which reads the
-    name over the same rows) selected groups labelled with the key_id."""
+    key_ids `only`, when given), over every row the window and filters select.  Over
+    the whole selection, not per group: taken per group, a key named after its first
+    requests was its key_id on the groups (days, models) before and its name on those
+    after, and `--where key=NAME` (which reads the name over the same rows) selected
+    groups labelled with the key_id."""
     dialect = _dialect(dialect)
     names = key_names or {}
     params = _Params()
@@ -374,9 +375,12 @@ def stored_key_names_sql(
     return sql, params.values
 
 
-def stored_key_names(store: Store, args: ReportArgs, key_names: Mapping[str, str] | None = None, has_sessions: bool = True) -> dict[str, str]:
-    """key_id -> the newest name stored in the rows a report with `args` selects."""
-    sql, params = stored_key_names_sql(store.dialect, args.since, args.until, args.where, key_names, has_sessions)
+def stored_key_names(
+    store: Store, args: ReportArgs, key_names: Mapping[str, str] | None = None, has_sessions: bool = True, only: Sequence[str] | None = None
+) -> dict[str, str]:
+    """key_id -> the newest name stored in the rows a report with `args` selects (for the
+    key_ids `only`, when given)."""
+    sql, params = stored_key_names_sql(store.dialect, args.since, args.until, args.where, key_names, has_sessions, only)
     _, rows = store.query(sql, params)
     return {kid: name for kid, name in rows if kid is not None and name is not None}
 
