@@ -168,15 +168,29 @@ def test_a_rejected_file_append_the_disk_cannot_hold_leaves_no_part_behind(small
     assert rejected.path.read_bytes() == kept
 
 
+def started_writer(small_disk: SmallDisk, **settings: Any) -> tuple[Path, LedgerWriter]:
+    """A ledger writer on `small_disk` (its spool beside the ledger, as by default), opened
+    and its thread started; the ledger's path with it."""
+    ledger = small_disk.mount / "l.duckdb"
+    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, spool_path=Path(f"{ledger}.spool.jsonl"), **settings)
+    writer.first_open()
+    writer.start_thread()
+    return ledger, writer
+
+
+def wait_within_twice_the_bound(writer: LedgerWriter, seconds: float, while_what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while writer.pending > 2 * writer.max_pending:
+        assert time.monotonic() < deadline, f"{writer.pending} records held {while_what}, past twice the bound"
+        time.sleep(0.02)
+
+
 def test_a_spool_on_the_full_disk_keeps_the_records_and_says_so_once(small_disk: SmallDisk, caplog: pytest.LogCaptureFixture) -> None:
     """The spool is beside the ledger by default: when their disk fills, neither takes
     a record.  The records stay in memory, the log says so once (not once per try,
     with every request past the bound), and when space comes back each is written once."""
-    ledger = small_disk.mount / "l.duckdb"
     # 500 records, within twice --ledger-max-pending (past that the oldest are dropped: below)
-    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, max_pending=300, spool_path=Path(f"{ledger}.spool.jsonl"), retry_max_interval=0.2)
-    writer.first_open()
-    writer.start_thread()
+    ledger, writer = started_writer(small_disk, max_pending=300, retry_max_interval=0.2)
     records = some_records(500, user_id=None)  # ~0.3 MiB in the spool: room for them all once freed
     try:
         for record in records[:10]:
@@ -204,10 +218,7 @@ def test_records_past_twice_the_bound_with_the_spool_failing_too_are_dropped_and
     bounded at twice --ledger-max-pending, the oldest records past it dropped, counted
     (`stats.dropped`, meter_ledger_dropped_records_total) and said in the log, rather
     than growing until the kernel's OOM killer ends meter and every record with it."""
-    ledger = small_disk.mount / "l.duckdb"
-    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, max_pending=50, spool_path=Path(f"{ledger}.spool.jsonl"), retry_max_interval=0.1)
-    writer.first_open()
-    writer.start_thread()
+    ledger, writer = started_writer(small_disk, max_pending=50, retry_max_interval=0.1)
     records = some_records(600, user_id=None)
     try:
         small_disk.fill()
@@ -215,10 +226,7 @@ def test_records_past_twice_the_bound_with_the_spool_failing_too_are_dropped_and
             for record in records[i : i + 20]:
                 writer.done(None, record)
             time.sleep(0.005)
-        deadline = time.monotonic() + 10
-        while writer.pending > 2 * writer.max_pending:
-            assert time.monotonic() < deadline, f"{writer.pending} records held in memory, past twice the bound"
-            time.sleep(0.02)
+        wait_within_twice_the_bound(writer, 10, "in memory")
         dropped = writer.stats.dropped
         assert dropped > 0 and writer.stats.written + writer.pending + dropped == len(records)
         assert any("dropped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
@@ -234,10 +242,7 @@ def test_records_past_twice_the_bound_with_the_spool_failing_too_are_dropped_and
 def test_the_bound_holds_while_the_failing_spool_waits_for_its_next_try(small_disk: SmallDisk) -> None:
     """Between two tries of a failing spool (its backoff grows to --ledger-retry-max-interval)
     records keep arriving: twice the bound holds meanwhile too, not only at each try."""
-    ledger = small_disk.mount / "l.duckdb"
-    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, max_pending=50, spool_path=Path(f"{ledger}.spool.jsonl"), retry_max_interval=60)
-    writer.first_open()
-    writer.start_thread()
+    _, writer = started_writer(small_disk, max_pending=50, retry_max_interval=60)
     records = some_records(600, user_id=None)
     try:
         small_disk.fill()
@@ -250,10 +255,7 @@ def test_the_bound_holds_while_the_failing_spool_waits_for_its_next_try(small_di
         writer._spool_retry_at = time.monotonic() + 60  # the backoff at its longest
         for record in records[200:]:
             writer.done(None, record)
-        deadline = time.monotonic() + 5
-        while writer.pending > 2 * writer.max_pending:
-            assert time.monotonic() < deadline, f"{writer.pending} records held while the spool waits for its next try"
-            time.sleep(0.02)
+        wait_within_twice_the_bound(writer, 5, "while the spool waits for its next try")
         assert writer.stats.dropped > 0 and writer.stats.written + writer.pending + writer.stats.dropped == len(records)
         writer._spool_retry_at = 0.0
     finally:
@@ -269,10 +271,7 @@ def row_ids(ledger: Path) -> list[Any]:
 def test_a_shutdown_that_can_keep_records_nowhere_says_how_many_are_lost(small_disk: SmallDisk, caplog: pytest.LogCaptureFixture) -> None:
     """SIGTERM while the ledger's disk is full and the spool on it too: the records
     cannot be kept, and the log says that they are lost, and how many."""
-    ledger = small_disk.mount / "l.duckdb"
-    writer = LedgerWriter(DuckDBStore(str(ledger)), flush_interval=0.02, spool_path=Path(f"{ledger}.spool.jsonl"))
-    writer.first_open()
-    writer.start_thread()
+    _, writer = started_writer(small_disk)
     small_disk.fill()
     records = some_records(300, user_id=None)
     for record in records:
