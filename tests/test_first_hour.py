@@ -350,13 +350,18 @@ def test_an_unknown_flag_is_named_with_its_command_and_the_closest_option(
     assert capsys.readouterr().err.splitlines() == [line]
 
 
-def setting_error(flags: dict[str, str]) -> str:
-    """The line `meter serve` ends with for these flags (main() prefixes `meter: error: `)."""
+def refusal(flags: dict[str, str], env: dict[str, str] | None = None) -> str:
+    """What loading these settings is refused with (a `SettingError`'s text)."""
     from meter.config import SettingError, load_settings
 
     with pytest.raises(SettingError) as refused:
-        load_settings(flags, env={})
-    return f"meter: error: {refused.value}"
+        load_settings(flags, env=env or {})
+    return str(refused.value)
+
+
+def setting_error(flags: dict[str, str]) -> str:
+    """The line `meter serve` ends with for these flags (main() prefixes `meter: error: `)."""
+    return f"meter: error: {refusal(flags)}"
 
 
 # 10. the config file's usual mistakes ----------------------------------------
@@ -404,13 +409,12 @@ def test_a_config_mistake_ends_meter_serve_in_one_line(tmp_path: Path) -> None:
 
 
 def test_a_setting_below_a_models_price_is_named_too(tmp_path: Path) -> None:
-    from meter.config import SettingError, load_settings
+    from meter.config import load_settings
 
     config = tmp_path / "meter.toml"
     config.write_text('[prices."my-finetune"]\ninput_mtok = 2.5\noutput_mtok = 10\nlisten = "127.0.0.1:8081"\n')
-    with pytest.raises(SettingError) as refused:
-        load_settings({"config": str(config)}, env={})
-    assert str(refused.value).startswith('config: listen = ... is inside [prices."my-finetune"]: '), refused.value
+    refused = refusal({"config": str(config)})
+    assert refused.startswith('config: listen = ... is inside [prices."my-finetune"]: '), refused
     # A model's own table is a model's, whatever its name.
     config.write_text('[prices."listen"]\ninput_mtok = 2.5\noutput_mtok = 10\n')
     assert set(load_settings({"config": str(config)}, env={}).price_overrides) == {"listen"}
@@ -526,29 +530,19 @@ def test_a_file_setting_spelt_as_its_flag_and_an_empty_variable_are_as_documente
 def test_a_config_file_that_names_another_is_refused(tmp_path: Path) -> None:
     # `config = "other.toml"` in a file was dropped without a word: the settings the user
     # put in other.toml never applied.
-    from meter.config import SettingError, load_settings
-
     (tmp_path / "other.toml").write_text('listen = "127.0.0.1:1111"\n')
     config = tmp_path / "meter.toml"
     config.write_text(f'config = "{tmp_path / "other.toml"}"\n')
-    with pytest.raises(SettingError) as refused:
-        load_settings({"config": str(config)}, env={})
-    assert str(refused.value) == f"config: {config} names another config file (config = ...); a config file is given only by --config or METER_CONFIG"
+    assert refusal({"config": str(config)}) == f"config: {config} names another config file (config = ...); a config file is given only by --config or METER_CONFIG"
 
 
 def test_a_bad_value_names_where_it_was_set(tmp_path: Path) -> None:
     """A value from the environment or the config file is named with its source: in a
     container, `flush-interval: ...` alone leaves the user looking for a flag nobody gave."""
-    from meter.config import SettingError, load_settings
-
-    with pytest.raises(SettingError) as from_env:
-        load_settings({}, env={"METER_FLUSH_INTERVAL": "abc"})
-    assert str(from_env.value).startswith("flush-interval: ") and str(from_env.value).endswith(" (set by METER_FLUSH_INTERVAL)")
+    from_env = refusal({}, {"METER_FLUSH_INTERVAL": "abc"})
+    assert from_env.startswith("flush-interval: ") and from_env.endswith(" (set by METER_FLUSH_INTERVAL)")
     config = tmp_path / "meter.toml"
     config.write_text("flush_interval = 7\n")
-    with pytest.raises(SettingError) as from_file:
-        load_settings({"config": str(config)}, env={})
-    assert str(from_file.value).endswith(f" (set in {config})")
-    with pytest.raises(SettingError) as from_flag:
-        load_settings({"flush_interval": "abc"}, env={"METER_FLUSH_INTERVAL": "0.5"})
-    assert str(from_flag.value).endswith("unable to parse string as a number")  # the flag just typed: named as it is
+    assert refusal({"config": str(config)}).endswith(f" (set in {config})")
+    from_flag = refusal({"flush_interval": "abc"}, {"METER_FLUSH_INTERVAL": "0.5"})
+    assert from_flag.endswith("unable to parse string as a number")  # the flag just typed: named as it is
