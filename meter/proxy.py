@@ -31,7 +31,7 @@ from .finishing import FinishedFlows
 from .flow import Addons, Flow, Refusal
 from .identity import KeyIdentities
 from .observe import METERED_KIND, MeteringBudget, endpoint_for, observer_for
-from .observe.codings import DECODERS
+from .observe.codings import content_codings, decoded_copy
 from .paths import normalised_path, origin_form, target_for_record
 
 log = logging.getLogger("meter")
@@ -140,50 +140,6 @@ def _held_head_bytes(raw_headers: tuple[tuple[bytes, bytes], ...]) -> int:
     the raw fields and their parsed copy (`request.headers`) both being kept."""
     size = sum(len(name) + len(value) for name, value in raw_headers)
     return 2 * size if size > HEAD_HELD_FREE else 0
-
-
-# The largest piece a decoder hands on at once while meter decodes its copy of a body.
-_DECODE_STEP = 256 << 10
-
-
-class _DecodedTooLarge(Exception):
-    """meter's decoded copy of a request body grew past what it may hold."""
-
-
-def _codings(content_encoding: str) -> list[str]:
-    return [c for c in (part.strip().lower() for part in content_encoding.split(",")) if c and c != "identity"]
-
-
-def decoded_copy(body: bytes, content_encoding: str, limit: int) -> bytes:
-    """meter's copy of a request body sent with a content coding, decoded to read its
-    facts (the upstream gets the body as sent): the codings undone last first, or
-    b"" (facts unknown) for a coding meter cannot undo, a body that is not what its
-    coding says, or one that decodes to more than `limit` bytes (a bomb)."""
-    codings = _codings(content_encoding)
-    if any(coding not in DECODERS for coding in codings):
-        return b""
-    data = body
-    try:
-        for coding in reversed(codings):
-            data = _decode_one(DECODERS[coding](_DECODE_STEP), data, limit)
-    except Exception:  # noqa: BLE001 - too large, or whatever a decoder makes of a broken body: the facts stay unknown
-        return b""
-    return data
-
-
-def _decode_one(decoder: Any, data: bytes, limit: int) -> bytes:
-    pieces: list[bytes] = []
-    size = 0
-
-    def keep(piece: bytes) -> None:
-        nonlocal size
-        size += len(piece)
-        if size > limit:
-            raise _DecodedTooLarge
-        pieces.append(piece)
-
-    decoder.decode(data, keep)
-    return b"".join(pieces)
 
 
 class MalformedRequestLog(logging.Filter):
@@ -447,7 +403,7 @@ class Proxy:
         if not body or "Content-Encoding" not in headers:  # the usual request: one lookup
             return body
         content_encoding = ", ".join(headers.getall("Content-Encoding"))
-        if not _codings(content_encoding):
+        if not content_codings(content_encoding):
             return body
         room = min(self.max_request_bytes, self.max_buffered_request_bytes - self.buffered_request_bytes)
         decoded = await asyncio.to_thread(decoded_copy, body, content_encoding, room)

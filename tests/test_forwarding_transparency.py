@@ -218,7 +218,7 @@ async def test_a_compressed_upload_is_decoded_off_the_event_loop(start_meter) ->
     of a second or more, which every stream on the loop would wait through."""
     import time
 
-    from meter.proxy import decoded_copy
+    from meter.observe.codings import decoded_copy
 
     # Past the limit once decoded: the copy is decoded up to the limit and then dropped,
     # so no parse of it follows (reading a large body's facts is the loop's, as for any body).

@@ -3,7 +3,8 @@
 The client receives the upstream's bytes as sent; `Decompressing` decodes a
 copy in small pieces and hands them to the observer as they come, so no
 decoded copy is held here, and stops where an answer grows more than any real
-one does (a decompression bomb).
+one does (a decompression bomb).  A request body, read whole before it is
+forwarded as sent, is decoded whole (`decoded_copy`), up to a limit.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _STEP = 256 << 10  # the largest piece a decoder hands on at once
 
 
 class _Stop(Exception):
-    """Decoding went past what metering may spend on one answer."""
+    """Decoding went past what metering may spend on one answer (or hold of one body)."""
 
 
 class _Zlib:
@@ -145,6 +146,44 @@ DECODERS: dict[str, Callable[[int], _Decoder]] = {
     "zstd": _Zstd,
 }
 _DECODE_ERRORS = (zlib.error, brotli.error, zstandard.ZstdError)
+
+
+def content_codings(content_encoding: str) -> list[str]:
+    """The codings a `Content-Encoding` value names, in the order applied, lowered, with
+    `identity` (no coding) left out."""
+    return [c for c in (part.strip().lower() for part in content_encoding.split(",")) if c and c != "identity"]
+
+
+def decoded_copy(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """A whole body sent with `content_encoding`, decoded (a request body, whose facts
+    meter reads while the upstream gets it as sent): the codings undone last first, or
+    b"" (facts unknown) for a coding meter cannot undo, a body that is not what its
+    coding says, or one that decodes to more than `limit` bytes (a bomb)."""
+    codings = content_codings(content_encoding)
+    if any(coding not in DECODERS for coding in codings):
+        return b""
+    data = body
+    try:
+        for coding in reversed(codings):
+            data = _decode_whole(DECODERS[coding](_STEP), data, limit)
+    except Exception:  # noqa: BLE001 - too large, or whatever a decoder makes of a broken body: the facts stay unknown
+        return b""
+    return data
+
+
+def _decode_whole(decoder: _Decoder, data: bytes, limit: int) -> bytes:
+    pieces: list[bytes] = []
+    size = 0
+
+    def keep(piece: bytes) -> None:
+        nonlocal size
+        size += len(piece)
+        if size > limit:
+            raise _Stop
+        pieces.append(piece)
+
+    decoder.decode(data, keep)
+    return b"".join(pieces)
 
 
 def _chain(decoder: _Decoder, emit: Callable[[bytes], None]) -> Callable[[bytes], None]:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from .bodies import BodyCollector, MeteringBudget
-from .codings import DECODERS, Decompressing
+from .codings import DECODERS, Decompressing, content_codings
 from .objects import Observation
 from .sse import SSEObserver
 
@@ -124,7 +124,7 @@ def observer_for(
         return inner
     if content_encoding in DECODERS:  # the usual case: one coding, as registered
         return Decompressing(inner, [content_encoding], max_bytes)
-    codings = [c for c in (part.strip().lower() for part in content_encoding.split(",")) if c and c != "identity"]
+    codings = content_codings(content_encoding)
     if not codings:
         return inner
     if any(c not in DECODERS for c in codings):
