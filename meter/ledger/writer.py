@@ -637,12 +637,13 @@ class LedgerWriter:
         if excess <= 0:
             return
         dropped = 0
-        with self._spill_lock, contextlib.suppress(IndexError):
-            while dropped < excess:
-                self._queue.popleft()
-                dropped += 1
-        if dropped:
-            self._count_dropped(dropped)
+        with self._spill_lock:  # counted under it too, as the writer thread's drops are
+            with contextlib.suppress(IndexError):
+                while dropped < excess:
+                    self._queue.popleft()
+                    dropped += 1
+            if dropped:
+                self._count_dropped(dropped)
 
     def _count_dropped(self, n: int) -> None:
         """Counted each time, said at most once every `_DROP_LOG_EVERY` seconds."""
