@@ -117,3 +117,20 @@ def test_the_ledger_sums_of_every_match_agree_on_postgresql_and_duckdb(pg_url: s
     in_memory = [sum((r.cost_usd or 0 for r in rows if m.matches_record(r)), Decimal(0)) for m in matchers]
     assert sums[0] == sums[1] == in_memory
     assert in_memory[-3:] == [Decimal("0.1"), Decimal("0.5"), Decimal(0)]
+
+
+def test_the_budgets_table_aligns_wide_characters_by_the_columns_a_terminal_gives_them() -> None:
+    """A budget named in CJK takes two terminal columns per character: every later
+    column still starts at the same column on every line (as `meter report`'s table)."""
+    from meter.budgets.command import render_budgets
+    from meter.report.render import display_width
+
+    row = {"window": "month", "window_start": "2026-12-01T00:00:00+00:00", "window_end": "2027-01-01T00:00:00+00:00", "mode": "enforce",
+           "spend_usd": Decimal("1.5"), "limit_usd": Decimal(500), "remaining_usd": Decimal("498.5"), "share": 0.003, "state": "ok"}
+    text = render_budgets([{"budget": "研究チーム", **row}, {"budget": "ops", **row}], "table")
+    lines = text.splitlines()
+    starts = set()
+    for line in lines:
+        cut = line.index("month") if "month" in line else line.index("window")
+        starts.add(display_width(line[:cut]))
+    assert len(starts) == 1, text

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..command import CommandError
 from ..config import load_settings, redact_url
-from ..report.render import render_csv
+from ..report.render import display_width, pad, render_csv, table_text
 
 COLUMNS = ("budget", "window", "window_start", "window_end", "mode", "spend_usd", "limit_usd", "remaining_usd", "share", "state")
 _MONEY = ("spend_usd", "limit_usd", "remaining_usd")
@@ -50,9 +50,10 @@ def render_budgets(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:
         return budget_rows_json(rows)
     if fmt == "csv":
         return render_csv(rows, COLUMNS, cell=_cell)
-    cells = [list(COLUMNS)] + [[f"{row[c]:.1%}" if c == "share" else _cell(row[c]) for c in COLUMNS] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
-    return "".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in cells)
+    # Escaped and padded as `meter report`'s table: a wide character takes two columns.
+    cells = [list(COLUMNS)] + [[f"{row[c]:.1%}" if c == "share" else table_text(_cell(row[c])) for c in COLUMNS] for row in rows]
+    widths = [max(display_width(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    return "".join("  ".join(pad(c, w, right=False) for c, w in zip(r, widths, strict=True)).rstrip() + "\n" for r in cells)
 
 
 def _parse(text: str) -> list[dict[str, Any]]:
