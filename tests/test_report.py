@@ -108,6 +108,14 @@ def report_json(*args: str) -> list[dict[str, Any]]:
     return json.loads(result.stdout, parse_float=Decimal)
 
 
+def run_meters(*arg_lists: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Several `python -m meter ...` processes at once (each a real CLI run), their results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda args: run_meter(*args), arg_lists))
+
+
 def reports_json(*arg_lists: Sequence[str]) -> list[list[dict[str, Any]]]:
     """Several `meter report --format json` processes at once (each is a real CLI run)."""
     from concurrent.futures import ThreadPoolExecutor
@@ -435,27 +443,32 @@ def test_configured_default_ledger(tmp_path: Path, ledger: Path) -> None:
 
 def test_bad_arguments_one_line(tmp_path: Path, ledger: Path) -> None:
     lg = ["--ledger", str(ledger)]
-    assert_one_line_error(run_meter("report", *lg, "--by", "model,colour"), "--by", "colour")
-    assert_one_line_error(run_meter("report", *lg, "--since", "last tuesday"), "--since", "last tuesday")
-    assert_one_line_error(run_meter("report", *lg, "--until", "2026-13-45"), "--until")
-    assert_one_line_error(run_meter("report", *lg, "--since", "2026-03-02", "--until", "2026-03-01T00:00Z"), "--since", "--until")
-    assert_one_line_error(run_meter("report", *lg, "--format", "xml"), "--format")
-    assert_one_line_error(run_meter("report", *lg, "--url", "http://127.0.0.1:1"), "--url")
-    assert_one_line_error(run_meter("report", "--ledger", str(tmp_path / "missing.duckdb")), "missing.duckdb")
     not_a_ledger = tmp_path / "other.duckdb"
     import duckdb
 
     duckdb.connect(str(not_a_ledger)).close()
-    assert_one_line_error(run_meter("report", "--ledger", str(not_a_ledger)), "requests")
     garbage = tmp_path / "garbage.duckdb"
     garbage.write_bytes(b"this is not a database" * 100)
-    assert_one_line_error(run_meter("report", "--ledger", str(garbage)), "garbage.duckdb")
-    assert_one_line_error(run_meter("report", "--url", f"http://127.0.0.1:{free_port()}"), "--url", "cannot reach")
-    assert_one_line_error(run_meter("report", "--url", "ftp://example"), "--url")
-    assert_one_line_error(run_meter("report", "--ledger", "mysql://db/x"), "ledger")
-    assert_one_line_error(run_meter("report", "--config", str(tmp_path / "nope.toml")), "config")
-    assert_one_line_error(run_meter("report", "--ledger", "postgresql://meter:secretpw@127.0.0.1:1/x"), "ledger")
-    assert "secretpw" not in run_meter("report", "--ledger", "postgresql://meter:secretpw@127.0.0.1:1/x").stderr
+    cases: list[tuple[list[str], tuple[str, ...]]] = [
+        ([*lg, "--by", "model,colour"], ("--by", "colour")),
+        ([*lg, "--since", "last tuesday"], ("--since", "last tuesday")),
+        ([*lg, "--until", "2026-13-45"], ("--until",)),
+        ([*lg, "--since", "2026-03-02", "--until", "2026-03-01T00:00Z"], ("--since", "--until")),
+        ([*lg, "--format", "xml"], ("--format",)),
+        ([*lg, "--url", "http://127.0.0.1:1"], ("--url",)),
+        (["--ledger", str(tmp_path / "missing.duckdb")], ("missing.duckdb",)),
+        (["--ledger", str(not_a_ledger)], ("requests",)),
+        (["--ledger", str(garbage)], ("garbage.duckdb",)),
+        (["--url", f"http://127.0.0.1:{free_port()}"], ("--url", "cannot reach")),
+        (["--url", "ftp://example"], ("--url",)),
+        (["--ledger", "mysql://db/x"], ("ledger",)),
+        (["--config", str(tmp_path / "nope.toml")], ("config",)),
+        (["--ledger", "postgresql://meter:secretpw@127.0.0.1:1/x"], ("ledger",)),
+    ]
+    # Each case is its own `meter report` process; they run side by side.
+    for (_, words), result in zip(cases, run_meters(*(["report", *args] for args, _ in cases))):
+        assert_one_line_error(result, *words)
+        assert "secretpw" not in result.stderr
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
