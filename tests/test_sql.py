@@ -24,7 +24,7 @@ from meter.report.sql_command import sql_ledgers
 from .conftest import SECRET_KEY
 from .pg import pg_url, postgres  # noqa: F401
 from .redirecting import redirect_elsewhere, run_meter_env
-from .test_report import arun_meter, assert_one_line_error, run_meter, seed, seeded_records
+from .test_report import arun_meter, assert_one_line_error, run_meter, run_meters, seed, seeded_records
 
 TOKEN = "sql-test-admin-token-0123456789"
 
@@ -97,26 +97,34 @@ def test_stopped_file_answers_and_refuses_every_way_out(tmp_path: Path) -> None:
 def test_cli_on_a_file_prints_table_csv_json_and_one_line_errors(tmp_path: Path) -> None:
     ledger = str(seed(tmp_path / "ledger.duckdb", seeded_records()))
     sql = "SELECT coalesce(key_name, key_id) AS key, count(*) AS requests, sum(cost_usd) AS usd FROM requests GROUP BY ALL ORDER BY requests DESC, key NULLS LAST"
-    as_json = run_meter("sql", sql, "--ledger", ledger, "--format", "json")
+    # Every case is its own `meter sql` process; they run side by side (each reads the file read-only).
+    as_json, as_csv, as_table, limited, *errors = run_meters(
+        ["sql", sql, "--ledger", ledger, "--format", "json"],
+        ["sql", sql, "--ledger", ledger, "--format", "csv"],
+        ["sql", sql, "--ledger", ledger],
+        ["sql", "SELECT * FROM range(50) r", "--ledger", ledger, "--format", "csv", "--limit", "7"],
+        ["sql", "SELEC 1", "--ledger", ledger],
+        ["sql", "SELECT * FROM read_csv('/etc/passwd')", "--ledger", ledger],
+        ["sql", "DELETE FROM requests", "--ledger", ledger],
+        ["sql", "SELECT 1; SELECT 2", "--ledger", ledger],
+        ["sql", "SELECT count(*) FROM range(1000000000000) a, range(1000) b", "--ledger", ledger, "--timeout", "1"],
+        ["sql", "SELECT 1", "--ledger", str(tmp_path / "missing.duckdb")],
+    )
     assert as_json.returncode == 0, as_json.stderr
     rows = json.loads(as_json.stdout, parse_float=Decimal)
     assert rows[0] == {"key": "team-a", "requests": 5, "usd": Decimal("0.005266000")}
     assert sum(r["requests"] for r in rows) == len(seeded_records())
-    as_csv = run_meter("sql", sql, "--ledger", ledger, "--format", "csv")
     assert as_csv.stdout.splitlines()[:2] == ["key,requests,usd", "team-a,5,0.005266000"]
-    table = run_meter("sql", sql, "--ledger", ledger).stdout.splitlines()
+    table = as_table.stdout.splitlines()
     assert table[0].split() == ["key", "requests", "usd"] and table[2].split() == ["team-a", "5", "0.005266"]
     # bounded: --limit, with a warning on stderr and stdout in its shape
-    limited = run_meter("sql", "SELECT * FROM range(50) r", "--ledger", ledger, "--format", "csv", "--limit", "7")
     assert limited.returncode == 0 and limited.stdout.splitlines() == ["r", *map(str, range(7))]
     assert "--limit 7" in limited.stderr
     # bad SQL and refused statements: one line, exit 2, the database's own first line
-    assert_one_line_error(run_meter("sql", "SELEC 1", "--ledger", ledger), "Parser Error", "SELEC")
-    assert_one_line_error(run_meter("sql", "SELECT * FROM read_csv('/etc/passwd')", "--ledger", ledger), "Permission Error", "/etc/passwd")
-    assert_one_line_error(run_meter("sql", "DELETE FROM requests", "--ledger", ledger), "only a SELECT")
-    assert_one_line_error(run_meter("sql", "SELECT 1; SELECT 2", "--ledger", ledger), "one statement")
-    assert_one_line_error(run_meter("sql", "SELECT count(*) FROM range(1000000000000) a, range(1000) b", "--ledger", ledger, "--timeout", "1"), "timeout")
-    assert_one_line_error(run_meter("sql", "SELECT 1", "--ledger", str(tmp_path / "missing.duckdb")), "no such file")
+    words = [("Parser Error", "SELEC"), ("Permission Error", "/etc/passwd"), ("only a SELECT",), ("one statement",), ("timeout",), ("no such file",)]
+    assert len(errors) == len(words)
+    for result, expected in zip(errors, words):
+        assert_one_line_error(result, *expected)
 
 
 # --- a running meter serve (DuckDB), through the admin API ---------------------------------------
