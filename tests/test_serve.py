@@ -23,6 +23,14 @@ def run_meter(*args: str, timeout: float = 30, stdin: str | None = None) -> subp
     return subprocess.run([sys.executable, "-m", "meter", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, input=stdin)
 
 
+def run_meters(*arg_lists: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
+    """Several `python -m meter ...` processes at once, their results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda args: run_meter(*args), arg_lists))
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
     assert result.returncode == 2, result
     lines = result.stderr.strip().splitlines()
@@ -42,19 +50,24 @@ def test_help_lists_every_setting() -> None:
 
 
 def test_bad_settings_end_startup_with_one_line(tmp_path: Path) -> None:
-    assert_one_line_error(run_meter("serve", "--upstream", "not a url", "--ledger", str(tmp_path / "l.duckdb")), "upstream")
-    assert_one_line_error(run_meter("serve", "--listen", "127.0.0.1:notaport", "--ledger", str(tmp_path / "l.duckdb")), "listen")
-    assert_one_line_error(run_meter("serve", "--config", str(tmp_path / "missing.toml")), "config")
     bad = tmp_path / "bad.toml"
     bad.write_text("upstream = [unterminated")
-    assert_one_line_error(run_meter("serve", "--config", str(bad)), "config")
+    cases: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
+        (("serve", "--upstream", "not a url", "--ledger", str(tmp_path / "l.duckdb")), ("upstream",)),
+        (("serve", "--listen", "127.0.0.1:notaport", "--ledger", str(tmp_path / "l.duckdb")), ("listen",)),
+        (("serve", "--config", str(tmp_path / "missing.toml")), ("config",)),
+        (("serve", "--config", str(bad)), ("config",)),
+        (("serve", "--no-such-flag"), ("--no-such-flag",)),
+        (("bogus",), ()),
+    ]
+    # Refused while reading the settings, before a ledger or a port is opened: side by side, each its own process.
+    for (_, words), result in zip(cases, run_meters(*(args for args, _ in cases))):
+        assert_one_line_error(result, *words)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         assert_one_line_error(run_meter("serve", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{free_port()}", "--ledger", str(tmp_path / "l.duckdb")), "listen", str(port))
-    assert_one_line_error(run_meter("serve", "--no-such-flag"), "--no-such-flag")
-    assert_one_line_error(run_meter("bogus"))
 
 
 def test_settings_that_would_break_at_run_time_are_refused_at_start() -> None:
@@ -85,19 +98,20 @@ def test_a_bad_upstream_url_is_refused_without_its_password(tmp_path: Path) -> N
     the line quoted it whole, from a flag, a variable or the config file alike."""
     config = tmp_path / "meter.toml"
     config.write_text('upstream = "ftp://gw-user:gw-s3cret@gateway.example"\n')
-    for args in (
+    cases = (
         ("serve", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example", "--ledger", str(tmp_path / "l.duckdb")),
         ("serve", "--upstream", "http://gw-user:gw-s3cret@", "--ledger", str(tmp_path / "l.duckdb")),
         ("serve", "--upstream", "http://gw-user:gw-s3cret@[::1", "--ledger", str(tmp_path / "l.duckdb")),
         ("serve", "--config", str(config), "--ledger", str(tmp_path / "l.duckdb")),
         ("reconcile", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example"),
         ("reprice", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example"),
-    ):
-        result = run_meter(*args)
+        ("serve", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example"),
+    )
+    results = run_meters(*cases)  # each its own process, side by side: all are refused before a ledger is opened
+    for result in results:
         assert_one_line_error(result, "upstream")
         assert "gw-s3cret" not in result.stderr, result.stderr
-    shown = run_meter("serve", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example")
-    assert "ftp://gw-user:***@gateway.example" in shown.stderr  # still says what was given
+    assert "ftp://gw-user:***@gateway.example" in results[-1].stderr  # still says what was given
 
 
 async def test_the_start_up_line_shows_the_upstream_without_its_password(upstream, meter_process, tmp_path: Path) -> None:
