@@ -377,3 +377,58 @@ async def test_secret_key_never_in_metrics(upstream, start_meter) -> None:
             assert secret[i : i + 12] not in m.text
     assert key_id(SECRET_KEY) in m.label_values("meter_requests_total", "key")
     assert "other" in m.label_values("meter_requests_total", "key")
+
+
+def test_the_whole_exposition_is_what_prometheus_client_writes() -> None:
+    """meter writes /metrics without prometheus-client (meter/metrics.py): every family,
+    the ledger's, budgets', alerts', reconciliation's, the process's and the collector's
+    included, must be what prometheus-client's `generate_latest` writes of the same
+    families, to the byte; and the process and GC families its own collectors', names,
+    help, types and labels."""
+    import time
+    import types
+
+    import prometheus_client
+    from prometheus_client import CollectorRegistry, GCCollector, ProcessCollector, generate_latest
+
+    from meter.budgets.alerts import AlertMetrics
+    from meter.budgets.metrics import BudgetMetrics
+    from meter.budgets.spend import Budgets
+    from meter.config import Budget
+    from meter.metrics import CONTENT_TYPE, LedgerMetrics, Metrics
+    from meter.reconcile.schedule import ReconcileMetrics, ReconcileSchedule, RunSummary
+    from meter.record import Record
+
+    m = Metrics(types.SimpleNamespace(metrics_key_label="on", metrics_max_keys=10, metrics_tag_labels=("team",)))
+    stats = types.SimpleNamespace(written=7, write_errors=1, rejected=2, dropped=0, overflows={"responses": 2}, truncated={"model": 4})
+    m.register(LedgerMetrics(types.SimpleNamespace(pending=3, spooled=1, stats=stats)))
+    m.registry.register(BudgetMetrics(Budgets([Budget(name='b"\\x', window="day", limit_usd=1)], {})))
+    m.registry.register(AlertMetrics(types.SimpleNamespace(sent={"b": 1}, failures={"b\n2": 3})))
+    schedule = ReconcileSchedule(lambda: RunSummary(groups={}, cost_difference_usd=0.0), 3600.0)
+    schedule.state.last_run, schedule.state.runs = 1.78e9, 2
+    m.registry.register(ReconcileMetrics(schedule))
+    now = time.time()
+    m.done(None, Record(id=None, started_at=now, finished_at=now, method="POST", path="/v1/responses", endpoint="responses", status_code=200,
+                        model="gpt-4o", input_tokens=5_000_000, output_tokens=3, cost_usd=Decimal("0.1"), duration_ms=1.5, tags='{"team":"a\\"b"}'))
+    m.websocket_opened()
+
+    def steady(text: str) -> list[str]:
+        # The process's CPU, memory and open files, and the collector's counts, move between two reads: their series stay.
+        moving = ("process_cpu_seconds_total ", "process_resident_memory_bytes ", "process_virtual_memory_bytes ", "process_open_fds ", "python_gc_")
+        return [line.rsplit(" ", 1)[0] if line.startswith(moving) else line for line in text.splitlines()]
+
+    def name_of(line: str) -> str:
+        return line.split(" ")[2] if line.startswith("#") else line.split("{")[0].split(" ")[0]
+
+    prometheus_client.disable_created_metrics()
+    own = m.render().decode()
+    assert steady(own) == steady(generate_latest(m.registry).decode())
+    assert CONTENT_TYPE == prometheus_client.CONTENT_TYPE_LATEST
+    assert "meter_websocket_connections 1.0\n" in own and 'budget="b\\"\\\\x"' in own and 'budget="b\\n2"' in own
+    assert "process_max_fds " in own and 'python_gc_collections_total{generation="2"} ' in own
+    # The process and GC families are prometheus-client's collectors' own.
+    reference = CollectorRegistry()
+    ProcessCollector(registry=reference)
+    GCCollector(registry=reference)
+    theirs = steady(generate_latest(reference).decode())
+    assert [line for line in steady(own) if name_of(line).startswith(("process_", "python_gc_"))] == theirs

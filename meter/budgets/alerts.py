@@ -39,11 +39,11 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 import aiohttp
-from prometheus_client.core import CounterMetricFamily, Metric
 
 from ..bounds import storable_cost
 from ..ledger.alert_claims import AlertClaim
 from ..ledger.store import Store
+from ..metrics import CounterMetricFamily, Metric
 from .webhook import body_and_headers, fingerprint, host_of, iso_utc, post
 
 log = logging.getLogger("meter.alerts")

@@ -5,14 +5,11 @@ the config: bounded by it)."""
 
 from __future__ import annotations
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
-
+from ..metrics import CounterMetricFamily, GaugeMetricFamily, Metric
 from .spend import Budgets
 
 
-class BudgetMetrics(Collector):
+class BudgetMetrics:
     def __init__(self, budgets: Budgets) -> None:
         self.budgets = budgets
 

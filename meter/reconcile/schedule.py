@@ -22,12 +22,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
-
 from ..config import StartupError
 from ..ledger import Store
+from ..metrics import CounterMetricFamily, GaugeMetricFamily, Metric
 from .compare import reconcile
 from .provider import ProviderClient
 
@@ -144,7 +141,7 @@ class ReconcileSchedule:
         return await future
 
 
-class ReconcileMetrics(Collector):
+class ReconcileMetrics:
     """`meter_reconcile_*`, read from a schedule's state at scrape time."""
 
     def __init__(self, schedule: ReconcileSchedule) -> None:
