@@ -261,9 +261,6 @@ def test_postgres_answers_like_duckdb_and_refuses_every_way_out(pg_url: str, tmp
     seeded_pg(pg_url)
     ledger = str(seed(tmp_path / "ledger.duckdb", seeded_records()))
     sql = "SELECT coalesce(key_name, key_id) AS key, count(*) AS requests, sum(cost_usd) AS usd FROM requests GROUP BY 1 ORDER BY requests DESC, key NULLS LAST"
-    from_pg = run_meter("sql", sql, "--ledger", pg_url, "--format", "json")
-    assert from_pg.returncode == 0, from_pg.stderr
-    assert from_pg.stdout == run_meter("sql", sql, "--ledger", ledger, "--format", "json").stdout
     count_sql = "SELECT count(*), sum(cost_usd) FROM requests"
     before = sql_ledgers([pg_url], count_sql, 10, 10).rows
     for attempt in PG_REFUSED:
@@ -272,12 +269,23 @@ def test_postgres_answers_like_duckdb_and_refuses_every_way_out(pg_url: str, tmp
         assert str(refused.value) and "\n" not in str(refused.value), attempt
     assert sql_ledgers([pg_url], count_sql, 10, 10).rows == before
     assert not Path("/tmp/meter-sql-copy").exists()
-    assert_one_line_error(run_meter("sql", "SELECT * INTO stolen FROM requests", "--ledger", pg_url), "read-only transaction")
-    assert_one_line_error(run_meter("sql", "SELECT pg_read_file('/etc/passwd')", "--ledger", pg_url), "pg_read_file")
-    assert_one_line_error(run_meter("sql", "SELECT pg_sleep(5)", "--ledger", pg_url, "--timeout", "0.5"), "timeout")
-    assert_one_line_error(run_meter("sql", "SELECT FROM WHERE", "--ledger", pg_url), "syntax error")
-    assert_one_line_error(run_meter("sql", "SELEC 1", "--ledger", pg_url), "only a query")
-    limited = run_meter("sql", "SELECT * FROM generate_series(1, 40) g", "--ledger", pg_url, "--format", "csv", "--limit", "4")
+    # Every case is its own `meter sql` process; they run side by side.
+    from_pg, from_duckdb, limited, *errors = run_meters(
+        ["sql", sql, "--ledger", pg_url, "--format", "json"],
+        ["sql", sql, "--ledger", ledger, "--format", "json"],
+        ["sql", "SELECT * FROM generate_series(1, 40) g", "--ledger", pg_url, "--format", "csv", "--limit", "4"],
+        ["sql", "SELECT * INTO stolen FROM requests", "--ledger", pg_url],
+        ["sql", "SELECT pg_read_file('/etc/passwd')", "--ledger", pg_url],
+        ["sql", "SELECT pg_sleep(5)", "--ledger", pg_url, "--timeout", "0.5"],
+        ["sql", "SELECT FROM WHERE", "--ledger", pg_url],
+        ["sql", "SELEC 1", "--ledger", pg_url],
+    )
+    assert from_pg.returncode == 0, from_pg.stderr
+    assert from_pg.stdout == from_duckdb.stdout
+    words = [("read-only transaction",), ("pg_read_file",), ("timeout",), ("syntax error",), ("only a query",)]
+    assert len(errors) == len(words)
+    for result, expected in zip(errors, words):
+        assert_one_line_error(result, *expected)
     assert limited.stdout.splitlines() == ["g", "1", "2", "3", "4"] and "--limit 4" in limited.stderr
 
 
