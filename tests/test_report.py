@@ -551,11 +551,13 @@ async def test_url_report_equals_ledger_report_after_shutdown(upstream, start_me
             k[col] += r[col]
     assert by_key == {"team-search": {"requests": 2, "input_tokens": 1120, "errors": 0}, ID_B: {"requests": 3, "input_tokens": 57, "errors": 1}}
     assert {r["key_hint"] for r in rows} == {HINT_A, HINT_B}
-    live_table = await arun_meter("report", "--url", meter.admin_url, "--by", by)
-    live_csv = await arun_meter("report", "--url", meter.admin_url, "--by", by, "--format", "csv")
-    live_total = await arun_meter("report", "--url", meter.admin_url, "--format", "json")
-    # the running meter holds its DuckDB file: --ledger says to use --url
-    locked = await arun_meter("report", "--ledger", str(meter.ledger_path))
+    # side by side, each its own process; the running meter holds its DuckDB file: --ledger says to use --url
+    live_table, live_csv, live_total, locked = await asyncio.gather(
+        arun_meter("report", "--url", meter.admin_url, "--by", by),
+        arun_meter("report", "--url", meter.admin_url, "--by", by, "--format", "csv"),
+        arun_meter("report", "--url", meter.admin_url, "--format", "json"),
+        arun_meter("report", "--ledger", str(meter.ledger_path)),
+    )
     assert_one_line_error(locked, "--url")
     # the API itself: same JSON, and bad arguments are a 400 with a reason
     async with aiohttp.ClientSession() as s:
@@ -565,12 +567,17 @@ async def test_url_report_equals_ledger_report_after_shutdown(upstream, start_me
         async with s.get(meter.admin_url + "/api/report", params={"by": "colour"}) as r:
             assert r.status == 400 and "colour" in (await r.json())["error"]
     await meter.stop()
-    after = await arun_meter("report", "--ledger", str(meter.ledger_path), "--by", by, "--format", "json", "--config", str(config))
+    after, table, csv, total = await asyncio.gather(  # side by side, each its own process reading the file
+        arun_meter("report", "--ledger", str(meter.ledger_path), "--by", by, "--format", "json", "--config", str(config)),
+        arun_meter("report", "--ledger", str(meter.ledger_path), "--by", by),
+        arun_meter("report", "--ledger", str(meter.ledger_path), "--by", by, "--format", "csv"),
+        arun_meter("report", "--ledger", str(meter.ledger_path), "--format", "json"),
+    )
     assert after.returncode == 0, after.stderr
     assert after.stdout == live.stdout
-    assert (await arun_meter("report", "--ledger", str(meter.ledger_path), "--by", by)).stdout == live_table.stdout
-    assert (await arun_meter("report", "--ledger", str(meter.ledger_path), "--by", by, "--format", "csv")).stdout == live_csv.stdout
-    assert (await arun_meter("report", "--ledger", str(meter.ledger_path), "--format", "json")).stdout == live_total.stdout
+    assert table.stdout == live_table.stdout
+    assert csv.stdout == live_csv.stdout
+    assert total.stdout == live_total.stdout
 
 
 async def test_url_report_with_window(upstream, start_meter) -> None:
@@ -579,13 +586,16 @@ async def test_url_report_with_window(upstream, start_meter) -> None:
         for _ in range(3):
             async with s.post(meter.url + "/v1/responses", json={"model": "gpt-4o", "input": "x"}, headers={"x-fake-usage": json.dumps({"input_tokens": 5, "output_tokens": 1})}) as r:
                 await r.read()
-    now = await arun_meter("report", "--url", meter.admin_url, "--since", "1h", "--format", "json")
+    now, future, past, soon = await asyncio.gather(  # side by side, each its own process
+        arun_meter("report", "--url", meter.admin_url, "--since", "1h", "--format", "json"),
+        arun_meter("report", "--url", meter.admin_url, "--since", "2099-01-01", "--by", "model", "--format", "json"),
+        arun_meter("report", "--url", meter.admin_url, "--until", "2020-01-01", "--format", "json"),
+        arun_meter("report", "--url", meter.admin_url, "--since", "soon"),
+    )
     assert json.loads(now.stdout)[0]["requests"] == 3
-    future = await arun_meter("report", "--url", meter.admin_url, "--since", "2099-01-01", "--by", "model", "--format", "json")
     assert json.loads(future.stdout) == []
-    past = await arun_meter("report", "--url", meter.admin_url, "--until", "2020-01-01", "--format", "json")
     assert json.loads(past.stdout)[0]["requests"] == 0
-    assert_one_line_error(await arun_meter("report", "--url", meter.admin_url, "--since", "soon"), "--since")
+    assert_one_line_error(soon, "--since")
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
