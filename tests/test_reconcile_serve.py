@@ -135,8 +135,11 @@ async def test_off_by_default_no_reconcile_families(tmp_path: Path, upstream: Up
 
 
 async def test_a_failed_run_is_one_line_and_a_count_and_keeps_the_last_figures(
-    tmp_path: Path, upstream: UpstreamProcess, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, upstream: UpstreamProcess, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # stop() gives a run under way STOP_WAIT seconds (5) before leaving it; the run here
+    # never ends, so only that wait's length would change: a shorter one keeps this test short.
+    monkeypatch.setattr("meter.reconcile.schedule.STOP_WAIT", 0.5)
     outcomes = iter([RunSummary({"match": 5}, 0.0), RuntimeError("provider down\nsecond line"), RuntimeError("still down")])
     done = threading.Event()
 
