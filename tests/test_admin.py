@@ -304,18 +304,24 @@ async def test_an_admin_token_read_from_a_file_with_its_line_break(upstream, met
     await send_requests(proc.url, 2)
     status, _, body = await araw(proc.admin_port, "/api/report", {"Authorization": f"Bearer {TOKEN}"})
     assert status == 200 and json.loads(body)[0]["requests"] == 2, (status, body[:300])
-    for args in (("report", "--format", "json"), ("sql", "SELECT count(*) AS n FROM requests", "--format", "json"), ("budgets", "--format", "json")):
-        result = await arun_meter(*args[:1], "--url", proc.admin_url, *args[1:], env=clean_env(METER_ADMIN_TOKEN=padded))
+    # Every client below is its own process; they run side by side.
+    padded_args = (("report", "--format", "json"), ("sql", "SELECT count(*) AS n FROM requests", "--format", "json"), ("budgets", "--format", "json"))
+    results = await asyncio.gather(*(arun_meter(*args[:1], "--url", proc.admin_url, *args[1:], env=clean_env(METER_ADMIN_TOKEN=padded)) for args in padded_args))
+    for args, result in zip(padded_args, results):
         assert result.returncode == 0 and TOKEN not in result.stderr, (args, result.stderr[-2000:])
     # A control character inside a token cannot be sent at all: one line and exit 2 from
     # both ends, never the token.
     broken = "adm-\x01-inside-TOKEN"
-    refused = assert_one_line_error(await arun_meter("serve", "--upstream", upstream.url, "--ledger", str(tmp_path / "b.duckdb"),
-                                                     env=clean_env(METER_ADMIN_TOKEN=broken)), "admin-token")
-    assert "inside-TOKEN" not in refused
     # ... nor a character outside ASCII the same way by every client (urllib's traceback).
-    for token, args in itertools.product((broken, "adm-\u20ac-inside-TOKEN"), (("report",), ("sql", "SELECT 1"), ("budgets",))):
-        line = assert_one_line_error(await arun_meter(*args[:1], "--url", proc.admin_url, *args[1:], env=clean_env(METER_ADMIN_TOKEN=token)), "METER_ADMIN_TOKEN")
+    cases = list(itertools.product((broken, "adm-\u20ac-inside-TOKEN"), (("report",), ("sql", "SELECT 1"), ("budgets",))))
+    served, *clients = await asyncio.gather(
+        arun_meter("serve", "--upstream", upstream.url, "--ledger", str(tmp_path / "b.duckdb"), env=clean_env(METER_ADMIN_TOKEN=broken)),
+        *(arun_meter(*args[:1], "--url", proc.admin_url, *args[1:], env=clean_env(METER_ADMIN_TOKEN=token)) for token, args in cases),
+    )
+    refused = assert_one_line_error(served, "admin-token")
+    assert "inside-TOKEN" not in refused
+    for result in clients:
+        line = assert_one_line_error(result, "METER_ADMIN_TOKEN")
         assert "inside-TOKEN" not in line
 
 
