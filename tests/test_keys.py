@@ -26,18 +26,26 @@ def sha_id(key: str) -> str:
 
 
 def test_keys_id_is_sha256_prefix() -> None:
-    for key in (KEY_SEARCH, KEY_OTHER, "sk-" + "x" * 100, "short"):
-        result = run_meter("keys", "id", stdin=key + "\n")
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = (KEY_SEARCH, KEY_OTHER, "sk-" + "x" * 100, "short")
+    # Each run is its own process; they run side by side.
+    with ThreadPoolExecutor(8) as pool:
+        ids = [pool.submit(run_meter, "keys", "id", stdin=key + "\n") for key in keys]
+        # as in the README: echo KEY | meter keys id
+        piped = pool.submit(subprocess.run, f"echo '{KEY_SEARCH}' | python -m meter keys id", shell=True, cwd=ROOT, capture_output=True, text=True)
+        # surrounding whitespace and CRLF are not part of the key
+        padded = pool.submit(run_meter, "keys", "id", stdin=f"  {KEY_SEARCH}\r\n")
+        empty = [pool.submit(run_meter, "keys", "id", stdin=stdin) for stdin in ("", "\n")]
+    for key, future in zip(keys, ids):
+        result = future.result()
         assert result.returncode == 0, result.stderr
         assert result.stdout == sha_id(key) + "\n"
         assert key not in result.stdout + result.stderr
-    # as in the README: echo KEY | meter keys id
-    piped = subprocess.run(f"echo '{KEY_SEARCH}' | python -m meter keys id", shell=True, cwd=ROOT, capture_output=True, text=True)
-    assert piped.stdout.strip() == sha_id(KEY_SEARCH)
-    # surrounding whitespace and CRLF are not part of the key
-    assert run_meter("keys", "id", stdin=f"  {KEY_SEARCH}\r\n").stdout.strip() == sha_id(KEY_SEARCH)
-    assert_one_line_error(run_meter("keys", "id", stdin=""), "key")
-    assert_one_line_error(run_meter("keys", "id", stdin="\n"), "key")
+    assert piped.result().stdout.strip() == sha_id(KEY_SEARCH)
+    assert padded.result().stdout.strip() == sha_id(KEY_SEARCH)
+    for future in empty:
+        assert_one_line_error(future.result(), "key")
 
 
 async def test_config_names_show_in_ledger_metrics_and_reports(upstream, start_meter, tmp_path: Path) -> None:
