@@ -189,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # moment it exists, however the shell's umask is set.  A file that exists keeps
     # the mode its operator gave it.
     os.umask(0o077)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    # The parser (every command's: 64 KB of objects) is not kept: `serve` runs on
+    # inside this call for the process's lifetime.
+    args = build_parser().parse_args(argv)
     for warning in misspelt_variables(os.environ):
         print(f"meter: warning: {warning}", file=sys.stderr)
     try:
@@ -201,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Any = getattr(args, "handler", None)
         if handler is not None:
             return int(handler(args) or 0)
-        parser.error(f"unknown command {args.command}")
+        raise CommandError(f"unknown command {args.command}")
     except (CommandError, SettingError) as exc:
         print(f"meter: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
