@@ -18,7 +18,7 @@ import pytest
 
 from .conftest import ledger_rows
 from .many_rows import duckdb_ledger, duckdb_rows, postgres_ledger, postgres_rows, run_with_peak
-from .test_report import D1, assert_one_line_error, make_record, run_meter, seed
+from .test_report import D1, assert_one_line_error, make_record, run_meter, run_meters, seed
 
 PRICES = """
 [prices."acme-model"]
@@ -157,14 +157,19 @@ def test_without_config_the_override_model_is_unpriced(tmp_path: Path) -> None:
 
 def test_reprice_bad_arguments(tmp_path: Path) -> None:
     ledger = seed(tmp_path / "l.duckdb", records())
-    assert_one_line_error(run_meter("reprice", "--ledger", str(ledger), "--since", "yesterday-ish"), "--since")
-    assert_one_line_error(run_meter("reprice", "--ledger", str(tmp_path / "missing.duckdb")), "missing.duckdb")
     bad_provider = tmp_path / "bad.toml"
     bad_provider.write_text('[prices]\nprovider = "no-such-provider"\n')
-    assert_one_line_error(run_meter("reprice", "--ledger", str(ledger), "--config", str(bad_provider)), "provider")
     bad_price = tmp_path / "badprice.toml"
     bad_price.write_text('[prices."m"]\ninput_mtok = -1\noutput_mtok = 1\n')
-    assert_one_line_error(run_meter("reprice", "--ledger", str(ledger), "--config", str(bad_price)), "price")
+    cases = [
+        (["--ledger", str(ledger), "--since", "yesterday-ish"], "--since"),
+        (["--ledger", str(tmp_path / "missing.duckdb")], "missing.duckdb"),
+        (["--ledger", str(ledger), "--config", str(bad_provider)], "provider"),
+        (["--ledger", str(ledger), "--config", str(bad_price)], "price"),
+    ]
+    # Refused before the ledger is written: side by side, each its own process.
+    for (_, word), result in zip(cases, run_meters(*(["reprice", *args] for args, _ in cases))):
+        assert_one_line_error(result, word)
     holder = duckdb.connect(str(ledger))  # a running meter holds its file like this
     try:
         line = assert_one_line_error(run_meter("reprice", "--ledger", str(ledger)), str(ledger))
