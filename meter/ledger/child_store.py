@@ -289,13 +289,18 @@ class _Child:
         store = self.store
         assert store is not None, "the parent opens first"
         if op == "write":
-            columns = decode_columns(args[0])
+            chunks = args.pop()
+            columns = decode_columns(chunks)
             if columns_need_nothing(columns) and not any(columns["background"]):
                 # The usual batch: nothing to sanitise, count or claim (a claim is only
-                # ever a background response's), so no record is made per row.
-                store.write_columns([columns[name] for name in COLUMNS])
+                # ever a background response's), so no record is made per row.  Only
+                # `write_columns` holds the batch then: it lets go of it before the commit.
+                del chunks
+                values = [columns[name] for name in COLUMNS]
+                del columns
+                store.write_columns(values)
                 return {}, {}
-            records = decode_batch(args[0])
+            records = decode_batch(chunks)
             cuts = sanitise_counting(records)
             store.write(records)
             return cuts  # only once written: a failed write is retried and counted then
@@ -366,13 +371,14 @@ def _serve(con: Connection, path: str) -> None:
                 message = con.recv()
             except (EOFError, OSError):
                 break  # the parent is gone
-            seq, op = message[0], message[1]
+            seq, op, *args = message
+            del message  # a batch's chunks: let go of as soon as read (`_Child.answer`)
             if op == "close":
                 child.close()
                 con.send((seq, "ok", None))
                 break
             try:
-                con.send((seq, "ok", child.answer(seq, op, list(message[2:]))))
+                con.send((seq, "ok", child.answer(seq, op, args)))
             except LedgerUnusable as exc:
                 con.send((seq, "error", str(exc), "unusable"))
                 break

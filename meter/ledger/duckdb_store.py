@@ -444,8 +444,13 @@ class DuckDBStore:
         """`write` for a sanitised batch given as one sequence per column of `COLUMNS`,
         the cost as the text of its Decimal, none of whose rows needs a usage claim (no
         background response: `schema.needs_claim`).  The ledger process's usual batch
-        (`rows.decode_columns`), with no `Record` made per row."""
-        self._write_batch(lambda con: columns)
+        (`rows.decode_columns`), with no `Record` made per row.  The columns are taken
+        (a list given is left empty), so that nothing holds the batch's values through
+        the commit and its checkpoint, the ledger process's peak of memory."""
+        taken = [list(columns)]
+        if isinstance(columns, list):
+            columns.clear()
+        self._write_batch(lambda con: taken.pop())
 
     def _write_batch(self, prepare: Callable[[Any], Sequence[Sequence[Any]]]) -> None:
         """One batch in one transaction: `prepare`, inside it, gives its columns, and the
@@ -455,6 +460,8 @@ class DuckDBStore:
         try:
             columns = prepare(con)
             self._insert_new(con, columns)
+            seen = (frozenset(columns[_ID]), max(columns[_STARTED_AT], default=0.0))
+            del columns  # the batch's values are DuckDB's now: not held through the commit's checkpoint
             self._check_same_file()
             con.execute("COMMIT")
         except Exception:
@@ -462,7 +469,7 @@ class DuckDBStore:
             with contextlib.suppress(Exception):  # the store's own reason, below, is the one to raise
                 con.execute("ROLLBACK")
             raise
-        self._saw(columns[_ID], columns[_STARTED_AT])
+        self._saw(*seen)
 
     def _check_same_file(self) -> None:
         """The file at the ledger's path is still the one open: a ledger deleted (by
@@ -547,12 +554,12 @@ class DuckDBStore:
             return None
         return [i for i, id_ in enumerate(ids) if id_ not in present]
 
-    def _saw(self, ids: Sequence[str], started: Sequence[float]) -> None:
-        """After a commit: the batch joins `_recent`, and the oldest of those leaves it
-        for `_settled` (see `_new_rows`)."""
+    def _saw(self, ids: frozenset[str], newest: float) -> None:
+        """After a commit: the batch's ids and newest start join `_recent`, and the oldest
+        of those leaves it for `_settled` (see `_new_rows`)."""
         if not ids or self._settled is None:
             return
-        self._recent.append((frozenset(ids), max(started)))
+        self._recent.append((ids, newest))
         if len(self._recent) > RECENT_BATCHES:
             self._settled = max(self._settled, self._recent.popleft()[1])
 
