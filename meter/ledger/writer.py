@@ -105,7 +105,9 @@ class LedgerWriter:
         self.store = store
         self._store_sanitises = bool(getattr(store, "sanitises", False))  # see `Store`
         self.flush_interval = flush_interval
-        self.batch_size = batch_size
+        # A store may take smaller batches (`ChildProcessStore.rows_per_write`: the
+        # ledger process holds a batch in Python and in DuckDB while it writes it).
+        self.batch_size = min(batch_size, getattr(store, "rows_per_write", batch_size))
         self.max_pending = max_pending
         self.spool = Spool(spool_path) if spool_path is not None else None
         rejected = rejected_path_for(store, spool_path)
@@ -116,7 +118,7 @@ class LedgerWriter:
         # and a writer that wakes late finds the queue, or a replayed spool, past the
         # bound.  The writer wakes at a full batch, so that an outage spills to the
         # spool before the queue outgrows the bound.
-        self._batch_at_most = min(batch_size, max_pending)
+        self._batch_at_most = min(self.batch_size, max_pending)
         # Queue length past which the spill thread runs: `max_pending` less what the
         # writer holds (the batch in flight, a retry), kept current by the writer.
         self._spill_at = max_pending
