@@ -5,8 +5,9 @@ DuckDB's library is ~66 MB of code and read-only data.  Opening a ledger runs a
 good part of it once (registering every function, type and setting of the
 built-in extensions), and the pages it touched stay in the process's RSS: 38 MiB
 of the ledger process's 75 MiB when idle.  Those pages are clean copies of the
-file: `MADV_PAGEOUT` (Linux 5.4) hands them back once the ledger is open, and the
-ones writing needs come back from the page cache at their first use.  Under
+file: `MADV_PAGEOUT` (Linux 5.4) hands them back after each step of opening
+(`child_store`: once connected, once the ledger is open), and the ones
+writing needs are read back at their first use.  Under
 scripts/bench.py's JSON load (32 connections, ~5,000 requests/s for 30 s, two
 runs each way) the ledger process peaked at 106 MiB with it, 121-122 MiB
 without; the library's resident pages at that peak were 24 MiB against 38.
