@@ -546,3 +546,14 @@ def test_a_bad_value_names_where_it_was_set(tmp_path: Path) -> None:
     assert refusal({"config": str(config)}).endswith(f" (set in {config})")
     from_flag = refusal({"flush_interval": "abc"}, {"METER_FLUSH_INTERVAL": "0.5"})
     assert from_flag.endswith("unable to parse string as a number")  # the flag just typed: named as it is
+
+
+def test_a_meter_command_loads_the_price_data_only_when_it_prices() -> None:
+    """`meter report` (and every command but `serve` and `reprice`) prices nothing: its
+    start does not load the price package (~30 ms and ~20 MiB at every run of a command;
+    this suite alone runs hundreds)."""
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "meter", "report", "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    modules = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "meter.cli" in modules  # the parser of every command was built
+    assert not {"genai_prices", "meter.prices", "meter.report.reprice"} & modules

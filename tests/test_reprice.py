@@ -268,7 +268,7 @@ def reprice_traced_peak(ledger: str, cfg: Path) -> tuple[int, int]:
     from meter.config import load_settings
     from meter.ledger import open_reader
     from meter.prices import Pricer
-    from meter.report import Repricer, reprice
+    from meter.report.reprice import Repricer, reprice
 
     settings = load_settings({"config": str(cfg)}, env={})
     repricer = Repricer(Pricer(provider_id=settings.price_provider, upstream_url=settings.upstream, overrides=settings.price_overrides))
