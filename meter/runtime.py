@@ -14,11 +14,24 @@ and the cyclic garbage collector, each set for a proxy's hot path.
   young threshold of 50,000 runs one every ~100 requests or more (~3.5 us per
   request) and still bounds what cyclic garbage can pile up (an error path's
   cycles) to that many objects.
+- **One malloc arena** (glibc).  glibc gives each thread that allocates an
+  arena of its own (up to eight per core: four after one request), and memory
+  freed in one arena serves only the threads on it: the ledger writer, the
+  spill thread, the decoding and DNS threads each kept their own high-water mark.
+  Nearly every allocation is made under the GIL (Python's own allocator serves
+  the small ones), so a shared arena costs no waiting.  Measured with 30,000
+  JSON requests at 32 connections (the proxy's VmHWM, five interleaved pairs):
+  69.8-71.6 MiB with glibc's default, 67.9-70.3 MiB with one arena, 1.3-2.4 MiB
+  less in each pair; requests/s within the machine's spread (eight pairs of
+  8 s flat out: one arena at 0.84-1.28 of the default, median 1.03).
+  `MALLOC_ARENA_MAX` in the environment, when set, is left to glibc.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +39,8 @@ from typing import Any
 SWITCH_INTERVAL = 0.0005  # seconds
 # Young generation, then how many collections of one generation make one of the next.
 GC_THRESHOLDS = (50_000, 20, 10)
+M_ARENA_MAX = -8  # glibc's mallopt() parameter: how many malloc arenas at most
+MALLOC_ARENAS = 1
 
 
 def event_loop_factory() -> Callable[[], Any] | None:
@@ -38,8 +53,21 @@ def event_loop_factory() -> Callable[[], Any] | None:
 
 
 def tune_interpreter() -> None:
-    """Before serving: the GIL's switch interval."""
+    """Before serving: the GIL's switch interval, and one malloc arena."""
     sys.setswitchinterval(SWITCH_INTERVAL)
+    limit_malloc_arenas()
+
+
+def limit_malloc_arenas() -> bool:
+    """One glibc malloc arena for every thread, unless `MALLOC_ARENA_MAX` is set; whether
+    it was set here (False without glibc's `mallopt`: musl's ignores it, macOS has none)."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_ARENA_MAX, MALLOC_ARENAS))
 
 
 def settle_after_start() -> None:
