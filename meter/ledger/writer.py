@@ -130,6 +130,7 @@ class LedgerWriter:
         # its write has ended: what `close` spools if the store outlasts its wait.
         self._in_flight: list[Record] = []
         self._spilling = 0  # records on their way to the spool
+        self._replaying = 0  # records on their way back from it (`_replay_spool`)
         self._wake = threading.Event()
         self._spill = threading.Event()  # set by `done` when the queue passes max_pending
         self._spill_lock = threading.Lock()  # one spiller at a time: the writer or the spill thread
@@ -195,7 +196,9 @@ class LedgerWriter:
         """Records not yet in the store: queued, waiting for a retry, being written or
         being spooled.  Never less than the truth (each count is raised before records
         leave the queue), so 0 means every record handed over has settled."""
-        return len(self._queue) + len(self._retry) + self._writing + self._spilling
+        # `_replaying` before `_retry`: records the spool hands back are in one of the
+        # two at every moment, and read in this order never in neither (`_replay_spool`).
+        return self._replaying + len(self._queue) + len(self._retry) + self._writing + self._spilling
 
     @property
     def spooled(self) -> int:
@@ -204,8 +207,16 @@ class LedgerWriter:
 
     @property
     def unwritten(self) -> int:
-        """Records not in the ledger, which a report leaves out: `pending` and `spooled`."""
-        return self.pending + self.spooled
+        """Records not in the ledger, which a report leaves out: `pending` and `spooled`.
+
+        Read from the event loop while the writer's threads move records both ways
+        between the two, each counted in its new place before it leaves the old
+        (`_spilling`, `_replaying`): `pending` is read before and after `spooled`, so
+        a record moving either way is in one of the reads whatever the interleaving.
+        An upper bound for a moment, never less than the truth."""
+        before = self.pending
+        spooled = self.spooled
+        return spooled + max(before, self.pending)
 
     # thread ---------------------------------------------------------------------
 
@@ -329,10 +340,17 @@ class LedgerWriter:
         if self.spool is None:
             return
         with self._spill_lock:
-            spooled = self.spool.take(max(1, self.max_pending // 2))
-            if spooled:
-                log.info("replaying %d spooled records from %s", len(spooled), self.spool.path)
-                self._retry = spooled + self._retry
+            # Counted pending from before the spool's count drops until they are in the
+            # retry list: a report meanwhile must not find them in neither (an upper
+            # bound for a moment: `pending` is never less than the truth).
+            self._replaying = at_most = max(1, self.max_pending // 2)
+            try:
+                spooled = self.spool.take(at_most)
+                if spooled:
+                    log.info("replaying %d spooled records from %s", len(spooled), self.spool.path)
+                    self._retry = spooled + self._retry
+            finally:
+                self._replaying = 0
 
     def _note_error(self, exc: Exception) -> None:
         self._store_lost = isinstance(exc, LedgerLost)
