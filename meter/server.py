@@ -36,10 +36,11 @@ from .budgets.sync import BudgetSync
 from .config import Settings, StartupError, parse_host_port, redact_url, upstream_path_warning
 from .console import Console
 from .enrich import CountUsageOnce, Pricing
+from .exposition import CONTENT_TYPE
 from .flow import Addons
 from .identity import KeyIdentities
 from .ledger import LedgerWriter, Store, store_for
-from .metrics import CONTENT_TYPE, LedgerMetrics, Metrics
+from .metrics import LedgerMetrics, Metrics
 from .prices import Pricer
 from .proxy import Proxy
 from .reconcile.schedule import ReconcileMetrics, ReconcileSchedule, RunSummary, scheduled_run

@@ -395,7 +395,8 @@ def test_the_whole_exposition_is_what_prometheus_client_writes() -> None:
     from meter.budgets.metrics import BudgetMetrics
     from meter.budgets.spend import Budgets
     from meter.config import Budget
-    from meter.metrics import CONTENT_TYPE, LedgerMetrics, Metrics
+    from meter.exposition import CONTENT_TYPE
+    from meter.metrics import LedgerMetrics, Metrics
     from meter.reconcile.schedule import ReconcileMetrics, ReconcileSchedule, RunSummary
     from meter.record import Record
 

@@ -41,9 +41,9 @@ from typing import Any, TypeVar
 import aiohttp
 
 from ..bounds import storable_cost
+from ..exposition import CounterMetricFamily, Metric
 from ..ledger.alert_claims import AlertClaim
 from ..ledger.store import Store
-from ..metrics import CounterMetricFamily, Metric
 from .webhook import body_and_headers, fingerprint, host_of, iso_utc, post
 
 log = logging.getLogger("meter.alerts")

@@ -5,7 +5,7 @@ the config: bounded by it)."""
 
 from __future__ import annotations
 
-from ..metrics import CounterMetricFamily, GaugeMetricFamily, Metric
+from ..exposition import CounterMetricFamily, GaugeMetricFamily, Metric
 from .spend import Budgets
 
 

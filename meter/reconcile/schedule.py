@@ -23,8 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..config import StartupError
+from ..exposition import CounterMetricFamily, GaugeMetricFamily, Metric
 from ..ledger import Store
-from ..metrics import CounterMetricFamily, GaugeMetricFamily, Metric
 from .compare import reconcile
 from .provider import ProviderClient
 
