@@ -15,6 +15,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -296,6 +297,19 @@ def test_custom_provider_over_websocket(codex: Path, metered: tuple[MeterProcess
     assert json_usage(events)["cached_input_tokens"] == FORCED_USAGE["cached_tokens"]
 
 
+def processes_in(directory: Path) -> list[int]:
+    """Live processes whose working directory is `directory` (a Codex run's own)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == str(directory):
+                    found.append(int(entry.name))
+            except OSError:  # gone, or a zombie
+                pass
+    return found
+
+
 def test_openai_base_url_alone_does_not_route_codex_through_meter(
     codex: Path, metered: tuple[MeterProcess, Path], proxy: RecordingProxy, tmp_path: Path
 ) -> None:
@@ -312,12 +326,20 @@ def test_openai_base_url_alone_does_not_route_codex_through_meter(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         reached = proxy.wait_for("api.openai.com", RUN_TIMEOUT)
     finally:
-        run.kill()  # it retries for a while; what it tried is all this test needs
+        # It retries for a while; what it tried is all this test needs.  `codex` is a
+        # node launcher of the native binary: the whole group goes, or the binary lives
+        # on, retrying, after the test (seen: 20 minutes and 134 MB later).
+        os.killpg(run.pid, signal.SIGKILL)
         run.wait(10)
+    deadline = time.monotonic() + 10
+    while processes_in(work) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_in(work) == [], "a Codex process outlived the test"
     assert reached, f"Codex never tried api.openai.com; it tried {proxy.seen}"
     assert stopped_ledger(meter, ledger) == []
 
