@@ -44,6 +44,16 @@ def go_float(d: Any) -> str:
     return s
 
 
+def label_value(value: str) -> str:
+    """A label value as the text format writes it (prometheus-client's escapes)."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def family_head(name: str, documentation: str, typ: str) -> str:
+    """A family's `# HELP` and `# TYPE` lines (its help escaped as prometheus-client does)."""
+    doc = documentation.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {name} {doc}\n# TYPE {name} {typ}\n"
+
 
 # Families and their exposition -----------------------------------------------------------
 #
@@ -125,19 +135,14 @@ def exposition(families: Iterable[Metric]) -> str:
     out: list[str] = []
     for family in families:
         name = family.name + "_total" if family.type == "counter" else family.name
-        doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.type}\n")
+        out.append(family_head(name, family.documentation, family.type))
         for sample in family.samples:
             if sample.labels:
-                labels = ",".join(f'{label}="{_escape(value)}"' for label, value in sorted(sample.labels.items()))
+                labels = ",".join(f'{label}="{label_value(value)}"' for label, value in sorted(sample.labels.items()))
                 out.append(f"{sample.name}{{{labels}}} {go_float(sample.value)}\n")
             else:
                 out.append(f"{sample.name} {go_float(sample.value)}\n")
     return "".join(out)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
 class Collector(Protocol):

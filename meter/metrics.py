@@ -88,7 +88,9 @@ from .exposition import (
     Metric,
     ProcessCollector,
     exposition,
+    family_head,
     go_float,
+    label_value,
     series_names,
 )
 from .ledger.sanitise import clean_text
@@ -113,6 +115,7 @@ _ZERO = Decimal(0)
 
 # `le` label values as prometheus-client writes them (`1.0`, `+Inf`): dashboards match on them.
 _LE = (*(go_float(b) for b in LATENCY_BUCKETS), "+Inf")
+
 
 class _Bounded:
     """Maps raw label values to themselves once admitted, else to `other`.
@@ -189,7 +192,7 @@ class _Escaped(dict[str, str]):
     escapes, so the text is the same)."""
 
     def __missing__(self, value: str) -> str:
-        text = self[value] = value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+        text = self[value] = label_value(value)
         return text
 
 
@@ -235,8 +238,7 @@ class _Counter:
         self.cells: dict[tuple[str, ...], list[float]] = {}
 
     def _head(self, out: list[str], name: str) -> None:
-        doc = self._doc.replace("\\", r"\\").replace("\n", r"\n")
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} {self.TYPE}\n")
+        out.append(family_head(name, self._doc, self.TYPE))
 
     def text(self, out: list[str], escaped: _Escaped, extra: dict[tuple[str, ...], float] | None = None) -> None:
         name = self._name + "_total"
