@@ -634,7 +634,7 @@ class LedgerWriter:
         except Exception as exc:  # noqa: BLE001 - any failure: the records go back, the spiller lives on
             # `pending` counts `spill` still (as `_spilling`): past the hard bound, the
             # oldest of it (the retry's first, then the queue's) is dropped, not put back.
-            lost = max(0, min(len(spill), self.pending - HARD_BOUND * self.max_pending))
+            lost = max(0, min(len(spill), self._past_hard_bound()))
             if lost:
                 from_old = min(lost, len(old))
                 old, queued = old[from_old:], queued[lost - from_old :]
@@ -650,10 +650,14 @@ class LedgerWriter:
         self._spool_failing = False
         self._spool_backoff = 0.0
 
+    def _past_hard_bound(self) -> int:
+        """How many records memory holds past `HARD_BOUND` times the bound (0 or less: none)."""
+        return self.pending - HARD_BOUND * self.max_pending
+
     def _drop_past_hard_bound(self) -> None:
         """While the spool's backoff runs (it failed: neither it nor the store takes
         records), the oldest queued records past `HARD_BOUND` times the bound go."""
-        excess = self.pending - HARD_BOUND * self.max_pending
+        excess = self._past_hard_bound()
         if excess <= 0:
             return
         dropped = 0
