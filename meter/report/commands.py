@@ -91,6 +91,8 @@ def counted_twice(store: Store, args: ReportArgs, key_names: Mapping[str, str] |
             f"{responses} background responses have their usage in more than one of the ledgers given (polls reached several replicas) and it is counted once per file"
         )
     return warnings
+
+
 def run_report(args: argparse.Namespace) -> int:
     try:
         wanted = parse_args(args.by, args.since, args.until, args.where, args.top)
