@@ -108,20 +108,20 @@ def report_json(*args: str) -> list[dict[str, Any]]:
     return json.loads(result.stdout, parse_float=Decimal)
 
 
-def run_meters(*arg_lists: Sequence[str]) -> list[subprocess.CompletedProcess[str]]:
+def run_meters(*arg_lists: Sequence[str], timeout: float = 60) -> list[subprocess.CompletedProcess[str]]:
     """Several `python -m meter ...` processes at once (each a real CLI run), their results in order."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda args: run_meter(*args), arg_lists))
+        return list(pool.map(lambda args: run_meter(*args, timeout=timeout), arg_lists))
 
 
 def reports_json(*arg_lists: Sequence[str]) -> list[list[dict[str, Any]]]:
     """Several `meter report --format json` processes at once (each is a real CLI run)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda args: report_json(*args), arg_lists))
+    results = run_meters(*(["report", "--format", "json", *args] for args in arg_lists))
+    for result in results:
+        assert result.returncode == 0, result.stderr
+    return [json.loads(result.stdout, parse_float=Decimal) for result in results]
 
 
 # --- the seeded ledger ---------------------------------------------------------------

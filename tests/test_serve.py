@@ -17,18 +17,11 @@ import openai
 import pytest
 
 from .conftest import ROOT, SECRET_KEY, free_port, ledger_rows
+from .test_report import run_meters
 
 
 def run_meter(*args: str, timeout: float = 30, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "meter", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, input=stdin)
-
-
-def run_meters(*arg_lists: tuple[str, ...]) -> list[subprocess.CompletedProcess[str]]:
-    """Several `python -m meter ...` processes at once, their results in order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda args: run_meter(*args), arg_lists))
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -61,7 +54,7 @@ def test_bad_settings_end_startup_with_one_line(tmp_path: Path) -> None:
         (("bogus",), ()),
     ]
     # Refused while reading the settings, before a ledger or a port is opened: side by side, each its own process.
-    for (_, words), result in zip(cases, run_meters(*(args for args, _ in cases))):
+    for (_, words), result in zip(cases, run_meters(*(args for args, _ in cases), timeout=30)):
         assert_one_line_error(result, *words)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -107,7 +100,7 @@ def test_a_bad_upstream_url_is_refused_without_its_password(tmp_path: Path) -> N
         ("reprice", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example"),
         ("serve", "--upstream", "ftp://gw-user:gw-s3cret@gateway.example"),
     )
-    results = run_meters(*cases)  # each its own process, side by side: all are refused before a ledger is opened
+    results = run_meters(*cases, timeout=30)  # each its own process, side by side: all are refused before a ledger is opened
     for result in results:
         assert_one_line_error(result, "upstream")
         assert "gw-s3cret" not in result.stderr, result.stderr
