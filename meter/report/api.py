@@ -5,7 +5,8 @@ the store `meter serve` writes with (the DuckDB file is held open by that
 meter, so this is how its report is read live; a PostgreSQL store reads on a
 connection of its own, so a long report never holds up the writer).  Records
 still queued in the ledger writer are written first (waiting at most
-`FLUSH_WAIT`), so the report covers every request that has finished; when some
+`flush_wait`: ten flush intervals, 1 to 5 s), so the report covers every
+request that has finished; when some
 are still not in the ledger (it is failing or slow), the answer says how many
 in `Meter-Report-Pending`.  The query runs in a worker thread; the event loop
 never waits on it.  Keys are named from this meter's own config (`[keys]`), the
@@ -37,6 +38,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meter.report")
 
+# How long a report waits for queued records to reach the ledger before it answers
+# with what is there (and says what is not): ten of the writer's flush intervals,
+# between FLUSH_WAIT_MIN and FLUSH_WAIT.  The flush wakes the writer at once, so a
+# healthy one is done within about one interval; a writer ten intervals behind is
+# failing or slow, and the report says so rather than keep its caller waiting.
+# The default interval (0.5 s) gives FLUSH_WAIT, 5 s; a shorter one (fresher rows)
+# answers sooner when the ledger is down, and never below FLUSH_WAIT_MIN, which
+# leaves a slow disk's batch room to land.
+FLUSH_WAIT = 5.0
+FLUSH_WAIT_MIN = 1.0
+FLUSH_WAIT_INTERVALS = 10
+
+
+def flush_wait(ledger_writer: LedgerWriter) -> float:
+    """Seconds a report or query waits for `ledger_writer` to write what it holds."""
+    return min(FLUSH_WAIT, max(FLUSH_WAIT_MIN, FLUSH_WAIT_INTERVALS * ledger_writer.flush_interval))
+
 
 def posted_key_names(body: bytes) -> dict[str, str]:
     """`{"keys": {key_id: name, ...}}`, checked as the config's `[keys]` is."""
@@ -59,10 +77,6 @@ def posted_key_names(body: bytes) -> dict[str, str]:
 
 class ReportAPI:
     """The admin handler of `/api/report` over the serving store and its writer."""
-
-    # How long a report waits for queued records to reach the ledger before it
-    # answers with what is there (and says what is not).
-    FLUSH_WAIT = 5.0
 
     def __init__(self, settings: Settings, store: Store, ledger_writer: LedgerWriter | None) -> None:
         self.store = store
@@ -95,7 +109,7 @@ class ReportAPI:
         loop = asyncio.get_running_loop()
         try:
             if self.ledger_writer is not None:
-                await loop.run_in_executor(None, self.ledger_writer.flush, self.FLUSH_WAIT)
+                await loop.run_in_executor(None, self.ledger_writer.flush, flush_wait(self.ledger_writer))
             rows = await loop.run_in_executor(None, report, self.store, args, key_names)
         except LedgerNotOpen:
             return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)

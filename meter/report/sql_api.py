@@ -6,7 +6,8 @@ optional, at most `MAX_LIMIT` rows and `MAX_TIMEOUT` seconds); the answer is
 path.  A DuckDB ledger is asked in the ledger process that holds the file, on
 its confined database (`meter.ledger.sql`); a PostgreSQL ledger on a
 connection of its own in a READ ONLY transaction.  Records still queued in the
-ledger writer are written first (at most `FLUSH_WAIT`), as for `/api/report`.
+ledger writer are written first (at most `meter.report.api.flush_wait`), as for
+`/api/report`.
 
 Errors are one line in `{"error": ...}`: 400 for bad SQL or a refused
 statement (the database's first line), 503 when the ledger cannot answer now.
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..ledger import LedgerUnavailable, Store
 from ..ledger.sql import DEFAULT_LIMIT, DEFAULT_TIMEOUT, SqlError, SqlResult, first_line, postgres_sql
+from .api import flush_wait
 from .sql_render import answer_json
 
 if TYPE_CHECKING:
@@ -37,8 +39,6 @@ MAX_BODY = 1024 * 1024
 
 class SqlAPI:
     """The admin handler of `/api/sql` over the serving store."""
-
-    FLUSH_WAIT = 5.0
 
     def __init__(self, store: Store, ledger_writer: LedgerWriter | None) -> None:
         self.store = store
@@ -78,7 +78,7 @@ class SqlAPI:
         loop = asyncio.get_running_loop()
         try:
             if self.ledger_writer is not None:
-                await loop.run_in_executor(None, self.ledger_writer.flush, self.FLUSH_WAIT)
+                await loop.run_in_executor(None, self.ledger_writer.flush, flush_wait(self.ledger_writer))
             result = await loop.run_in_executor(None, self.run, sql, limit, timeout)
             answer = answer_json(result)  # in here: a value it cannot write is one line too, not a traceback page
         except SqlError as exc:
