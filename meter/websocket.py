@@ -38,7 +38,7 @@ from .attribution import take_meter_headers
 from .flow import Addons, Flow, finished_record
 from .identity import KeyIdentities
 from .observe import observer_for
-from .observe.socket import SocketMeter
+from .observe.socket import MAX_WAITING_CREATES, SocketMeter
 from .proxy import READ_ON_AFTER_HANGUP, RelayedResponse, answered_too_late, end_to_end_headers, error_body, forwardable_request_headers
 
 log = logging.getLogger("meter")
@@ -191,6 +191,7 @@ class _Socket:
 
     __slots__ = (
         "bytes_down", "bytes_up", "closed_by", "closing", "code", "dropped", "hang_up_close", "meter_reason", "read_on_until", "reading_on",
+        "room", "upstream_ended",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -208,10 +209,32 @@ class _Socket:
         self.reading_on: asyncio.Future[None] | None = None
         self.read_on_until = 0.0  # the loop's time when reading on gives up
         self.hang_up_close: dict[str, Any] = {}  # the client's close, relayed once reading on ends
+        # The client's pump waiting for the upstream to answer a `response.create` (past
+        # MAX_WAITING_CREATES), and whether the upstream's pump has ended, which ends that wait.
+        self.room: asyncio.Future[None] | None = None
+        self.upstream_ended = False
 
     def read_on_done(self) -> None:
         if self.reading_on is not None and not self.reading_on.done():
             self.reading_on.set_result(None)
+
+    def make_room(self) -> None:
+        if self.room is not None and not self.room.done():
+            self.room.set_result(None)
+
+    async def room_for_creates(self, meter: SocketMeter) -> None:
+        """Until fewer than MAX_WAITING_CREATES creates wait for the upstream's answer (or the
+        upstream's side has ended, which the next read from the client then meets): the
+        client's messages meanwhile wait in its connection, not in meter's memory."""
+        loop = asyncio.get_running_loop()
+        while meter.waiting >= MAX_WAITING_CREATES and not self.upstream_ended:
+            self.room = loop.create_future()
+            meter.on_room = self.make_room
+            try:
+                await self.room
+            finally:
+                meter.on_room = None
+                self.room = None
 
     def first(self, side: str, code: int | None, dropped: bool = False) -> bool:
         if self.closed_by is not None:
@@ -598,6 +621,10 @@ class WebSocketRelay:
                         frames.flush()
                     else:
                         await send(msg.data, TEXT)
+                        if meter is not None and meter.waiting >= MAX_WAITING_CREATES:
+                            del msg  # relayed: not held while the upstream catches up
+                            await socket.room_for_creates(meter)
+                            continue
                 elif kind is BINARY:
                     if on_client is None:
                         socket.bytes_up += len(msg.data)
@@ -678,3 +705,5 @@ class WebSocketRelay:
                 await socket.relay_close(client, code=1011, message=b"relay error")
         finally:
             socket.read_on_done()  # nothing more comes from the upstream to wait for
+            socket.upstream_ended = True
+            socket.make_room()

@@ -75,6 +75,10 @@ _CREATE = b'"response.create"'
 _BACKSLASH = b"\\"  # in a JSON string, what starts an escape
 _ESCAPE = b"\\u"  # the start of a JSON string escape (\u and four hex digits), which can spell any character
 _LAST_LANES = 256  # predecessors (per lane) and ended response ids remembered per socket
+# `response.create` messages relayed and not yet answered, per socket: meter holds a flow
+# (~1 KiB) for each of a client's few dozen bytes until the upstream answers.  Past this
+# the relay stops reading the client until one is answered (`waiting`, `on_room`).
+MAX_WAITING_CREATES = 256
 
 
 class _Hooks(Protocol):
@@ -166,8 +170,8 @@ class SocketMeter:
     """Per-socket metering state: responses waiting, open, and the last one per lane."""
 
     __slots__ = (
-        "done_at", "ended", "handshake_model", "last", "on_idle", "only", "open", "orphans", "pending", "relay", "response_headers", "session",
-        "template",
+        "done_at", "ended", "handshake_model", "last", "on_idle", "on_room", "only", "open", "orphans", "pending", "relay", "response_headers",
+        "session", "template", "waiting",
     )  # fmt: skip
 
     def __init__(self, relay: Relay, template: Flow, handshake_model: str | None, response_headers: Any) -> None:
@@ -176,6 +180,8 @@ class SocketMeter:
         self.handshake_model = handshake_model
         self.response_headers = response_headers
         self.pending: dict[str | None, deque[Flow]] = {}  # response.create sent, no response.created yet
+        self.waiting = 0  # flows in `pending`, all lanes
+        self.on_room: Callable[[], None] | None = None  # called when `waiting` falls (set while the relay waits for room)
         self.open: dict[str | None, Flow] = {}  # one running response per lane
         self.orphans: dict[str, Flow] = {}  # an open response displaced on its lane (should not happen)
         self.only: Flow | None = None  # the running response, when it is the only one
@@ -252,6 +258,7 @@ class SocketMeter:
         if refusal is not None:
             return self._refuse(flow, refusal, lane)
         self.pending.setdefault(lane, deque()).append(flow)
+        self.waiting += 1
         return None
 
     def _refuse(self, flow: Flow, refusal: Refusal, lane: str | None) -> bytes:
@@ -386,9 +393,7 @@ class SocketMeter:
         now = time.perf_counter()
         queue = self.pending.get(lane)
         if queue:
-            flow = queue.popleft()
-            if not queue:
-                del self.pending[lane]
+            flow = self._answered(queue, lane)
         else:
             # An automatic successor: the clock starts at its predecessor's end.
             flow = self._new_flow()
@@ -414,9 +419,7 @@ class SocketMeter:
             queue = self.pending.get(lane)
             if not queue:
                 return  # an error about something other than a response
-            flow = queue.popleft()
-            if not queue:
-                del self.pending[lane]
+            flow = self._answered(queue, lane)
             flow.ttfb_at = time.perf_counter()
             self.open[lane] = flow
         obs = flow.observation
@@ -424,6 +427,16 @@ class SocketMeter:
         observe_event(obs, "error", obj)  # ends it `failed`, as over SSE
         flow.response_bytes += size
         self._close(lane, flow)
+
+    def _answered(self, queue: deque[Flow], lane: str | None) -> Flow:
+        """The lane's oldest waiting create, which the upstream has now answered."""
+        flow = queue.popleft()
+        if not queue:
+            del self.pending[lane]
+        self.waiting -= 1
+        if self.on_room is not None:
+            self.on_room()
+        return flow
 
     def _close(self, lane: str | None, flow: Flow) -> None:
         now = time.perf_counter()
@@ -472,6 +485,9 @@ class SocketMeter:
         self.open.clear()
         self.orphans.clear()
         self.pending.clear()
+        self.waiting = 0
+        if self.on_room is not None:
+            self.on_room()
         self.only = None
         for flow in sorted(flows, key=lambda f: f.t0):
             flow.outcome = outcome
