@@ -88,7 +88,11 @@ def documents(mixed: bool) -> tuple[st.SearchStrategy[Obj], st.SearchStrategy[Ob
 
     def shaped(fields: dict[str, st.SearchStrategy[object]]) -> st.SearchStrategy[Obj]:
         """An object with the members named (each maybe there, maybe twice) and others."""
-        member = st.sampled_from(sorted(fields)).flatmap(lambda k: st.tuples(st.just(k), st.one_of(fields[k], fields[k], anything) if mixed else fields[k]))
+        # One strategy per member, made once: a flatmap to a strategy made anew on every
+        # draw had Hypothesis validate it and work out its properties each time (most of
+        # an example's cost); this draws the same choices into the same documents.
+        members = {k: st.tuples(st.just(k), st.one_of(v, v, anything) if mixed else v) for k, v in fields.items()}
+        member = st.sampled_from(sorted(fields)).flatmap(members.__getitem__)
         other = st.tuples(st.text(max_size=6), anything)
         some = st.lists(st.one_of(member, member, member, other), max_size=12)
         if mixed:
