@@ -68,6 +68,20 @@ def _ledger_process(meter_pid: int) -> int:
     raise AssertionError("meter serve has no ledger process")
 
 
+async def _until_written(admin_url: str, records: int) -> None:
+    """Until meter counts `records` written to the ledger (meter_ledger_written_records_total)."""
+    deadline = time.monotonic() + 30
+    async with aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(admin_url + "/metrics") as response:
+                text = await response.text()
+            written = next(float(line.split()[1]) for line in text.splitlines() if line.startswith("meter_ledger_written_records_total "))
+            if written >= records:
+                return
+            assert time.monotonic() < deadline, f"{written:.0f} of {records} records written"
+            await asyncio.sleep(0.05)
+
+
 async def _client(session: aiohttp.ClientSession, url: str, until: float, answered: list[int]) -> None:
     headers = {"Authorization": f"Bearer {SECRET_KEY}", "Content-Type": "application/json"}
     while time.monotonic() < until:
@@ -89,7 +103,7 @@ async def test_ledger_process_stays_under_its_bound_and_keeps_every_record(upstr
     connector = aiohttp.TCPConnector(limit=CLIENTS)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(_client(session, meter.url + "/v1/responses", until, answered) for _ in range(CLIENTS)))
-    await asyncio.sleep(1.5)  # the last batch reaches the ledger process (flush interval 0.5 s)
+    await _until_written(meter.admin_url, answered[0])  # the last batch has reached the ledger process
     peak_kib = _status_kib(child, "VmHWM")
     rss_kib = _status_kib(child, "VmRSS")
     meter.stop()
