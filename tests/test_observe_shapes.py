@@ -251,27 +251,27 @@ def test_the_usual_answers_take_the_msgspec_reading() -> None:
 # --- generated
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=RESPONSE, ascii_only=st.booleans())
 @example(doc=Obj([("usage", Obj([("input_tokens", 2**63)]))]), ascii_only=True)
 def test_generated_bodies_read_as_before(doc: Obj, ascii_only: bool) -> None:
     check_body(encode(doc, ascii_only).encode("utf-8", "surrogatepass"))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=CHAT, ascii_only=st.booleans(), seed=st.integers(0, 2**32), hostile=st.booleans())
 def test_generated_chat_bodies_read_as_before(doc: Obj, ascii_only: bool, seed: int, hostile: bool) -> None:
     data = encode(doc, ascii_only).encode("utf-8", "surrogatepass")
     check_body(mutate(data, seed) if hostile else data)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=RESPONSE, ascii_only=st.booleans(), seed=st.integers(0, 2**32))
 def test_hostile_bodies_generated_read_as_before(doc: Obj, ascii_only: bool, seed: int) -> None:
     check_body(mutate(encode(doc, ascii_only).encode("utf-8", "surrogatepass"), seed))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=EVENT, ascii_only=st.booleans(), seed=st.integers(0, 2**32), hostile=st.booleans())
 def test_generated_events_read_as_before(doc: Obj, ascii_only: bool, seed: int, hostile: bool) -> None:
     data = encode(doc, ascii_only).encode("utf-8", "surrogatepass")

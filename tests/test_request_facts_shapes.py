@@ -84,7 +84,7 @@ MEMBER = st.sampled_from(sorted(FIELDS)).flatmap(MEMBERS.__getitem__)
 REQUEST = st.lists(st.one_of(MEMBER, MEMBER, MEMBER, st.tuples(st.text(max_size=6), anything)), max_size=14).map(Obj)
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=REQUEST, ascii_only=st.booleans(), seed=st.integers(0, 2**32), hostile=st.booleans())
 def test_generated_requests_read_as_before(doc: Obj, ascii_only: bool, seed: int, hostile: bool) -> None:
     body = encode(doc, ascii_only).encode("utf-8", "surrogatepass")
@@ -142,7 +142,7 @@ CREATE = st.tuples(st.booleans(), st.lists(st.one_of(TOP, TOP, st.tuples(st.text
 )
 
 
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(doc=CREATE, ascii_only=st.booleans(), seed=st.integers(0, 2**32), hostile=st.booleans())
 def test_generated_create_messages_read_as_before(doc: Obj, ascii_only: bool, seed: int, hostile: bool) -> None:
     message = encode(doc, ascii_only).encode("utf-8", "surrogatepass")
