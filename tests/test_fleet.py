@@ -169,7 +169,7 @@ async def test_thirty_second_postgres_outage_under_load(upstream, postgres, mete
                         failures.append(r.status)
                 sent += 1
 
-        await asyncio.gather(*(client(time.monotonic() + 2) for _ in range(8)))
+        await asyncio.gather(*(client(time.monotonic() + 1) for _ in range(8)))
         postgres.stop()
         try:
             outage_end = time.monotonic() + 30
@@ -184,10 +184,10 @@ async def test_thirty_second_postgres_outage_under_load(upstream, postgres, mete
         finally:
             postgres.start()
         during = sent
-        await asyncio.gather(*(client(time.monotonic() + 2) for _ in range(8)))
+        await asyncio.gather(*(client(time.monotonic() + 1) for _ in range(8)))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and await metric(http, replica.admin_url, "meter_ledger_pending_records") > 0:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)
     replica.stop()  # a spool written during the outage is replayed at the latest here
     assert not failures  # forwarding went on throughout
     assert during > 1000  # it was under load
