@@ -343,6 +343,20 @@ async def _settle_children(meter_pid: int) -> list[int]:
     raise AssertionError("meter serve has no ledger child")
 
 
+async def _until_counted(admin_url: str, outcome: str, n: int) -> None:
+    """Until meter_requests_total counts `n` requests of `outcome`."""
+    deadline = time.monotonic() + 10
+    async with aiohttp.ClientSession() as s:
+        while True:
+            async with s.get(admin_url + "/metrics") as r:
+                lines = (await r.text()).splitlines()
+            counted = sum(float(line.split()[-1]) for line in lines if line.startswith("meter_requests_total{") and f'outcome="{outcome}"' in line)
+            if counted >= n:
+                return
+            assert time.monotonic() < deadline, f"{counted:.0f} of {n} requests counted {outcome}"
+            await asyncio.sleep(0.05)
+
+
 @pytest.mark.timeout(120)
 async def test_hostile_load_keeps_meter_responsive_and_bounded(streaming_upstream, meter_process, many_files, tmp_path: Path) -> None:
     ledger = tmp_path / "ledger.duckdb"
@@ -392,7 +406,7 @@ async def test_hostile_load_keeps_meter_responsive_and_bounded(streaming_upstrea
         hwm_meter, hwm_child = memory.hwm()
         for w in held:
             w.transport.abort()
-    await asyncio.sleep(1.0)  # meter notices the non-readers are gone and records them
+    await _until_counted(meter.admin_url, "client_disconnected", NON_READERS)  # meter notices the non-readers are gone and records them
     meter.stop()
 
     peak_meter = max(s[1] for s in memory.samples)
