@@ -27,7 +27,7 @@ from aiohttp import web
 
 from ..ledger import LedgerNotOpen, LedgerUnavailable
 from ..report import ReportAPI
-from ..report.api import flush_wait
+from ..report.api import written_first
 from ..report.query import NANO, filter_sql, key_label, one_line, stored_key_names
 from ..report.window import ReportArgs, ReportError, parse_args
 
@@ -100,8 +100,7 @@ class Console:
         api = self.report_api
         loop = asyncio.get_running_loop()
         try:
-            if api.ledger_writer is not None:
-                await loop.run_in_executor(None, api.ledger_writer.flush, flush_wait(api.ledger_writer))
+            await written_first(api.ledger_writer)
             rows = await loop.run_in_executor(None, self.latest, args.since, args.until, args.where, limit)
         except LedgerNotOpen:
             return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)

@@ -56,6 +56,13 @@ def flush_wait(ledger_writer: LedgerWriter) -> float:
     return min(FLUSH_WAIT, max(FLUSH_WAIT_MIN, FLUSH_WAIT_INTERVALS * ledger_writer.flush_interval))
 
 
+async def written_first(ledger_writer: LedgerWriter | None) -> None:
+    """Before a read of the serving ledger: the records `ledger_writer` still holds are
+    written, waiting at most `flush_wait` in a worker thread (the loop never waits)."""
+    if ledger_writer is not None:
+        await asyncio.get_running_loop().run_in_executor(None, ledger_writer.flush, flush_wait(ledger_writer))
+
+
 def posted_key_names(body: bytes) -> dict[str, str]:
     """`{"keys": {key_id: name, ...}}`, checked as the config's `[keys]` is."""
     try:
@@ -108,8 +115,7 @@ class ReportAPI:
                 return web.json_response({"error": str(exc)}, status=400)
         loop = asyncio.get_running_loop()
         try:
-            if self.ledger_writer is not None:
-                await loop.run_in_executor(None, self.ledger_writer.flush, flush_wait(self.ledger_writer))
+            await written_first(self.ledger_writer)
             rows = await loop.run_in_executor(None, report, self.store, args, key_names)
         except LedgerNotOpen:
             return web.json_response({"error": "the ledger is not open yet; try again"}, status=503)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..ledger import LedgerUnavailable, Store
 from ..ledger.sql import DEFAULT_LIMIT, DEFAULT_TIMEOUT, SqlError, SqlResult, first_line, postgres_sql
-from .api import flush_wait
+from .api import written_first
 from .sql_render import answer_json
 
 if TYPE_CHECKING:
@@ -77,8 +77,7 @@ class SqlAPI:
             return error(400, f'expected a JSON body {{"sql": "SELECT ...", "limit": N, "timeout": S}}: {first_line(exc)}')
         loop = asyncio.get_running_loop()
         try:
-            if self.ledger_writer is not None:
-                await loop.run_in_executor(None, self.ledger_writer.flush, flush_wait(self.ledger_writer))
+            await written_first(self.ledger_writer)
             result = await loop.run_in_executor(None, self.run, sql, limit, timeout)
             answer = answer_json(result)  # in here: a value it cannot write is one line too, not a traceback page
         except SqlError as exc:
