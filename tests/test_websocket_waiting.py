@@ -52,9 +52,8 @@ class HoldingUpstream:
         while True:
             while answered < len(self.received):
                 rid = f"resp_{answered:06d}"
-                usage = {"input_tokens": 10, "output_tokens": 2, "total_tokens": 12}
-                await ws.send_str(json.dumps({"type": "response.created", "response": {"id": rid, "status": "in_progress", "model": "gpt-4o"}}))
-                await ws.send_str(json.dumps({"type": "response.completed", "response": {"id": rid, "status": "completed", "model": "gpt-4o", "usage": usage}}))
+                await ws.send_str(event("response.created", response=response(rid)).decode())
+                await ws.send_str(event("response.completed", response=response(rid, "completed", {"input_tokens": 10, "output_tokens": 2})).decode())
                 answered += 1
             await asyncio.sleep(0.01)
 
