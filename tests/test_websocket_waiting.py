@@ -15,8 +15,10 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed
 
 from meter.observe.socket import MAX_WAITING_CREATES
 
@@ -33,10 +35,16 @@ class HoldingUpstream:
     def __init__(self) -> None:
         self.received: list[bytes] = []
         self.answering = asyncio.Event()
+        self.sockets: list[web.WebSocketResponse] = []
+
+    async def hang_up(self) -> None:
+        for ws in self.sockets:
+            await ws.close(code=1011)
 
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(max_msg_size=0)
         await ws.prepare(request)
+        self.sockets.append(ws)
         answers = asyncio.create_task(self._answer(ws))
         try:
             async for msg in ws:
@@ -116,6 +124,31 @@ async def test_a_client_that_leaves_while_meter_waits_for_the_upstream_is_record
         assert loop.time() - left < 5  # the hang-up ended the socket; meter did not wait for the upstream
     assert len(rows) == MAX_WAITING_CREATES
     assert {r["outcome"] for r in rows} == {"client_disconnected"}
+
+
+async def test_an_upstream_that_hangs_up_while_meter_waits_ends_the_wait(start_meter) -> None:
+    """Paused on a full backlog, the client's side is read again when the upstream's
+    side ends: the client gets the close, and what the upstream was asked is recorded
+    as the upstream's disconnection."""
+    upstream = HoldingUpstream()
+    app = web.Application()
+    app.router.add_get("/v1/responses", upstream.handle)
+    async with serving(app) as port:
+        meter = await start_meter(f"http://127.0.0.1:{port}")
+        async with ws_connect(ws_url(meter.url), additional_headers=AUTH) as ws:
+            for _ in range(CREATES):
+                await ws.send(create())
+            assert await settled(upstream.received) == MAX_WAITING_CREATES
+            await upstream.hang_up()
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while loop.time() < deadline and len(await meter.rows()) < MAX_WAITING_CREATES:
+            await asyncio.sleep(0.1)
+        rows = await meter.rows()
+    assert len(rows) == MAX_WAITING_CREATES
+    assert {(r["outcome"], r["error_type"]) for r in rows} == {("error", "upstream_disconnected")}
 
 
 def test_the_count_of_waiting_creates_follows_every_answer() -> None:
